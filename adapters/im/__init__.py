@@ -1,0 +1,1 @@
+"""IM adapters: Yach and the terminal channel."""

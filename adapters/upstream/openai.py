@@ -1,0 +1,109 @@
+"""OpenAI-compatible chat completions, streamed (`stream: true`, SSE, `[DONE]`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from bridge.config import Settings
+from bridge.events import Done, Event, ReasoningDelta, TextDelta, Usage
+from bridge.http import UpstreamBroken, UpstreamHTTP, UpstreamProtocolError
+from bridge.interfaces import KeyValue, Turn
+
+__all__ = ["OpenAIUpstream", "create", "parse_chunk"]
+
+
+def parse_chunk(chunk: Mapping[str, Any]) -> list[Event]:
+    """The events of one `chat.completion.chunk`, tolerant of what real servers add.
+
+    Real servers send a role-only first chunk, chunks with empty `choices`, `null`
+    content, and usage either in a final choice-less chunk or inside the choice.
+    """
+    events: list[Event] = []
+    choices = chunk.get("choices") or []
+    choice: Mapping[str, Any] = choices[0] if choices else {}
+    delta: Mapping[str, Any] = choice.get("delta") or {}
+    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+    if isinstance(reasoning, str) and reasoning:
+        events.append(ReasoningDelta(reasoning))
+    content = delta.get("content")
+    if isinstance(content, str) and content:
+        events.append(TextDelta(content))
+    usage = chunk.get("usage") or choice.get("usage")
+    if isinstance(usage, Mapping):
+        events.append(
+            Usage(
+                prompt_tokens=usage.get("prompt_tokens"),
+                completion_tokens=usage.get("completion_tokens"),
+                total_tokens=usage.get("total_tokens"),
+            )
+        )
+    return events
+
+
+def user_content(turn: Turn) -> str | list[dict[str, Any]]:
+    """The user message: plain text, or text plus images as data URLs (vision models)."""
+    images = [image.data_url for image in turn.images if image.data_url]
+    if not images:
+        return turn.text
+    parts: list[dict[str, Any]] = []
+    if turn.text:
+        parts.append({"type": "text", "text": turn.text})
+    parts.extend({"type": "image_url", "image_url": {"url": url}} for url in images)
+    return parts
+
+
+class OpenAIUpstream:
+    name = "openai"
+    keeps_history = False
+
+    def __init__(self, settings: Settings, http: UpstreamHTTP) -> None:
+        self._http = http
+        self._url = f"{settings.openai_base_url}/chat/completions"
+        self._headers = {"Authorization": f"Bearer {settings.openai_api_key}"}
+        self._model = settings.openai_model
+        self._system_prompt = settings.openai_system_prompt
+        self._temperature = settings.openai_temperature
+
+    def _body(self, turn: Turn) -> dict[str, Any]:
+        messages: list[dict[str, Any]] = []
+        if self._system_prompt:
+            messages.append({"role": "system", "content": self._system_prompt})
+        for past in turn.history:
+            messages.append({"role": "user", "content": past.question})
+            messages.append({"role": "assistant", "content": past.answer})
+        messages.append({"role": "user", "content": user_content(turn)})
+        body: dict[str, Any] = {
+            "model": self._model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if self._temperature is not None:
+            body["temperature"] = self._temperature
+        return body
+
+    async def stream(self, turn: Turn) -> AsyncIterator[Event]:
+        sse = self._http.sse("POST", self._url, json=self._body(turn), headers=self._headers)
+        async for message in sse:
+            if message.data.strip() == "[DONE]":
+                yield Done()
+                return
+            try:
+                chunk = json.loads(message.data)
+            except json.JSONDecodeError as exc:
+                raise UpstreamProtocolError(f"bad chunk: {message.data[:200]}") from exc
+            for event in parse_chunk(chunk):
+                yield event
+        raise UpstreamBroken("stream ended before [DONE]")
+
+    async def reset(self, conversation: Mapping[str, str]) -> None:
+        """Nothing to forget upstream: the history lives in Redis."""
+
+    async def aclose(self) -> None:
+        """The shared HTTP session is closed by its owner."""
+
+
+def create(settings: Settings, http: UpstreamHTTP, kv: KeyValue) -> OpenAIUpstream:
+    return OpenAIUpstream(settings, http)

@@ -1,0 +1,396 @@
+"""Environment → typed, validated, immutable Settings (SPEC §2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConfigError", "Rate", "Settings", "load_settings", "masked_settings"]
+
+PREFIX = "BRIDGE_"
+PLACEHOLDER = "change-me"
+UPSTREAMS = ("openai", "hiagent", "coze", "dify", "aimaster", "yach-agent", "chatgpt-web", "replay")
+IMAGE_PIPELINES = ("none", "native", "vision", "ocr", "autocut+ocr")
+
+
+class ConfigError(Exception):
+    """Every problem found in the environment, one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """`count` events per `per_s` seconds; `count == 0` means unlimited."""
+
+    count: int
+    per_s: float
+
+    @property
+    def unlimited(self) -> bool:
+        return self.count == 0
+
+    def __str__(self) -> str:
+        return "0" if self.unlimited else f"{self.count}/{self.per_s:g}"
+
+
+def _parse_rate(raw: str) -> Rate:
+    if raw.strip() == "0":
+        return Rate(0, 0.0)
+    count, sep, per = raw.partition("/")
+    if not sep:
+        raise ValueError("expected N/SECONDS")
+    rate = Rate(int(count), float(per))
+    if rate.count < 0 or rate.per_s <= 0:
+        raise ValueError("expected N/SECONDS with N >= 0 and SECONDS > 0")
+    return rate
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+def _parse_list(raw: str) -> frozenset[str]:
+    return frozenset(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _parse_json_object(raw: str) -> dict[str, Any]:
+    value = json.loads(raw)
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return value
+
+
+def _parse_nonneg_float(raw: str) -> float:
+    value = float(raw)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _parse_nonneg_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _parse_positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _parse_port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+    return value
+
+
+def _parse_url(raw: str) -> str:
+    if not raw.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return raw.rstrip("/")
+
+
+def _parse_redis_url(raw: str) -> str:
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return raw
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _var(
+    default: Any = None,
+    *,
+    parse: Callable[[str], Any] = str,
+    example: str = "",
+    secret: bool = False,
+) -> Any:
+    meta = {"parse": parse, "example": example, "secret": secret}
+    if isinstance(default, frozenset | dict):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every `BRIDGE_*` variable, parsed. The attribute is the variable's name, lower-cased."""
+
+    # Core
+    host: str = _var("127.0.0.1", example="0.0.0.0")  # noqa: S104 - an example, not a default
+    port: int = _var(8080, parse=_parse_port, example="8080")
+    bot_id: str = _var("default", example="support")
+    redis_url: str | None = _var(None, parse=_parse_redis_url, example="redis://127.0.0.1:6379/0")
+    state_dir: Path | None = _var(None, parse=Path, example="/var/lib/chatbridge/support")
+    im: str = _var("yach", parse=_choice("yach"), example="yach")
+    upstream: str | None = _var(None, parse=_choice(*UPSTREAMS), example="openai")
+    log_format: str | None = _var(None, parse=_choice("json", "console"), example="json")
+    log_level: str = _var(
+        "info", parse=_choice("debug", "info", "warning", "error"), example="info"
+    )
+    lang: str = _var("zh", parse=_choice("zh", "en"), example="en")
+    # Sessions, relay, limits
+    session_scope: str = _var(
+        "group_user", parse=_choice("group", "user", "group_user"), example="group"
+    )
+    session_ttl_s: float = _var(604800.0, parse=_parse_nonneg_float, example="604800")
+    history_turns: int = _var(20, parse=_parse_nonneg_int, example="20")
+    reply_mode: str = _var("stream", parse=_choice("stream", "final"), example="final")
+    flush_min_chars: int = _var(300, parse=_parse_nonneg_int, example="300")
+    flush_max_wait_s: float = _var(6.0, parse=_parse_nonneg_float, example="6")
+    thinking_notice_s: float = _var(4.0, parse=_parse_nonneg_float, example="4")
+    show_reasoning: str = _var("off", parse=_choice("off", "quote"), example="quote")
+    workers: int = _var(32, parse=_parse_positive_int, example="32")
+    session_queue_max: int = _var(5, parse=_parse_nonneg_int, example="5")
+    max_attempts: int = _var(3, parse=_parse_positive_int, example="3")
+    claim_idle_s: float = _var(60.0, parse=_parse_nonneg_float, example="60")
+    drain_timeout_s: float = _var(25.0, parse=_parse_nonneg_float, example="25")
+    max_body_bytes: int = _var(1048576, parse=_parse_positive_int, example="1048576")
+    max_input_chars: int = _var(8000, parse=_parse_positive_int, example="8000")
+    user_rate: Rate = _var(Rate(20, 60.0), parse=_parse_rate, example="20/60")
+    allow_groups: frozenset[str] = _var(frozenset(), parse=_parse_list, example="cid1,cid2")
+    allow_users: frozenset[str] = _var(frozenset(), parse=_parse_list, example="u1,012345")
+    upstream_connect_timeout_s: float = _var(10.0, parse=_parse_nonneg_float, example="10")
+    upstream_idle_timeout_s: float = _var(90.0, parse=_parse_nonneg_float, example="90")
+    upstream_total_timeout_s: float = _var(600.0, parse=_parse_nonneg_float, example="600")
+    upstream_retries: int = _var(3, parse=_parse_nonneg_int, example="3")
+    max_image_bytes: int = _var(10485760, parse=_parse_positive_int, example="10485760")
+    image_pipeline: str | None = _var(None, parse=_choice(*IMAGE_PIPELINES), example="ocr")
+    ocr_base_url: str | None = _var(None, parse=_parse_url, example="https://ocr.example/v1")
+    ocr_api_key: str | None = _var(None, secret=True, example="sk-...")
+    ocr_model: str | None = _var(None, example="qwen-vl-max")
+    autocut_url: str | None = _var(None, parse=_parse_url, example="https://cut.example/autocut")
+    autocut_token: str | None = _var(None, secret=True, example="token")
+    fetch_allow_hosts: frozenset[str] = _var(
+        frozenset(), parse=_parse_list, example="images.internal"
+    )
+    # Yach
+    yach_secret: str | None = _var(None, secret=True, example="SEC0123...")
+    yach_insecure: bool = _var(False, parse=_parse_bool, example="1")
+    yach_max_skew_s: float = _var(300.0, parse=_parse_nonneg_float, example="300")
+    yach_robot_url: str | None = _var(
+        None,
+        parse=_parse_url,
+        secret=True,
+        example="https://yach-oapi.zhiyinlou.com/robot/send?access_token=...",
+    )
+    yach_robot_secret: str | None = _var(None, secret=True, example="SEC0123...")
+    yach_api_base: str = _var(
+        "https://yach-oapi.zhiyinlou.com", parse=_parse_url, example="https://yach-oapi.zhiyinlou.com"
+    )
+    yach_app_key: str | None = _var(None, secret=True, example="appkey")
+    yach_app_secret: str | None = _var(None, secret=True, example="appsecret")
+    yach_send_rate: Rate = _var(Rate(20, 60.0), parse=_parse_rate, example="20/60")
+    yach_msg_format: str = _var("markdown", parse=_choice("markdown", "text"), example="text")
+    # Upstreams
+    openai_base_url: str = _var(
+        "https://api.openai.com/v1", parse=_parse_url, example="https://api.openai.com/v1"
+    )
+    openai_api_key: str | None = _var(None, secret=True, example="sk-...")
+    openai_model: str | None = _var(None, example="gpt-4o-mini")
+    openai_system_prompt: str | None = _var(None, example="You are a helpful assistant.")
+    openai_temperature: float | None = _var(None, parse=float, example="0.7")
+    hiagent_base_url: str | None = _var(None, parse=_parse_url, example="https://open.zju.edu.cn")
+    hiagent_app_key: str | None = _var(None, secret=True, example="d0abc...")
+    hiagent_page_path: str = _var("/product/llm/chat/{app_key}", example="/product/llm/chat/{app_key}")
+    hiagent_visitor_key: str | None = _var(None, secret=True, example="visitor-key")
+    hiagent_inputs: dict[str, Any] = _var({}, parse=_parse_json_object, example='{"k":"v"}')
+    coze_base_url: str = _var("https://api.coze.cn", parse=_parse_url, example="https://api.coze.cn")
+    coze_token: str | None = _var(None, secret=True, example="pat_...")
+    coze_bot_id: str | None = _var(None, example="7350000000000000000")
+    dify_base_url: str | None = _var(None, parse=_parse_url, example="https://api.dify.ai/v1")
+    dify_api_key: str | None = _var(None, secret=True, example="app-...")
+    dify_inputs: dict[str, Any] = _var({}, parse=_parse_json_object, example='{"k":"v"}')
+    aimaster_base_url: str | None = _var(
+        None, parse=_parse_url, example="https://aimaster.example/dev-api"
+    )
+    aimaster_token: str | None = _var(None, secret=True, example="eyJ...")
+    aimaster_scenario_id: str | None = _var(None, example="1897500000000000000")
+    aimaster_params: dict[str, Any] = _var({}, parse=_parse_json_object, example='{"k":"v"}')
+    yach_agent_biz_id: str | None = _var(None, example="012345")
+    yach_agent_inputs: dict[str, Any] = _var({}, parse=_parse_json_object, example='{"k":"v"}')
+    yach_agent_stream_url: str | None = _var(
+        None, parse=_parse_url, example="https://yach-oapi.zhiyinlou.com/...?stream_id={stream_id}"
+    )
+    chatgpt_base_url: str = _var(
+        "https://chatgpt.com/backend-api", parse=_parse_url, example="https://chatgpt.com/backend-api"
+    )
+    chatgpt_access_token: str | None = _var(None, secret=True, example="eyJ...")
+    chatgpt_model: str = _var("auto", example="gpt-4o")
+    replay_file: Path | None = _var(None, parse=Path, example="/path/to/recording.sse")
+    replay_format: str | None = _var(
+        None, parse=_choice("hiagent", "aimaster", "openai", "coze", "dify"), example="hiagent"
+    )
+    replay_cps: float = _var(0.0, parse=_parse_nonneg_float, example="200")
+
+    @property
+    def resolved_state_dir(self) -> Path:
+        if self.state_dir is not None:
+            return self.state_dir
+        systemd_dir = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        if systemd_dir:
+            return Path(systemd_dir)
+        return Path.home() / ".local" / "state" / "chatbridge"
+
+    @property
+    def resolved_image_pipeline(self) -> str:
+        if self.image_pipeline is not None:
+            return self.image_pipeline
+        return {"openai": "vision", "yach-agent": "native"}.get(self.upstream or "", "none")
+
+    @property
+    def resolved_log_format(self) -> str:
+        if self.log_format is not None:
+            return self.log_format
+        return "console" if sys.stdout.isatty() else "json"
+
+    @property
+    def yach_sign_secret(self) -> str | None:
+        """The key that signs outbound robot sends."""
+        return self.yach_robot_secret or self.yach_secret
+
+    @property
+    def key_prefix(self) -> str:
+        return f"chatbridge:{{{self.bot_id}}}:"
+
+
+def env_name(attr: str) -> str:
+    return PREFIX + attr.upper()
+
+
+# What each upstream cannot start without (beyond what has a default).
+REQUIRED_BY_UPSTREAM: dict[str, tuple[str, ...]] = {
+    "openai": ("openai_api_key", "openai_model"),
+    "hiagent": ("hiagent_base_url", "hiagent_app_key"),
+    "coze": ("coze_token", "coze_bot_id"),
+    "dify": ("dify_base_url", "dify_api_key"),
+    "aimaster": ("aimaster_base_url", "aimaster_token", "aimaster_scenario_id"),
+    "yach-agent": ("yach_app_key", "yach_app_secret"),
+    "chatgpt-web": ("chatgpt_access_token",),
+    "replay": ("replay_file", "replay_format"),
+}
+REQUIRED_BY_IMAGE_PIPELINE: dict[str, tuple[str, ...]] = {
+    "ocr": ("ocr_base_url", "ocr_model"),
+    "autocut+ocr": ("ocr_base_url", "ocr_model", "autocut_url"),
+}
+
+
+def _read_raw(attr: str, env: Mapping[str, str], problems: list[str]) -> str | None:
+    name = env_name(attr)
+    value = env.get(name, "")
+    file_path = env.get(name + "_FILE", "")
+    if not value and file_path:
+        try:
+            value = Path(file_path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            problems.append(f"{name}_FILE: cannot read {file_path!r} ({exc.strerror})")
+            return None
+    if not value.strip() or value.strip() == PLACEHOLDER:
+        return None
+    return value
+
+
+def _known_names() -> set[str]:
+    names = {env_name(f.name) for f in fields(Settings)}
+    return names | {name + "_FILE" for name in names}
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    known = _known_names()
+    return sorted(name for name in env if name.startswith(PREFIX) and name not in known)
+
+
+def load_settings(env: Mapping[str, str] | None = None, *, command: str = "run") -> Settings:
+    """Parse and validate the environment for `command`; raise ConfigError listing every problem.
+
+    `command` is `run`, `chat`, `check` (validated exactly as `run`) or `demo`.
+    """
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for spec in fields(Settings):
+        raw = _read_raw(spec.name, env, problems)
+        if raw is None:
+            continue
+        try:
+            values[spec.name] = spec.metadata["parse"](raw.strip())
+        except (ValueError, json.JSONDecodeError) as exc:
+            example = spec.metadata["example"]
+            shown = "(hidden)" if spec.metadata["secret"] else repr(raw)
+            problems.append(
+                f"{env_name(spec.name)}: invalid value {shown}: {exc}; example: "
+                f"{env_name(spec.name)}={example}"
+            )
+    settings = Settings(**values)
+    if command in ("run", "check", "chat"):
+        problems.extend(_missing(settings, command))
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _missing(settings: Settings, command: str) -> list[str]:
+    required: list[str] = []
+    if settings.upstream is None:
+        required.append("upstream")
+    else:
+        required.extend(REQUIRED_BY_UPSTREAM[settings.upstream])
+    required.extend(REQUIRED_BY_IMAGE_PIPELINE.get(settings.resolved_image_pipeline, ()))
+    if command != "chat" and not settings.yach_insecure:
+        required.append("yach_secret")
+    return [
+        f"{env_name(attr)}: required but not set; example: {env_name(attr)}={_example(attr)}"
+        for attr in dict.fromkeys(required)
+        if getattr(settings, attr) in (None, "")
+    ]
+
+
+def _example(attr: str) -> str:
+    for spec in fields(Settings):
+        if spec.name == attr:
+            return str(spec.metadata["example"])
+    raise KeyError(attr)
+
+
+def _shown(value: Any, secret: bool) -> str:
+    if value is None:
+        return "(unset)"
+    if secret:
+        return "****** (set)"
+    if isinstance(value, frozenset):
+        return ",".join(sorted(value)) or "(all)"
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def masked_settings(settings: Settings) -> list[tuple[str, str]]:
+    """(variable, shown value) for every setting, secrets replaced; for `chatbridge check`."""
+    return [
+        (env_name(spec.name), _shown(getattr(settings, spec.name), spec.metadata["secret"]))
+        for spec in fields(Settings)
+    ]

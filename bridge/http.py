@@ -1,0 +1,229 @@
+"""The shared HTTP client of every upstream: one ClientSession, typed errors, one retry policy.
+
+Retries happen only before the first streamed byte: `open` retries the request until it has
+a good status, and once a response is handed to the caller nothing is retried (a stream
+that breaks midway is reported, never silently restarted — SPEC §6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from bridge.events import ErrorKind
+from bridge.sse import SSEDecoder, SSEEvent, SSELineTooLong
+
+__all__ = [
+    "MAX_RETRY_AFTER_S",
+    "UpstreamAuthError",
+    "UpstreamBroken",
+    "UpstreamFailure",
+    "UpstreamHTTP",
+    "UpstreamProtocolError",
+    "UpstreamRateLimited",
+    "UpstreamRejected",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "error_for_status",
+    "parse_retry_after",
+]
+
+MAX_RETRY_AFTER_S = 60.0
+_ERROR_BODY_CHARS = 300
+
+
+class UpstreamFailure(Exception):
+    """An upstream call failed; `kind` decides what the user is told."""
+
+    kind: ErrorKind = ErrorKind.UNAVAILABLE
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class UpstreamUnavailable(UpstreamFailure):
+    kind = ErrorKind.UNAVAILABLE
+
+
+class UpstreamRateLimited(UpstreamFailure):
+    kind = ErrorKind.RATE_LIMITED
+
+
+class UpstreamAuthError(UpstreamFailure):
+    kind = ErrorKind.AUTH
+
+
+class UpstreamTimeout(UpstreamFailure):
+    kind = ErrorKind.TIMEOUT
+
+
+class UpstreamBroken(UpstreamFailure):
+    kind = ErrorKind.BROKEN
+
+
+class UpstreamRejected(UpstreamFailure):
+    kind = ErrorKind.REJECTED
+
+
+class UpstreamProtocolError(UpstreamFailure):
+    kind = ErrorKind.PROTOCOL
+
+
+RETRYABLE = (UpstreamUnavailable, UpstreamRateLimited)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a `Retry-After` header (delta-seconds form), capped at one minute."""
+    if not value:
+        return None
+    try:
+        return min(max(float(value), 0.0), MAX_RETRY_AFTER_S)
+    except ValueError:
+        return None
+
+
+def error_for_status(status: int, body: str, headers: Mapping[str, str]) -> UpstreamFailure:
+    """The one place where an HTTP status becomes a typed upstream error."""
+    detail = f"HTTP {status}: {body[:_ERROR_BODY_CHARS]}"
+    if status in (401, 403):
+        return UpstreamAuthError(detail)
+    if status == 429:
+        return UpstreamRateLimited(detail, retry_after=parse_retry_after(headers.get("Retry-After")))
+    if status >= 500 or status == 408:
+        return UpstreamUnavailable(detail, retry_after=parse_retry_after(headers.get("Retry-After")))
+    return UpstreamRejected(detail)
+
+
+def _wait_for_retry(base: wait_random_exponential) -> Any:
+    def wait(state: RetryCallState) -> float:
+        outcome = state.outcome
+        exc = outcome.exception() if outcome is not None else None
+        if isinstance(exc, UpstreamFailure) and exc.retry_after is not None:
+            return exc.retry_after
+        return float(base(state))
+
+    return wait
+
+
+@dataclass
+class UpstreamHTTP:
+    """What every upstream adapter shares: the session, the timeouts, the retry policy."""
+
+    session: aiohttp.ClientSession
+    connect_timeout_s: float = 10.0
+    idle_timeout_s: float = 90.0
+    total_timeout_s: float = 600.0
+    retries: int = 3
+    backoff_s: float = 0.5  # first backoff step; tests shrink it
+
+    def retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
+            stop=stop_after_attempt(self.retries + 1),
+            wait=_wait_for_retry(wait_random_exponential(multiplier=self.backoff_s, max=30)),
+            retry=retry_if_exception_type(RETRYABLE),
+            reraise=True,
+        )
+
+    @property
+    def timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(
+            total=self.total_timeout_s or None,
+            sock_connect=self.connect_timeout_s or None,
+            sock_read=self.idle_timeout_s or None,
+        )
+
+    @asynccontextmanager
+    async def open(
+        self, method: str, url: str, *, expect_sse: bool = False, **kwargs: Any
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A response with a good status, retried before its first byte; closed on exit."""
+        response: aiohttp.ClientResponse | None = None
+        async for attempt in self.retrying():
+            with attempt:
+                response = await self._open_once(method, url, expect_sse=expect_sse, **kwargs)
+        assert response is not None
+        try:
+            yield response
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout(f"no data for {self.idle_timeout_s:g} s") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamBroken(f"stream broke: {type(exc).__name__}") from exc
+        finally:
+            response.release()
+            response.close()
+
+    async def _open_once(
+        self, method: str, url: str, *, expect_sse: bool, **kwargs: Any
+    ) -> aiohttp.ClientResponse:
+        try:
+            response = await self.session.request(method, url, timeout=self.timeout, **kwargs)
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamUnavailable(f"timed out connecting to {_host(url)}") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(f"cannot reach {_host(url)}: {type(exc).__name__}") from exc
+        if response.status >= 400:
+            body = await _read_text_quietly(response)
+            raise error_for_status(response.status, body, response.headers)
+        if expect_sse and not response.content_type.startswith("text/event-stream"):
+            body = await _read_text_quietly(response)
+            response.close()
+            raise UpstreamProtocolError(
+                f"expected text/event-stream, got {response.content_type}: "
+                f"{body[:_ERROR_BODY_CHARS]}"
+            )
+        return response
+
+    async def json(self, method: str, url: str, **kwargs: Any) -> Any:
+        """A non-streaming call answered with JSON, retried like any other request."""
+        async with self.open(method, url, **kwargs) as response:
+            text = await response.text()
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UpstreamProtocolError(f"not JSON: {text[:_ERROR_BODY_CHARS]}") from exc
+
+    async def sse(self, method: str, url: str, **kwargs: Any) -> AsyncIterator[SSEEvent]:
+        """The events of a streamed answer; the request is closed when iteration stops."""
+        async with self.open(method, url, expect_sse=True, **kwargs) as response:
+            async for event in iter_sse(response):
+                yield event
+
+
+async def iter_sse(response: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
+    decoder = SSEDecoder()
+    try:
+        async for chunk in response.content.iter_any():
+            for event in decoder.feed(chunk):
+                yield event
+        for event in decoder.close():
+            yield event
+    except SSELineTooLong as exc:
+        raise UpstreamProtocolError(str(exc)) from exc
+
+
+async def _read_text_quietly(response: aiohttp.ClientResponse) -> str:
+    try:
+        return await asyncio.wait_for(response.text(errors="replace"), timeout=5)
+    except (TimeoutError, aiohttp.ClientError):
+        return ""
+    finally:
+        response.release()
+
+
+def _host(url: str) -> str:
+    return aiohttp.client.URL(url).host or url
