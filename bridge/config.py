@@ -200,7 +200,9 @@ class Settings:
     )
     yach_robot_secret: str | None = _var(None, secret=True, example="SEC0123...")
     yach_api_base: str = _var(
-        "https://yach-oapi.zhiyinlou.com", parse=_parse_url, example="https://yach-oapi.zhiyinlou.com"
+        "https://yach-oapi.zhiyinlou.com",
+        parse=_parse_url,
+        example="https://yach-oapi.zhiyinlou.com",
     )
     yach_app_key: str | None = _var(None, secret=True, example="appkey")
     yach_app_secret: str | None = _var(None, secret=True, example="appsecret")
@@ -216,10 +218,14 @@ class Settings:
     openai_temperature: float | None = _var(None, parse=float, example="0.7")
     hiagent_base_url: str | None = _var(None, parse=_parse_url, example="https://open.zju.edu.cn")
     hiagent_app_key: str | None = _var(None, secret=True, example="d0abc...")
-    hiagent_page_path: str = _var("/product/llm/chat/{app_key}", example="/product/llm/chat/{app_key}")
+    hiagent_page_path: str = _var(
+        "/product/llm/chat/{app_key}", example="/product/llm/chat/{app_key}"
+    )
     hiagent_visitor_key: str | None = _var(None, secret=True, example="visitor-key")
     hiagent_inputs: dict[str, Any] = _var({}, parse=_parse_json_object, example='{"k":"v"}')
-    coze_base_url: str = _var("https://api.coze.cn", parse=_parse_url, example="https://api.coze.cn")
+    coze_base_url: str = _var(
+        "https://api.coze.cn", parse=_parse_url, example="https://api.coze.cn"
+    )
     coze_token: str | None = _var(None, secret=True, example="pat_...")
     coze_bot_id: str | None = _var(None, example="7350000000000000000")
     dify_base_url: str | None = _var(None, parse=_parse_url, example="https://api.dify.ai/v1")
@@ -237,7 +243,9 @@ class Settings:
         None, parse=_parse_url, example="https://yach-oapi.zhiyinlou.com/...?stream_id={stream_id}"
     )
     chatgpt_base_url: str = _var(
-        "https://chatgpt.com/backend-api", parse=_parse_url, example="https://chatgpt.com/backend-api"
+        "https://chatgpt.com/backend-api",
+        parse=_parse_url,
+        example="https://chatgpt.com/backend-api",
     )
     chatgpt_access_token: str | None = _var(None, secret=True, example="eyJ...")
     chatgpt_model: str = _var("auto", example="gpt-4o")

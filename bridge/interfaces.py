@@ -105,9 +105,14 @@ class IM(Protocol):
 
     name: str
     max_chars: int
+    streams_tokens: bool  # True: send every delta at once (a terminal), not in pieces
+
+    def verify(self, headers: Mapping[str, str]) -> None:
+        """Check the request's signature from its headers alone; raise `WebhookRejected`."""
+        ...
 
     def parse(self, body: bytes, headers: Mapping[str, str]) -> InboundMessage:
-        """Verify and parse one webhook request; raise `WebhookRejected` to refuse it."""
+        """Parse one verified webhook body; raise `WebhookRejected` (400) to refuse it."""
         ...
 
     async def send(self, target: ReplyTarget, piece: Piece) -> None:

@@ -1,0 +1,237 @@
+"""Yach (知音楼) chat robot: verify and parse its webhooks, send answers back (SPEC §4)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from adapters.yach_api import YachAPI, YachAPIError, signed_robot_url, verify_sign
+from bridge.config import Settings
+from bridge.interfaces import InboundMessage, Piece, ReplyTarget, Sender, SendError, WebhookRejected
+
+__all__ = [
+    "MAX_CHARS",
+    "YachIM",
+    "decode_body",
+    "extract_images",
+    "parse_payload",
+    "render",
+    "strip_mention",
+]
+
+MAX_CHARS = 5000
+DEFAULT_RATE_LIMIT_BACKOFF_S = 2.0
+_IMAGE_MARKER = re.compile(r"image::(\S+?)::")
+_LEADING_MENTION = re.compile(r"^\s*@[^\s\u2005]+[\s\u2005]*")
+_TITLE_CHARS = 30
+
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "msg_id": ("msgId", "msg_id", "message_id"),
+    "text": ("text.content", "content", "text"),
+    "msg_type": ("msgtype", "msg_type"),
+    "image": ("image.url", "picUrl", "image_url"),
+    "sender_id": ("senderId", "sender_id", "fromUserId"),
+    "sender_name": ("senderNick", "sender_name"),
+    "work_code": ("senderStaffId", "workCode"),
+    "conversation_id": ("conversationId", "groupId", "group_id"),
+    "conversation_type": ("conversationType",),
+    "reply_url": ("sessionWebhook",),
+    "created_at": ("createAt",),
+}
+
+
+def _lookup(payload: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = payload
+    for part in dotted.split("."):
+        if isinstance(value, str) and value.startswith("{"):
+            value = _json_object(value) or value
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _first(payload: Mapping[str, Any], field: str) -> str:
+    """The first present alias of a field, as text ("" when none is present)."""
+    for alias in _ALIASES[field]:
+        value = _lookup(payload, alias)
+        if value is not None and not isinstance(value, Mapping | list) and str(value) != "":
+            return str(value)
+    return ""
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    """JSON, or a form (whose single field may hold the JSON); ValueError when neither."""
+    text = body.decode("utf-8")
+    if text.lstrip().startswith("{"):
+        payload = _json_object(text)
+        if payload is None:
+            raise ValueError("body is not a JSON object")
+        return payload
+    fields = dict(parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text)))
+    if len(fields) == 1:
+        key, value = next(iter(fields.items()))
+        unpacked = _json_object(value) or (_json_object(key) if not value else None)
+        if unpacked is not None:
+            return unpacked
+    if not fields:
+        raise ValueError("empty body")
+    return fields
+
+
+def strip_mention(text: str) -> str:
+    """Drop the leading `@bot` mention the platform puts before the question."""
+    return _LEADING_MENTION.sub("", text, count=1).strip()
+
+
+def extract_images(text: str) -> tuple[str, tuple[str, ...]]:
+    """Split `image::URL::` markers (the image_text convention) out of the text."""
+    urls = tuple(_IMAGE_MARKER.findall(text))
+    return (_IMAGE_MARKER.sub("", text).strip(), urls) if urls else (text, ())
+
+
+def _dedupe_key(
+    payload: Mapping[str, Any], msg_id: str, sender: str, conversation: str, text: str
+) -> str | None:
+    if msg_id:
+        return "id:" + msg_id
+    created = _first(payload, "created_at")
+    if not created:
+        return None
+    digest = hashlib.sha256(f"{sender}\n{conversation}\n{created}\n{text}".encode()).hexdigest()
+    return "h:" + digest
+
+
+def parse_payload(payload: Mapping[str, Any]) -> InboundMessage:
+    """An InboundMessage from a decoded webhook payload; ValueError names what is missing."""
+    sender_id = _first(payload, "sender_id")
+    conversation_id = _first(payload, "conversation_id")
+    is_direct = _first(payload, "conversation_type") == "1"
+    if not sender_id:
+        raise ValueError("no sender (senderId)")
+    if not conversation_id and not is_direct:
+        raise ValueError("no conversation (conversationId)")
+    raw_text = _first(payload, "text")
+    text, images = extract_images(strip_mention(raw_text))
+    image = _first(payload, "image")
+    if image:
+        images = (image, *images)
+    msg_id = _first(payload, "msg_id")
+    created = _first(payload, "created_at")
+    return InboundMessage(
+        im_msg_id=msg_id,
+        text=text,
+        sender=Sender(sender_id, _first(payload, "sender_name"), _first(payload, "work_code")),
+        conversation_id=conversation_id or sender_id,
+        is_direct=is_direct,
+        msg_type=_first(payload, "msg_type") or "text",
+        image_urls=images,
+        reply_url=_first(payload, "reply_url"),
+        created_at_ms=int(created) if created.isdigit() else None,
+        dedupe_key=_dedupe_key(payload, msg_id, sender_id, conversation_id, raw_text),
+    )
+
+
+def render(piece: Piece, target: ReplyTarget, msg_format: str) -> dict[str, Any]:
+    """The Yach message JSON of one piece."""
+    message: dict[str, Any]
+    if msg_format == "markdown":
+        title = " ".join(piece.text.split())[:_TITLE_CHARS] or "…"
+        message = {"msgtype": "markdown", "markdown": {"title": title, "text": piece.text}}
+    else:
+        message = {"msgtype": "text", "text": {"content": piece.text}}
+    if piece.mention and target.sender.work_code:
+        message["at"] = {"atWorkCodes": [target.sender.work_code]}
+    return message
+
+
+class YachIM:
+    name = "yach"
+    max_chars = MAX_CHARS
+    streams_tokens = False
+
+    def __init__(
+        self, settings: Settings, api: YachAPI, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._secret = settings.yach_secret
+        self._insecure = settings.yach_insecure
+        self._max_skew_s = settings.yach_max_skew_s
+        self._robot_url = settings.yach_robot_url
+        self._robot_secret = settings.yach_sign_secret
+        self._msg_format = settings.yach_msg_format
+        self._api = api
+        self._api_host = urlsplit(api.api_base).hostname
+        self._clock = clock
+
+    def verify(self, headers: Mapping[str, str]) -> None:
+        if not self._secret:
+            if self._insecure:
+                return
+            raise WebhookRejected(401, "no secret configured")
+        timestamp, sign = headers.get("timestamp", ""), headers.get("sign", "")
+        if not (timestamp.isdigit() and sign):
+            raise WebhookRejected(401, "missing timestamp or sign")
+        if abs(self._clock() - int(timestamp) / 1000) > self._max_skew_s:
+            raise WebhookRejected(401, "stale timestamp")
+        if not verify_sign(self._secret, timestamp, sign):
+            raise WebhookRejected(401, "bad signature")
+
+    def parse(self, body: bytes, headers: Mapping[str, str]) -> InboundMessage:
+        try:
+            return parse_payload(decode_body(body))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise WebhookRejected(400, str(exc)) from exc
+
+    async def send(self, target: ReplyTarget, piece: Piece) -> None:
+        message = render(piece, target, self._msg_format)
+        try:
+            if target.is_direct:
+                await self._send_app(
+                    "/v1/single/message/send", {"to_user_id": target.sender.id}, message, piece
+                )
+            elif self._api.has_app_credentials:
+                await self._send_app(
+                    "/group/robot/message/send",
+                    {"group_id": target.conversation_id},
+                    message,
+                    piece,
+                )
+            elif target.reply_url and urlsplit(target.reply_url).hostname == self._api_host:
+                await self._api.request_json("POST", target.reply_url, json=message)
+            elif self._robot_url:
+                url = signed_robot_url(
+                    self._robot_url, self._robot_secret, int(self._clock() * 1000)
+                )
+                await self._api.request_json("POST", url, json=message)
+            else:
+                raise SendError(
+                    "no way to reply: set BRIDGE_YACH_APP_KEY/_SECRET or BRIDGE_YACH_ROBOT_URL"
+                )
+        except YachAPIError as exc:
+            retry_after = exc.retry_after
+            if exc.rate_limited and retry_after is None:
+                retry_after = DEFAULT_RATE_LIMIT_BACKOFF_S
+            raise SendError(exc.reason, retry_after=retry_after) from exc
+
+    async def _send_app(
+        self, path: str, recipient: dict[str, str], message: dict[str, Any], piece: Piece
+    ) -> None:
+        body = {
+            **recipient,
+            "message": json.dumps(message, ensure_ascii=False),
+            "message_id": piece.message_id,
+        }
+        await self._api.call_with_token("POST", path, json=body)

@@ -1,0 +1,187 @@
+"""Yach open-API client, shared by the Yach IM adapter and the yach-agent upstream.
+
+Knows the base URL, the robot signature, the app access token (cached until shortly before
+it expires, refreshed once on an invalid-token answer) and what a successful answer is.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from bridge.http import parse_retry_after
+
+__all__ = ["YachAPI", "YachAPIError", "robot_sign", "signed_robot_url", "verify_sign"]
+
+TOKEN_REFRESH_MARGIN_S = 300.0
+DEFAULT_TOKEN_LIFETIME_S = 7200.0
+_RATE_LIMIT_WORDS = ("频率", "频繁", "限流", "frequency", "rate limit", "too many")
+_TOKEN_WORDS = ("access_token", "token")
+_INVALID_WORDS = ("invalid", "expire", "无效", "过期", "不合法", "失效")
+
+
+def robot_sign(secret: str, timestamp_ms: int | str) -> str:
+    """base64(HMAC-SHA256(key=secret, msg=f"{timestamp}\\n{secret}")), as Yach signs robots."""
+    message = f"{timestamp_ms}\n{secret}".encode()
+    digest = hmac.new(secret.encode(), message, hashlib.sha256).digest()
+    return base64.b64encode(digest).decode()
+
+
+def verify_sign(secret: str, timestamp_ms: str, sign: str) -> bool:
+    """Constant-time check of an inbound `sign`, in plain or URL-encoded form."""
+    expected = robot_sign(secret, timestamp_ms)
+    return hmac.compare_digest(expected, sign) or hmac.compare_digest(
+        quote(expected, safe=""), sign
+    )
+
+
+def signed_robot_url(robot_url: str, secret: str | None, now_ms: int) -> str:
+    """The custom robot's send URL with `timestamp` and the URL-encoded `sign` appended."""
+    if not secret:
+        return robot_url
+    separator = "&" if "?" in robot_url else "?"
+    sign = quote(robot_sign(secret, now_ms), safe="")
+    return f"{robot_url}{separator}timestamp={now_ms}&sign={sign}"
+
+
+class YachAPIError(Exception):
+    """A Yach API call that did not succeed."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        rate_limited: bool = False,
+        invalid_token: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.rate_limited = rate_limited
+        self.invalid_token = invalid_token
+        self.retry_after = retry_after
+
+
+def check_answer(status: int, payload: Any, headers: Mapping[str, str]) -> Any:
+    """The payload of a successful answer; a `YachAPIError` saying why otherwise."""
+    if status == 429:
+        raise YachAPIError(
+            "HTTP 429", rate_limited=True, retry_after=parse_retry_after(headers.get("Retry-After"))
+        )
+    if not isinstance(payload, dict):
+        raise YachAPIError(f"HTTP {status}: not a JSON object")
+    ok = payload.get("code") == 200 or payload.get("errcode") == 0
+    if status == 200 and ok:
+        return payload
+    message = str(payload.get("msg") or payload.get("errmsg") or payload.get("message") or "")
+    lowered = message.lower()
+    raise YachAPIError(
+        f"HTTP {status}, code {payload.get('code', payload.get('errcode'))}: {message[:200]}",
+        rate_limited=any(word in lowered for word in _RATE_LIMIT_WORDS),
+        invalid_token=any(w in lowered for w in _TOKEN_WORDS)
+        and any(w in lowered for w in _INVALID_WORDS),
+    )
+
+
+class YachAPI:
+    """Calls to `{api_base}` with the app access token."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        api_base: str,
+        app_key: str | None,
+        app_secret: str | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        timeout_s: float = 15.0,
+    ) -> None:
+        self.session = session
+        self.api_base = api_base.rstrip("/")
+        self._app_key = app_key
+        self._app_secret = app_secret
+        self._clock = clock
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._token: str | None = None
+        self._token_expires_at = 0.0
+
+    @property
+    def has_app_credentials(self) -> bool:
+        return bool(self._app_key and self._app_secret)
+
+    async def access_token(self) -> str:
+        if self._token is None or self._clock() >= self._token_expires_at:
+            await self._fetch_token()
+        assert self._token is not None
+        return self._token
+
+    def invalidate_token(self) -> None:
+        self._token = None
+
+    async def _fetch_token(self) -> None:
+        if not self.has_app_credentials:
+            raise YachAPIError("BRIDGE_YACH_APP_KEY/BRIDGE_YACH_APP_SECRET are not set")
+        params = {"appkey": self._app_key or "", "appsecret": self._app_secret or ""}
+        payload = await self.request_json("GET", "/gettoken", params=params, check=False)
+        obj = payload.get("obj")
+        holder: dict[str, Any] = obj if isinstance(obj, dict) else payload
+        token = holder.get("access_token")
+        if not token:
+            raise YachAPIError(f"gettoken answered without a token: {str(payload)[:120]}")
+        lifetime = float(holder.get("expired_time") or DEFAULT_TOKEN_LIFETIME_S)
+        margin = min(TOKEN_REFRESH_MARGIN_S, lifetime / 10)
+        self._token = str(token)
+        self._token_expires_at = self._clock() + lifetime - margin
+
+    async def request_json(
+        self,
+        method: str,
+        path_or_url: str,
+        *,
+        check: bool = True,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        url = path_or_url if "://" in path_or_url else self.api_base + path_or_url
+        try:
+            async with self.session.request(method, url, timeout=self._timeout, **kwargs) as resp:
+                text = await resp.text(errors="replace")
+                status, headers = resp.status, resp.headers
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise YachAPIError(f"cannot reach Yach: {type(exc).__name__}") from exc
+        try:
+            payload = json.loads(text) if text else {}
+        except json.JSONDecodeError:
+            payload = None
+        if not check and status == 200 and isinstance(payload, dict):
+            return payload
+        result: dict[str, Any] = check_answer(status, payload, headers)
+        return result
+
+    async def call_with_token(
+        self, method: str, path: str, *, credentials_in: str = "query", **kwargs: Any
+    ) -> dict[str, Any]:
+        """A call authenticated by the app token (query or JSON body), retried once on an
+        invalid-token answer with a fresh token."""
+        for fresh in (False, True):
+            if fresh:
+                self.invalidate_token()
+            token = await self.access_token()
+            call_kwargs = dict(kwargs)
+            if credentials_in == "query":
+                call_kwargs["params"] = {**kwargs.get("params", {}), "access_token": token}
+            else:
+                call_kwargs["json"] = {**kwargs.get("json", {}), "access_token": token}
+            try:
+                return await self.request_json(method, path, **call_kwargs)
+            except YachAPIError as exc:
+                if fresh or not exc.invalid_token:
+                    raise
+        raise AssertionError("unreachable")

@@ -1,0 +1,301 @@
+"""The aiohttp Application: routes, and one cleanup context per resource.
+
+Start-up order, each context unwinding in reverse on shutdown:
+Redis (embedded server or URL) → the shared HTTP client → the upstream → the workers.
+Shutdown (`drain`): `/readyz` and the webhook answer 503, the workers finish running turns
+within BRIDGE_DRAIN_TIMEOUT_S and leave the rest pending, then the contexts unwind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from adapters.im.yach import YachIM
+from adapters.upstream import create_upstream
+from adapters.yach_api import YachAPI
+from bridge import __version__
+from bridge.commands import Commands
+from bridge.compose import FlushPolicy
+from bridge.config import Settings
+from bridge.http import UpstreamHTTP
+from bridge.images import ImagePipeline
+from bridge.inbox import Accepted, Inbox
+from bridge.intake import judge
+from bridge.interfaces import IM, Upstream, WebhookRejected
+from bridge.messages import Catalogue
+from bridge.metrics import Metrics
+from bridge.outbox import Outbox
+from bridge.relay import TurnRunner
+from bridge.sessions import Sessions
+from bridge.store import Keys, RedisKeyValue, check_server, connect, redis_url_for
+from bridge.worker import Worker
+
+__all__ = ["STATE", "Bridge", "build_app", "drain"]
+
+log = structlog.get_logger(__name__)
+
+_OK = {"code": 200, "msg": "ok"}
+
+
+@dataclass
+class Bridge:
+    """Everything one running bridge holds, reachable from the Application."""
+
+    settings: Settings
+    metrics: Metrics
+    keys: Keys
+    im_factory: Callable[[Bridge], IM] | None = None
+    redis: aioredis.Redis | None = None
+    http: UpstreamHTTP | None = None
+    yach_api: YachAPI | None = None
+    im: IM | None = None
+    upstream: Upstream | None = None
+    inbox: Inbox | None = None
+    worker: Worker | None = None
+    draining: bool = False
+    consumer: str = field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    )
+
+
+STATE = web.AppKey("bridge", Bridge)
+
+
+def flush_policy(settings: Settings, im: IM) -> FlushPolicy:
+    return FlushPolicy(
+        mode=settings.reply_mode,
+        min_chars=settings.flush_min_chars,
+        max_wait_s=settings.flush_max_wait_s,
+        max_chars=im.max_chars,
+        every_delta=im.streams_tokens,
+    )
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    bridge = app[STATE]
+    loop = asyncio.get_running_loop()
+    url, embedded = await loop.run_in_executor(None, redis_url_for, bridge.settings)
+    bridge.redis = connect(url, max_connections=bridge.settings.workers * 2 + 32)
+    try:
+        version = await check_server(bridge.redis, bridge.keys)
+        log.info("redis_connected", redis_version=version, embedded=embedded is not None)
+    except RedisError as exc:
+        log.warning("redis_unavailable", error=type(exc).__name__, outcome="will keep trying")
+    yield
+    await bridge.redis.aclose()
+    if embedded is not None:
+        await loop.run_in_executor(None, embedded.stop)
+
+
+async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
+    bridge = app[STATE]
+    settings = bridge.settings
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
+        headers={"User-Agent": f"chatbridge/{__version__}"},
+    )
+    bridge.http = UpstreamHTTP(
+        session,
+        connect_timeout_s=settings.upstream_connect_timeout_s,
+        idle_timeout_s=settings.upstream_idle_timeout_s,
+        total_timeout_s=settings.upstream_total_timeout_s,
+        retries=settings.upstream_retries,
+    )
+    bridge.yach_api = YachAPI(
+        session, settings.yach_api_base, settings.yach_app_key, settings.yach_app_secret
+    )
+    yield
+    await session.close()
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    bridge = app[STATE]
+    assert bridge.redis is not None and bridge.http is not None
+    name = bridge.settings.upstream or "replay"
+    kv = RedisKeyValue(bridge.redis, bridge.keys, name)
+    bridge.upstream = create_upstream(bridge.settings, bridge.http, kv)
+    yield
+    await bridge.upstream.aclose()
+
+
+async def _worker_ctx(app: web.Application) -> AsyncIterator[None]:
+    bridge = app[STATE]
+    settings = bridge.settings
+    assert bridge.redis is not None and bridge.upstream is not None
+    im = bridge.im_factory(bridge) if bridge.im_factory else _yach_im(bridge)
+    bridge.im = im
+    catalogue = Catalogue(settings.lang)
+    sessions = Sessions(
+        bridge.redis,
+        bridge.keys,
+        ttl_s=settings.session_ttl_s,
+        history_turns=settings.history_turns,
+        lock_ttl_s=settings.claim_idle_s,
+    )
+    outbox = Outbox(
+        im, bridge.redis, bridge.keys, bridge.metrics, group_rate=settings.yach_send_rate
+    )
+    runner = TurnRunner(
+        settings,
+        sessions,
+        outbox,
+        bridge.upstream,
+        catalogue,
+        bridge.metrics,
+        ImagePipeline(settings).prepare,
+        policy=flush_policy(settings, im),
+    )
+    commands = Commands(
+        bridge.redis,
+        bridge.keys,
+        sessions,
+        bridge.upstream,
+        catalogue,
+        claim_idle_s=settings.claim_idle_s,
+    )
+    bridge.inbox = Inbox(bridge.redis, bridge.keys, bridge.consumer)
+    bridge.worker = Worker(
+        settings,
+        bridge.redis,
+        bridge.keys,
+        bridge.inbox,
+        sessions,
+        runner,
+        commands,
+        catalogue,
+        bridge.metrics,
+    )
+    bridge.worker.start()
+    yield
+    if not bridge.worker.draining:
+        await bridge.worker.drain(settings.drain_timeout_s)
+
+
+def _yach_im(bridge: Bridge) -> IM:
+    assert bridge.yach_api is not None
+    return YachIM(bridge.settings, bridge.yach_api)
+
+
+async def drain(app: web.Application) -> None:
+    """SIGTERM: refuse new work, let running turns finish, leave the rest pending."""
+    bridge = app[STATE]
+    bridge.draining = True
+    if bridge.worker is not None:
+        await bridge.worker.drain(bridge.settings.drain_timeout_s)
+
+
+# Routes
+
+
+async def handle_yach_webhook(request: web.Request) -> web.Response:
+    """Verify, parse, store, answer: nothing else runs inside the request."""
+    bridge = request.app[STATE]
+    assert bridge.im is not None and bridge.inbox is not None
+    if bridge.draining:
+        return _json_error(503, "draining")
+    try:
+        bridge.im.verify(request.headers)
+        if (request.content_length or 0) > bridge.settings.max_body_bytes:
+            return _json_error(413, "body too large")
+        body = await request.read()
+        message = bridge.im.parse(body, request.headers)
+    except WebhookRejected as exc:
+        log.info("webhook_rejected", status=exc.status, reason=exc.reason)
+        return _json_error(exc.status, exc.reason)
+    verdict = judge(message, bridge.settings)
+    log_ctx = {"chat_session_id": verdict.chat_session_id, "msg_id": message.im_msg_id}
+    if verdict.kind is None:
+        log.info("webhook_ignored", reason="not in the allow lists", **log_ctx)
+        return web.json_response(_OK)
+    try:
+        result = await bridge.inbox.put(message, verdict.kind, verdict.chat_session_id)
+    except RedisError as exc:
+        log.warning("webhook_not_stored", error=type(exc).__name__, **log_ctx)
+        return _json_error(503, "cannot store the message now; retry later")
+    stored = isinstance(result, Accepted)
+    log.info(
+        "webhook_stored" if stored else "webhook_duplicate", kind=verdict.kind.value, **log_ctx
+    )
+    return web.json_response(_OK)
+
+
+def _json_error(status: int, reason: str) -> web.Response:
+    return web.json_response({"code": status, "msg": reason}, status=status)
+
+
+async def handle_healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def handle_readyz(request: web.Request) -> web.Response:
+    bridge = request.app[STATE]
+    reason = await _not_ready(bridge)
+    if reason:
+        return web.json_response({"status": "unavailable", "reason": reason}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def _not_ready(bridge: Bridge) -> str:
+    if bridge.draining:
+        return "draining"
+    if bridge.redis is None or bridge.worker is None:
+        return "starting"
+    try:
+        await asyncio.wait_for(bridge.redis.ping(), timeout=2)
+    except (RedisError, OSError, TimeoutError):
+        return "redis unreachable"
+    if not bridge.worker.healthy:
+        return "workers not running"
+    return ""
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[STATE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+@web.middleware
+async def count_requests(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    bridge = request.app[STATE]
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        if request.path.startswith("/webhook/"):
+            bridge.metrics.webhook_requests.labels(status=str(status)).inc()
+
+
+def build_app(
+    settings: Settings, *, im_factory: Callable[[Bridge], IM] | None = None
+) -> web.Application:
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[count_requests])
+    app[STATE] = Bridge(
+        settings,
+        Metrics(settings.bot_id, __version__),
+        Keys(settings.bot_id),
+        im_factory=im_factory,
+    )
+    app.cleanup_ctx.extend([_redis_ctx, _http_ctx, _upstream_ctx, _worker_ctx])
+    app.router.add_post("/webhook/yach", handle_yach_webhook)
+    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/readyz", handle_readyz)
+    app.router.add_get("/metrics", handle_metrics)
+    return app

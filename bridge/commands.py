@@ -1,0 +1,102 @@
+"""/help /reset /stop /status — answered at once, never queued behind a turn."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import redis.asyncio as aioredis
+import structlog
+
+from bridge.inbox import Entry
+from bridge.intake import Command, parse_command
+from bridge.interfaces import Upstream
+from bridge.messages import Catalogue
+from bridge.sessions import Sessions
+from bridge.store import Keys
+
+__all__ = ["Commands", "stop_message"]
+
+log = structlog.get_logger(__name__)
+
+STOP_KEY_TTL_S = 600
+_RESET_POLL_S = 0.1
+
+
+def stop_message(chat_session_id: str, entry_id: str) -> str:
+    return json.dumps({"type": "stop", "session": chat_session_id, "entry": entry_id})
+
+
+class Commands:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        sessions: Sessions,
+        upstream: Upstream,
+        catalogue: Catalogue,
+        *,
+        claim_idle_s: float,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.sessions = sessions
+        self.upstream = upstream
+        self.catalogue = catalogue
+        self.claim_idle_s = claim_idle_s
+
+    async def answer(self, entry: Entry) -> str:
+        """Carry out the command of an entry; the reply to send."""
+        command = parse_command(entry.message.text)
+        session = entry.chat_session_id
+        log.info("command", command=str(command))
+        if command is Command.STOP:
+            stopped = await self.stop(session)
+            return self.catalogue("nothing_to_stop" if stopped is None else "stopped")
+        if command is Command.RESET:
+            await self.reset(session)
+            return self.catalogue("reset_done")
+        if command is Command.STATUS:
+            return await self.status(session)
+        return self.catalogue("help")
+
+    async def stop(self, chat_session_id: str) -> str | None:
+        """Stop the running turn of a session, wherever it runs; the entry it was running."""
+        running = await self.sessions.holder(chat_session_id)
+        if running is None:
+            return None
+        await self.redis.set(self.keys.stop(chat_session_id), running, ex=STOP_KEY_TTL_S)
+        await self.redis.publish(self.keys.control, stop_message(chat_session_id, running))
+        return running
+
+    async def reset(self, chat_session_id: str) -> None:
+        """Stop, wait for the turn to let go (at most BRIDGE_CLAIM_IDLE_S), then forget."""
+        stopped = await self.stop(chat_session_id)
+        if stopped is not None:
+            deadline = time.monotonic() + self.claim_idle_s
+            while await self.sessions.holder(chat_session_id) == stopped:
+                if time.monotonic() > deadline:
+                    log.warning("reset_waited_too_long")
+                    break
+                await asyncio.sleep(_RESET_POLL_S)
+        state = await self.sessions.load(chat_session_id)
+        if state.conversation and state.upstream == self.upstream.name:
+            try:
+                await self.upstream.reset(state.conversation)
+            except Exception as exc:  # the mapping is forgotten either way
+                log.warning("upstream_reset_failed", error=type(exc).__name__)
+        await self.sessions.forget(chat_session_id)
+
+    async def status(self, chat_session_id: str) -> str:
+        state = await self.sessions.load(chat_session_id)
+        queue = await self.sessions.queue_length(chat_session_id)
+        if state.created_at is None:
+            return self.catalogue("status_none", upstream=self.upstream.name, queue=queue)
+        return self.catalogue(
+            "status",
+            upstream=self.upstream.name,
+            age=self.catalogue.age(time.time() - state.created_at),
+            turns=state.turns,
+            queue=queue,
+        )

@@ -1,0 +1,79 @@
+"""What becomes of an inbound message, decided before it is stored: its session, and
+whether it is ignored, a command, a notice or a turn. Pure functions."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from bridge.config import Settings
+from bridge.inbox import EntryKind
+from bridge.interfaces import InboundMessage
+
+__all__ = ["Command", "Verdict", "chat_session_id", "judge", "parse_command"]
+
+
+class Command(enum.StrEnum):
+    HELP = "help"
+    RESET = "reset"
+    STOP = "stop"
+    STATUS = "status"
+
+
+_ALIASES = {
+    "/help": Command.HELP, "帮助": Command.HELP,
+    "/reset": Command.RESET, "/new": Command.RESET, "重置": Command.RESET,
+    "新对话": Command.RESET,
+    "/stop": Command.STOP, "停止": Command.STOP,
+    "/status": Command.STATUS, "状态": Command.STATUS,
+}  # fmt: skip
+_TRAILING_PUNCTUATION = re.compile(r"[\s。.!！]+$")
+
+
+def parse_command(text: str) -> Command | None:
+    """The command a message is, if it is one (`/stop`, `停止`, ` /Reset ` …)."""
+    word = _TRAILING_PUNCTUATION.sub("", text.strip()).lower()
+    return _ALIASES.get(word)
+
+
+def chat_session_id(message: InboundMessage, scope: str) -> str:
+    """`yach:<scope key>` (SPEC §5); direct chats are always per user."""
+    if message.is_direct or scope == "user":
+        return f"yach:u:{message.sender.id}"
+    if scope == "group":
+        return f"yach:g:{message.conversation_id}"
+    return f"yach:g:{message.conversation_id}:u:{message.sender.id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    kind: EntryKind | None  # None: ignored (not allowed here); acknowledged, never answered
+    chat_session_id: str
+    notice: str = ""  # for EntryKind.NOTICE: the catalogue key of the answer
+
+
+def _allowed(message: InboundMessage, settings: Settings) -> bool:
+    users = settings.allow_users
+    user_ok = (
+        not users
+        or message.sender.id in users
+        or (bool(message.sender.work_code) and message.sender.work_code in users)
+    )
+    if message.is_direct:
+        return user_ok
+    groups = settings.allow_groups
+    return user_ok and (not groups or message.conversation_id in groups)
+
+
+def judge(message: InboundMessage, settings: Settings) -> Verdict:
+    session = chat_session_id(message, settings.session_scope)
+    if not _allowed(message, settings):
+        return Verdict(None, session)
+    if parse_command(message.text) is not None and not message.image_urls:
+        return Verdict(EntryKind.COMMAND, session)
+    if not message.text.strip() and not message.image_urls:
+        return Verdict(EntryKind.NOTICE, session, "unsupported_type")
+    if len(message.text) > settings.max_input_chars:
+        return Verdict(EntryKind.NOTICE, session, "input_too_long")
+    return Verdict(EntryKind.TURN, session)

@@ -1,0 +1,128 @@
+"""Sending to the IM: the send budget shared by every process of the bot (in Redis), a
+process-wide pause when the platform says "slow down", and retries with the same
+`message_id`, so a retried send never shows twice."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import redis.asyncio as aioredis
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from bridge.config import Rate
+from bridge.interfaces import IM, Piece, ReplyTarget, SendError
+from bridge.metrics import Metrics
+from bridge.store import Keys
+
+__all__ = ["DIRECT_RATE", "Outbox", "SendBudget"]
+
+log = structlog.get_logger(__name__)
+
+DIRECT_RATE = Rate(60, 60.0)  # the platform's own limit on direct sends per robot
+
+# A sliding window in a sorted set, timed by the Redis clock so every host agrees.
+# KEYS: window. ARGV: window ms, count, unique member. Returns ms to wait (0: taken).
+_TAKE = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local window = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms - window)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now_ms, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], window)
+  return 0
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return math.max(tonumber(oldest[2]) + window - now_ms, 1)
+"""
+
+
+class SendBudget:
+    """`rate.count` sends per `rate.per_s` seconds across all processes; waits, never drops."""
+
+    def __init__(self, redis: aioredis.Redis, key: str, rate: Rate) -> None:
+        self._key = key
+        self._rate = rate
+        self._take = redis.register_script(_TAKE)
+        self._counter = 0
+
+    async def acquire(self) -> None:
+        if self._rate.unlimited:
+            return
+        while True:
+            self._counter += 1
+            member = f"{time.time_ns()}-{id(self)}-{self._counter}"
+            wait_ms = await self._take(
+                keys=[self._key], args=[int(self._rate.per_s * 1000), self._rate.count, member]
+            )
+            if not wait_ms:
+                return
+            await asyncio.sleep(int(wait_ms) / 1000)
+
+
+class Outbox:
+    def __init__(
+        self,
+        im: IM,
+        redis: aioredis.Redis,
+        keys: Keys,
+        metrics: Metrics,
+        *,
+        group_rate: Rate,
+        attempts: int = 5,
+        backoff_s: float = 0.5,
+    ) -> None:
+        self.im = im
+        self._metrics = metrics
+        self._group = SendBudget(redis, keys.send_budget_group, group_rate)
+        self._direct = SendBudget(redis, keys.send_budget_direct, DIRECT_RATE)
+        self._attempts = attempts
+        self._backoff_s = backoff_s
+        self._resume = asyncio.Event()
+        self._resume.set()
+
+    async def acquire(self, target: ReplyTarget) -> None:
+        """Wait for the budget of one send to this target."""
+        await (self._direct if target.is_direct else self._group).acquire()
+
+    async def deliver(
+        self, target: ReplyTarget, piece: Piece, *, budget_taken: bool = False
+    ) -> None:
+        """Send one piece, retrying with the same message_id; raise SendError if it never
+        got through. Every attempt counts against the budget."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._attempts),
+            wait=wait_exponential(multiplier=self._backoff_s, max=8),
+            retry=retry_if_exception_type(SendError),
+            reraise=True,
+        )
+        first = True
+        async for attempt in retrying:
+            with attempt:
+                if not (first and budget_taken):
+                    await self.acquire(target)
+                first = False
+                await self._send_once(target, piece)
+
+    async def _send_once(self, target: ReplyTarget, piece: Piece) -> None:
+        await self._resume.wait()
+        try:
+            await self.im.send(target, piece)
+        except SendError as exc:
+            if exc.retry_after is not None:
+                self._metrics.im_sends.labels(outcome="rate_limited").inc()
+                self._pause(exc.retry_after)
+            else:
+                self._metrics.im_sends.labels(outcome="error").inc()
+            log.warning("im_send_failed", reason=exc.reason, message_id=piece.message_id)
+            raise
+        self._metrics.im_sends.labels(outcome="ok").inc()
+
+    def _pause(self, seconds: float) -> None:
+        """Hold every send of this process until the platform's advised time has passed."""
+        if not self._resume.is_set():
+            return
+        self._resume.clear()
+        asyncio.get_running_loop().call_later(seconds, self._resume.set)

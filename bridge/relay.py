@@ -1,0 +1,359 @@
+"""One turn: question → upstream stream → composer → journal → IM, and its outcome.
+
+A turn whose entry already has journalled pieces never asks the upstream again: it sends
+the pieces not yet confirmed, with their original message ids, then a cut-off notice if
+the answer was not complete (SPEC §6). Pieces are journalled before they are sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hashlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from bridge.compose import Composer, FlushPolicy
+from bridge.config import Settings
+from bridge.events import (
+    ConversationRef,
+    Done,
+    ErrorKind,
+    Event,
+    ReasoningDelta,
+    TextDelta,
+    UpstreamError,
+    Usage,
+)
+from bridge.http import UpstreamFailure
+from bridge.inbox import Entry
+from bridge.interfaces import HistoryTurn, ImageInput, Piece, ReplyTarget, Turn, Upstream
+from bridge.messages import Catalogue
+from bridge.metrics import Metrics
+from bridge.outbox import Outbox
+from bridge.sessions import JournalPiece, Sessions
+from bridge.think import split_think
+
+__all__ = ["Outcome", "PrepareInput", "TurnRunner", "message_id"]
+
+log = structlog.get_logger(__name__)
+
+_FAILURE_MESSAGES = {
+    ErrorKind.UNAVAILABLE: "upstream_unavailable",
+    ErrorKind.AUTH: "upstream_auth",
+    ErrorKind.RATE_LIMITED: "upstream_rate_limited",
+    ErrorKind.TIMEOUT: "upstream_timeout",
+    ErrorKind.BROKEN: "cut_off",
+    ErrorKind.REJECTED: "upstream_rejected",
+    ErrorKind.PROTOCOL: "upstream_rejected",
+}
+_TICK_S = 0.25
+
+
+class Outcome(enum.StrEnum):
+    COMPLETED = "completed"
+    FAILED = "failed"  # the upstream failed; the user got its one message
+    REPLAYED = "replayed"
+
+
+# Turns an entry's message into the question's text and images; may refuse with a notice key.
+PrepareInput = Callable[[Entry], Awaitable["PreparedInput"]]
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedInput:
+    text: str
+    images: tuple[ImageInput, ...] = ()
+    refusal: str = ""  # a catalogue key: answer with it instead of asking the upstream
+    refusal_values: dict[str, object] = field(default_factory=dict)
+
+
+def message_id(entry_id: str, label: str | int) -> str:
+    """A stable id for a piece of an entry's answer: the same on every resend."""
+    return hashlib.sha1(f"{entry_id}/{label}".encode(), usedforsecurity=False).hexdigest()[:32]
+
+
+@dataclass
+class _Outgoing:
+    """The pieces of one turn on their way out, in order, merged while they wait."""
+
+    runner: TurnRunner
+    entry: Entry
+    queue: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
+    index: int = 0
+
+    async def run(self) -> None:
+        target = self.entry.message.target
+        outbox, sessions = self.runner.outbox, self.runner.sessions
+        last = False
+        while not last:
+            text = await self.queue.get()
+            if text is None:
+                break
+            await outbox.acquire(target)
+            text, last = self._merge_waiting(text)
+            piece = JournalPiece(
+                self.index,
+                text,
+                message_id(self.entry.entry_id, self.index),
+                mention=self.index == 0 and not target.is_direct,
+                sent=False,
+            )
+            await sessions.journal_piece(self.entry.entry_id, piece)
+            if last:
+                await sessions.journal_complete(self.entry.entry_id)
+            await outbox.deliver(target, _as_piece(piece), budget_taken=True)
+            await sessions.journal_sent(self.entry.entry_id, piece.index)
+            self.index += 1
+
+    def _merge_waiting(self, text: str) -> tuple[str, bool]:
+        """Join the pieces that queued up behind the budget, up to the message limit."""
+        limit = self.runner.max_chars
+        while not self.queue.empty():
+            following = self.queue._queue[0]  # type: ignore[attr-defined]
+            if following is None:
+                self.queue.get_nowait()
+                return text, True
+            if len(text) + len(following) > limit:
+                break
+            text += self.queue.get_nowait() or ""
+        return text, False
+
+
+@contextlib.asynccontextmanager
+async def _closing(events: AsyncIterator[Event]) -> AsyncIterator[AsyncIterator[Event]]:
+    """Close an upstream's generator on exit, so `/stop` frees its connection at once."""
+    try:
+        yield events
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _as_piece(piece: JournalPiece) -> Piece:
+    return Piece(piece.text, piece.message_id, mention=piece.mention)
+
+
+class TurnRunner:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: Sessions,
+        outbox: Outbox,
+        upstream: Upstream,
+        catalogue: Catalogue,
+        metrics: Metrics,
+        prepare: PrepareInput,
+        *,
+        policy: FlushPolicy,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.outbox = outbox
+        self.upstream = upstream
+        self.catalogue = catalogue
+        self.metrics = metrics
+        self.prepare = prepare
+        self.policy = policy
+        self.max_chars = policy.max_chars
+        self.clock = clock
+
+    async def notice(self, target: ReplyTarget, entry_id: str, text: str, label: str) -> None:
+        """One of the bot's own messages: sent at once, never journalled."""
+        piece = Piece(
+            text, message_id(entry_id, label), mention=not target.is_direct, kind="notice"
+        )
+        await self.outbox.deliver(target, piece)
+
+    async def run(self, entry: Entry, lock: str) -> Outcome:
+        pieces, complete = await self.sessions.journal(entry.entry_id)
+        if pieces:
+            return await self._replay(entry, lock, pieces, complete)
+        prepared = await self.prepare(entry)
+        if prepared.refusal:
+            await self.notice(
+                entry.message.target,
+                entry.entry_id,
+                self.catalogue(prepared.refusal, **prepared.refusal_values),
+                "refusal",
+            )
+            return Outcome.FAILED
+        return await self._ask(entry, lock, prepared)
+
+    async def _replay(
+        self, entry: Entry, lock: str, pieces: list[JournalPiece], complete: bool
+    ) -> Outcome:
+        target = entry.message.target
+        log.info(
+            "turn_replayed",
+            pieces=len(pieces),
+            unsent=sum(not p.sent for p in pieces),
+            complete=complete,
+        )
+        for piece in pieces:
+            if not piece.sent:
+                await self.outbox.deliver(target, _as_piece(piece))
+                await self.sessions.journal_sent(entry.entry_id, piece.index)
+        if not complete:
+            await self.notice(target, entry.entry_id, self.catalogue("cut_off"), "cut_off")
+        answer = "".join(piece.text for piece in pieces)
+        await self._record(entry, lock, answer)
+        return Outcome.REPLAYED
+
+    async def _ask(self, entry: Entry, lock: str, prepared: PreparedInput) -> Outcome:
+        message = entry.message
+        state = await self.sessions.load(entry.chat_session_id)
+        same_upstream = state.upstream == self.upstream.name
+        history = (
+            ()
+            if self.upstream.keeps_history
+            else await self.sessions.history(entry.chat_session_id)
+        )
+        turn = Turn(
+            text=prepared.text,
+            sender=message.sender,
+            chat_session_id=entry.chat_session_id,
+            conversation=state.conversation if same_upstream else None,
+            history=history,
+            images=prepared.images,
+            created_at_s=(message.created_at_ms or int(time.time() * 1000)) // 1000,
+        )
+        composer = Composer(
+            self.policy,
+            show_reasoning=self.settings.show_reasoning == "quote",
+            agent_line=lambda agent: self.catalogue("agent_switch", agent=agent),
+            suggestions_title=self.catalogue("suggestions_title"),
+            correction_title=self.catalogue("correction_title"),
+            now=self.clock(),
+        )
+        outgoing = _Outgoing(self, entry)
+        sender = asyncio.create_task(outgoing.run(), name=f"send-{entry.entry_id}")
+        started = self.clock()
+        failure: ErrorKind | None = None
+        try:
+            failure = await self._stream(entry, lock, turn, composer, outgoing, sender, started)
+            for text in composer.finish():
+                outgoing.queue.put_nowait(text)
+            if failure is not None:
+                outgoing.queue.put_nowait(self.catalogue(_FAILURE_MESSAGES[failure]))
+            elif not composer.answer.strip() and outgoing.index == 0 and outgoing.queue.empty():
+                outgoing.queue.put_nowait(self.catalogue("empty_answer"))
+            outgoing.queue.put_nowait(None)
+            await sender
+        finally:
+            if not sender.done():
+                sender.cancel()
+                await asyncio.gather(sender, return_exceptions=True)
+        self.metrics.turn_seconds.observe(self.clock() - started)
+        if failure is None:
+            await self._record(entry, lock, composer.answer, question=prepared.text)
+            return Outcome.COMPLETED
+        return Outcome.FAILED
+
+    async def _stream(
+        self,
+        entry: Entry,
+        lock: str,
+        turn: Turn,
+        composer: Composer,
+        outgoing: _Outgoing,
+        sender: asyncio.Task[None],
+        started: float,
+    ) -> ErrorKind | None:
+        """Relay the upstream's events; the failure kind if it failed."""
+        first_token = asyncio.Event()
+        thinking = asyncio.create_task(self._thinking_notice(entry, first_token))
+        ticker = asyncio.create_task(self._tick(composer, outgoing))
+        try:
+            async with (
+                _closing(self.upstream.stream(turn)) as upstream_events,
+                _closing(split_think(upstream_events)) as events,
+            ):
+                async for event in events:
+                    if isinstance(event, TextDelta | ReasoningDelta) and not first_token.is_set():
+                        first_token.set()
+                        self.metrics.first_token_seconds.observe(self.clock() - started)
+                    if sender.done():
+                        sender.result()  # the sender stopped: re-raise its SendError
+                    failure = await self._handle(entry, lock, event)
+                    if failure is not None:
+                        return failure
+                    if isinstance(event, Done):
+                        return None
+                    for text in composer.feed(event, self.clock()):
+                        outgoing.queue.put_nowait(text)
+        except UpstreamFailure as exc:
+            return self._failed_upstream(exc.kind, exc.message)
+        finally:
+            first_token.set()
+            for task in (thinking, ticker):
+                task.cancel()
+            await asyncio.gather(thinking, ticker, return_exceptions=True)
+        return self._failed_upstream(ErrorKind.BROKEN, "stream ended without an end marker")
+
+    async def _handle(self, entry: Entry, lock: str, event: Event) -> ErrorKind | None:
+        if isinstance(event, ConversationRef):
+            saved = await self.sessions.save_conversation(
+                entry.chat_session_id, lock, self.upstream.name, event.ref
+            )
+            if not saved:
+                log.warning("conversation_not_saved", reason="session lock lost")
+        elif isinstance(event, Usage):
+            log.info(
+                "upstream_usage",
+                prompt_tokens=event.prompt_tokens,
+                completion_tokens=event.completion_tokens,
+                total_tokens=event.total_tokens,
+            )
+        elif isinstance(event, UpstreamError):
+            return self._failed_upstream(event.kind, event.message)
+        return None
+
+    def _failed_upstream(self, kind: ErrorKind, detail: str) -> ErrorKind:
+        self.metrics.upstream_errors.labels(upstream=self.upstream.name, kind=kind.value).inc()
+        level = log.error if kind is ErrorKind.AUTH else log.warning
+        level("upstream_failed", kind=kind.value, detail=detail)
+        return kind
+
+    async def _thinking_notice(self, entry: Entry, first_token: asyncio.Event) -> None:
+        delay = self.settings.thinking_notice_s
+        if delay <= 0:
+            return
+        try:
+            await asyncio.wait_for(first_token.wait(), timeout=delay)
+        except TimeoutError:
+            await self.notice(
+                entry.message.target, entry.entry_id, self.catalogue("thinking"), "thinking"
+            )
+
+    async def _tick(self, composer: Composer, outgoing: _Outgoing) -> None:
+        while True:
+            await asyncio.sleep(_TICK_S)
+            for text in composer.tick(self.clock()):
+                outgoing.queue.put_nowait(text)
+
+    async def _record(self, entry: Entry, lock: str, answer: str, question: str = "") -> None:
+        """The turn's bookkeeping: turns, last activity, and history where we keep it."""
+        state = await self.sessions.load(entry.chat_session_id)
+        now = time.time()
+        exchange = None
+        if not self.upstream.keeps_history and answer:
+            exchange = HistoryTurn(question or entry.message.text, answer)
+        fields: dict[str, str | int | float] = {
+            "upstream": self.upstream.name,
+            "last_active": now,
+            "turns": state.turns + 1,
+        }
+        if state.created_at is None:
+            fields["created_at"] = now
+        if state.upstream not in (None, self.upstream.name):
+            fields["conversation"] = ""
+        saved = await self.sessions.save(entry.chat_session_id, lock, fields, exchange=exchange)
+        if not saved:
+            log.warning("session_not_saved", reason="session lock lost")

