@@ -1,0 +1,188 @@
+"""What the streaming upstream adapters share: the stream loop, JSON payloads, ids, usage."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from typing import Any, Protocol
+
+from bridge.config import ConfigError, Settings, env_name
+from bridge.events import ConversationRef, Done, ErrorKind, Event, UpstreamError, Usage
+from bridge.http import UpstreamBroken, UpstreamProtocolError
+from bridge.sse import SSEEvent
+
+__all__ = [
+    "ConversationIds",
+    "StreamParser",
+    "as_id",
+    "as_int",
+    "bearer",
+    "json_object",
+    "rejected",
+    "relay",
+    "require",
+    "usage_from",
+]
+
+_SHOWN_CHARS = 300  # how much of an upstream's payload goes into a log message
+
+
+class StreamParser(Protocol):
+    """Turns one SSE message of an upstream's wire format into internal events."""
+
+    def feed(self, message: SSEEvent) -> Iterable[Event]: ...
+
+
+async def relay(
+    messages: AsyncIterator[SSEEvent], parser: StreamParser, *, upstream: str
+) -> AsyncGenerator[Event, None]:
+    """The parser's events up to the protocol's end: `Done` or an error event ends the turn.
+
+    A stream that ends before either is broken (SPEC §6): what arrived stays, the user is told.
+    The SSE iterator is closed on every way out, so the connection is freed at once; callers
+    close this generator with `contextlib.aclosing` so that `/stop` frees it at once too.
+    """
+    try:
+        async for message in messages:
+            try:
+                events = list(parser.feed(message))
+            except UpstreamProtocolError as exc:
+                if await _ended(messages):
+                    raise UpstreamBroken(f"{upstream} stream ended inside a message") from exc
+                raise
+            for event in events:
+                yield event
+                if isinstance(event, Done | UpstreamError):
+                    return
+    finally:
+        await _aclose(messages)
+    raise UpstreamBroken(f"{upstream} stream ended before its end marker")
+
+
+async def _ended(messages: AsyncIterator[SSEEvent]) -> bool:
+    """Whether the stream ended right after the message in hand.
+
+    The SSE decoder dispatches an unterminated last message at end of stream, so a stream
+    cut inside a message leaves a torn one: that is a broken stream, not a protocol error.
+    """
+    try:
+        await anext(messages)
+    except StopAsyncIteration:
+        return True
+    return False
+
+
+async def _aclose(iterator: AsyncIterator[Any]) -> None:
+    aclose = getattr(iterator, "aclose", None)  # async generators have it, plain iterators not
+    if aclose is not None:
+        await aclose()
+
+
+def json_object(data: str, *, upstream: str) -> dict[str, Any]:
+    """One JSON object from an upstream (older servers escape it as `\\uXXXX`: loads undoes it)."""
+    try:
+        value = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise UpstreamProtocolError(f"{upstream}: not JSON: {data[:_SHOWN_CHARS]!r}") from exc
+    if not isinstance(value, dict):
+        raise UpstreamProtocolError(f"{upstream}: not a JSON object: {data[:_SHOWN_CHARS]!r}")
+    return value
+
+
+def as_id(value: object) -> str:
+    """An id as text; numbers are accepted, anything else is no id."""
+    if isinstance(value, bool):
+        return ""
+    if isinstance(value, str | int):
+        return str(value)
+    return ""
+
+
+def as_int(value: object) -> int | None:
+    """A token count, also when sent as a numeric string (Coze does)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def _as_float(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def usage_from(
+    data: Mapping[str, Any],
+    *,
+    prompt: str,
+    completion: str,
+    total: str | None = None,
+    latency: str | None = None,
+) -> Usage:
+    """Usage from an upstream's own field names; the total is the sum when not given."""
+    prompt_tokens = as_int(data.get(prompt))
+    completion_tokens = as_int(data.get(completion))
+    total_tokens = as_int(data.get(total)) if total else None
+    if total_tokens is None and prompt_tokens is not None and completion_tokens is not None:
+        total_tokens = prompt_tokens + completion_tokens
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=total_tokens,
+        latency_s=_as_float(data.get(latency)) if latency else None,
+    )
+
+
+def rejected(upstream: str, data: Mapping[str, Any] | None) -> UpstreamError:
+    """An error the upstream reported itself, from its `code`/`status` and `message`/`msg`."""
+    data = data or {}
+    code = data.get("code", data.get("status", ""))
+    text = data.get("message") or data.get("msg") or data.get("error") or "no message"
+    return UpstreamError(
+        kind=ErrorKind.REJECTED, message=f"{upstream} error {code}: {str(text)[:_SHOWN_CHARS]}"
+    )
+
+
+class ConversationIds:
+    """The conversation reference of one turn: announced whenever the upstream changes it.
+
+    The core saves each `ConversationRef` as the whole reference (SPEC §5), so every
+    announcement carries every key known so far, not only the new one.
+    """
+
+    def __init__(self, known: Mapping[str, str] | None = None) -> None:
+        self._ref: dict[str, str] = dict(known or {})
+
+    def get(self, key: str) -> str:
+        return self._ref.get(key, "")
+
+    def update(self, **ids: object) -> ConversationRef | None:
+        """A reference to save, or None when nothing new was learnt (ids may be absent)."""
+        merged = dict(self._ref)
+        merged.update((key, as_id(value)) for key, value in ids.items() if as_id(value))
+        if merged == self._ref:
+            return None
+        self._ref = merged
+        return ConversationRef(ref=dict(merged))
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def require(settings: Settings, *attrs: str) -> tuple[str, ...]:
+    """The named settings, which the chosen upstream cannot work without."""
+    values = tuple(getattr(settings, attr) or "" for attr in attrs)
+    missing = [env_name(attr) for attr, value in zip(attrs, values, strict=True) if not value]
+    if missing:
+        raise ConfigError([f"{name}: required but not set" for name in missing])
+    return values

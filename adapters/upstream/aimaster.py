@@ -1,0 +1,184 @@
+"""AI Master multi-agent scenario stream (math-graph-external-apis.md, "题目分析api").
+
+`POST {base}/aimaster/scenario/open/api` with `chatId`, `scenarioInfoId`,
+`latestMessageContent` and `params`, `Authorization: Bearer <token>`; the answer is
+OpenAI-style `chat.completion.chunk`s behind `data:` with the agent hand-off in `agent_id`,
+`agent_name` and `agent_step`, ending in `data: [DONE]`.
+
+Decisions the notes leave open:
+- `chatId` is a fresh uuid4 in hex (the note's example has no dashes), made on a session's
+  first turn and kept in the conversation reference as `chat_id`.
+- Every change of agent (by `agent_id`, else `agent_name`) is an `AgentSwitch`, the first
+  agent included; the renderer decides which to show.
+- Each agent reports its own *cumulative* `usage` on every chunk, so the turn's usage is the
+  sum of each agent's last report, sent once just before `Done`.
+- The backend is RuoYi-style: an error may come as HTTP 200 with a JSON body
+  `{"code": 401, "msg": …}` instead of a stream, or as such an object inside the stream;
+  the `code` is mapped like an HTTP status, and an in-stream one becomes an `UpstreamError`.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import aclosing
+from typing import Any
+
+from adapters.upstream._common import relay, require
+from adapters.upstream.openai import parse_chunk
+from bridge.config import Settings
+from bridge.events import (
+    AgentSwitch,
+    ConversationRef,
+    Done,
+    ErrorKind,
+    Event,
+    UpstreamError,
+    Usage,
+)
+from bridge.http import (
+    UpstreamHTTP,
+    UpstreamProtocolError,
+    UpstreamRejected,
+    error_for_status,
+    iter_sse,
+)
+from bridge.interfaces import KeyValue, Turn
+from bridge.sse import SSEEvent
+
+__all__ = ["AimasterParser", "AimasterUpstream", "create", "error_of"]
+
+API_PATH = "/aimaster/scenario/open/api"
+_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def error_of(payload: Mapping[str, Any]) -> str | None:
+    """The error an answer object reports instead of a chunk, if any."""
+    error = payload.get("error")
+    if error:
+        if isinstance(error, Mapping):
+            return str(error.get("message") or error)
+        return str(error)
+    code = payload.get("code")
+    if "choices" not in payload and code is not None and code not in (0, 200, "0", "200"):
+        return f"code {code}: {payload.get('msg') or payload.get('message') or ''}"
+    return None
+
+
+class AimasterParser:
+    """The events of one AI Master answer, message by message. Pure: no I/O."""
+
+    def __init__(self) -> None:
+        self._agent: str | None = None
+        self._usage_by_agent: dict[str, Mapping[str, Any]] = {}
+        self.finished = False
+
+    def feed(self, message: SSEEvent) -> list[Event]:
+        data = message.data.strip()
+        if data == "[DONE]":
+            self.finished = True
+            usage = self.usage()
+            return [usage, Done()] if usage is not None else [Done()]
+        try:
+            chunk = json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise UpstreamProtocolError(f"bad chunk: {data[:200]}") from exc
+        if not isinstance(chunk, dict):
+            raise UpstreamProtocolError(f"bad chunk: {data[:200]}")
+        return self.feed_chunk(chunk)
+
+    def feed_chunk(self, chunk: Mapping[str, Any]) -> list[Event]:
+        error = error_of(chunk)
+        if error is not None:
+            self.finished = True
+            return [UpstreamError(ErrorKind.REJECTED, error)]
+        events: list[Event] = []
+        agent_key = chunk.get("agent_id") or chunk.get("agent_name")
+        if isinstance(agent_key, str) and agent_key and agent_key != self._agent:
+            self._agent = agent_key
+            events.append(AgentSwitch(str(chunk.get("agent_name") or agent_key)))
+        usage = chunk.get("usage")
+        if isinstance(usage, Mapping):
+            self._usage_by_agent[self._agent or ""] = usage
+        # The choice/delta part is plain OpenAI; its usage is the agent's running total.
+        events.extend(e for e in parse_chunk(chunk) if not isinstance(e, Usage))
+        return events
+
+    def usage(self) -> Usage | None:
+        """The turn's usage: the sum of every agent's last report."""
+        if not self._usage_by_agent:
+            return None
+        totals: dict[str, int | None] = {}
+        for name in _USAGE_FIELDS:
+            counts = [u.get(name) for u in self._usage_by_agent.values()]
+            ints = [c for c in counts if isinstance(c, int)]
+            totals[name] = sum(ints) if ints else None
+        return Usage(**totals)
+
+
+class AimasterUpstream:
+    name = "aimaster"
+    keeps_history = True
+
+    def __init__(
+        self,
+        settings: Settings,
+        http: UpstreamHTTP,
+        *,
+        new_chat_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+    ) -> None:
+        base_url, token, scenario_id = require(
+            settings, "aimaster_base_url", "aimaster_token", "aimaster_scenario_id"
+        )
+        self._http = http
+        self._url = f"{base_url}{API_PATH}"
+        self._headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
+        self._scenario_id = scenario_id
+        self._params = settings.aimaster_params
+        self._new_chat_id = new_chat_id
+
+    async def stream(self, turn: Turn) -> AsyncIterator[Event]:
+        chat_id = (turn.conversation or {}).get("chat_id")
+        if not chat_id:
+            chat_id = self._new_chat_id()
+            yield ConversationRef({"chat_id": chat_id})
+        body = {
+            "chatId": chat_id,
+            "scenarioInfoId": self._scenario_id,
+            "latestMessageContent": turn.text,
+            "params": self._params,
+        }
+        async with self._http.open("POST", self._url, json=body, headers=self._headers) as resp:
+            if not resp.content_type.startswith("text/event-stream"):
+                raise error_from_body(resp.status, await resp.text(errors="replace"))
+            events = relay(iter_sse(resp), AimasterParser(), upstream=self.name)
+            async with aclosing(events):
+                async for event in events:
+                    yield event
+
+    async def reset(self, conversation: Mapping[str, str]) -> None:
+        """Nothing to delete upstream: the notes have no such call; a new chatId starts afresh."""
+
+    async def aclose(self) -> None:
+        """The shared HTTP session is closed by its owner."""
+
+
+def error_from_body(status: int, text: str) -> Exception:
+    """A typed error for a non-stream answer (RuoYi's `{"code", "msg"}` on HTTP 200)."""
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError:
+        payload = None
+    if isinstance(payload, dict):
+        code = payload.get("code")
+        message = str(payload.get("msg") or payload.get("message") or text)
+        if isinstance(code, int) and 400 <= code < 600:
+            return error_for_status(code, message, {})
+        if error_of(payload) is not None:
+            return UpstreamRejected(f"HTTP {status}: {text[:300]}")
+    return UpstreamProtocolError(f"expected text/event-stream, got: {text[:300]}")
+
+
+def create(settings: Settings, http: UpstreamHTTP, kv: KeyValue) -> AimasterUpstream:
+    return AimasterUpstream(settings, http)

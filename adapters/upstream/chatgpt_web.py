@@ -1,0 +1,360 @@
+"""ChatGPT web backend-api conversations (chatgpt-dify-coze-web-compare.md, SPEC §7).
+
+`POST {base}/conversation` with `action: next`, a fresh user message id, `parent_message_id`
+and, after the first turn, `conversation_id`; `Authorization: Bearer <access token>`. The
+answer is either `text/event-stream` on the POST itself or JSON naming a `wss_url` (and a
+`fallback_wss_url`, tried when `wss_url` cannot be reached) where each text frame carries
+one message as it would follow `data:`. Messages carry the assistant's *cumulative*
+`content.parts`; only the new suffix is emitted. The turn ends at `[DONE]`, at an assistant
+message with `status: finished_successfully` and `end_turn: true`, or when the socket closes.
+
+Decisions the notes leave open:
+- Conversation reference: `conversation_id` + `parent_message_id`. Until the assistant's
+  message id is known the parent is our own user message (it exists in the conversation
+  tree), then the assistant's message id; a new reference is emitted whenever it changes.
+- Several assistant messages in one turn (e.g. after a tool call) are joined with a blank
+  line; a cumulative text that does not extend the previous one becomes a `TextReplace` of
+  the whole answer. Messages addressed to a tool (`recipient` other than `all`) and
+  non-string parts are not answer text.
+- A socket closed with a normal close code (1000/1001) ends the turn; a dropped connection
+  or another close code is a broken stream. Frames in the hub envelope real servers use
+  (`{"type": "http.response.body", "body": <base64 SSE>}`) are unwrapped too.
+- `/stop` (cancelling the generator) sends `POST {base}/stop_conversation` with the turn's
+  `websocket_request_id`, as the notes show, when the request was accepted but the turn did
+  not finish; it is best-effort (5 s, failures logged).
+- `reset` is a no-op: the notes show no call that deletes or hides a conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from contextlib import aclosing
+from typing import Any
+
+import aiohttp
+import structlog
+
+from adapters.upstream._common import relay, require
+from bridge.config import Settings
+from bridge.events import (
+    ConversationRef,
+    Done,
+    ErrorKind,
+    Event,
+    TextDelta,
+    TextReplace,
+    UpstreamError,
+)
+from bridge.http import (
+    UpstreamBroken,
+    UpstreamFailure,
+    UpstreamHTTP,
+    UpstreamProtocolError,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    error_for_status,
+    iter_sse,
+)
+from bridge.interfaces import KeyValue, Turn
+from bridge.sse import SSEDecoder, SSEEvent
+
+__all__ = ["ChatGPTParser", "ChatGPTWebUpstream", "create", "frame_payloads"]
+
+log = structlog.get_logger(__name__)
+
+STOP_TIMEOUT_S = 5.0
+SOCKET_CLOSE_TIMEOUT_S = 2.0
+_TEXT_CONTENT_TYPES = ("text", "multimodal_text")
+_NORMAL_CLOSE_CODES = (aiohttp.WSCloseCode.OK, aiohttp.WSCloseCode.GOING_AWAY)
+
+
+class ChatGPTParser:
+    """The events of one answer, message by message (WebSocket frames come as `SSEEvent`s).
+
+    Pure: no I/O.
+    """
+
+    def __init__(self, user_message_id: str, conversation_id: str | None = None) -> None:
+        self.conversation_id = conversation_id
+        self.parent_message_id = user_message_id
+        self._sent_ref: tuple[str, str] | None = None
+        self._message_id: str | None = None  # the assistant message being streamed
+        self._base: str | None = None  # the answer before that message, with its separator
+        self.answer = ""
+        self.finished = False
+
+    def feed(self, message: SSEEvent) -> list[Event]:
+        data = message.data
+        if data.strip() == "[DONE]":
+            self.finished = True
+            return [Done()]
+        try:
+            payload = json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise UpstreamProtocolError(f"bad message: {data[:200]}") from exc
+        if not isinstance(payload, dict):
+            return []  # e.g. the `"v1"` announcing a delta encoding; nothing to show
+        return self.feed_payload(payload)
+
+    def feed_payload(self, payload: Mapping[str, Any]) -> list[Event]:
+        events: list[Event] = []
+        conversation_id = payload.get("conversation_id")
+        if isinstance(conversation_id, str) and conversation_id:
+            self.conversation_id = conversation_id
+        message = payload.get("message")
+        error = payload.get("error")
+        if error and not isinstance(message, Mapping):
+            self.finished = True
+            return [*self._ref(), UpstreamError(ErrorKind.REJECTED, _error_text(error))]
+        if isinstance(message, Mapping) and _is_answer(message):
+            events.extend(self._message(message))
+        events[:0] = self._ref()
+        return events
+
+    def _message(self, message: Mapping[str, Any]) -> list[Event]:
+        events: list[Event] = []
+        message_id = message.get("id")
+        if isinstance(message_id, str) and message_id:
+            if message_id != self._message_id:
+                self._message_id, self._base = message_id, None
+            self.parent_message_id = message_id
+        text = _text_of(message)
+        if text:
+            if self._base is None:
+                self._base = self.answer + "\n\n" if self.answer else ""
+            events.extend(self._update(self._base + text))
+        if message.get("status") == "finished_successfully" and message.get("end_turn") is True:
+            self.finished = True
+            events.append(Done())
+        return events
+
+    def _update(self, answer: str) -> list[Event]:
+        previous, self.answer = self.answer, answer
+        if answer == previous:
+            return []
+        if answer.startswith(previous):
+            return [TextDelta(answer[len(previous) :])]
+        return [TextReplace(answer)]
+
+    def _ref(self) -> list[Event]:
+        if not self.conversation_id:
+            return []
+        ref = (self.conversation_id, self.parent_message_id)
+        if ref == self._sent_ref:
+            return []
+        self._sent_ref = ref
+        return [ConversationRef({"conversation_id": ref[0], "parent_message_id": ref[1]})]
+
+
+def _is_answer(message: Mapping[str, Any]) -> bool:
+    author = message.get("author")
+    role = author.get("role") if isinstance(author, Mapping) else None
+    return role == "assistant" and message.get("recipient", "all") in ("all", None)
+
+
+def _text_of(message: Mapping[str, Any]) -> str:
+    content = message.get("content")
+    if not isinstance(content, Mapping):
+        return ""
+    if content.get("content_type", "text") not in _TEXT_CONTENT_TYPES:
+        return ""
+    parts = content.get("parts") or []
+    return "".join(part for part in parts if isinstance(part, str))
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, Mapping):
+        return str(error.get("message") or error.get("code") or error)
+    return str(error)
+
+
+def frame_payloads(frame: str, decoder: SSEDecoder, websocket_request_id: str) -> list[str]:
+    """The `data` payloads of one WebSocket text frame.
+
+    A frame is one payload as it would follow `data:`; the hub envelope of real servers
+    (`http.response.body` with base64 SSE bytes) is unwrapped through the SSE decoder, and
+    envelopes of other requests sharing the socket are skipped.
+    """
+    try:
+        envelope = json.loads(frame)
+    except json.JSONDecodeError:
+        return [frame]
+    if not (isinstance(envelope, dict) and envelope.get("type") == "http.response.body"):
+        return [frame]
+    request_id = envelope.get("websocket_request_id")
+    if request_id and request_id != websocket_request_id:
+        return []
+    try:
+        body = base64.b64decode(str(envelope.get("body") or ""), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise UpstreamProtocolError("bad hub frame body") from exc
+    return [event.data for event in decoder.feed(body)]
+
+
+class ChatGPTWebUpstream:
+    name = "chatgpt-web"
+    keeps_history = True
+
+    def __init__(
+        self,
+        settings: Settings,
+        http: UpstreamHTTP,
+        *,
+        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    ) -> None:
+        self._http = http
+        self._base = settings.chatgpt_base_url
+        (access_token,) = require(settings, "chatgpt_access_token")
+        self._auth = {"Authorization": f"Bearer {access_token}"}
+        self._headers = {**self._auth, "Accept": "text/event-stream"}
+        self._model = settings.chatgpt_model
+        self._new_id = new_id
+
+    def _body(self, turn: Turn, message_id: str, request_id: str) -> dict[str, Any]:
+        conversation = turn.conversation or {}
+        body: dict[str, Any] = {
+            "action": "next",
+            "messages": [
+                {
+                    "id": message_id,
+                    "author": {"role": "user"},
+                    "content": {"content_type": "text", "parts": [turn.text]},
+                    "metadata": {},
+                }
+            ],
+            "parent_message_id": conversation.get("parent_message_id") or self._new_id(),
+            "model": self._model,
+            "timezone_offset_min": -time.localtime().tm_gmtoff // 60,
+            "history_and_training_disabled": False,
+            "conversation_mode": {"kind": "primary_assistant"},
+            "websocket_request_id": request_id,
+            "force_use_sse": False,
+        }
+        if conversation.get("conversation_id"):
+            body["conversation_id"] = conversation["conversation_id"]
+        return body
+
+    async def stream(self, turn: Turn) -> AsyncIterator[Event]:
+        message_id, request_id = self._new_id(), self._new_id()
+        parser = ChatGPTParser(message_id, (turn.conversation or {}).get("conversation_id"))
+        accepted = False
+        url = f"{self._base}/conversation"
+        body = self._body(turn, message_id, request_id)
+        try:
+            async with self._http.open("POST", url, json=body, headers=self._headers) as resp:
+                accepted = True
+                if resp.content_type.startswith("text/event-stream"):
+                    events = relay(iter_sse(resp), parser, upstream=self.name)
+                    async with aclosing(events):
+                        async for event in events:
+                            yield event
+                    return
+                hub = _hub_answer(await resp.text(errors="replace"))
+            for event in parser.feed_payload(hub):
+                yield event
+            async with aclosing(self._read_socket(hub, parser, request_id)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            if accepted and not parser.finished:
+                await self._stop(request_id)
+
+    async def _read_socket(
+        self, hub: Mapping[str, Any], parser: ChatGPTParser, request_id: str
+    ) -> AsyncGenerator[Event, None]:
+        ws = await self._connect(hub)
+        decoder = SSEDecoder()
+        deadline = asyncio.get_running_loop().time() + (self._http.total_timeout_s or 1e9)
+        try:
+            while True:
+                message = await self._receive(ws, deadline)
+                if message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                    frame = message.data if isinstance(message.data, str) else (
+                        bytes(message.data).decode("utf-8", errors="replace")
+                    )
+                    for payload in frame_payloads(frame, decoder, request_id):
+                        for event in parser.feed(SSEEvent(payload)):
+                            yield event
+                        if parser.finished:
+                            return
+                    continue
+                if message.type == aiohttp.WSMsgType.CLOSE and ws.close_code in (
+                    _NORMAL_CLOSE_CODES
+                ):
+                    parser.finished = True
+                    yield Done()
+                    return
+                raise UpstreamBroken(f"socket closed: {message.type.name} {ws.close_code}")
+        finally:
+            await ws.close()
+
+    async def _connect(self, hub: Mapping[str, Any]) -> aiohttp.ClientWebSocketResponse:
+        urls = [u for u in (hub.get("wss_url"), hub.get("fallback_wss_url")) if u]
+        failure: UpstreamFailure = UpstreamProtocolError("answer names no wss_url")
+        for url in urls:
+            try:
+                return await asyncio.wait_for(
+                    self._http.session.ws_connect(
+                        str(url), timeout=aiohttp.ClientWSTimeout(ws_close=SOCKET_CLOSE_TIMEOUT_S)
+                    ),
+                    self._http.connect_timeout_s or None,
+                )
+            except aiohttp.WSServerHandshakeError as exc:
+                failure = error_for_status(exc.status, exc.message, exc.headers or {})
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                failure = UpstreamUnavailable(f"cannot reach the socket: {type(exc).__name__}")
+            log.warning("chatgpt_socket_unreachable", error=failure.message)
+        raise failure
+
+    async def _receive(
+        self, ws: aiohttp.ClientWebSocketResponse, deadline: float
+    ) -> aiohttp.WSMessage:
+        remaining = deadline - asyncio.get_running_loop().time()
+        idle = self._http.idle_timeout_s or remaining
+        try:
+            return await ws.receive(timeout=max(min(idle, remaining), 0.0))
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"no data for {min(idle, remaining):g} s") from exc
+
+    async def _stop(self, request_id: str) -> None:
+        url = f"{self._base}/stop_conversation"
+        body = {"websocket_request_id": request_id}
+        try:
+            await asyncio.wait_for(
+                self._http.json("POST", url, json=body, headers=self._auth), STOP_TIMEOUT_S
+            )
+        except (TimeoutError, UpstreamFailure) as exc:
+            log.warning("chatgpt_stop_failed", error=str(exc))
+
+    async def reset(self, conversation: Mapping[str, str]) -> None:
+        """A no-op: the notes show no call that deletes or hides a conversation."""
+
+    async def aclose(self) -> None:
+        """The shared HTTP session is closed by its owner."""
+
+
+def _hub_answer(text: str) -> dict[str, Any]:
+    """The JSON answer naming the socket; an error answer becomes a typed error."""
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UpstreamProtocolError(f"neither a stream nor JSON: {text[:300]}") from exc
+    if not isinstance(payload, dict):
+        raise UpstreamProtocolError(f"unexpected answer: {text[:300]}")
+    if not payload.get("wss_url") and not payload.get("fallback_wss_url"):
+        detail = payload.get("detail") or payload.get("error")
+        if detail:
+            raise UpstreamRejected(f"rejected: {str(detail)[:300]}")
+        raise UpstreamProtocolError(f"answer names no wss_url: {text[:300]}")
+    return payload
+
+
+def create(settings: Settings, http: UpstreamHTTP, kv: KeyValue) -> ChatGPTWebUpstream:
+    return ChatGPTWebUpstream(settings, http)

@@ -1,0 +1,116 @@
+"""Dify chat apps: `POST /chat-messages` streamed (`response_mode: streaming`)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
+from typing import Any
+
+from adapters.upstream._common import (
+    ConversationIds,
+    bearer,
+    json_object,
+    rejected,
+    relay,
+    require,
+    usage_from,
+)
+from bridge.config import Settings
+from bridge.events import Done, Event, TextDelta, TextReplace
+from bridge.http import UpstreamHTTP
+from bridge.interfaces import KeyValue, Turn
+from bridge.sse import SSEEvent
+
+__all__ = ["DifyParser", "DifyUpstream", "create"]
+
+NAME = "dify"
+# `message` in chat apps, `agent_message` in agent apps. Everything else (`ping`, `tts_*`,
+# `agent_thought`, `message_file`, `workflow_*`, `node_*`) is not answer text, even when
+# its payload repeats the answer.
+_ANSWER_EVENTS = frozenset({"message", "agent_message"})
+
+
+class DifyParser:
+    """Dify's SSE messages (`data: {"event": …}`) as internal events."""
+
+    def __init__(self, ids: ConversationIds | None = None) -> None:
+        self._ids = ids if ids is not None else ConversationIds()
+
+    def feed(self, message: SSEEvent) -> list[Event]:
+        if not message.data.strip():  # `event: ping` comes without data
+            return []
+        payload = json_object(message.data, upstream=NAME)
+        events: list[Event] = []
+        ref = self._ids.update(conversation_id=payload.get("conversation_id"))
+        if ref is not None:
+            events.append(ref)
+        events.extend(self._on(str(payload.get("event") or message.event), payload))
+        return events
+
+    def _on(self, kind: str, payload: Mapping[str, Any]) -> list[Event]:
+        answer = payload.get("answer")
+        if kind in _ANSWER_EVENTS:
+            return [TextDelta(answer)] if isinstance(answer, str) and answer else []
+        if kind == "message_replace":
+            return [TextReplace(answer)] if isinstance(answer, str) else []
+        if kind == "message_end":
+            return [*_usage(payload), Done()]
+        if kind == "error":
+            return [rejected(NAME, payload)]
+        return []
+
+
+def _usage(payload: Mapping[str, Any]) -> list[Event]:
+    metadata = payload.get("metadata")
+    usage = metadata.get("usage") if isinstance(metadata, Mapping) else None
+    if not isinstance(usage, Mapping):
+        return []
+    return [
+        usage_from(
+            usage,
+            prompt="prompt_tokens",
+            completion="completion_tokens",
+            total="total_tokens",
+            latency="latency",
+        )
+    ]
+
+
+class DifyUpstream:
+    name = NAME
+    keeps_history = True
+
+    def __init__(self, settings: Settings, http: UpstreamHTTP) -> None:
+        base_url, api_key = require(settings, "dify_base_url", "dify_api_key")
+        self._http = http
+        self._url = f"{base_url}/chat-messages"
+        self._headers = {**bearer(api_key), "Accept": "text/event-stream"}
+        self._inputs = dict(settings.dify_inputs)
+
+    def _body(self, turn: Turn, ids: ConversationIds) -> dict[str, Any]:
+        return {
+            "inputs": self._inputs,
+            "query": turn.text,
+            "response_mode": "streaming",
+            "conversation_id": ids.get("conversation_id"),  # "" starts a new one
+            "user": turn.chat_session_id,
+        }
+
+    async def stream(self, turn: Turn) -> AsyncIterator[Event]:
+        ids = ConversationIds(turn.conversation)
+        body = self._body(turn, ids)
+        messages = self._http.sse("POST", self._url, json=body, headers=self._headers)
+        async with aclosing(relay(messages, DifyParser(ids), upstream=NAME)) as events:
+            async for event in events:
+                yield event
+
+    async def reset(self, conversation: Mapping[str, str]) -> None:
+        """Nothing is deleted upstream: Dify's delete needs the `user`, which the reference
+        does not hold. Forgetting the mapping is enough for a fresh conversation."""
+
+    async def aclose(self) -> None:
+        """The shared HTTP session is closed by its owner."""
+
+
+def create(settings: Settings, http: UpstreamHTTP, kv: KeyValue) -> DifyUpstream:
+    return DifyUpstream(settings, http)

@@ -1,0 +1,268 @@
+"""structlog set-up for every `chatbridge` command, and the processor that masks secrets.
+
+One line per event, JSON under systemd or a console rendering on a terminal. Lines logged
+through the standard library (aiohttp, redis, asyncio) go through the same processors and the
+same renderer, so they are masked and formatted like our own. Context bound with
+`structlog.contextvars.bind_contextvars` (`bot` once at start; `chat_session_id`, `msg_id`,
+`upstream` per turn) is merged into every line, the standard library's included.
+
+`mask_secrets` replaces with `***`, in every string of the event (nested dicts and lists too,
+the rendered traceback included): the values given to `register_secrets`, in their raw,
+URL-encoded and JSON-escaped forms; `access_token=`, `sign=`, `token=`, `appsecret=`,
+`secret=`, `password=`… parameters (also with a prefix such as `x_csrf_token=` or
+`BRIDGE_YACH_SECRET=`); `Authorization:` headers and `Bearer …` credentials; JSON or Python
+dict fields of those names (`"access_token": "…"`); the password of a URL
+(`redis://:pw@host`); and the value of any event or dict key of those names.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+import sys
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any, TextIO
+from urllib.parse import quote, quote_plus
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+__all__ = ["MASK", "configure_logging", "mask_secrets", "mask_text", "register_secrets"]
+
+MASK = "***"
+# Shorter values are not secrets worth the damage: masking "abc" would garble every line.
+MIN_SECRET_LEN = 4
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+# Names whose value is a credential: as a URL/form parameter, a JSON field, an event key.
+# A name may carry a prefix ending in `_` or `-` (`x-csrf-token`, `BRIDGE_OPENAI_API_KEY`),
+# never a bare one (`design=` is not `sign=`).
+_NAMES = (
+    r"access_token|refresh_token|id_token|token|sign|signature|appsecret|app_secret"
+    r"|client_secret|secret|api_key|api-key|apikey|password|passwd|authorization|cookie|csrf"
+)
+_SENSITIVE_KEY = re.compile(rf"(?:[\w-]*[_-])?(?:{_NAMES})|app-visitor-key", re.IGNORECASE)
+
+# The patterns run on `text.lower()`, case-sensitively: a case-insensitive regex defeats
+# sre's literal scan and is several times slower. Each branch starts with a literal and
+# captures the credential in a group named after the branch; only that group is masked.
+_PATTERNS = re.compile(
+    "|".join(
+        (
+            # access_token=… (URL, form body, env dump) or "access_token": "…" (JSON, a
+            # Python repr, JSON escaped inside a JSON string).
+            rf"(?:{_NAMES})(?:=(?P<param>[^\s&#\"'<>]+)"
+            r"|\\?[\"']\s*:\s*\\?[\"'](?P<json>(?:[^\"'\\]|\\\\|\\[^\"'\\])+))",
+            # Authorization: Bearer … / authorization=Basic … (header dumps).
+            r"authorization[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|token|digest)\s+)?"
+            r"(?P<auth>[^\s\"',;}\]]+)",
+            # Cookie: a=b; c=d — everything to the end of the header value.
+            r"cookie[\"']?\s*:\s*[\"']?(?P<cookie>[^\"'\r\n]+)",
+            # Bearer … anywhere else.
+            r"bearer\s+(?P<bearer>[a-z0-9\-._~+/]+=*)",
+            # scheme://user:password@host
+            r"://[^\s:/@]*:(?P<userinfo>[^\s@/]+)(?=@)",
+        )
+    )
+)
+_SLOW_PATTERNS = re.compile(_PATTERNS.pattern, re.IGNORECASE)
+# A cheap scan that rules out most strings before `_PATTERNS` runs.
+_TRIGGER = re.compile(r"token|sign|secret|key|passw|auth|cookie|csrf|bearer|://")
+
+# Not masked: structlog's own bookkeeping on records that come from the standard library.
+_SKIP_KEYS = frozenset({"_record", "_from_structlog"})
+
+_secrets_lock = threading.Lock()
+_secret_values: set[str] = set()
+_secrets_re: re.Pattern[str] | None = None
+
+
+def register_secrets(values: Iterable[str | None]) -> None:
+    """Mask these exact values (and their JSON-escaped and URL-encoded forms) from now on.
+
+    Values shorter than `MIN_SECRET_LEN` and `None` are ignored. Registration accumulates
+    for the life of the process; the matching regex is rebuilt once per call.
+    """
+    global _secrets_re
+    with _secrets_lock:
+        for value in values:
+            if value is None or len(value.strip()) < MIN_SECRET_LEN:
+                continue
+            value = value.strip()
+            _secret_values.update(
+                (
+                    value,
+                    json.dumps(value)[1:-1],
+                    quote(value, safe=""),
+                    quote_plus(value),
+                    quote(value, safe="/?:@"),  # how yarl (aiohttp) encodes a query value
+                )
+            )
+        if _secret_values:
+            # Longest first, so a secret that contains another is masked whole.
+            ordered = sorted(_secret_values, key=len, reverse=True)
+            _secrets_re = re.compile("|".join(map(re.escape, ordered)))
+
+
+def _mask_patterns(text: str, lowered: str, patterns: re.Pattern[str]) -> str:
+    parts: list[str] = []
+    done = 0
+    for match in patterns.finditer(lowered):
+        group = match.lastgroup or ""
+        # A name must not continue a word: `design=` is not `sign=`, `x_sign=` is.
+        if group != "userinfo" and match.start() > 0 and lowered[match.start() - 1].isalnum():
+            continue
+        start, end = match.span(group)
+        parts += (text[done:start], MASK)
+        done = end
+    if not parts:
+        return text
+    parts.append(text[done:])
+    return "".join(parts)
+
+
+def mask_text(text: str) -> str:
+    """`text` with every registered secret and every credential-shaped substring masked."""
+    secrets_re = _secrets_re
+    if secrets_re is not None:
+        text = secrets_re.sub(MASK, text)
+    lowered = text.lower()
+    if _TRIGGER.search(lowered) is None:
+        return text
+    if len(lowered) == len(text):  # offsets in `lowered` are offsets in `text`
+        return _mask_patterns(text, lowered, _PATTERNS)
+    return _mask_patterns(text, text, _SLOW_PATTERNS)  # rare: a letter that lowers to two
+
+
+def _mask_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_text(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, Mapping):
+        return {key: _mask_item(key, item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_mask_value(item) for item in value]
+    # Anything else is rendered by its repr (structlog's JSON fallback, and the console's).
+    try:
+        shown = repr(value)
+    except Exception:  # a broken __repr__ must not lose the log line
+        shown = f"<{type(value).__name__} object (repr failed)>"
+    return mask_text(shown)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_sensitive_key(key: str) -> bool:
+    return _SENSITIVE_KEY.fullmatch(key) is not None
+
+
+def _mask_item(key: Any, value: Any) -> Any:
+    if isinstance(value, str | bytes) and isinstance(key, str) and _is_sensitive_key(key):
+        return MASK
+    return _mask_value(value)
+
+
+def mask_secrets(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: mask secrets in every value of the event, tracebacks included.
+
+    An `exc_info` still in the event is rendered to the `exception` text first (as
+    `structlog.processors.format_exc_info` does), so no renderer ever prints a traceback
+    that was not masked.
+    """
+    if "exc_info" in event_dict:
+        event_dict = structlog.processors.format_exc_info(logger, method_name, event_dict)
+    for key, value in event_dict.items():
+        if key not in _SKIP_KEYS:
+            event_dict[key] = _mask_item(key, value)
+    return event_dict
+
+
+_LEADING_KEYS = ("timestamp", "level", "event")
+
+
+def _json_renderer() -> Processor:
+    render = structlog.processors.JSONRenderer(ensure_ascii=False)
+
+    def render_event_first(logger: WrappedLogger, name: str, event_dict: EventDict) -> Any:
+        # timestamp, level and event lead the line: what a person reading the journal scans.
+        ordered = {key: event_dict.pop(key) for key in _LEADING_KEYS if key in event_dict}
+        ordered.update(event_dict)
+        return render(logger, name, ordered)
+
+    return render_event_first
+
+
+def _renderer(fmt: str, stream: TextIO) -> Processor:
+    if fmt == "json":
+        return _json_renderer()
+    if fmt == "console":
+        isatty = getattr(stream, "isatty", None)
+        return structlog.dev.ConsoleRenderer(colors=bool(isatty and isatty()))
+    raise ValueError(f"unknown log format {fmt!r}: expected json or console")
+
+
+class _BridgeHandler(logging.StreamHandler[TextIO]):
+    """The root handler this module installs; replaced, not duplicated, on reconfiguration."""
+
+
+def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> None:
+    """Send structlog and standard-library logging, masked and rendered as `fmt`, to `stream`.
+
+    `level` is `debug`, `info`, `warning` or `error`; `fmt` is `json` or `console`; `stream`
+    defaults to `sys.stdout` (`chat` and `demo` pass `sys.stderr`). May be called again (tests
+    do): the previous configuration is replaced. Loggers are not cached on first use, so a
+    module-level `structlog.get_logger()` follows a later reconfiguration.
+    """
+    numeric_level = _LEVELS.get(level.lower())
+    if numeric_level is None:
+        raise ValueError(f"unknown log level {level!r}: expected one of {', '.join(_LEVELS)}")
+    stream = sys.stdout if stream is None else stream
+    renderer = _renderer(fmt, stream)
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.StackInfoRenderer(),
+            mask_secrets,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    _route_stdlib(numeric_level, stream, shared, renderer)
+
+
+def _route_stdlib(
+    level: int, stream: TextIO, shared: list[Processor], renderer: Processor
+) -> None:
+    handler = _BridgeHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                mask_secrets,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _BridgeHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)

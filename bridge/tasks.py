@@ -1,0 +1,57 @@
+"""Background tasks that are tracked, logged and cancelled for sure.
+
+`cancel_and_wait` cancels again until the task has finished: redis-py can swallow a
+cancellation that lands inside one of its internal timeouts (redis/redis-py#2028, #2551),
+which would otherwise leave a loop or a stopped turn running for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Iterable
+from typing import Any, TypeVar
+
+import structlog
+
+__all__ = ["TaskGroup", "cancel_and_wait"]
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+_RECANCEL_S = 0.2
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel tasks and wait until every one has finished, cancelling again as needed."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _done, pending = await asyncio.wait(pending, timeout=_RECANCEL_S)
+
+
+class TaskGroup:
+    """Strong references to background tasks; a failure is logged with the task's name."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task_failed", task=task.get_name(), exc_info=task.exception())
+
+    def named(self, name: str) -> list[asyncio.Task[Any]]:
+        return [task for task in self._tasks if task.get_name() == name]
+
+    async def cancel(self, tasks: Iterable[asyncio.Task[Any]] | None = None) -> None:
+        await cancel_and_wait(list(self._tasks) if tasks is None else tasks)
+
+    def __len__(self) -> int:
+        return len(self._tasks)

@@ -1,0 +1,162 @@
+"""A fake ChatGPT web backend-api: `/conversation` answered as SSE or through a WebSocket.
+
+The stream is written from the seed (chatgpt-dify-coze-web-compare.md): the new conversation
+of its first request, cumulative assistant `parts`, then `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import random
+from typing import Any
+
+from aiohttp import WSCloseCode, web
+
+from tests.fakes.base import FakeServer
+from tests.fakes.scripted import Script, free_port, sse_payloads, sse_reply
+
+BASE = "/backend-api"
+CONVERSATION = BASE + "/conversation"
+STOP = BASE + "/stop_conversation"
+WS = "/client/hubs/conversations"
+CONVERSATION_ID = "4744527e-da3d-4ae8-ba71-c16904fb36fe"
+QUESTION = "为 TikTok 帐户创建一个用于评估房地产楼盘的内容日历。"
+PIECES = [
+    "当然可以", "!下面是一个为期一周的", "房地产楼盘评估内容日历:\n\n",
+    "1. 周一:楼盘外观与周边环境 🏙️\n", "2. 周二:户型与采光实拍\n",
+    "3. 周三:价格与贷款方案解析。",
+]
+ANSWER = "".join(PIECES)
+
+
+def assistant_message(message_id: str, text: str, *, final: bool = False) -> dict[str, Any]:
+    return {
+        "id": message_id,
+        "author": {"role": "assistant", "name": None, "metadata": {}},
+        "create_time": 1718523636.76,
+        "update_time": None,
+        "content": {"content_type": "text", "parts": [text]},
+        "status": "finished_successfully" if final else "in_progress",
+        "end_turn": True if final else None,
+        "weight": 1.0,
+        "metadata": {"model_slug": "gpt-4o", "default_model_slug": "auto"},
+        "recipient": "all",
+    }
+
+
+def answer_payloads(conversation_id: str, user_message: dict[str, Any], assistant_id: str,
+                    pieces: list[str] = PIECES) -> list[Any]:
+    """The messages of one answer as the backend streams them (cumulative `parts`)."""
+    echoed = {**user_message, "status": "finished_successfully", "end_turn": None,
+              "recipient": "all", "weight": 1.0}
+    payloads: list[Any] = [
+        {"message": echoed, "conversation_id": conversation_id, "error": None},
+        {"type": "title_generation", "title": "房地产内容日历", "conversation_id": conversation_id},
+    ]
+    text = ""
+    for piece in pieces:
+        text += piece
+        payloads.append({"message": assistant_message(assistant_id, text),
+                         "conversation_id": conversation_id, "error": None})
+    payloads.append({"message": assistant_message(assistant_id, text, final=True),
+                     "conversation_id": conversation_id, "error": None})
+    payloads.append("[DONE]")
+    return payloads
+
+
+class FakeChatGPT:
+    """`/conversation` answers as `answer_mode` says: `sse`, or `ws` (JSON naming sockets).
+
+    `ws_mode`: `done` (all frames), `close` (frames without an end marker, then a normal
+    close), `drop` (some frames, then the TCP connection is cut), `stall` (some frames, then
+    silence until the client closes), `hub` (frames in the base64 `http.response.body`
+    envelope). `wss_target`: `ok`, or `dead` (the `wss_url` refuses connections, only
+    `fallback_wss_url` works), `all_dead` (both refuse).
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = random.Random(seed)
+        self.release = asyncio.Event()
+        self.answer_mode = "sse"
+        self.ws_mode = "done"
+        self.wss_target = "ok"
+        self.pieces = PIECES
+        self.payloads_by_request: dict[str, list[Any]] = {}
+        self._ids = itertools.count(1)
+        self.script = Script(self._answer)
+        app = web.Application()
+        app.router.add_post(CONVERSATION, self.script.handle)
+        app.router.add_post(STOP, self._stop)
+        app.router.add_get(WS, self._socket)
+        self.server = FakeServer(app)
+
+    async def start(self) -> FakeChatGPT:
+        await self.server.start()
+        return self
+
+    async def close(self) -> None:
+        self.release.set()
+        await self.server.close()
+
+    @property
+    def base_url(self) -> str:
+        return self.server.url + BASE
+
+    def _payloads(self, body: dict[str, Any]) -> list[Any]:
+        conversation_id = body.get("conversation_id") or CONVERSATION_ID
+        assistant_id = f"a5515fa1-0000-4000-8000-{next(self._ids):012d}"
+        return answer_payloads(conversation_id, body["messages"][0], assistant_id, self.pieces)
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        payloads = self._payloads(body)
+        if self.answer_mode == "sse":
+            return await sse_reply(sse_payloads(payloads), self.rng)(request)
+        request_id = body["websocket_request_id"]
+        self.payloads_by_request[request_id] = payloads
+        good = f"{self.server.url.replace('http://', 'ws://')}{WS}?access_token=jwt&rid={request_id}"
+        dead = f"ws://127.0.0.1:{free_port()}{WS}?access_token=jwt"
+        return web.json_response({
+            "wss_url": good if self.wss_target == "ok" else dead,
+            "fallback_wss_url": dead if self.wss_target == "all_dead" else good,
+            "expires_at": "2024-06-16T08:09:39.172404+00:00",
+            "conversation_id": body.get("conversation_id") or CONVERSATION_ID,
+            "response_id": "8948f9bac9347964-NRT",
+            "websocket_request_id": request_id,
+        })
+
+    async def _stop(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"status": "ok"})
+
+    async def _socket(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        request_id = request.query["rid"]
+        payloads = self.payloads_by_request[request_id]
+        if self.ws_mode == "close":
+            payloads = payloads[:-2]  # neither the final message nor [DONE]
+        if self.ws_mode in ("drop", "stall"):
+            payloads = payloads[:4]
+        for payload in payloads:
+            text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+            if self.ws_mode == "hub":
+                text = json.dumps({
+                    "type": "http.response.body", "websocket_request_id": request_id,
+                    "body": base64.b64encode(f"data: {text}\n\n".encode()).decode(),
+                    "more_body": True,
+                })
+            await ws.send_str(text)
+            await asyncio.sleep(0.002)
+        if self.ws_mode == "drop":
+            assert request.transport is not None
+            request.transport.abort()
+            return ws
+        if self.ws_mode == "stall":
+            async for _ in ws:  # until the client closes; aiohttp answers its close frame
+                pass
+            return ws
+        await ws.close(code=WSCloseCode.OK)
+        return ws

@@ -1,0 +1,100 @@
+"""A fake Yach open platform for the agent API: `/gettoken`, the chat POST and the stream GET.
+
+The POST answer is the one of yach-agent-chat.md; the stream frames follow the platform's
+"数字伙伴会话结果获取" document (SPEC §7): `think` frames, then answer frames, `is_finished`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from typing import Any
+
+from aiohttp import web
+
+from tests.fakes.base import FakeServer
+from tests.fakes.scripted import Reply, Script, sse_payloads, sse_reply
+
+CHAT = "/openapi/v2/agent/chat"
+GETTOKEN = "/gettoken"
+CUSTOM_STREAM = "/custom/agent/stream"  # for BRIDGE_YACH_AGENT_STREAM_URL
+STREAM_ID = "78b59994d2085412f3d0bcfc39e7014c_5dbf893073f363f979fb31fd9d246f40_mfswsDTLzz"
+THINK = [" ", "\n", "Th", "e user asks who I am", "."]
+ANSWER_PIECES = [
+    "我是", "知音楼数字伙伴", ",可以帮你", "查询制度、", "解答问题。\n\n", "- 有什么需要?",
+]
+ANSWER = "".join(ANSWER_PIECES)
+INVALID_TOKEN = {"code": 40014, "msg": "access_token无效或已过期", "obj": None}
+
+
+def frame(kind: str, content: str, *, finished: bool = False, reason: str = "") -> dict[str, Any]:
+    return {"msg_id": STREAM_ID, "is_finished": finished, "finish_reason": reason,
+            "type": kind, "content": {"type": kind, "content": content}}
+
+
+def answer_frames(pieces: list[str] = ANSWER_PIECES) -> list[dict[str, Any]]:
+    frames = [frame("think", piece) for piece in THINK]
+    frames += [frame("markdown", piece) for piece in pieces]
+    frames.append(frame("markdown", "", finished=True, reason="stop"))
+    return frames
+
+
+class FakeYachAgent:
+    """Tokens are `tok-1`, `tok-2`, …; `expire_tokens()` makes every issued one invalid."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = random.Random(seed)
+        self.release = asyncio.Event()
+        self.valid_tokens: set[str] = set()
+        self._token_ids = itertools.count(1)
+        self._session_ids = itertools.count(1)
+        self.frames = answer_frames()
+        self.gettoken = Script(self._gettoken)
+        self.chat = Script(self._chat)
+        self.stream = Script(self._stream)
+        app = web.Application()
+        app.router.add_get(GETTOKEN, self.gettoken.handle)
+        app.router.add_post(CHAT, self.chat.handle)
+        app.router.add_get(CHAT, self.stream.handle)
+        app.router.add_get(CUSTOM_STREAM, self.stream.handle)
+        self.server = FakeServer(app)
+
+    async def start(self) -> FakeYachAgent:
+        await self.server.start()
+        return self
+
+    async def close(self) -> None:
+        self.release.set()
+        await self.server.close()
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def expire_tokens(self) -> None:
+        self.valid_tokens.clear()
+
+    async def _gettoken(self, request: web.Request) -> web.StreamResponse:
+        token = f"tok-{next(self._token_ids)}"
+        self.valid_tokens.add(token)
+        return web.json_response({"code": 200, "msg": "",
+                                  "obj": {"access_token": token, "expired_time": 7200}})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if body.get("access_token") not in self.valid_tokens:
+            return web.json_response(INVALID_TOKEN)
+        session_id = body.get("chat_session_id") or f"cs-{next(self._session_ids)}"
+        return web.json_response({"code": 200, "msg": "",
+                                  "obj": {"stream_id": STREAM_ID, "chat_session_id": session_id}})
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        if request.query.get("access_token") not in self.valid_tokens:
+            return web.json_response(INVALID_TOKEN)
+        return await self.sse(self.frames)(request)
+
+    def sse(self, frames: list[Any], *, cut_after: int | None = None,
+            stall_after: int | None = None) -> Reply:
+        return sse_reply(sse_payloads(frames), self.rng, cut_after=cut_after,
+                         stall_after=stall_after, release=self.release, max_size=80)

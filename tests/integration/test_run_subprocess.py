@@ -1,0 +1,96 @@
+"""`chatbridge run` as a real process: embedded Redis, a signed webhook, the reply, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.yach import FakeYach
+from tests.harness import bridge_env, group_message, openai_env, signed_headers, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def fakes() -> AsyncIterator[tuple[FakeYach, FakeOpenAI]]:
+    yach, upstream = await FakeYach().start(), await FakeOpenAI().start()
+    yield yach, upstream
+    await yach.close()
+    await upstream.close()
+
+
+async def start_bridge(env: dict[str, str]) -> tuple[asyncio.subprocess.Process, int]:
+    full_env = {**{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}, **env}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "run", env=full_env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    assert process.stdout is not None
+    async with asyncio.timeout(30):
+        while True:
+            line = await process.stdout.readline()
+            assert line, "the bridge exited before listening"
+            event = json.loads(line)
+            if event["event"] == "listening":
+                return process, int(event["port"])
+
+
+async def test_run_with_embedded_redis_answers_and_stops_cleanly(
+    fakes: tuple[FakeYach, FakeOpenAI], tmp_path: Path, bot_id: str
+) -> None:
+    yach, upstream = fakes
+    env = bridge_env("", bot_id, yach, BRIDGE_STATE_DIR=str(tmp_path),
+                     BRIDGE_LOG_FORMAT="json", BRIDGE_LOG_LEVEL="info",
+                     **openai_env(upstream.base_url))
+    assert "BRIDGE_REDIS_URL" not in env
+    process, port = await start_bridge(env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{base}/healthz") as response:
+                assert response.status == 200
+            for _ in range(100):
+                async with session.get(f"{base}/readyz") as response:
+                    if response.status == 200:
+                        break
+                await asyncio.sleep(0.05)
+            assert response.status == 200
+            body = json.dumps(group_message("what is OpenStack?"))
+            async with session.post(f"{base}/webhook/yach", data=body,
+                                    headers={**signed_headers(),
+                                             "Content-Type": "application/json"}) as response:
+                assert response.status == 200
+            await wait_until(lambda: len(yach.shown) == 1, timeout=20)
+            assert yach.texts() == ["You said: what is OpenStack?. (history: 0 messages)"]
+            async with session.get(f"{base}/metrics") as response:
+                metrics = await response.text()
+            assert 'chatbridge_webhook_requests_total{status="200"} 1.0' in metrics
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(process.wait(), 30)
+    assert code == 0
+    assert any((tmp_path / "redis").glob("appendonly*")), "embedded Redis keeps an AOF"
+
+
+async def test_configuration_error_exits_2_naming_the_variable(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    env.update(BRIDGE_UPSTREAM="openai", BRIDGE_PORT="http", BRIDGE_STATE_DIR=str(tmp_path))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "run", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    lines = stderr.decode().splitlines()
+    assert any(line.startswith("chatbridge: BRIDGE_PORT:") for line in lines)
+    assert any("BRIDGE_OPENAI_API_KEY" in line and "example" in line for line in lines)
+    assert "Traceback" not in stderr.decode()

@@ -1,0 +1,323 @@
+"""The yach-agent adapter against a fake Yach open platform: token, chat POST, stream GET."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from adapters.upstream import yach_agent
+from bridge.config import ConfigError, load_settings
+from bridge.events import (
+    ConversationRef,
+    Done,
+    ErrorKind,
+    Event,
+    ReasoningDelta,
+    TextDelta,
+    UpstreamError,
+)
+from bridge.http import (
+    UpstreamAuthError,
+    UpstreamBroken,
+    UpstreamHTTP,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from bridge.interfaces import ImageInput, Sender, Turn
+from tests.fakes.scripted import free_port, json_reply, status
+from tests.fakes.yach_agent import (
+    ANSWER,
+    CHAT,
+    CUSTOM_STREAM,
+    GETTOKEN,
+    INVALID_TOKEN,
+    STREAM_ID,
+    THINK,
+    FakeYachAgent,
+    answer_frames,
+    frame,
+)
+
+INPUTS = {"var1": "value1", "年级": "高一"}
+
+
+class DictKV:
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+
+    async def get(self, name: str) -> str | None:
+        return self.values.get(name)
+
+    async def set(self, name: str, value: str) -> None:
+        self.values[name] = value
+
+
+def turn(text: str = "你是谁", *, work_code: str = "381584",
+         conversation: dict[str, str] | None = None,
+         images: tuple[ImageInput, ...] = ()) -> Turn:
+    return Turn(text=text, sender=Sender("u-9", "Bo", work_code), chat_session_id="yach:g:c:u:9",
+                conversation=conversation, images=images, created_at_s=1694500000)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+@pytest.fixture(params=[5, 6])
+async def fake(request: pytest.FixtureRequest) -> AsyncIterator[FakeYachAgent]:
+    server = await FakeYachAgent(seed=request.param).start()
+    yield server
+    await server.close()
+
+
+def make(session: aiohttp.ClientSession, api_base: str, *, idle_timeout_s: float = 5.0,
+         **env: str) -> yach_agent.YachAgentUpstream:
+    settings = load_settings({
+        "BRIDGE_UPSTREAM": "yach-agent",
+        "BRIDGE_YACH_API_BASE": api_base,
+        "BRIDGE_YACH_APP_KEY": "app-key",
+        "BRIDGE_YACH_APP_SECRET": "app-secret",
+        "BRIDGE_YACH_AGENT_BIZ_ID": "000000",
+        "BRIDGE_YACH_AGENT_INPUTS": json.dumps(INPUTS, ensure_ascii=False),
+        **env,
+    }, command="demo")
+    http = UpstreamHTTP(session, retries=2, backoff_s=0.01, idle_timeout_s=idle_timeout_s)
+    return yach_agent.create(settings, http, DictKV())
+
+
+async def collect(upstream: yach_agent.YachAgentUpstream, the_turn: Turn,
+                  into: list[Event] | None = None) -> list[Event]:
+    events = [] if into is None else into
+    async for event in upstream.stream(the_turn):
+        events.append(event)
+    return events
+
+
+def answer(events: list[Event]) -> str:
+    return "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+def posts(fake: FakeYachAgent) -> list[dict[str, object]]:
+    return [r.json() for r in fake.server.on(CHAT) if r.method == "POST"]
+
+
+def stream_reads(fake: FakeYachAgent) -> list[dict[str, str]]:
+    return [r.query for r in fake.server.requests if r.method == "GET" and r.path != GETTOKEN]
+
+
+async def test_answer_reasoning_ref_and_requests_exact(
+    fake: FakeYachAgent, session: aiohttp.ClientSession
+) -> None:
+    events = await collect(make(session, fake.url), turn())
+    assert events[0] == ConversationRef({"chat_session_id": "cs-1"})
+    assert answer(events) == ANSWER
+    assert "".join(e.text for e in events if isinstance(e, ReasoningDelta)) == "".join(THINK)
+    assert events[-1] == Done()
+    (body,) = posts(fake)
+    assert body == {
+        "access_token": "tok-1",
+        "query": "你是谁",
+        "biz_id": "381584",
+        "inputs": json.dumps(INPUTS, ensure_ascii=False),
+        "msg_type": "text",
+        "create_at": 1694500000,
+    }
+    assert json.loads(str(body["inputs"])) == INPUTS
+    (read,) = [r for r in fake.server.requests if r.method == "GET" and r.path == CHAT]
+    assert read.query == {"stream_id": STREAM_ID, "stream_version": "v2", "access_token": "tok-1"}
+    assert read.headers["Accept"] == "text/event-stream"
+
+
+async def test_chat_session_id_reused_and_token_cached(
+    fake: FakeYachAgent, session: aiohttp.ClientSession
+) -> None:
+    upstream = make(session, fake.url)
+    first = await collect(upstream, turn())
+    ref = first[0]
+    assert isinstance(ref, ConversationRef)
+    second = await collect(upstream, turn("再说一遍", conversation=dict(ref.ref)))
+    assert second[0] == ConversationRef({"chat_session_id": "cs-1"})
+    assert answer(second) == ANSWER
+    assert "chat_session_id" not in posts(fake)[0]
+    assert posts(fake)[1]["chat_session_id"] == "cs-1"
+    assert len(fake.server.on(GETTOKEN)) == 1
+
+
+async def test_biz_id_falls_back_to_the_configured_one(
+    fake: FakeYachAgent, session: aiohttp.ClientSession
+) -> None:
+    await collect(make(session, fake.url), turn(work_code=""))
+    assert posts(fake)[0]["biz_id"] == "000000"
+
+
+async def test_image_text_query(fake: FakeYachAgent, session: aiohttp.ClientSession) -> None:
+    upstream = make(session, fake.url)
+    images = (ImageInput("https://yach-static.zhiyinlou.com/a.png"),
+              ImageInput("https://yach-static.zhiyinlou.com/b.png", data_url="data:image/png;x"))
+    await collect(upstream, turn("这个图片里有什么内容", images=images))
+    await collect(upstream, turn("", images=images[:1]))
+    with_text, alone = posts(fake)
+    assert with_text["msg_type"] == alone["msg_type"] == "image_text"
+    assert with_text["query"] == (
+        "这个图片里有什么内容 image::https://yach-static.zhiyinlou.com/a.png:: "
+        "image::https://yach-static.zhiyinlou.com/b.png::"
+    )
+    assert alone["query"] == "image::https://yach-static.zhiyinlou.com/a.png::"
+
+
+async def test_invalid_token_on_the_post_is_refreshed_once(
+    fake: FakeYachAgent, session: aiohttp.ClientSession
+) -> None:
+    upstream = make(session, fake.url)
+    await collect(upstream, turn())
+    fake.expire_tokens()
+    events = await collect(upstream, turn())
+    assert answer(events) == ANSWER
+    assert [p["access_token"] for p in posts(fake)] == ["tok-1", "tok-1", "tok-2"]
+    assert stream_reads(fake)[-1]["access_token"] == "tok-2"
+    assert len(fake.server.on(GETTOKEN)) == 2
+
+
+async def test_token_still_invalid_after_refresh_is_an_auth_error(
+    fake: FakeYachAgent, session: aiohttp.ClientSession
+) -> None:
+    fake.chat.then(json_reply(INVALID_TOKEN), json_reply(INVALID_TOKEN))
+    with pytest.raises(UpstreamAuthError):
+        await collect(make(session, fake.url), turn())
+    assert len(posts(fake)) == 2
+    assert len(fake.server.on(GETTOKEN)) == 2
+
+
+async def test_invalid_token_on_the_stream_read_is_refreshed_once(
+    fake: FakeYachAgent, session: aiohttp.ClientSession
+) -> None:
+    fake.stream.then(json_reply(INVALID_TOKEN))
+    events = await collect(make(session, fake.url), turn())
+    assert answer(events) == ANSWER
+    assert [q["access_token"] for q in stream_reads(fake)] == ["tok-1", "tok-2"]
+
+
+@pytest.mark.parametrize("code", [401, 403])
+async def test_http_auth_failure(
+    code: int, fake: FakeYachAgent, session: aiohttp.ClientSession
+) -> None:
+    fake.chat.then(status(code, {"code": code, "msg": "forbidden"}),
+                   status(code, {"code": code, "msg": "forbidden"}))
+    with pytest.raises(UpstreamAuthError):
+        await collect(make(session, fake.url), turn())
+    assert len(posts(fake)) == 2  # one refresh, no retries
+
+
+async def test_bad_app_credentials_are_an_auth_error(
+    fake: FakeYachAgent, session: aiohttp.ClientSession
+) -> None:
+    fake.gettoken.then(json_reply({"code": 40001, "msg": "appsecret错误"}))
+    with pytest.raises(UpstreamAuthError):
+        await collect(make(session, fake.url), turn())
+    assert not posts(fake)
+
+
+async def test_429_retry_after_is_honoured(
+    fake: FakeYachAgent, session: aiohttp.ClientSession
+) -> None:
+    fake.chat.then(status(429, "", {"Retry-After": "0.3"}))
+    started = time.monotonic()
+    events = await collect(make(session, fake.url), turn())
+    assert time.monotonic() - started >= 0.3
+    assert answer(events) == ANSWER
+    assert len(posts(fake)) == 2
+
+
+async def test_5xx_is_retried_then_reported(
+    fake: FakeYachAgent, session: aiohttp.ClientSession
+) -> None:
+    fake.stream.then(status(502), status(503), status(500))
+    events: list[Event] = []
+    with pytest.raises(UpstreamUnavailable):
+        await collect(make(session, fake.url), turn(), into=events)
+    assert events == [ConversationRef({"chat_session_id": "cs-1"})]  # kept although it failed
+    assert len(stream_reads(fake)) == 3
+
+
+async def test_gettoken_5xx_is_unavailable(
+    fake: FakeYachAgent, session: aiohttp.ClientSession
+) -> None:
+    fake.gettoken.then(status(500, {"code": 500, "msg": "busy"}))
+    events = await collect(make(session, fake.url), turn())  # retried, then fine
+    assert answer(events) == ANSWER
+    fake.gettoken.then(*[status(500, {"code": 500, "msg": "busy"})] * 3)
+    with pytest.raises(UpstreamUnavailable):
+        await collect(make(session, fake.url), turn())
+
+
+async def test_connection_refused(session: aiohttp.ClientSession) -> None:
+    with pytest.raises(UpstreamUnavailable):
+        await collect(make(session, f"http://127.0.0.1:{free_port()}"), turn())
+
+
+async def test_stream_cut_midway_is_broken(
+    fake: FakeYachAgent, session: aiohttp.ClientSession
+) -> None:
+    fake.stream.then(fake.sse(fake.frames, cut_after=10))
+    events: list[Event] = []
+    with pytest.raises(UpstreamBroken):
+        await collect(make(session, fake.url), turn(), into=events)
+    assert ANSWER.startswith(answer(events))
+    assert Done() not in events
+
+
+async def test_clean_eof_without_is_finished_is_broken(
+    fake: FakeYachAgent, session: aiohttp.ClientSession
+) -> None:
+    fake.stream.then(fake.sse(answer_frames()[:-1]))
+    events: list[Event] = []
+    with pytest.raises(UpstreamBroken):
+        await collect(make(session, fake.url), turn(), into=events)
+    assert answer(events) == ANSWER
+
+
+async def test_error_frame_ends_the_turn(
+    fake: FakeYachAgent, session: aiohttp.ClientSession
+) -> None:
+    frames = [*answer_frames()[:7], frame("error", "智能体调用失败", finished=True, reason="error")]
+    fake.stream.then(fake.sse(frames))
+    events = await collect(make(session, fake.url), turn())
+    assert answer(events) == "我是知音楼数字伙伴"
+    assert events[-1] == UpstreamError(ErrorKind.REJECTED, "智能体调用失败")
+
+
+async def test_rejected_question(fake: FakeYachAgent, session: aiohttp.ClientSession) -> None:
+    fake.chat.then(json_reply({"code": 50010, "msg": "智能体不存在", "obj": None}))
+    with pytest.raises(UpstreamRejected, match="智能体不存在"):
+        await collect(make(session, fake.url), turn())
+
+
+async def test_idle_timeout(fake: FakeYachAgent, session: aiohttp.ClientSession) -> None:
+    fake.stream.then(fake.sse(fake.frames, stall_after=3))
+    with pytest.raises(UpstreamTimeout):
+        await collect(make(session, fake.url, idle_timeout_s=0.3), turn())
+
+
+async def test_configured_stream_url(fake: FakeYachAgent, session: aiohttp.ClientSession) -> None:
+    stream_url = f"{fake.url}{CUSTOM_STREAM}?id={{stream_id}}&v=2"
+    events = await collect(
+        make(session, fake.url, BRIDGE_YACH_AGENT_STREAM_URL=stream_url), turn()
+    )
+    assert answer(events) == ANSWER
+    (read,) = fake.server.on(CUSTOM_STREAM)
+    assert read.query == {"id": STREAM_ID, "v": "2", "access_token": "tok-1"}
+
+
+async def test_missing_app_credentials_are_a_configuration_error(
+    session: aiohttp.ClientSession,
+) -> None:
+    with pytest.raises(ConfigError, match="BRIDGE_YACH_APP_SECRET"):
+        yach_agent.create(load_settings({"BRIDGE_YACH_APP_KEY": "k"}, command="demo"),
+                          UpstreamHTTP(session), DictKV())

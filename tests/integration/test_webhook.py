@@ -1,0 +1,165 @@
+"""The webhook's contract (SPEC §4): 401, 413, 400, 503 and 200, in that order of checks."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import quote, urlencode
+
+import pytest
+
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.yach import FakeYach
+from tests.harness import (
+    WEBHOOK_SECRET,
+    RunningBridge,
+    bridge_env,
+    group_message,
+    openai_env,
+    running_bridge,
+    signed_headers,
+    wait_until,
+)
+
+
+@pytest.fixture
+async def yach() -> AsyncIterator[FakeYach]:
+    fake = await FakeYach().start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeOpenAI]:
+    fake = await FakeOpenAI().start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def bridge(redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI,
+                 redis_client: object) -> AsyncIterator[RunningBridge]:
+    env = bridge_env(redis_url, bot_id, yach, BRIDGE_MAX_BODY_BYTES="4096",
+                     **openai_env(upstream.base_url))
+    async with running_bridge(env) as running:
+        yield running
+
+
+async def inbox_length(bridge: RunningBridge) -> int:
+    assert bridge.bridge.redis is not None
+    return int(await bridge.bridge.redis.xlen(bridge.bridge.keys.inbox))
+
+
+async def test_signed_message_is_acknowledged_and_answered(bridge: RunningBridge,
+                                                           yach: FakeYach) -> None:
+    status, body = await bridge.post(group_message("hello"))
+    assert (status, body) == (200, {"code": 200, "msg": "ok"})
+    await wait_until(lambda: len(yach.shown) == 1)
+    assert yach.texts() == ["You said: hello. (history: 0 messages)"]
+    assert yach.shown[0].route == "robot"
+    assert yach.shown[0].message["at"] == {"atWorkCodes": ["W001"]}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"timestamp": str(int(time.time() * 1000))},
+        signed_headers("SEC-some-other-secret"),
+        {**signed_headers(), "sign": "AAAA" + signed_headers()["sign"][4:]},
+        signed_headers(now_ms=int((time.time() - 301) * 1000)),
+        signed_headers(now_ms=int((time.time() + 301) * 1000)),
+    ],
+    ids=["no-headers", "no-sign", "wrong-secret", "tampered", "stale", "future"],
+)
+async def test_bad_or_stale_signature_is_401_and_nothing_is_stored(
+    bridge: RunningBridge, headers: dict[str, str]
+) -> None:
+    status, _ = await bridge.post(group_message("hi"), headers=headers)
+    assert status == 401
+    assert await inbox_length(bridge) == 0
+
+
+async def test_url_encoded_sign_is_accepted(bridge: RunningBridge, yach: FakeYach) -> None:
+    headers = signed_headers()
+    headers["sign"] = quote(headers["sign"], safe="")
+    status, _ = await bridge.post(group_message("encoded"), headers=headers)
+    assert status == 200
+
+
+async def test_signature_is_checked_before_the_size(bridge: RunningBridge) -> None:
+    huge = group_message("x" * 10_000)
+    status, _ = await bridge.post(huge, headers=signed_headers("SEC-wrong"))
+    assert status == 401
+    status, _ = await bridge.post(huge)
+    assert status == 413
+    assert await inbox_length(bridge) == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"[1, 2]",
+        json.dumps({"text": {"content": "no sender"}, "conversationId": "g"}).encode(),
+        json.dumps({"text": {"content": "no group"}, "senderId": "u"}).encode(),
+        "\xff\xfe".encode("latin-1"),
+    ],
+    ids=["broken-json", "json-array", "no-sender", "no-conversation", "not-utf8"],
+)
+async def test_malformed_body_is_400_with_a_reason(bridge: RunningBridge, body: bytes) -> None:
+    status, answer = await bridge.post(body)
+    assert status == 400
+    assert answer["msg"]
+    assert await inbox_length(bridge) == 0
+
+
+async def test_form_encoded_body_with_aliases(bridge: RunningBridge, yach: FakeYach) -> None:
+    form = urlencode({"msg_id": "m-form", "content": "@机器人 表单消息", "sender_id": "u9",
+                      "group_id": "g9", "msg_type": "text", "workCode": "W9"})
+    status, _ = await bridge.post(form)
+    assert status == 200
+    await wait_until(lambda: len(yach.shown) == 1)
+    assert yach.texts() == ["You said: 表单消息. (history: 0 messages)"]
+    assert yach.shown[0].message["at"] == {"atWorkCodes": ["W9"]}
+
+
+async def test_form_whose_single_field_holds_json(bridge: RunningBridge,
+                                                  upstream: FakeOpenAI) -> None:
+    payload = json.dumps(group_message("packed"), ensure_ascii=False)
+    status, _ = await bridge.post(urlencode({"data": payload}))
+    assert status == 200
+    await wait_until(lambda: len(upstream.bodies) == 1)
+    assert upstream.bodies[0]["messages"][-1]["content"] == "packed"
+
+
+async def test_same_message_three_times_with_new_timestamps_is_answered_once(
+    bridge: RunningBridge, yach: FakeYach, upstream: FakeOpenAI
+) -> None:
+    message = group_message("once", msg_id="dup-1")
+    for offset in (0, 1500, 3000):
+        status, _ = await bridge.post(message, headers=signed_headers(
+            now_ms=int(time.time() * 1000) - offset))
+        assert status == 200
+    await wait_until(lambda: len(yach.shown) == 1)
+    await bridge.post(group_message("after", msg_id="dup-2"))
+    await wait_until(lambda: len(yach.shown) == 2)
+    assert len(upstream.bodies) == 2
+
+
+async def test_without_msg_id_dedupe_uses_create_time(bridge: RunningBridge,
+                                                      yach: FakeYach) -> None:
+    message = group_message("no id", createAt=1764400000000)
+    del message["msgId"]
+    for _ in range(2):
+        assert (await bridge.post(message))[0] == 200
+    message_without_time = {k: v for k, v in message.items() if k != "createAt"}
+    assert (await bridge.post(message_without_time))[0] == 200
+    await wait_until(lambda: len(yach.shown) == 2)
+    assert await inbox_length(bridge) == 0 or len(yach.shown) == 2
+
+
+async def test_webhook_secret_is_not_echoed(bridge: RunningBridge) -> None:
+    status, answer = await bridge.post(group_message("x"), headers=signed_headers("SEC-bad"))
+    assert status == 401 and WEBHOOK_SECRET not in json.dumps(answer)

@@ -1,0 +1,101 @@
+"""The pure AI Master parser: agent hand-off, reasoning, summed usage, errors."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from adapters.upstream.aimaster import AimasterParser, error_of
+from bridge.events import (
+    AgentSwitch,
+    Done,
+    ErrorKind,
+    ReasoningDelta,
+    TextDelta,
+    UpstreamError,
+    Usage,
+)
+from bridge.http import UpstreamProtocolError
+from bridge.sse import SSEEvent
+
+
+def chunk(agent_id: str, agent_name: str, *, content: str | None = None,
+          reasoning: str | None = None, usage: dict[str, int] | None = None,
+          agent_step: str = "Agent Starting") -> SSEEvent:
+    delta: dict[str, Any] = {"content": content, "role": None, "tool_calls": None}
+    if reasoning is not None:
+        delta["reasoning_content"] = reasoning
+    payload = {
+        "id": "chatcmpl-x", "object": "chat.completion.chunk",
+        "choices": [{"delta": delta, "finish_reason": None, "index": 0}],
+        "usage": usage, "step": "AI Starting", "agent_step": agent_step,
+        "agent_id": agent_id, "agent_name": agent_name, "function": None,
+    }
+    return SSEEvent(json.dumps(payload, ensure_ascii=False))
+
+
+def usage(prompt: int, completion: int) -> dict[str, int]:
+    """An agent's running token count, as each of its chunks reports it."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def test_agents_text_reasoning_and_usage_summed_over_agents() -> None:
+    parser = AimasterParser()
+    events = []
+    for message in [
+        chunk("a1", "路由", agent_step="Agent Start"),
+        chunk("a1", "路由", content="转交"),
+        chunk("a1", "路由", usage=usage(10, 1)),
+        chunk("a1", "路由", usage=usage(10, 2)),
+        chunk("a2", "推理", reasoning="想", usage=usage(5, 1)),
+        chunk("a2", "推理", content="答", usage=usage(5, 3)),
+        SSEEvent("[DONE]"),
+    ]:
+        events.extend(parser.feed(message))
+    assert events == [
+        AgentSwitch("路由"),
+        TextDelta("转交"),
+        AgentSwitch("推理"),
+        ReasoningDelta("想"),
+        TextDelta("答"),
+        Usage(prompt_tokens=15, completion_tokens=5, total_tokens=20),
+        Done(),
+    ]
+    assert parser.finished
+
+
+def test_same_agent_name_with_another_id_is_a_switch() -> None:
+    parser = AimasterParser()
+    events = [*parser.feed(chunk("a1", "助手")), *parser.feed(chunk("a2", "助手"))]
+    assert events == [AgentSwitch("助手"), AgentSwitch("助手")]
+
+
+def test_done_without_usage() -> None:
+    assert AimasterParser().feed(SSEEvent("[DONE]")) == [Done()]
+
+
+def test_error_object_in_the_stream() -> None:
+    parser = AimasterParser()
+    events = parser.feed(SSEEvent('{"code": 500, "msg": "模型调用失败"}'))
+    assert events == [UpstreamError(ErrorKind.REJECTED, "code 500: 模型调用失败")]
+    assert parser.finished
+
+
+@pytest.mark.parametrize(("payload", "expected"), [
+    ({"error": {"message": "quota"}}, "quota"),
+    ({"error": "boom"}, "boom"),
+    ({"code": 200, "msg": "ok"}, None),
+    ({"code": 0}, None),
+    ({"choices": [], "code": 1}, None),
+])
+def test_error_of(payload: dict[str, Any], expected: str | None) -> None:
+    assert error_of(payload) == expected
+
+
+@pytest.mark.parametrize("data", ["{not json", "[1, 2]"])
+def test_unreadable_chunk(data: str) -> None:
+    with pytest.raises(UpstreamProtocolError):
+        AimasterParser().feed(SSEEvent(data))

@@ -1,0 +1,148 @@
+"""The pure ChatGPT web parser: cumulative parts to deltas, replacements, refs, frames."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+
+from adapters.upstream.chatgpt_web import ChatGPTParser, frame_payloads
+from bridge.events import (
+    ConversationRef,
+    Done,
+    ErrorKind,
+    Event,
+    TextDelta,
+    TextReplace,
+    UpstreamError,
+)
+from bridge.http import UpstreamProtocolError
+from bridge.sse import SSEDecoder, SSEEvent
+
+CID = "4744527e-da3d-4ae8-ba71-c16904fb36fe"
+
+
+def message(message_id: str, text: str, *, role: str = "assistant", status: str = "in_progress",
+            end_turn: bool | None = None, recipient: str = "all",
+            content_type: str = "text") -> str:
+    return json.dumps({
+        "message": {
+            "id": message_id, "author": {"role": role},
+            "content": {"content_type": content_type, "parts": [text]},
+            "status": status, "end_turn": end_turn, "recipient": recipient,
+        },
+        "conversation_id": CID, "error": None,
+    }, ensure_ascii=False)
+
+
+def feed(parser: ChatGPTParser, payload: str) -> list[Event]:
+    return parser.feed(SSEEvent(payload))
+
+
+def feed_all(parser: ChatGPTParser, payloads: list[str]) -> list[Event]:
+    return [event for payload in payloads for event in feed(parser, payload)]
+
+
+def text_events(events: list[Event]) -> list[Event]:
+    return [e for e in events if isinstance(e, TextDelta | TextReplace)]
+
+
+def test_cumulative_parts_become_suffix_deltas() -> None:
+    parser = ChatGPTParser("user-1")
+    events = feed_all(parser, [
+        message("user-1", "问题", role="user", status="finished_successfully"),
+        message("a1", ""),
+        message("a1", "你好"),
+        message("a1", "你好"),
+        message("a1", "你好,世界"),
+        message("a1", "你好,世界!", status="finished_successfully", end_turn=True),
+    ])
+    assert text_events(events) == [TextDelta("你好"), TextDelta(",世界"), TextDelta("!")]
+    assert events[-1] == Done()
+    assert parser.finished and parser.answer == "你好,世界!"
+
+
+def test_refs_follow_the_assistant_message() -> None:
+    parser = ChatGPTParser("user-1")
+    events = feed_all(parser, [message("user-1", "q", role="user"), message("a1", "x")])
+    refs = [e.ref for e in events if isinstance(e, ConversationRef)]
+    assert refs == [
+        {"conversation_id": CID, "parent_message_id": "user-1"},
+        {"conversation_id": CID, "parent_message_id": "a1"},
+    ]
+    assert not [e for e in feed(parser, message("a1", "xy")) if isinstance(e, ConversationRef)]
+
+
+def test_known_conversation_is_announced_with_the_first_message() -> None:
+    parser = ChatGPTParser("user-2", CID)
+    assert feed(parser, json.dumps({"type": "title_generation", "title": "t"})) == [
+        ConversationRef({"conversation_id": CID, "parent_message_id": "user-2"})
+    ]
+
+
+def test_text_that_does_not_extend_becomes_a_replacement() -> None:
+    parser = ChatGPTParser("u")
+    events = feed_all(parser, [message("a1", "Hello wor"), message("a1", "Hello, world")])
+    assert text_events(events) == [TextDelta("Hello wor"), TextReplace("Hello, world")]
+
+
+def test_several_assistant_messages_are_joined_with_a_blank_line() -> None:
+    parser = ChatGPTParser("u")
+    events = feed_all(parser, [
+        message("a1", "先查一下", status="finished_successfully", end_turn=False),
+        message("tool-1", "search(...)", recipient="browser", content_type="code"),
+        message("t1", "结果", role="tool"),
+        message("a2", ""),
+        message("a2", "答案"),
+        message("a2", "答案是42", status="finished_successfully", end_turn=True),
+    ])
+    assert text_events(events) == [TextDelta("先查一下"), TextDelta("\n\n答案"), TextDelta("是42")]
+    assert parser.answer == "先查一下\n\n答案是42"
+
+
+def test_done_marker_and_non_object_payloads() -> None:
+    parser = ChatGPTParser("u")
+    assert feed(parser, '"v1"') == []
+    assert feed(parser, "[DONE]") == [Done()]
+    assert parser.finished
+
+
+def test_error_payload() -> None:
+    parser = ChatGPTParser("u")
+    events = feed(parser, json.dumps({"message": None, "conversation_id": CID,
+                                     "error": {"message": "Too many requests", "code": 429}}))
+    assert events[-1] == UpstreamError(ErrorKind.REJECTED, "Too many requests")
+    assert parser.finished
+
+
+def test_bad_json() -> None:
+    with pytest.raises(UpstreamProtocolError):
+        feed(ChatGPTParser("u"), "{nope")
+
+
+def hub(payload: str, request_id: str = "r1") -> str:
+    body = base64.b64encode(f"data: {payload}\n\n".encode()).decode()
+    envelope: dict[str, Any] = {"type": "http.response.body", "body": body,
+                                "websocket_request_id": request_id}
+    return json.dumps(envelope)
+
+
+def test_frames_plain_and_in_the_hub_envelope() -> None:
+    decoder = SSEDecoder()
+    assert frame_payloads("[DONE]", decoder, "r1") == ["[DONE]"]
+    assert frame_payloads('{"a": 1}', decoder, "r1") == ['{"a": 1}']
+    assert frame_payloads(hub('{"a": 2}'), decoder, "r1") == ['{"a": 2}']
+    assert frame_payloads(hub('{"a": 3}', "someone-else"), decoder, "r1") == []
+
+
+def test_hub_envelope_split_inside_an_event() -> None:
+    decoder = SSEDecoder()
+    raw = 'data: {"x": "分"}\n\n'.encode()
+    first, second = (
+        json.dumps({"type": "http.response.body", "body": base64.b64encode(part).decode()})
+        for part in (raw[:12], raw[12:])
+    )
+    assert frame_payloads(first, decoder, "r1") == []
+    assert frame_payloads(second, decoder, "r1") == ['{"x": "分"}']

@@ -1,0 +1,124 @@
+"""Configuration: typed, validated, every problem listed, secrets never shown."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from bridge.config import (
+    ConfigError,
+    Rate,
+    Settings,
+    load_settings,
+    masked_settings,
+    unknown_variables,
+)
+
+OPENAI = {
+    "BRIDGE_UPSTREAM": "openai",
+    "BRIDGE_OPENAI_API_KEY": "sk-secret-value-123",
+    "BRIDGE_OPENAI_MODEL": "m",
+    "BRIDGE_YACH_SECRET": "SEC-yach-secret-456",
+}
+
+
+def problems(env: dict[str, str], command: str = "run") -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env, command=command)
+    return caught.value.problems
+
+
+def test_defaults_match_the_spec() -> None:
+    settings = load_settings(OPENAI)
+    assert (settings.host, settings.port, settings.bot_id) == ("127.0.0.1", 8080, "default")
+    assert settings.redis_url is None
+    assert settings.session_scope == "group_user"
+    assert settings.session_ttl_s == 604800
+    assert settings.history_turns == 20
+    assert settings.reply_mode == "stream"
+    assert (settings.flush_min_chars, settings.flush_max_wait_s) == (300, 6)
+    assert settings.thinking_notice_s == 4
+    assert (settings.workers, settings.session_queue_max, settings.max_attempts) == (32, 5, 3)
+    assert (settings.claim_idle_s, settings.drain_timeout_s) == (60, 25)
+    assert (settings.max_body_bytes, settings.max_input_chars) == (1048576, 8000)
+    assert settings.user_rate == Rate(20, 60) and settings.yach_send_rate == Rate(20, 60)
+    assert settings.resolved_image_pipeline == "vision"
+    assert settings.yach_api_base == "https://yach-oapi.zhiyinlou.com"
+    assert settings.key_prefix == "chatbridge:{default}:"
+
+
+def test_every_problem_is_listed_with_the_variable_and_an_example() -> None:
+    found = problems({"BRIDGE_PORT": "eighty", "BRIDGE_USER_RATE": "fast", "BRIDGE_LANG": "fr"})
+    by_name = {line.split(":")[0]: line for line in found}
+    assert set(by_name) == {
+        "BRIDGE_PORT", "BRIDGE_USER_RATE", "BRIDGE_LANG", "BRIDGE_UPSTREAM", "BRIDGE_YACH_SECRET",
+    }
+    for line in found:
+        assert "example: BRIDGE_" in line
+    assert "20/60" in by_name["BRIDGE_USER_RATE"]
+
+
+def test_upstream_requirements_follow_the_chosen_upstream() -> None:
+    env = {"BRIDGE_UPSTREAM": "coze", "BRIDGE_YACH_SECRET": "s"}
+    assert {line.split(":")[0] for line in problems(env)} == {
+        "BRIDGE_COZE_TOKEN", "BRIDGE_COZE_BOT_ID",
+    }
+
+
+def test_placeholder_and_empty_values_count_as_missing() -> None:
+    env = {**OPENAI, "BRIDGE_OPENAI_API_KEY": "change-me", "BRIDGE_OPENAI_MODEL": ""}
+    names = {line.split(":")[0] for line in problems(env)}
+    assert names == {"BRIDGE_OPENAI_API_KEY", "BRIDGE_OPENAI_MODEL"}
+
+
+def test_run_refuses_without_the_webhook_secret_unless_insecure() -> None:
+    env = {key: value for key, value in OPENAI.items() if key != "BRIDGE_YACH_SECRET"}
+    assert [line.split(":")[0] for line in problems(env)] == ["BRIDGE_YACH_SECRET"]
+    assert load_settings({**env, "BRIDGE_YACH_INSECURE": "1"}).yach_secret is None
+    assert load_settings(env, command="chat").upstream == "openai"
+
+
+def test_secret_from_file(tmp_path: Path) -> None:
+    secret_file = tmp_path / "key"
+    secret_file.write_text("  sk-from-file \n")
+    env = {**OPENAI, "BRIDGE_OPENAI_API_KEY": "", "BRIDGE_OPENAI_API_KEY_FILE": str(secret_file)}
+    assert load_settings(env).openai_api_key == "sk-from-file"
+    missing = {**env, "BRIDGE_OPENAI_API_KEY_FILE": str(tmp_path / "nope")}
+    assert any(line.startswith("BRIDGE_OPENAI_API_KEY_FILE") for line in problems(missing))
+
+
+def test_a_bad_secret_value_is_not_echoed() -> None:
+    env = {**OPENAI, "BRIDGE_YACH_ROBOT_URL": "ftp://robot?access_token=very-secret-token"}
+    [line] = problems(env)
+    assert line.startswith("BRIDGE_YACH_ROBOT_URL") and "very-secret-token" not in line
+
+
+def test_masked_settings_hide_every_secret() -> None:
+    env = {**OPENAI, "BRIDGE_YACH_ROBOT_URL": "https://h/robot/send?access_token=tok-abc-999"}
+    shown = dict(masked_settings(load_settings(env)))
+    text = "\n".join(shown.values())
+    for secret in ("sk-secret-value-123", "SEC-yach-secret-456", "tok-abc-999"):
+        assert secret not in text
+    assert shown["BRIDGE_OPENAI_MODEL"] == "m"
+    assert len(shown) == len(fields(Settings))
+
+
+def test_unknown_variables_are_reported_as_typos() -> None:
+    env = {**OPENAI, "BRIDGE_OPENAI_MODLE": "x", "BRIDGE_YACH_SECRET_FILE": "/x", "HOME": "/"}
+    assert unknown_variables(env) == ["BRIDGE_OPENAI_MODLE"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "rate"), [("0", Rate(0, 0)), ("20/60", Rate(20, 60)), ("5/0.5", Rate(5, 0.5))]
+)
+def test_rates(raw: str, rate: Rate) -> None:
+    assert load_settings({**OPENAI, "BRIDGE_USER_RATE": raw}).user_rate == rate
+
+
+def test_durations_accept_decimals_and_json_must_be_an_object() -> None:
+    assert load_settings({**OPENAI, "BRIDGE_CLAIM_IDLE_S": "1.5"}).claim_idle_s == 1.5
+    env = {**OPENAI, "BRIDGE_UPSTREAM": "dify", "BRIDGE_DIFY_BASE_URL": "https://d/v1",
+           "BRIDGE_DIFY_API_KEY": "k", "BRIDGE_DIFY_INPUTS": "[1]"}
+    assert [line.split(":")[0] for line in problems(env)] == ["BRIDGE_DIFY_INPUTS"]

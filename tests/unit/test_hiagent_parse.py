@@ -1,0 +1,87 @@
+"""HiAgent's nested `data:data: {json}` framing and inner events, without the network."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import pytest
+
+from adapters.upstream._common import ConversationIds
+from adapters.upstream.hiagent import HiAgentParser, inner_payloads
+from bridge.events import ConversationRef, Done, ErrorKind, Event, TextDelta, UpstreamError, Usage
+from bridge.http import UpstreamProtocolError
+from bridge.sse import SSEDecoder, SSEEvent
+from tests.fakes.base import FIXTURES, rechunk
+
+FIXTURE = (FIXTURES / "hiagent-chat_query.sse").read_bytes()
+
+
+def outer(inner: dict[str, Any], *, trailing_blank_lines: bool = True) -> SSEEvent:
+    data = "data: " + json.dumps(inner, ensure_ascii=False)
+    return SSEEvent(data=data + ("\n\n" if trailing_blank_lines else ""), event="text")
+
+
+def expected_answer() -> str:
+    answer = ""
+    for line in FIXTURE.decode().splitlines():
+        if line.startswith("data:data:"):
+            inner = json.loads(line.removeprefix("data:data:"))
+            answer += inner["answer"] if inner["event"] == "message" else ""
+    return answer
+
+
+@pytest.mark.parametrize(("data", "payloads"), [
+    ('data: {"a": 1}\n\n', ['{"a": 1}']),  # the usual: inner line plus two empty data lines
+    ('data: {"a": 1}', ['{"a": 1}']),  # message_cost in the recording has no empty lines
+    ('data:{"a": 1}\n', ['{"a": 1}']),
+    ('{"a": 1}', ['{"a": 1}']),  # not double-wrapped
+    ('data: {"a": 1}\n\ndata: {"b": 2}\n\n', ['{"a": 1}', '{"b": 2}']),
+    ("\n\n", []),
+])
+def test_inner_payloads(data: str, payloads: list[str]) -> None:
+    assert inner_payloads(data) == payloads
+
+
+def test_events_of_one_answer() -> None:
+    parser = HiAgentParser(ConversationIds({"app_conversation_id": "app-1"}))
+    base = {"task_id": "t", "id": "t", "conversation_id": "c-1"}
+
+    assert parser.feed(outer({"event": "message_start", **base})) == [
+        ConversationRef({"app_conversation_id": "app-1", "conversation_id": "c-1"})
+    ]
+    assert parser.feed(outer({"event": "message_output_start", **base})) == []
+    assert parser.feed(outer({"event": "message", "answer": "Open", **base})) == [TextDelta("Open")]
+    assert parser.feed(outer({"event": "message", "answer": "", **base})) == []
+    assert parser.feed(outer({"event": "agent_thought", "answer": "no", **base})) == []
+    cost = {"event": "message_cost", "input_tokens": 686, "output_tokens": 126, "latency": 8.636}
+    assert parser.feed(outer({**cost, **base}, trailing_blank_lines=False)) == [
+        Usage(prompt_tokens=686, completion_tokens=126, total_tokens=812, latency_s=8.636)
+    ]
+    assert parser.feed(outer({"event": "message_end", **base})) == [Done()]
+
+
+def test_error_event() -> None:
+    [error] = HiAgentParser().feed(outer({"event": "error", "code": 1001, "message": "busy"}))
+
+    assert error == UpstreamError(kind=ErrorKind.REJECTED, message="hiagent error 1001: busy")
+
+
+def test_unreadable_inner_payload_is_a_protocol_error() -> None:
+    with pytest.raises(UpstreamProtocolError):
+        HiAgentParser().feed(SSEEvent(data="data: {not json\n\n", event="text"))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_recording_in_any_chunking_gives_the_whole_answer(seed: int) -> None:
+    decoder, parser, events = SSEDecoder(), HiAgentParser(), list[Event]()
+    for chunk in rechunk(FIXTURE, random.Random(seed), max_size=97):
+        for message in decoder.feed(chunk):
+            events.extend(parser.feed(message))
+    for message in decoder.close():
+        events.extend(parser.feed(message))
+
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == expected_answer()
+    assert events[-1] == Done()
+    assert events[0] == ConversationRef({"conversation_id": "01JN17DFETEKT0B0HJWR9V2GZ2"})

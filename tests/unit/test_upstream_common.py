@@ -1,0 +1,139 @@
+"""What the streaming adapters share (adapters/upstream/_common.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from adapters.upstream._common import (
+    ConversationIds,
+    as_int,
+    json_object,
+    rejected,
+    relay,
+    require,
+    usage_from,
+)
+from bridge.config import ConfigError, load_settings
+from bridge.events import ConversationRef, Done, ErrorKind, Event, TextDelta, UpstreamError, Usage
+from bridge.http import UpstreamBroken, UpstreamProtocolError
+from bridge.sse import SSEEvent
+
+
+class Echo:
+    """A parser for tests: `text` → TextDelta, `end` → Done, `fail` → error, `{` → JSON."""
+
+    def feed(self, message: SSEEvent) -> list[Event]:
+        if message.data == "end":
+            return [Done()]
+        if message.data == "fail":
+            return [UpstreamError(ErrorKind.REJECTED, "no")]
+        if message.data.startswith("{"):
+            json_object(message.data, upstream="echo")
+            return []
+        return [TextDelta(message.data)]
+
+
+class Source:
+    """An SSE source that records how far it was read and whether it was closed."""
+
+    def __init__(self, *data: str) -> None:
+        self.data = data
+        self.read = 0
+        self.closed = False
+
+    async def messages(self) -> AsyncIterator[SSEEvent]:
+        try:
+            for item in self.data:
+                self.read += 1
+                yield SSEEvent(data=item)
+        finally:
+            self.closed = True
+
+
+async def run(source: Source) -> list[Event]:
+    return [event async for event in relay(source.messages(), Echo(), upstream="echo")]
+
+
+@pytest.mark.parametrize("end", ["end", "fail"])
+async def test_relay_stops_at_the_end_marker_and_closes_the_stream(end: str) -> None:
+    source = Source("a", "b", end, "after")
+    events = await run(source)
+
+    assert [e for e in events if isinstance(e, TextDelta)] == [TextDelta("a"), TextDelta("b")]
+    assert source.read == 3
+    assert source.closed
+
+
+async def test_relay_without_end_marker_is_broken() -> None:
+    source = Source("a", "b")
+    with pytest.raises(UpstreamBroken, match="before its end marker"):
+        await run(source)
+    assert source.closed
+
+
+async def test_torn_last_message_is_a_broken_stream() -> None:
+    with pytest.raises(UpstreamBroken, match="inside a message") as caught:
+        await run(Source("a", '{"event": "mess'))
+    assert isinstance(caught.value.__cause__, UpstreamProtocolError)
+
+
+async def test_unreadable_message_mid_stream_is_a_protocol_error() -> None:
+    source = Source("a", '{"event": "mess', "b", "end")
+    with pytest.raises(UpstreamProtocolError):
+        await run(source)
+    assert source.closed
+
+
+def test_conversation_ids_announce_the_whole_reference_when_it_changes() -> None:
+    ids = ConversationIds({"app_conversation_id": "app"})
+
+    assert ids.update(conversation_id=None) is None
+    assert ids.update(conversation_id="") is None
+    assert ids.update(conversation_id="c1") == ConversationRef(
+        {"app_conversation_id": "app", "conversation_id": "c1"}
+    )
+    assert ids.update(conversation_id="c1") is None
+    assert ids.update(conversation_id=7) == ConversationRef(
+        {"app_conversation_id": "app", "conversation_id": "7"}
+    )
+    assert ids.get("conversation_id") == "7"
+    assert ids.get("missing") == ""
+
+
+@pytest.mark.parametrize(("value", "number"), [
+    (3, 3), ("2618", 2618), (" 12 ", 12), (3.0, 3), ("", None), (None, None), (True, None),
+    ("1.5", None),
+])
+def test_as_int(value: object, number: int | None) -> None:
+    assert as_int(value) == number
+
+
+def test_usage_total_is_the_sum_when_not_given() -> None:
+    assert usage_from({"in": "3", "out": 4, "t": 1.5}, prompt="in", completion="out",
+                      latency="t") == Usage(3, 4, 7, 1.5)
+    assert usage_from({"in": 3}, prompt="in", completion="out") == Usage(3, None, None, None)
+
+
+def test_rejected_message_is_short() -> None:
+    error = rejected("dify", {"code": "x", "message": "m" * 1000})
+
+    assert error.kind is ErrorKind.REJECTED
+    assert error.message.startswith("dify error x: mmm")
+    assert len(error.message) < 400
+    assert rejected("coze", None).message == "coze error : no message"
+
+
+@pytest.mark.parametrize("data", ["[1, 2]", "nope", '"[DONE]"'])
+def test_json_object_refuses_anything_but_an_object(data: str) -> None:
+    with pytest.raises(UpstreamProtocolError):
+        json_object(data, upstream="x")
+
+
+def test_require_names_the_missing_variables() -> None:
+    settings = load_settings({"BRIDGE_COZE_TOKEN": "pat_x"}, command="demo")
+
+    assert require(settings, "coze_token") == ("pat_x",)
+    with pytest.raises(ConfigError, match="BRIDGE_COZE_BOT_ID"):
+        require(settings, "coze_token", "coze_bot_id")
