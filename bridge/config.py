@@ -299,7 +299,7 @@ REQUIRED_BY_UPSTREAM: dict[str, tuple[str, ...]] = {
     "aimaster": ("aimaster_base_url", "aimaster_token", "aimaster_scenario_id"),
     "yach-agent": ("yach_app_key", "yach_app_secret"),
     "chatgpt-web": ("chatgpt_access_token",),
-    "replay": ("replay_file", "replay_format"),
+    "replay": ("replay_file",),  # a folder of recordings needs no format
 }
 REQUIRED_BY_IMAGE_PIPELINE: dict[str, tuple[str, ...]] = {
     "ocr": ("ocr_base_url", "ocr_model"),

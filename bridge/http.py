@@ -8,10 +8,13 @@ that breaks midway is reported, never silently restarted — SPEC §6).
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
+import math
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -88,13 +91,28 @@ RETRYABLE = (UpstreamUnavailable, UpstreamRateLimited)
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a `Retry-After` header (delta-seconds form), capped at one minute."""
+    """Seconds from a `Retry-After` header (delta-seconds or HTTP-date), capped at one minute."""
     if not value:
         return None
+    seconds: float | None
     try:
-        return min(max(float(value), 0.0), MAX_RETRY_AFTER_S)
+        seconds = float(value)
     except ValueError:
+        seconds = _seconds_until(value)
+    if seconds is None or not math.isfinite(seconds):  # "nan" would make the wait NaN
         return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+def _seconds_until(http_date: str) -> float | None:
+    """`Retry-After: Wed, 21 Oct 2015 07:28:00 GMT` (RFC 9110 §10.2.3) as seconds from now."""
+    try:
+        when = email.utils.parsedate_to_datetime(http_date)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return (when - datetime.now(UTC)).total_seconds()
 
 
 def error_for_status(status: int, body: str, headers: Mapping[str, str]) -> UpstreamFailure:
@@ -102,10 +120,11 @@ def error_for_status(status: int, body: str, headers: Mapping[str, str]) -> Upst
     detail = f"HTTP {status}: {body[:_ERROR_BODY_CHARS]}"
     if status in (401, 403):
         return UpstreamAuthError(detail)
+    retry_after = parse_retry_after(headers.get("Retry-After"))
     if status == 429:
-        return UpstreamRateLimited(detail, retry_after=parse_retry_after(headers.get("Retry-After")))
+        return UpstreamRateLimited(detail, retry_after=retry_after)
     if status >= 500 or status == 408:
-        return UpstreamUnavailable(detail, retry_after=parse_retry_after(headers.get("Retry-After")))
+        return UpstreamUnavailable(detail, retry_after=retry_after)
     return UpstreamRejected(detail)
 
 
@@ -217,8 +236,11 @@ async def iter_sse(response: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
 
 
 async def _read_text_quietly(response: aiohttp.ClientResponse) -> str:
+    # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancel (`/stop`) that
+    # arrives as the body is read, and the turn would go on to wait for its retry
     try:
-        return await asyncio.wait_for(response.text(errors="replace"), timeout=5)
+        async with asyncio.timeout(5):
+            return await response.text(errors="replace")
     except (TimeoutError, aiohttp.ClientError):
         return ""
     finally:

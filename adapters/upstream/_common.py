@@ -17,6 +17,7 @@ __all__ = [
     "as_id",
     "as_int",
     "bearer",
+    "is_done",
     "json_object",
     "rejected",
     "relay",
@@ -76,6 +77,11 @@ async def _aclose(iterator: AsyncIterator[Any]) -> None:
     aclose = getattr(iterator, "aclose", None)  # async generators have it, plain iterators not
     if aclose is not None:
         await aclose()
+
+
+def is_done(data: str) -> bool:
+    """The `[DONE]` end marker of OpenAI-style streams."""
+    return data.strip() == "[DONE]"
 
 
 def json_object(data: str, *, upstream: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from typing import Any
 
-from adapters.upstream._common import relay, require
+from adapters.upstream._common import is_done, json_object, relay, require
 from adapters.upstream.openai import parse_chunk
 from bridge.config import Settings
 from bridge.events import (
@@ -75,18 +75,11 @@ class AimasterParser:
         self.finished = False
 
     def feed(self, message: SSEEvent) -> list[Event]:
-        data = message.data.strip()
-        if data == "[DONE]":
+        if is_done(message.data):
             self.finished = True
             usage = self.usage()
             return [usage, Done()] if usage is not None else [Done()]
-        try:
-            chunk = json.loads(data)
-        except json.JSONDecodeError as exc:
-            raise UpstreamProtocolError(f"bad chunk: {data[:200]}") from exc
-        if not isinstance(chunk, dict):
-            raise UpstreamProtocolError(f"bad chunk: {data[:200]}")
-        return self.feed_chunk(chunk)
+        return self.feed_chunk(json_object(message.data, upstream="aimaster"))
 
     def feed_chunk(self, chunk: Mapping[str, Any]) -> list[Event]:
         error = error_of(chunk)

@@ -40,7 +40,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from adapters.upstream._common import relay, require
+from adapters.upstream._common import is_done, relay, require
 from bridge.config import Settings
 from bridge.events import (
     ConversationRef,
@@ -92,7 +92,7 @@ class ChatGPTParser:
 
     def feed(self, message: SSEEvent) -> list[Event]:
         data = message.data
-        if data.strip() == "[DONE]":
+        if is_done(data):
             self.finished = True
             return [Done()]
         try:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from adapters.upstream._common import is_done, json_object, relay
 from bridge.config import Settings
 from bridge.events import Done, Event, ReasoningDelta, TextDelta, Usage
-from bridge.http import UpstreamBroken, UpstreamHTTP, UpstreamProtocolError
+from bridge.http import UpstreamHTTP
 from bridge.interfaces import KeyValue, Turn
+from bridge.sse import SSEEvent
 
-__all__ = ["OpenAIUpstream", "create", "parse_chunk"]
+__all__ = ["OpenAIParser", "OpenAIUpstream", "create", "parse_chunk"]
 
 
 def parse_chunk(chunk: Mapping[str, Any]) -> list[Event]:
@@ -40,6 +41,15 @@ def parse_chunk(chunk: Mapping[str, Any]) -> list[Event]:
             )
         )
     return events
+
+
+class OpenAIParser:
+    """One streamed answer: `chat.completion.chunk` messages, then `[DONE]`. Pure: no I/O."""
+
+    def feed(self, message: SSEEvent) -> list[Event]:
+        if is_done(message.data):
+            return [Done()]
+        return parse_chunk(json_object(message.data, upstream="openai"))
 
 
 def user_content(turn: Turn) -> str | list[dict[str, Any]]:
@@ -84,19 +94,9 @@ class OpenAIUpstream:
             body["temperature"] = self._temperature
         return body
 
-    async def stream(self, turn: Turn) -> AsyncIterator[Event]:
+    def stream(self, turn: Turn) -> AsyncIterator[Event]:
         sse = self._http.sse("POST", self._url, json=self._body(turn), headers=self._headers)
-        async for message in sse:
-            if message.data.strip() == "[DONE]":
-                yield Done()
-                return
-            try:
-                chunk = json.loads(message.data)
-            except json.JSONDecodeError as exc:
-                raise UpstreamProtocolError(f"bad chunk: {message.data[:200]}") from exc
-            for event in parse_chunk(chunk):
-                yield event
-        raise UpstreamBroken("stream ended before [DONE]")
+        return relay(sse, OpenAIParser(), upstream=self.name)
 
     async def reset(self, conversation: Mapping[str, str]) -> None:
         """Nothing to forget upstream: the history lives in Redis."""

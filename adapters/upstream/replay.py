@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.resources
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -25,7 +24,7 @@ from adapters.upstream.aimaster import AimasterParser
 from adapters.upstream.coze import CozeParser
 from adapters.upstream.dify import DifyParser
 from adapters.upstream.hiagent import HiAgentParser
-from adapters.upstream.openai import parse_chunk
+from adapters.upstream.openai import OpenAIParser
 from bridge.config import Settings
 from bridge.events import (
     ConversationRef,
@@ -35,7 +34,7 @@ from bridge.events import (
     TextDelta,
     UpstreamError,
 )
-from bridge.http import UpstreamBroken, UpstreamHTTP, UpstreamProtocolError
+from bridge.http import UpstreamBroken, UpstreamHTTP
 from bridge.interfaces import KeyValue, Turn
 from bridge.sse import SSEDecoder, SSEEvent
 
@@ -59,22 +58,9 @@ class FrameParser(Protocol):
     def feed(self, message: SSEEvent) -> list[Event]: ...
 
 
-class OpenAIFormat:
-    """`openai.parse_chunk` with the `[DONE]` marker the adapter itself handles."""
-
-    def feed(self, message: SSEEvent) -> list[Event]:
-        if message.data.strip() == "[DONE]":
-            return [Done()]
-        try:
-            chunk = json.loads(message.data)
-        except json.JSONDecodeError as exc:
-            raise UpstreamProtocolError(f"bad chunk: {message.data[:200]}") from exc
-        return parse_chunk(chunk)
-
-
 # Format name → factory of a fresh parser per answer. Each parser lives in its adapter module.
 FORMATS: dict[str, Callable[[], FrameParser]] = {
-    "openai": OpenAIFormat,
+    "openai": OpenAIParser,
     "aimaster": AimasterParser,
     "hiagent": HiAgentParser,
     "coze": CozeParser,

@@ -35,7 +35,7 @@ from contextlib import aclosing
 from typing import Any
 from urllib.parse import quote
 
-from adapters.upstream._common import relay, require
+from adapters.upstream._common import is_done, json_object, relay, require
 from adapters.yach_api import YachAPI, YachAPIError, check_answer
 from bridge.config import Settings
 from bridge.events import (
@@ -85,17 +85,10 @@ class YachAgentParser:
         self.finished = False
 
     def feed(self, message: SSEEvent) -> list[Event]:
-        data = message.data
-        if data.strip() == "[DONE]":
+        if is_done(message.data):
             self.finished = True
             return [Done()]
-        try:
-            frame = json.loads(data)
-        except json.JSONDecodeError as exc:
-            raise UpstreamProtocolError(f"bad frame: {data[:200]}") from exc
-        if not isinstance(frame, dict):
-            raise UpstreamProtocolError(f"bad frame: {data[:200]}")
-        return self.feed_frame(frame)
+        return self.feed_frame(json_object(message.data, upstream="yach-agent"))
 
     def feed_frame(self, frame: Mapping[str, Any]) -> list[Event]:
         content = frame.get("content")

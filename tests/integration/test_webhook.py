@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import quote, urlencode
 
 import pytest
@@ -61,22 +61,27 @@ async def test_signed_message_is_acknowledged_and_answered(bridge: RunningBridge
     assert yach.shown[0].message["at"] == {"atWorkCodes": ["W001"]}
 
 
+def _tampered() -> dict[str, str]:
+    headers = signed_headers()
+    return {**headers, "sign": "AAAA" + headers["sign"][4:]}
+
+
 @pytest.mark.parametrize(
-    "headers",
+    "make_headers",
     [
-        {},
-        {"timestamp": str(int(time.time() * 1000))},
-        signed_headers("SEC-some-other-secret"),
-        {**signed_headers(), "sign": "AAAA" + signed_headers()["sign"][4:]},
-        signed_headers(now_ms=int((time.time() - 301) * 1000)),
-        signed_headers(now_ms=int((time.time() + 301) * 1000)),
+        dict,
+        lambda: {"timestamp": str(int(time.time() * 1000))},
+        lambda: signed_headers("SEC-some-other-secret"),
+        _tampered,
+        lambda: signed_headers(now_ms=int((time.time() - 310) * 1000)),
+        lambda: signed_headers(now_ms=int((time.time() + 310) * 1000)),
     ],
     ids=["no-headers", "no-sign", "wrong-secret", "tampered", "stale", "future"],
 )
 async def test_bad_or_stale_signature_is_401_and_nothing_is_stored(
-    bridge: RunningBridge, headers: dict[str, str]
+    bridge: RunningBridge, make_headers: Callable[[], dict[str, str]]
 ) -> None:
-    status, _ = await bridge.post(group_message("hi"), headers=headers)
+    status, _ = await bridge.post(group_message("hi"), headers=make_headers())
     assert status == 401
     assert await inbox_length(bridge) == 0
 

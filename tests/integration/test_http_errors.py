@@ -1,0 +1,273 @@
+"""bridge/http.py against a fake upstream on loopback: every failure becomes its typed error.
+
+Retries happen before the first byte only: statuses and refused connections are retried, a
+stream that stalls or breaks midway is reported once and never requested again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from bridge.http import (
+    UpstreamAuthError,
+    UpstreamBroken,
+    UpstreamHTTP,
+    UpstreamProtocolError,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from bridge.sse import SSEDecoder, SSEEvent
+from tests.fakes.base import FIXTURES, FakeServer, rechunk, stream_bytes
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+EVENTS = b"data: one\n\ndata: two\n\ndata: three\n\n"
+FIXTURE = (FIXTURES / "hiagent-chat_query.sse").read_bytes()
+
+
+class Upstream:
+    """A fake upstream: each path answers from a queue of handlers, the last one repeating."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, list[Handler]] = {}
+        self.release = asyncio.Event()  # stalled streams wait for it (set at teardown)
+        app = web.Application()
+        app.router.add_route("*", "/{name}", self._handle)
+        self.fake = FakeServer(app)
+
+    def on(self, path: str, *handlers: Handler) -> str:
+        self.routes[path] = list(handlers)
+        return self.fake.url + path
+
+    def hits(self, path: str) -> int:
+        return len(self.fake.on(path))
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        handlers = self.routes[request.path]
+        handler = handlers.pop(0) if len(handlers) > 1 else handlers[0]
+        return await handler(request)
+
+
+def status(code: int, text: str = "", headers: dict[str, str] | None = None) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=code, text=text, headers=headers)
+
+    return handler
+
+
+def sse(data: bytes = EVENTS, **options: object) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        chunks = rechunk(data, random.Random(7), max_size=300)
+        return await stream_bytes(request, chunks, **options)  # type: ignore[arg-type]
+
+    return handler
+
+
+def stalled(upstream: Upstream, first: bytes) -> Handler:
+    """Sends `first`, then nothing until the test is over."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(first)
+        await upstream.release.wait()
+        return response
+
+    return handler
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    server = Upstream()
+    await server.fake.start()
+    yield server
+    server.release.set()
+    await server.fake.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[UpstreamHTTP]:
+    async with aiohttp.ClientSession() as session:
+        yield UpstreamHTTP(session, retries=2, backoff_s=0.01, idle_timeout_s=0.3)
+
+
+async def collect(http: UpstreamHTTP, url: str, into: list[SSEEvent] | None = None,
+                  method: str = "POST") -> list[SSEEvent]:
+    events = [] if into is None else into
+    async for event in http.sse(method, url, json={"q": "hi"}):
+        events.append(event)
+    return events
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- success ----------------------------------------------------------------------------------
+
+
+async def test_a_recorded_stream_arrives_whole(upstream: Upstream, http: UpstreamHTTP) -> None:
+    url = upstream.on("/chat", sse(FIXTURE))
+    decoder = SSEDecoder()
+    expected = decoder.feed(FIXTURE) + decoder.close()
+    assert await collect(http, url) == expected
+    assert upstream.hits("/chat") == 1
+
+
+async def test_stream_without_trailing_blank_line(upstream: Upstream, http: UpstreamHTTP) -> None:
+    url = upstream.on("/chat", sse(b"data: a\n\ndata: [DONE]"))
+    assert [e.data for e in await collect(http, url)] == ["a", "[DONE]"]
+
+
+# -- retried before the first byte -----------------------------------------------------------
+
+
+async def test_429_retry_after_is_honoured(upstream: Upstream, http: UpstreamHTTP) -> None:
+    url = upstream.on("/chat", status(429, "slow down", {"Retry-After": "1"}), sse())
+    started = time.monotonic()
+    events = await collect(http, url)
+    assert time.monotonic() - started >= 1.0  # the advised second, not the 10 ms backoff
+    assert [e.data for e in events] == ["one", "two", "three"]
+    assert upstream.hits("/chat") == 2
+
+
+async def test_429_until_retries_run_out(upstream: Upstream, http: UpstreamHTTP) -> None:
+    url = upstream.on("/chat", status(429, "quota", {"Retry-After": "0"}))
+    with pytest.raises(UpstreamRateLimited) as caught:
+        await collect(http, url)
+    assert caught.value.retry_after == 0.0
+    assert upstream.hits("/chat") == 3
+
+
+async def test_5xx_retried_then_succeeds(upstream: Upstream, http: UpstreamHTTP) -> None:
+    url = upstream.on("/chat", status(502), status(503), sse())
+    assert len(await collect(http, url)) == 3
+    assert upstream.hits("/chat") == 3
+
+
+async def test_5xx_retried_then_unavailable(upstream: Upstream, http: UpstreamHTTP) -> None:
+    url = upstream.on("/chat", status(500, "boom"))
+    with pytest.raises(UpstreamUnavailable, match="HTTP 500: boom"):
+        await collect(http, url)
+    assert upstream.hits("/chat") == 3  # the first try and two retries
+
+
+async def test_connection_refused_is_unavailable(http: UpstreamHTTP) -> None:
+    with pytest.raises(UpstreamUnavailable, match=r"cannot reach 127\.0\.0\.1"):
+        await collect(http, f"http://127.0.0.1:{free_port()}/chat")
+
+
+# -- not retried ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [401, 403])
+async def test_auth_error_is_not_retried(upstream: Upstream, http: UpstreamHTTP,
+                                         code: int) -> None:
+    url = upstream.on("/chat", status(code, "bad token"))
+    with pytest.raises(UpstreamAuthError, match=f"HTTP {code}"):
+        await collect(http, url)
+    assert upstream.hits("/chat") == 1
+
+
+async def test_400_is_rejected(upstream: Upstream, http: UpstreamHTTP) -> None:
+    url = upstream.on("/chat", status(400, '{"error": "input too long"}'))
+    with pytest.raises(UpstreamRejected, match="input too long"):
+        await collect(http, url)
+    assert upstream.hits("/chat") == 1
+
+
+async def test_wrong_content_type_is_a_protocol_error(upstream: Upstream,
+                                                      http: UpstreamHTTP) -> None:
+    url = upstream.on("/chat", sse(b'{"answer": "not a stream"}', content_type="application/json"))
+    with pytest.raises(UpstreamProtocolError, match="application/json"):
+        await collect(http, url)
+    assert upstream.hits("/chat") == 1
+
+
+async def test_line_too_long_is_a_protocol_error(upstream: Upstream, http: UpstreamHTTP) -> None:
+    url = upstream.on("/chat", sse(b"data: " + b"x" * (1 << 20) + b"\n\n"))
+    with pytest.raises(UpstreamProtocolError, match="line longer than"):
+        await collect(http, url)
+
+
+# -- after the first byte: reported, never retried ----------------------------------------
+
+
+async def test_idle_timeout_mid_stream(upstream: Upstream, http: UpstreamHTTP) -> None:
+    url = upstream.on("/chat", stalled(upstream, b"data: one\n\ndata: tw"))
+    events: list[SSEEvent] = []
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeout):
+        await collect(http, url, events)
+    assert 0.3 <= time.monotonic() - started < 5
+    assert [e.data for e in events] == ["one"]
+    assert upstream.hits("/chat") == 1
+
+
+async def test_connection_dropped_mid_stream(upstream: Upstream, http: UpstreamHTTP) -> None:
+    url = upstream.on("/chat", sse(FIXTURE, cut_after=10))
+    events: list[SSEEvent] = []
+    with pytest.raises(UpstreamBroken, match="stream broke"):
+        await collect(http, url, events)
+    assert 0 < len(events) < len(SSEDecoder().feed(FIXTURE))
+    assert upstream.hits("/chat") == 1
+
+
+async def test_stopping_early_closes_the_response(upstream: Upstream,
+                                                  http: UpstreamHTTP) -> None:
+    url = upstream.on("/chat", stalled(upstream, b"data: one\n\n"))
+    stream = http.sse("GET", url)
+    assert (await anext(stream)).data == "one"
+    await stream.aclose()  # what `/stop` does: the connection is given up at once
+    assert not http.session.connector or not http.session.connector._acquired
+
+
+# -- JSON calls share the policy --------------------------------------------------------------
+
+
+async def test_json_call_retried_and_parsed(upstream: Upstream, http: UpstreamHTTP) -> None:
+    async def ok(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"code": 200})
+
+    url = upstream.on("/api", status(503), ok)
+    assert await http.json("POST", url, json={}) == {"code": 200}
+    assert upstream.hits("/api") == 2
+
+
+async def test_json_call_with_a_body_that_is_not_json(upstream: Upstream,
+                                                      http: UpstreamHTTP) -> None:
+    url = upstream.on("/api", status(200, "<html>maintenance</html>"))
+    with pytest.raises(UpstreamProtocolError, match="not JSON"):
+        await http.json("GET", url)
+
+
+@pytest.mark.parametrize("delay_s", [None, 0, 0.001, 0.003, 0.01, 0.2])
+async def test_cancel_before_the_first_byte_is_not_lost(upstream: Upstream, http: UpstreamHTTP,
+                                                        delay_s: float | None) -> None:
+    # `/stop` while an error answer is read or a retry is awaited: the turn ends at once.
+    # (Python 3.11's asyncio.wait_for dropped a cancel that came as the body was read, and
+    # the turn slept 30 s and asked again.)
+    url = upstream.on("/chat", status(429, "quota", {"Retry-After": "30"}))
+    task = asyncio.ensure_future(collect(http, url))
+    await upstream.fake.wait_for_requests(1, "/chat")
+    if delay_s is not None:
+        await asyncio.sleep(delay_s)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5)
+    if not done:  # the cancel was lost: stop the task for good before failing
+        task.cancel()
+        await asyncio.wait({task})
+    assert done and task.cancelled()
+    assert upstream.hits("/chat") == 1

@@ -1,0 +1,114 @@
+"""bridge/http.py without a network: Retry-After, the status → error mapping, the retry policy."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from typing import Any
+
+import pytest
+from multidict import CIMultiDict
+from tenacity import RetryCallState
+
+from bridge.events import ErrorKind
+from bridge.http import (
+    MAX_RETRY_AFTER_S,
+    RETRYABLE,
+    UpstreamAuthError,
+    UpstreamBroken,
+    UpstreamFailure,
+    UpstreamHTTP,
+    UpstreamProtocolError,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    error_for_status,
+    parse_retry_after,
+)
+
+
+@pytest.mark.parametrize(("header", "seconds"), [
+    ("0", 0.0), ("5", 5.0), ("1.5", 1.5), (" 7 ", 7.0),
+    ("60", 60.0), ("61", MAX_RETRY_AFTER_S), ("3600", MAX_RETRY_AFTER_S),  # capped at 60 s
+    ("-3", 0.0),
+    (None, None), ("", None), ("soon", None), ("nan", None), ("inf", None),
+])
+def test_parse_retry_after_delta_seconds(header: str | None, seconds: float | None) -> None:
+    assert parse_retry_after(header) == seconds
+
+
+def test_parse_retry_after_http_date() -> None:
+    in_30_s = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert parse_retry_after(in_30_s) == pytest.approx(30, abs=2)
+    in_an_hour = email.utils.formatdate(time.time() + 3600, usegmt=True)
+    assert parse_retry_after(in_an_hour) == MAX_RETRY_AFTER_S
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past: now
+
+
+@pytest.mark.parametrize(("status", "error", "kind"), [
+    (401, UpstreamAuthError, ErrorKind.AUTH),
+    (403, UpstreamAuthError, ErrorKind.AUTH),
+    (429, UpstreamRateLimited, ErrorKind.RATE_LIMITED),
+    (408, UpstreamUnavailable, ErrorKind.UNAVAILABLE),
+    (500, UpstreamUnavailable, ErrorKind.UNAVAILABLE),
+    (502, UpstreamUnavailable, ErrorKind.UNAVAILABLE),
+    (503, UpstreamUnavailable, ErrorKind.UNAVAILABLE),
+    (400, UpstreamRejected, ErrorKind.REJECTED),
+    (404, UpstreamRejected, ErrorKind.REJECTED),
+    (422, UpstreamRejected, ErrorKind.REJECTED),
+])
+def test_error_for_status(status: int, error: type[UpstreamFailure], kind: ErrorKind) -> None:
+    failure = error_for_status(status, "body text", {})
+    assert type(failure) is error
+    assert failure.kind is kind
+    assert failure.message.startswith(f"HTTP {status}: body text")
+
+
+def test_error_for_status_keeps_retry_after_and_truncates_the_body() -> None:
+    headers = CIMultiDict({"retry-after": "9"})  # header names are case-insensitive
+    assert error_for_status(429, "", headers).retry_after == 9.0
+    assert error_for_status(503, "", headers).retry_after == 9.0
+    assert error_for_status(429, "", {}).retry_after is None
+    assert len(error_for_status(400, "x" * 10_000, {}).message) < 400
+
+
+def test_only_unavailable_and_rate_limited_are_retried() -> None:
+    assert set(RETRYABLE) == {UpstreamUnavailable, UpstreamRateLimited}
+    for never in (UpstreamAuthError, UpstreamRejected, UpstreamProtocolError, UpstreamTimeout,
+                  UpstreamBroken):
+        assert not issubclass(never, RETRYABLE)
+
+
+def _wait_after(http: UpstreamHTTP, exc: BaseException, attempt: int = 1) -> float:
+    retrying = http.retrying()
+    state = RetryCallState(retry_object=retrying, fn=None, args=(), kwargs={})
+    state.attempt_number = attempt
+    state.set_exception((type(exc), exc, None))
+    wait: Any = retrying.wait
+    return float(wait(state))
+
+
+def test_retry_waits_the_advised_time_else_backs_off() -> None:
+    http = UpstreamHTTP(session=None, backoff_s=0.01)  # type: ignore[arg-type]
+    assert _wait_after(http, UpstreamRateLimited("429", retry_after=7.0)) == 7.0
+    assert _wait_after(http, UpstreamUnavailable("503", retry_after=0.0)) == 0.0
+    for attempt in (1, 2, 3):
+        assert 0 <= _wait_after(http, UpstreamUnavailable("refused"), attempt) <= 0.01 * 2**attempt
+
+
+def test_retry_stops_after_the_configured_attempts() -> None:
+    http = UpstreamHTTP(session=None, retries=2)  # type: ignore[arg-type]
+    retrying = http.retrying()
+    state = RetryCallState(retry_object=retrying, fn=None, args=(), kwargs={})
+    stop: Any = retrying.stop
+    state.attempt_number = 2
+    assert not stop(state)
+    state.attempt_number = 3  # the first try and two retries
+    assert stop(state)
+
+
+def test_timeouts_are_handed_to_aiohttp() -> None:
+    http = UpstreamHTTP(session=None, connect_timeout_s=3, idle_timeout_s=4,  # type: ignore[arg-type]
+                        total_timeout_s=0)
+    assert (http.timeout.sock_connect, http.timeout.sock_read, http.timeout.total) == (3, 4, None)
