@@ -1,36 +1,63 @@
 """From stream events to the pieces people read: rendering, flush policy, splitting.
 
 Pure: the relay feeds events and the current time, and sends whatever texts come back.
-Cut points are chosen so that a piece never ends inside a code fence, a table or a list
-item, nor inside a word; only a fence longer than one message is split, and then it is
-closed at the end of the first piece and reopened at the start of the next.
+Cut points are chosen so that a piece never ends inside a code fence, a display-math block,
+a table, a list item, a quoted line, an inline code span or a word, nor right after a
+heading; only a fence longer than one message is split, and then it is closed at the end of
+the first piece and reopened at the start of the next (SPEC §4).
+
+In `stream` mode a piece leaves once `min_chars` are buffered and a paragraph or sentence
+boundary (a line break at worst) lies past them, or once `max_wait_s` have passed since the
+last piece and any such boundary exists. Joined, the pieces are the rendered turn.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bridge.events import AgentSwitch, Event, ReasoningDelta, Suggestions, TextDelta, TextReplace
 
-__all__ = ["Composer", "FlushPolicy", "quote_block", "split_text"]
+__all__ = ["Composer", "FlushPolicy", "Standalone", "quote_block", "split_text"]
 
-_FENCE = re.compile(r"^ {0,3}(```+|~~~+)(.*)$", re.MULTILINE)
-_TABLE_LINE = re.compile(r"^ {0,3}\|.*$", re.MULTILINE)
-_LIST_ITEM = re.compile(r"^ {0,3}(?:[-*+]|\d{1,9}[.)]) ", re.MULTILINE)
+MAX_SUGGESTIONS = 5
+
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$", re.MULTILINE)
+_MATH = re.compile(r"\$\$")
+_INLINE_CODE = re.compile(r"(`+)[^`\n]+?\1")
+_BACKTICKS = re.compile(r"`+")
+_LIST_MARKER = re.compile(r"^( {0,12})(?:[-*+]|\d{1,9}[.)])(?:[ \t]|$)")
+_TABLE_ROW = re.compile(r"^ {0,3}\|")
+_TABLE_DELIMITER = re.compile(r"^ {0,3}\|?[ \t]*:?-+:?[ \t]*(?:\|[ \t]*:?-+:?[ \t]*)+\|?[ \t]*$")
+_HEADING = re.compile(r"^ {0,3}#{1,6}(?:[ \t]|$)")
+_QUOTE = re.compile(r"^ {0,3}>")
+
 _PARAGRAPH = re.compile(r"\n[ \t]*\n+")
 _LINE = re.compile(r"\n")
-_SENTENCE = re.compile(r"(?:[.!?;:][\"')\]]*[ \t]+|[。！？；…]+[”’」』）]*)")
-_SPACE = re.compile(r"\s+")
+_SENTENCE = re.compile(r"[.!?][\"')\]”’]*[ \t]+|[。！？…]+[”’」』）)\]\"']*")
+_CLAUSE = re.compile(r"[;:,][ \t]+|[；：，、]")
+_SPACE = re.compile(r"[ \t]+")
 _WORD_CHAR = re.compile(r"\w")
+
+_STREAM_BOUNDARIES = (_PARAGRAPH, _SENTENCE, _LINE)
+_SPLIT_BOUNDARIES = (_PARAGRAPH, _LINE, _SENTENCE, _CLAUSE, _SPACE)
+
+
+class Standalone(str):
+    """A message that is never merged with the pieces around it (a correction, a notice)."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True, slots=True)
 class _Span:
+    """A cut at p is forbidden when start < p < end."""
+
     start: int
     end: int
     fence_opener: str = ""  # the opening line of a code fence, e.g. "```python"
+    is_fence: bool = False
 
 
 def _fences(text: str) -> list[_Span]:
@@ -44,30 +71,10 @@ def _fences(text: str) -> list[_Span]:
             and len(match.group(1)) >= len(opener.group(1))
             and not match.group(2).strip()
         ):
-            spans.append(_Span(opener.start(), match.end(), opener.group(0).strip()))
+            spans.append(_Span(opener.start(), match.end(), opener.group(0).strip(), True))
             opener = None
-    if opener is not None:
-        spans.append(_Span(opener.start(), len(text) + 1, opener.group(0).strip()))
-    return spans
-
-
-def _protected(text: str) -> list[_Span]:
-    """Spans a cut must not fall strictly inside: fences, tables, list-item lines."""
-    spans = _fences(text)
-    for pattern in (_TABLE_LINE,):
-        block_start = block_end = -1
-        for match in pattern.finditer(text):
-            if match.start() == block_end + 1 and block_start >= 0:
-                block_end = match.end()
-            else:
-                if block_start >= 0:
-                    spans.append(_Span(block_start, block_end))
-                block_start, block_end = match.start(), match.end()
-        if block_start >= 0:
-            spans.append(_Span(block_start, block_end))
-    for match in _LIST_ITEM.finditer(text):
-        line_end = text.find("\n", match.start())
-        spans.append(_Span(match.start(), len(text) if line_end < 0 else line_end))
+    if opener is not None:  # still open: nothing after its start may be cut yet
+        spans.append(_Span(opener.start(), len(text) + 1, opener.group(0).strip(), True))
     return spans
 
 
@@ -75,19 +82,143 @@ def _inside(position: int, spans: Sequence[_Span]) -> bool:
     return any(span.start < position < span.end for span in spans)
 
 
-def _last_cut(
-    text: str, limit: int, patterns: Sequence[re.Pattern[str]], spans: Sequence[_Span]
+def _math(text: str, fences: Sequence[_Span]) -> list[_Span]:
+    """`$$ … $$` display math (the OCR pipelines' transcripts and math answers use it)."""
+    marks = [m.start() for m in _MATH.finditer(text) if not _inside(m.start(), fences)]
+    spans = [_Span(a, b + 2) for a, b in zip(marks[::2], marks[1::2], strict=False)]
+    if len(marks) % 2:
+        spans.append(_Span(marks[-1], len(text) + 1))
+    return spans
+
+
+def _lines(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, line) for every line; `end` is the index of its newline. The last line
+    has none yet: its end lies past the text, so a span ending with it covers the end."""
+    out, start = [], 0
+    for line in text.split("\n"):
+        out.append((start, start + len(line), line))
+        start += len(line) + 1
+    last_start, last_end, last = out[-1]
+    out[-1] = (last_start, last_end + 1, last)
+    return out
+
+
+def _is_table_line(lines: Sequence[tuple[int, int, str]], i: int, previous: bool) -> bool:
+    line = lines[i][2]
+    if _TABLE_ROW.match(line):
+        return True
+    if "|" not in line or not line.strip():
+        return False
+    following = lines[i + 1][2] if i + 1 < len(lines) else ""
+    return previous or bool(_TABLE_DELIMITER.match(following)) or bool(_TABLE_DELIMITER.match(line))
+
+
+def _tables(lines: Sequence[tuple[int, int, str]]) -> list[_Span]:
+    spans: list[_Span] = []
+    block_start: int | None = None
+    previous = False
+    for i, (start, end, _) in enumerate(lines):
+        previous = _is_table_line(lines, i, previous)
+        if previous and block_start is None:
+            block_start = start
+        if previous:
+            spans.append(_Span(block_start if block_start is not None else start, end))
+        else:
+            block_start = None
+    return spans
+
+
+def _list_items(lines: Sequence[tuple[int, int, str]]) -> list[_Span]:
+    """An item runs from its marker to the line before a blank line or the next item of
+    the same or an outer level (nested items and continuation lines belong to it)."""
+    spans: list[_Span] = []
+    for i, (start, end, line) in enumerate(lines):
+        marker = _LIST_MARKER.match(line)
+        if marker is None:
+            continue
+        indent, last_end = len(marker.group(1)), end
+        for _, next_end, following in lines[i + 1 :]:
+            nested = _LIST_MARKER.match(following)
+            if not following.strip() or (nested is not None and len(nested.group(1)) <= indent):
+                break
+            if _FENCE.match(following) or _HEADING.match(following):
+                break
+            last_end = next_end
+        spans.append(_Span(start, last_end))
+    return spans
+
+
+def _headings_and_quotes(text: str, lines: Sequence[tuple[int, int, str]]) -> list[_Span]:
+    spans: list[_Span] = []
+    for start, end, line in lines:
+        if _QUOTE.match(line):
+            spans.append(_Span(start, end))
+        elif _HEADING.match(line):
+            # never cut between a heading and the first line of what it heads
+            rest = len(text[end:]) - len(text[end:].lstrip())
+            spans.append(_Span(start, end + rest + 1))
+    return spans
+
+
+def _protected(text: str) -> list[_Span]:
+    """Spans a cut must not fall strictly inside."""
+    fences = _fences(text)
+    outside = [line for line in _lines(text) if not _inside(line[0], fences)]
+    spans = [*fences, *_math(text, fences)]
+    spans += _tables(outside) + _list_items(outside) + _headings_and_quotes(text, outside)
+    spans += [_Span(m.start(), m.end()) for m in _INLINE_CODE.finditer(text)]
+    opened = _open_code_span(text)
+    if opened is not None:
+        spans.append(_Span(opened, len(text) + 1))
+    return spans
+
+
+def _open_code_span(text: str) -> int | None:
+    """Where an inline code span opens on the last line without closing (yet), if one does."""
+    line_start = text.rfind("\n") + 1
+    opener: re.Match[str] | None = None
+    for run in _BACKTICKS.finditer(text, line_start):
+        if opener is None:
+            opener = run
+        elif len(run.group(0)) == len(opener.group(0)):
+            opener = None
+    return None if opener is None or _FENCE.match(text, line_start) else opener.start()
+
+
+def _best_cut(
+    text: str,
+    limit: int,
+    patterns: Sequence[re.Pattern[str]],
+    spans: Sequence[_Span],
+    *,
+    floor: int = 1,
+    lookahead: bool = False,
 ) -> int:
-    """The latest position ≤ limit just after a boundary of the first pattern that has one."""
+    """The latest position in [floor, limit] just after a boundary of the first pattern
+    that has one outside every span; 0 when none has. With `lookahead`, the character after
+    the cut must be known and not blank (a streamed buffer may not have its end yet)."""
+    floor = max(floor, len(text) - len(text.lstrip()) + 1)  # never a blank head
     for pattern in patterns:
         best = 0
         for match in pattern.finditer(text, 0, limit):
             position = match.end()
-            if 0 < position <= limit and not _inside(position, spans):
-                best = position
+            if position < floor or position > limit or _inside(position, spans):
+                continue
+            if lookahead and not _known_end(text, position, match):
+                continue
+            best = position
         if best:
             return best
     return 0
+
+
+def _known_end(text: str, position: int, match: re.Match[str]) -> bool:
+    """In a streamed buffer, a cut must not depend on text still to come: the next
+    character must be known and start something (not more blank space, a closing quote or
+    a continuation line). A sentence end whose following spaces arrived is known already."""
+    if position < len(text):
+        return not text[position].isspace()
+    return match.group(0)[-1] in " \t"
 
 
 def _word_safe_cut(text: str, limit: int) -> int:
@@ -105,43 +236,49 @@ def _word_safe_cut(text: str, limit: int) -> int:
 
 
 def split_text(text: str, max_chars: int) -> list[str]:
-    """Split text into messages of at most `max_chars` code points at the best boundary."""
+    """Split text into messages of at most `max_chars` code points at the best boundary:
+    paragraph, line, sentence, clause, then word, preferring pieces of at least half the
+    limit; an over-long fence is closed and reopened; joined, the pieces are the text."""
     pieces: list[str] = []
     while len(text) > max_chars:
-        spans = _protected(text)
-        cut = _last_cut(text, max_chars, (_PARAGRAPH, _LINE, _SENTENCE, _SPACE), spans)
-        if cut:
-            pieces.append(text[:cut])
-            text = text[cut:]
-            continue
-        fence = next((s for s in _fences(text) if s.start < max_chars < s.end), None)
-        if fence is not None:
-            head, text = _split_fence(text, fence, max_chars)
-            pieces.append(head)
-            continue
-        cut = _word_safe_cut(text, max_chars)
-        pieces.append(text[:cut])
-        text = text[cut:]
+        head, text = _split_once(text, max_chars)
+        pieces.append(head)
     if text:
         pieces.append(text)
     return pieces
 
 
+def _split_once(text: str, max_chars: int) -> tuple[str, str]:
+    spans = _protected(text)
+    for floor in (max_chars // 2, 1):
+        cut = _best_cut(text, max_chars, _SPLIT_BOUNDARIES, spans, floor=floor)
+        if cut:
+            return text[:cut], text[cut:]
+    fence = next((s for s in spans if s.is_fence and s.start < max_chars < s.end), None)
+    if fence is not None:
+        return _split_fence(text, fence, max_chars)
+    # a table, list item or math block longer than a message: cut it at a line at least
+    fences = [s for s in spans if s.is_fence]
+    cut = _best_cut(text, max_chars, _SPLIT_BOUNDARIES, fences) or _word_safe_cut(text, max_chars)
+    return text[:cut], text[cut:]
+
+
 def _split_fence(text: str, fence: _Span, max_chars: int) -> tuple[str, str]:
     """Cut inside an over-long fence: close it in the head, reopen it in the rest."""
-    closer = "\n```"
+    marker = re.match(r"\s*(`{3,}|~{3,})", fence.fence_opener)
+    closer = "\n" + (marker.group(1) if marker else "```")
     limit = max_chars - len(closer)
     cut = text.rfind("\n", fence.start + 1, limit) + 1
     if cut <= fence.start + 1:
         cut = limit
     opener = (fence.fence_opener or "```") + "\n"
     head = text[:cut]
-    return (head.rstrip("\n") + closer, opener + text[cut:])
+    return head.rstrip("\n") + closer, opener + text[cut:]
 
 
 def quote_block(text: str) -> str:
     lines = text.strip("\n").split("\n")
-    return "\n".join("> " + line if line else ">" for line in lines)
+    return "\n".join("> " + line if line.strip() else ">" for line in lines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,32 +292,42 @@ class FlushPolicy:
     every_delta: bool = False
 
 
+def _default_agent_line(agent: str) -> str:
+    return f"→ {agent}"
+
+
 @dataclass
 class Composer:
-    """Turns the events of one turn into message texts, in order."""
+    """Turns the events of one turn into message texts, in order.
+
+    Rendering: reasoning (with `show_reasoning`, quoted) before each part's answer; a part
+    that ends with reasoning but no answer shows it quoted, once, when it ends; one short
+    line at each agent switch after the first agent; suggestions as a short list at the end;
+    a replacement that contradicts text already sent goes out as one `Standalone` correction.
+    """
 
     policy: FlushPolicy
     show_reasoning: bool = False
-    agent_line: Callable[[str], str] = lambda agent: f"→ {agent}"
+    agent_line: Callable[[str], str] = _default_agent_line
     suggestions_title: str = "You could also ask:"
     correction_title: str = "Correction:"
     now: float = 0.0
     answer: str = ""  # the answer text alone, for history
     _pending: str = ""
+    _tail: str = ""  # the last characters rendered (sent or pending), for separators
     _last_flush: float = 0.0
-    _flushed_answer: bool = False  # part of the answer has left in a piece
-    _answer_start: int = 0  # where the answer begins inside _pending
+    _answer_sent: bool = False  # part of the answer has left in a piece
+    _answer_at: int | None = None  # where the answer begins inside _pending
     _agent: str | None = None
     _part_text: bool = False
     _part_reasoning: str = ""
     _suggestions: tuple[str, ...] = ()
-    _correction: str | None = None
-    _sent_texts: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._last_flush = self.now
 
     def feed(self, event: Event, now: float) -> list[str]:
+        corrections: list[str] = []
         if isinstance(event, TextDelta):
             self._text(event.text)
         elif isinstance(event, ReasoningDelta):
@@ -190,10 +337,10 @@ class Composer:
         elif isinstance(event, Suggestions):
             self._suggestions = event.items
         elif isinstance(event, TextReplace):
-            self._replace(event.text)
+            corrections = self._replace(event.text, now)
         else:
             return []
-        return self._ready(now)
+        return corrections + self._ready(now)
 
     def tick(self, now: float) -> list[str]:
         """Called while the upstream is quiet: the max-wait flush."""
@@ -202,82 +349,125 @@ class Composer:
     def finish(self) -> list[str]:
         """The end of the turn (normal or not): everything that is left."""
         self._close_part()
-        if self._suggestions:
-            items = "\n".join(f"- {item}" for item in self._suggestions)
-            self._pending += f"\n\n{self.suggestions_title}\n{items}"
-        if self._correction is not None:
-            self._pending += f"\n\n{self.correction_title}\n{self._correction}"
+        items = [" ".join(item.split()) for item in self._suggestions if item.strip()]
+        if items:
+            listed = "\n".join(f"- {item}" for item in items[:MAX_SUGGESTIONS])
+            self._block(f"{self.suggestions_title}\n{listed}")
         text, self._pending = self._pending, ""
         return [piece for piece in split_text(text, self.policy.max_chars) if piece.strip()]
+
+    # Rendering
+
+    def _append(self, text: str) -> None:
+        self._pending += text
+        self._tail = (self._tail + text)[-2:]
+
+    def _separate(self) -> None:
+        """Start a new block: a blank line after whatever was rendered before."""
+        if self._tail and not self._tail.endswith("\n\n"):
+            self._append("\n" if self._tail.endswith("\n") else "\n\n")
+
+    def _block(self, text: str) -> None:
+        self._separate()
+        self._append(text)
 
     def _text(self, text: str) -> None:
         if not text:
             return
         if not self._part_text:
             self._part_text = True
-            if self._part_reasoning.strip() and self.show_reasoning:
-                self._pending += quote_block(self._part_reasoning) + "\n\n"
-            self._part_reasoning = ""
-            if not self.answer:
-                self._answer_start = len(self._pending)
-        self._pending += text
+            reasoning, self._part_reasoning = self._part_reasoning, ""
+            if self.show_reasoning and reasoning.strip():
+                self._block(quote_block(reasoning))
+            self._separate()
+            if self._answer_at is None:
+                self._answer_at = len(self._pending)
+            if self.answer:
+                self.answer += "\n\n"
+        self._append(text)
         self.answer += text
 
     def _switch(self, agent: str) -> None:
         if agent == self._agent:
             return
-        previous, self._agent = self._agent, agent
-        if previous is None:
+        first = self._agent is None and not (self._tail or self._part_reasoning)
+        self._agent = agent
+        if first:
             return
         self._close_part()
-        self._pending += ("\n\n" if self._pending else "") + self.agent_line(agent) + "\n\n"
+        self._block(self.agent_line(agent))
         self._part_text = False
 
     def _close_part(self) -> None:
         """A part that ended with reasoning and no answer shows its reasoning, once."""
         if not self._part_text and self._part_reasoning.strip():
-            separator = "\n\n" if self._pending.strip() else ""
-            self._pending += separator + quote_block(self._part_reasoning) + "\n\n"
+            self._block(quote_block(self._part_reasoning))
         self._part_reasoning = ""
 
-    def _replace(self, text: str) -> None:
+    def _replace(self, text: str, now: float) -> list[str]:
         if text == self.answer:
-            return
-        if not self._flushed_answer:
-            self._pending = self._pending[: self._answer_start] + text
-            self.answer = text
-            self._part_text = bool(text)
-        elif text != self._correction:
-            self._correction = text
+            return []
+        if self._answer_at is None and not self._answer_sent:
+            self._text(text)
+        elif not self._answer_sent:
+            assert self._answer_at is not None
+            self._pending = self._pending[: self._answer_at]
+            self._tail = self._pending[-2:]
+            self.answer = ""
+            self._part_text = False
+            self._text(text)
+        elif text.startswith(self.answer):
+            self._text(text[len(self.answer) :])
+        else:
+            return self._correct(text, now)
+        return []
+
+    def _correct(self, text: str, now: float) -> list[str]:
+        """Text already sent is contradicted: the unsent rest of the old answer is dropped
+        and the whole new answer goes out as one correction message."""
+        self._pending = self._pending[: self._answer_at or 0]
+        self.answer = text
+        self._tail = text[-2:]
+        self._last_flush = now
+        correction = f"{self.correction_title}\n{text}"
+        return [Standalone(piece) for piece in split_text(correction, self.policy.max_chars)]
+
+    # Flushing
 
     def _ready(self, now: float) -> list[str]:
         if self.policy.every_delta:
             return self._take(len(self._pending), now)
-        if self.policy.mode != "stream" or not self._pending.strip():
+        pending = self._pending
+        if self.policy.mode != "stream" or not pending.strip():
             return []
-        limit = min(len(self._pending), self.policy.max_chars)
         due = now - self._last_flush >= self.policy.max_wait_s
-        if len(self._pending) < self.policy.min_chars and not due:
+        if len(pending) < self.policy.min_chars and not due:
             return []
-        spans = _protected(self._pending)
-        cut = _last_cut(self._pending, limit, (_PARAGRAPH, _SENTENCE, _LINE), spans)
-        if not cut and len(self._pending) > self.policy.max_chars:
+        limit = min(len(pending), self.policy.max_chars)
+        spans = _protected(pending)
+        floor = 1 if due else self.policy.min_chars
+        cut = _best_cut(pending, limit, _STREAM_BOUNDARIES, spans, floor=floor, lookahead=True)
+        if cut:
+            return self._take(cut, now)
+        if len(pending) > self.policy.max_chars:
             return self._take_split(now)
-        return self._take(cut, now) if cut else []
+        return []
 
     def _take(self, cut: int, now: float) -> list[str]:
         head, self._pending = self._pending[:cut], self._pending[cut:]
-        self._answer_start = max(self._answer_start - cut, 0)
         if not head:
             return []
-        if self.answer:
-            self._flushed_answer = True
+        if self._answer_at is not None:
+            if cut > self._answer_at:
+                self._answer_sent = True
+            self._answer_at = max(self._answer_at - cut, 0)
         self._last_flush = now
         return [head] if head.strip() or self.policy.every_delta else []
 
     def _take_split(self, now: float) -> list[str]:
-        pieces = split_text(self._pending, self.policy.max_chars)
-        self._pending = pieces.pop()
-        self._flushed_answer = True
+        head, self._pending = _split_once(self._pending, self.policy.max_chars)
+        if self._answer_at is not None:
+            self._answer_sent = True
+            self._answer_at = 0
         self._last_flush = now
-        return pieces
+        return [head]

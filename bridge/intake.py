@@ -29,11 +29,13 @@ _ALIASES = {
     "/status": Command.STATUS, "状态": Command.STATUS,
 }  # fmt: skip
 _TRAILING_PUNCTUATION = re.compile(r"[\s。.!！]+$")
+# Message types that carry neither text nor an image we can read, whatever their fields say.
+UNSUPPORTED_TYPES = frozenset({"voice", "audio", "file", "video", "location", "sticker"})
 
 
 def parse_command(text: str) -> Command | None:
-    """The command a message is, if it is one (`/stop`, `停止`, ` /Reset ` …)."""
-    word = _TRAILING_PUNCTUATION.sub("", text.strip()).lower()
+    """The command a message is, if it is one (`/stop`, `停止`, ` ／Reset ` …)."""
+    word = _TRAILING_PUNCTUATION.sub("", text.strip()).lower().replace("／", "/")
     return _ALIASES.get(word)
 
 
@@ -72,7 +74,8 @@ def judge(message: InboundMessage, settings: Settings) -> Verdict:
         return Verdict(None, session)
     if parse_command(message.text) is not None and not message.image_urls:
         return Verdict(EntryKind.COMMAND, session)
-    if not message.text.strip() and not message.image_urls:
+    unreadable = message.msg_type.lower() in UNSUPPORTED_TYPES
+    if unreadable or (not message.text.strip() and not message.image_urls):
         return Verdict(EntryKind.NOTICE, session, "unsupported_type")
     if len(message.text) > settings.max_input_chars:
         return Verdict(EntryKind.NOTICE, session, "input_too_long")

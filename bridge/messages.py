@@ -25,9 +25,11 @@ MESSAGES: dict[str, dict[str, str]] = {
         "rate_limited": "消息发送太频繁了，请稍后再试。",
         "input_too_long": "消息太长了（{length} 字，上限 {limit} 字），请精简后再发。",
         "unsupported_type": "暂不支持这种消息类型，请发送文字或图片。",
-        "image_too_large": "图片太大了（上限 {limit_mb} MB），请压缩后再发。",
+        "image_too_large": "图片太大了（上限 {limit}），请压缩后再发。",
         "image_refused": "暂不支持图片消息，请用文字描述问题。",
         "image_failed": "图片读取失败，请重新发送或用文字描述问题。",
+        "image_service_failed": "图片识别服务暂时不可用，请稍后再试或用文字描述问题。",
+        "question_label": "第 {id} 题：",
         "thinking": "正在思考，请稍候……",
         "cut_off": "（回答中断，以上内容可能不完整）",
         "upstream_unavailable": "AI 服务暂时无法访问，请稍后再试。",
@@ -62,9 +64,11 @@ MESSAGES: dict[str, dict[str, str]] = {
         "rate_limited": "You are sending messages too fast; please wait a moment.",
         "input_too_long": "That message is too long ({length} characters, limit {limit}).",
         "unsupported_type": "This kind of message is not supported; please send text or an image.",
-        "image_too_large": "That image is too large (limit {limit_mb} MB).",
+        "image_too_large": "That image is too large (limit {limit}); please send a smaller one.",
         "image_refused": "Images are not supported here; please describe the question in text.",
         "image_failed": "The image could not be read; please send it again or use text.",
+        "image_service_failed": "Image recognition is unavailable right now; try again later.",
+        "question_label": "Question {id}:",
         "thinking": "Thinking…",
         "cut_off": "(The answer was cut off; the text above may be incomplete.)",
         "upstream_unavailable": "The AI service is unreachable right now; please try again later.",
@@ -88,6 +92,7 @@ class Catalogue:
     """The bot's sentences in one language."""
 
     def __init__(self, lang: str) -> None:
+        self.lang = lang
         self._messages = MESSAGES[lang]
 
     def __call__(self, key: str, **values: Any) -> str:
@@ -99,3 +104,10 @@ class Catalogue:
         if seconds < 86400:
             return self("age_hours", hours=int(seconds // 3600))
         return self("age_days", days=int(seconds // 86400))
+
+    @staticmethod
+    def size(n_bytes: int) -> str:
+        """A size for people: `10 MB`, `500 KB`."""
+        if n_bytes >= 1024 * 1024:
+            return f"{n_bytes / (1024 * 1024):.3g} MB"
+        return f"{max(n_bytes / 1024, 0.001):.3g} KB"

@@ -9,7 +9,7 @@ import time
 
 import redis.asyncio as aioredis
 import structlog
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from bridge.config import Rate
 from bridge.interfaces import IM, Piece, ReplyTarget, SendError
@@ -21,6 +21,7 @@ __all__ = ["DIRECT_RATE", "Outbox", "SendBudget"]
 log = structlog.get_logger(__name__)
 
 DIRECT_RATE = Rate(60, 60.0)  # the platform's own limit on direct sends per robot
+_MAX_BACKOFF_S = 8.0
 
 # A sliding window in a sorted set, timed by the Redis clock so every host agrees.
 # KEYS: window. ARGV: window ms, count, unique member. Returns ms to wait (0: taken).
@@ -63,6 +64,14 @@ class SendBudget:
 
 
 class Outbox:
+    """Every send of the process: the Redis budget, the platform's "slow down", retries.
+
+    A rate-limit answer (HTTP 429, a "frequency" message) pauses every send of this process
+    for the advised time and is retried without using up an attempt, for up to
+    `rate_limit_patience_s`; other failures are retried `attempts` times with backoff.
+    An IM without platform limits (`rate_limited = False`: the terminal) skips the budget.
+    """
+
     def __init__(
         self,
         im: IM,
@@ -73,30 +82,47 @@ class Outbox:
         group_rate: Rate,
         attempts: int = 5,
         backoff_s: float = 0.5,
+        rate_limit_patience_s: float = 300.0,
     ) -> None:
         self.im = im
         self._metrics = metrics
+        self._budgeted = bool(getattr(im, "rate_limited", True))
         self._group = SendBudget(redis, keys.send_budget_group, group_rate)
         self._direct = SendBudget(redis, keys.send_budget_direct, DIRECT_RATE)
         self._attempts = attempts
         self._backoff_s = backoff_s
+        self._patience_s = rate_limit_patience_s
         self._resume = asyncio.Event()
         self._resume.set()
 
     async def acquire(self, target: ReplyTarget) -> None:
         """Wait for the budget of one send to this target."""
-        await (self._direct if target.is_direct else self._group).acquire()
+        if self._budgeted:
+            await (self._direct if target.is_direct else self._group).acquire()
 
     async def deliver(
         self, target: ReplyTarget, piece: Piece, *, budget_taken: bool = False
     ) -> None:
         """Send one piece, retrying with the same message_id; raise SendError if it never
         got through. Every attempt counts against the budget."""
+        failures = 0
+
+        def give_up(state: RetryCallState) -> bool:
+            nonlocal failures
+            exc = state.outcome.exception() if state.outcome is not None else None
+            if isinstance(exc, SendError) and exc.retry_after is not None:
+                return (state.seconds_since_start or 0.0) >= self._patience_s
+            failures += 1
+            return failures >= self._attempts
+
+        def backoff(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            if isinstance(exc, SendError) and exc.retry_after is not None:
+                return 0.0  # the process-wide pause holds the next attempt back
+            return float(min(self._backoff_s * 2 ** max(failures - 1, 0), _MAX_BACKOFF_S))
+
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._attempts),
-            wait=wait_exponential(multiplier=self._backoff_s, max=8),
-            retry=retry_if_exception_type(SendError),
-            reraise=True,
+            stop=give_up, wait=backoff, retry=retry_if_exception_type(SendError), reraise=True
         )
         first = True
         async for attempt in retrying:
@@ -116,7 +142,12 @@ class Outbox:
                 self._pause(exc.retry_after)
             else:
                 self._metrics.im_sends.labels(outcome="error").inc()
-            log.warning("im_send_failed", reason=exc.reason, message_id=piece.message_id)
+            log.warning(
+                "im_send_failed",
+                reason=exc.reason,
+                message_id=piece.message_id,
+                retry_after=exc.retry_after,
+            )
             raise
         self._metrics.im_sends.labels(outcome="ok").inc()
 
@@ -125,4 +156,4 @@ class Outbox:
         if not self._resume.is_set():
             return
         self._resume.clear()
-        asyncio.get_running_loop().call_later(seconds, self._resume.set)
+        asyncio.get_running_loop().call_later(max(seconds, 0.0), self._resume.set)

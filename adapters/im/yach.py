@@ -162,6 +162,7 @@ class YachIM:
     name = "yach"
     max_chars = MAX_CHARS
     streams_tokens = False
+    rate_limited = True  # the platform limits robots: sends go through the Redis budget
 
     def __init__(
         self, settings: Settings, api: YachAPI, clock: Callable[[], float] = time.time
@@ -198,33 +199,38 @@ class YachIM:
     async def send(self, target: ReplyTarget, piece: Piece) -> None:
         message = render(piece, target, self._msg_format)
         try:
-            if target.is_direct:
-                await self._send_app(
-                    "/v1/single/message/send", {"to_user_id": target.sender.id}, message, piece
-                )
-            elif self._api.has_app_credentials:
-                await self._send_app(
-                    "/group/robot/message/send",
-                    {"group_id": target.conversation_id},
-                    message,
-                    piece,
-                )
-            elif target.reply_url and urlsplit(target.reply_url).hostname == self._api_host:
-                await self._api.request_json("POST", target.reply_url, json=message)
-            elif self._robot_url:
-                url = signed_robot_url(
-                    self._robot_url, self._robot_secret, int(self._clock() * 1000)
-                )
-                await self._api.request_json("POST", url, json=message)
-            else:
-                raise SendError(
-                    "no way to reply: set BRIDGE_YACH_APP_KEY/_SECRET or BRIDGE_YACH_ROBOT_URL"
-                )
+            await self._route(target, piece, message)
         except YachAPIError as exc:
             retry_after = exc.retry_after
             if exc.rate_limited and retry_after is None:
                 retry_after = DEFAULT_RATE_LIMIT_BACKOFF_S
             raise SendError(exc.reason, retry_after=retry_after) from exc
+
+    async def _route(self, target: ReplyTarget, piece: Piece, message: dict[str, Any]) -> None:
+        """Direct: the single-chat API (a sessionWebhook without app credentials). Group:
+        the app API, else the sessionWebhook, else the signed custom robot URL (SPEC §4)."""
+        with_app = self._api.has_app_credentials
+        if target.is_direct and (with_app or not self._on_api_host(target)):
+            recipient = {"to_user_id": target.sender.id}
+            await self._send_app("/v1/single/message/send", recipient, message, piece)
+        elif with_app and not target.is_direct:
+            recipient = {"group_id": target.conversation_id}
+            await self._send_app("/group/robot/message/send", recipient, message, piece)
+        elif self._on_api_host(target):
+            await self._api.request_json("POST", target.reply_url, json=message)
+        elif self._robot_url and not target.is_direct:
+            now_ms = int(self._clock() * 1000)
+            url = signed_robot_url(self._robot_url, self._robot_secret, now_ms)
+            await self._api.request_json("POST", url, json=message)
+        else:
+            raise SendError(
+                "no way to reply: set BRIDGE_YACH_APP_KEY/_SECRET or BRIDGE_YACH_ROBOT_URL"
+            )
+
+    def _on_api_host(self, target: ReplyTarget) -> bool:
+        """A `sessionWebhook` is used only on the platform's own host (never a URL that a
+        forged body could point anywhere)."""
+        return bool(target.reply_url) and urlsplit(target.reply_url).hostname == self._api_host
 
     async def _send_app(
         self, path: str, recipient: dict[str, str], message: dict[str, Any], piece: Piece

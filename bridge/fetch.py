@@ -1,0 +1,266 @@
+"""Fetching images on a user's behalf without letting a URL reach inside the network (SPEC §8).
+
+A URL must be `https`, or `http` to a host in BRIDGE_FETCH_ALLOW_HOSTS. Its host is resolved
+once and every address checked: loopback, private, link-local, multicast, reserved and other
+non-global addresses are refused unless the host is allow-listed. The connection is then
+pinned to the checked addresses (a resolver that answers only with them), so a second DNS
+answer cannot slip another address in (DNS rebinding); TLS still verifies the host name.
+Redirects are followed by hand, each hop checked the same way, at most `max_redirects`.
+The body is read with a size cap (counted while streaming) under one overall timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+import structlog
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+__all__ = [
+    "FetchError",
+    "FetchFailed",
+    "FetchRefused",
+    "FetchTooLarge",
+    "Fetched",
+    "ImageFetcher",
+    "address_is_public",
+    "sniff_image_type",
+]
+
+log = structlog.get_logger(__name__)
+
+Resolve = Callable[[str, int], Awaitable[list[str]]]  # (host, port) → IP addresses
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_READ_CHUNK = 65536
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"BM", "image/bmp"),
+)
+
+
+class FetchError(Exception):
+    """An image could not be fetched; `reason` is for the log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class FetchRefused(FetchError):
+    """The URL may not be fetched: its scheme, or an address inside the network."""
+
+
+class FetchTooLarge(FetchError):
+    """The body is larger than the cap."""
+
+    def __init__(self, reason: str, limit_bytes: int) -> None:
+        super().__init__(reason)
+        self.limit_bytes = limit_bytes
+
+
+class FetchFailed(FetchError):
+    """The server could not be reached, answered an error, or sent no image."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    url: str  # where the bytes came from, after redirects
+    data: bytes
+    content_type: str
+
+    @property
+    def data_url(self) -> str:
+        return f"data:{self.content_type};base64,{base64.b64encode(self.data).decode()}"
+
+
+def address_is_public(address: str) -> bool:
+    """True for a global unicast address; False for loopback, private, link-local,
+    multicast, reserved, shared (CGNAT), unspecified and documentation ranges."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback)
+
+
+def sniff_image_type(data: bytes) -> str | None:
+    """The image type from the first bytes, or None when they are no known image."""
+    for magic, content_type in _MAGIC:
+        if data.startswith(magic):
+            return content_type
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+async def system_resolve(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+class _PinnedResolver(AbstractResolver):
+    """Answers only with the addresses checked for each host; any other name fails."""
+
+    def __init__(self) -> None:
+        self.pins: dict[str, list[str]] = {}
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        addresses = self.pins.get(host.lower().rstrip("."))
+        if not addresses:
+            raise OSError(f"{host} was not checked before connecting")
+        return [
+            ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for address in addresses
+        ]
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+class ImageFetcher:
+    """Downloads images under the SSRF rules, the size cap and a timeout."""
+
+    def __init__(
+        self,
+        *,
+        allow_hosts: Collection[str] = (),
+        max_bytes: int = 10 * 1024 * 1024,
+        timeout_s: float = 30.0,
+        connect_timeout_s: float = 10.0,
+        max_redirects: int = 5,
+        resolve: Resolve = system_resolve,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.allow_hosts = frozenset(_normal_host(host) for host in allow_hosts)
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.max_redirects = max_redirects
+        self._resolve = resolve
+        self._headers = headers or {}
+
+    async def fetch(self, url: str) -> Fetched:
+        """The image at `url`; FetchRefused, FetchTooLarge or FetchFailed otherwise."""
+        resolver = _PinnedResolver()
+        connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False, limit=4)
+        timeout = aiohttp.ClientTimeout(sock_connect=self.connect_timeout_s)
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=timeout, headers=self._headers
+        ) as session:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    return await self._follow(session, resolver, url)
+            except TimeoutError as exc:
+                raise FetchFailed(f"timed out after {self.timeout_s:g} s") from exc
+            except aiohttp.ClientError as exc:
+                raise FetchFailed(f"cannot fetch: {type(exc).__name__}") from exc
+
+    async def check(self, url: str) -> tuple[str, list[str]]:
+        """The URL's host and the addresses it may be reached at; FetchRefused if none."""
+        parts = urlsplit(url)
+        host = _normal_host(parts.hostname or "")
+        if not host:
+            raise FetchRefused("no host in the URL")
+        allowed = host in self.allow_hosts
+        if parts.scheme == "http" and not allowed:
+            raise FetchRefused(f"http to {host} (only https, or http to allow-listed hosts)")
+        if parts.scheme not in ("http", "https"):
+            raise FetchRefused(f"scheme {parts.scheme or '(none)'} is not fetched")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as exc:
+            raise FetchRefused("bad port") from exc
+        addresses = [host] if _is_ip(host) else await self._addresses(host, port)
+        if not allowed:
+            inside = [a for a in addresses if not address_is_public(a)]
+            if inside:
+                raise FetchRefused(f"{host} resolves to a non-public address ({inside[0]})")
+        return host, addresses
+
+    async def _addresses(self, host: str, port: int) -> list[str]:
+        try:
+            addresses = await self._resolve(host, port)
+        except OSError as exc:
+            raise FetchFailed(f"cannot resolve {host}: {exc}") from exc
+        if not addresses:
+            raise FetchFailed(f"{host} has no address")
+        return addresses
+
+    async def _follow(
+        self, session: aiohttp.ClientSession, resolver: _PinnedResolver, url: str
+    ) -> Fetched:
+        for _ in range(self.max_redirects + 1):
+            host, addresses = await self.check(url)
+            resolver.pins[host] = addresses
+            async with session.get(url, allow_redirects=False) as response:
+                if response.status in _REDIRECTS:
+                    location = response.headers.get("Location")
+                    if not location:
+                        raise FetchFailed(f"HTTP {response.status} without a Location")
+                    url = urljoin(url, location)
+                    continue
+                if response.status != 200:
+                    raise FetchFailed(f"HTTP {response.status}")
+                data = await self._read_capped(response)
+                return Fetched(url, data, _image_type(response.content_type, data))
+        raise FetchFailed(f"more than {self.max_redirects} redirects")
+
+    async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
+        limit = self.max_bytes
+        if response.content_length is not None and response.content_length > limit:
+            raise FetchTooLarge(f"Content-Length {response.content_length} > {limit}", limit)
+        body = bytearray()
+        async for chunk in response.content.iter_chunked(_READ_CHUNK):
+            body += chunk
+            if len(body) > limit:
+                raise FetchTooLarge(f"more than {limit} bytes", limit)
+        return bytes(body)
+
+
+def _image_type(declared: str, data: bytes) -> str:
+    sniffed = sniff_image_type(data)
+    if sniffed is not None:
+        return sniffed
+    if declared.startswith("image/"):
+        return declared
+    raise FetchFailed(f"not an image ({declared or 'no content type'})")
+
+
+def _normal_host(host: str) -> str:
+    return host.strip().strip("[]").lower().rstrip(".")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def describe(exc: FetchError) -> dict[str, Any]:
+    """Log fields for a failed fetch (never the URL's query: it may hold a token)."""
+    return {"error": type(exc).__name__, "reason": exc.reason}

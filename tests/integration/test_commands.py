@@ -1,0 +1,207 @@
+"""/help /reset /stop /status and their Chinese aliases (SPEC §5), answered at once; /stop
+really closes the upstream stream and nothing more of that answer is sent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from bridge.messages import MESSAGES
+from tests.fakes import yach as fake_yach
+from tests.fakes.base import FakeServer
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.yach import FakeYach
+from tests.harness import (
+    RunningBridge,
+    bridge_env,
+    group_message,
+    openai_env,
+    running_bridge,
+    wait_until,
+)
+
+ZH = MESSAGES["zh"]
+WORDS = 400
+
+
+class SlowOpenAI:
+    """An OpenAI-compatible stream of `WORDS` words, one every `delay_s`, that records
+    whether the client went away before the end."""
+
+    def __init__(self, delay_s: float = 0.02) -> None:
+        self.delay_s = delay_s
+        self.server = FakeServer(web.Application())
+        self.started = asyncio.Event()
+        self.closed_early = asyncio.Event()
+        self.finished = asyncio.Event()
+
+    async def start(self) -> SlowOpenAI:
+        self.server.app.router.add_post("/v1/chat/completions", self._complete)
+        await self.server.start()
+        return self
+
+    async def close(self) -> None:
+        await self.server.close()
+
+    @property
+    def base_url(self) -> str:
+        return self.server.url + "/v1"
+
+    @staticmethod
+    def _chunk(content: str) -> bytes:
+        payload = {"object": "chat.completion.chunk",
+                   "choices": [{"index": 0, "delta": {"content": content}}]}
+        return f"data: {json.dumps(payload)}\n\n".encode()
+
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        self.started.set()
+        try:
+            for i in range(WORDS):
+                await response.write(self._chunk(f"word{i}. " if i % 5 == 4 else f"word{i} "))
+                await asyncio.sleep(self.delay_s)
+            await response.write(b"data: [DONE]\n\n")
+            self.finished.set()
+        except (ConnectionError, asyncio.CancelledError):
+            self.closed_early.set()
+            raise
+        return response
+
+
+@pytest.fixture
+async def yach() -> AsyncIterator[FakeYach]:
+    fake = await FakeYach().start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def slow() -> AsyncIterator[SlowOpenAI]:
+    fake = await SlowOpenAI().start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[FakeOpenAI]:
+    fake = await FakeOpenAI().start()
+    yield fake
+    await fake.close()
+
+
+def env(redis_url: str, bot_id: str, yach: FakeYach, base_url: str, **extra: str) -> dict[str, str]:
+    return bridge_env(redis_url, bot_id, yach, **openai_env(base_url),
+                      BRIDGE_YACH_APP_KEY=fake_yach.APP_KEY,
+                      BRIDGE_YACH_APP_SECRET=fake_yach.APP_SECRET,
+                      BRIDGE_REPLY_MODE="stream", BRIDGE_FLUSH_MIN_CHARS="40", **extra)
+
+
+async def say(bridge: RunningBridge, text: str, **fields: Any) -> None:
+    status, _ = await bridge.post(group_message(text, **fields))
+    assert status == 200
+
+
+@pytest.mark.parametrize(("lang", "text"), [("zh", "/help"), ("zh", "帮助"), ("en", "/help")])
+async def test_help_in_the_configured_language(redis_url: str, bot_id: str, yach: FakeYach,
+                                               echo: FakeOpenAI, redis_client: object,
+                                               lang: str, text: str) -> None:
+    async with running_bridge(env(redis_url, bot_id, yach, echo.base_url,
+                                  BRIDGE_LANG=lang)) as bridge:
+        await say(bridge, text)
+        await wait_until(lambda: len(yach.shown) == 1)
+    assert yach.texts() == [MESSAGES[lang]["help"]]
+    assert echo.bodies == []  # a command never reaches the upstream
+
+
+@pytest.mark.parametrize("command", ["/stop", "停止"])
+async def test_stop_closes_the_upstream_stream_and_sends_nothing_more(
+    redis_url: str, bot_id: str, yach: FakeYach, slow: SlowOpenAI, redis_client: object,
+    command: str
+) -> None:
+    async with running_bridge(env(redis_url, bot_id, yach, slow.base_url)) as bridge:
+        await say(bridge, "tell me a long story")
+        await wait_until(lambda: len(yach.shown) >= 2)  # the answer is flowing
+        await say(bridge, command)
+        await wait_until(lambda: ZH["stopped"] in yach.texts())
+        await asyncio.wait_for(slow.closed_early.wait(), timeout=5)
+        settled = len(yach.shown)
+        await asyncio.sleep(0.5)
+        assert len(yach.shown) == settled
+        assert not slow.finished.is_set()
+        stopped_answer = "".join(t for t in yach.texts() if t != ZH["stopped"])
+        # the stopped entry is done with: the session takes the next question
+        await say(bridge, "next question")
+        await wait_until(lambda: len(slow.server.requests) == 2)
+        await say(bridge, "/stop")
+        await wait_until(lambda: yach.texts().count(ZH["stopped"]) == 2)
+    assert stopped_answer.startswith("word0 word1 ")
+    assert "word399" not in stopped_answer
+
+
+async def test_stop_with_nothing_running(redis_url: str, bot_id: str, yach: FakeYach,
+                                         echo: FakeOpenAI, redis_client: object) -> None:
+    async with running_bridge(env(redis_url, bot_id, yach, echo.base_url)) as bridge:
+        await say(bridge, "/stop")
+        await wait_until(lambda: len(yach.shown) == 1)
+    assert yach.texts() == [ZH["nothing_to_stop"]]
+
+
+async def test_status_is_answered_while_a_turn_runs(redis_url: str, bot_id: str,
+                                                    yach: FakeYach, slow: SlowOpenAI,
+                                                    redis_client: object) -> None:
+    async with running_bridge(env(redis_url, bot_id, yach, slow.base_url)) as bridge:
+        await say(bridge, "a long one")
+        await asyncio.wait_for(slow.started.wait(), timeout=5)
+        await say(bridge, "状态")
+        await wait_until(lambda: any(t.startswith("上游：openai") for t in yach.texts()))
+        assert not slow.finished.is_set()  # not queued behind the running turn
+        await say(bridge, "/stop")
+        await wait_until(lambda: ZH["stopped"] in yach.texts())
+    status = next(t for t in yach.texts() if t.startswith("上游"))
+    assert "排队消息：" in status
+
+
+async def test_status_after_turns(redis_url: str, bot_id: str, yach: FakeYach,
+                                  echo: FakeOpenAI, redis_client: object) -> None:
+    async with running_bridge(env(redis_url, bot_id, yach, echo.base_url,
+                                  BRIDGE_LANG="en")) as bridge:
+        await say(bridge, "one")
+        await wait_until(lambda: len(yach.shown) == 1)
+        await say(bridge, "two")
+        await wait_until(lambda: len(yach.shown) == 2)
+        await say(bridge, "/status")
+        await wait_until(lambda: len(yach.shown) == 3)
+    assert yach.texts()[2] == "Upstream: openai\nSession age: 0 min\nTurns: 2\nQueued: 0"
+
+
+async def test_reset_forgets_the_conversation(redis_url: str, bot_id: str, yach: FakeYach,
+                                              echo: FakeOpenAI, redis_client: object) -> None:
+    async with running_bridge(env(redis_url, bot_id, yach, echo.base_url)) as bridge:
+        for count, text in enumerate(["first", "second", "重置", "third"], start=1):
+            await say(bridge, text)
+            await wait_until(lambda count=count: len(yach.shown) == count)  # type: ignore[misc]
+    assert yach.texts() == [
+        "You said: first. (history: 0 messages)",
+        "You said: second. (history: 2 messages)",
+        ZH["reset_done"],
+        "You said: third. (history: 0 messages)",
+    ]
+
+
+async def test_reset_stops_the_running_turn_first(redis_url: str, bot_id: str, yach: FakeYach,
+                                                  slow: SlowOpenAI, redis_client: object) -> None:
+    async with running_bridge(env(redis_url, bot_id, yach, slow.base_url)) as bridge:
+        await say(bridge, "a long one")
+        await wait_until(lambda: len(yach.shown) >= 1)
+        await say(bridge, "/new")
+        await wait_until(lambda: ZH["reset_done"] in yach.texts())
+        assert slow.closed_early.is_set()  # confirmed once the turn has stopped
+        settled = len(yach.shown)
+        await asyncio.sleep(0.3)
+        assert len(yach.shown) == settled

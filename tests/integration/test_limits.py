@@ -1,0 +1,204 @@
+"""Access and abuse limits, and the outbound send rate (SPEC §2, §4, §8).
+
+Allow lists ignore others silently (200, nothing stored, no reply); BRIDGE_USER_RATE,
+BRIDGE_MAX_INPUT_CHARS and a full session queue each get their short message; the send
+budget holds across processes, queues and merges pieces (never drops them), and a
+platform rate-limit answer is backed off and retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from bridge.config import Rate
+from bridge.messages import MESSAGES
+from bridge.outbox import SendBudget
+from bridge.store import Keys
+from tests.fakes import yach as fake_yach
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.yach import FakeYach
+from tests.harness import (
+    RunningBridge,
+    bridge_env,
+    group_message,
+    openai_env,
+    running_bridge,
+    wait_until,
+)
+
+ZH = MESSAGES["zh"]
+
+
+@pytest.fixture
+async def yach() -> AsyncIterator[FakeYach]:
+    fake = await FakeYach().start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeOpenAI]:
+    fake = await FakeOpenAI().start()
+    yield fake
+    await fake.close()
+
+
+def env(redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI,
+        **extra: str) -> dict[str, str]:
+    return bridge_env(redis_url, bot_id, yach, **openai_env(upstream.base_url),
+                      BRIDGE_YACH_APP_KEY=fake_yach.APP_KEY,
+                      BRIDGE_YACH_APP_SECRET=fake_yach.APP_SECRET, **extra)
+
+
+async def inbox_length(bridge: RunningBridge) -> int:
+    assert bridge.bridge.redis is not None
+    return int(await bridge.bridge.redis.xlen(bridge.bridge.keys.inbox))
+
+
+# Allow lists
+
+
+@pytest.mark.parametrize(("allow", "fields"), [
+    ({"BRIDGE_ALLOW_GROUPS": "g-ok"}, {"group": "g-other"}),
+    ({"BRIDGE_ALLOW_USERS": "W-ok,u-ok"}, {"sender": "u-other", "work_code": "W-other"}),
+])
+async def test_others_are_ignored_silently(redis_url: str, bot_id: str, yach: FakeYach,
+                                           upstream: FakeOpenAI, redis_client: object,
+                                           allow: dict[str, str],
+                                           fields: dict[str, str]) -> None:
+    async with running_bridge(env(redis_url, bot_id, yach, upstream, **allow)) as bridge:
+        status, body = await bridge.post(group_message("hello", **fields))
+        assert (status, body) == (200, {"code": 200, "msg": "ok"})
+        status, _ = await bridge.post(group_message("/help", **fields))
+        assert status == 200
+        assert await inbox_length(bridge) == 0
+        await asyncio.sleep(0.3)
+    assert yach.shown == [] and upstream.bodies == []
+
+
+async def test_allowed_groups_and_users_are_answered(redis_url: str, bot_id: str,
+                                                     yach: FakeYach, upstream: FakeOpenAI,
+                                                     redis_client: object) -> None:
+    allow = {"BRIDGE_ALLOW_GROUPS": "g-ok", "BRIDGE_ALLOW_USERS": "W-ok"}
+    async with running_bridge(env(redis_url, bot_id, yach, upstream, **allow)) as bridge:
+        await bridge.post(group_message("hello", group="g-ok", work_code="W-ok"))
+        await wait_until(lambda: len(yach.shown) == 1)
+    assert yach.texts() == ["You said: hello. (history: 0 messages)"]
+
+
+# User rate, input length, busy
+
+
+async def test_user_rate(redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI,
+                         redis_client: object) -> None:
+    async with running_bridge(env(redis_url, bot_id, yach, upstream,
+                                  BRIDGE_USER_RATE="2/60")) as bridge:
+        for i in range(3):
+            await bridge.post(group_message(f"q{i}"))
+            await wait_until(lambda i=i: len(yach.shown) == i + 1)  # type: ignore[misc]
+        await bridge.post(group_message("hi", sender="someone-else"))
+        await wait_until(lambda: len(yach.shown) == 4)
+    assert yach.texts()[2] == ZH["rate_limited"]
+    assert yach.texts()[3].startswith("You said: hi.")
+    assert len(upstream.bodies) == 3
+
+
+async def test_input_too_long(redis_url: str, bot_id: str, yach: FakeYach,
+                              upstream: FakeOpenAI, redis_client: object) -> None:
+    async with running_bridge(env(redis_url, bot_id, yach, upstream,
+                                  BRIDGE_MAX_INPUT_CHARS="10")) as bridge:
+        await bridge.post(group_message("一二三四五六七八九十"))
+        await bridge.post(group_message("一二三四五六七八九十十"))
+        await wait_until(lambda: len(yach.shown) == 2)
+    assert sorted(yach.texts()) == sorted([
+        "You said: 一二三四五六七八九十. (history: 0 messages)",
+        "消息太长了（11 字，上限 10 字），请精简后再发。",
+    ])
+    assert len(upstream.bodies) == 1
+
+
+async def test_busy_session_is_told_at_once(redis_url: str, bot_id: str, yach: FakeYach,
+                                            upstream: FakeOpenAI, redis_client: object) -> None:
+    upstream.first_byte_delay_s = 0.5
+    async with running_bridge(env(redis_url, bot_id, yach, upstream,
+                                  BRIDGE_SESSION_QUEUE_MAX="1")) as bridge:
+        for text in ("first", "second", "third"):
+            await bridge.post(group_message(text))
+        await wait_until(lambda: len(yach.shown) == 1)
+        assert yach.texts() == [ZH["busy"]]  # before the running answer
+        await wait_until(lambda: len(yach.shown) == 3, timeout=10)
+    assert [t.split(".")[0] for t in yach.texts()[1:]] == ["You said: first",
+                                                          "You said: second"]
+
+
+# Outbound rate
+
+
+async def test_the_send_budget_holds_across_processes(redis_url: str, bot_id: str,
+                                                      redis_client: object) -> None:
+    """Two processes' budgets on one Redis key: 3 per second between them."""
+    key = Keys(bot_id).send_budget_group
+    clients = [aioredis.Redis.from_url(redis_url) for _ in range(2)]
+    try:
+        budgets = [SendBudget(client, key, Rate(3, 1.0)) for client in clients]
+        started = time.monotonic()
+        await asyncio.gather(*(budgets[i % 2].acquire() for i in range(6)))
+        elapsed = time.monotonic() - started
+    finally:
+        for client in clients:
+            await client.aclose()
+    assert 0.9 <= elapsed < 3.0
+
+
+async def test_waiting_pieces_are_merged_never_dropped(redis_url: str, bot_id: str,
+                                                       yach: FakeYach, upstream: FakeOpenAI,
+                                                       redis_client: object) -> None:
+    answer = " ".join(f"Sentence number {i} of the answer is here." for i in range(20))
+    upstream.answer = lambda body: answer
+    upstream.delay_s = 0.002  # the answer streams for about a second
+    arrivals: list[float] = []
+
+    async def watch() -> None:
+        while True:
+            arrivals.extend([time.monotonic()] * (len(yach.shown) - len(arrivals)))
+            await asyncio.sleep(0.01)
+
+    async with running_bridge(env(redis_url, bot_id, yach, upstream,
+                                  BRIDGE_REPLY_MODE="stream", BRIDGE_FLUSH_MIN_CHARS="40",
+                                  BRIDGE_YACH_SEND_RATE="2/1")) as bridge:
+        watcher = asyncio.create_task(watch())
+        await bridge.post(group_message("long"))
+        await wait_until(lambda: "".join(yach.texts()) == answer, timeout=10)
+        watcher.cancel()
+    composed = len(answer) // 40
+    assert 1 < len(yach.shown) < composed  # merged while they waited, nothing dropped
+    for i, arrived in enumerate(arrivals[2:], start=2):
+        assert arrived - arrivals[i - 2] >= 0.9  # never more than 2 sends a second
+    assert yach.shown[0].message["at"] == {"atWorkCodes": ["W001"]}
+    assert all("at" not in shown.message for shown in yach.shown[1:])
+
+
+@pytest.mark.parametrize(("status", "body"), [
+    (429, {"code": 429, "msg": "too many requests"}),
+    (200, {"code": 43004, "msg": "机器人发送消息频率过快"}),
+], ids=["http-429", "frequency"])
+async def test_a_platform_rate_limit_is_backed_off_and_retried(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI, redis_client: object,
+    status: int, body: dict[str, object]
+) -> None:
+    yach.fail_next(status, body)
+    async with running_bridge(env(redis_url, bot_id, yach, upstream)) as bridge:
+        started = time.monotonic()
+        await bridge.post(group_message("hello"))
+        await wait_until(lambda: len(yach.shown) == 1, timeout=10)
+        elapsed = time.monotonic() - started
+    sends = yach.server.on("/group/robot/message/send")
+    assert len(sends) == 2
+    assert sends[0].json()["message_id"] == sends[1].json()["message_id"]
+    assert elapsed >= 1.5  # the default back-off without a Retry-After
+    assert yach.texts() == ["You said: hello. (history: 0 messages)"]

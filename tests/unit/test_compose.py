@@ -1,0 +1,419 @@
+"""The Composer: flush policy, rendering of reasoning, hand-offs, suggestions, corrections."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bridge.compose import Composer, FlushPolicy, Standalone, quote_block
+from bridge.events import (
+    AgentSwitch,
+    Event,
+    ReasoningDelta,
+    Suggestions,
+    TextDelta,
+    TextReplace,
+    Usage,
+)
+
+STREAM = FlushPolicy(mode="stream", min_chars=40, max_wait_s=1000.0)
+FINAL = FlushPolicy(mode="final", min_chars=40, max_wait_s=1000.0)
+
+
+def compose(policy: FlushPolicy, events: Iterable[Event], **options: object) -> list[str]:
+    """Every message of a turn, fed at t=0 (no max-wait flushes)."""
+    composer = Composer(policy, **options)  # type: ignore[arg-type]
+    out: list[str] = []
+    for event in events:
+        out += composer.feed(event, 0.0)
+    return out + composer.finish()
+
+
+def chars(text: str) -> list[Event]:
+    """The text as one delta per character: every possible cut point is offered."""
+    return [TextDelta(ch) for ch in text]
+
+
+def fences_balanced(piece: str) -> bool:
+    return len(re.findall(r"^ {0,3}```", piece, re.MULTILINE)) % 2 == 0
+
+
+# Stream mode: when a piece leaves
+
+
+def test_nothing_leaves_before_min_chars_even_at_a_boundary() -> None:
+    composer = Composer(STREAM)
+    assert composer.feed(TextDelta("Short. Sentences. Here. "), 0.0) == []
+
+
+def test_a_piece_leaves_at_the_first_boundary_past_min_chars() -> None:
+    text = "This first sentence is quite short. But this one goes past forty. And on."
+    pieces = compose(STREAM, chars(text))
+    assert pieces == [
+        "This first sentence is quite short. But this one goes past forty. ",
+        "And on.",
+    ]
+
+
+def test_every_piece_but_the_last_holds_min_chars() -> None:
+    text = " ".join(f"Sentence number {i} is here." for i in range(40))
+    pieces = compose(STREAM, chars(text))
+    assert "".join(pieces) == text
+    assert len(pieces) > 5
+    assert all(len(piece) >= STREAM.min_chars for piece in pieces[:-1])
+    assert all(piece.endswith(". ") for piece in pieces[:-1])
+
+
+def test_a_paragraph_boundary_is_preferred_to_a_later_sentence_end() -> None:
+    text = "A" * 45 + ".\n\n" + "B" * 10 + ". " + "C"
+    composer = Composer(STREAM)
+    assert composer.feed(TextDelta(text), 0.0) == ["A" * 45 + ".\n\n"]
+
+
+@pytest.mark.parametrize("end", ["。", "！", "？", "……"])
+def test_cjk_sentence_ends_are_boundaries(end: str) -> None:
+    first = "这是一个很长的中文句子，用来测试分段是否正确"
+    second = "后面还有一些内容需要继续输出才行"
+    text = first + end + second + end
+    pieces = compose(FlushPolicy(min_chars=20, max_wait_s=1000), chars(text))
+    assert pieces[0].endswith(end)
+    assert "".join(pieces) == text
+
+
+def test_cjk_closing_quote_stays_with_its_sentence() -> None:
+    text = "他说：“这是一个很长的句子，我们需要它超过二十个字。”然后继续说了下去。"
+    pieces = compose(FlushPolicy(min_chars=20, max_wait_s=1000), chars(text))
+    assert pieces[0].endswith("。”")
+
+
+def test_no_cut_without_knowing_the_next_character() -> None:
+    composer = Composer(FlushPolicy(min_chars=10, max_wait_s=1000))
+    assert composer.feed(TextDelta("A sentence that is long.\n"), 0.0) == []
+    assert composer.feed(TextDelta("Next"), 0.0) == ["A sentence that is long.\n"]
+
+
+# Max wait
+
+
+def test_max_wait_flushes_at_any_boundary_below_min_chars() -> None:
+    composer = Composer(FlushPolicy(min_chars=300, max_wait_s=6.0), now=100.0)
+    assert composer.feed(TextDelta("Short one. Another"), 101.0) == []
+    assert composer.tick(105.9) == []
+    assert composer.tick(106.0) == ["Short one. "]
+    assert composer.feed(TextDelta(" sentence. And"), 107.0) == []  # 6 s since the last piece
+    assert composer.tick(112.0) == ["Another sentence. "]
+
+
+def test_max_wait_never_cuts_without_a_boundary() -> None:
+    composer = Composer(FlushPolicy(min_chars=300, max_wait_s=1.0), now=0.0)
+    composer.feed(TextDelta("no boundary anywhere in this text"), 0.5)
+    assert composer.tick(10.0) == []
+
+
+def test_max_wait_never_cuts_inside_an_open_fence() -> None:
+    composer = Composer(FlushPolicy(min_chars=300, max_wait_s=1.0), now=0.0)
+    composer.feed(TextDelta("Code:\n```python\nx = 1\n\ny = 2. Then\n"), 0.5)
+    assert composer.tick(10.0) == ["Code:\n"]  # before the fence, never inside it
+    assert composer.tick(20.0) == []
+    closed = composer.feed(TextDelta("```\nDone"), 21.0)
+    assert closed == ["```python\nx = 1\n\ny = 2. Then\n```\n"]
+
+
+# Never inside a fence, a table, a list item, a word
+
+FENCED = (
+    "Here is the plan. We write a function first.\n\n"
+    "```python\ndef f(x):\n    # one. two! three?\n\n    return x\n\n\nprint(f(1))\n```\n\n"
+    "Then we test it. It works well. Finally we are done with it all."
+)
+TABLE = (
+    "The results are in the table below, read them carefully.\n\n"
+    "| name | value. ok |\n|---|---|\n| a | 1. first |\n| b | 2. second |\n| c | 3 |\n\n"
+    "That is all for the table. Thanks for reading it."
+)
+LISTED = (
+    "Steps to follow, in order, all of them:\n"
+    "- first step. It has two sentences.\n"
+    "  continued on a second line. Still the item.\n"
+    "- second step: another. One more.\n"
+    "  - nested item. With a sentence.\n"
+    "- third step.\n\nAfter the list. More text here to flush."
+)
+
+
+@pytest.mark.parametrize("min_chars", [0, 1, 5, 20, 45])
+def test_no_piece_ends_inside_a_code_fence(min_chars: int) -> None:
+    pieces = compose(FlushPolicy(min_chars=min_chars, max_wait_s=1000), chars(FENCED))
+    assert "".join(pieces) == FENCED
+    assert all(fences_balanced(piece) for piece in pieces)
+    assert any("```python" in piece and piece.rstrip().endswith("```") for piece in pieces)
+
+
+@pytest.mark.parametrize("min_chars", [0, 1, 10, 30])
+def test_no_piece_ends_inside_a_table(min_chars: int) -> None:
+    pieces = compose(FlushPolicy(min_chars=min_chars, max_wait_s=1000), chars(TABLE))
+    assert "".join(pieces) == TABLE
+    table = [p for p in pieces if "|---|" in p]
+    assert len(table) == 1 and "| c | 3 |" in table[0] and "| name |" in table[0]
+
+
+@pytest.mark.parametrize("min_chars", [0, 1, 10, 30])
+def test_no_piece_ends_inside_a_list_item(min_chars: int) -> None:
+    pieces = compose(FlushPolicy(min_chars=min_chars, max_wait_s=1000), chars(LISTED))
+    assert "".join(pieces) == LISTED
+    for piece in pieces:
+        # every piece ends with a whole item: never after "It has two sentences." alone
+        assert not piece.endswith("sentences.\n")
+        assert not piece.endswith("another. ")
+        assert not piece.endswith("step: another. One more.\n")  # the nested item belongs
+
+
+def test_no_piece_ends_inside_a_word() -> None:
+    words = "internationalization extraordinarily " * 200
+    for piece in compose(FlushPolicy(min_chars=1, max_wait_s=0), chars(words))[:-1]:
+        assert piece.endswith(" ")
+
+
+def test_never_cut_right_after_a_heading() -> None:
+    text = "Intro sentence goes here.\n## Heading\n\nBody of the section. More text follows."
+    pieces = compose(FlushPolicy(min_chars=1, max_wait_s=1000), chars(text))
+    assert not any(piece.rstrip().endswith("## Heading") for piece in pieces)
+
+
+def test_inline_code_and_display_math_are_not_cut() -> None:
+    text = "Use `a. b` here please. Then $$x = 1. y = 2$$ done. And the end."
+    pieces = compose(FlushPolicy(min_chars=1, max_wait_s=1000), chars(text))
+    assert "".join(pieces) == text
+    assert all(p.count("`") % 2 == 0 and p.count("$$") % 2 == 0 for p in pieces)
+
+
+def test_a_fence_longer_than_a_message_is_closed_and_reopened() -> None:
+    code = "```js\n" + "".join(f"line({i});\n" for i in range(200)) + "```\n"
+    policy = FlushPolicy(min_chars=10, max_wait_s=1000, max_chars=500)
+    pieces = compose(policy, chars(code))
+    assert len(pieces) > 3
+    assert all(len(piece) <= 500 for piece in pieces)
+    assert all(fences_balanced(piece) for piece in pieces)
+    assert all(piece.startswith("```js\n") for piece in pieces)
+    body = "".join(p.removeprefix("```js\n").removesuffix("\n```").strip("\n") for p in pieces)
+    assert body.replace("\n", "") == "".join(f"line({i});" for i in range(200)) + "```"
+
+
+# Final mode
+
+
+def test_final_mode_sends_one_message_at_the_end() -> None:
+    text = " ".join(f"Sentence {i}." for i in range(200))
+    composer = Composer(FINAL)
+    assert all(composer.feed(event, 0.0) == [] for event in chars(text))
+    assert composer.tick(10_000.0) == []
+    assert composer.finish() == [text]
+
+
+@pytest.mark.parametrize(("length", "messages"), [(5000, 1), (5001, 2)])
+def test_final_mode_splits_only_above_5000_code_points(length: int, messages: int) -> None:
+    text = ("这是一个句子。" * 1000)[:length]
+    pieces = compose(FlushPolicy(mode="final"), [TextDelta(text)])
+    assert len(pieces) == messages
+    assert "".join(pieces) == text
+    assert all(len(piece) <= 5000 for piece in pieces)
+
+
+# Joined, the pieces are the answer
+
+_ALPHABET = st.sampled_from(
+    ["word", "字", " ", ". ", "。", "！", "\n", "\n\n", "```\n", "- ", "| a |", "1. ", ","]
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    parts=st.lists(_ALPHABET, min_size=1, max_size=120),
+    sizes=st.lists(st.integers(1, 9), min_size=1, max_size=40),
+    min_chars=st.integers(0, 30),
+)
+def test_joined_pieces_are_the_answer(parts: list[str], sizes: list[int], min_chars: int) -> None:
+    text = "".join(parts)
+    if not text.strip():
+        return
+    deltas, i, k = [], 0, 0
+    while i < len(text):
+        size = sizes[k % len(sizes)]
+        deltas.append(TextDelta(text[i : i + size]))
+        i, k = i + size, k + 1
+    pieces = compose(FlushPolicy(min_chars=min_chars, max_wait_s=1000), deltas)
+    assert "".join(pieces).strip() == text.strip()
+    assert all(fences_balanced(piece) for piece in pieces[:-1])
+
+
+# Rendering: reasoning
+
+
+def test_reasoning_is_quoted_before_the_answer_with_quote() -> None:
+    events = [ReasoningDelta("Let me think.\nYes."), TextDelta("The answer.")]
+    assert "".join(compose(FINAL, events, show_reasoning=True)) == (
+        "> Let me think.\n> Yes.\n\nThe answer."
+    )
+
+
+def test_reasoning_is_hidden_without_quote() -> None:
+    events = [ReasoningDelta("Let me think."), TextDelta("The answer.")]
+    assert compose(FINAL, events) == ["The answer."]
+
+
+@pytest.mark.parametrize("policy", [STREAM, FINAL], ids=["stream", "final"])
+@pytest.mark.parametrize("show", [False, True], ids=["off", "quote"])
+def test_a_reasoning_only_turn_shows_its_reasoning_once_at_the_end(
+    policy: FlushPolicy, show: bool
+) -> None:
+    events: list[Event] = [ReasoningDelta("Thinking about "), ReasoningDelta("it."), Usage(1)]
+    pieces = compose(policy, events, show_reasoning=show)
+    assert pieces == ["> Thinking about it."]
+
+
+def test_quoted_reasoning_is_cut_only_between_its_lines() -> None:
+    reasoning = "".join(f"Thought number {i}. It goes on. \n" for i in range(30))
+    composer = Composer(FlushPolicy(min_chars=30, max_wait_s=1000), show_reasoning=True)
+    out: list[str] = []
+    out += composer.feed(ReasoningDelta(reasoning), 0.0)
+    for event in chars("The answer is here. " * 5):
+        out += composer.feed(event, 0.0)
+    out += composer.finish()
+    for piece in out:
+        for line in piece.split("\n"):
+            assert not line or line.startswith(">") or line.startswith("The answer")
+
+
+# Rendering: agents, suggestions
+
+AGENT_LINE = "→ 转由「{agent}」回答"
+
+
+def agent_line(agent: str) -> str:
+    return AGENT_LINE.format(agent=agent)
+
+
+def test_the_first_agent_gets_no_line_and_each_switch_one() -> None:
+    events: list[Event] = [
+        AgentSwitch("router"),
+        TextDelta("Routing you."),
+        AgentSwitch("router"),  # the same agent again: nothing
+        AgentSwitch("expert"),
+        TextDelta("Expert answer."),
+    ]
+    joined = "".join(compose(FINAL, events, agent_line=agent_line))
+    assert joined == "Routing you.\n\n→ 转由「expert」回答\n\nExpert answer."
+
+
+def test_a_reasoning_only_part_shows_its_reasoning_where_the_part_ends() -> None:
+    events: list[Event] = [
+        AgentSwitch("router"),
+        TextDelta("Handing over."),
+        AgentSwitch("thinker"),
+        ReasoningDelta("I need to handle this."),
+        AgentSwitch("writer"),
+        TextDelta("Done."),
+    ]
+    joined = "".join(compose(FINAL, events, agent_line=agent_line))
+    assert joined == (
+        "Handing over.\n\n→ 转由「thinker」回答\n\n> I need to handle this.\n\n"
+        "→ 转由「writer」回答\n\nDone."
+    )
+
+
+def test_an_agent_line_after_a_sent_piece_starts_on_its_own_line() -> None:
+    composer = Composer(FlushPolicy(min_chars=5, max_wait_s=1000), agent_line=agent_line)
+    out = composer.feed(TextDelta("First agent says this. And"), 0.0)
+    out += composer.feed(TextDelta(" more."), 0.0)
+    out += composer.feed(AgentSwitch("b"), 0.0)
+    out += composer.feed(AgentSwitch("c"), 0.0)
+    out += composer.finish()
+    assert out[0] == "First agent says this. "
+    assert "".join(out) == (
+        "First agent says this. And more.\n\n→ 转由「b」回答\n\n→ 转由「c」回答"
+    )
+
+
+def test_suggestions_come_as_a_short_list_after_the_answer() -> None:
+    events: list[Event] = [
+        TextDelta("The answer."),
+        Suggestions(tuple(f"question {i}?" for i in range(8))),
+    ]
+    joined = "".join(compose(FINAL, events, suggestions_title="你还可以问："))
+    listed = "\n".join(f"- question {i}?" for i in range(5))
+    assert joined == f"The answer.\n\n你还可以问：\n{listed}"
+
+
+# Rendering: replacements
+
+
+def test_a_replacement_before_anything_was_sent_replaces_in_place() -> None:
+    events: list[Event] = [TextDelta("Wrong answer."), TextReplace("Right answer.")]
+    assert compose(FINAL, events) == ["Right answer."]
+    assert compose(STREAM, events) == ["Right answer."]
+
+
+def test_an_unchanged_replacement_sends_nothing_more() -> None:
+    composer = Composer(FlushPolicy(min_chars=5, max_wait_s=1000))
+    out = composer.feed(TextDelta("Sentence one. Next"), 0.0)
+    assert out == ["Sentence one. "]
+    assert composer.feed(TextReplace("Sentence one. Next"), 0.0) == []
+    assert composer.finish() == ["Next"]
+
+
+def test_a_different_replacement_after_a_piece_left_is_one_correction() -> None:
+    composer = Composer(FlushPolicy(min_chars=5, max_wait_s=1000), correction_title="更正：")
+    sent = composer.feed(TextDelta("Sentence one. Unsent rest"), 0.0)
+    assert sent == ["Sentence one. "]
+    correction = composer.feed(TextReplace("内容已更正。"), 0.0)
+    assert correction == ["更正：\n内容已更正。"]
+    assert isinstance(correction[0], Standalone)
+    assert composer.feed(TextReplace("内容已更正。"), 0.0) == []  # the same one again
+    assert composer.finish() == []
+    assert composer.answer == "内容已更正。"
+
+
+def test_a_replacement_that_extends_what_was_sent_is_just_more_text() -> None:
+    composer = Composer(FlushPolicy(min_chars=5, max_wait_s=1000))
+    out = composer.feed(TextDelta("Sentence one. Two"), 0.0)
+    out += composer.feed(TextReplace("Sentence one. Two and three."), 0.0)
+    out += composer.finish()
+    assert out == ["Sentence one. ", "Two and three."]
+    assert not any(isinstance(piece, Standalone) for piece in out)
+
+
+def test_every_delta_sends_each_delta_and_corrects_after() -> None:
+    composer = Composer(FlushPolicy(every_delta=True), correction_title="Correction:")
+    assert composer.feed(TextDelta("Hel"), 0.0) == ["Hel"]
+    assert composer.feed(TextDelta("lo"), 0.0) == ["lo"]
+    assert composer.feed(TextReplace("Bye"), 0.0) == ["Correction:\nBye"]
+
+
+def test_the_answer_for_history_is_the_answer_text_alone() -> None:
+    composer = Composer(FINAL, show_reasoning=True, agent_line=agent_line)
+    for event in [
+        ReasoningDelta("hmm"),
+        AgentSwitch("a"),
+        TextDelta("One."),
+        AgentSwitch("b"),
+        TextDelta("Two."),
+    ]:
+        composer.feed(event, 0.0)
+    composer.finish()
+    assert composer.answer == "One.\n\nTwo."
+
+
+def test_quote_block() -> None:
+    assert quote_block("a\n\nb\n") == "> a\n>\n> b"
+
+
+def _pieces_of(events: Sequence[Event], policy: FlushPolicy) -> list[str]:
+    return compose(policy, events)
+
+
+def test_whitespace_only_pieces_are_not_sent() -> None:
+    assert _pieces_of([TextDelta("   \n\n  ")], FINAL) == []

@@ -1,0 +1,185 @@
+"""The SSRF-guarded image fetcher: schemes, addresses, pinning, redirects, size cap, timeout.
+
+The fake image host listens on 127.0.0.1, so the happy paths allow-list it; without the
+allow-list the same URLs must be refused.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bridge.fetch import (
+    FetchFailed,
+    FetchRefused,
+    FetchTooLarge,
+    ImageFetcher,
+    address_is_public,
+    sniff_image_type,
+)
+from tests.fakes.images import FakeImages, png
+
+
+@pytest.fixture
+async def images() -> AsyncIterator[FakeImages]:
+    fake = await FakeImages().start()
+    yield fake
+    await fake.close()
+
+
+def loopback_ok(**options: object) -> ImageFetcher:
+    return ImageFetcher(allow_hosts={"127.0.0.1"}, **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("8.8.8.8", True),
+        ("2606:4700:4700::1111", True),
+        ("127.0.0.1", False),
+        ("127.8.9.10", False),
+        ("10.0.0.1", False),
+        ("172.16.5.4", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("100.64.0.1", False),  # shared address space
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),  # multicast (Python calls it global)
+        ("239.255.255.250", False),
+        ("240.0.0.1", False),  # reserved
+        ("::1", False),
+        ("fe80::1", False),
+        ("fc00::1", False),
+        ("ff02::1", False),
+        ("::ffff:127.0.0.1", False),  # IPv4-mapped loopback
+        ("::ffff:10.0.0.1", False),
+        ("not an address", False),
+    ],
+)
+def test_public_addresses(address: str, public: bool) -> None:
+    assert address_is_public(address) is public
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/a.png",  # http, not allow-listed
+        "https://127.0.0.1/a.png",  # loopback
+        "https://10.0.0.1/a.png",  # private
+        "https://169.254.169.254/latest/meta-data",
+        "https://[::1]/a.png",
+        "https://[::ffff:127.0.0.1]/a.png",
+        "https://localhost/a.png",  # a name that resolves to loopback
+        "ftp://example.com/a.png",
+        "file:///etc/passwd",
+        "data:image/png;base64,AAAA",
+        "https:///nohost",
+    ],
+)
+async def test_refused_urls(url: str) -> None:
+    with pytest.raises(FetchRefused):
+        await ImageFetcher().fetch(url)
+
+
+async def test_a_name_resolving_to_a_private_address_is_refused() -> None:
+    async def resolve(host: str, port: int) -> list[str]:
+        return ["93.184.216.34", "10.0.0.7"]  # one inside is enough to refuse
+
+    with pytest.raises(FetchRefused, match=r"10\.0\.0\.7"):
+        await ImageFetcher(resolve=resolve).fetch("https://images.example/a.png")
+
+
+async def test_an_allow_listed_loopback_image_is_fetched(images: FakeImages) -> None:
+    url = images.add("cat")
+    fetched = await loopback_ok().fetch(url)
+    assert fetched.data == png("cat")
+    assert fetched.content_type == "image/png"
+    assert fetched.data_url == "data:image/png;base64," + base64.b64encode(png("cat")).decode()
+
+
+async def test_the_same_url_without_the_allow_list_is_refused(images: FakeImages) -> None:
+    url = images.add("cat")
+    with pytest.raises(FetchRefused):
+        await ImageFetcher().fetch(url)
+    with pytest.raises(FetchRefused):
+        await ImageFetcher().fetch(url.replace("http://", "https://"))
+    assert images.server.requests == []
+
+
+async def test_the_connection_goes_to_the_checked_address(images: FakeImages) -> None:
+    """The name is resolved once, by the checker; the connection uses that answer (a
+    rebinding DNS server never gets a second question)."""
+    calls: list[str] = []
+    port = images.url.rsplit(":", 1)[1]
+
+    async def resolve(host: str, port_: int) -> list[str]:
+        calls.append(host)
+        return ["127.0.0.1"]
+
+    images.add("dog")
+    fetcher = ImageFetcher(allow_hosts={"pinned.test"}, resolve=resolve)
+    fetched = await fetcher.fetch(f"http://pinned.test:{port}/img/dog")
+    assert fetched.data == png("dog")
+    assert calls == ["pinned.test"]
+    assert images.server.requests[0].headers["Host"] == f"pinned.test:{port}"
+
+
+async def test_a_redirect_is_checked_again(images: FakeImages) -> None:
+    target = "https://10.0.0.1/secret.png"
+    with pytest.raises(FetchRefused):
+        await loopback_ok().fetch(f"{images.url}/redirect?to={target}")
+
+
+async def test_a_redirect_to_an_allowed_image_is_followed(images: FakeImages) -> None:
+    url = images.add("bird")
+    fetched = await loopback_ok().fetch(f"{images.url}/redirect?to={url}")
+    assert fetched.data == png("bird")
+    assert fetched.url == url
+
+
+async def test_redirects_are_bounded(images: FakeImages) -> None:
+    url = images.add("fish")
+    for _ in range(4):
+        url = f"{images.url}/redirect?to={url.replace('?', '%3F').replace('=', '%3D')}"
+    with pytest.raises(FetchFailed, match="redirects"):
+        await loopback_ok(max_redirects=2).fetch(url)
+
+
+@pytest.mark.parametrize("route", ["img", "chunked"])
+async def test_the_size_cap(images: FakeImages, route: str) -> None:
+    images.add("big", png("big", size=5000))
+    images.add("fits", png("fits", size=1000))
+    fetcher = loopback_ok(max_bytes=1000)
+    with pytest.raises(FetchTooLarge) as refused:
+        await fetcher.fetch(f"{images.url}/{route}/big")
+    assert refused.value.limit_bytes == 1000
+    assert len((await fetcher.fetch(f"{images.url}/{route}/fits")).data) == 1000
+
+
+async def test_the_timeout(images: FakeImages) -> None:
+    images.add("late")
+    images.stall_s = 2.0
+    with pytest.raises(FetchFailed, match="timed out"):
+        await loopback_ok(timeout_s=0.2).fetch(f"{images.url}/slow/late")
+
+
+async def test_an_error_status_fails(images: FakeImages) -> None:
+    with pytest.raises(FetchFailed, match="404"):
+        await loopback_ok().fetch(f"{images.url}/missing")
+
+
+async def test_something_that_is_not_an_image_fails(images: FakeImages) -> None:
+    images.content_type = "text/html"
+    images.add("page", b"<html>hi</html>")
+    with pytest.raises(FetchFailed, match="not an image"):
+        await loopback_ok().fetch(f"{images.url}/img/page")
+
+
+def test_sniffing() -> None:
+    assert sniff_image_type(png("x")) == "image/png"
+    assert sniff_image_type(b"\xff\xd8\xff\xe0rest") == "image/jpeg"
+    assert sniff_image_type(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "image/webp"
+    assert sniff_image_type(b"GIF89a...") == "image/gif"
+    assert sniff_image_type(b"<html>") is None

@@ -1,0 +1,111 @@
+"""split_text: messages of at most N code points, cut at the best boundary (SPEC §4)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bridge.compose import split_text
+
+LIMIT = 5000
+
+
+def test_text_within_the_limit_is_one_message() -> None:
+    text = "字" * LIMIT
+    assert split_text(text, LIMIT) == [text]
+
+
+def test_the_limit_counts_code_points_not_bytes_or_utf16_units() -> None:
+    text = "😀" * LIMIT  # 4 UTF-8 bytes, 2 UTF-16 units each
+    assert split_text(text, LIMIT) == [text]
+    assert len(split_text(text + "😀", LIMIT)) == 2
+
+
+def test_split_at_a_paragraph_before_a_sentence() -> None:
+    first = "Sentence. " * 300 + "\n\n"
+    second = "Another sentence. " * 200
+    assert split_text(first + second, LIMIT) == [first, second]
+
+
+def test_split_at_a_sentence_when_there_is_no_paragraph() -> None:
+    text = "This is one sentence. " * 400
+    pieces = split_text(text, LIMIT)
+    assert "".join(pieces) == text
+    assert all(len(piece) <= LIMIT for piece in pieces)
+    assert pieces[0].endswith("sentence. ")
+
+
+def test_cjk_sentences_split_after_their_end_mark() -> None:
+    text = "这是第一句话，内容很长。" * 600
+    pieces = split_text(text, LIMIT)
+    assert "".join(pieces) == text
+    assert pieces[0].endswith("。")
+
+
+def test_never_inside_a_word() -> None:
+    text = "extraordinary " * 500
+    pieces = split_text(text, 1000)
+    assert "".join(pieces) == text
+    assert all(piece.endswith(" ") for piece in pieces[:-1])
+
+
+def test_a_word_longer_than_the_limit_is_cut_hard() -> None:
+    text = "x" * 120
+    assert split_text(text, 50) == ["x" * 50, "x" * 50, "x" * 20]
+
+
+def test_a_fence_that_fits_is_never_split() -> None:
+    code = "```python\n" + "print('hello. world')\n\n" * 100 + "```\n"
+    text = "Intro. " * 500 + "\n\n" + code + "\nOutro."
+    pieces = split_text(text, LIMIT)
+    assert "".join(pieces) == text
+    assert any(piece.startswith("```python") and "```\n" in piece[9:] for piece in pieces)
+    assert all(len(re.findall(r"^```", piece, re.MULTILINE)) % 2 == 0 for piece in pieces)
+
+
+def test_an_over_long_fence_is_closed_and_reopened() -> None:
+    code = "~~~sql\n" + "".join(f"SELECT {i};\n" for i in range(1000)) + "~~~\n"
+    pieces = split_text(code, LIMIT)
+    assert len(pieces) >= 3
+    assert all(len(piece) <= LIMIT for piece in pieces)
+    assert all(piece.startswith("~~~sql\n") for piece in pieces)
+    assert all(piece.rstrip("\n").endswith("~~~") for piece in pieces)
+    statements = "".join(pieces).count("SELECT")
+    assert statements == 1000
+
+
+def test_a_table_longer_than_a_message_is_cut_between_rows() -> None:
+    table = "| a | b |\n|---|---|\n" + "".join(f"| {i} | row. {i} |\n" for i in range(500))
+    pieces = split_text(table, 1000)
+    assert "".join(pieces) == table
+    assert all(piece.endswith("|\n") for piece in pieces[:-1])
+
+
+def test_no_piece_is_blank() -> None:
+    text = "a" * 30 + "\n" + "b" * 29
+    assert split_text(text, 30) == ["a" * 30, "\n" + "b" * 29]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(
+        alphabet=st.sampled_from(list("ab字 .。\n`|-#>$")),
+        min_size=0,
+        max_size=600,
+    ),
+    limit=st.integers(20, 200),
+)
+def test_pieces_fit_and_join_to_the_text_without_fences(text: str, limit: int) -> None:
+    text = text.replace("`", "'")  # no fences: the joined pieces are exactly the text
+    pieces = split_text(text, limit)
+    assert "".join(pieces) == text
+    assert all(0 < len(piece) <= limit for piece in pieces)
+
+
+@pytest.mark.parametrize("limit", [50, 200, 5000])
+def test_pieces_never_exceed_the_limit_with_fences(limit: int) -> None:
+    text = ("Words and more words. " * 30 + "\n```\n" + "code line\n" * 80 + "```\n") * 5
+    assert all(len(piece) <= limit for piece in split_text(text, limit))

@@ -1,0 +1,164 @@
+"""The Yach adapter's pure parts: body decoding, field aliases, mentions, images, rendering."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+
+from adapters.im.yach import decode_body, extract_images, parse_payload, render, strip_mention
+from bridge.interfaces import Piece, ReplyTarget, Sender
+
+BASE: dict[str, Any] = {
+    "msgId": "m1",
+    "msgtype": "text",
+    "text": {"content": "@bot hello"},
+    "senderId": "u1",
+    "senderNick": "Tester",
+    "senderStaffId": "W001",
+    "conversationId": "g1",
+    "conversationType": "2",
+}
+
+
+def test_json_body() -> None:
+    assert decode_body(json.dumps(BASE).encode()) == BASE
+
+
+def test_form_body() -> None:
+    body = urlencode({"msgId": "m1", "content": "hi", "senderId": "u1"}).encode()
+    assert decode_body(body) == {"msgId": "m1", "content": "hi", "senderId": "u1"}
+
+
+def test_form_whose_single_field_holds_the_json() -> None:
+    body = urlencode({"data": json.dumps(BASE, ensure_ascii=False)}).encode()
+    assert decode_body(body) == BASE
+
+
+@pytest.mark.parametrize("body", [b"", b"{not json", b"[1, 2]"])
+def test_undecodable_bodies(body: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_body(body)
+
+
+def test_a_group_message() -> None:
+    message = parse_payload(BASE)
+    assert message.im_msg_id == "m1"
+    assert message.text == "hello"
+    assert message.sender == Sender("u1", "Tester", "W001")
+    assert (message.conversation_id, message.is_direct) == ("g1", False)
+    assert message.dedupe_key == "id:m1"
+
+
+@pytest.mark.parametrize(
+    "aliases",
+    [
+        {"msg_id": "m1", "content": "@bot hello", "sender_id": "u1", "groupId": "g1"},
+        {"message_id": "m1", "text": "@bot hello", "fromUserId": "u1", "group_id": "g1"},
+    ],
+)
+def test_field_aliases(aliases: dict[str, str]) -> None:
+    message = parse_payload(aliases)
+    assert (message.im_msg_id, message.text, message.sender.id, message.conversation_id) == (
+        "m1",
+        "hello",
+        "u1",
+        "g1",
+    )
+
+
+def test_a_direct_message_is_answered_to_its_sender() -> None:
+    payload = {**BASE, "conversationType": 1}
+    del payload["conversationId"]
+    message = parse_payload(payload)
+    assert message.is_direct
+    assert message.conversation_id == "u1"
+    assert message.target.is_direct
+
+
+@pytest.mark.parametrize("missing", ["senderId", "conversationId"])
+def test_a_message_without_sender_or_group_is_refused(missing: str) -> None:
+    payload = dict(BASE)
+    del payload[missing]
+    with pytest.raises(ValueError):
+        parse_payload(payload)
+
+
+@pytest.mark.parametrize(
+    ("raw", "text"),
+    [
+        ("@bot hello", "hello"),
+        ("@机器人\u2005你好", "你好"),
+        ("  @bot   /stop ", "/stop"),
+        ("no mention", "no mention"),
+    ],
+)
+def test_the_leading_mention_is_stripped(raw: str, text: str) -> None:
+    assert strip_mention(raw) == text
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        {"image": {"url": "https://img.example/a.png"}},
+        {"picUrl": "https://img.example/a.png"},
+        {"image_url": "https://img.example/a.png"},
+    ],
+)
+def test_an_image_message(image: dict[str, Any]) -> None:
+    payload = {**BASE, "msgtype": "image", "text": {"content": "@bot"}, **image}
+    message = parse_payload(payload)
+    assert message.msg_type == "image"
+    assert message.image_urls == ("https://img.example/a.png",)
+    assert message.text == ""
+
+
+def test_image_text_markers() -> None:
+    raw = "这道题怎么做 image::https://a.example/1.png:: 和 image::https://a.example/2.jpg::"
+    text, images = extract_images(raw)
+    assert text == "这道题怎么做  和"
+    assert images == ("https://a.example/1.png", "https://a.example/2.jpg")
+
+
+def test_an_image_text_message_with_both_an_image_field_and_markers() -> None:
+    payload = {
+        **BASE,
+        "msgtype": "image_text",
+        "text": {"content": "@bot 看看 image::https://a.example/2.png::"},
+        "picUrl": "https://a.example/1.png",
+    }
+    message = parse_payload(payload)
+    assert message.text == "看看"
+    assert message.image_urls == ("https://a.example/1.png", "https://a.example/2.png")
+
+
+def test_dedupe_without_a_message_id_uses_the_creation_time() -> None:
+    payload = {k: v for k, v in BASE.items() if k != "msgId"}
+    assert parse_payload(payload).dedupe_key is None
+    stamped = parse_payload({**payload, "createAt": "1700000000000"})
+    again = parse_payload({**payload, "createAt": "1700000000000"})
+    assert stamped.dedupe_key is not None and stamped.dedupe_key == again.dedupe_key
+
+
+TARGET = ReplyTarget("g1", False, Sender("u1", "Tester", "W001"))
+
+
+def test_markdown_rendering_with_the_mention() -> None:
+    rendered = render(Piece("# Title\nBody", "id", mention=True), TARGET, "markdown")
+    assert rendered == {
+        "msgtype": "markdown",
+        "markdown": {"title": "# Title Body", "text": "# Title\nBody"},
+        "at": {"atWorkCodes": ["W001"]},
+    }
+
+
+def test_text_rendering_without_the_mention() -> None:
+    rendered = render(Piece("plain", "id"), TARGET, "text")
+    assert rendered == {"msgtype": "text", "text": {"content": "plain"}}
+
+
+def test_no_mention_without_a_work_code() -> None:
+    target = ReplyTarget("g1", False, Sender("u1"))
+    assert "at" not in render(Piece("x", "id", mention=True), target, "markdown")
