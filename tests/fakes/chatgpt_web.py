@@ -10,19 +10,18 @@ import asyncio
 import base64
 import itertools
 import json
-import random
-from typing import Any
+from typing import Any, Unpack
 
 from aiohttp import WSCloseCode, web
 
-from tests.fakes.base import FakeServer
-from tests.fakes.scripted import Script, free_port, sse_payloads, sse_reply
+from tests.fakes.scripted import Breaks, Reply, Script, ScriptedFake, free_port, sse_payloads
 
 BASE = "/backend-api"
 CONVERSATION = BASE + "/conversation"
 STOP = BASE + "/stop_conversation"
 WS = "/client/hubs/conversations"
 CONVERSATION_ID = "4744527e-da3d-4ae8-ba71-c16904fb36fe"
+ACCESS_TOKEN = "chatgpt-test-access-token"
 QUESTION = "为 TikTok 帐户创建一个用于评估房地产楼盘的内容日历。"
 PIECES = [
     "当然可以", "!下面是一个为期一周的", "房地产楼盘评估内容日历:\n\n",
@@ -67,7 +66,7 @@ def answer_payloads(conversation_id: str, user_message: dict[str, Any], assistan
     return payloads
 
 
-class FakeChatGPT:
+class FakeChatGPT(ScriptedFake):
     """`/conversation` answers as `answer_mode` says: `sse`, or `ws` (JSON naming sockets).
 
     `ws_mode`: `done` (all frames), `close` (frames without an end marker, then a normal
@@ -78,8 +77,7 @@ class FakeChatGPT:
     """
 
     def __init__(self, seed: int = 0) -> None:
-        self.rng = random.Random(seed)
-        self.release = asyncio.Event()
+        super().__init__(seed)
         self.answer_mode = "sse"
         self.ws_mode = "done"
         self.wss_target = "ok"
@@ -87,23 +85,31 @@ class FakeChatGPT:
         self.payloads_by_request: dict[str, list[Any]] = {}
         self._ids = itertools.count(1)
         self.script = Script(self._answer)
-        app = web.Application()
-        app.router.add_post(CONVERSATION, self.script.handle)
-        app.router.add_post(STOP, self._stop)
-        app.router.add_get(WS, self._socket)
-        self.server = FakeServer(app)
-
-    async def start(self) -> FakeChatGPT:
-        await self.server.start()
-        return self
-
-    async def close(self) -> None:
-        self.release.set()
-        await self.server.close()
+        self.app.router.add_post(CONVERSATION, self.script.handle)
+        self.app.router.add_post(STOP, self._stop)
+        self.app.router.add_get(WS, self._socket)
 
     @property
     def base_url(self) -> str:
         return self.server.url + BASE
+
+    def env(self, url: str | None = None, **overrides: str) -> dict[str, str]:
+        return {
+            "BRIDGE_UPSTREAM": "chatgpt-web",
+            "BRIDGE_CHATGPT_BASE_URL": (url or self.url) + BASE,
+            "BRIDGE_CHATGPT_ACCESS_TOKEN": ACCESS_TOKEN,
+            "BRIDGE_CHATGPT_MODEL": "gpt-4o",
+            **overrides,
+        }
+
+    def answer(self, *, upto: int | None = None, **breaks: Unpack[Breaks]) -> Reply:
+        """The answer to the request as SSE; only its first `upto` messages, if given."""
+
+        async def reply(request: web.Request) -> web.StreamResponse:
+            data = sse_payloads(self._payloads(await request.json())[:upto])
+            return await self.sse(data, **breaks)(request)
+
+        return reply
 
     def _payloads(self, body: dict[str, Any]) -> list[Any]:
         conversation_id = body.get("conversation_id") or CONVERSATION_ID
@@ -114,7 +120,7 @@ class FakeChatGPT:
         body = await request.json()
         payloads = self._payloads(body)
         if self.answer_mode == "sse":
-            return await sse_reply(sse_payloads(payloads), self.rng)(request)
+            return await self.sse(sse_payloads(payloads))(request)
         request_id = body["websocket_request_id"]
         self.payloads_by_request[request_id] = payloads
         good = f"{self.server.url.replace('http://', 'ws://')}{WS}?access_token=jwt&rid={request_id}"

@@ -9,13 +9,11 @@ answer, usage in `conversation.chat.completed`, and `event:done` with `data:"[DO
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.base import FakeServer
-from tests.fakes.streaming import Script
+from tests.fakes.scripted import Script, ScriptedFake, guarded
 
 TOKEN = "pat_test-token"
 BOT_ID = "7424459244357173302"
@@ -100,46 +98,35 @@ def failed_frames(conversation_id: str = CONVERSATION_ID) -> list[str]:
     ]
 
 
-@dataclass
-class CozeFake:
-    server: FakeServer
-    script: Script
-    stream: bytes = field(default_factory=lambda: "".join(chat_frames()).encode())
-    deleted: list[str] = field(default_factory=list)
+class CozeFake(ScriptedFake):
+    """`POST /v3/chat` streams `stream` (`chat_frames()`) to the right token; `deleted` holds
+    the conversations deleted."""
+
+    max_size = 64
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.stream = "".join(chat_frames()).encode()
+        self.deleted: list[str] = []
+        self.script = Script(self.answer())
+        self.app.router.add_post("/v3/chat", guarded(self.script.handle, self._refusal))
+        self.app.router.add_delete("/v1/conversations/{conversation_id}",
+                                   guarded(self._delete, self._refusal))
 
     @classmethod
     async def start(cls, seed: int = 0) -> CozeFake:
-        app = web.Application()
-        fake = cls(FakeServer(app), Script(seed=seed))
-        app.router.add_post("/v3/chat", fake._chat)
-        app.router.add_delete("/v1/conversations/{conversation_id}", fake._delete)
-        await fake.server.start()
-        return fake
+        return await cls(seed).serve()
 
-    async def close(self) -> None:
-        self.script.release()
-        await self.server.close()
-
-    @property
-    def url(self) -> str:
-        return self.server.url
+    def env(self, url: str | None = None, **overrides: str) -> dict[str, str]:
+        return {"BRIDGE_UPSTREAM": "coze", "BRIDGE_COZE_BASE_URL": url or self.url,
+                "BRIDGE_COZE_TOKEN": TOKEN, "BRIDGE_COZE_BOT_ID": BOT_ID, **overrides}
 
     @staticmethod
-    def _authorized(request: web.Request) -> bool:
-        return request.headers.get("Authorization") == f"Bearer {TOKEN}"
-
-    @staticmethod
-    def _unauthorized() -> web.Response:
-        body = {"code": 4100, "msg": "authentication is invalid"}
-        return web.json_response(body, status=401)
-
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
-        if not self._authorized(request):
-            return self._unauthorized()
-        return await self.script.serve(request, self.stream)
+    def _refusal(request: web.Request) -> web.Response | None:
+        if request.headers.get("Authorization") == f"Bearer {TOKEN}":
+            return None
+        return web.json_response({"code": 4100, "msg": "authentication is invalid"}, status=401)
 
     async def _delete(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return self._unauthorized()
         self.deleted.append(request.match_info["conversation_id"])
         return web.json_response({"code": 0, "msg": "", "data": {}})

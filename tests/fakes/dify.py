@@ -9,13 +9,11 @@ agent thoughts and TTS that repeat or surround the answer, `message_end` with us
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.base import FakeServer
-from tests.fakes.streaming import Script
+from tests.fakes.scripted import Script, ScriptedFake, guarded
 
 API_KEY = "app-test-key"
 CONVERSATION_ID = "a9de725e-f3c3-4bc6-9803-362ef76d3c49"
@@ -27,6 +25,7 @@ USAGE = {"prompt_tokens": 1, "prompt_unit_price": "0", "completion_tokens": 44,
          "total_tokens": 45, "total_price": "0.0000000", "currency": "USD",
          "latency": 2.9540078879799694}
 PING = "event: ping\n\n"
+PATH = "/v1/chat-messages"
 
 
 def event(kind: str, conversation_id: str = CONVERSATION_ID, **fields: Any) -> dict[str, Any]:
@@ -99,30 +98,33 @@ def failing() -> list[dict[str, Any] | str]:
     ]
 
 
-@dataclass
-class DifyFake:
-    server: FakeServer
-    script: Script
-    stream: bytes = field(default_factory=lambda: render(chatflow()))
+class DifyFake(ScriptedFake):
+    """`POST /v1/chat-messages` streams `stream` (a `chatflow()` answer) to the right key."""
+
+    max_size = 64
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.stream = render(chatflow())
+        self.script = Script(self.answer())
+        self.app.router.add_post(PATH, guarded(self.script.handle, self._refusal))
 
     @classmethod
     async def start(cls, seed: int = 0) -> DifyFake:
-        app = web.Application()
-        fake = cls(FakeServer(app), Script(seed=seed))
-        app.router.add_post("/v1/chat-messages", fake._chat_messages)
-        await fake.server.start()
-        return fake
-
-    async def close(self) -> None:
-        self.script.release()
-        await self.server.close()
+        return await cls(seed).serve()
 
     @property
     def base_url(self) -> str:
-        return f"{self.server.url}/v1"
+        return f"{self.url}/v1"
 
-    async def _chat_messages(self, request: web.Request) -> web.StreamResponse:
-        if request.headers.get("Authorization") != f"Bearer {API_KEY}":
-            body = {"code": "unauthorized", "message": "Access token is invalid", "status": 401}
-            return web.json_response(body, status=401)
-        return await self.script.serve(request, self.stream)
+    def env(self, url: str | None = None, **overrides: str) -> dict[str, str]:
+        return {"BRIDGE_UPSTREAM": "dify", "BRIDGE_DIFY_BASE_URL": f"{url or self.url}/v1",
+                "BRIDGE_DIFY_API_KEY": API_KEY, "BRIDGE_DIFY_INPUTS": '{"grade": "7"}',
+                **overrides}
+
+    @staticmethod
+    def _refusal(request: web.Request) -> web.Response | None:
+        if request.headers.get("Authorization") == f"Bearer {API_KEY}":
+            return None
+        body = {"code": "unauthorized", "message": "Access token is invalid", "status": 401}
+        return web.json_response(body, status=401)

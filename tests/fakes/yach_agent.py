@@ -6,15 +6,13 @@ The POST answer is the one of yach-agent-chat.md; the stream frames follow the p
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import random
+import json
 from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.base import FakeServer
-from tests.fakes.scripted import Reply, Script, sse_payloads, sse_reply
+from tests.fakes.scripted import Script, ScriptedFake, sse_payloads
 
 CHAT = "/openapi/v2/agent/chat"
 GETTOKEN = "/gettoken"
@@ -26,6 +24,7 @@ ANSWER_PIECES = [
 ]
 ANSWER = "".join(ANSWER_PIECES)
 INVALID_TOKEN = {"code": 40014, "msg": "access_token无效或已过期", "obj": None}
+INPUTS = {"var1": "value1", "年级": "高一"}
 
 
 def frame(kind: str, content: str, *, finished: bool = False, reason: str = "") -> dict[str, Any]:
@@ -40,37 +39,39 @@ def answer_frames(pieces: list[str] = ANSWER_PIECES) -> list[dict[str, Any]]:
     return frames
 
 
-class FakeYachAgent:
-    """Tokens are `tok-1`, `tok-2`, …; `expire_tokens()` makes every issued one invalid."""
+class FakeYachAgent(ScriptedFake):
+    """Tokens are `tok-1`, `tok-2`, …; `expire_tokens()` makes every issued one invalid.
+
+    Scripts: `gettoken`, `chat` (the POST) and `script` (the stream read, which serves
+    `stream`, the frames of `answer_frames()`).
+    """
+
+    max_size = 80
 
     def __init__(self, seed: int = 0) -> None:
-        self.rng = random.Random(seed)
-        self.release = asyncio.Event()
+        super().__init__(seed)
         self.valid_tokens: set[str] = set()
         self._token_ids = itertools.count(1)
         self._session_ids = itertools.count(1)
-        self.frames = answer_frames()
+        self.stream = sse_payloads(answer_frames())
         self.gettoken = Script(self._gettoken)
         self.chat = Script(self._chat)
-        self.stream = Script(self._stream)
-        app = web.Application()
-        app.router.add_get(GETTOKEN, self.gettoken.handle)
-        app.router.add_post(CHAT, self.chat.handle)
-        app.router.add_get(CHAT, self.stream.handle)
-        app.router.add_get(CUSTOM_STREAM, self.stream.handle)
-        self.server = FakeServer(app)
+        self.script = Script(self._stream)
+        self.app.router.add_get(GETTOKEN, self.gettoken.handle)
+        self.app.router.add_post(CHAT, self.chat.handle)
+        self.app.router.add_get(CHAT, self.script.handle)
+        self.app.router.add_get(CUSTOM_STREAM, self.script.handle)
 
-    async def start(self) -> FakeYachAgent:
-        await self.server.start()
-        return self
-
-    async def close(self) -> None:
-        self.release.set()
-        await self.server.close()
-
-    @property
-    def url(self) -> str:
-        return self.server.url
+    def env(self, url: str | None = None, **overrides: str) -> dict[str, str]:
+        return {
+            "BRIDGE_UPSTREAM": "yach-agent",
+            "BRIDGE_YACH_API_BASE": url or self.url,
+            "BRIDGE_YACH_APP_KEY": "app-key",
+            "BRIDGE_YACH_APP_SECRET": "app-secret",
+            "BRIDGE_YACH_AGENT_BIZ_ID": "000000",
+            "BRIDGE_YACH_AGENT_INPUTS": json.dumps(INPUTS, ensure_ascii=False),
+            **overrides,
+        }
 
     def expire_tokens(self) -> None:
         self.valid_tokens.clear()
@@ -92,9 +93,4 @@ class FakeYachAgent:
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         if request.query.get("access_token") not in self.valid_tokens:
             return web.json_response(INVALID_TOKEN)
-        return await self.sse(self.frames)(request)
-
-    def sse(self, frames: list[Any], *, cut_after: int | None = None,
-            stall_after: int | None = None) -> Reply:
-        return sse_reply(sse_payloads(frames), self.rng, cut_after=cut_after,
-                         stall_after=stall_after, release=self.release, max_size=80)
+        return await self.answer()(request)

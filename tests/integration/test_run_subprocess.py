@@ -88,7 +88,7 @@ async def test_configuration_error_exits_2_naming_the_variable(tmp_path: Path) -
         sys.executable, "-m", "bridge", "run", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    _stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 2
     lines = stderr.decode().splitlines()
     assert any(line.startswith("chatbridge: BRIDGE_PORT:") for line in lines)

@@ -1,19 +1,19 @@
-"""The chatgpt-web adapter against a fake backend-api: SSE and WebSocket answers, /stop."""
+"""The chatgpt-web adapter against a fake backend-api: SSE and WebSocket answers, /stop.
+
+The failures every adapter meets are in test_upstream_failures.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 
-import aiohttp
 import pytest
 
-from adapters.upstream import chatgpt_web
-from bridge.config import ConfigError, load_settings
-from bridge.events import ConversationRef, Done, ErrorKind, Event, TextDelta, UpstreamError
+from bridge.events import Done, ErrorKind, Event, TextDelta, UpstreamError
 from bridge.http import (
     UpstreamAuthError,
     UpstreamBroken,
@@ -23,6 +23,7 @@ from bridge.http import (
 )
 from bridge.interfaces import Sender, Turn
 from tests.fakes.chatgpt_web import (
+    ACCESS_TOKEN,
     ANSWER,
     CONVERSATION,
     CONVERSATION_ID,
@@ -32,20 +33,16 @@ from tests.fakes.chatgpt_web import (
     WS,
     FakeChatGPT,
 )
-from tests.fakes.scripted import free_port, sse_payloads, sse_reply, status
-
-ACCESS_TOKEN = "chatgpt-test-access-token"
-
-
-class DictKV:
-    def __init__(self) -> None:
-        self.values: dict[str, str] = {}
-
-    async def get(self, name: str) -> str | None:
-        return self.values.get(name)
-
-    async def set(self, name: str, value: str) -> None:
-        self.values[name] = value
+from tests.fakes.scripted import (
+    MIDWAY,
+    Reply,
+    answer_text,
+    collect,
+    connect,
+    refs,
+    sse_payloads,
+    status,
+)
 
 
 def turn(text: str = QUESTION, conversation: dict[str, str] | None = None) -> Turn:
@@ -53,52 +50,22 @@ def turn(text: str = QUESTION, conversation: dict[str, str] | None = None) -> Tu
                 conversation=conversation)
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
-
-
 @pytest.fixture(params=[3, 4])
 async def fake(request: pytest.FixtureRequest) -> AsyncIterator[FakeChatGPT]:
-    server = await FakeChatGPT(seed=request.param).start()
-    yield server
-    await server.close()
+    async with FakeChatGPT(seed=request.param) as server:
+        yield server
 
 
-def make(session: aiohttp.ClientSession, base_url: str,
-         idle_timeout_s: float = 5.0) -> chatgpt_web.ChatGPTWebUpstream:
-    settings = load_settings({
-        "BRIDGE_UPSTREAM": "chatgpt-web",
-        "BRIDGE_CHATGPT_BASE_URL": base_url,
-        "BRIDGE_CHATGPT_ACCESS_TOKEN": ACCESS_TOKEN,
-        "BRIDGE_CHATGPT_MODEL": "gpt-4o",
-    }, command="demo")
-    http = UpstreamHTTP(session, retries=2, backoff_s=0.01, idle_timeout_s=idle_timeout_s)
-    return chatgpt_web.create(settings, http, DictKV())
-
-
-async def collect(upstream: chatgpt_web.ChatGPTWebUpstream, the_turn: Turn,
-                  into: list[Event] | None = None) -> list[Event]:
-    events = [] if into is None else into
-    async for event in upstream.stream(the_turn):
-        events.append(event)
-    return events
-
-
-def answer(events: list[Event]) -> str:
-    return "".join(e.text for e in events if isinstance(e, TextDelta))
-
-
-def refs(events: list[Event]) -> list[dict[str, str]]:
-    return [dict(e.ref) for e in events if isinstance(e, ConversationRef)]
+def stalled(fake: FakeChatGPT) -> Reply:
+    """The first answer pieces as SSE, then silence (until the fake closes)."""
+    return fake.answer(upto=4, stall_after=10**6)
 
 
 async def test_sse_answer_exact_with_refs_and_request_shape(
-    fake: FakeChatGPT, session: aiohttp.ClientSession
+    fake: FakeChatGPT, http: UpstreamHTTP
 ) -> None:
-    events = await collect(make(session, fake.base_url), turn())
-    assert answer(events) == ANSWER
+    events = await collect(connect(http, fake.env()), turn())
+    assert answer_text(events) == ANSWER
     assert [e.text for e in events if isinstance(e, TextDelta)] == PIECES
     assert events[-1] == Done()
     (request,) = fake.server.on(CONVERSATION)
@@ -119,80 +86,67 @@ async def test_sse_answer_exact_with_refs_and_request_shape(
 
 
 async def test_second_turn_continues_from_the_assistant_message(
-    fake: FakeChatGPT, session: aiohttp.ClientSession
+    fake: FakeChatGPT, http: UpstreamHTTP
 ) -> None:
-    upstream = make(session, fake.base_url)
+    upstream = connect(http, fake.env())
     first = await collect(upstream, turn())
     stored = refs(first)[-1]
     second = await collect(upstream, turn("噢噢好的", conversation=stored))
-    assert answer(second) == ANSWER
+    assert answer_text(second) == ANSWER
     body = fake.server.on(CONVERSATION)[1].json()
     assert body["conversation_id"] == CONVERSATION_ID
     assert body["parent_message_id"] == stored["parent_message_id"]
     assert refs(second)[-1]["parent_message_id"] != stored["parent_message_id"]
 
 
-@pytest.mark.parametrize("ws_mode", ["done", "hub"])
+@pytest.mark.parametrize(("ws_mode", "wss_target"), [
+    pytest.param("done", "ok", id="done"),
+    pytest.param("hub", "ok", id="hub-envelope"),
+    pytest.param("close", "ok", id="closed-normally-without-end-marker"),
+    pytest.param("done", "dead", id="fallback-wss-url"),  # `wss_url` is unreachable
+])
 async def test_websocket_answer_exact(
-    ws_mode: str, fake: FakeChatGPT, session: aiohttp.ClientSession
+    ws_mode: str, wss_target: str, fake: FakeChatGPT, http: UpstreamHTTP
 ) -> None:
-    fake.answer_mode, fake.ws_mode = "ws", ws_mode
-    events = await collect(make(session, fake.base_url), turn())
-    assert answer(events) == ANSWER
+    fake.answer_mode, fake.ws_mode, fake.wss_target = "ws", ws_mode, wss_target
+    events = await collect(connect(http, fake.env()), turn())
+    assert answer_text(events) == ANSWER
     assert events[-1] == Done()
     assert refs(events)[0]["conversation_id"] == CONVERSATION_ID
     assert refs(events)[-1]["parent_message_id"].startswith("a5515fa1-")
     assert len(fake.server.on(WS)) == 1
 
 
-async def test_fallback_wss_url_when_wss_url_is_unreachable(
-    fake: FakeChatGPT, session: aiohttp.ClientSession
-) -> None:
-    fake.answer_mode, fake.wss_target = "ws", "dead"
-    events = await collect(make(session, fake.base_url), turn())
-    assert answer(events) == ANSWER
-    assert events[-1] == Done()
-
-
 async def test_no_socket_reachable_is_unavailable(
-    fake: FakeChatGPT, session: aiohttp.ClientSession
+    fake: FakeChatGPT, http: UpstreamHTTP
 ) -> None:
     fake.answer_mode, fake.wss_target = "ws", "all_dead"
     with pytest.raises(UpstreamUnavailable):
-        await collect(make(session, fake.base_url), turn())
+        await collect(connect(http, fake.env()), turn())
 
 
-async def test_socket_closed_normally_ends_the_turn(
-    fake: FakeChatGPT, session: aiohttp.ClientSession
-) -> None:
-    fake.answer_mode, fake.ws_mode = "ws", "close"
-    events = await collect(make(session, fake.base_url), turn())
-    assert answer(events) == ANSWER
-    assert events[-1] == Done()
-
-
-async def test_socket_dropped_is_broken(fake: FakeChatGPT, session: aiohttp.ClientSession) -> None:
+async def test_socket_dropped_is_broken(fake: FakeChatGPT, http: UpstreamHTTP) -> None:
     fake.answer_mode, fake.ws_mode = "ws", "drop"
     events: list[Event] = []
     with pytest.raises(UpstreamBroken):
-        await collect(make(session, fake.base_url), turn(), into=events)
-    assert answer(events) == "".join(PIECES[:2])
+        await collect(connect(http, fake.env()), turn(), into=events)
+    assert answer_text(events) == "".join(PIECES[:2])
 
 
-async def test_socket_idle_timeout(fake: FakeChatGPT, session: aiohttp.ClientSession) -> None:
+async def test_socket_idle_timeout(fake: FakeChatGPT, http: UpstreamHTTP) -> None:
     fake.answer_mode, fake.ws_mode = "ws", "stall"
     with pytest.raises(UpstreamTimeout):
-        await collect(make(session, fake.base_url, idle_timeout_s=0.3), turn())
+        await collect(connect(replace(http, idle_timeout_s=0.3), fake.env()), turn())
 
 
 @pytest.mark.parametrize("mode", ["sse", "ws"])
 async def test_stop_request_sent_when_the_consumer_stops_early(
-    mode: str, fake: FakeChatGPT, session: aiohttp.ClientSession
+    mode: str, fake: FakeChatGPT, http: UpstreamHTTP
 ) -> None:
     fake.answer_mode, fake.ws_mode = mode, "stall"
     if mode == "sse":
-        fake.script.then(lambda request: stalled_sse(fake, request))
-    async with aclosing(make(session, fake.base_url).stream(turn())) as events:
+        fake.script.then(stalled(fake))
+    async with aclosing(connect(http, fake.env()).stream(turn())) as events:
         async for event in events:
             if isinstance(event, TextDelta):
                 break
@@ -203,13 +157,13 @@ async def test_stop_request_sent_when_the_consumer_stops_early(
 
 
 async def test_stop_request_sent_when_the_turn_is_cancelled(
-    fake: FakeChatGPT, session: aiohttp.ClientSession
+    fake: FakeChatGPT, http: UpstreamHTTP
 ) -> None:
     fake.answer_mode, fake.ws_mode = "ws", "stall"
     first_text = asyncio.Event()
 
     async def consume() -> None:
-        async for event in make(session, fake.base_url).stream(turn()):
+        async for event in connect(http, fake.env()).stream(turn()):
             if isinstance(event, TextDelta):
                 first_text.set()
 
@@ -221,23 +175,15 @@ async def test_stop_request_sent_when_the_turn_is_cancelled(
     assert len(await fake.server.wait_for_requests(1, STOP, timeout=5)) == 1
 
 
-async def stalled_sse(
-    fake: FakeChatGPT, request: aiohttp.web.Request
-) -> aiohttp.web.StreamResponse:
-    """The first answer pieces, then silence (until the fake closes)."""
-    data = sse_payloads(fake._payloads(await request.json())[:4])
-    return await sse_reply(data, fake.rng, stall_after=10**6, release=fake.release)(request)
-
-
 async def test_error_message_in_the_stream(
-    fake: FakeChatGPT, session: aiohttp.ClientSession
+    fake: FakeChatGPT, http: UpstreamHTTP
 ) -> None:
     data = sse_payloads([
         {"message": None, "conversation_id": CONVERSATION_ID,
          "error": "Something went wrong while generating the response."},
     ])
-    fake.script.then(sse_reply(data, fake.rng))
-    events = await collect(make(session, fake.base_url), turn())
+    fake.script.then(fake.sse(data))
+    events = await collect(connect(http, fake.env()), turn())
     assert events[-1] == UpstreamError(
         ErrorKind.REJECTED, "Something went wrong while generating the response."
     )
@@ -248,62 +194,22 @@ async def test_error_message_in_the_stream(
 
 
 @pytest.mark.parametrize("code", [401, 403])
-async def test_auth_failure(code: int, fake: FakeChatGPT, session: aiohttp.ClientSession) -> None:
+async def test_no_stop_request_when_the_conversation_is_refused(
+    code: int, fake: FakeChatGPT, http: UpstreamHTTP
+) -> None:
     fake.script.then(status(code, {"detail": "token expired"}))
     with pytest.raises(UpstreamAuthError):
-        await collect(make(session, fake.base_url), turn())
+        await collect(connect(http, fake.env()), turn())
     assert len(fake.server.on(CONVERSATION)) == 1
     assert not fake.server.on(STOP)
 
 
-async def test_429_retry_after_is_honoured(
-    fake: FakeChatGPT, session: aiohttp.ClientSession
+async def test_stop_request_sent_when_the_sse_stream_breaks(
+    fake: FakeChatGPT, http: UpstreamHTTP
 ) -> None:
-    fake.script.then(status(429, {"detail": "Too many requests"}, {"Retry-After": "0.3"}))
-    started = time.monotonic()
-    events = await collect(make(session, fake.base_url), turn())
-    assert time.monotonic() - started >= 0.3
-    assert answer(events) == ANSWER
-    assert len(fake.server.on(CONVERSATION)) == 2
-
-
-async def test_5xx_is_retried_then_reported(
-    fake: FakeChatGPT, session: aiohttp.ClientSession
-) -> None:
-    fake.script.then(status(500), status(502), status(503))
-    with pytest.raises(UpstreamUnavailable):
-        await collect(make(session, fake.base_url), turn())
-    assert len(fake.server.on(CONVERSATION)) == 3
-
-
-async def test_connection_refused(session: aiohttp.ClientSession) -> None:
-    with pytest.raises(UpstreamUnavailable):
-        await collect(make(session, f"http://127.0.0.1:{free_port()}/backend-api"), turn())
-
-
-async def test_sse_cut_midway_is_broken(
-    fake: FakeChatGPT, session: aiohttp.ClientSession
-) -> None:
-    async def cut(request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
-        data = sse_payloads(fake._payloads(await request.json()))
-        return await sse_reply(data, fake.rng, cut_after=12, max_size=60)(request)
-
-    fake.script.then(cut)
+    fake.script.then(fake.answer(cut_after=MIDWAY))
     events: list[Event] = []
     with pytest.raises(UpstreamBroken):
-        await collect(make(session, fake.base_url), turn(), into=events)
-    assert ANSWER.startswith(answer(events))
+        await collect(connect(http, fake.env()), turn(), into=events)
+    assert ANSWER.startswith(answer_text(events))
     assert len(await fake.server.wait_for_requests(1, STOP, timeout=5)) == 1
-
-
-async def test_sse_idle_timeout(fake: FakeChatGPT, session: aiohttp.ClientSession) -> None:
-    fake.script.then(lambda request: stalled_sse(fake, request))
-    with pytest.raises(UpstreamTimeout):
-        await collect(make(session, fake.base_url, idle_timeout_s=0.3), turn())
-
-
-async def test_missing_access_token_is_a_configuration_error(
-    session: aiohttp.ClientSession,
-) -> None:
-    with pytest.raises(ConfigError, match="BRIDGE_CHATGPT_ACCESS_TOKEN"):
-        chatgpt_web.create(load_settings({}, command="demo"), UpstreamHTTP(session), DictKV())

@@ -1,4 +1,7 @@
-"""The Coze adapter against a fake `/v3/chat` streaming what the notes and the docs show."""
+"""The Coze adapter against a fake `/v3/chat` streaming what the notes and the docs show.
+
+The failures every adapter meets are in test_upstream_failures.py.
+"""
 
 from __future__ import annotations
 
@@ -7,29 +10,10 @@ import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
 
-from adapters.upstream import create_upstream
-from bridge.config import load_settings
-from bridge.events import (
-    ConversationRef,
-    Done,
-    ErrorKind,
-    Event,
-    Suggestions,
-    UpstreamError,
-    Usage,
-)
-from bridge.http import (
-    UpstreamAuthError,
-    UpstreamBroken,
-    UpstreamHTTP,
-    UpstreamRateLimited,
-    UpstreamRejected,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
+from bridge.events import ConversationRef, Done, ErrorKind, Suggestions, UpstreamError, Usage
+from bridge.http import UpstreamAuthError, UpstreamHTTP, UpstreamRateLimited, UpstreamRejected
 from bridge.interfaces import Sender, Turn, Upstream
 from tests.fakes.coze import (
     ANSWER,
@@ -41,32 +25,15 @@ from tests.fakes.coze import (
     error_frames,
     failed_frames,
 )
-from tests.fakes.streaming import Mode, answer_text, collect, refused_url
+from tests.fakes.scripted import answer_text, collect, connect, json_reply
 
 SESSION_ID = "yach:g:group-1:u:user-1"
 
 
 @pytest.fixture
 async def fake(request: pytest.FixtureRequest) -> AsyncIterator[CozeFake]:
-    server = await CozeFake.start(seed=getattr(request, "param", 0))
-    yield server
-    await server.close()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
-
-
-def coze(session: aiohttp.ClientSession, base_url: str, *, token: str = TOKEN,
-         idle_timeout_s: float = 5.0) -> Upstream:
-    settings = load_settings({"BRIDGE_UPSTREAM": "coze", "BRIDGE_COZE_BASE_URL": base_url,
-                              "BRIDGE_COZE_TOKEN": token, "BRIDGE_COZE_BOT_ID": BOT_ID},
-                             command="demo")
-    http = UpstreamHTTP(session, retries=2, backoff_s=0.01, connect_timeout_s=2,
-                        idle_timeout_s=idle_timeout_s, total_timeout_s=30)
-    return create_upstream(settings, http, _NoKV())
+    async with CozeFake(seed=getattr(request, "param", 0)) as server:
+        yield server
 
 
 class _NoKV:
@@ -75,6 +42,10 @@ class _NoKV:
 
     async def set(self, name: str, value: str) -> None:
         raise AssertionError("coze keeps nothing")
+
+
+def coze(http: UpstreamHTTP, fake: CozeFake, **env: str) -> Upstream:
+    return connect(http, fake.env(**env), _NoKV())
 
 
 def turn(text: str = "你知道薛之谦吗?", conversation: dict[str, str] | None = None) -> Turn:
@@ -88,8 +59,8 @@ def chats(fake: CozeFake) -> list[Any]:
 
 @pytest.mark.parametrize("fake", [1, 2, 3], indirect=True)
 async def test_answer_suggestions_usage_and_conversation(fake: CozeFake,
-                                                         session: aiohttp.ClientSession) -> None:
-    events = await collect(coze(session, fake.url), turn())
+                                                         http: UpstreamHTTP) -> None:
+    events = await collect(coze(http, fake), turn())
 
     assert answer_text(events) == ANSWER  # two answer messages, a blank line between them
     assert [e for e in events if isinstance(e, ConversationRef)] == [
@@ -100,8 +71,8 @@ async def test_answer_suggestions_usage_and_conversation(fake: CozeFake,
     assert events[-2:] == [Suggestions(FOLLOW_UPS), Done()]
 
 
-async def test_first_turn_request(fake: CozeFake, session: aiohttp.ClientSession) -> None:
-    await collect(coze(session, fake.url), turn())
+async def test_first_turn_request(fake: CozeFake, http: UpstreamHTTP) -> None:
+    await collect(coze(http, fake), turn())
 
     request = chats(fake)[0]
     assert request.query == {}
@@ -113,9 +84,8 @@ async def test_first_turn_request(fake: CozeFake, session: aiohttp.ClientSession
     }
 
 
-async def test_second_turn_continues_by_query_parameter(fake: CozeFake,
-                                                        session: aiohttp.ClientSession) -> None:
-    upstream = coze(session, fake.url)
+async def test_second_turn_continues_by_query_parameter(fake: CozeFake, http: UpstreamHTTP) -> None:
+    upstream = coze(http, fake)
     first = await collect(upstream, turn())
     ref = next(dict(e.ref) for e in first if isinstance(e, ConversationRef))
     second = await collect(upstream, turn("他的代表作有哪些?", conversation=ref))
@@ -127,19 +97,17 @@ async def test_second_turn_continues_by_query_parameter(fake: CozeFake,
     assert "conversation_id" not in later.json()
 
 
-async def test_reset_deletes_the_conversation(fake: CozeFake,
-                                              session: aiohttp.ClientSession) -> None:
-    upstream = coze(session, fake.url)
+async def test_reset_deletes_the_conversation(fake: CozeFake, http: UpstreamHTTP) -> None:
+    upstream = coze(http, fake)
     await upstream.reset({})
     await upstream.reset({"conversation_id": CONVERSATION_ID})
 
     assert fake.deleted == [CONVERSATION_ID]
 
 
-async def test_bad_token_is_an_auth_error(fake: CozeFake,
-                                          session: aiohttp.ClientSession) -> None:
+async def test_bad_token_is_an_auth_error(fake: CozeFake, http: UpstreamHTTP) -> None:
     with pytest.raises(UpstreamAuthError):
-        await collect(coze(session, fake.url, token="pat_wrong"), turn())
+        await collect(coze(http, fake, BRIDGE_COZE_TOKEN="pat_wrong"), turn())
 
     assert len(chats(fake)) == 1  # never retried
 
@@ -147,69 +115,27 @@ async def test_bad_token_is_an_auth_error(fake: CozeFake,
 @pytest.mark.parametrize(("code", "error"), [
     (4100, UpstreamAuthError), (4013, UpstreamRateLimited), (4000, UpstreamRejected),
 ])
-async def test_json_error_instead_of_a_stream(fake: CozeFake, session: aiohttp.ClientSession,
+async def test_json_error_instead_of_a_stream(fake: CozeFake, http: UpstreamHTTP,
                                               code: int, error: type[Exception]) -> None:
-    fake.script.fail(200, body={"code": code, "msg": "something is wrong"})
+    fake.script.then(json_reply({"code": code, "msg": "something is wrong"}))
     with pytest.raises(error, match=f"coze error {code}"):
-        await collect(coze(session, fake.url), turn())
-
-
-@pytest.mark.parametrize(("status", "headers"), [(429, {"Retry-After": "0"}), (502, {})])
-async def test_retried_before_the_first_byte(fake: CozeFake, session: aiohttp.ClientSession,
-                                             status: int, headers: dict[str, str]) -> None:
-    fake.script.fail(status, headers=headers)
-    events = await collect(coze(session, fake.url), turn())
-
-    assert answer_text(events) == ANSWER
-    assert len(chats(fake)) == 2
-
-
-async def test_server_errors_outlast_the_retries(fake: CozeFake,
-                                                 session: aiohttp.ClientSession) -> None:
-    fake.script.fail(503, times=3)
-    with pytest.raises(UpstreamUnavailable):
-        await collect(coze(session, fake.url), turn())
-
-    assert len(chats(fake)) == 3
-
-
-async def test_connection_refused(session: aiohttp.ClientSession) -> None:
-    with pytest.raises(UpstreamUnavailable):
-        await collect(coze(session, refused_url()), turn())
-
-
-@pytest.mark.parametrize("mode", [Mode.CUT, Mode.TRUNCATED])
-async def test_stream_that_stops_midway_is_broken(fake: CozeFake, session: aiohttp.ClientSession,
-                                                  mode: Mode) -> None:
-    fake.script.mode = mode
-    events: list[Event] = []
-    with pytest.raises(UpstreamBroken):
-        await collect(coze(session, fake.url), turn(), into=events)
-
-    assert ANSWER.startswith(answer_text(events))
-    assert ConversationRef({"conversation_id": CONVERSATION_ID}) in events  # kept though failed
+        await collect(coze(http, fake), turn())
 
 
 @pytest.mark.parametrize(("frames", "text", "detail"), [
     (error_frames(), "当然知道，", "Request parameter error"),
     (failed_frames(), "当然", "model is overloaded"),
 ])
-async def test_error_events_end_the_turn(fake: CozeFake, session: aiohttp.ClientSession,
+async def test_error_events_end_the_turn(fake: CozeFake, http: UpstreamHTTP,
                                          frames: list[str], text: str, detail: str) -> None:
     fake.stream = "".join(frames).encode()
-    events = await collect(coze(session, fake.url), turn())
+    events = await collect(coze(http, fake), turn())
 
     assert answer_text(events) == text
     assert isinstance(events[-1], UpstreamError)
     assert events[-1].kind is ErrorKind.REJECTED
     assert detail in events[-1].message
     assert Done() not in events
-
-
-async def test_idle_stream_times_out(fake: CozeFake, session: aiohttp.ClientSession) -> None:
-    fake.script.mode = Mode.STALL
-    with pytest.raises(UpstreamTimeout):
-        await collect(coze(session, fake.url, idle_timeout_s=0.2), turn())
 
 
 async def test_official_sdk_reads_the_fake(fake: CozeFake) -> None:

@@ -1,78 +1,46 @@
-"""The HiAgent adapter against a fake web-chat proxy serving the recorded chat_query stream."""
+"""The HiAgent adapter against a fake web-chat proxy serving the recorded chat_query stream.
+
+The failures every adapter meets are in test_upstream_failures.py.
+"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
 
-from adapters.upstream import create_upstream
-from bridge.config import load_settings
-from bridge.events import ConversationRef, Done, ErrorKind, Event, UpstreamError, Usage
-from bridge.http import (
-    UpstreamAuthError,
-    UpstreamBroken,
-    UpstreamHTTP,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
+from bridge.events import ConversationRef, Done, ErrorKind, UpstreamError, Usage
+from bridge.http import UpstreamAuthError, UpstreamHTTP
 from bridge.interfaces import KeyValue, Sender, Turn, Upstream
 from tests.fakes.hiagent import (
-    API,
     APP_CONVERSATION_ID,
     APP_KEY,
-    FIXTURE,
+    CHAT_QUERY,
+    CREATE,
+    DELETE,
     FIXTURE_CONVERSATION_ID,
     PAGE_PATH,
     HiAgentFake,
     message,
     nested_stream,
+    recorded_answer,
 )
-from tests.fakes.streaming import MemoryKV, Mode, answer_text, collect, refused_url
+from tests.fakes.scripted import MemoryKV, answer_text, collect, connect, refs
 
-CHAT_QUERY = f"{API}/chat_query"
-CREATE = f"{API}/create_conversation"
 SESSION_ID = "yach:g:group-1:u:user-1"
-
-
-def recorded_answer() -> str:
-    """The fixture's answer, read without the adapter: every `message` event's `answer`."""
-    answer = ""
-    for line in FIXTURE.read_text(encoding="utf-8").splitlines():
-        if line.startswith("data:data:"):
-            inner = json.loads(line.removeprefix("data:data:"))
-            if inner["event"] == "message":
-                answer += inner["answer"]
-    return answer
-
-
 EXPECTED = recorded_answer()
 
 
 @pytest.fixture
 async def fake(request: pytest.FixtureRequest) -> AsyncIterator[HiAgentFake]:
-    server = await HiAgentFake.start(seed=getattr(request, "param", 0))
-    yield server
-    await server.close()
+    async with HiAgentFake(seed=getattr(request, "param", 0)) as server:
+        yield server
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    # No cookie jar: the adapter must carry the CSRF cookies itself (the session is shared).
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client:
-        yield client
-
-
-def hiagent(session: aiohttp.ClientSession, base_url: str, *, kv: KeyValue | None = None,
-            idle_timeout_s: float = 5.0, **env: str) -> Upstream:
-    settings = load_settings({"BRIDGE_UPSTREAM": "hiagent", "BRIDGE_HIAGENT_BASE_URL": base_url,
-                              "BRIDGE_HIAGENT_APP_KEY": APP_KEY, **env}, command="demo")
-    http = UpstreamHTTP(session, retries=2, backoff_s=0.01, connect_timeout_s=2,
-                        idle_timeout_s=idle_timeout_s, total_timeout_s=30)
-    return create_upstream(settings, http, kv or MemoryKV())
+def hiagent(http: UpstreamHTTP, fake: HiAgentFake, *, kv: KeyValue | None = None,
+            **env: str) -> Upstream:
+    return connect(http, fake.env(**env), kv)
 
 
 def turn(text: str = "你知道OVS吗？", conversation: dict[str, str] | None = None) -> Turn:
@@ -80,18 +48,13 @@ def turn(text: str = "你知道OVS吗？", conversation: dict[str, str] | None =
                 conversation=conversation)
 
 
-def refs(events: list[Event]) -> list[dict[str, str]]:
-    return [dict(event.ref) for event in events if isinstance(event, ConversationRef)]
-
-
 def bodies(fake: HiAgentFake, path: str) -> list[dict[str, Any]]:
     return [request.json() for request in fake.server.on(path)]
 
 
 @pytest.mark.parametrize("fake", [1, 2, 3], indirect=True)
-async def test_recorded_answer_arrives_whole(fake: HiAgentFake,
-                                             session: aiohttp.ClientSession) -> None:
-    events = await collect(hiagent(session, fake.url), turn())
+async def test_recorded_answer_arrives_whole(fake: HiAgentFake, http: UpstreamHTTP) -> None:
+    events = await collect(hiagent(http, fake), turn())
 
     assert answer_text(events) == EXPECTED
     assert EXPECTED.startswith("OpenStack 是一个开源的云计算管理平台项目")
@@ -107,10 +70,10 @@ async def test_recorded_answer_arrives_whole(fake: HiAgentFake,
 
 
 async def test_first_turn_creates_the_conversation_with_csrf_and_visitor_key(
-    fake: HiAgentFake, session: aiohttp.ClientSession
+    fake: HiAgentFake, http: UpstreamHTTP
 ) -> None:
     kv = MemoryKV()
-    await collect(hiagent(session, fake.url, kv=kv, BRIDGE_HIAGENT_INPUTS='{"lang":"zh"}'),
+    await collect(hiagent(http, fake, kv=kv, BRIDGE_HIAGENT_INPUTS='{"lang":"zh"}'),
                   turn())
 
     assert len(fake.server.on(PAGE_PATH)) == 1
@@ -126,8 +89,8 @@ async def test_first_turn_creates_the_conversation_with_csrf_and_visitor_key(
 
 
 async def test_second_turn_reuses_both_conversation_ids(fake: HiAgentFake,
-                                                        session: aiohttp.ClientSession) -> None:
-    upstream = hiagent(session, fake.url)
+                                                        http: UpstreamHTTP) -> None:
+    upstream = hiagent(http, fake)
     first = await collect(upstream, turn())
     second = await collect(upstream, turn("那你知道OVN吗？", conversation=refs(first)[-1]))
 
@@ -142,19 +105,18 @@ async def test_second_turn_reuses_both_conversation_ids(fake: HiAgentFake,
 
 
 async def test_visitor_key_is_made_once_per_bot_and_kept(fake: HiAgentFake,
-                                                         session: aiohttp.ClientSession) -> None:
+                                                         http: UpstreamHTTP) -> None:
     kv = MemoryKV()
-    await collect(hiagent(session, fake.url, kv=kv), turn())
-    await collect(hiagent(session, fake.url, kv=kv), turn())  # another process of the bot
+    await collect(hiagent(http, fake, kv=kv), turn())
+    await collect(hiagent(http, fake, kv=kv), turn())  # another process of the bot
 
     keys = {request.headers["app-visitor-key"] for request in fake.server.on(CHAT_QUERY)}
     assert keys == {kv.values["visitor_key"]}
 
 
-async def test_visitor_key_from_settings_wins(fake: HiAgentFake,
-                                              session: aiohttp.ClientSession) -> None:
+async def test_visitor_key_from_settings_wins(fake: HiAgentFake, http: UpstreamHTTP) -> None:
     kv = MemoryKV()
-    upstream = hiagent(session, fake.url, kv=kv, BRIDGE_HIAGENT_VISITOR_KEY="visitor-from-env")
+    upstream = hiagent(http, fake, kv=kv, BRIDGE_HIAGENT_VISITOR_KEY="visitor-from-env")
     await collect(upstream, turn())
 
     assert fake.server.on(CHAT_QUERY)[0].headers["app-visitor-key"] == "visitor-from-env"
@@ -162,8 +124,8 @@ async def test_visitor_key_from_settings_wins(fake: HiAgentFake,
 
 
 async def test_refused_csrf_token_is_fetched_again_once(fake: HiAgentFake,
-                                                        session: aiohttp.ClientSession) -> None:
-    upstream = hiagent(session, fake.url)
+                                                        http: UpstreamHTTP) -> None:
+    upstream = hiagent(http, fake)
     first = await collect(upstream, turn())
     fake.expire_csrf()
     second = await collect(upstream, turn(conversation=refs(first)[-1]))
@@ -174,85 +136,35 @@ async def test_refused_csrf_token_is_fetched_again_once(fake: HiAgentFake,
     assert tokens == ["csrf/token+1==", "csrf/token+1==", "csrf/token+2=="]
 
 
-async def test_csrf_refused_twice_is_an_auth_error(fake: HiAgentFake,
-                                                   session: aiohttp.ClientSession) -> None:
+async def test_csrf_refused_twice_is_an_auth_error(fake: HiAgentFake, http: UpstreamHTTP) -> None:
     fake.refuse_all = True
     with pytest.raises(UpstreamAuthError):
-        await collect(hiagent(session, fake.url), turn())
+        await collect(hiagent(http, fake), turn())
 
     assert len(fake.server.on(PAGE_PATH)) == 2
     assert len(fake.server.on(CREATE)) == 2
 
 
-async def test_reset_deletes_the_app_conversation(fake: HiAgentFake,
-                                                  session: aiohttp.ClientSession) -> None:
-    upstream = hiagent(session, fake.url)
+async def test_reset_deletes_the_app_conversation(fake: HiAgentFake, http: UpstreamHTTP) -> None:
+    upstream = hiagent(http, fake)
     await upstream.reset({})  # nothing stored: nothing to delete
     await upstream.reset({"app_conversation_id": "app-1", "conversation_id": "c-1"})
 
-    assert bodies(fake, f"{API}/delete_conversation") == [
+    assert bodies(fake, DELETE) == [
         {"AppKey": APP_KEY, "AppConversationID": "app-1"}
     ]
 
 
-@pytest.mark.parametrize(("status", "headers"), [(429, {"Retry-After": "0"}), (502, {})])
-async def test_retried_before_the_first_byte(fake: HiAgentFake, session: aiohttp.ClientSession,
-                                             status: int, headers: dict[str, str]) -> None:
-    fake.script.fail(status, headers=headers)
-    events = await collect(hiagent(session, fake.url), turn())
-
-    assert answer_text(events) == EXPECTED
-    assert len(fake.server.on(CHAT_QUERY)) == 2
-
-
-async def test_server_errors_outlast_the_retries(fake: HiAgentFake,
-                                                 session: aiohttp.ClientSession) -> None:
-    fake.script.fail(503, times=3)
-    with pytest.raises(UpstreamUnavailable):
-        await collect(hiagent(session, fake.url), turn())
-
-    assert len(fake.server.on(CHAT_QUERY)) == 3
-
-
-async def test_connection_refused(session: aiohttp.ClientSession) -> None:
-    with pytest.raises(UpstreamUnavailable):
-        await collect(hiagent(session, refused_url()), turn())
-
-
-@pytest.mark.parametrize("mode", [Mode.CUT, Mode.TRUNCATED])
-async def test_stream_that_stops_midway_is_broken(fake: HiAgentFake,
-                                                  session: aiohttp.ClientSession,
-                                                  mode: Mode) -> None:
-    fake.script.mode = mode
-    events: list[Event] = []
-    with pytest.raises(UpstreamBroken):
-        await collect(hiagent(session, fake.url), turn(), into=events)
-
-    assert EXPECTED.startswith(answer_text(events))
-    assert len(answer_text(events)) < len(EXPECTED)
-    assert refs(events)[-1]["conversation_id"] == FIXTURE_CONVERSATION_ID  # kept though failed
-
-
-async def test_error_event_ends_the_turn(fake: HiAgentFake,
-                                         session: aiohttp.ClientSession) -> None:
+async def test_error_event_ends_the_turn(fake: HiAgentFake, http: UpstreamHTTP) -> None:
     fake.stream = nested_stream([
         message("Open"), message("Stack"),
         {"event": "error", "code": 500, "message": "model overloaded",
          "conversation_id": FIXTURE_CONVERSATION_ID},
         message("never shown"),
     ])
-    events = await collect(hiagent(session, fake.url), turn())
+    events = await collect(hiagent(http, fake), turn())
 
     assert answer_text(events) == "OpenStack"
     assert isinstance(events[-1], UpstreamError)
     assert events[-1].kind is ErrorKind.REJECTED
     assert "model overloaded" in events[-1].message
-
-
-async def test_idle_stream_times_out(fake: HiAgentFake, session: aiohttp.ClientSession) -> None:
-    fake.script.mode = Mode.STALL
-    events: list[Event] = []
-    with pytest.raises(UpstreamTimeout):
-        await collect(hiagent(session, fake.url, idle_timeout_s=0.2), turn(), into=events)
-
-    assert EXPECTED.startswith(answer_text(events))

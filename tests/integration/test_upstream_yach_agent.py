@@ -1,40 +1,31 @@
-"""The yach-agent adapter against a fake Yach open platform: token, chat POST, stream GET."""
+"""The yach-agent adapter against a fake Yach open platform: token, chat POST, stream GET.
+
+The failures every adapter meets are in test_upstream_failures.py.
+"""
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator
 
-import aiohttp
 import pytest
 
-from adapters.upstream import yach_agent
-from bridge.config import ConfigError, load_settings
-from bridge.events import (
-    ConversationRef,
-    Done,
-    ErrorKind,
-    Event,
-    ReasoningDelta,
-    TextDelta,
-    UpstreamError,
-)
+from bridge.events import ConversationRef, Done, ErrorKind, Event, ReasoningDelta, UpstreamError
 from bridge.http import (
     UpstreamAuthError,
     UpstreamBroken,
     UpstreamHTTP,
     UpstreamRejected,
-    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from bridge.interfaces import ImageInput, Sender, Turn
-from tests.fakes.scripted import free_port, json_reply, status
+from tests.fakes.scripted import answer_text, collect, connect, json_reply, sse_payloads, status
 from tests.fakes.yach_agent import (
     ANSWER,
     CHAT,
     CUSTOM_STREAM,
     GETTOKEN,
+    INPUTS,
     INVALID_TOKEN,
     STREAM_ID,
     THINK,
@@ -42,19 +33,6 @@ from tests.fakes.yach_agent import (
     answer_frames,
     frame,
 )
-
-INPUTS = {"var1": "value1", "年级": "高一"}
-
-
-class DictKV:
-    def __init__(self) -> None:
-        self.values: dict[str, str] = {}
-
-    async def get(self, name: str) -> str | None:
-        return self.values.get(name)
-
-    async def set(self, name: str, value: str) -> None:
-        self.values[name] = value
 
 
 def turn(text: str = "你是谁", *, work_code: str = "381584",
@@ -64,44 +42,10 @@ def turn(text: str = "你是谁", *, work_code: str = "381584",
                 conversation=conversation, images=images, created_at_s=1694500000)
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
-
-
 @pytest.fixture(params=[5, 6])
 async def fake(request: pytest.FixtureRequest) -> AsyncIterator[FakeYachAgent]:
-    server = await FakeYachAgent(seed=request.param).start()
-    yield server
-    await server.close()
-
-
-def make(session: aiohttp.ClientSession, api_base: str, *, idle_timeout_s: float = 5.0,
-         **env: str) -> yach_agent.YachAgentUpstream:
-    settings = load_settings({
-        "BRIDGE_UPSTREAM": "yach-agent",
-        "BRIDGE_YACH_API_BASE": api_base,
-        "BRIDGE_YACH_APP_KEY": "app-key",
-        "BRIDGE_YACH_APP_SECRET": "app-secret",
-        "BRIDGE_YACH_AGENT_BIZ_ID": "000000",
-        "BRIDGE_YACH_AGENT_INPUTS": json.dumps(INPUTS, ensure_ascii=False),
-        **env,
-    }, command="demo")
-    http = UpstreamHTTP(session, retries=2, backoff_s=0.01, idle_timeout_s=idle_timeout_s)
-    return yach_agent.create(settings, http, DictKV())
-
-
-async def collect(upstream: yach_agent.YachAgentUpstream, the_turn: Turn,
-                  into: list[Event] | None = None) -> list[Event]:
-    events = [] if into is None else into
-    async for event in upstream.stream(the_turn):
-        events.append(event)
-    return events
-
-
-def answer(events: list[Event]) -> str:
-    return "".join(e.text for e in events if isinstance(e, TextDelta))
+    async with FakeYachAgent(seed=request.param) as server:
+        yield server
 
 
 def posts(fake: FakeYachAgent) -> list[dict[str, object]]:
@@ -113,11 +57,11 @@ def stream_reads(fake: FakeYachAgent) -> list[dict[str, str]]:
 
 
 async def test_answer_reasoning_ref_and_requests_exact(
-    fake: FakeYachAgent, session: aiohttp.ClientSession
+    fake: FakeYachAgent, http: UpstreamHTTP
 ) -> None:
-    events = await collect(make(session, fake.url), turn())
+    events = await collect(connect(http, fake.env()), turn())
     assert events[0] == ConversationRef({"chat_session_id": "cs-1"})
-    assert answer(events) == ANSWER
+    assert answer_text(events) == ANSWER
     assert "".join(e.text for e in events if isinstance(e, ReasoningDelta)) == "".join(THINK)
     assert events[-1] == Done()
     (body,) = posts(fake)
@@ -136,29 +80,29 @@ async def test_answer_reasoning_ref_and_requests_exact(
 
 
 async def test_chat_session_id_reused_and_token_cached(
-    fake: FakeYachAgent, session: aiohttp.ClientSession
+    fake: FakeYachAgent, http: UpstreamHTTP
 ) -> None:
-    upstream = make(session, fake.url)
+    upstream = connect(http, fake.env())
     first = await collect(upstream, turn())
     ref = first[0]
     assert isinstance(ref, ConversationRef)
     second = await collect(upstream, turn("再说一遍", conversation=dict(ref.ref)))
     assert second[0] == ConversationRef({"chat_session_id": "cs-1"})
-    assert answer(second) == ANSWER
+    assert answer_text(second) == ANSWER
     assert "chat_session_id" not in posts(fake)[0]
     assert posts(fake)[1]["chat_session_id"] == "cs-1"
     assert len(fake.server.on(GETTOKEN)) == 1
 
 
 async def test_biz_id_falls_back_to_the_configured_one(
-    fake: FakeYachAgent, session: aiohttp.ClientSession
+    fake: FakeYachAgent, http: UpstreamHTTP
 ) -> None:
-    await collect(make(session, fake.url), turn(work_code=""))
+    await collect(connect(http, fake.env()), turn(work_code=""))
     assert posts(fake)[0]["biz_id"] == "000000"
 
 
-async def test_image_text_query(fake: FakeYachAgent, session: aiohttp.ClientSession) -> None:
-    upstream = make(session, fake.url)
+async def test_image_text_query(fake: FakeYachAgent, http: UpstreamHTTP) -> None:
+    upstream = connect(http, fake.env())
     images = (ImageInput("https://yach-static.zhiyinlou.com/a.png"),
               ImageInput("https://yach-static.zhiyinlou.com/b.png", data_url="data:image/png;x"))
     await collect(upstream, turn("这个图片里有什么内容", images=images))
@@ -173,151 +117,99 @@ async def test_image_text_query(fake: FakeYachAgent, session: aiohttp.ClientSess
 
 
 async def test_invalid_token_on_the_post_is_refreshed_once(
-    fake: FakeYachAgent, session: aiohttp.ClientSession
+    fake: FakeYachAgent, http: UpstreamHTTP
 ) -> None:
-    upstream = make(session, fake.url)
+    upstream = connect(http, fake.env())
     await collect(upstream, turn())
     fake.expire_tokens()
     events = await collect(upstream, turn())
-    assert answer(events) == ANSWER
+    assert answer_text(events) == ANSWER
     assert [p["access_token"] for p in posts(fake)] == ["tok-1", "tok-1", "tok-2"]
     assert stream_reads(fake)[-1]["access_token"] == "tok-2"
     assert len(fake.server.on(GETTOKEN)) == 2
 
 
 async def test_token_still_invalid_after_refresh_is_an_auth_error(
-    fake: FakeYachAgent, session: aiohttp.ClientSession
+    fake: FakeYachAgent, http: UpstreamHTTP
 ) -> None:
     fake.chat.then(json_reply(INVALID_TOKEN), json_reply(INVALID_TOKEN))
     with pytest.raises(UpstreamAuthError):
-        await collect(make(session, fake.url), turn())
+        await collect(connect(http, fake.env()), turn())
     assert len(posts(fake)) == 2
     assert len(fake.server.on(GETTOKEN)) == 2
 
 
 async def test_invalid_token_on_the_stream_read_is_refreshed_once(
-    fake: FakeYachAgent, session: aiohttp.ClientSession
+    fake: FakeYachAgent, http: UpstreamHTTP
 ) -> None:
-    fake.stream.then(json_reply(INVALID_TOKEN))
-    events = await collect(make(session, fake.url), turn())
-    assert answer(events) == ANSWER
+    fake.script.then(json_reply(INVALID_TOKEN))
+    events = await collect(connect(http, fake.env()), turn())
+    assert answer_text(events) == ANSWER
     assert [q["access_token"] for q in stream_reads(fake)] == ["tok-1", "tok-2"]
 
 
-@pytest.mark.parametrize("code", [401, 403])
-async def test_http_auth_failure(
-    code: int, fake: FakeYachAgent, session: aiohttp.ClientSession
-) -> None:
-    fake.chat.then(status(code, {"code": code, "msg": "forbidden"}),
-                   status(code, {"code": code, "msg": "forbidden"}))
-    with pytest.raises(UpstreamAuthError):
-        await collect(make(session, fake.url), turn())
-    assert len(posts(fake)) == 2  # one refresh, no retries
-
-
 async def test_bad_app_credentials_are_an_auth_error(
-    fake: FakeYachAgent, session: aiohttp.ClientSession
+    fake: FakeYachAgent, http: UpstreamHTTP
 ) -> None:
     fake.gettoken.then(json_reply({"code": 40001, "msg": "appsecret错误"}))
     with pytest.raises(UpstreamAuthError):
-        await collect(make(session, fake.url), turn())
+        await collect(connect(http, fake.env()), turn())
     assert not posts(fake)
 
 
-async def test_429_retry_after_is_honoured(
-    fake: FakeYachAgent, session: aiohttp.ClientSession
+async def test_stream_read_5xx_is_retried_then_reported_keeping_the_ref(
+    fake: FakeYachAgent, http: UpstreamHTTP
 ) -> None:
-    fake.chat.then(status(429, "", {"Retry-After": "0.3"}))
-    started = time.monotonic()
-    events = await collect(make(session, fake.url), turn())
-    assert time.monotonic() - started >= 0.3
-    assert answer(events) == ANSWER
-    assert len(posts(fake)) == 2
-
-
-async def test_5xx_is_retried_then_reported(
-    fake: FakeYachAgent, session: aiohttp.ClientSession
-) -> None:
-    fake.stream.then(status(502), status(503), status(500))
+    fake.script.then(status(502), status(503), status(500))
     events: list[Event] = []
     with pytest.raises(UpstreamUnavailable):
-        await collect(make(session, fake.url), turn(), into=events)
+        await collect(connect(http, fake.env()), turn(), into=events)
     assert events == [ConversationRef({"chat_session_id": "cs-1"})]  # kept although it failed
     assert len(stream_reads(fake)) == 3
 
 
 async def test_gettoken_5xx_is_unavailable(
-    fake: FakeYachAgent, session: aiohttp.ClientSession
+    fake: FakeYachAgent, http: UpstreamHTTP
 ) -> None:
     fake.gettoken.then(status(500, {"code": 500, "msg": "busy"}))
-    events = await collect(make(session, fake.url), turn())  # retried, then fine
-    assert answer(events) == ANSWER
+    events = await collect(connect(http, fake.env()), turn())  # retried, then fine
+    assert answer_text(events) == ANSWER
     fake.gettoken.then(*[status(500, {"code": 500, "msg": "busy"})] * 3)
     with pytest.raises(UpstreamUnavailable):
-        await collect(make(session, fake.url), turn())
-
-
-async def test_connection_refused(session: aiohttp.ClientSession) -> None:
-    with pytest.raises(UpstreamUnavailable):
-        await collect(make(session, f"http://127.0.0.1:{free_port()}"), turn())
-
-
-async def test_stream_cut_midway_is_broken(
-    fake: FakeYachAgent, session: aiohttp.ClientSession
-) -> None:
-    fake.stream.then(fake.sse(fake.frames, cut_after=10))
-    events: list[Event] = []
-    with pytest.raises(UpstreamBroken):
-        await collect(make(session, fake.url), turn(), into=events)
-    assert ANSWER.startswith(answer(events))
-    assert Done() not in events
+        await collect(connect(http, fake.env()), turn())
 
 
 async def test_clean_eof_without_is_finished_is_broken(
-    fake: FakeYachAgent, session: aiohttp.ClientSession
+    fake: FakeYachAgent, http: UpstreamHTTP
 ) -> None:
-    fake.stream.then(fake.sse(answer_frames()[:-1]))
+    fake.stream = sse_payloads(answer_frames()[:-1])
     events: list[Event] = []
     with pytest.raises(UpstreamBroken):
-        await collect(make(session, fake.url), turn(), into=events)
-    assert answer(events) == ANSWER
+        await collect(connect(http, fake.env()), turn(), into=events)
+    assert answer_text(events) == ANSWER
 
 
 async def test_error_frame_ends_the_turn(
-    fake: FakeYachAgent, session: aiohttp.ClientSession
+    fake: FakeYachAgent, http: UpstreamHTTP
 ) -> None:
     frames = [*answer_frames()[:7], frame("error", "智能体调用失败", finished=True, reason="error")]
-    fake.stream.then(fake.sse(frames))
-    events = await collect(make(session, fake.url), turn())
-    assert answer(events) == "我是知音楼数字伙伴"
+    fake.stream = sse_payloads(frames)
+    events = await collect(connect(http, fake.env()), turn())
+    assert answer_text(events) == "我是知音楼数字伙伴"
     assert events[-1] == UpstreamError(ErrorKind.REJECTED, "智能体调用失败")
 
 
-async def test_rejected_question(fake: FakeYachAgent, session: aiohttp.ClientSession) -> None:
+async def test_rejected_question(fake: FakeYachAgent, http: UpstreamHTTP) -> None:
     fake.chat.then(json_reply({"code": 50010, "msg": "智能体不存在", "obj": None}))
     with pytest.raises(UpstreamRejected, match="智能体不存在"):
-        await collect(make(session, fake.url), turn())
+        await collect(connect(http, fake.env()), turn())
 
 
-async def test_idle_timeout(fake: FakeYachAgent, session: aiohttp.ClientSession) -> None:
-    fake.stream.then(fake.sse(fake.frames, stall_after=3))
-    with pytest.raises(UpstreamTimeout):
-        await collect(make(session, fake.url, idle_timeout_s=0.3), turn())
-
-
-async def test_configured_stream_url(fake: FakeYachAgent, session: aiohttp.ClientSession) -> None:
+async def test_configured_stream_url(fake: FakeYachAgent, http: UpstreamHTTP) -> None:
     stream_url = f"{fake.url}{CUSTOM_STREAM}?id={{stream_id}}&v=2"
     events = await collect(
-        make(session, fake.url, BRIDGE_YACH_AGENT_STREAM_URL=stream_url), turn()
+        connect(http, fake.env(BRIDGE_YACH_AGENT_STREAM_URL=stream_url)), turn()
     )
-    assert answer(events) == ANSWER
+    assert answer_text(events) == ANSWER
     (read,) = fake.server.on(CUSTOM_STREAM)
     assert read.query == {"id": STREAM_ID, "v": "2", "access_token": "tok-1"}
-
-
-async def test_missing_app_credentials_are_a_configuration_error(
-    session: aiohttp.ClientSession,
-) -> None:
-    with pytest.raises(ConfigError, match="BRIDGE_YACH_APP_SECRET"):
-        yach_agent.create(load_settings({"BRIDGE_YACH_APP_KEY": "k"}, command="demo"),
-                          UpstreamHTTP(session), DictKV())

@@ -13,23 +13,13 @@ from adapters.upstream.hiagent import HiAgentParser, inner_payloads
 from bridge.events import ConversationRef, Done, ErrorKind, Event, TextDelta, UpstreamError, Usage
 from bridge.http import UpstreamProtocolError
 from bridge.sse import SSEDecoder, SSEEvent
-from tests.fakes.base import FIXTURES, rechunk
-
-FIXTURE = (FIXTURES / "hiagent-chat_query.sse").read_bytes()
+from tests.fakes.base import rechunk
+from tests.fakes.hiagent import FIXTURE, recorded_answer
 
 
 def outer(inner: dict[str, Any], *, trailing_blank_lines: bool = True) -> SSEEvent:
     data = "data: " + json.dumps(inner, ensure_ascii=False)
     return SSEEvent(data=data + ("\n\n" if trailing_blank_lines else ""), event="text")
-
-
-def expected_answer() -> str:
-    answer = ""
-    for line in FIXTURE.decode().splitlines():
-        if line.startswith("data:data:"):
-            inner = json.loads(line.removeprefix("data:data:"))
-            answer += inner["answer"] if inner["event"] == "message" else ""
-    return answer
 
 
 @pytest.mark.parametrize(("data", "payloads"), [
@@ -76,12 +66,12 @@ def test_unreadable_inner_payload_is_a_protocol_error() -> None:
 @pytest.mark.parametrize("seed", range(20))
 def test_recording_in_any_chunking_gives_the_whole_answer(seed: int) -> None:
     decoder, parser, events = SSEDecoder(), HiAgentParser(), list[Event]()
-    for chunk in rechunk(FIXTURE, random.Random(seed), max_size=97):
+    for chunk in rechunk(FIXTURE.read_bytes(), random.Random(seed), max_size=97):
         for message in decoder.feed(chunk):
             events.extend(parser.feed(message))
     for message in decoder.close():
         events.extend(parser.feed(message))
 
-    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == expected_answer()
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == recorded_answer()
     assert events[-1] == Done()
     assert events[0] == ConversationRef({"conversation_id": "01JN17DFETEKT0B0HJWR9V2GZ2"})

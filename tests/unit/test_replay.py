@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -30,6 +29,8 @@ from bridge.events import (
 from bridge.http import UpstreamBroken, UpstreamHTTP
 from bridge.interfaces import Sender, Turn
 from bridge.sse import SSEEvent
+from tests.fakes.aimaster import recorded
+from tests.fakes.scripted import MemoryKV
 
 RECORDINGS = Path(replay.__file__).resolve().parents[2] / "bridge" / "recordings"
 AIMASTER = RECORDINGS / "aimaster-scenario.sse"
@@ -46,14 +47,6 @@ OPENAI_RECORDING = (
     '"total_tokens":7}}\n\n'
     "data: [DONE]"
 ).encode()
-
-
-class DictKV:
-    async def get(self, name: str) -> str | None:
-        return None
-
-    async def set(self, name: str, value: str) -> None:
-        return None
 
 
 class FakeTime:
@@ -84,21 +77,8 @@ async def collect(upstream: ReplayUpstream, conversation: dict[str, str] | None 
     return events
 
 
-def aimaster_expected() -> tuple[str, str, list[str]]:
-    text, reasoning, agents = [], [], []
-    for line in AIMASTER.read_text(encoding="utf-8").splitlines():
-        if line.startswith("data: {"):
-            chunk = json.loads(line[len("data: "):])
-            if not agents or agents[-1] != chunk["agent_name"]:
-                agents.append(chunk["agent_name"])
-            delta = chunk["choices"][0]["delta"]
-            text.append(delta.get("content") or "")
-            reasoning.append(delta.get("reasoning_content") or "")
-    return "".join(text), "".join(reasoning), agents
-
-
 async def test_aimaster_recording_plays_exactly() -> None:
-    text, reasoning, agents = aimaster_expected()
+    text, reasoning, agents, _ = recorded(AIMASTER)
     upstream = ReplayUpstream([Recording.load(AIMASTER, "aimaster")])
     events = await collect(upstream)
     assert isinstance(events[0], ConversationRef)
@@ -199,7 +179,7 @@ async def test_demo_answers_are_the_recorded_answers_in_turn() -> None:
     for _ in range(3):
         events = await collect(upstream)
         answers.append("".join(e.text for e in events if isinstance(e, TextDelta)))
-    assert answers[0] == aimaster_expected()[0]
+    assert answers[0] == recorded(AIMASTER).text
     assert answers[1].startswith("OpenStack") and answers[2] == answers[0]
 
 
@@ -211,7 +191,7 @@ async def test_create_from_settings() -> None:
         "BRIDGE_REPLAY_CPS": "0",
     }, command="demo")
     async with aiohttp.ClientSession() as session:
-        upstream = replay.create(settings, UpstreamHTTP(session), DictKV())
+        upstream = replay.create(settings, UpstreamHTTP(session), MemoryKV())
         assert (await collect(upstream))[-1] == Done()
 
 
@@ -221,7 +201,7 @@ def test_create_with_a_missing_file(tmp_path: Path) -> None:
         "BRIDGE_REPLAY_FORMAT": "openai",
     }, command="demo")
     with pytest.raises(ValueError, match="cannot read replay file"):
-        replay.create(settings, None, DictKV())  # type: ignore[arg-type]
+        replay.create(settings, None, MemoryKV())  # type: ignore[arg-type]
 
 
 class RefParser:
