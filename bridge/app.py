@@ -153,7 +153,7 @@ async def _worker_ctx(app: web.Application) -> AsyncIterator[None]:
         bridge.upstream,
         catalogue,
         bridge.metrics,
-        ImagePipeline(settings).prepare,
+        ImagePipeline(settings, bridge.http, catalogue).prepare,
         policy=flush_policy(settings, im),
     )
     commands = Commands(

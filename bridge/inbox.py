@@ -3,25 +3,31 @@
 `put` stores a message (dedupe + XADD + the session queue, in one Lua script) and is
 group-committed: the calls made during one event-loop tick travel in one pipeline.
 Workers `read` new entries, `claim` the entries of dead consumers, `keep` the entries they
-hold (XCLAIM JUSTID: resets idle time, never the delivery count), and `ack` or
-`dead_letter` them; acking also drops the entry from its session queue and its journal.
+hold (XCLAIM JUSTID: resets idle time, never the delivery count; only entries still theirs,
+so a worker that stalled past BRIDGE_CLAIM_IDLE_S never takes an entry back from the one
+that claimed it), `release` what they will not run (drain), and `ack` or `dead_letter`
+them; acking also drops the entry from its session queue, its journal and its lock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Awaitable, Callable, Sequence
+import json
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+import structlog
 from redis.exceptions import ResponseError
 
 from bridge.interfaces import InboundMessage
 from bridge.store import GROUP, Keys, as_text
 
 __all__ = ["Accepted", "Duplicate", "Entry", "EntryKind", "Inbox"]
+
+log = structlog.get_logger(__name__)
 
 DEDUPE_TTL_S = 86400
 
@@ -37,17 +43,45 @@ end
 return id
 """
 
-# KEYS: inbox, session queue, journal, session lock. ARGV: group, entry id, lock value or ''.
+# KEYS: inbox, session queue, journal, session lock, fence, dead letters.
+# ARGV: group, entry id, lock value or '', then (dead-lettering) message, reason.
+# Releasing the lock bumps the fence, so the released token can never write again.
 _ACK = """
+if #ARGV > 3 then
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', 10000, '*',
+             'm', ARGV[4], 'entry', ARGV[2], 'reason', ARGV[5])
+end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('LREM', KEYS[2], 1, ARGV[2])
 redis.call('DEL', KEYS[3])
 if ARGV[3] ~= '' and redis.call('GET', KEYS[4]) == ARGV[3] then
   redis.call('DEL', KEYS[4])
+  redis.call('INCR', KEYS[5])
 end
 return 1
 """
+
+# KEYS: inbox. ARGV: group, consumer, idle ms, entry ids. Sets the idle time (0: keep it
+# claimed; past BRIDGE_CLAIM_IDLE_S: let it go) of the entries this consumer still owns
+# (JUSTID: the delivery count stays); returns the ids it no longer owns (claimed by another
+# consumer after a stall, or acknowledged) — those are left alone.
+_KEEP = """
+local lost = {}
+for i = 4, #ARGV do
+  local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
+  if row and row[2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+return lost
+"""
+
+# How many XAUTOCLAIM calls one claim pass may make (each scans up to 10 × COUNT entries
+# of the pending list: with a long backlog, the first scan window may hold no idle entry).
+_MAX_CLAIM_SCANS = 100
 
 
 class EntryKind(enum.StrEnum):
@@ -90,9 +124,11 @@ class Inbox:
         self.consumer = consumer
         self._put_script = redis.register_script(_PUT)
         self._ack_script = redis.register_script(_ACK)
+        self._keep_script = redis.register_script(_KEEP)
         self._batch: list[_Pending] = []
         self._flush_scheduled = False
         self._flushes: set[asyncio.Task[None]] = set()
+        self._unreadable: list[tuple[str, dict[bytes, bytes]]] = []
 
     async def ensure_group(self) -> None:
         try:
@@ -164,30 +200,69 @@ class Inbox:
             count=count,
             block=block_ms,
         )
+        return self._entries(
+            (entry_id, fields, 1)
+            for _stream, items in reply or []
+            for entry_id, fields in items
+            if fields
+        )
+
+    def _entries(self, rows: Iterable[tuple[bytes | str, dict[bytes, bytes], int]]) -> list[Entry]:
+        """Entries from stream rows; a row that cannot be read is set aside as poison."""
         entries: list[Entry] = []
-        for _stream, items in reply or []:
-            entries.extend(_entry(entry_id, fields, 1) for entry_id, fields in items if fields)
+        for entry_id, fields, deliveries in rows:
+            try:
+                entries.append(_entry(entry_id, fields, deliveries))
+            except (KeyError, ValueError, TypeError) as exc:
+                log.error("entry_unreadable", entry=as_text(entry_id), error=str(exc))
+                self._unreadable.append((as_text(entry_id), fields))
         return entries
 
+    async def set_aside_unreadable(self) -> None:
+        """Dead-letter the rows `read`/`claim` could not parse (they would poison both)."""
+        while self._unreadable:
+            entry_id, fields = self._unreadable[0]
+            raw = {as_text(k): as_text(v) for k, v in fields.items()}
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(
+                    self.keys.dead,
+                    {"raw": json.dumps(raw), "entry": entry_id, "reason": "unreadable"},
+                    maxlen=10000,
+                )
+                pipe.xack(self.keys.inbox, GROUP, entry_id)
+                pipe.xdel(self.keys.inbox, entry_id)
+                await pipe.execute()
+            self._unreadable.pop(0)
+
     async def claim(self, min_idle_ms: int, count: int) -> list[Entry]:
-        """Entries idle on dead consumers, now ours, with how often each was delivered."""
-        reply = await self._with_group(
-            self.redis.xautoclaim,
-            self.keys.inbox,
-            GROUP,
-            self.consumer,
-            min_idle_time=min_idle_ms,
-            start_id="0-0",
-            count=count,
-        )
-        claimed = [(entry_id, fields) for entry_id, fields in reply[1] if fields]
-        if not claimed:
+        """Entries idle on dead consumers, now ours, with how often each was delivered.
+
+        Walks the whole pending list with XAUTOCLAIM's cursor: one call looks at no more
+        than 10 × `count` pending entries, and live workers' entries come first in a
+        backlog."""
+        claimed: list[tuple[bytes | str, dict[bytes, bytes] | None]] = []
+        cursor: bytes | str = "0-0"
+        for _ in range(_MAX_CLAIM_SCANS):
+            reply = await self._with_group(
+                self.redis.xautoclaim,
+                self.keys.inbox,
+                GROUP,
+                self.consumer,
+                min_idle_time=min_idle_ms,
+                start_id=cursor,
+                count=count - len(claimed),
+            )
+            claimed.extend(reply[1])
+            cursor = reply[0]
+            if as_text(cursor) == "0-0" or len(claimed) >= count:
+                break
+        present = [(entry_id, fields) for entry_id, fields in claimed if fields]
+        if not present:
             return []
-        deliveries = await self._deliveries([as_text(entry_id) for entry_id, _ in claimed])
-        return [
-            _entry(entry_id, fields, deliveries.get(as_text(entry_id), 1))
-            for entry_id, fields in claimed
-        ]
+        deliveries = await self._deliveries([as_text(entry_id) for entry_id, _ in present])
+        return self._entries(
+            (entry_id, fields, deliveries.get(as_text(entry_id), 1)) for entry_id, fields in present
+        )
 
     async def _deliveries(self, entry_ids: Sequence[str]) -> dict[str, int]:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -200,39 +275,46 @@ class Inbox:
                 counts[as_text(row["message_id"])] = int(row["times_delivered"])
         return counts
 
-    async def keep(self, entry_ids: Sequence[str]) -> None:
-        """Reset the idle time of entries we hold, without counting a delivery."""
-        if entry_ids:
-            await self._with_group(
-                self.redis.xclaim,
-                self.keys.inbox,
-                GROUP,
-                self.consumer,
-                min_idle_time=0,
-                message_ids=list(entry_ids),
-                justid=True,
-            )
+    async def keep(self, entry_ids: Sequence[str]) -> set[str]:
+        """Reset the idle time of entries we hold, without counting a delivery; the ids
+        that are no longer ours (another worker claimed them, or they were acknowledged)."""
+        return await self._set_idle(entry_ids, 0)
+
+    async def release(self, entry_ids: Sequence[str], idle_ms: int) -> None:
+        """Make entries we will not run claimable at once (drain): their idle time is set
+        to `idle_ms` (past BRIDGE_CLAIM_IDLE_S), their delivery count stays."""
+        await self._set_idle(entry_ids, idle_ms)
+
+    async def _set_idle(self, entry_ids: Sequence[str], idle_ms: int) -> set[str]:
+        if not entry_ids:
+            return set()
+        lost = await self._with_group(
+            self._keep_script,
+            keys=[self.keys.inbox],
+            args=[GROUP, self.consumer, idle_ms, *entry_ids],
+        )
+        return {as_text(entry_id) for entry_id in lost}
 
     async def ack(self, entry: Entry, lock_token: str = "") -> None:
         """Done with an entry: acknowledge it, drop it from its queue, journal and lock."""
+        await self._ack_script(keys=self._ack_keys(entry), args=[GROUP, entry.entry_id, lock_token])
+
+    async def dead_letter(self, entry: Entry, reason: str, lock_token: str = "") -> None:
+        """Move an entry to the dead letters and acknowledge it, in one step."""
         await self._ack_script(
-            keys=[
-                self.keys.inbox,
-                self.keys.queue(entry.chat_session_id),
-                self.keys.journal(entry.entry_id),
-                self.keys.lock(entry.chat_session_id),
-            ],
-            args=[GROUP, entry.entry_id, lock_token],
+            keys=self._ack_keys(entry),
+            args=[GROUP, entry.entry_id, lock_token, entry.message.to_json(), reason],
         )
 
-    async def dead_letter(self, entry: Entry, reason: str) -> None:
-        await self.redis.xadd(
+    def _ack_keys(self, entry: Entry) -> list[str]:
+        return [
+            self.keys.inbox,
+            self.keys.queue(entry.chat_session_id),
+            self.keys.journal(entry.entry_id),
+            self.keys.lock(entry.chat_session_id),
+            self.keys.fence(entry.chat_session_id),
             self.keys.dead,
-            {"m": entry.message.to_json(), "entry": entry.entry_id, "reason": reason},
-            maxlen=10000,
-            approximate=True,
-        )
-        await self.ack(entry)
+        ]
 
     async def pending_count(self) -> int:
         """Entries stored and not yet acknowledged (acknowledged entries are deleted)."""
@@ -249,7 +331,6 @@ class Inbox:
                 raise
         await self.ensure_group()
         return await command(*args, **kwargs)
-
 
 
 def _entry(entry_id: bytes | str, fields: dict[bytes, bytes], deliveries: int) -> Entry:

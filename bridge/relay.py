@@ -14,10 +14,11 @@ import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import structlog
 
-from bridge.compose import Composer, FlushPolicy
+from bridge.compose import Composer, FlushPolicy, Standalone
 from bridge.config import Settings
 from bridge.events import (
     ConversationRef,
@@ -26,6 +27,7 @@ from bridge.events import (
     Event,
     ReasoningDelta,
     TextDelta,
+    TextReplace,
     UpstreamError,
     Usage,
 )
@@ -35,7 +37,7 @@ from bridge.interfaces import HistoryTurn, ImageInput, Piece, ReplyTarget, Turn,
 from bridge.messages import Catalogue
 from bridge.metrics import Metrics
 from bridge.outbox import Outbox
-from bridge.sessions import JournalPiece, Sessions
+from bridge.sessions import JournalPiece, LockLost, Sessions
 from bridge.think import split_think
 
 __all__ = ["Outcome", "PrepareInput", "TurnRunner", "message_id"]
@@ -83,16 +85,20 @@ class _Outgoing:
 
     runner: TurnRunner
     entry: Entry
+    lock: str  # the session lock: only its holder may journal (and so send) a piece
     queue: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
     index: int = 0
 
     async def run(self) -> None:
         target = self.entry.message.target
         outbox, sessions = self.runner.outbox, self.runner.sessions
+        session, entry_id = self.entry.chat_session_id, self.entry.entry_id
         last = False
         while not last:
             text = await self.queue.get()
-            if text is None:
+            if text is None:  # the end came after the last piece had gone out
+                if self.index:
+                    await sessions.journal_complete(session, entry_id, self.lock)
                 break
             await outbox.acquire(target)
             text, last = self._merge_waiting(text)
@@ -103,11 +109,10 @@ class _Outgoing:
                 mention=self.index == 0 and not target.is_direct,
                 sent=False,
             )
-            await sessions.journal_piece(self.entry.entry_id, piece)
-            if last:
-                await sessions.journal_complete(self.entry.entry_id)
+            # Journalled (fenced by the lock) before it is sent, marked once confirmed.
+            await sessions.journal_piece(session, entry_id, piece, self.lock, complete=last)
             await outbox.deliver(target, _as_piece(piece), budget_taken=True)
-            await sessions.journal_sent(self.entry.entry_id, piece.index)
+            await sessions.journal_sent(entry_id, piece.index)
             self.index += 1
 
     def _merge_waiting(self, text: str) -> tuple[str, bool]:
@@ -118,7 +123,9 @@ class _Outgoing:
             if following is None:
                 self.queue.get_nowait()
                 return text, True
-            if len(text) + len(following) > limit:
+            if len(text) + len(following) > limit or isinstance(following, Standalone):
+                break
+            if isinstance(text, Standalone):
                 break
             text += self.queue.get_nowait() or ""
         return text, False
@@ -175,16 +182,25 @@ class TurnRunner:
         pieces, complete = await self.sessions.journal(entry.entry_id)
         if pieces:
             return await self._replay(entry, lock, pieces, complete)
-        prepared = await self.prepare(entry)
-        if prepared.refusal:
-            await self.notice(
-                entry.message.target,
-                entry.entry_id,
-                self.catalogue(prepared.refusal, **prepared.refusal_values),
-                "refusal",
-            )
-            return Outcome.FAILED
-        return await self._ask(entry, lock, prepared)
+        # The thinking timer starts with the turn: image work and the connect count too.
+        first_text = asyncio.Event()
+        thinking = asyncio.create_task(self._thinking_notice(entry, first_text))
+        try:
+            prepared = await self.prepare(entry)
+            if prepared.refusal:
+                first_text.set()
+                await self.notice(
+                    entry.message.target,
+                    entry.entry_id,
+                    self.catalogue(prepared.refusal, **prepared.refusal_values),
+                    "refusal",
+                )
+                return Outcome.FAILED
+            return await self._ask(entry, lock, prepared, first_text)
+        finally:
+            first_text.set()
+            thinking.cancel()
+            await asyncio.gather(thinking, return_exceptions=True)
 
     async def _replay(
         self, entry: Entry, lock: str, pieces: list[JournalPiece], complete: bool
@@ -196,17 +212,44 @@ class TurnRunner:
             unsent=sum(not p.sent for p in pieces),
             complete=complete,
         )
+        cut_off_id = message_id(entry.entry_id, "cut_off")
+        if not complete:
+            # The notice is journalled too, fenced by the lock like any piece: a turn that
+            # lost its session (a stall) must not add it after the new holder went on, and
+            # a later replay resends it under the same message_id instead of adding one.
+            notice = JournalPiece(
+                pieces[-1].index + 1,
+                self.catalogue("cut_off"),
+                cut_off_id,
+                mention=not target.is_direct,
+                sent=False,
+            )
+            await self.sessions.journal_piece(
+                entry.chat_session_id, entry.entry_id, notice, lock, complete=True
+            )
+            pieces = [*pieces, notice]
         for piece in pieces:
             if not piece.sent:
-                await self.outbox.deliver(target, _as_piece(piece))
+                # Checked right before each send, as journalling checks it in a fresh turn:
+                # a turn that lost its session must not show a piece of an answer that the
+                # new holder may have acknowledged without it (dead-lettered, stopped).
+                if not await self.sessions.renew(entry.chat_session_id, lock):
+                    raise LockLost("the session lock was taken over during the replay")
+                kind: Literal["answer", "notice"] = (
+                    "notice" if piece.message_id == cut_off_id else "answer"
+                )
+                await self.outbox.deliver(
+                    target, Piece(piece.text, piece.message_id, mention=piece.mention, kind=kind)
+                )
                 await self.sessions.journal_sent(entry.entry_id, piece.index)
-        if not complete:
-            await self.notice(target, entry.entry_id, self.catalogue("cut_off"), "cut_off")
-        answer = "".join(piece.text for piece in pieces)
-        await self._record(entry, lock, answer)
+        if not await self.sessions.recorded(entry.entry_id):  # recorded, then not acked
+            answer = "".join(p.text for p in pieces if p.message_id != cut_off_id)
+            await asyncio.shield(self._record(entry, lock, answer))
         return Outcome.REPLAYED
 
-    async def _ask(self, entry: Entry, lock: str, prepared: PreparedInput) -> Outcome:
+    async def _ask(
+        self, entry: Entry, lock: str, prepared: PreparedInput, first_text: asyncio.Event
+    ) -> Outcome:
         message = entry.message
         state = await self.sessions.load(entry.chat_session_id)
         same_upstream = state.upstream == self.upstream.name
@@ -232,18 +275,20 @@ class TurnRunner:
             correction_title=self.catalogue("correction_title"),
             now=self.clock(),
         )
-        outgoing = _Outgoing(self, entry)
+        outgoing = _Outgoing(self, entry, lock)
         sender = asyncio.create_task(outgoing.run(), name=f"send-{entry.entry_id}")
         started = self.clock()
         failure: ErrorKind | None = None
         try:
-            failure = await self._stream(entry, lock, turn, composer, outgoing, sender, started)
+            failure = await self._stream(
+                entry, lock, turn, composer, outgoing, sender, started, first_text
+            )
             for text in composer.finish():
                 outgoing.queue.put_nowait(text)
             if failure is not None:
-                outgoing.queue.put_nowait(self.catalogue(_FAILURE_MESSAGES[failure]))
+                outgoing.queue.put_nowait(Standalone(self.catalogue(_FAILURE_MESSAGES[failure])))
             elif not composer.answer.strip() and outgoing.index == 0 and outgoing.queue.empty():
-                outgoing.queue.put_nowait(self.catalogue("empty_answer"))
+                outgoing.queue.put_nowait(Standalone(self.catalogue("empty_answer")))
             outgoing.queue.put_nowait(None)
             await sender
         finally:
@@ -252,7 +297,9 @@ class TurnRunner:
                 await asyncio.gather(sender, return_exceptions=True)
         self.metrics.turn_seconds.observe(self.clock() - started)
         if failure is None:
-            await self._record(entry, lock, composer.answer, question=prepared.text)
+            await asyncio.shield(
+                self._record(entry, lock, composer.answer, question=prepared.text)
+            )
             return Outcome.COMPLETED
         return Outcome.FAILED
 
@@ -265,10 +312,10 @@ class TurnRunner:
         outgoing: _Outgoing,
         sender: asyncio.Task[None],
         started: float,
+        first_text: asyncio.Event,
     ) -> ErrorKind | None:
         """Relay the upstream's events; the failure kind if it failed."""
-        first_token = asyncio.Event()
-        thinking = asyncio.create_task(self._thinking_notice(entry, first_token))
+        first_token = False
         ticker = asyncio.create_task(self._tick(composer, outgoing))
         try:
             async with (
@@ -276,9 +323,11 @@ class TurnRunner:
                 _closing(split_think(upstream_events)) as events,
             ):
                 async for event in events:
-                    if isinstance(event, TextDelta | ReasoningDelta) and not first_token.is_set():
-                        first_token.set()
+                    if isinstance(event, TextDelta | ReasoningDelta) and not first_token:
+                        first_token = True
                         self.metrics.first_token_seconds.observe(self.clock() - started)
+                    if isinstance(event, TextDelta | TextReplace):
+                        first_text.set()  # what people see: no thinking notice after it
                     if sender.done():
                         sender.result()  # the sender stopped: re-raise its SendError
                     failure = await self._handle(entry, lock, event)
@@ -291,10 +340,9 @@ class TurnRunner:
         except UpstreamFailure as exc:
             return self._failed_upstream(exc.kind, exc.message)
         finally:
-            first_token.set()
-            for task in (thinking, ticker):
-                task.cancel()
-            await asyncio.gather(thinking, ticker, return_exceptions=True)
+            first_text.set()  # no thinking notice after the stream has ended
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
         return self._failed_upstream(ErrorKind.BROKEN, "stream ended without an end marker")
 
     async def _handle(self, entry: Entry, lock: str, event: Event) -> ErrorKind | None:
@@ -354,6 +402,8 @@ class TurnRunner:
             fields["created_at"] = now
         if state.upstream not in (None, self.upstream.name):
             fields["conversation"] = ""
-        saved = await self.sessions.save(entry.chat_session_id, lock, fields, exchange=exchange)
+        saved = await self.sessions.save(
+            entry.chat_session_id, lock, fields, exchange=exchange, entry_id=entry.entry_id
+        )
         if not saved:
             log.warning("session_not_saved", reason="session lock lost")

@@ -2,60 +2,169 @@
 reference, history and the turn journal.
 
 The lock is `token:entry_id` under an expiry; the token comes from a per-session counter
-(a fencing token). Every save checks it, so a holder that lost its lock cannot overwrite
-what a newer holder wrote. Only the head of the session's queue may take the lock, which
-keeps turns in inbox order across processes.
+(the fence), bumped by every acquisition and every release. Every write a turn makes
+(session save, journal piece) checks it, so a holder that lost its lock cannot overwrite
+what a newer holder wrote nor journal — and so send — another piece. A lock that merely
+expired (a Redis outage, a stalled process) while nobody else took the session is taken
+back by its holder: its token is still the fence's value. Only the head of the session's
+queue may take the lock, which keeps turns in inbox order across processes.
+
+Attempts of a turn are counted when it takes the lock (the turn starts), in the journal
+hash: waiting in the queue is never an attempt, a SIGKILL mid-turn is one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.interfaces import HistoryTurn
-from bridge.store import Keys, as_text
+from bridge.store import Keys, as_text, cancel_requested
 
-__all__ = ["JournalPiece", "SessionState", "Sessions"]
+__all__ = ["JournalPiece", "LockLost", "SessionState", "Sessions"]
 
-# KEYS: queue, lock, fence. ARGV: entry id, ttl ms. Returns the lock value, or false.
-_ACQUIRE = """
-if redis.call('LINDEX', KEYS[1], 0) ~= ARGV[1] then return false end
-local held = redis.call('GET', KEYS[2])
-if held and string.sub(held, -string.len(ARGV[1]) - 1) ~= ':' .. ARGV[1] then return false end
-local value = redis.call('INCR', KEYS[3]) .. ':' .. ARGV[1]
-redis.call('SET', KEYS[2], value, 'PX', ARGV[2])
-return value
+# `holds(lock, fence, value, ttl)`: true when `value` is the session's lock; a lock that
+# expired while its token is still the fence's value (nobody took it since) is re-set.
+_HOLDS = """
+local function holds(lock, fence, value, ttl)
+  local held = redis.call('GET', lock)
+  if held == value then return true end
+  if held then return false end
+  local token = string.match(value, '^(%d+):')
+  if token and redis.call('GET', fence) == token then
+    redis.call('SET', lock, value, 'PX', ttl)
+    return true
+  end
+  return false
+end
 """
 
-# KEYS: lock. ARGV: lock value, ttl ms.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+# KEYS: queue, lock, fence, journal. ARGV: entry id, ttl ms, journal ttl s.
+# Returns {lock value, attempt}, or false when the entry is not at the head or the lock is
+# held (a live holder renews it; a dead one's expires within BRIDGE_CLAIM_IDLE_S).
+_ACQUIRE = """
+if redis.call('LINDEX', KEYS[1], 0) ~= ARGV[1] then return false end
+if redis.call('EXISTS', KEYS[2]) == 1 then return false end
+local value = redis.call('INCR', KEYS[3]) .. ':' .. ARGV[1]
+redis.call('SET', KEYS[2], value, 'PX', ARGV[2])
+local attempt = redis.call('HINCRBY', KEYS[4], 'attempts', 1)
+redis.call('EXPIRE', KEYS[4], ARGV[3])
+return {value, attempt}
+"""
+
+# KEYS: lock, fence. ARGV: lock value, ttl ms.
+_RENEW = (
+    _HOLDS
+    + """
+if holds(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """
+)
 
-# KEYS: lock, session, history. ARGV: lock value, ttl s, history max, history entry or '',
-# then field/value pairs for the session hash.
-_SAVE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if #ARGV > 4 then
-  redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+# KEYS: lock, fence. ARGV: lock value.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('INCR', KEYS[2])
+  return 1
 end
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-if ARGV[4] ~= '' then
-  redis.call('RPUSH', KEYS[3], ARGV[4])
-  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[3]), -1)
-  redis.call('EXPIRE', KEYS[3], ARGV[2])
+return 0
+"""
+
+# KEYS: lock, fence, session, history, journal. ARGV: lock value, lock ttl ms, ttl s,
+# history max, history entry or '', then field/value pairs for the session hash.
+# Marks the journal "recorded", so a replay (or a retry) of the turn records it only once.
+_SAVE = (
+    _HOLDS
+    + """
+if not holds(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return 0 end
+if KEYS[5] ~= KEYS[3] and redis.call('HEXISTS', KEYS[5], 'recorded') == 1 then return 1 end
+if #ARGV > 5 then
+  redis.call('HSET', KEYS[3], unpack(ARGV, 6))
+end
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+if ARGV[5] ~= '' then
+  redis.call('RPUSH', KEYS[4], ARGV[5])
+  redis.call('LTRIM', KEYS[4], -tonumber(ARGV[4]), -1)
+  redis.call('EXPIRE', KEYS[4], ARGV[3])
+end
+if KEYS[5] ~= KEYS[3] then
+  redis.call('HSET', KEYS[5], 'recorded', '1')
 end
 return 1
 """
+)
+
+# KEYS: lock, fence, journal. ARGV: lock value, lock ttl ms, journal ttl s, then
+# field/value pairs. A piece is journalled (and so may be sent) only by the lock's holder.
+_JOURNAL = (
+    _HOLDS
+    + """
+if not holds(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[3], unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+return 1
+"""
+)
+
+# KEYS: inbox, queue. ARGV: entry id. The entries ahead of this one in its session queue;
+# an entry missing from its queue (which only a lost queue key can cause) is put back in
+# stream-id order, unless it is gone from the inbox (acknowledged): then -1.
+_PLACE = """
+local ahead = redis.call('LPOS', KEYS[2], ARGV[1])
+if ahead then return ahead end
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return -1 end
+local function parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local ms, seq = parts(ARGV[1])
+local queued = redis.call('LRANGE', KEYS[2], 0, -1)
+for i, other in ipairs(queued) do
+  local oms, oseq = parts(other)
+  if oms and (oms > ms or (oms == ms and oseq > seq)) then
+    redis.call('LINSERT', KEYS[2], 'BEFORE', other, ARGV[1])
+    return i - 1
+  end
+end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+return #queued
+"""
+
+# KEYS: lock, fence, session, history, stop. Forget the mapping (/reset); the lock of the
+# stopped turn (the entry named by the stop key), if it still holds on, is fenced out so
+# that its saves are refused.
+_FORGET = """
+local held = redis.call('GET', KEYS[1])
+local stopped = redis.call('GET', KEYS[5])
+if held and stopped and string.sub(held, -string.len(stopped) - 1) == ':' .. stopped then
+  redis.call('DEL', KEYS[1])
+  redis.call('INCR', KEYS[2])
+end
+redis.call('DEL', KEYS[3], KEYS[4])
+return 1
+"""
+
+
+class LockLost(Exception):
+    """The session's lock is held by another turn (or gone): this turn must not go on."""
+
 
 JOURNAL_TTL_S = 7 * 86400
+_RETRY_FIRST_S = 0.1
+_RETRY_MAX_S = 1.0
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,44 +199,79 @@ class Sessions:
         self.keys = keys
         self.ttl_s = int(ttl_s) or 1
         self.history_turns = history_turns
+        # At least as long as an entry's claim (BRIDGE_CLAIM_IDLE_S): renewed on the same
+        # tick as the claim, it outlives the claim, so no other turn of the session can
+        # start while the entry's worker is alive.
         self.lock_ttl_ms = max(int(lock_ttl_s * 1000), 1000)
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
         self._save = redis.register_script(_SAVE)
+        self._journal = redis.register_script(_JOURNAL)
+        self._place = redis.register_script(_PLACE)
+        self._forget = redis.register_script(_FORGET)
 
     # Order and locking
 
-    async def position(self, chat_session_id: str, entry_id: str) -> int | None:
-        """How many entries are ahead of this one in its session queue."""
-        result = await self.redis.lpos(self.keys.queue(chat_session_id), entry_id)
-        return result if isinstance(result, int) else None
+    async def place(self, chat_session_id: str, entry_id: str) -> int | None:
+        """How many entries are ahead of this one in its session queue; None when the
+        entry is no longer in the inbox (another worker acknowledged it)."""
+        ahead = await self._place(
+            keys=[self.keys.inbox, self.keys.queue(chat_session_id)], args=[entry_id]
+        )
+        return None if int(ahead) < 0 else int(ahead)
 
-    async def acquire(self, chat_session_id: str, entry_id: str) -> str | None:
-        """The lock value when this entry is at the head of its queue and the lock is free
-        (or still held for this very entry by a worker that died)."""
-        value = await self._acquire(
+    async def acquire(self, chat_session_id: str, entry_id: str) -> tuple[str, int] | None:
+        """(lock value, attempt) when this entry is at the head of its queue and the lock
+        is free; the attempt counts the turns of this entry started so far, this one too."""
+        reply = await self._acquire(
             keys=[
                 self.keys.queue(chat_session_id),
                 self.keys.lock(chat_session_id),
                 self.keys.fence(chat_session_id),
+                self.keys.journal(entry_id),
             ],
-            args=[entry_id, self.lock_ttl_ms],
+            args=[entry_id, self.lock_ttl_ms, JOURNAL_TTL_S],
         )
-        return None if value is None else as_text(value)
+        if not reply:
+            return None
+        value, attempt = reply
+        return as_text(value), int(attempt)
 
     async def renew(self, chat_session_id: str, lock_value: str) -> bool:
         renewed = await self._renew(
-            keys=[self.keys.lock(chat_session_id)], args=[lock_value, self.lock_ttl_ms]
+            keys=[self.keys.lock(chat_session_id), self.keys.fence(chat_session_id)],
+            args=[lock_value, self.lock_ttl_ms],
         )
         return bool(renewed)
+
+    async def renew_all(self, locks: Mapping[str, str]) -> set[str]:
+        """Renew several locks in one round trip; the sessions whose lock was lost."""
+        if not locks:
+            return set()
+        sessions = list(locks)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for session in sessions:
+                await self._renew(
+                    keys=[self.keys.lock(session), self.keys.fence(session)],
+                    args=[locks[session], self.lock_ttl_ms],
+                    client=pipe,
+                )
+            replies = await pipe.execute()
+        return {session for session, ok in zip(sessions, replies, strict=True) if not ok}
+
+    async def release(self, chat_session_id: str, lock_value: str) -> None:
+        """Let go of the lock early (a turn that will run again later): the entry's next
+        delivery need not wait for it to expire, and this token can never write again."""
+        await self._release(
+            keys=[self.keys.lock(chat_session_id), self.keys.fence(chat_session_id)],
+            args=[lock_value],
+        )
 
     async def holder(self, chat_session_id: str) -> str | None:
         """The entry id whose turn holds the session, if any."""
         value = await self.redis.get(self.keys.lock(chat_session_id))
         return None if value is None else as_text(value).partition(":")[2]
-
-    async def drop_from_queue(self, chat_session_id: str, entry_id: str) -> None:
-        await self.redis.lrem(self.keys.queue(chat_session_id), 1, entry_id)
 
     async def queue_length(self, chat_session_id: str) -> int:
         return int(await self.redis.llen(self.keys.queue(chat_session_id)))
@@ -161,10 +305,13 @@ class Sessions:
         fields: Mapping[str, str | int | float],
         *,
         exchange: HistoryTurn | None = None,
+        entry_id: str | None = None,
     ) -> bool:
-        """Write session fields (and one history turn) if we still hold the lock."""
+        """Write session fields (and one history turn) if we still hold the lock. With
+        `entry_id`, this is the turn's record: its journal is marked recorded."""
         args: list[str | int | float] = [
             lock_value,
+            self.lock_ttl_ms,
             self.ttl_s,
             max(self.history_turns, 1),
             json.dumps(
@@ -175,14 +322,15 @@ class Sessions:
         ]
         for name, value in fields.items():
             args.extend((name, value))
-        saved = await self._save(
-            keys=[
-                self.keys.lock(chat_session_id),
-                self.keys.session(chat_session_id),
-                self.keys.history(chat_session_id),
-            ],
-            args=args,
-        )
+        session_key = self.keys.session(chat_session_id)
+        keys = [
+            self.keys.lock(chat_session_id),
+            self.keys.fence(chat_session_id),
+            session_key,
+            self.keys.history(chat_session_id),
+            self.keys.journal(entry_id) if entry_id else session_key,
+        ]
+        saved = await self._patient(lambda: self._save(keys=keys, args=args))
         return bool(saved)
 
     async def save_conversation(
@@ -209,9 +357,16 @@ class Sessions:
         )
 
     async def forget(self, chat_session_id: str) -> None:
-        """Drop the conversation mapping and history (the `/reset` command)."""
-        await self.redis.delete(
-            self.keys.session(chat_session_id), self.keys.history(chat_session_id)
+        """Drop the conversation mapping and history (the `/reset` command); a stopped turn
+        that still holds the lock is fenced out, so it cannot save the old mapping again."""
+        await self._forget(
+            keys=[
+                self.keys.lock(chat_session_id),
+                self.keys.fence(chat_session_id),
+                self.keys.session(chat_session_id),
+                self.keys.history(chat_session_id),
+                self.keys.stop(chat_session_id),
+            ],
         )
 
     # The turn journal
@@ -239,16 +394,59 @@ class Sessions:
         pieces.sort(key=lambda piece: piece.index)
         return pieces, raw.get("complete") == "1"
 
-    async def journal_piece(self, entry_id: str, piece: JournalPiece) -> None:
-        key = self.keys.journal(entry_id)
+    async def recorded(self, entry_id: str) -> bool:
+        """Whether the turn of this entry was already recorded in its session."""
+        return bool(await self.redis.hexists(self.keys.journal(entry_id), "recorded"))
+
+    async def journal_piece(
+        self,
+        chat_session_id: str,
+        entry_id: str,
+        piece: JournalPiece,
+        lock_value: str,
+        *,
+        complete: bool = False,
+    ) -> None:
+        """Journal a piece before it is sent; raise `LockLost` if this turn no longer holds
+        its session (then the piece must not be sent: a newer holder owns the answer)."""
         data = {"text": piece.text, "message_id": piece.message_id, "mention": piece.mention}
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, f"p:{piece.index}", json.dumps(data, ensure_ascii=False))
-            pipe.expire(key, JOURNAL_TTL_S)
-            await pipe.execute()
+        fields = [f"p:{piece.index}", json.dumps(data, ensure_ascii=False)]
+        if complete:
+            fields += ["complete", "1"]
+        await self._journal_fields(chat_session_id, entry_id, lock_value, fields)
+
+    async def journal_complete(self, chat_session_id: str, entry_id: str, lock_value: str) -> None:
+        """Every piece of the answer is journalled."""
+        await self._journal_fields(chat_session_id, entry_id, lock_value, ["complete", "1"])
+
+    async def _journal_fields(
+        self, chat_session_id: str, entry_id: str, lock_value: str, fields: list[str]
+    ) -> None:
+        keys = [
+            self.keys.lock(chat_session_id),
+            self.keys.fence(chat_session_id),
+            self.keys.journal(entry_id),
+        ]
+        args: list[str | int] = [lock_value, self.lock_ttl_ms, JOURNAL_TTL_S, *fields]
+        written = await self._patient(lambda: self._journal(keys=keys, args=args))
+        if not written:
+            raise LockLost("the session lock was taken over: the answer is not this turn's")
 
     async def journal_sent(self, entry_id: str, index: int) -> None:
-        await self.redis.hset(self.keys.journal(entry_id), f"s:{index}", "1")
+        key = self.keys.journal(entry_id)
+        await self._patient(lambda: self.redis.hset(key, f"s:{index}", "1"))
 
-    async def journal_complete(self, entry_id: str) -> None:
-        await self.redis.hset(self.keys.journal(entry_id), "complete", "1")
+    async def _patient(self, command: Callable[[], Awaitable[T]]) -> T:
+        """Run an idempotent write of a running turn, riding out a Redis outage for as long
+        as the turn's lock would live: a Redis restart does not cut the answer off. Longer,
+        the entry is redelivered and the fenced writes tell the turns apart."""
+        deadline = time.monotonic() + self.lock_ttl_ms / 1000
+        pause = _RETRY_FIRST_S
+        while True:
+            try:
+                return await command()
+            except (RedisConnectionError, RedisTimeoutError):
+                if time.monotonic() + pause > deadline or cancel_requested():
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _RETRY_MAX_S)

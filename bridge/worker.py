@@ -2,13 +2,23 @@
 
 Serial within a session (the session queue and lock), parallel across sessions (up to
 BRIDGE_WORKERS turns), commands and notices at once. Every task is tracked and awaited.
+
+An entry held here goes through: waiting (for the head of its session queue and the
+session lock) → running (the turn) → finishing ("save, then XACK", shielded). Its claim is
+kept alive all along (XCLAIM JUSTID, every BRIDGE_CLAIM_IDLE_S/3) and so is its session
+lock once taken; an entry found claimed by another worker, or a lock found taken over, is
+given up at once (never acknowledged here). Attempts of a turn are counted when it takes
+the session lock, so waiting never counts and never dead-letters a message that has not
+run; a command or notice counts its deliveries.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +35,9 @@ from bridge.interfaces import SendError
 from bridge.messages import Catalogue
 from bridge.metrics import Metrics
 from bridge.relay import TurnRunner
-from bridge.sessions import Sessions
-from bridge.store import Keys, as_text
+from bridge.sessions import LockLost, Sessions
+from bridge.store import Keys, as_text, cancel_requested
+from bridge.tasks import cancel_and_wait
 
 __all__ = ["Worker"]
 
@@ -34,7 +45,11 @@ log = structlog.get_logger(__name__)
 
 _READ_BLOCK_MS = 1000
 _WAIT_POLL_S = 1.0
+_LISTEN_POLL_S = 1.0
+_MIN_BACKOFF_S = 0.1
 _MAX_BACKOFF_S = 5.0
+_HEALTHY_RUN_S = 10.0  # a loop that ran this long without failing starts its backoff over
+_ACK_PATIENCE_S = 10.0  # how long "save, then XACK" keeps trying through a Redis blip
 
 # KEYS: counter. ARGV: window s, limit. 1 when the message is within the user's rate.
 _USER_RATE = """
@@ -44,16 +59,31 @@ return count <= tonumber(ARGV[2]) and 1 or 0
 """
 
 
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancellation redis-py swallowed (see `cancel_requested`)."""
+    if cancel_requested():
+        raise asyncio.CancelledError
+
+
 class _Drained(Exception):
     """The process is draining: a turn that has not started stays pending."""
+
+
+class _Phase(enum.Enum):
+    WAITING = "waiting"  # for the head of the session queue, the lock, a turn slot
+    RUNNING = "running"
+    FINISHING = "finishing"  # acknowledging: nothing may interrupt it
 
 
 @dataclass
 class _Held:
     entry: Entry
     task: asyncio.Task[None] | None = None
+    phase: _Phase = _Phase.WAITING
+    lock: str = ""  # the session lock, once this entry's turn took it
     stop_requested: bool = False
-    running: bool = False
+    lost: bool = False  # another worker owns the entry now, or holds its session
+    acked: bool = False
 
 
 class Worker:
@@ -79,8 +109,8 @@ class Worker:
         self.catalogue = catalogue
         self.metrics = metrics
         self.held: dict[str, _Held] = {}
-        self.locks: dict[str, str] = {}  # chat_session_id → lock value, for running turns
         self.draining = False
+        self.closed = False  # drain is over: every loop ends
         self.completed = 0
         self.healthy = False
         self._turn_slots = asyncio.Semaphore(settings.workers)
@@ -100,23 +130,36 @@ class Worker:
             self._spawn_loop(loop)
 
     async def drain(self, timeout_s: float) -> None:
-        """Stop taking work, give running turns `timeout_s`, leave the rest pending."""
+        """Stop taking work, give running turns `timeout_s`, leave the rest pending (and
+        claimable at once by the other processes), then log one summary line."""
         self.draining = True
-        for name in ("read", "claim"):
-            for task in self._loops:
-                if task.get_name() == name:
-                    task.cancel()
-        tasks = [held.task for held in self.held.values() if held.task is not None]
+        started = time.monotonic()
+        completed_before = self.completed
+        for task in self._loops:
+            if task.get_name() in ("read", "claim"):
+                task.cancel()
+        for waker in self._wakers.values():
+            waker.set()  # waiting entries see `draining` now, not at their next poll
+        held = list(self.held.values())
+        tasks = [h.task for h in held if h.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout_s)
-        left = [held for held in self.held.values() if held.task and not held.task.done()]
-        for held in left:
-            held.task.cancel()  # type: ignore[union-attr]
-        await asyncio.gather(*(h.task for h in left if h.task), return_exceptions=True)
-        for task in self._loops:
-            task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
-        log.info("drained", completed=self.completed, left_pending=len(left))
+        interrupted = [h for h in held if h.task is not None and not h.task.done()]
+        await cancel_and_wait(h.task for h in interrupted if h.task is not None)
+        left = [h for h in held if not h.acked and not h.lost]
+        with contextlib.suppress(RedisError):
+            await self.inbox.release(
+                [h.entry.entry_id for h in left], int(self.settings.claim_idle_s * 1000) + 1
+            )
+        self.closed = True
+        await cancel_and_wait(self._loops)
+        log.info(
+            "drained",
+            completed=self.completed - completed_before,
+            left_pending=len(left),
+            interrupted=len(interrupted),
+            seconds=round(time.monotonic() - started, 3),
+        )
 
     def _spawn_loop(self, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
         name = loop.__name__.strip("_").removesuffix("_loop")
@@ -124,25 +167,32 @@ class Worker:
         self._loops.add(task)
 
     async def _forever(self, loop: Callable[[], Awaitable[None]]) -> None:
-        """Run a loop, reconnecting with backoff while Redis is unreachable."""
-        backoff = 0.1
+        """Run a loop for ever, reconnecting with backoff while Redis is unreachable."""
+        backoff = _MIN_BACKOFF_S
         while True:
+            began = time.monotonic()
             try:
                 await loop()
                 return
             except RedisError as exc:
+                _raise_if_cancelled()  # a cancelled command may surface as a RedisError
                 self.healthy = False
                 log.warning("redis_unavailable", loop=loop.__name__, error=type(exc).__name__)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _MAX_BACKOFF_S)
-                if loop is self._read_loop:
-                    with contextlib.suppress(RedisError):
-                        await self.inbox.ensure_group()
+            except Exception:  # a loop must never die: log it, and run it again
+                _raise_if_cancelled()
+                log.exception("loop_failed", loop=loop.__name__)
+            if time.monotonic() - began > _HEALTHY_RUN_S:
+                backoff = _MIN_BACKOFF_S
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF_S)
+            if loop is self._read_loop:
+                with contextlib.suppress(RedisError):
+                    await self.inbox.ensure_group()
 
     # Loops
 
     async def _read_loop(self) -> None:
-        while True:
+        while not self.draining:
             room = self._max_held - len(self.held)
             if room <= 0:
                 self._room.clear()
@@ -150,13 +200,20 @@ class Worker:
                 continue
             entries = await self.inbox.read(count=min(room, 64), block_ms=_READ_BLOCK_MS)
             self.healthy = True
+            if self.draining or cancel_requested():  # read as the drain began: not ours to run
+                await self._release_unstarted(entries)
+                return
             for entry in entries:
                 self._take(entry)
+            await self.inbox.set_aside_unreadable()
 
     async def _claim_loop(self) -> None:
         interval = max(min(self.settings.claim_idle_s / 2, 5.0), 0.05)
-        while True:
+        while not self.draining:
             entries = await self.inbox.claim(int(self.settings.claim_idle_s * 1000), count=64)
+            if self.draining or cancel_requested():
+                await self._release_unstarted(entries)
+                return
             for entry in entries:
                 if entry.entry_id not in self.held:
                     log.info(
@@ -166,24 +223,37 @@ class Worker:
                         deliveries=entry.deliveries,
                     )
                     self._take(entry)
+            await self.inbox.set_aside_unreadable()
             await asyncio.sleep(interval)
 
     async def _keep_loop(self) -> None:
+        """Keep our entries claimed and our session locks alive; give up what is not ours
+        any more; catch `/stop`s whose message was missed; export the backlog."""
         interval = max(self.settings.claim_idle_s / 3, 0.05)
-        while True:
+        while not self.closed:
             await asyncio.sleep(interval)
-            await self.inbox.keep(list(self.held))
-            for session, lock in list(self.locks.items()):
-                if not await self.sessions.renew(session, lock):
-                    log.warning("session_lock_lost", chat_session_id=session)
+            lost_entries = await self.inbox.keep(list(self.held))
+            _raise_if_cancelled()
+            for entry_id in lost_entries:
+                self._lose(entry_id, "entry claimed by another worker, or acknowledged")
+            locks = {h.entry.chat_session_id: h.lock for h in self.held.values() if h.lock}
+            lost_sessions = await self.sessions.renew_all(locks)
+            for held in list(self.held.values()):
+                if held.lock and held.entry.chat_session_id in lost_sessions:
+                    self._lose(held.entry.entry_id, "session lock taken over")
             await self._check_stop_keys()
             self.metrics.inbox_pending.set(await self.inbox.pending_count())
 
     async def _listen_loop(self) -> None:
         async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
             await pubsub.subscribe(self.keys.control)
-            async for message in pubsub.listen():
-                self._on_control(json.loads(message["data"]))
+            while not self.closed:
+                message = await pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=_LISTEN_POLL_S
+                )
+                _raise_if_cancelled()
+                if message is not None:
+                    self._on_control(json.loads(message["data"]))
 
     def _on_control(self, command: dict[str, str]) -> None:
         session = command.get("session", "")
@@ -195,22 +265,43 @@ class Worker:
             self._stop_local(session, command.get("entry", ""))
 
     def _stop_local(self, session: str, entry_id: str) -> None:
+        """Stop the turn of `entry_id` if it runs here (or holds its session, about to run)."""
         held = self.held.get(entry_id)
-        if held is None or held.entry.chat_session_id != session or not held.running:
+        if held is None or held.entry.chat_session_id != session or not held.lock:
             return
-        if held.task is not None and not held.stop_requested:
+        if held.phase is _Phase.FINISHING or held.stop_requested or held.lost:
+            return
+        if held.task is not None:
             held.stop_requested = True
+            held.task.cancel()
+
+    def _lose(self, entry_id: str, reason: str) -> None:
+        """Give up an entry another worker owns now: stop it here, never acknowledge it."""
+        held = self.held.get(entry_id)
+        if held is None or held.phase is _Phase.FINISHING or held.lost or held.stop_requested:
+            return
+        log.warning("entry_lost", entry=entry_id, reason=reason, phase=held.phase.value)
+        held.lost = True
+        if held.task is not None:
             held.task.cancel()
 
     async def _check_stop_keys(self) -> None:
         """A `/stop` whose Pub/Sub message was missed is still found in its key."""
-        running = [held for held in self.held.values() if held.running]
-        if not running:
+        holding = [held for held in self.held.values() if held.lock]
+        if not holding:
             return
-        values = await self.redis.mget([self.keys.stop(h.entry.chat_session_id) for h in running])
-        for held, value in zip(running, values, strict=True):
+        values = await self.redis.mget([self.keys.stop(h.entry.chat_session_id) for h in holding])
+        for held, value in zip(holding, values, strict=True):
             if value is not None and as_text(value) == held.entry.entry_id:
                 self._stop_local(held.entry.chat_session_id, held.entry.entry_id)
+
+    async def _release_unstarted(self, entries: list[Entry]) -> None:
+        """Entries delivered to us as the drain began: leave them to the other processes."""
+        with contextlib.suppress(RedisError):
+            await self.inbox.release(
+                [entry.entry_id for entry in entries], int(self.settings.claim_idle_s * 1000) + 1
+            )
+        _raise_if_cancelled()
 
     # One entry
 
@@ -235,94 +326,153 @@ class Worker:
             if held.stop_requested:
                 await asyncio.shield(self._stopped(held))
                 return
+            if held.lost:
+                log.info("entry_given_up", outcome="another worker has it")
+                return
             log.info("turn_interrupted", outcome="will run again")
+            await asyncio.shield(self._let_go(held))
             raise
         except _Drained:
             log.info("turn_not_started", outcome="will run again")
+            await self._let_go(held)
+        except LockLost as exc:
+            log.warning("session_lock_lost", reason=str(exc), outcome="another worker has it")
         except SendError as exc:
             log.error("send_failed", reason=exc.reason, outcome="left pending for redelivery")
+            await self._let_go(held)
         except RedisError as exc:
             log.warning("redis_error", error=type(exc).__name__, outcome="left pending")
+            await self._let_go(held)
         except Exception:
             log.exception("entry_failed", outcome="left pending for redelivery")
+            await self._let_go(held)
         finally:
             self.held.pop(entry.entry_id, None)
             self._room.set()
             if self.on_done is not None:
                 self.on_done(entry)
 
+    async def _let_go(self, held: _Held) -> None:
+        """An entry that will run again: free its session lock now (best effort), so its
+        next delivery need not wait for the lock to expire."""
+        if held.lock:
+            with contextlib.suppress(RedisError):
+                await self.sessions.release(held.entry.chat_session_id, held.lock)
+
     async def _dispatch(self, held: _Held) -> None:
         entry = held.entry
-        if entry.deliveries > self.settings.max_attempts:
-            await self._dead_letter(entry)
+        if entry.kind is EntryKind.TURN:
+            await self._turn(held)
+        elif entry.deliveries > self.settings.max_attempts:
+            await self._dead_letter(held, entry.deliveries - 1)
         elif entry.kind is EntryKind.COMMAND:
             reply = await self.commands.answer(entry)
             await self.runner.notice(entry.message.target, entry.entry_id, reply, "reply")
-            await self.inbox.ack(entry)
-        elif entry.kind is EntryKind.NOTICE:
+            await self._ack(held)
+        else:
             verdict = judge(entry.message, self.settings)
             text = self.catalogue(
                 verdict.notice, length=len(entry.message.text), limit=self.settings.max_input_chars
             )
             await self.runner.notice(entry.message.target, entry.entry_id, text, "notice")
-            await self.inbox.ack(entry)
-        else:
-            await self._turn(held)
+            await self._ack(held)
 
     async def _turn(self, held: _Held) -> None:
         entry = held.entry
         session = entry.chat_session_id
         if entry.deliveries == 1 and not await self._within_user_rate(entry):
-            await self._refuse(entry, "rate_limited")
+            await self._refuse(held, "rate_limited")
             return
-        ahead = await self.sessions.position(session, entry.entry_id)
-        if ahead is None:  # its queue was lost: take a place at the end again
-            await self.redis.rpush(self.keys.queue(session), entry.entry_id)
-        elif ahead > self.settings.session_queue_max:
-            await self._refuse(entry, "busy")
+        ahead = await self.sessions.place(session, entry.entry_id)
+        if ahead is None:
+            held.lost = True
+            log.info("entry_gone", outcome="acknowledged by another worker")
+            return
+        if ahead > self.settings.session_queue_max:
+            await self._refuse(held, "busy")
             self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome="busy").inc()
             return
-        lock = await self._wait_for_turn(entry)
+        lock, attempt = await self._wait_for_turn(held)
+        if await self._stop_pending(entry):  # stopped before it ran (or before a crash)
+            await asyncio.shield(self._stopped(held))
+            return
+        if attempt > self.settings.max_attempts:
+            await self._dead_letter(held, attempt - 1)
+            return
         async with self._turn_slots:
             if self.draining:
                 raise _Drained
-            held.running = True
-            self.locks[session] = lock
+            held.phase = _Phase.RUNNING
             self.metrics.inflight_turns.inc()
+            log.info("turn_started", attempt=attempt, deliveries=entry.deliveries)
             try:
                 outcome = await self.runner.run(entry, lock)
             finally:
-                held.running = False
-                self.locks.pop(session, None)
                 self.metrics.inflight_turns.dec()
-        await asyncio.shield(self._finish(entry, lock))
+        held.phase = _Phase.FINISHING
+        await asyncio.shield(self._finish(held))  # "save, then XACK": the save was in run()
         self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome=outcome.value).inc()
         log.info("turn_done", outcome=outcome.value)
 
-    async def _wait_for_turn(self, entry: Entry) -> str:
+    async def _stop_pending(self, entry: Entry) -> bool:
+        value = await self.redis.get(self.keys.stop(entry.chat_session_id))
+        return value is not None and as_text(value) == entry.entry_id
+
+    async def _wait_for_turn(self, held: _Held) -> tuple[str, int]:
+        """Wait for the head of the session queue and its lock; (lock, attempt). The lock
+        is kept alive from here on, also while the turn waits for a turn slot."""
+        entry = held.entry
         session = entry.chat_session_id
         waker = self._wakers.setdefault(session, asyncio.Event())
+        pause = _WAIT_POLL_S
         try:
             while True:
                 if self.draining:
                     raise _Drained
-                lock = await self.sessions.acquire(session, entry.entry_id)
-                if lock is not None:
-                    return lock
                 waker.clear()
+                try:
+                    acquired = await self.sessions.acquire(session, entry.entry_id)
+                    pause = _WAIT_POLL_S
+                except RedisError:  # a waiting entry rides out a Redis outage
+                    _raise_if_cancelled()
+                    acquired, pause = None, min(pause * 2, _MAX_BACKOFF_S)
+                if acquired is not None:
+                    held.lock = acquired[0]
+                    return acquired
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waker.wait(), timeout=_WAIT_POLL_S)
+                    await asyncio.wait_for(waker.wait(), timeout=pause)
         finally:
             if not any(
-                h.entry.chat_session_id == session and h.entry is not entry
-                for h in self.held.values()
+                h.entry.chat_session_id == session and h is not held for h in self.held.values()
             ):
                 self._wakers.pop(session, None)
 
-    async def _finish(self, entry: Entry, lock: str) -> None:
+    async def _ack(self, held: _Held, *, dead_reason: str = "") -> None:
+        """Acknowledge (releasing the session lock), retrying through a short Redis outage:
+        an answer that was delivered should not be replayed for want of one XACK."""
+        entry = held.entry
+        held.phase = _Phase.FINISHING  # from here on, nothing may interrupt it
+        delay = _MIN_BACKOFF_S
+        deadline = time.monotonic() + _ACK_PATIENCE_S
+        while True:
+            try:
+                if dead_reason:
+                    await self.inbox.dead_letter(entry, dead_reason, held.lock)
+                else:
+                    await self.inbox.ack(entry, held.lock)
+                break
+            except RedisError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        held.acked = True
+        with contextlib.suppress(RedisError):
+            await self._wake(entry.chat_session_id)
+
+    async def _finish(self, held: _Held) -> None:
         """Acknowledge (which releases the session), then wake the session's next turn."""
-        await self.inbox.ack(entry, lock)
-        await self._wake(entry.chat_session_id)
+        await self._ack(held)
 
     async def _wake(self, session: str) -> None:
         await self.redis.publish(
@@ -330,19 +480,19 @@ class Worker:
         )
 
     async def _stopped(self, held: _Held) -> None:
-        entry = held.entry
-        await self.inbox.ack(entry, self.locks.pop(entry.chat_session_id, ""))
-        await self.redis.delete(self.keys.stop(entry.chat_session_id))
-        await self._wake(entry.chat_session_id)
+        """A stopped turn is acknowledged and never retried; nothing more of it is sent."""
+        await self._ack(held)
+        with contextlib.suppress(RedisError):
+            await self.redis.delete(self.keys.stop(held.entry.chat_session_id))
         self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome="stopped").inc()
         log.info("turn_stopped")
 
-    async def _refuse(self, entry: Entry, notice: str) -> None:
+    async def _refuse(self, held: _Held, notice: str) -> None:
+        entry = held.entry
         await self.runner.notice(
             entry.message.target, entry.entry_id, self.catalogue(notice), notice
         )
-        await self.inbox.ack(entry)
-        await self._wake(entry.chat_session_id)
+        await self._ack(held)
 
     async def _within_user_rate(self, entry: Entry) -> bool:
         rate = self.settings.user_rate
@@ -354,14 +504,16 @@ class Worker:
         )
         return bool(allowed)
 
-    async def _dead_letter(self, entry: Entry) -> None:
-        log.error("dead_lettered", deliveries=entry.deliveries)
+    async def _dead_letter(self, held: _Held, attempts: int) -> None:
+        """`attempts` failed already: tell the user (once: the notice has a fixed
+        message_id), then move the entry to the dead letters and acknowledge it, in one step."""
+        log.error("dead_lettered", attempts=attempts, deliveries=held.entry.deliveries)
+        entry = held.entry
         try:
             await self.runner.notice(
                 entry.message.target, entry.entry_id, self.catalogue("dead_letter"), "dead"
             )
         except SendError as exc:  # the entry goes to the dead letters all the same
             log.error("dead_letter_notice_failed", reason=exc.reason)
-        await self.inbox.dead_letter(entry, f"delivered {entry.deliveries} times")
-        await self._wake(entry.chat_session_id)
+        await self._ack(held, dead_reason=f"{attempts} attempts")
         self.metrics.dead_letters.inc()

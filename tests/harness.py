@@ -94,7 +94,10 @@ class RunningBridge:
             content_type = "application/json"
         else:
             data, content_type = payload, "application/x-www-form-urlencoded"
-        all_headers = {"Content-Type": content_type, **(headers or signed_headers())}
+        all_headers = {
+            "Content-Type": content_type,
+            **(signed_headers() if headers is None else headers),
+        }
         async with self.session.post(f"{self.url}/webhook/yach", data=data,
                                      headers=all_headers) as response:
             text = await response.text()

@@ -1,0 +1,71 @@
+"""The end-to-end benchmarks run: each `--quick` mode, end to end, with no timing asserted.
+
+Each runs as a process of its own (as it is run by hand), with two bridges where it has a
+scale-out mode, and records into a file of the test's own; bench/RESULTS.md is never touched.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+RESULTS = BENCH / "RESULTS.md"
+
+pytestmark = pytest.mark.slow
+
+
+def run_quick(script: str, results: Path, *extra: str) -> str:
+    before = RESULTS.read_bytes() if RESULTS.exists() else None
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick", "--results", str(results), *extra],
+        capture_output=True, text=True, timeout=100, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert (RESULTS.read_bytes() if RESULTS.exists() else None) == before
+    return done.stdout
+
+
+def test_ingest_quick(tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    out = run_quick("bench_ingest.py", results, "--processes", "2")
+    assert "| bare aiohttp | max" in out and "| chatbridge ×2 |" in out
+    text = results.read_text()
+    assert "## Webhook ingest" in text and "--quick" in text and "max acks/s" in text
+    # every webhook was answered 200: no errors column other than 0
+    rows = [line for line in text.splitlines() if line.startswith("| chatbridge")]
+    assert rows and all(line.split(" | ")[6] == "0" for line in rows), rows
+
+
+def test_relay_quick(tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    out = run_quick("bench_relay.py", results)
+    assert "| through chatbridge | 4 |" in out and "first-token overhead" in out
+    assert "## Relay overhead" in results.read_text()
+
+
+def test_concurrency_quick(tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    out = run_quick("bench_concurrency.py", results, "--processes", "2")
+    assert "20 of 20 turns complete, whole and in order (met)" in out
+    assert "scale-out, 2 processes: 20 of 20 whole" in out
+    assert "## Concurrency and cost" in results.read_text()
+
+
+def test_profile_summary(tmp_path: Path) -> None:
+    """py-spy's raw output, summed the way RESULTS.md shows it (own and total share)."""
+    sys.path.insert(0, str(BENCH))
+    from _common import top_functions
+
+    raw = tmp_path / "profile.txt"
+    raw.write_text(
+        "main (/x/bridge/app.py:1);handle (/x/bridge/app.py:9);write (/usr/asyncio/t.py:3) 6\n"
+        "main (/x/bridge/app.py:1);parse (/x/adapters/yach.py:5) 4\n"
+    )
+    lines = top_functions(raw)
+    assert lines[0].startswith("10 samples")
+    assert lines[2].split() == ["60.0", "60.0", "write", "(asyncio/t.py:3)"]
+    assert lines[3].split() == ["40.0", "40.0", "parse", "(adapters/yach.py:5)"]
