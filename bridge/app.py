@@ -9,6 +9,7 @@ within BRIDGE_DRAIN_TIMEOUT_S and leave the rest pending, then the contexts unwi
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import uuid
@@ -46,6 +47,7 @@ __all__ = ["STATE", "Bridge", "build_app", "drain"]
 log = structlog.get_logger(__name__)
 
 _OK = {"code": 200, "msg": "ok"}
+_OK_BODY = json.dumps(_OK).encode()  # made once: json_response would encode it per request
 
 
 @dataclass
@@ -217,7 +219,7 @@ async def handle_yach_webhook(request: web.Request) -> web.Response:
     log_ctx = {"chat_session_id": verdict.chat_session_id, "msg_id": message.im_msg_id}
     if verdict.kind is None:
         log.info("webhook_ignored", reason="not in the allow lists", **log_ctx)
-        return web.json_response(_OK)
+        return _ok()
     try:
         result = await bridge.inbox.put(message, verdict.kind, verdict.chat_session_id)
     except RedisError as exc:
@@ -227,7 +229,11 @@ async def handle_yach_webhook(request: web.Request) -> web.Response:
     log.info(
         "webhook_stored" if stored else "webhook_duplicate", kind=verdict.kind.value, **log_ctx
     )
-    return web.json_response(_OK)
+    return _ok()
+
+
+def _ok() -> web.Response:
+    return web.Response(body=_OK_BODY, content_type="application/json", charset="utf-8")
 
 
 def _json_error(status: int, reason: str) -> web.Response:

@@ -20,7 +20,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from bridge.interfaces import InboundMessage
 from bridge.store import GROUP, Keys, as_text
@@ -156,25 +156,13 @@ class Inbox:
 
     async def _flush(self, batch: list[_Pending]) -> None:
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for item in batch:
-                    await self._put_script(
-                        keys=[
-                            self.keys.dedupe(item.message.dedupe_key or "-"),
-                            self.keys.inbox,
-                            self.keys.queue(item.chat_session_id),
-                        ],
-                        args=[
-                            "1" if item.message.dedupe_key else "0",
-                            DEDUPE_TTL_S,
-                            item.message.to_json(),
-                            item.kind.value,
-                            item.chat_session_id,
-                            "1" if item.kind is EntryKind.TURN else "0",
-                        ],
-                        client=pipe,
-                    )
-                results = await pipe.execute(raise_on_error=False)
+            results = await self._put_all(batch)
+            missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+            if missing:  # a Redis restarted empty (or SCRIPT FLUSH): none of those ran
+                await self.redis.script_load(_PUT)
+                retried = await self._put_all([batch[i] for i in missing])
+                for i, result in zip(missing, retried, strict=True):
+                    results[i] = result
         except Exception as exc:  # every waiter must learn the outcome, whatever it was
             for item in batch:
                 if not item.future.done():
@@ -189,6 +177,27 @@ class Inbox:
                 item.future.set_result(Duplicate())
             else:
                 item.future.set_result(Accepted(as_text(result)))
+
+    async def _put_all(self, batch: list[_Pending]) -> list[Any]:
+        """One pipeline of EVALSHA: redis-py's Script object in a pipeline would first send
+        SCRIPT EXISTS, a second round trip on every flush."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for item in batch:
+                message = item.message
+                pipe.evalsha(
+                    self._put_script.sha,
+                    3,
+                    self.keys.dedupe(message.dedupe_key or "-"),
+                    self.keys.inbox,
+                    self.keys.queue(item.chat_session_id),
+                    "1" if message.dedupe_key else "0",
+                    DEDUPE_TTL_S,
+                    message.to_json(),
+                    item.kind.value,
+                    item.chat_session_id,
+                    "1" if item.kind is EntryKind.TURN else "0",
+                )
+            return list(await pipe.execute(raise_on_error=False))
 
     async def read(self, count: int, block_ms: int) -> list[Entry]:
         """New entries for this consumer (first delivery)."""

@@ -131,6 +131,11 @@ class _Outgoing:
         return text, False
 
 
+async def _no_history() -> tuple[HistoryTurn, ...]:
+    """Upstreams with server-side memory get no history from us."""
+    return ()
+
+
 @contextlib.asynccontextmanager
 async def _closing(events: AsyncIterator[Event]) -> AsyncIterator[AsyncIterator[Event]]:
     """Close an upstream's generator on exit, so `/stop` frees its connection at once."""
@@ -251,13 +256,12 @@ class TurnRunner:
         self, entry: Entry, lock: str, prepared: PreparedInput, first_text: asyncio.Event
     ) -> Outcome:
         message = entry.message
-        state = await self.sessions.load(entry.chat_session_id)
-        same_upstream = state.upstream == self.upstream.name
-        history = (
-            ()
-            if self.upstream.keeps_history
-            else await self.sessions.history(entry.chat_session_id)
+        session = entry.chat_session_id
+        state, history = await asyncio.gather(
+            self.sessions.load(session),
+            _no_history() if self.upstream.keeps_history else self.sessions.history(session),
         )
+        same_upstream = state.upstream == self.upstream.name
         turn = Turn(
             text=prepared.text,
             sender=message.sender,
