@@ -22,7 +22,9 @@ from tests.fakes import yach as fake_yach
 WEBHOOK_SECRET = "SEC-webhook-secret-placeholder"
 
 
-def bridge_env(redis_url: str, bot_id: str, yach: fake_yach.FakeYach, **extra: str) -> dict[str, str]:
+def bridge_env(
+    redis_url: str, bot_id: str, yach: fake_yach.FakeYach, **extra: str
+) -> dict[str, str]:
     """The environment of a bridge talking to the fakes; `extra` overrides or adds."""
     env = {
         "BRIDGE_REDIS_URL": redis_url,
@@ -59,8 +61,15 @@ def signed_headers(secret: str = WEBHOOK_SECRET, now_ms: int | None = None) -> d
     return {"timestamp": timestamp, "sign": robot_sign(secret, timestamp)}
 
 
-def group_message(text: str, *, msg_id: str | None = None, sender: str = "u1",
-                  group: str = "g1", work_code: str = "W001", **extra: Any) -> dict[str, Any]:
+def group_message(
+    text: str,
+    *,
+    msg_id: str | None = None,
+    sender: str = "u1",
+    group: str = "g1",
+    work_code: str = "W001",
+    **extra: Any,
+) -> dict[str, Any]:
     return {
         "msgId": msg_id or uuid.uuid4().hex,
         "msgtype": "text",
@@ -87,8 +96,9 @@ class RunningBridge:
     def url(self) -> str:
         return str(self.server.make_url("")).rstrip("/")
 
-    async def post(self, payload: dict[str, Any] | bytes | str, *,
-                   headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async def post(
+        self, payload: dict[str, Any] | bytes | str, *, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
         if isinstance(payload, dict):
             data: bytes | str = json.dumps(payload, ensure_ascii=False)
             content_type = "application/json"
@@ -98,8 +108,9 @@ class RunningBridge:
             "Content-Type": content_type,
             **(signed_headers() if headers is None else headers),
         }
-        async with self.session.post(f"{self.url}/webhook/yach", data=data,
-                                     headers=all_headers) as response:
+        async with self.session.post(
+            f"{self.url}/webhook/yach", data=data, headers=all_headers
+        ) as response:
             text = await response.text()
             try:
                 return response.status, json.loads(text)
@@ -122,8 +133,9 @@ async def running_bridge(env: dict[str, str]) -> AsyncIterator[RunningBridge]:
         await server.close()
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,
-                     interval: float = 0.02) -> None:
+async def wait_until(
+    predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02
+) -> None:
     """Poll a condition on the fakes' state; fail the test after `timeout`."""
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
@@ -133,6 +145,13 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,
 
 
 __all__ = [
-    "WEBHOOK_SECRET", "RunningBridge", "bridge_env", "group_message", "openai_env",
-    "running_bridge", "signed_headers", "wait_until", "web",
+    "WEBHOOK_SECRET",
+    "RunningBridge",
+    "bridge_env",
+    "group_message",
+    "openai_env",
+    "running_bridge",
+    "signed_headers",
+    "wait_until",
+    "web",
 ]

@@ -8,6 +8,8 @@ import aiohttp
 import pytest
 
 from bridge.http import UpstreamHTTP
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.yach import FakeYach
 
 
 @pytest.fixture
@@ -22,3 +24,23 @@ def http(session: aiohttp.ClientSession) -> UpstreamHTTP:
     """The shared upstream HTTP client with quick retries (two) and a 5 s idle timeout."""
     return UpstreamHTTP(session, retries=2, backoff_s=0.01, connect_timeout_s=2,
                         idle_timeout_s=5, total_timeout_s=30)
+
+
+@pytest.fixture
+async def yach() -> AsyncIterator[FakeYach]:
+    """The fake Yach platform: token API, app-API, single-chat and signed robot sends."""
+    fake = await FakeYach().start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeOpenAI]:
+    """A fake OpenAI-compatible upstream that echoes the question and the history length."""
+    fake = await FakeOpenAI().start()
+    try:
+        yield fake
+    finally:
+        await fake.close()

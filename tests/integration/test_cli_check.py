@@ -12,12 +12,9 @@ import os
 import re
 import socket
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import quote
-
-import pytest
 
 from bridge.config import Settings, env_name
 from tests.fakes.openai import FakeOpenAI
@@ -89,12 +86,6 @@ def refused_port() -> int:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
 
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[FakeOpenAI]:
-    fake = await FakeOpenAI().start()
-    yield fake
-    await fake.close()
 
 
 async def test_good_configuration_prints_every_variable_masked(

@@ -74,12 +74,6 @@ class SlowOpenAI:
         return response
 
 
-@pytest.fixture
-async def yach() -> AsyncIterator[FakeYach]:
-    fake = await FakeYach().start()
-    yield fake
-    await fake.close()
-
 
 @pytest.fixture
 async def slow() -> AsyncIterator[SlowOpenAI]:

@@ -5,7 +5,7 @@ real SIGKILL of the bridge process while the turn runs."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -21,14 +21,6 @@ from tests.procs import PacedOpenAI, Spawner, post_webhook, wait_for
 EN = MESSAGES["en"]
 MAX_ATTEMPTS = 3
 
-
-@pytest.fixture
-async def yach() -> AsyncIterator[FakeYach]:
-    fake = await FakeYach().start()
-    try:
-        yield fake
-    finally:
-        await fake.close()
 
 
 @pytest.fixture

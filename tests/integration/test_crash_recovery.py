@@ -26,14 +26,6 @@ EN = MESSAGES["en"]
 LONG_ANSWER = " ".join(f"Sentence number {n} of a long answer." for n in range(1, 41))
 
 
-@pytest.fixture
-async def yach() -> AsyncIterator[FakeYach]:
-    fake = await FakeYach().start()
-    try:
-        yield fake
-    finally:
-        await fake.close()
-
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Spawner]:

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
-import pytest
 import redis.asyncio as aioredis
 
 from bridge.messages import MESSAGES
@@ -22,14 +20,6 @@ from tests.procs import PacedOpenAI
 
 EN = MESSAGES["en"]
 
-
-@pytest.fixture
-async def yach() -> AsyncIterator[FakeYach]:
-    fake = await FakeYach().start()
-    try:
-        yield fake
-    finally:
-        await fake.close()
 
 
 def _env(

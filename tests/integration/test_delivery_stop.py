@@ -5,9 +5,7 @@ the stopped turn has let go of the session, and the next question starts afresh.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
-import pytest
 import redis.asyncio as aioredis
 
 from bridge.messages import MESSAGES
@@ -20,14 +18,6 @@ EN = MESSAGES["en"]
 LONG_ANSWER = " ".join(f"Sentence number {n} of a long answer." for n in range(1, 81))
 SESSION = "yach:g:g1:u:u1"
 
-
-@pytest.fixture
-async def yach() -> AsyncIterator[FakeYach]:
-    fake = await FakeYach().start()
-    try:
-        yield fake
-    finally:
-        await fake.close()
 
 
 async def test_stop_ends_the_streaming_turn_which_is_acknowledged_and_never_retried(

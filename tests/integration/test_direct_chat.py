@@ -19,18 +19,6 @@ from tests.harness import RunningBridge, bridge_env, openai_env, running_bridge,
 SINGLE = "/v1/single/message/send"
 
 
-@pytest.fixture
-async def yach() -> AsyncIterator[FakeYach]:
-    fake = await FakeYach().start()
-    yield fake
-    await fake.close()
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[FakeOpenAI]:
-    fake = await FakeOpenAI().start()
-    yield fake
-    await fake.close()
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -18,15 +18,6 @@ from bridge.store import Keys
 from tests.fakes.yach import FakeYach
 from tests.harness import bridge_env, group_message, openai_env
 from tests.procs import BridgeProcess, PacedOpenAI, Spawner, post_webhook, wait_for
-
-
-@pytest.fixture
-async def yach() -> AsyncIterator[FakeYach]:
-    fake = await FakeYach().start()
-    try:
-        yield fake
-    finally:
-        await fake.close()
 
 
 @pytest.fixture

@@ -55,12 +55,6 @@ class ScriptedOpenAI:
         return len(self.server.requests)
 
 
-@pytest.fixture
-async def yach() -> AsyncIterator[FakeYach]:
-    fake = await FakeYach().start()
-    yield fake
-    await fake.close()
-
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[ScriptedOpenAI]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,18 +56,6 @@ def refused_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@pytest.fixture
-async def yach() -> AsyncIterator[FakeYach]:
-    fake = await FakeYach().start()
-    yield fake
-    await fake.close()
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[FakeOpenAI]:
-    fake = await FakeOpenAI().start()
-    yield fake
-    await fake.close()
 
 
 @pytest.fixture

@@ -31,12 +31,6 @@ from tests.harness import bridge_env, group_message, openai_env, running_bridge,
 ZH = MESSAGES["zh"]
 
 
-@pytest.fixture
-async def yach() -> AsyncIterator[FakeYach]:
-    fake = await FakeYach().start()
-    yield fake
-    await fake.close()
-
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[FakeOpenAI]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -34,18 +33,6 @@ from tests.harness import (
 ZH = MESSAGES["zh"]
 
 
-@pytest.fixture
-async def yach() -> AsyncIterator[FakeYach]:
-    fake = await FakeYach().start()
-    yield fake
-    await fake.close()
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[FakeOpenAI]:
-    fake = await FakeOpenAI().start()
-    yield fake
-    await fake.close()
 
 
 def env(redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI,

@@ -17,7 +17,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import fields
 from typing import Any
 from urllib.parse import quote, quote_plus
@@ -70,12 +70,6 @@ def log_output() -> Iterator[io.StringIO]:
     structlog.reset_defaults()
     structlog.contextvars.clear_contextvars()
 
-
-@pytest.fixture
-async def yach() -> AsyncIterator[FakeYach]:
-    fake = await FakeYach().start()
-    yield fake
-    await fake.close()
 
 
 def every_secret(**known: str) -> dict[str, str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -29,14 +29,6 @@ EN = MESSAGES["en"]
 SESSIONS, PER_SESSION = 20, 10
 _ANSWER = re.compile(r"^You said: s(\d+) m(\d+)\.")
 
-
-@pytest.fixture
-async def yach() -> AsyncIterator[FakeYach]:
-    fake = await FakeYach().start()
-    try:
-        yield fake
-    finally:
-        await fake.close()
 
 
 @pytest.fixture

@@ -21,14 +21,6 @@ from tests.procs import PacedOpenAI, RedisServer, wait_for
 QUESTIONS = [f"stored {n}" for n in range(6)]
 
 
-@pytest.fixture
-async def yach() -> AsyncIterator[FakeYach]:
-    fake = await FakeYach().start()
-    try:
-        yield fake
-    finally:
-        await fake.close()
-
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:

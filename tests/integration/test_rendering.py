@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -40,12 +39,6 @@ APP = {"BRIDGE_YACH_APP_KEY": fake_yach.APP_KEY, "BRIDGE_YACH_APP_SECRET": fake_
 STREAM = {"BRIDGE_REPLY_MODE": "stream", "BRIDGE_FLUSH_MIN_CHARS": "20",
           "BRIDGE_FLUSH_MAX_WAIT_S": "30"}
 
-
-@pytest.fixture
-async def yach() -> AsyncIterator[FakeYach]:
-    fake = await FakeYach().start()
-    yield fake
-    await fake.close()
 
 
 def env_for(redis_url: str, bot_id: str, yach: FakeYach, upstream: dict[str, str],

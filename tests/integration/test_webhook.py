@@ -24,20 +24,6 @@ from tests.harness import (
 
 
 @pytest.fixture
-async def yach() -> AsyncIterator[FakeYach]:
-    fake = await FakeYach().start()
-    yield fake
-    await fake.close()
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[FakeOpenAI]:
-    fake = await FakeOpenAI().start()
-    yield fake
-    await fake.close()
-
-
-@pytest.fixture
 async def bridge(redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI,
                  redis_client: object) -> AsyncIterator[RunningBridge]:
     env = bridge_env(redis_url, bot_id, yach, BRIDGE_MAX_BODY_BYTES="4096",
