@@ -129,6 +129,15 @@ def command_line(script: str, argv: Sequence[str] | None) -> str:
     return " ".join(["python", f"bench/{script}", *args]).strip()
 
 
+def record_run(path: Path, entry: Sequence[str], profile: Sequence[str], profiled: str) -> None:
+    """Append a benchmark's entry, with the profile's top lines when it was profiled."""
+    lines = list(entry)
+    if profile:
+        lines += ["", f"py-spy of {profiled} (own time, top lines):", "", "```", *profile, "```"]
+    record(path, lines)
+    print(f"\nappended to {path}")
+
+
 def record(path: Path, lines: Sequence[str]) -> None:
     """Append one entry to RESULTS.md (made with its header when missing)."""
     if not path.exists():

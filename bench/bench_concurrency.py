@@ -54,7 +54,7 @@ from _common import (
     entry_head,
     percentiles,
     profile_pid,
-    record,
+    record_run,
     top_functions,
 )
 
@@ -337,11 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             *[f"- {line}" for line in said],
             "", *lines,
         ]
-        if profile:
-            entry += ["", "py-spy of one bridge relaying every turn (own time, top lines):", "",
-                      "```", *profile, "```"]
-        record(results, entry)
-        print(f"\nappended to {results}")
+        record_run(results, entry, profile, "one bridge relaying every turn")
     return 0
 
 

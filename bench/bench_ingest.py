@@ -50,7 +50,7 @@ from _common import (
     entry_head,
     ms,
     profile_pid,
-    record,
+    record_run,
     run_loadgen,
     top_functions,
 )
@@ -262,11 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             *[f"- {line}" for line in found],
             "", *lines,
         ]
-        if profile:
-            entry += ["", "py-spy of one bridge at the maximum (own time, top lines):", "",
-                      "```", *profile, "```"]
-        record(results, entry)
-        print(f"\nappended to {results}")
+        record_run(results, entry, profile, "one bridge at the maximum")
     return 0
 
 

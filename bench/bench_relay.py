@@ -59,7 +59,7 @@ from _common import (
     ms,
     percentiles,
     profile_pid,
-    record,
+    record_run,
     top_functions,
 )
 
@@ -303,11 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             *[f"- {line}" for line in said],
             "", *lines,
         ]
-        if profile:
-            entry += ["", "py-spy of the bridge relaying (own time, top lines):", "",
-                      "```", *profile, "```"]
-        record(results, entry)
-        print(f"\nappended to {results}")
+        record_run(results, entry, profile, "the bridge relaying")
     return 0
 
 
