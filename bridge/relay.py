@@ -88,6 +88,7 @@ class _Outgoing:
     lock: str  # the session lock: only its holder may journal (and so send) a piece
     queue: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
     index: int = 0
+    _carried: list[str] = field(default_factory=list)  # taken while merging, not merged
 
     async def run(self) -> None:
         target = self.entry.message.target
@@ -95,7 +96,7 @@ class _Outgoing:
         session, entry_id = self.entry.chat_session_id, self.entry.entry_id
         last = False
         while not last:
-            text = await self.queue.get()
+            text = self._carried.pop() if self._carried else await self.queue.get()
             if text is None:  # the end came after the last piece had gone out
                 if self.index:
                     await sessions.journal_complete(session, entry_id, self.lock)
@@ -119,15 +120,17 @@ class _Outgoing:
         """Join the pieces that queued up behind the budget, up to the message limit."""
         limit = self.runner.max_chars
         while not self.queue.empty():
-            following = self.queue._queue[0]  # type: ignore[attr-defined]
+            following = self.queue.get_nowait()
             if following is None:
-                self.queue.get_nowait()
                 return text, True
-            if len(text) + len(following) > limit or isinstance(following, Standalone):
+            if (
+                len(text) + len(following) > limit
+                or isinstance(following, Standalone)
+                or isinstance(text, Standalone)
+            ):
+                self._carried.append(following)
                 break
-            if isinstance(text, Standalone):
-                break
-            text += self.queue.get_nowait() or ""
+            text += following
         return text, False
 
 
