@@ -15,6 +15,7 @@ from aiohttp import web
 
 from tests.fakes.base import FakeServer
 from tests.fakes.images import label_of
+from tests.fakes.openai import ChatCompletionsFake
 
 API_KEY = "sk-ocr-placeholder"
 MODEL = "qwen-vl"
@@ -50,23 +51,12 @@ def image_of(body: dict[str, Any]) -> bytes:
 
 
 @dataclass
-class FakeOCR:
+class FakeOCR(ChatCompletionsFake):
     transcripts: dict[str, str] = field(default_factory=dict)
     statuses: list[int] = field(default_factory=list)  # answered first, in order
     server: FakeServer = field(default_factory=lambda: FakeServer(web.Application()))
     bodies: list[dict[str, Any]] = field(default_factory=list)
 
-    async def start(self) -> FakeOCR:
-        self.server.app.router.add_post("/v1/chat/completions", self._complete)
-        await self.server.start()
-        return self
-
-    async def close(self) -> None:
-        await self.server.close()
-
-    @property
-    def base_url(self) -> str:
-        return self.server.url + "/v1"
 
     def labels(self) -> list[str]:
         """The labels of the images transcribed, in the order they were asked."""

@@ -18,47 +18,16 @@ from tests.fakes.base import FakeServer, rechunk, stream_bytes
 Answerer = Callable[[dict[str, Any]], str]
 
 
-def echo_answer(body: dict[str, Any]) -> str:
-    """Answers with what it was asked and how much history came with it."""
-    messages = body["messages"]
-    question = messages[-1]["content"]
-    return f"You said: {question}. (history: {len(messages) - 1} messages)"
+class ChatCompletionsFake:
+    """The life of a fake OpenAI-compatible server: `POST /v1/chat/completions` answered by
+    the subclass's `_complete`, on loopback."""
 
+    server: FakeServer
 
-def chunks_for(answer: str, *, model: str = "fake-model", words_per_chunk: int = 1) -> bytes:
-    def chunk(delta: dict[str, Any] | None, **extra: Any) -> str:
-        choices = [] if delta is None else [
-            {"index": 0, "delta": delta, "finish_reason": extra.pop("finish", None)}
-        ]
-        payload = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
-                   "choices": choices, **extra}
-        return "data: " + json.dumps(payload, ensure_ascii=False) + "\n\n"
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
 
-    words = answer.split(" ")
-    parts = [" ".join(words[i : i + words_per_chunk]) for i in range(0, len(words),
-                                                                     words_per_chunk)]
-    out = [": keep-alive\n\n", chunk({"role": "assistant", "content": ""})]
-    for index, part in enumerate(parts):
-        out.append(chunk({"content": part if index == 0 else " " + part}))
-    out.append(chunk({"content": None}, finish="stop"))
-    out.append(chunk(None, usage={"prompt_tokens": 11, "completion_tokens": len(parts),
-                                  "total_tokens": 11 + len(parts)}))
-    out.append("data: [DONE]\n\n")
-    return "".join(out).encode()
-
-
-@dataclass
-class FakeOpenAI:
-    answer: Answerer = echo_answer
-    delay_s: float = 0.001
-    first_byte_delay_s: float = 0.0
-    seed: int = 7
-    statuses: list[int] = field(default_factory=list)  # answered first, in order, then streams
-    server: FakeServer = field(default_factory=lambda: FakeServer(web.Application()))
-    bodies: list[dict[str, Any]] = field(default_factory=list)
-    hold: asyncio.Event | None = None  # when set up, the stream waits for it midway
-
-    async def start(self) -> FakeOpenAI:
+    async def start(self) -> Self:
         self.server.app.router.add_post("/v1/chat/completions", self._complete)
         await self.server.start()
         return self
@@ -70,17 +39,78 @@ class FakeOpenAI:
     def base_url(self) -> str:
         return self.server.url + "/v1"
 
+
+def echo_answer(body: dict[str, Any]) -> str:
+    """Answers with what it was asked and how much history came with it."""
+    messages = body["messages"]
+    question = messages[-1]["content"]
+    return f"You said: {question}. (history: {len(messages) - 1} messages)"
+
+
+def chunks_for(answer: str, *, model: str = "fake-model", words_per_chunk: int = 1) -> bytes:
+    def chunk(delta: dict[str, Any] | None, **extra: Any) -> str:
+        choices = (
+            []
+            if delta is None
+            else [{"index": 0, "delta": delta, "finish_reason": extra.pop("finish", None)}]
+        )
+        payload = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "model": model,
+            "choices": choices,
+            **extra,
+        }
+        return "data: " + json.dumps(payload, ensure_ascii=False) + "\n\n"
+
+    words = answer.split(" ")
+    parts = [
+        " ".join(words[i : i + words_per_chunk]) for i in range(0, len(words), words_per_chunk)
+    ]
+    out = [": keep-alive\n\n", chunk({"role": "assistant", "content": ""})]
+    for index, part in enumerate(parts):
+        out.append(chunk({"content": part if index == 0 else " " + part}))
+    out.append(chunk({"content": None}, finish="stop"))
+    out.append(
+        chunk(
+            None,
+            usage={
+                "prompt_tokens": 11,
+                "completion_tokens": len(parts),
+                "total_tokens": 11 + len(parts),
+            },
+        )
+    )
+    out.append("data: [DONE]\n\n")
+    return "".join(out).encode()
+
+
+@dataclass
+class FakeOpenAI(ChatCompletionsFake):
+    answer: Answerer = echo_answer
+    delay_s: float = 0.001
+    first_byte_delay_s: float = 0.0
+    seed: int = 7
+    statuses: list[int] = field(default_factory=list)  # answered first, in order, then streams
+    server: FakeServer = field(default_factory=lambda: FakeServer(web.Application()))
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    hold: asyncio.Event | None = None  # when set up, the stream waits for it midway
+
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Authorization") != "Bearer sk-test-placeholder":
             return web.json_response({"error": {"message": "bad key"}}, status=401)
         if self.statuses:
             status = self.statuses.pop(0)
-            return web.json_response({"error": {"message": f"fake {status}"}}, status=status,
-                                     headers={"Retry-After": "0"})
+            return web.json_response(
+                {"error": {"message": f"fake {status}"}},
+                status=status,
+                headers={"Retry-After": "0"},
+            )
         body = await request.json()
         self.bodies.append(body)
         if self.first_byte_delay_s:
             await asyncio.sleep(self.first_byte_delay_s)
         data = chunks_for(self.answer(body))
-        return await stream_bytes(request, rechunk(data, random.Random(self.seed)),
-                                  delay_s=self.delay_s)
+        return await stream_bytes(
+            request, rechunk(data, random.Random(self.seed)), delay_s=self.delay_s
+        )

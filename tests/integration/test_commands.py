@@ -14,7 +14,7 @@ from aiohttp import web
 from bridge.messages import MESSAGES
 from tests.fakes import yach as fake_yach
 from tests.fakes.base import FakeServer
-from tests.fakes.openai import FakeOpenAI
+from tests.fakes.openai import ChatCompletionsFake, FakeOpenAI
 from tests.fakes.yach import FakeYach
 from tests.harness import (
     RunningBridge,
@@ -29,7 +29,7 @@ ZH = MESSAGES["zh"]
 WORDS = 400
 
 
-class SlowOpenAI:
+class SlowOpenAI(ChatCompletionsFake):
     """An OpenAI-compatible stream of `WORDS` words, one every `delay_s`, that records
     whether the client went away before the end."""
 
@@ -40,17 +40,6 @@ class SlowOpenAI:
         self.closed_early = asyncio.Event()
         self.finished = asyncio.Event()
 
-    async def start(self) -> SlowOpenAI:
-        self.server.app.router.add_post("/v1/chat/completions", self._complete)
-        await self.server.start()
-        return self
-
-    async def close(self) -> None:
-        await self.server.close()
-
-    @property
-    def base_url(self) -> str:
-        return self.server.url + "/v1"
 
     @staticmethod
     def _chunk(content: str) -> bytes:
