@@ -31,6 +31,21 @@ log = structlog.get_logger(__name__)
 
 DEDUPE_TTL_S = 86400
 
+# KEYS: inbox. ARGV: group, idle ms, our consumer. Deletes consumers that hold nothing and
+# were idle that long (those of processes that ended); atomic, so none can take an entry
+# between the check and the delete (DELCONSUMER would drop its pending entries).
+_PRUNE = """
+local removed = 0
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local name, pending, idle = consumer[2], consumer[4], consumer[6]
+  if pending == 0 and idle >= tonumber(ARGV[2]) and name ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
 # KEYS: dedupe key, inbox, session queue. ARGV: dedupe?, ttl, message, kind, session, queued?
 _PUT = """
 if ARGV[1] == '1' and not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
@@ -125,6 +140,7 @@ class Inbox:
         self._put_script = redis.register_script(_PUT)
         self._ack_script = redis.register_script(_ACK)
         self._keep_script = redis.register_script(_KEEP)
+        self._prune_script = redis.register_script(_PRUNE)
         self._batch: list[_Pending] = []
         self._flush_scheduled = False
         self._flushes: set[asyncio.Task[None]] = set()
@@ -136,6 +152,14 @@ class Inbox:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    async def prune_consumers(self, min_idle_ms: int) -> int:
+        """Forget the consumers of ended processes (nothing pending, idle `min_idle_ms`):
+        every start adds one, and the group would otherwise grow for ever."""
+        removed = await self._with_group(
+            self._prune_script, keys=[self.keys.inbox], args=[GROUP, min_idle_ms, self.consumer]
+        )
+        return int(removed)
 
     async def put(
         self, message: InboundMessage, kind: EntryKind, chat_session_id: str

@@ -48,6 +48,7 @@ _WAIT_POLL_S = 1.0
 _LISTEN_POLL_S = 1.0
 _MIN_BACKOFF_S = 0.1
 _MAX_BACKOFF_S = 5.0
+_PRUNE_IDLE_MS = 3_600_000  # a consumer idle an hour with nothing pending has ended
 _HEALTHY_RUN_S = 10.0  # a loop that ran this long without failing starts its backoff over
 _ACK_PATIENCE_S = 10.0  # how long "save, then XACK" keeps trying through a Redis blip
 
@@ -209,6 +210,9 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         interval = max(min(self.settings.claim_idle_s / 2, 5.0), 0.05)
+        pruned = await self.inbox.prune_consumers(_PRUNE_IDLE_MS)
+        if pruned:
+            log.info("consumers_pruned", count=pruned)
         while not self.draining:
             entries = await self.inbox.claim(int(self.settings.claim_idle_s * 1000), count=64)
             if self.draining or cancel_requested():
