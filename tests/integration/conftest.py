@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from bridge.http import UpstreamHTTP
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.yach import FakeYach
+from tests.procs import Spawner
 
 
 @pytest.fixture
@@ -44,3 +46,13 @@ async def upstream() -> AsyncIterator[FakeOpenAI]:
         yield fake
     finally:
         await fake.close()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Spawner]:
+    """Starts bridge subprocesses and private Redis servers; kills what is left at the end."""
+    spawner = Spawner(tmp_path)
+    try:
+        yield spawner
+    finally:
+        spawner.close()

@@ -5,11 +5,8 @@ real SIGKILL of the bridge process while the turn runs."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
-import pytest
 import redis.asyncio as aioredis
 
 from bridge.messages import MESSAGES
@@ -21,15 +18,6 @@ from tests.procs import PacedOpenAI, Spawner, post_webhook, wait_for
 EN = MESSAGES["en"]
 MAX_ATTEMPTS = 3
 
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawner]:
-    spawner = Spawner(tmp_path)
-    try:
-        yield spawner
-    finally:
-        spawner.close()
 
 
 async def test_poison_message_is_dead_lettered_after_max_attempts_and_the_user_told_once(

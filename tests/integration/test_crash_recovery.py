@@ -8,8 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -25,15 +24,6 @@ from tests.procs import PacedOpenAI, Spawner, post_webhook, wait_for
 EN = MESSAGES["en"]
 LONG_ANSWER = " ".join(f"Sentence number {n} of a long answer." for n in range(1, 41))
 
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawner]:
-    spawner = Spawner(tmp_path)
-    try:
-        yield spawner
-    finally:
-        spawner.close()
 
 
 @pytest.fixture

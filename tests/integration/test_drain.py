@@ -7,26 +7,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
-import pytest
 import redis.asyncio as aioredis
 
 from bridge.store import Keys
 from tests.fakes.yach import FakeYach
 from tests.harness import bridge_env, group_message, openai_env
 from tests.procs import BridgeProcess, PacedOpenAI, Spawner, post_webhook, wait_for
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawner]:
-    spawner = Spawner(tmp_path)
-    try:
-        yield spawner
-    finally:
-        spawner.close()
 
 
 async def _status(http: aiohttp.ClientSession, bridge: BridgeProcess, path: str) -> int:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import defaultdict
-from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -29,15 +27,6 @@ EN = MESSAGES["en"]
 SESSIONS, PER_SESSION = 20, 10
 _ANSWER = re.compile(r"^You said: s(\d+) m(\d+)\.")
 
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawner]:
-    spawner = Spawner(tmp_path)
-    try:
-        yield spawner
-    finally:
-        spawner.close()
 
 
 async def _two_bridges(spawn: Spawner, env: dict[str, str]) -> list[BridgeProcess]:
