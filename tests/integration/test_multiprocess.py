@@ -71,7 +71,13 @@ async def test_two_processes_answer_200_messages_once_each_in_session_order(
         s: list(range(PER_SESSION)) for s in range(SESSIONS)
     }  # each session's replies in the order its messages came
     assert len(upstream.started) == SESSIONS * PER_SESSION  # no turn ran twice
-    runs = [len(bridge.events("turn_started")) for bridge in bridges]
+    # A process paused past BRIDGE_CLAIM_IDLE_S on a loaded machine lets the other re-claim an
+    # entry; the re-claim then finds the turn done (a later attempt, no upstream call). First
+    # attempts are what must add up.
+    runs = [
+        sum(1 for event in bridge.events("turn_started") if event["attempt"] == 1)
+        for bridge in bridges
+    ]
     assert sum(runs) == SESSIONS * PER_SESSION and min(runs) > 0, runs  # both did work
     assert await redis_client.xlen(Keys(bot_id).inbox) == 0
 
