@@ -49,6 +49,10 @@ class SendBudget:
         self._take = redis.register_script(_TAKE)
         self._counter = 0
 
+    @property
+    def unlimited(self) -> bool:
+        return self._rate.unlimited
+
     async def acquire(self) -> None:
         if self._rate.unlimited:
             return
@@ -98,7 +102,14 @@ class Outbox:
     async def acquire(self, target: ReplyTarget) -> None:
         """Wait for the budget of one send to this target."""
         if self._budgeted:
-            await (self._direct if target.is_direct else self._group).acquire()
+            await self._budget(target).acquire()
+
+    def _budget(self, target: ReplyTarget) -> SendBudget:
+        return self._direct if target.is_direct else self._group
+
+    def budget_free(self, target: ReplyTarget) -> bool:
+        """Whether a send to this target takes no budget (no wait, no round trip)."""
+        return not self._budgeted or self._budget(target).unlimited
 
     async def deliver(
         self, target: ReplyTarget, piece: Piece, *, budget_taken: bool = False
