@@ -37,7 +37,7 @@ from bridge.interfaces import HistoryTurn, ImageInput, Piece, ReplyTarget, Turn,
 from bridge.messages import Catalogue
 from bridge.metrics import Metrics
 from bridge.outbox import Outbox
-from bridge.sessions import Journal, JournalPiece, LockLost, Sessions
+from bridge.sessions import JournalPiece, LockLost, Sessions, Start
 from bridge.think import split_think
 
 __all__ = ["Outcome", "PrepareInput", "TurnRunner", "message_id"]
@@ -224,9 +224,10 @@ class TurnRunner:
         )
         await self.outbox.deliver(target, piece)
 
-    async def run(self, entry: Entry, lock: str, journal: Journal) -> Outcome:
-        """Run the turn of an entry whose session lock is `lock`; `journal` is what was
-        journalled for it when the lock was taken."""
+    async def run(self, entry: Entry, start: Start) -> Outcome:
+        """Run the turn of an entry whose session lock was taken: `start` is what the
+        taking read (the lock, the journal, the session state and history)."""
+        lock, journal = start.lock, start.journal
         if journal.pieces:
             return await self._replay(entry, lock, journal.pieces, journal.complete)
         # The thinking timer starts with the turn: image work and the connect count too.
@@ -243,7 +244,7 @@ class TurnRunner:
                     "refusal",
                 )
                 return Outcome.FAILED
-            return await self._ask(entry, lock, prepared, first_text)
+            return await self._ask(entry, start, prepared, first_text)
         finally:
             first_text.set()
             thinking.cancel()
@@ -295,20 +296,16 @@ class TurnRunner:
         return Outcome.REPLAYED
 
     async def _ask(
-        self, entry: Entry, lock: str, prepared: PreparedInput, first_text: asyncio.Event
+        self, entry: Entry, start: Start, prepared: PreparedInput, first_text: asyncio.Event
     ) -> Outcome:
-        message = entry.message
-        session = entry.chat_session_id
-        state, history = await self.sessions.context(
-            session, with_history=not self.upstream.keeps_history
-        )
+        message, lock, state = entry.message, start.lock, start.state
         same_upstream = state.upstream == self.upstream.name
         turn = Turn(
             text=prepared.text,
             sender=message.sender,
             chat_session_id=entry.chat_session_id,
             conversation=state.conversation if same_upstream else None,
-            history=history,
+            history=start.history,
             images=prepared.images,
             created_at_s=(message.created_at_ms or int(time.time() * 1000)) // 1000,
         )

@@ -106,14 +106,16 @@ return 1
 """
 )
 
-# KEYS: inbox, queue, lock, fence, journal, stop. ARGV: entry id, lock ttl ms, journal ttl s.
-# One try to start an entry's turn, in one round trip: its place in the session queue
-# (an entry missing from its queue, which only a lost queue key can cause, is put back in
-# stream-id order, unless it is gone from the inbox, acknowledged: then {-1}); at the head
-# with the lock free, the lock (fence+1 → token), the attempt counted in the journal, whether
-# a `/stop` was recorded for it, and the journal (read under the lock: nobody else can add
-# to it now). Returns {ahead} when it cannot start, else {0, lock value, attempt, stopped,
-# journal fields}.
+# KEYS: inbox, queue, lock, fence, journal, stop, session, history. ARGV: entry id, lock ttl
+# ms, journal ttl s, history turns to read. One try to start an entry's turn, in one round
+# trip: its place in the session queue (an entry missing from its queue, which only a lost
+# queue key can cause, is put back in stream-id order, unless it is gone from the inbox,
+# acknowledged: then {-1}); at the head with the lock free, the lock (fence+1 → token), the
+# attempt counted in the journal, whether a `/stop` was recorded for it, and what the turn
+# reads: the journal, the session, the history. Read under the lock just taken, they stay
+# as read: only the lock's holder writes them, and `/reset` stops the holder first.
+# Returns {ahead} when it cannot start, else {0, lock value, attempt, stopped, journal
+# fields, session fields, history rows}.
 _START = """
 local function parts(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
@@ -142,7 +144,10 @@ redis.call('SET', KEYS[3], value, 'PX', ARGV[2])
 local attempt = redis.call('HINCRBY', KEYS[5], 'attempts', 1)
 redis.call('EXPIRE', KEYS[5], ARGV[3])
 local stopped = redis.call('GET', KEYS[6]) == ARGV[1] and 1 or 0
-return {0, value, attempt, stopped, redis.call('HGETALL', KEYS[5])}
+local history = {}
+if tonumber(ARGV[4]) > 0 then history = redis.call('LRANGE', KEYS[8], -tonumber(ARGV[4]), -1) end
+return {0, value, attempt, stopped, redis.call('HGETALL', KEYS[5]), redis.call('HGETALL', KEYS[7]),
+        history}
 """
 
 # KEYS: lock, fence, session, history, stop. Forget the mapping (/reset); the lock of the
@@ -206,10 +211,17 @@ class Start:
     attempt: int = 0  # the turns of this entry started so far, this one too
     stopped: bool = False  # a `/stop` was recorded for this entry
     journal: Journal = Journal([], complete=False)
+    state: SessionState = SessionState(None, None, None, None, 0)
+    history: tuple[HistoryTurn, ...] = ()
 
 
-def _state(reply: Mapping[bytes | str, bytes | str]) -> SessionState:
-    raw = {as_text(k): as_text(v) for k, v in reply.items()}
+def _pairs(flat: list[bytes]) -> dict[str, str]:
+    """A hash as a script returns it (field, value, field, value…)."""
+    texts = [as_text(item) for item in flat]
+    return dict(zip(texts[::2], texts[1::2], strict=True))
+
+
+def _state(raw: Mapping[str, str]) -> SessionState:
     conversation = json.loads(raw["conversation"]) if raw.get("conversation") else None
     return SessionState(
         upstream=raw.get("upstream"),
@@ -262,9 +274,10 @@ class Sessions:
 
     # Order and locking
 
-    async def start(self, chat_session_id: str, entry_id: str) -> Start:
+    async def start(self, chat_session_id: str, entry_id: str, *, with_history: bool) -> Start:
         """One try to start the turn of an entry: its place in the session queue and, at
-        the head with the lock free, the lock with what the turn needs to begin."""
+        the head with the lock free, the lock with what the turn needs to begin (the
+        history only `with_history`: for upstreams without a memory of their own)."""
         reply = await self._start(
             keys=[
                 self.keys.inbox,
@@ -273,22 +286,25 @@ class Sessions:
                 self.keys.fence(chat_session_id),
                 self.keys.journal(entry_id),
                 self.keys.stop(chat_session_id),
+                self.keys.session(chat_session_id),
+                self.keys.history(chat_session_id),
             ],
-            args=[entry_id, self.lock_ttl_ms, JOURNAL_TTL_S],
+            args=[entry_id, self.lock_ttl_ms, JOURNAL_TTL_S, self.history_turns * with_history],
         )
         ahead = int(reply[0])
         if ahead < 0:
             return Start(ahead=None)
         if len(reply) == 1:
             return Start(ahead=ahead)
-        _, lock, attempt, stopped, journal = reply
-        flat = [as_text(item) for item in journal]
+        _, lock, attempt, stopped, journal, session, history = reply
         return Start(
             ahead=0,
             lock=as_text(lock),
             attempt=int(attempt),
             stopped=bool(stopped),
-            journal=_journal(dict(zip(flat[::2], flat[1::2], strict=True))),
+            journal=_journal(_pairs(journal)),
+            state=_state(_pairs(session)),
+            history=tuple(HistoryTurn(**json.loads(row)) for row in history),
         )
 
     async def renew(self, chat_session_id: str, lock_value: str) -> bool:
@@ -331,20 +347,8 @@ class Sessions:
     # State
 
     async def load(self, chat_session_id: str) -> SessionState:
-        return _state(await self.redis.hgetall(self.keys.session(chat_session_id)))
-
-    async def context(
-        self, chat_session_id: str, *, with_history: bool
-    ) -> tuple[SessionState, tuple[HistoryTurn, ...]]:
-        """The session's state and (for upstreams without memory) its history: one round
-        trip before the upstream is asked."""
-        if not with_history or self.history_turns == 0:
-            return await self.load(chat_session_id), ()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self.keys.session(chat_session_id))
-            pipe.lrange(self.keys.history(chat_session_id), -self.history_turns, -1)
-            state, rows = await pipe.execute()
-        return _state(state), tuple(HistoryTurn(**json.loads(row)) for row in rows)
+        reply = await self.redis.hgetall(self.keys.session(chat_session_id))
+        return _state({as_text(k): as_text(v) for k, v in reply.items()})
 
     async def save(
         self,

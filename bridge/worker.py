@@ -120,6 +120,7 @@ class Worker:
         self._wakers: dict[str, asyncio.Event] = {}
         self._loops: set[asyncio.Task[None]] = set()
         self._user_rate = redis.register_script(_USER_RATE)
+        self._with_history = not runner.upstream.keeps_history
         self.on_done: Callable[[Entry], None] | None = None  # the terminal channel waits on it
 
     # Lifecycle
@@ -411,7 +412,7 @@ class Worker:
             self.metrics.inflight_turns.inc()
             log.info("turn_started", attempt=started.attempt, deliveries=entry.deliveries)
             try:
-                outcome = await self.runner.run(entry, started.lock, started.journal)
+                outcome = await self.runner.run(entry, started)
             finally:
                 self.metrics.inflight_turns.dec()
         held.phase = _Phase.FINISHING
@@ -435,7 +436,9 @@ class Worker:
                     raise _Drained
                 waker.clear()
                 try:
-                    started = await self.sessions.start(session, entry.entry_id)
+                    started = await self.sessions.start(
+                        session, entry.entry_id, with_history=self._with_history
+                    )
                 except RedisError:  # a waiting entry rides out a Redis outage
                     _raise_if_cancelled()
                     if arriving:
