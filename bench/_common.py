@@ -572,12 +572,11 @@ def apply_priority(nice: int) -> str:
 async def profile_pid(pid: int, seconds: float, out: Path, rate: int = 250) -> bool:
     """Sample `pid` with py-spy for `seconds` (raw collapsed stacks into `out`, idle
     excluded, by function); False when py-spy is missing or could not attach."""
-    spy = shutil.which("py-spy")
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(PY).parent))
     if spy is None:
         return False
     process = await asyncio.create_subprocess_exec(
-        spy, "record",
-    "run_loadgen", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
+        spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
         "--rate", str(rate), "--format", "raw", "--function", "--nonblocking",
         "--output", str(out),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import Field, fields
 from importlib import resources
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import Any, TextIO
 
 import redis.asyncio as aioredis
 import structlog
+import uvloop
 from aiohttp import web
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -81,7 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "chat":
         return _terminal(os.environ, "chat")
     setup_logging(settings, sys.stdout)
-    return asyncio.run(_run(settings))
+    return _run_on_loop(_run(settings))
+
+
+def _run_on_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run a command on uvloop (libuv): each socket read, write and timer costs less CPU
+    than on asyncio's own loop; the relay does one of each per streamed token."""
+    return uvloop.run(main)
 
 
 def _settings_or_exit(env: Mapping[str, str], command: str) -> Settings | int:
@@ -122,9 +129,9 @@ async def _run(settings: Settings) -> int:
         await runner.cleanup()
         return EXIT_RUNTIME
     host, port = runner.addresses[0][:2]
-    log.info("listening", host=host, port=port, version=__version__)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    log.info("listening", host=host, port=port, version=__version__, event_loop=_loop_name(loop))
+    stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     watchdog = asyncio.create_task(systemd.watchdog_loop(stop))
@@ -137,6 +144,10 @@ async def _run(settings: Settings) -> int:
     await watchdog
     log.info("stopped")
     return EXIT_OK
+
+
+def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    return "uvloop" if isinstance(loop, uvloop.Loop) else "asyncio"
 
 
 async def _notify_ready_when_connected(app: web.Application, stop: asyncio.Event) -> None:
@@ -360,7 +371,9 @@ def _terminal(env: Mapping[str, str], command: str) -> int:
         level = env.get("BRIDGE_LOG_LEVEL") or "warning"
         setup_logging(settings, sys.stderr, level=level)
         try:
-            return asyncio.run(_converse(settings, sys.stdin, sys.stdout, demo=command == "demo"))
+            return _run_on_loop(
+                _converse(settings, sys.stdin, sys.stdout, demo=command == "demo")
+            )
         except KeyboardInterrupt:  # only before the loop installs its own handler
             return EXIT_OK
 

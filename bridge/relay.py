@@ -37,7 +37,7 @@ from bridge.interfaces import HistoryTurn, ImageInput, Piece, ReplyTarget, Turn,
 from bridge.messages import Catalogue
 from bridge.metrics import Metrics
 from bridge.outbox import Outbox
-from bridge.sessions import JournalPiece, LockLost, Sessions
+from bridge.sessions import JournalPiece, LockLost, Sessions, Start
 from bridge.think import split_think
 
 __all__ = ["Outcome", "PrepareInput", "TurnRunner", "message_id"]
@@ -94,12 +94,13 @@ class _Outgoing:
         target = self.entry.message.target
         outbox, sessions = self.runner.outbox, self.runner.sessions
         session, entry_id = self.entry.chat_session_id, self.entry.entry_id
+        confirmed: int | None = None  # sent; marked with the next journal write, at once
         last = False
         while not last:
             text = self._carried.pop() if self._carried else await self.queue.get()
             if text is None:  # the end came after the last piece had gone out
                 if self.index:
-                    await sessions.journal_complete(session, entry_id, self.lock)
+                    await sessions.journal_complete(session, entry_id, self.lock, sent=confirmed)
                 break
             await outbox.acquire(target)
             text, last = self._merge_waiting(text)
@@ -111,10 +112,22 @@ class _Outgoing:
                 sent=False,
             )
             # Journalled (fenced by the lock) before it is sent, marked once confirmed.
-            await sessions.journal_piece(session, entry_id, piece, self.lock, complete=last)
+            await sessions.journal_piece(
+                session, entry_id, piece, self.lock, complete=last, sent=confirmed
+            )
             await outbox.deliver(target, _as_piece(piece), budget_taken=True)
-            await sessions.journal_sent(entry_id, piece.index)
             self.index += 1
+            if not last and self._next_is_ready(target):
+                confirmed = piece.index  # the next journal write follows now: mark it there
+            else:
+                confirmed = None
+                await sessions.journal_sent(entry_id, piece.index)
+
+    def _next_is_ready(self, target: ReplyTarget) -> bool:
+        """Whether the next write can follow at once: something waits to go out and its
+        send needs no budget (no wait between this send and the next journal write)."""
+        waiting = bool(self._carried) or not self.queue.empty()
+        return waiting and self.runner.outbox.budget_free(target)
 
     def _merge_waiting(self, text: str) -> tuple[str, bool]:
         """Join the pieces that queued up behind the budget, up to the message limit."""
@@ -134,9 +147,33 @@ class _Outgoing:
         return text, False
 
 
-async def _no_history() -> tuple[HistoryTurn, ...]:
-    """Upstreams with server-side memory get no history from us."""
-    return ()
+class _Ticker:
+    """One timer for every streaming turn of the process: each tick lets each composer
+    flush what waited `max_wait_s` (a task per turn would wake 4× a second per turn)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._turns: dict[int, tuple[Composer, _Outgoing]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, composer: Composer, outgoing: _Outgoing) -> None:
+        self._turns[id(outgoing)] = (composer, outgoing)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="flush-ticker")
+
+    def discard(self, outgoing: _Outgoing) -> None:
+        self._turns.pop(id(outgoing), None)
+
+    async def _run(self) -> None:
+        try:
+            while self._turns:  # ends with the last turn; the next one starts it again
+                await asyncio.sleep(_TICK_S)
+                now = self._clock()
+                for composer, outgoing in list(self._turns.values()):
+                    for text in composer.tick(now):
+                        outgoing.queue.put_nowait(text)
+        finally:
+            self._task = None
 
 
 @contextlib.asynccontextmanager
@@ -178,6 +215,7 @@ class TurnRunner:
         self.policy = policy
         self.max_chars = policy.max_chars
         self.clock = clock
+        self._ticker = _Ticker(clock)
 
     async def notice(self, target: ReplyTarget, entry_id: str, text: str, label: str) -> None:
         """One of the bot's own messages: sent at once, never journalled."""
@@ -186,10 +224,12 @@ class TurnRunner:
         )
         await self.outbox.deliver(target, piece)
 
-    async def run(self, entry: Entry, lock: str) -> Outcome:
-        pieces, complete = await self.sessions.journal(entry.entry_id)
-        if pieces:
-            return await self._replay(entry, lock, pieces, complete)
+    async def run(self, entry: Entry, start: Start) -> Outcome:
+        """Run the turn of an entry whose session lock was taken: `start` is what the
+        taking read (the lock, the journal, the session state and history)."""
+        lock, journal = start.lock, start.journal
+        if journal.pieces:
+            return await self._replay(entry, lock, journal.pieces, journal.complete)
         # The thinking timer starts with the turn: image work and the connect count too.
         first_text = asyncio.Event()
         thinking = asyncio.create_task(self._thinking_notice(entry, first_text))
@@ -204,7 +244,7 @@ class TurnRunner:
                     "refusal",
                 )
                 return Outcome.FAILED
-            return await self._ask(entry, lock, prepared, first_text)
+            return await self._ask(entry, start, prepared, first_text)
         finally:
             first_text.set()
             thinking.cancel()
@@ -256,21 +296,16 @@ class TurnRunner:
         return Outcome.REPLAYED
 
     async def _ask(
-        self, entry: Entry, lock: str, prepared: PreparedInput, first_text: asyncio.Event
+        self, entry: Entry, start: Start, prepared: PreparedInput, first_text: asyncio.Event
     ) -> Outcome:
-        message = entry.message
-        session = entry.chat_session_id
-        state, history = await asyncio.gather(
-            self.sessions.load(session),
-            _no_history() if self.upstream.keeps_history else self.sessions.history(session),
-        )
+        message, lock, state = entry.message, start.lock, start.state
         same_upstream = state.upstream == self.upstream.name
         turn = Turn(
             text=prepared.text,
             sender=message.sender,
             chat_session_id=entry.chat_session_id,
             conversation=state.conversation if same_upstream else None,
-            history=history,
+            history=start.history,
             images=prepared.images,
             created_at_s=(message.created_at_ms or int(time.time() * 1000)) // 1000,
         )
@@ -323,7 +358,7 @@ class TurnRunner:
     ) -> ErrorKind | None:
         """Relay the upstream's events; the failure kind if it failed."""
         first_token = False
-        ticker = asyncio.create_task(self._tick(composer, outgoing))
+        self._ticker.add(composer, outgoing)
         try:
             async with (
                 _closing(self.upstream.stream(turn)) as upstream_events,
@@ -348,8 +383,7 @@ class TurnRunner:
             return self._failed_upstream(exc.kind, exc.message)
         finally:
             first_text.set()  # no thinking notice after the stream has ended
-            ticker.cancel()
-            await asyncio.gather(ticker, return_exceptions=True)
+            self._ticker.discard(outgoing)
         return self._failed_upstream(ErrorKind.BROKEN, "stream ended without an end marker")
 
     async def _handle(self, entry: Entry, lock: str, event: Event) -> ErrorKind | None:
@@ -386,12 +420,6 @@ class TurnRunner:
             await self.notice(
                 entry.message.target, entry.entry_id, self.catalogue("thinking"), "thinking"
             )
-
-    async def _tick(self, composer: Composer, outgoing: _Outgoing) -> None:
-        while True:
-            await asyncio.sleep(_TICK_S)
-            for text in composer.tick(self.clock()):
-                outgoing.queue.put_nowait(text)
 
     async def _record(self, entry: Entry, lock: str, answer: str, question: str = "") -> None:
         """The turn's bookkeeping: turns, last activity, and history where we keep it."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -29,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from bridge.interfaces import HistoryTurn
 from bridge.store import Keys, as_text, cancel_requested
 
-__all__ = ["JournalPiece", "LockLost", "SessionState", "Sessions"]
+__all__ = ["Journal", "JournalPiece", "LockLost", "SessionState", "Sessions", "Start"]
 
 # `holds(lock, fence, value, ttl)`: true when `value` is the session's lock; a lock that
 # expired while its token is still the fence's value (nobody took it since) is re-set.
@@ -45,19 +45,6 @@ local function holds(lock, fence, value, ttl)
   end
   return false
 end
-"""
-
-# KEYS: queue, lock, fence, journal. ARGV: entry id, ttl ms, journal ttl s.
-# Returns {lock value, attempt}, or false when the entry is not at the head or the lock is
-# held (a live holder renews it; a dead one's expires within BRIDGE_CLAIM_IDLE_S).
-_ACQUIRE = """
-if redis.call('LINDEX', KEYS[1], 0) ~= ARGV[1] then return false end
-if redis.call('EXISTS', KEYS[2]) == 1 then return false end
-local value = redis.call('INCR', KEYS[3]) .. ':' .. ARGV[1]
-redis.call('SET', KEYS[2], value, 'PX', ARGV[2])
-local attempt = redis.call('HINCRBY', KEYS[4], 'attempts', 1)
-redis.call('EXPIRE', KEYS[4], ARGV[3])
-return {value, attempt}
 """
 
 # KEYS: lock, fence. ARGV: lock value, ttl ms.
@@ -105,40 +92,62 @@ return 1
 """
 )
 
-# KEYS: lock, fence, journal. ARGV: lock value, lock ttl ms, journal ttl s, then
-# field/value pairs. A piece is journalled (and so may be sent) only by the lock's holder.
+# KEYS: lock, fence, journal. ARGV: lock value, lock ttl ms, journal ttl s, the field of a
+# piece confirmed sent or '', then field/value pairs. A piece is journalled (and so may be
+# sent) only by the lock's holder; a confirmation holds whoever sent the piece.
 _JOURNAL = (
     _HOLDS
     + """
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[3], ARGV[4], '1') end
 if not holds(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[3], unpack(ARGV, 4))
+redis.call('HSET', KEYS[3], unpack(ARGV, 5))
 redis.call('EXPIRE', KEYS[3], ARGV[3])
 return 1
 """
 )
 
-# KEYS: inbox, queue. ARGV: entry id. The entries ahead of this one in its session queue;
-# an entry missing from its queue (which only a lost queue key can cause) is put back in
-# stream-id order, unless it is gone from the inbox (acknowledged): then -1.
-_PLACE = """
-local ahead = redis.call('LPOS', KEYS[2], ARGV[1])
-if ahead then return ahead end
-if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return -1 end
+# KEYS: inbox, queue, lock, fence, journal, stop, session, history. ARGV: entry id, lock ttl
+# ms, journal ttl s, history turns to read. One try to start an entry's turn, in one round
+# trip: its place in the session queue (an entry missing from its queue, which only a lost
+# queue key can cause, is put back in stream-id order, unless it is gone from the inbox,
+# acknowledged: then {-1}); at the head with the lock free, the lock (fence+1 → token), the
+# attempt counted in the journal, whether a `/stop` was recorded for it, and what the turn
+# reads: the journal, the session, the history. Read under the lock just taken, they stay
+# as read: only the lock's holder writes them, and `/reset` stops the holder first.
+# Returns {ahead} when it cannot start, else {0, lock value, attempt, stopped, journal
+# fields, session fields, history rows}.
+_START = """
 local function parts(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(seq)
 end
-local ms, seq = parts(ARGV[1])
-local queued = redis.call('LRANGE', KEYS[2], 0, -1)
-for i, other in ipairs(queued) do
-  local oms, oseq = parts(other)
-  if oms and (oms > ms or (oms == ms and oseq > seq)) then
-    redis.call('LINSERT', KEYS[2], 'BEFORE', other, ARGV[1])
-    return i - 1
+local function place()
+  local ahead = redis.call('LPOS', KEYS[2], ARGV[1])
+  if ahead then return ahead end
+  if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return -1 end
+  local ms, seq = parts(ARGV[1])
+  local queued = redis.call('LRANGE', KEYS[2], 0, -1)
+  for i, other in ipairs(queued) do
+    local oms, oseq = parts(other)
+    if oms and (oms > ms or (oms == ms and oseq > seq)) then
+      redis.call('LINSERT', KEYS[2], 'BEFORE', other, ARGV[1])
+      return i - 1
+    end
   end
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  return #queued
 end
-redis.call('RPUSH', KEYS[2], ARGV[1])
-return #queued
+local ahead = place()
+if ahead ~= 0 or redis.call('EXISTS', KEYS[3]) == 1 then return {ahead} end
+local value = redis.call('INCR', KEYS[4]) .. ':' .. ARGV[1]
+redis.call('SET', KEYS[3], value, 'PX', ARGV[2])
+local attempt = redis.call('HINCRBY', KEYS[5], 'attempts', 1)
+redis.call('EXPIRE', KEYS[5], ARGV[3])
+local stopped = redis.call('GET', KEYS[6]) == ARGV[1] and 1 or 0
+local history = {}
+if tonumber(ARGV[4]) > 0 then history = redis.call('LRANGE', KEYS[8], -tonumber(ARGV[4]), -1) end
+return {0, value, attempt, stopped, redis.call('HGETALL', KEYS[5]), redis.call('HGETALL', KEYS[7]),
+        history}
 """
 
 # KEYS: lock, fence, session, history, stop. Forget the mapping (/reset); the lock of the
@@ -185,6 +194,59 @@ class JournalPiece:
     sent: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Journal:
+    """The pieces journalled for an entry, and whether the answer was complete."""
+
+    pieces: list[JournalPiece]
+    complete: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """What one try to start an entry's turn found."""
+
+    ahead: int | None  # entries ahead in the session queue; None: gone (acknowledged)
+    lock: str = ""  # the session lock, when this try took it
+    attempt: int = 0  # the turns of this entry started so far, this one too
+    stopped: bool = False  # a `/stop` was recorded for this entry
+    journal: Journal = Journal([], complete=False)
+    state: SessionState = SessionState(None, None, None, None, 0)
+    history: tuple[HistoryTurn, ...] = ()
+
+
+def _pairs(flat: list[bytes]) -> dict[str, str]:
+    """A hash as a script returns it (field, value, field, value…)."""
+    texts = [as_text(item) for item in flat]
+    return dict(zip(texts[::2], texts[1::2], strict=True))
+
+
+def _state(raw: Mapping[str, str]) -> SessionState:
+    conversation = json.loads(raw["conversation"]) if raw.get("conversation") else None
+    return SessionState(
+        upstream=raw.get("upstream"),
+        conversation=conversation,
+        created_at=float(raw["created_at"]) if "created_at" in raw else None,
+        last_active=float(raw["last_active"]) if "last_active" in raw else None,
+        turns=int(raw.get("turns", 0)),
+    )
+
+
+def _journal(raw: Mapping[str, str]) -> Journal:
+    pieces = []
+    for name, value in raw.items():
+        if name.startswith("p:"):
+            index = int(name[2:])
+            data = json.loads(value)
+            pieces.append(
+                JournalPiece(
+                    index, data["text"], data["message_id"], data["mention"], f"s:{index}" in raw
+                )
+            )
+    pieces.sort(key=lambda piece: piece.index)
+    return Journal(pieces, complete=raw.get("complete") == "1")
+
+
 class Sessions:
     def __init__(
         self,
@@ -203,40 +265,47 @@ class Sessions:
         # tick as the claim, it outlives the claim, so no other turn of the session can
         # start while the entry's worker is alive.
         self.lock_ttl_ms = max(int(lock_ttl_s * 1000), 1000)
-        self._acquire = redis.register_script(_ACQUIRE)
+        self._start = redis.register_script(_START)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
         self._save = redis.register_script(_SAVE)
         self._journal = redis.register_script(_JOURNAL)
-        self._place = redis.register_script(_PLACE)
         self._forget = redis.register_script(_FORGET)
 
     # Order and locking
 
-    async def place(self, chat_session_id: str, entry_id: str) -> int | None:
-        """How many entries are ahead of this one in its session queue; None when the
-        entry is no longer in the inbox (another worker acknowledged it)."""
-        ahead = await self._place(
-            keys=[self.keys.inbox, self.keys.queue(chat_session_id)], args=[entry_id]
-        )
-        return None if int(ahead) < 0 else int(ahead)
-
-    async def acquire(self, chat_session_id: str, entry_id: str) -> tuple[str, int] | None:
-        """(lock value, attempt) when this entry is at the head of its queue and the lock
-        is free; the attempt counts the turns of this entry started so far, this one too."""
-        reply = await self._acquire(
+    async def start(self, chat_session_id: str, entry_id: str, *, with_history: bool) -> Start:
+        """One try to start the turn of an entry: its place in the session queue and, at
+        the head with the lock free, the lock with what the turn needs to begin (the
+        history only `with_history`: for upstreams without a memory of their own)."""
+        reply = await self._start(
             keys=[
+                self.keys.inbox,
                 self.keys.queue(chat_session_id),
                 self.keys.lock(chat_session_id),
                 self.keys.fence(chat_session_id),
                 self.keys.journal(entry_id),
+                self.keys.stop(chat_session_id),
+                self.keys.session(chat_session_id),
+                self.keys.history(chat_session_id),
             ],
-            args=[entry_id, self.lock_ttl_ms, JOURNAL_TTL_S],
+            args=[entry_id, self.lock_ttl_ms, JOURNAL_TTL_S, self.history_turns * with_history],
         )
-        if not reply:
-            return None
-        value, attempt = reply
-        return as_text(value), int(attempt)
+        ahead = int(reply[0])
+        if ahead < 0:
+            return Start(ahead=None)
+        if len(reply) == 1:
+            return Start(ahead=ahead)
+        _, lock, attempt, stopped, journal, session, history = reply
+        return Start(
+            ahead=0,
+            lock=as_text(lock),
+            attempt=int(attempt),
+            stopped=bool(stopped),
+            journal=_journal(_pairs(journal)),
+            state=_state(_pairs(session)),
+            history=tuple(HistoryTurn(**json.loads(row)) for row in history),
+        )
 
     async def renew(self, chat_session_id: str, lock_value: str) -> bool:
         renewed = await self._renew(
@@ -245,20 +314,19 @@ class Sessions:
         )
         return bool(renewed)
 
-    async def renew_all(self, locks: Mapping[str, str]) -> set[str]:
-        """Renew several locks in one round trip; the sessions whose lock was lost."""
+    async def renew_all(self, locks: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Renew several (session, lock value) in one round trip; those that were lost."""
         if not locks:
             return set()
-        sessions = list(locks)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for session in sessions:
+            for session, value in locks:
                 await self._renew(
                     keys=[self.keys.lock(session), self.keys.fence(session)],
-                    args=[locks[session], self.lock_ttl_ms],
+                    args=[value, self.lock_ttl_ms],
                     client=pipe,
                 )
             replies = await pipe.execute()
-        return {session for session, ok in zip(sessions, replies, strict=True) if not ok}
+        return {lock for lock, ok in zip(locks, replies, strict=True) if not ok}
 
     async def release(self, chat_session_id: str, lock_value: str) -> None:
         """Let go of the lock early (a turn that will run again later): the entry's next
@@ -279,24 +347,8 @@ class Sessions:
     # State
 
     async def load(self, chat_session_id: str) -> SessionState:
-        raw = {
-            as_text(k): as_text(v)
-            for k, v in (await self.redis.hgetall(self.keys.session(chat_session_id))).items()
-        }
-        conversation = json.loads(raw["conversation"]) if raw.get("conversation") else None
-        return SessionState(
-            upstream=raw.get("upstream"),
-            conversation=conversation,
-            created_at=float(raw["created_at"]) if "created_at" in raw else None,
-            last_active=float(raw["last_active"]) if "last_active" in raw else None,
-            turns=int(raw.get("turns", 0)),
-        )
-
-    async def history(self, chat_session_id: str) -> tuple[HistoryTurn, ...]:
-        if self.history_turns == 0:
-            return ()
-        rows = await self.redis.lrange(self.keys.history(chat_session_id), -self.history_turns, -1)
-        return tuple(HistoryTurn(**json.loads(row)) for row in rows)
+        reply = await self.redis.hgetall(self.keys.session(chat_session_id))
+        return _state({as_text(k): as_text(v) for k, v in reply.items()})
 
     async def save(
         self,
@@ -371,29 +423,6 @@ class Sessions:
 
     # The turn journal
 
-    async def journal(self, entry_id: str) -> tuple[list[JournalPiece], bool]:
-        """The pieces journalled for an entry, and whether the answer was complete."""
-        raw = {
-            as_text(k): as_text(v)
-            for k, v in (await self.redis.hgetall(self.keys.journal(entry_id))).items()
-        }
-        pieces = []
-        for name, value in raw.items():
-            if name.startswith("p:"):
-                index = int(name[2:])
-                data = json.loads(value)
-                pieces.append(
-                    JournalPiece(
-                        index,
-                        data["text"],
-                        data["message_id"],
-                        data["mention"],
-                        f"s:{index}" in raw,
-                    )
-                )
-        pieces.sort(key=lambda piece: piece.index)
-        return pieces, raw.get("complete") == "1"
-
     async def recorded(self, entry_id: str) -> bool:
         """Whether the turn of this entry was already recorded in its session."""
         return bool(await self.redis.hexists(self.keys.journal(entry_id), "recorded"))
@@ -406,28 +435,38 @@ class Sessions:
         lock_value: str,
         *,
         complete: bool = False,
+        sent: int | None = None,
     ) -> None:
         """Journal a piece before it is sent; raise `LockLost` if this turn no longer holds
-        its session (then the piece must not be sent: a newer holder owns the answer)."""
+        its session (then the piece must not be sent: a newer holder owns the answer).
+        `sent`: a piece confirmed since, marked in the same round trip."""
         data = {"text": piece.text, "message_id": piece.message_id, "mention": piece.mention}
         fields = [f"p:{piece.index}", json.dumps(data, ensure_ascii=False)]
         if complete:
             fields += ["complete", "1"]
-        await self._journal_fields(chat_session_id, entry_id, lock_value, fields)
+        await self._journal_fields(chat_session_id, entry_id, lock_value, fields, sent)
 
-    async def journal_complete(self, chat_session_id: str, entry_id: str, lock_value: str) -> None:
-        """Every piece of the answer is journalled."""
-        await self._journal_fields(chat_session_id, entry_id, lock_value, ["complete", "1"])
+    async def journal_complete(
+        self, chat_session_id: str, entry_id: str, lock_value: str, *, sent: int | None = None
+    ) -> None:
+        """Every piece of the answer is journalled (and `sent` confirmed)."""
+        await self._journal_fields(chat_session_id, entry_id, lock_value, ["complete", "1"], sent)
 
     async def _journal_fields(
-        self, chat_session_id: str, entry_id: str, lock_value: str, fields: list[str]
+        self,
+        chat_session_id: str,
+        entry_id: str,
+        lock_value: str,
+        fields: list[str],
+        sent: int | None,
     ) -> None:
         keys = [
             self.keys.lock(chat_session_id),
             self.keys.fence(chat_session_id),
             self.keys.journal(entry_id),
         ]
-        args: list[str | int] = [lock_value, self.lock_ttl_ms, JOURNAL_TTL_S, *fields]
+        confirmed = "" if sent is None else f"s:{sent}"
+        args: list[str | int] = [lock_value, self.lock_ttl_ms, JOURNAL_TTL_S, confirmed, *fields]
         written = await self._patient(lambda: self._journal(keys=keys, args=args))
         if not written:
             raise LockLost("the session lock was taken over: the answer is not this turn's")

@@ -35,7 +35,7 @@ from bridge.interfaces import SendError
 from bridge.messages import Catalogue
 from bridge.metrics import Metrics
 from bridge.relay import TurnRunner
-from bridge.sessions import LockLost, Sessions
+from bridge.sessions import LockLost, Sessions, Start
 from bridge.store import Keys, as_text, cancel_requested
 from bridge.tasks import cancel_and_wait
 
@@ -120,6 +120,7 @@ class Worker:
         self._wakers: dict[str, asyncio.Event] = {}
         self._loops: set[asyncio.Task[None]] = set()
         self._user_rate = redis.register_script(_USER_RATE)
+        self._with_history = not runner.upstream.keeps_history
         self.on_done: Callable[[Entry], None] | None = None  # the terminal channel waits on it
 
     # Lifecycle
@@ -240,10 +241,13 @@ class Worker:
             _raise_if_cancelled()
             for entry_id in lost_entries:
                 self._lose(entry_id, "entry claimed by another worker, or acknowledged")
-            locks = {h.entry.chat_session_id: h.lock for h in self.held.values() if h.lock}
-            lost_sessions = await self.sessions.renew_all(locks)
-            for held in list(self.held.values()):
-                if held.lock and held.entry.chat_session_id in lost_sessions:
+            # By (session, lock value): a turn that took its session's lock while the renewal
+            # of the previous turn's (released by its ack) was on its way is not the one lost.
+            holding = [h for h in self.held.values() if h.lock and not h.acked]
+            locks = [(h.entry.chat_session_id, h.lock) for h in holding]
+            lost_locks = await self.sessions.renew_all(locks)
+            for held, lock in zip(holding, locks, strict=True):
+                if lock in lost_locks:
                     self._lose(held.entry.entry_id, "session lock taken over")
             await self._check_stop_keys()
             self.metrics.inbox_pending.set(await self.inbox.pending_count())
@@ -383,34 +387,32 @@ class Worker:
 
     async def _turn(self, held: _Held) -> None:
         entry = held.entry
-        session = entry.chat_session_id
         if entry.deliveries == 1 and not await self._within_user_rate(entry):
             await self._refuse(held, "rate_limited")
             return
-        ahead = await self.sessions.place(session, entry.entry_id)
-        if ahead is None:
-            held.lost = True
-            log.info("entry_gone", outcome="acknowledged by another worker")
-            return
-        if ahead > self.settings.session_queue_max:
+        started = await self._wait_for_turn(held)
+        if started.ahead is not None and not started.lock:
             await self._refuse(held, "busy")
             self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome="busy").inc()
             return
-        lock, attempt = await self._wait_for_turn(held)
-        if await self._stop_pending(entry):  # stopped before it ran (or before a crash)
+        if started.ahead is None:
+            held.lost = True
+            log.info("entry_gone", outcome="acknowledged by another worker")
+            return
+        if started.stopped:  # stopped before it ran (or before a crash)
             await asyncio.shield(self._stopped(held))
             return
-        if attempt > self.settings.max_attempts:
-            await self._dead_letter(held, attempt - 1)
+        if started.attempt > self.settings.max_attempts:
+            await self._dead_letter(held, started.attempt - 1)
             return
         async with self._turn_slots:
             if self.draining:
                 raise _Drained
             held.phase = _Phase.RUNNING
             self.metrics.inflight_turns.inc()
-            log.info("turn_started", attempt=attempt, deliveries=entry.deliveries)
+            log.info("turn_started", attempt=started.attempt, deliveries=entry.deliveries)
             try:
-                outcome = await self.runner.run(entry, lock)
+                outcome = await self.runner.run(entry, started)
             finally:
                 self.metrics.inflight_turns.dec()
         held.phase = _Phase.FINISHING
@@ -418,31 +420,38 @@ class Worker:
         self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome=outcome.value).inc()
         log.info("turn_done", outcome=outcome.value)
 
-    async def _stop_pending(self, entry: Entry) -> bool:
-        value = await self.redis.get(self.keys.stop(entry.chat_session_id))
-        return value is not None and as_text(value) == entry.entry_id
-
-    async def _wait_for_turn(self, held: _Held) -> tuple[str, int]:
-        """Wait for the head of the session queue and its lock; (lock, attempt). The lock
-        is kept alive from here on, also while the turn waits for a turn slot."""
+    async def _wait_for_turn(self, held: _Held) -> Start:
+        """Wait for the head of the session queue and its lock; returned without the lock
+        when the entry is gone, or when on arrival it found more than
+        BRIDGE_SESSION_QUEUE_MAX entries ahead (busy). The lock is kept alive from then
+        on, also while the turn waits for a turn slot."""
         entry = held.entry
         session = entry.chat_session_id
         waker = self._wakers.setdefault(session, asyncio.Event())
         pause = _WAIT_POLL_S
+        arriving = True
         try:
             while True:
                 if self.draining:
                     raise _Drained
                 waker.clear()
                 try:
-                    acquired = await self.sessions.acquire(session, entry.entry_id)
-                    pause = _WAIT_POLL_S
+                    started = await self.sessions.start(
+                        session, entry.entry_id, with_history=self._with_history
+                    )
                 except RedisError:  # a waiting entry rides out a Redis outage
                     _raise_if_cancelled()
-                    acquired, pause = None, min(pause * 2, _MAX_BACKOFF_S)
-                if acquired is not None:
-                    held.lock = acquired[0]
-                    return acquired
+                    if arriving:
+                        raise
+                    pause = min(pause * 2, _MAX_BACKOFF_S)
+                else:
+                    pause = _WAIT_POLL_S
+                    held.lock = started.lock
+                    if started.lock or started.ahead is None:
+                        return started
+                    if arriving and started.ahead > self.settings.session_queue_max:
+                        return started
+                arriving = False
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(waker.wait(), timeout=pause)
         finally:

@@ -41,6 +41,7 @@ async def start_bridge(env: dict[str, str]) -> tuple[asyncio.subprocess.Process,
             assert line, "the bridge exited before listening"
             event = json.loads(line)
             if event["event"] == "listening":
+                assert event["event_loop"] == "uvloop"  # the daemon's loop, and it says so
                 return process, int(event["port"])
 
 

@@ -1,0 +1,156 @@
+"""The session scripts on a real Redis: starting a turn in one round trip, and a piece's
+confirmation carried by the next journal write."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis.asyncio as aioredis
+
+from bridge.interfaces import HistoryTurn
+from bridge.sessions import JournalPiece, LockLost, Sessions
+from bridge.store import Keys
+
+SESSION = "yach:g:g1:u:u1"
+
+
+@pytest.fixture
+def keys(bot_id: str) -> Keys:
+    return Keys(bot_id)
+
+
+@pytest.fixture
+def sessions(redis_client: aioredis.Redis, keys: Keys) -> Sessions:
+    return Sessions(redis_client, keys, ttl_s=3600, history_turns=5, lock_ttl_s=10)
+
+
+async def _store(redis: aioredis.Redis, keys: Keys, *, queued: bool = True) -> str:
+    """An inbox entry of the session, queued as the webhook's put queues it."""
+    entry_id = (await redis.xadd(keys.inbox, {"m": "{}", "k": "turn", "s": SESSION})).decode()
+    if queued:
+        await redis.rpush(keys.queue(SESSION), entry_id)
+    return entry_id
+
+
+async def _journal(redis: aioredis.Redis, keys: Keys, entry_id: str) -> dict[str, str]:
+    raw = await redis.hgetall(keys.journal(entry_id))
+    return {key.decode(): value.decode() for key, value in raw.items()}
+
+
+def _piece(index: int, text: str) -> JournalPiece:
+    return JournalPiece(index, text, f"id{index}", mention=False, sent=False)
+
+
+async def test_start_takes_the_lock_at_the_head_only(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    first = await _store(redis_client, keys)
+    second = await _store(redis_client, keys)
+
+    behind = await sessions.start(SESSION, second, with_history=True)
+    assert (behind.ahead, behind.lock, behind.attempt) == (1, "", 0)
+
+    head = await sessions.start(SESSION, first, with_history=True)
+    assert head.ahead == 0 and head.lock.endswith(f":{first}") and head.attempt == 1
+    assert (await redis_client.get(keys.lock(SESSION))).decode() == head.lock
+    assert head.journal.pieces == [] and not head.stopped
+
+    # at the head, but the lock is taken
+    held = await sessions.start(SESSION, first, with_history=True)
+    assert (held.ahead, held.lock) == (0, "")
+
+
+async def test_start_counts_attempts_and_reads_the_journal_and_the_stop_key(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    entry = await _store(redis_client, keys)
+    first = await sessions.start(SESSION, entry, with_history=True)
+    await sessions.journal_piece(SESSION, entry, _piece(0, "Hello. "), first.lock)
+    await sessions.journal_sent(entry, 0)
+    await sessions.journal_piece(SESSION, entry, _piece(1, "World."), first.lock)
+    await sessions.release(SESSION, first.lock)
+    await redis_client.set(keys.stop(SESSION), entry)
+
+    again = await sessions.start(SESSION, entry, with_history=True)
+
+    assert again.attempt == 2 and again.stopped
+    assert [(p.index, p.text, p.sent) for p in again.journal.pieces] == [
+        (0, "Hello. ", True),
+        (1, "World.", False),
+    ]
+    assert not again.journal.complete
+
+
+async def test_start_puts_back_an_entry_missing_from_its_queue_and_drops_an_acked_one(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    earlier = await _store(redis_client, keys, queued=False)
+    later = await _store(redis_client, keys)
+
+    # put back ahead of the later one
+    assert (await sessions.start(SESSION, earlier, with_history=True)).lock
+    assert [e.decode() for e in await redis_client.lrange(keys.queue(SESSION), 0, -1)] == [
+        earlier,
+        later,
+    ]
+    await redis_client.xdel(keys.inbox, later)
+    await redis_client.lrem(keys.queue(SESSION), 1, later)
+    assert (await sessions.start(SESSION, later, with_history=True)).ahead is None
+
+
+async def test_a_confirmation_rides_with_the_next_journal_write_even_when_fenced_out(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    entry = await _store(redis_client, keys)
+    lock = (await sessions.start(SESSION, entry, with_history=True)).lock
+    await sessions.journal_piece(SESSION, entry, _piece(0, "One. "), lock)
+    await sessions.journal_piece(SESSION, entry, _piece(1, "Two. "), lock, sent=0)
+    journal = await _journal(redis_client, keys, entry)
+    assert journal["s:0"] == "1" and "s:1" not in journal
+    assert json.loads(journal["p:1"])["text"] == "Two. "
+
+    await redis_client.set(keys.lock(SESSION), "999:other")  # taken over
+    with pytest.raises(LockLost):
+        await sessions.journal_complete(SESSION, entry, lock, sent=1)
+    journal = await _journal(redis_client, keys, entry)
+    assert journal["s:1"] == "1"  # it was shown: the confirmation holds
+    assert "complete" not in journal  # the fenced write was refused
+
+
+async def test_renew_all_reports_the_lost_lock_not_its_session(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    first = await _store(redis_client, keys)
+    second = await _store(redis_client, keys)
+    old = (await sessions.start(SESSION, first, with_history=True)).lock
+    await redis_client.lrem(keys.queue(SESSION), 1, first)
+    await sessions.release(SESSION, old)  # the first turn's ack lets go of the session
+    new = (await sessions.start(SESSION, second, with_history=True)).lock
+
+    lost = await sessions.renew_all([(SESSION, old), (SESSION, new)])
+
+    assert lost == {(SESSION, old)}
+    assert (await redis_client.get(keys.lock(SESSION))).decode() == new
+
+
+async def test_start_reads_the_session_and_its_history_when_asked(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    first = await _store(redis_client, keys)
+    lock = (await sessions.start(SESSION, first, with_history=True)).lock
+    exchange = HistoryTurn("What is up?", "The sky.")
+    assert await sessions.save(SESSION, lock, {"upstream": "openai", "turns": 1}, exchange=exchange)
+    await sessions.release(SESSION, lock)
+    await redis_client.lrem(keys.queue(SESSION), 1, first)
+    second = await _store(redis_client, keys)
+    third = await _store(redis_client, keys)
+
+    with_history = await sessions.start(SESSION, second, with_history=True)
+    await sessions.release(SESSION, with_history.lock)
+    await redis_client.lrem(keys.queue(SESSION), 1, second)
+    without = await sessions.start(SESSION, third, with_history=False)
+
+    assert (with_history.state.upstream, with_history.state.turns) == ("openai", 1)
+    assert with_history.history == (exchange,)
+    assert without.state.turns == 1 and without.history == ()
