@@ -43,25 +43,33 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "reply_url": ("sessionWebhook",),
     "created_at": ("createAt",),
 }
+# The aliases split once: a top-level name, or the path of a nested field.
+_PATHS = {
+    field: tuple(tuple(alias.split(".")) if "." in alias else alias for alias in aliases)
+    for field, aliases in _ALIASES.items()
+}
 
 
-def _lookup(payload: Mapping[str, Any], dotted: str) -> Any:
-    value: Any = payload
-    for part in dotted.split("."):
+def _nested(payload: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    value = payload.get(path[0])
+    for part in path[1:]:
         if isinstance(value, str) and value.startswith("{"):
             value = _json_object(value) or value
-        if not isinstance(value, Mapping) or part not in value:
+        if not isinstance(value, dict):
             return None
-        value = value[part]
+        value = value.get(part)
     return value
 
 
 def _first(payload: Mapping[str, Any], field: str) -> str:
     """The first present alias of a field, as text ("" when none is present)."""
-    for alias in _ALIASES[field]:
-        value = _lookup(payload, alias)
-        if value is not None and not isinstance(value, Mapping | list) and str(value) != "":
-            return str(value)
+    for alias in _PATHS[field]:
+        value = payload.get(alias) if isinstance(alias, str) else _nested(payload, alias)
+        if value is None or isinstance(value, dict | list):
+            continue
+        text = value if isinstance(value, str) else str(value)
+        if text:
+            return text
     return ""
 
 
