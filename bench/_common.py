@@ -576,8 +576,7 @@ async def profile_pid(pid: int, seconds: float, out: Path, rate: int = 250) -> b
     if spy is None:
         return False
     process = await asyncio.create_subprocess_exec(
-        spy, "record",
-    "run_loadgen", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
+        spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
         "--rate", str(rate), "--format", "raw", "--function", "--nonblocking",
         "--output", str(out),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
