@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ResponseError
@@ -141,15 +142,8 @@ class Entry:
 
 @dataclass
 class _Pending:
-    message: InboundMessage
-    kind: EntryKind
-    chat_session_id: str
+    item: tuple[str, str, str, str]  # what `_PUT` reads of one message
     future: asyncio.Future[Accepted | Duplicate]
-
-    def script_item(self) -> tuple[str, str, str, str]:
-        """What `_PUT` reads of one message."""
-        message = self.message
-        return message.dedupe_key or "", self.kind.value, self.chat_session_id, message.to_json()
 
 
 class Inbox:
@@ -185,8 +179,10 @@ class Inbox:
         self, message: InboundMessage, kind: EntryKind, chat_session_id: str
     ) -> Accepted | Duplicate:
         """Store one message durably; concurrent calls share one script call (group commit)."""
+        # Encoded here: a message JSON cannot hold fails its own caller, not the whole batch.
+        item = (message.dedupe_key or "", kind.value, chat_session_id, message.to_json())
         future: asyncio.Future[Accepted | Duplicate] = asyncio.get_running_loop().create_future()
-        self._batch.append(_Pending(message, kind, chat_session_id, future))
+        self._batch.append(_Pending(item, future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._start_flush)
@@ -220,7 +216,7 @@ class Inbox:
         """One EVALSHA for the whole batch (a Redis restarted empty, or SCRIPT FLUSH, answers
         NOSCRIPT before running any of it: the Script object loads it and sends it again)."""
         keys = self.keys
-        items = _dump_batch([item.script_item() for item in batch])
+        items = orjson.dumps([pending.item for pending in batch])
         args = (DEDUPE_TTL_S, keys.dedupe(""), keys.queue(""), items)
         return list(await self._put_script(keys=[keys.inbox], args=args))
 
@@ -365,9 +361,6 @@ class Inbox:
                 raise
         await self.ensure_group()
         return await command(*args, **kwargs)
-
-
-_dump_batch = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def _entry(entry_id: bytes | str, fields: dict[bytes, bytes], deliveries: int) -> Entry:

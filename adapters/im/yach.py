@@ -29,6 +29,10 @@ DEFAULT_RATE_LIMIT_BACKOFF_S = 2.0
 _IMAGE_MARKER = re.compile(r"image::(\S+?)::")
 _LEADING_MENTION = re.compile(r"^\s*@[^\s\u2005]+[\s\u2005]*")
 _TITLE_CHARS = 30
+# The escape of a UTF-16 surrogate: valid JSON, but alone it is no character UTF-8 can hold.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# More digits are no time in milliseconds (and would not fit the stored JSON's 64 bits).
+_MAX_MS_DIGITS = 18
 
 _ALIASES: dict[str, tuple[str, ...]] = {
     "msg_id": ("msgId", "msg_id", "message_id"),
@@ -78,6 +82,8 @@ def _json_object(text: str) -> dict[str, Any] | None:
         value = json.loads(text)
     except ValueError:
         return None
+    if _SURROGATE_ESCAPE.search(text):  # a pair makes one character; a lone one cannot be stored
+        json.dumps(value, ensure_ascii=False).encode()  # UnicodeEncodeError, a ValueError
     return value if isinstance(value, dict) else None
 
 
@@ -148,9 +154,13 @@ def parse_payload(payload: Mapping[str, Any]) -> InboundMessage:
         msg_type=_first(payload, "msg_type") or "text",
         image_urls=images,
         reply_url=_first(payload, "reply_url"),
-        created_at_ms=int(created) if created.isdigit() else None,
+        created_at_ms=int(created) if _is_time_ms(created) else None,
         dedupe_key=_dedupe_key(payload, msg_id, sender_id, conversation_id, raw_text),
     )
+
+
+def _is_time_ms(text: str) -> bool:
+    return text.isdigit() and len(text) <= _MAX_MS_DIGITS
 
 
 def render(piece: Piece, target: ReplyTarget, msg_format: str) -> dict[str, Any]:
