@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
 from urllib.parse import quote, quote_plus
 
+import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
@@ -206,13 +207,14 @@ _LEADING_KEYS = ("timestamp", "level", "event")
 
 
 def _json_renderer() -> Processor:
-    render = structlog.processors.JSONRenderer(ensure_ascii=False)
-
-    def render_event_first(logger: WrappedLogger, name: str, event_dict: EventDict) -> Any:
+    def render_event_first(logger: WrappedLogger, name: str, event_dict: EventDict) -> str:
         # timestamp, level and event lead the line: what a person reading the journal scans.
         ordered = {key: event_dict.pop(key) for key in _LEADING_KEYS if key in event_dict}
         ordered.update(event_dict)
-        return render(logger, name, ordered)
+        try:  # every value is masked text by now: repr is for keys and is never reached else
+            return orjson.dumps(ordered, default=repr, option=orjson.OPT_NON_STR_KEYS).decode()
+        except TypeError:  # what orjson refuses: a lone surrogate, an integer beyond 64 bits
+            return json.dumps(ordered, ensure_ascii=False, default=repr)
 
     return render_event_first
 

@@ -326,6 +326,13 @@ def test_a_value_logged_before_its_secret_was_registered_is_masked_after() -> No
     assert after["value"] == MASK and after["long"] == MASK * 3
 
 
+def test_json_lines_hold_what_orjson_refuses() -> None:
+    stream = _configured("json")
+    structlog.get_logger().info("big", count=2**70, ids={1: "a"})
+    [line] = _json_lines(stream)
+    assert line["count"] == 2**70 and line["ids"] == {"1": "a"}
+
+
 def test_processor_does_not_mutate_the_callers_data() -> None:
     headers = {"Authorization": "Bearer abc", "sign": "s", "count": 3}
     event = {"event": "x", "headers": headers, "sign": "top", "token": 7, "n": None}
