@@ -203,14 +203,14 @@ class Inbox:
         try:
             verdicts = await self._put_batch(batch)
         except Exception as exc:  # every waiter must learn the outcome, whatever it was
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
             return
-        for item, verdict in zip(batch, verdicts, strict=True):
-            if not item.future.done():
+        for pending, verdict in zip(batch, verdicts, strict=True):
+            if not pending.future.done():
                 outcome = Duplicate() if verdict is None else Accepted(as_text(verdict))
-                item.future.set_result(outcome)
+                pending.future.set_result(outcome)
 
     async def _put_batch(self, batch: list[_Pending]) -> list[bytes | None]:
         """One EVALSHA for the whole batch (a Redis restarted empty, or SCRIPT FLUSH, answers
