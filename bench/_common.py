@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -912,6 +912,18 @@ async def run_loadgen(
     return steps
 
 
+def run_on_loop(main: Coroutine[Any, Any, None], loop: str) -> None:
+    """Run `main` on asyncio's own event loop or on uvloop's (which the bridge may use)."""
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    elif loop == "asyncio":
+        asyncio.run(main)
+    else:
+        raise ValueError(f"unknown event loop {loop!r}: expected asyncio or uvloop")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="bench helpers that run as processes")
     parser.add_argument("role", choices=["loadgen", "bare", "upstream"])
@@ -921,7 +933,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.role == "loadgen":
         asyncio.run(_loadgen(spec))
     elif args.role == "bare":
-        asyncio.run(_serve_bare())
+        run_on_loop(_serve_bare(), spec.get("loop", "asyncio"))
     else:
         asyncio.run(_serve_upstream(TokenPlan(**spec)))
     return 0

@@ -47,7 +47,9 @@ __all__ = ["STATE", "Bridge", "build_app", "drain"]
 log = structlog.get_logger(__name__)
 
 _OK = {"code": 200, "msg": "ok"}
-_OK_BODY = json.dumps(_OK).encode()  # made once: json_response would encode it per request
+# Made once: json_response would encode the body, and content_type= build the header, per request.
+_OK_BODY = json.dumps(_OK).encode()
+_OK_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
 
 
 @dataclass
@@ -233,7 +235,7 @@ async def handle_yach_webhook(request: web.Request) -> web.Response:
 
 
 def _ok() -> web.Response:
-    return web.Response(body=_OK_BODY, content_type="application/json", charset="utf-8")
+    return web.Response(body=_OK_BODY, headers=_OK_HEADERS)
 
 
 def _json_error(status: int, reason: str) -> web.Response:
@@ -286,7 +288,7 @@ async def count_requests(
         raise
     finally:
         if request.path.startswith("/webhook/"):
-            bridge.metrics.webhook_requests.labels(status=str(status)).inc()
+            bridge.metrics.count_webhook(status)
 
 
 def build_app(

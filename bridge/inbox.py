@@ -1,7 +1,7 @@
 """The durable inbox: a Redis Stream read through a consumer group.
 
 `put` stores a message (dedupe + XADD + the session queue, in one Lua script) and is
-group-committed: the calls made during one event-loop tick travel in one pipeline.
+group-committed: the calls made during one event-loop tick are stored by one script call.
 Workers `read` new entries, `claim` the entries of dead consumers, `keep` the entries they
 hold (XCLAIM JUSTID: resets idle time, never the delivery count; only entries still theirs,
 so a worker that stalled past BRIDGE_CLAIM_IDLE_S never takes an entry back from the one
@@ -18,9 +18,10 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from bridge.interfaces import InboundMessage
 from bridge.store import GROUP, Keys, as_text
@@ -46,16 +47,27 @@ end
 return removed
 """
 
-# KEYS: dedupe key, inbox, session queue. ARGV: dedupe?, ttl, message, kind, session, queued?
+# One group-commit batch in one command. KEYS: inbox. ARGV: dedupe TTL, the dedupe and the
+# queue key prefixes, and the batch as one JSON array of [dedupe key or '', kind, session,
+# message]: one argument, not four per message, because redis-py packs every argument in
+# Python. (The keys built here share the inbox's {bot} hash tag, as every key does.)
+# Returns one verdict per message: its entry id, or false (a duplicate). A turn joins its
+# session queue. The first error stops the script: what it stored before stays.
 _PUT = """
-if ARGV[1] == '1' and not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
-  return false
+local ids = {}
+for i, item in ipairs(cjson.decode(ARGV[4])) do
+  local dedupe, kind, session, message = item[1], item[2], item[3], item[4]
+  if dedupe ~= '' and not redis.call('SET', ARGV[2] .. dedupe, '1', 'NX', 'EX', ARGV[1]) then
+    ids[i] = false
+  else
+    local id = redis.call('XADD', KEYS[1], '*', 'm', message, 'k', kind, 's', session)
+    if kind == 'turn' then
+      redis.call('RPUSH', ARGV[3] .. session, id)
+    end
+    ids[i] = id
+  end
 end
-local id = redis.call('XADD', KEYS[2], '*', 'm', ARGV[3], 'k', ARGV[4], 's', ARGV[5])
-if ARGV[6] == '1' then
-  redis.call('RPUSH', KEYS[3], id)
-end
-return id
+return ids
 """
 
 # KEYS: inbox, session queue, journal, session lock, fence, dead letters.
@@ -94,6 +106,10 @@ end
 return lost
 """
 
+# Messages per put script: a larger burst is stored by several calls, one after the other, so
+# that no one script holds Redis for long.
+_MAX_PUT_BATCH = 256
+
 # How many XAUTOCLAIM calls one claim pass may make (each scans up to 10 × COUNT entries
 # of the pending list: with a long backlog, the first scan window may hold no idle entry).
 _MAX_CLAIM_SCANS = 100
@@ -126,9 +142,7 @@ class Entry:
 
 @dataclass
 class _Pending:
-    message: InboundMessage
-    kind: EntryKind
-    chat_session_id: str
+    item: tuple[str, str, str, str]  # what `_PUT` reads of one message
     future: asyncio.Future[Accepted | Duplicate]
 
 
@@ -164,9 +178,11 @@ class Inbox:
     async def put(
         self, message: InboundMessage, kind: EntryKind, chat_session_id: str
     ) -> Accepted | Duplicate:
-        """Store one message durably; concurrent calls share one pipeline (group commit)."""
+        """Store one message durably; concurrent calls share one script call (group commit)."""
+        # Encoded here: a message JSON cannot hold fails its own caller, not the whole batch.
+        item = (message.dedupe_key or "", kind.value, chat_session_id, message.to_json())
         future: asyncio.Future[Accepted | Duplicate] = asyncio.get_running_loop().create_future()
-        self._batch.append(_Pending(message, kind, chat_session_id, future))
+        self._batch.append(_Pending(item, future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._start_flush)
@@ -179,49 +195,30 @@ class Inbox:
         task.add_done_callback(self._flushes.discard)
 
     async def _flush(self, batch: list[_Pending]) -> None:
-        try:
-            results = await self._put_all(batch)
-            missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
-            if missing:  # a Redis restarted empty (or SCRIPT FLUSH): none of those ran
-                await self.redis.script_load(_PUT)
-                retried = await self._put_all([batch[i] for i in missing])
-                for i, result in zip(missing, retried, strict=True):
-                    results[i] = result
-        except Exception as exc:  # every waiter must learn the outcome, whatever it was
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
-            return
-        for item, result in zip(batch, results, strict=True):
-            if item.future.done():
-                continue
-            if isinstance(result, Exception):
-                item.future.set_exception(result)
-            elif result is None:
-                item.future.set_result(Duplicate())
-            else:
-                item.future.set_result(Accepted(as_text(result)))
+        """Store the batch in order, `_MAX_PUT_BATCH` messages per script call."""
+        for start in range(0, len(batch), _MAX_PUT_BATCH):
+            await self._store(batch[start : start + _MAX_PUT_BATCH])
 
-    async def _put_all(self, batch: list[_Pending]) -> list[Any]:
-        """One pipeline of EVALSHA: redis-py's Script object in a pipeline would first send
-        SCRIPT EXISTS, a second round trip on every flush."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for item in batch:
-                message = item.message
-                pipe.evalsha(
-                    self._put_script.sha,
-                    3,
-                    self.keys.dedupe(message.dedupe_key or "-"),
-                    self.keys.inbox,
-                    self.keys.queue(item.chat_session_id),
-                    "1" if message.dedupe_key else "0",
-                    DEDUPE_TTL_S,
-                    message.to_json(),
-                    item.kind.value,
-                    item.chat_session_id,
-                    "1" if item.kind is EntryKind.TURN else "0",
-                )
-            return list(await pipe.execute(raise_on_error=False))
+    async def _store(self, batch: list[_Pending]) -> None:
+        try:
+            verdicts = await self._put_batch(batch)
+        except Exception as exc:  # every waiter must learn the outcome, whatever it was
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            return
+        for pending, verdict in zip(batch, verdicts, strict=True):
+            if not pending.future.done():
+                outcome = Duplicate() if verdict is None else Accepted(as_text(verdict))
+                pending.future.set_result(outcome)
+
+    async def _put_batch(self, batch: list[_Pending]) -> list[bytes | None]:
+        """One EVALSHA for the whole batch (a Redis restarted empty, or SCRIPT FLUSH, answers
+        NOSCRIPT before running any of it: the Script object loads it and sends it again)."""
+        keys = self.keys
+        items = orjson.dumps([pending.item for pending in batch])
+        args = (DEDUPE_TTL_S, keys.dedupe(""), keys.queue(""), items)
+        return list(await self._put_script(keys=[keys.inbox], args=args))
 
     async def read(self, count: int, block_ms: int) -> list[Entry]:
         """New entries for this consumer (first delivery)."""

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Protocol
 
+import orjson
+
 from bridge.events import Event
 
 __all__ = [
@@ -62,12 +64,14 @@ class InboundMessage:
         return ReplyTarget(self.conversation_id, self.is_direct, self.sender, self.reply_url)
 
     def to_json(self) -> str:
+        """Compact JSON, non-ASCII as is. orjson.JSONEncodeError (a TypeError) for what JSON
+        in UTF-8 cannot hold: a lone surrogate, an integer beyond 64 bits."""
         # Not dataclasses.asdict: it deep-copies every field, three times the cost of the
-        # whole dump on the webhook path. The same JSON (the tuple becomes a list either way).
+        # whole dump on the webhook path (the tuple becomes a list either way).
         data: dict[str, Any] = {name: getattr(self, name) for name in _MESSAGE_FIELDS}
         sender = self.sender
         data["sender"] = {"id": sender.id, "name": sender.name, "work_code": sender.work_code}
-        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        return orjson.dumps(data).decode()
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> InboundMessage:

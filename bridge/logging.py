@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
 from urllib.parse import quote, quote_plus
 
+import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
@@ -79,12 +80,18 @@ _SLOW_PATTERNS = re.compile(_PATTERNS.pattern, re.IGNORECASE)
 # A cheap scan that rules out most strings before `_PATTERNS` runs.
 _TRIGGER = re.compile(r"token|sign|secret|key|passw|auth|cookie|csrf|bearer|://")
 
-# Not masked: structlog's own bookkeeping on records that come from the standard library.
-_SKIP_KEYS = frozenset({"_record", "_from_structlog"})
+# Not masked: structlog's own bookkeeping on records that come from the standard library, and
+# what our own processors wrote just before (`add_log_level`, `TimeStamper`: they overwrite
+# whatever a caller passed under those names).
+_SKIP_KEYS = frozenset({"_record", "_from_structlog", "level", "timestamp"})
+# Strings up to this long are masked through a cache: most values of a line (event names,
+# kinds, ids of sessions and users) recur line after line.
+_CACHED_LEN = 64
 
 _secrets_lock = threading.Lock()
 _secret_values: set[str] = set()
 _secrets_re: re.Pattern[str] | None = None
+_secrets_version = 0  # bumped by every registration: a key of the cache of masked strings
 
 
 def register_secrets(values: Iterable[str | None]) -> None:
@@ -93,7 +100,7 @@ def register_secrets(values: Iterable[str | None]) -> None:
     Values shorter than `MIN_SECRET_LEN` and `None` are ignored. Registration accumulates
     for the life of the process; the matching regex is rebuilt once per call.
     """
-    global _secrets_re
+    global _secrets_re, _secrets_version
     with _secrets_lock:
         for value in values:
             if value is None or len(value.strip()) < MIN_SECRET_LEN:
@@ -112,6 +119,8 @@ def register_secrets(values: Iterable[str | None]) -> None:
             # Longest first, so a secret that contains another is masked whole.
             ordered = sorted(_secret_values, key=len, reverse=True)
             _secrets_re = re.compile("|".join(map(re.escape, ordered)))
+        _secrets_version += 1
+        _mask_short.cache_clear()
 
 
 def _mask_patterns(text: str, lowered: str, patterns: re.Pattern[str]) -> str:
@@ -144,8 +153,15 @@ def mask_text(text: str) -> str:
     return _mask_patterns(text, text, _SLOW_PATTERNS)  # rare: a letter that lowers to two
 
 
+@functools.lru_cache(maxsize=4096)
+def _mask_short(text: str, secrets_version: int) -> str:
+    return mask_text(text)
+
+
 def _mask_value(value: Any) -> Any:
     if isinstance(value, str):
+        if len(value) <= _CACHED_LEN:
+            return _mask_short(value, _secrets_version)
         return mask_text(value)
     if value is None or isinstance(value, bool | int | float):
         return value
@@ -191,13 +207,14 @@ _LEADING_KEYS = ("timestamp", "level", "event")
 
 
 def _json_renderer() -> Processor:
-    render = structlog.processors.JSONRenderer(ensure_ascii=False)
-
-    def render_event_first(logger: WrappedLogger, name: str, event_dict: EventDict) -> Any:
+    def render_event_first(logger: WrappedLogger, name: str, event_dict: EventDict) -> str:
         # timestamp, level and event lead the line: what a person reading the journal scans.
         ordered = {key: event_dict.pop(key) for key in _LEADING_KEYS if key in event_dict}
         ordered.update(event_dict)
-        return render(logger, name, ordered)
+        try:  # every value is masked text by now: repr is for keys and is never reached else
+            return orjson.dumps(ordered, default=repr, option=orjson.OPT_NON_STR_KEYS).decode()
+        except TypeError:  # what orjson refuses: a lone surrogate, an integer beyond 64 bits
+            return json.dumps(ordered, ensure_ascii=False, default=repr)
 
     return render_event_first
 

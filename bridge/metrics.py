@@ -144,10 +144,19 @@ class Metrics:
         )
         self.info.labels(bot=bot, version=version).set(1)
         # Series that exist from the start, so rate() and alerts see a 0 before the first event.
-        for status in WEBHOOK_STATUSES:
-            self.webhook_requests.labels(status=status)
+        # The webhook's children are kept: `labels()` costs more than the increment.
+        self._webhook_by_status = {
+            int(status): self.webhook_requests.labels(status=status) for status in WEBHOOK_STATUSES
+        }
         for outcome in IM_SEND_OUTCOMES:
             self.im_sends.labels(outcome=outcome)
+
+    def count_webhook(self, status: int) -> None:
+        """One webhook request answered with `status`."""
+        child = self._webhook_by_status.get(status)
+        if child is None:  # a status outside the usual few (a 404, a 500)
+            child = self._webhook_by_status[status] = self.webhook_requests.labels(status=status)
+        child.inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type, for `GET /metrics`.

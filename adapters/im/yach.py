@@ -29,6 +29,10 @@ DEFAULT_RATE_LIMIT_BACKOFF_S = 2.0
 _IMAGE_MARKER = re.compile(r"image::(\S+?)::")
 _LEADING_MENTION = re.compile(r"^\s*@[^\s\u2005]+[\s\u2005]*")
 _TITLE_CHARS = 30
+# The escape of a UTF-16 surrogate: valid JSON, but alone it is no character UTF-8 can hold.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# More digits are no time in milliseconds (and would not fit the stored JSON's 64 bits).
+_MAX_MS_DIGITS = 18
 
 _ALIASES: dict[str, tuple[str, ...]] = {
     "msg_id": ("msgId", "msg_id", "message_id"),
@@ -43,25 +47,33 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "reply_url": ("sessionWebhook",),
     "created_at": ("createAt",),
 }
+# The aliases split once: a top-level name, or the path of a nested field.
+_PATHS = {
+    field: tuple(tuple(alias.split(".")) if "." in alias else alias for alias in aliases)
+    for field, aliases in _ALIASES.items()
+}
 
 
-def _lookup(payload: Mapping[str, Any], dotted: str) -> Any:
-    value: Any = payload
-    for part in dotted.split("."):
+def _nested(payload: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    value = payload.get(path[0])
+    for part in path[1:]:
         if isinstance(value, str) and value.startswith("{"):
             value = _json_object(value) or value
-        if not isinstance(value, Mapping) or part not in value:
+        if not isinstance(value, dict):
             return None
-        value = value[part]
+        value = value.get(part)
     return value
 
 
 def _first(payload: Mapping[str, Any], field: str) -> str:
     """The first present alias of a field, as text ("" when none is present)."""
-    for alias in _ALIASES[field]:
-        value = _lookup(payload, alias)
-        if value is not None and not isinstance(value, Mapping | list) and str(value) != "":
-            return str(value)
+    for alias in _PATHS[field]:
+        value = payload.get(alias) if isinstance(alias, str) else _nested(payload, alias)
+        if value is None or isinstance(value, dict | list):
+            continue
+        text = value if isinstance(value, str) else str(value)
+        if text:
+            return text
     return ""
 
 
@@ -70,6 +82,8 @@ def _json_object(text: str) -> dict[str, Any] | None:
         value = json.loads(text)
     except ValueError:
         return None
+    if _SURROGATE_ESCAPE.search(text):  # a pair makes one character; a lone one cannot be stored
+        json.dumps(value, ensure_ascii=False).encode()  # UnicodeEncodeError, a ValueError
     return value if isinstance(value, dict) else None
 
 
@@ -140,9 +154,13 @@ def parse_payload(payload: Mapping[str, Any]) -> InboundMessage:
         msg_type=_first(payload, "msg_type") or "text",
         image_urls=images,
         reply_url=_first(payload, "reply_url"),
-        created_at_ms=int(created) if created.isdigit() else None,
+        created_at_ms=int(created) if _is_time_ms(created) else None,
         dedupe_key=_dedupe_key(payload, msg_id, sender_id, conversation_id, raw_text),
     )
+
+
+def _is_time_ms(text: str) -> bool:
+    return text.isdigit() and len(text) <= _MAX_MS_DIGITS
 
 
 def render(piece: Piece, target: ReplyTarget, msg_format: str) -> dict[str, Any]:

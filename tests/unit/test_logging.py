@@ -313,6 +313,26 @@ def test_registered_values_regex_safe_short_and_none_ignored() -> None:
     assert mask_text(json.dumps({"v": tricky + '"'})) == '{"v": "***\\""}'
 
 
+def test_a_value_logged_before_its_secret_was_registered_is_masked_after() -> None:
+    """Short values are masked through a cache: a registration must reach them too."""
+    stream = _configured("json")
+    late = _secret("late")
+    for _ in range(2):
+        structlog.get_logger().info("seen", value=late, long=late * 3)
+    register_secrets([late])
+    structlog.get_logger().info("seen", value=late, long=late * 3)
+    *before, after = _json_lines(stream)
+    assert [line["value"] for line in before] == [late, late]
+    assert after["value"] == MASK and after["long"] == MASK * 3
+
+
+def test_json_lines_hold_what_orjson_refuses() -> None:
+    stream = _configured("json")
+    structlog.get_logger().info("big", count=2**70, ids={1: "a"})
+    [line] = _json_lines(stream)
+    assert line["count"] == 2**70 and line["ids"] == {"1": "a"}
+
+
 def test_processor_does_not_mutate_the_callers_data() -> None:
     headers = {"Authorization": "Bearer abc", "sign": "s", "count": 3}
     event = {"event": "x", "headers": headers, "sign": "top", "token": 7, "n": None}

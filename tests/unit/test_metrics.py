@@ -151,3 +151,16 @@ def test_render_gives_text_format_and_its_content_type() -> None:
     assert content_type.startswith("text/plain; version=0.0.4")
     assert "charset=utf-8" in content_type
     assert body.endswith(b"\n")
+
+
+def test_webhook_statuses_are_counted_also_outside_the_usual_few() -> None:
+    metrics = Metrics("bot", "1.0")
+    for status in (200, 200, 503, 500):
+        metrics.count_webhook(status)
+    counts = {
+        sample.labels["status"]: sample.value
+        for family in text_string_to_metric_families(metrics.render()[0].decode())
+        if family.name == "chatbridge_webhook_requests"
+        for sample in family.samples
+    }
+    assert counts == {"200": 2, "400": 0, "401": 0, "413": 0, "500": 1, "503": 1}

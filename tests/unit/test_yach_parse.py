@@ -37,10 +37,30 @@ def test_form_whose_single_field_holds_the_json() -> None:
     assert decode_body(body) == BASE
 
 
-@pytest.mark.parametrize("body", [b"", b"{not json", b"[1, 2]"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"{not json",
+        b"[1, 2]",
+        b'{"msgId": "m1", "text": {"content": "a lone \\udc00 surrogate"}}',  # Redis: no UTF-8
+        urlencode({"data": '{"content": "\\uD800"}'}).encode(),
+    ],
+)
 def test_undecodable_bodies(body: bytes) -> None:
     with pytest.raises(ValueError):
         decode_body(body)
+
+
+def test_a_surrogate_pair_is_one_character() -> None:
+    body = b'{"text": {"content": "\\ud83d\\ude00"}}'
+    assert decode_body(body) == {"text": {"content": "\U0001f600"}}
+
+
+def test_a_creation_time_beyond_milliseconds_is_no_time() -> None:
+    message = parse_payload({**BASE, "createAt": "9" * 30})
+    assert message.created_at_ms is None
+    assert message.to_json()  # storable
 
 
 def test_a_group_message() -> None:
