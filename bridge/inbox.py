@@ -36,6 +36,7 @@ DEDUPE_TTL_S = 86400
 # were idle that long (those of processes that ended); atomic, so none can take an entry
 # between the check and the delete (DELCONSUMER would drop its pending entries).
 _PRUNE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end  -- a new bot: no stream, no group yet
 local removed = 0
 for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
   local name, pending, idle = consumer[2], consumer[4], consumer[6]

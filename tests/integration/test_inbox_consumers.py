@@ -42,3 +42,15 @@ async def test_idle_consumers_without_pending_entries_are_pruned(
     await holding.ack(entry)
     assert await current.prune_consumers(min_idle_ms=0) == 1
     assert await consumers(redis_client, keys) == {"current": 0}
+
+
+async def test_pruning_before_the_first_start_made_the_stream_finds_nothing(
+    redis_client: aioredis.Redis, bot_id: str
+) -> None:
+    """A new bot's claim loop prunes while its read loop is still making the group."""
+    keys = Keys(bot_id)
+    inbox = Inbox(redis_client, keys, "current")
+    assert await inbox.prune_consumers(min_idle_ms=0) == 0
+    await redis_client.xadd(keys.inbox, {"m": "{}"})  # the stream without the group
+    assert await inbox.prune_consumers(min_idle_ms=0) == 0  # the group is made on the way
+    assert await consumers(redis_client, keys) == {}
