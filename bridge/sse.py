@@ -105,7 +105,8 @@ class SSEDecoder:
             self._skip_lf = False
             if chunk[0] == _LF:
                 chunk = chunk[1:]
-        end = max(chunk.rfind(b"\n"), chunk.rfind(b"\r")) + 1
+        last_cr = chunk.rfind(b"\r")
+        end = max(chunk.rfind(b"\n"), last_cr) + 1
         if not end:
             self._keep_partial(self._partial + chunk)
             return []
@@ -114,12 +115,14 @@ class SSEDecoder:
         limit = self._max_line_bytes
         if len(complete) > limit and max(map(len, complete.splitlines())) > limit:
             self._too_long()
-        if b"\r" in complete:
+        if last_cr >= 0:  # (the unfinished line kept from the last read holds no CR)
             # a read that ends in CR may be followed by that CR's LF; one that goes on after
             # its last line end may not
             self._skip_lf = complete[-1] == _CR and not self._partial
             complete = complete.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        return self._fields(self._strip_bom(complete))
+        if not self._started:
+            complete = self._strip_bom(complete)
+        return self._fields(complete)
 
     def close(self) -> list[SSEEvent]:
         """End of stream: interpret a last unterminated line and dispatch what is pending."""
