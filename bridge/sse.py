@@ -1,18 +1,28 @@
 """Incremental Server-Sent Events decoder: bytes in, events out (WHATWG HTML §9.2.6).
 
-Two layers, as the standard reads: lines, then fields. Both work on *bytes*. CR and LF never
-occur inside a UTF-8 sequence, so a read is cut after its last line end and a character split
-across reads simply waits with the unfinished line. Field names, the colon and the optional
-space are ASCII too, so the fields can be taken apart before decoding, and only what an event
-carries (its data, type and id) is decoded: the same text as decoding the stream first (an
-invalid sequence cannot straddle an ASCII byte), with less to decode and to search.
+Two layers, as the standard reads: lines, then fields. Both work on *bytes*: field names, the
+colon, the optional space and the line ends are ASCII, and only an event's data, type and id
+are decoded. That is the same text as decoding the stream first: CR and LF never occur inside
+a UTF-8 sequence and an invalid sequence cannot straddle an ASCII byte, so a read is cut after
+its last line end and a character split across reads waits with the unfinished line.
 
-The field layer has a fast path, because a stream is overwhelmingly made of one shape: a
-block of `data:` lines, perhaps after one `event:` line, ended by a blank line. Such a block
-becomes its event with a few whole-block string operations instead of a loop over its lines;
-any other block (comments, `id:`, `retry:`, a block begun in an earlier read, …) goes line by
-line, exactly as the standard says. tests/unit/test_sse.py checks both paths against a plain
-line-by-line reading of the standard.
+The field layer takes a read's blocks (a block is the lines one blank line ends) all at once,
+because a stream is overwhelmingly made of one shape:
+
+- token streams (OpenAI-style): blocks of one `data: ` line. One `split` at "\n\ndata: "
+  gives every event's data;
+- blocks of `data:` lines, each perhaps after the same `event:` line (HiAgent, Coze, …): every
+  data line's start becomes a CR (none is left once line ends are LF), a `split` at the block
+  starts cuts the blocks apart, and a CR back to LF in each leaves its data.
+
+Either way the shape is proven, not assumed: once the pieces are cut, not one of them may hold
+a line end (one memchr over them all), which leaves no room for a comment, an `id:`, another
+event type or an extra blank line. Every event's data is then decoded and its tuple built in C,
+with no Python code run per line or per event. A read that mixes shapes goes in stretches of
+blocks that begin alike; what the fast paths refuse goes line by line, exactly as the standard
+says. The lines of a block still waiting for its blank line are kept as they are and read
+again with the next read, so the fast paths see whole blocks. tests/unit/test_sse.py checks
+every path against a plain line-by-line reading of the standard.
 
 One deliberate leniency: at end of stream an event whose blank line never came is still
 dispatched (WHATWG discards it). Real upstreams end with `data: [DONE]` and no blank line
@@ -23,7 +33,7 @@ Pure: no I/O and no aiohttp, so benchmarks can time it alone.
 
 from __future__ import annotations
 
-from itertools import repeat
+from itertools import groupby, repeat
 from typing import NamedTuple, NoReturn
 
 __all__ = ["DEFAULT_MAX_LINE_BYTES", "SSEDecoder", "SSEEvent", "SSELineTooLong"]
@@ -44,7 +54,7 @@ class SSEEvent(NamedTuple):
     retry: int | None = None  # the latest valid `retry:` seen in the stream, in milliseconds
 
 
-_new_event = tuple.__new__  # SSEEvent(...) without its Python-level __new__, in the hot loop
+_new_event = tuple.__new__  # SSEEvent(...) without its Python-level __new__
 
 
 class SSELineTooLong(Exception):
@@ -53,6 +63,12 @@ class SSELineTooLong(Exception):
 
 def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
+
+
+def _block_kind(block: bytes) -> bytes:
+    """What the blocks one fast path can take at once share: their event line, if they begin
+    with one, else their first five bytes (`data:` for blocks of data lines)."""
+    return block[: block.find(b"\n")] if block.startswith(b"event:") else block[:5]
 
 
 def _last_block_start(text: bytes) -> int:
@@ -85,8 +101,9 @@ class SSEDecoder:
         self._partial = b""  # the unfinished last line, never longer than the limit
         self._skip_lf = False  # the last read ended in CR: a leading LF belongs to it
         self._started = False  # a leading BOM is stripped once
-        # the complete lines of a block whose blank line has not come yet, not interpreted yet
-        # (so the next read's fast paths see the whole block), while they are few
+        # The complete lines of a block whose blank line has not come yet, read again with the
+        # next read, so the fast paths see the whole block; if there are too many to copy
+        # again, they are interpreted into the fields below instead.
         self._unfinished = b""
         self._data: list[bytes] = []  # the data buffer, one item per `data` line
         self._event_type = b""
@@ -203,8 +220,8 @@ class SSEDecoder:
         block after them, interpret it and return True; else do nothing and return False.
 
         The data come from one `split` at the blank lines and the data fields after them; the
-        shape is proven by counting line ends: two per block (one for the last if it is still
-        waiting for its blank line) are all the split accounts for, so there are no others.
+        shape is proven if no piece holds a line end but the last (that block's own, if its
+        blank line has not come yet).
         """
         if not text.startswith(b"data: "):
             return False
@@ -217,7 +234,7 @@ class SSEDecoder:
         values = text.split(b"\n\ndata: ")
         complete = values[-1].endswith(b"\n\n")
         values[-1] = values[-1][: -2 if complete else -1]
-        if b"".join(values).find(b"\n") >= 0:  # (a copy and memchr: cheaper than a count)
+        if b"".join(values).find(b"\n") >= 0:  # (a copy and a memchr: cheaper than a count)
             return False
         if not complete:  # the last line, still waiting for its blank line, and its "data: "
             self._keep_unfinished(text[-7 - len(values.pop()) :], events)
@@ -234,28 +251,29 @@ class SSEDecoder:
         Each data line's start (the line end before it, `data:`, the optional space) becomes a
         CR, which no text holds once line ends are LF; then a `split` at every blank line that
         is followed by the first block's event line (if any) and a data line cuts the blocks
-        apart. The shape is proven if no piece still holds a line end (a `find` each): there
-        is no line that is not a data line, and no blank line anywhere else. A CR back to LF
-        in each piece leaves that block's data buffer.
+        apart. The shape is proven if no piece still holds a line end: there is no line that
+        is not a data line, and no blank line anywhere else. A CR back to LF in each piece
+        leaves that block's data buffer.
         """
         if run.startswith(b"event:"):
-            first_data = run.find(b"\n")  # where the first data line's start is, once marked
-            name, block_start = self._head(run[:first_data])
-            kind = run[: first_data + 1]
+            first_line_end = run.find(b"\n")
+            name, block_start = self._head(run[:first_line_end])
+            kind = run[: first_line_end + 1]
         elif run.startswith(b"data:"):
-            first_data, name, block_start, kind = 0, "message", b"\n\n\r", b"data:"
+            first_line_end, name, block_start, kind = -1, "message", b"\n\n\r", b"data:"
         else:
             return False
         if not run.startswith(kind, _last_block_start(run)):  # a mix: `_blocks` separates it
             return False
         marked = run.replace(b"\ndata: ", b"\r").replace(b"\ndata:", b"\r")
-        if first_data:
-            if not marked.startswith(b"\r", first_data):  # the event line is not followed by data
-                return False
-        else:  # the first line is no line end's: its field name and space are still there
-            first_data = 5 if run[5:6] == b" " else 4
+        if first_line_end < 0:  # the first line is a data line that no line end comes before
+            first_value = 6 if run[5:6] == b" " else 5
+        elif marked.startswith(b"\r", first_line_end):
+            first_value = first_line_end + 1
+        else:  # the event line is not followed by a data line
+            return False
         values = marked.split(block_start)
-        values[0] = values[0][first_data + 1 :]
+        values[0] = values[0][first_value:]
         values[-1] = values[-1][:-2]
         if b"".join(values).find(b"\n") >= 0:
             return False
@@ -284,26 +302,16 @@ class SSEDecoder:
                       zip(texts, repeat(name), repeat(self._last_id), repeat(self._retry)))
 
     def _blocks(self, run: bytes, events: list[SSEEvent]) -> None:
-        """Complete blocks of mixed shapes: each stretch of blocks that begin alike (the same
-        event line, or a data line, or …) goes through the fast paths, what they refuse line
-        by line."""
+        """Complete blocks of mixed shapes: each stretch of blocks that begin alike goes
+        through the fast paths, what they refuse line by line."""
         # Every "\n\n" ends a line and is a blank line, so each block is ended by a blank
         # line; a block that starts with "\n" had more blank lines before it.
-        blocks = run[:-2].split(b"\n\n")
-        kinds = [block[: block.find(b"\n")] if block.startswith(b"event:") else block[:5]
-                 for block in blocks]
-        start = 0
-        for end in range(1, len(blocks) + 1):
-            if end < len(blocks) and kinds[end] == kinds[start]:
-                continue
-            stretch = blocks[start:end]
-            if not self._fast_run(b"\n\n".join(stretch) + b"\n\n", events):
+        for _, same_kind in groupby(run[:-2].split(b"\n\n"), _block_kind):
+            stretch = list(same_kind)
+            stretch_run = b"\n\n".join(stretch) + b"\n\n"
+            if not (self._token_run(stretch_run, events) or self._data_run(stretch_run, events)):
                 for block in stretch:
                     self._block(block, events)
-            start = end
-
-    def _fast_run(self, run: bytes, events: list[SSEEvent]) -> bool:
-        return self._token_run(run, events) or self._data_run(run, events)
 
     def _block(self, block: bytes, events: list[SSEEvent]) -> None:
         """A block and the blank line that ends it, line by line."""
