@@ -184,7 +184,7 @@ class SSEDecoder:
         end = text.rfind(b"\n\n") + 2  # after the last complete block, if there is one
         if end > 1:
             run = text if end == len(text) else text[:end]
-            if not self._data_run(run, events):
+            if not self._data_run(run, events):  # (`_token_run` has just refused all of text)
                 self._blocks(run, events)
         else:
             end = 0
@@ -302,16 +302,30 @@ class SSEDecoder:
                       zip(texts, repeat(name), repeat(self._last_id), repeat(self._retry)))
 
     def _blocks(self, run: bytes, events: list[SSEEvent]) -> None:
-        """Complete blocks of mixed shapes: each stretch of blocks that begin alike goes
-        through the fast paths, what they refuse line by line."""
+        """Complete blocks of mixed shapes (the fast paths refused them as one run)."""
+        kind = _block_kind(run[_last_block_start(run) :])
+        if _block_kind(run) == kind:
+            self._stretches(run, events)
+            return
+        # one stream handing over to another, say: cut where the last block's kind begins
+        cut = run.find(b"\n\n" + kind) + 2  # after a blank line: where a block begins
+        for part in (run[:cut], run[cut:]):
+            if not self._fast_run(part, events):
+                self._stretches(part, events)
+
+    def _stretches(self, run: bytes, events: list[SSEEvent]) -> None:
+        """Each stretch of blocks that begin alike through the fast paths, what they refuse
+        line by line."""
         # Every "\n\n" ends a line and is a blank line, so each block is ended by a blank
         # line; a block that starts with "\n" had more blank lines before it.
         for _, same_kind in groupby(run[:-2].split(b"\n\n"), _block_kind):
             stretch = list(same_kind)
-            stretch_run = b"\n\n".join(stretch) + b"\n\n"
-            if not (self._token_run(stretch_run, events) or self._data_run(stretch_run, events)):
+            if not self._fast_run(b"\n\n".join(stretch) + b"\n\n", events):
                 for block in stretch:
                     self._block(block, events)
+
+    def _fast_run(self, run: bytes, events: list[SSEEvent]) -> bool:
+        return self._token_run(run, events) or self._data_run(run, events)
 
     def _block(self, block: bytes, events: list[SSEEvent]) -> None:
         """A block and the blank line that ends it, line by line."""

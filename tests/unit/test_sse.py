@@ -586,3 +586,11 @@ def test_property_runs_give_the_reference_events(stream: bytes, cuts: list[int])
     expected = reference_events(stream)
     assert decode([stream]) == expected
     assert decode(_chunked(stream, cuts)) == expected
+
+
+def test_one_recording_handing_over_to_another() -> None:
+    # reads that end one shape and begin another are cut where the second begins
+    stream = b"".join(path.read_bytes() for path in FIXTURE_FILES) * 2
+    expected = reference_events(stream)
+    for size in (700, 1500, 4096):
+        assert decode(stream[i : i + size] for i in range(0, len(stream), size)) == expected
