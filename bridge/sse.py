@@ -1,18 +1,28 @@
 """Incremental Server-Sent Events decoder: bytes in, events out (WHATWG HTML §9.2.6).
 
-Two layers, as the standard reads: lines, then fields. Both work on *bytes*. CR and LF never
-occur inside a UTF-8 sequence, so a read is cut after its last line end and a character split
-across reads simply waits with the unfinished line. Field names, the colon and the optional
-space are ASCII too, so the fields can be taken apart before decoding, and only what an event
-carries (its data, type and id) is decoded: the same text as decoding the stream first (an
-invalid sequence cannot straddle an ASCII byte), with less to decode and to search.
+Two layers, as the standard reads: lines, then fields. Both work on *bytes*: field names, the
+colon, the optional space and the line ends are ASCII, and only an event's data, type and id
+are decoded. That is the same text as decoding the stream first: CR and LF never occur inside
+a UTF-8 sequence and an invalid sequence cannot straddle an ASCII byte, so a read is cut after
+its last line end and a character split across reads waits with the unfinished line.
 
-The field layer has a fast path, because a stream is overwhelmingly made of one shape: a
-block of `data:` lines, perhaps after one `event:` line, ended by a blank line. Such a block
-becomes its event with a few whole-block string operations instead of a loop over its lines;
-any other block (comments, `id:`, `retry:`, a block begun in an earlier read, …) goes line by
-line, exactly as the standard says. tests/unit/test_sse.py checks both paths against a plain
-line-by-line reading of the standard.
+The field layer takes a read's blocks (a block is the lines one blank line ends) all at once,
+because a stream is overwhelmingly made of one shape:
+
+- token streams (OpenAI-style): blocks of one `data: ` line. One `split` at "\n\ndata: "
+  gives every event's data;
+- blocks of `data:` lines, each perhaps after the same `event:` line (HiAgent, Coze, …): every
+  data line's start becomes a CR (none is left once line ends are LF), a `split` at the block
+  starts cuts the blocks apart, and a CR back to LF in each leaves its data.
+
+Either way the shape is proven, not assumed: once the pieces are cut, not one of them may hold
+a line end (one memchr over them all), which leaves no room for a comment, an `id:`, another
+event type or an extra blank line. Every event's data is then decoded and its tuple built in C,
+with no Python code run per line or per event. A read that mixes shapes goes in stretches of
+blocks that begin alike; what the fast paths refuse goes line by line, exactly as the standard
+says. The lines of a block still waiting for its blank line are kept as they are and read
+again with the next read, so the fast paths see whole blocks. tests/unit/test_sse.py checks
+every path against a plain line-by-line reading of the standard.
 
 One deliberate leniency: at end of stream an event whose blank line never came is still
 dispatched (WHATWG discards it). Real upstreams end with `data: [DONE]` and no blank line
@@ -23,6 +33,7 @@ Pure: no I/O and no aiohttp, so benchmarks can time it alone.
 
 from __future__ import annotations
 
+from itertools import groupby, repeat
 from typing import NamedTuple, NoReturn
 
 __all__ = ["DEFAULT_MAX_LINE_BYTES", "SSEDecoder", "SSEEvent", "SSELineTooLong"]
@@ -31,6 +42,7 @@ DEFAULT_MAX_LINE_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"
 _LF, _CR, _COLON = 10, 13, 58
 _MAX_CACHED_EVENT_NAMES = 32
+_MAX_UNFINISHED_BYTES = 1 << 16
 
 
 class SSEEvent(NamedTuple):
@@ -42,7 +54,7 @@ class SSEEvent(NamedTuple):
     retry: int | None = None  # the latest valid `retry:` seen in the stream, in milliseconds
 
 
-_new_event = tuple.__new__  # SSEEvent(...) without its Python-level __new__, in the hot loop
+_new_event = tuple.__new__  # SSEEvent(...) without its Python-level __new__
 
 
 class SSELineTooLong(Exception):
@@ -51,6 +63,18 @@ class SSELineTooLong(Exception):
 
 def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
+
+
+def _block_kind(block: bytes) -> bytes:
+    """What the blocks one fast path can take at once share: their event line, if they begin
+    with one, else their first five bytes (`data:` for blocks of data lines)."""
+    return block[: block.find(b"\n")] if block.startswith(b"event:") else block[:5]
+
+
+def _last_block_start(text: bytes) -> int:
+    """Where the last block of complete lines begins (ended by a blank line or not)."""
+    blank = text.rfind(b"\n\n", 0, len(text) - 2)
+    return blank + 2 if blank >= 0 else 0
 
 
 class SSEDecoder:
@@ -69,6 +93,7 @@ class SSEDecoder:
         "_retry",
         "_skip_lf",
         "_started",
+        "_unfinished",
     )
 
     def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
@@ -76,11 +101,16 @@ class SSEDecoder:
         self._partial = b""  # the unfinished last line, never longer than the limit
         self._skip_lf = False  # the last read ended in CR: a leading LF belongs to it
         self._started = False  # a leading BOM is stripped once
+        # The complete lines of a block whose blank line has not come yet, read again with the
+        # next read, so the fast paths see the whole block; if there are too many to copy
+        # again, they are interpreted into the fields below instead.
+        self._unfinished = b""
         self._data: list[bytes] = []  # the data buffer, one item per `data` line
         self._event_type = b""
         self._last_id = ""
         self._retry: int | None = None
-        self._event_names: dict[bytes, str] = {}  # `event:` line → event type, for the fast path
+        # `event:` line → its event type and a later block's start, for the fast paths
+        self._event_names: dict[bytes, tuple[str, bytes]] = {}
 
     # -- line layer ------------------------------------------------------------------------
 
@@ -92,7 +122,8 @@ class SSEDecoder:
             self._skip_lf = False
             if chunk[0] == _LF:
                 chunk = chunk[1:]
-        end = max(chunk.rfind(b"\n"), chunk.rfind(b"\r")) + 1
+        last_cr = chunk.rfind(b"\r")
+        end = max(chunk.rfind(b"\n"), last_cr) + 1
         if not end:
             self._keep_partial(self._partial + chunk)
             return []
@@ -101,19 +132,21 @@ class SSEDecoder:
         limit = self._max_line_bytes
         if len(complete) > limit and max(map(len, complete.splitlines())) > limit:
             self._too_long()
-        if b"\r" in complete:
+        if last_cr >= 0:  # (the unfinished line kept from the last read holds no CR)
             # a read that ends in CR may be followed by that CR's LF; one that goes on after
             # its last line end may not
             self._skip_lf = complete[-1] == _CR and not self._partial
             complete = complete.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        return self._fields(self._strip_bom(complete))
+        if not self._started:
+            complete = self._strip_bom(complete)
+        return self._fields(complete)
 
     def close(self) -> list[SSEEvent]:
         """End of stream: interpret a last unterminated line and dispatch what is pending."""
         events: list[SSEEvent] = []
-        if self._partial:
-            line, self._partial = self._strip_bom(self._partial), b""
-            self._lines([line], events)
+        lines = self._unfinished.split(b"\n")  # ends with "", or the last unterminated line
+        lines[-1], self._unfinished, self._partial = self._strip_bom(self._partial), b"", b""
+        self._lines(lines, events)
         self._dispatch(events)
         return events
 
@@ -140,60 +173,159 @@ class SSEDecoder:
     def _fields(self, text: bytes) -> list[SSEEvent]:
         """Interpret complete lines (`text` ends with LF); the events their blank lines end."""
         events: list[SSEEvent] = []
-        if text[0] == _LF:  # a blank line first: it ends the event begun in earlier reads
-            self._dispatch(events)
-            text = text.lstrip(b"\n")  # more blank lines dispatch nothing more
-            if not text:
+        if self._unfinished:
+            text, self._unfinished = self._unfinished + text, b""
+        if text[0] == _LF or self._data or self._event_type:
+            text = self._pending_block(text, events)
+            if not text or self._token_run(text, events):
                 return events
-        # Every "\n\n" ends a line and is a blank line, so each block but the last is ended
-        # by a blank line; a block that starts with "\n" had more blank lines before it.
-        blocks = text.split(b"\n\n")
-        unfinished = blocks.pop()  # "" or lines (ending in "\n") still waiting for theirs
-        if blocks and (self._data or self._event_type):  # a block begun in an earlier read
-            self._block(blocks.pop(0), events)
-        for block in blocks:
-            parts = self._data_block(block)
-            if parts is None:
-                self._block(block, events)
-                continue
-            event_type, data = parts
-            events.append(_new_event(SSEEvent, (data.decode("utf-8", "replace"), event_type,
-                                                self._last_id, self._retry)))
-        if unfinished:
-            self._lines(unfinished[:-1].split(b"\n"), events)
+        elif self._token_run(text, events):
+            return events
+        end = text.rfind(b"\n\n") + 2  # after the last complete block, if there is one
+        if end > 1:
+            run = text if end == len(text) else text[:end]
+            if not self._data_run(run, events):  # (`_token_run` has just refused all of text)
+                self._blocks(run, events)
+        else:
+            end = 0
+        if end < len(text):  # lines still waiting for their blank line
+            self._keep_unfinished(text[end:], events)
         return events
 
-    def _data_block(self, block: bytes) -> tuple[str, bytes] | None:
-        """The fast path: the event type and data of a block of `data:` lines, perhaps after
-        one `event:` line; None for any other block.
+    def _pending_block(self, text: bytes, events: list[SSEEvent]) -> bytes:
+        """Finish the block begun in earlier reads (if any) with the lines of `text` up to its
+        blank line; what follows that and any further blank lines (b"" if nothing, or if the
+        blank line has not come yet)."""
+        if text[0] != _LF:
+            lines_end = text.find(b"\n\n")
+            if lines_end < 0:
+                self._lines(text[:-1].split(b"\n"), events)
+                return b""
+            self._lines(text[:lines_end].split(b"\n"), events)
+            text = text[lines_end + 1 :]
+        self._dispatch(events)
+        return text.lstrip(b"\n")  # more blank lines dispatch nothing more
 
-        Lines after the first begin with "\n", so removing every "\ndata:" shortens the
-        block by 5 bytes a line exactly when each of them is a data line; one more `replace`
-        then drops the optional space of each.
+    def _keep_unfinished(self, lines: bytes, events: list[SSEEvent]) -> None:
+        """Keep the lines of a block still waiting for its blank line for the next read, or
+        interpret them now if there are many (the next read would copy them all again)."""
+        if len(lines) <= _MAX_UNFINISHED_BYTES:
+            self._unfinished = lines
+        else:
+            self._lines(lines[:-1].split(b"\n"), events)
+
+    def _token_run(self, text: bytes, events: list[SSEEvent]) -> bool:
+        """The fast path of token streams: if all of `text` (from a line that is not blank, no
+        block pending) is blocks of one `data: ` line each, perhaps with the line of the next
+        block after them, interpret it and return True; else do nothing and return False.
+
+        The data come from one `split` at the blank lines and the data fields after them; the
+        shape is proven if no piece holds a line end but the last (that block's own, if its
+        blank line has not come yet).
         """
-        nl = block.find(b"\n")
-        if nl < 0:  # one line: the token streams of OpenAI-style upstreams
-            if block[:5] != b"data:":
-                return None
-            return "message", block[6:] if block[5:6] == b" " else block[5:]
-        body = block.replace(b"\ndata:", b"\n")
-        if len(block) - len(body) != 5 * block.count(b"\n"):
-            return None
-        body = body.replace(b"\n ", b"\n")
-        if block[:5] == b"data:":
-            return "message", body[6:] if body[5:6] == b" " else body[5:]
-        if block[:6] == b"event:":
-            head = block[:nl]
-            return self._event_names.get(head) or self._event_name(head), body[nl + 1 :]
-        return None
+        if not text.startswith(b"data: "):
+            return False
+        first_end = text.find(b"\n") + 1
+        if first_end < len(text) and text[first_end] != _LF:  # the first block has more lines
+            return False
+        last_line_end = len(text) - 2 if text[-2] == _LF else len(text) - 1
+        if not text.startswith(b"data: ", text.rfind(b"\n", 0, last_line_end) + 1):
+            return False  # the last line is not a data line either: a mix, not worth a try
+        values = text.split(b"\n\ndata: ")
+        complete = values[-1].endswith(b"\n\n")
+        values[-1] = values[-1][: -2 if complete else -1]
+        if b"".join(values).find(b"\n") >= 0:  # (a copy and a memchr: cheaper than a count)
+            return False
+        if not complete:  # the last line, still waiting for its blank line, and its "data: "
+            self._keep_unfinished(text[-7 - len(values.pop()) :], events)
+        if values:
+            values[0] = values[0][6:]
+            self._add_events(values, "message", events)
+        return True
 
-    def _event_name(self, head: bytes) -> str:
-        """The event type an `event:` line sets, remembered for the next blocks."""
-        value = head[7:] if head[6:7] == b" " else head[6:]
-        name = _text(value) or "message"
-        if len(self._event_names) < _MAX_CACHED_EVENT_NAMES:
-            self._event_names[head] = name
-        return name
+    def _data_run(self, run: bytes, events: list[SSEEvent]) -> bool:
+        """The fast path of any stream of data blocks: if `run` (complete blocks, from a line
+        that is not blank) is blocks of data lines, each perhaps after the same `event:` line,
+        interpret it and return True; else do nothing and return False.
+
+        Each data line's start (the line end before it, `data:`, the optional space) becomes a
+        CR, which no text holds once line ends are LF; then a `split` at every blank line that
+        is followed by the first block's event line (if any) and a data line cuts the blocks
+        apart. The shape is proven if no piece still holds a line end: there is no line that
+        is not a data line, and no blank line anywhere else. A CR back to LF in each piece
+        leaves that block's data buffer.
+        """
+        if run.startswith(b"event:"):
+            first_line_end = run.find(b"\n")
+            name, block_start = self._head(run[:first_line_end])
+            kind = run[: first_line_end + 1]
+        elif run.startswith(b"data:"):
+            first_line_end, name, block_start, kind = -1, "message", b"\n\n\r", b"data:"
+        else:
+            return False
+        if not run.startswith(kind, _last_block_start(run)):  # a mix: `_blocks` separates it
+            return False
+        marked = run.replace(b"\ndata: ", b"\r").replace(b"\ndata:", b"\r")
+        if first_line_end < 0:  # the first line is a data line that no line end comes before
+            first_value = 6 if run[5:6] == b" " else 5
+        elif marked.startswith(b"\r", first_line_end):
+            first_value = first_line_end + 1
+        else:  # the event line is not followed by a data line
+            return False
+        values = marked.split(block_start)
+        values[0] = values[0][first_value:]
+        values[-1] = values[-1][:-2]
+        if b"".join(values).find(b"\n") >= 0:
+            return False
+        self._add_events(list(map(bytes.replace, values, repeat(b"\r"), repeat(b"\n"))), name,
+                         events)
+        return True
+
+    def _head(self, line: bytes) -> tuple[str, bytes]:
+        """The event type an `event:` line sets, and how a later block that begins with it
+        starts in `_data_run`."""
+        head = self._event_names.get(line)
+        if head is None:
+            value = line[7:] if line[6:7] == b" " else line[6:]
+            head = _text(value) or "message", b"\n\n" + line + b"\r"
+            if len(self._event_names) < _MAX_CACHED_EVENT_NAMES:
+                self._event_names[line] = head
+        return head
+
+    def _add_events(self, values: list[bytes], name: str, events: list[SSEEvent]) -> None:
+        """One event per data buffer, built in C: no Python code runs per event."""
+        try:
+            texts = list(map(bytes.decode, values))
+        except UnicodeDecodeError:
+            texts = list(map(bytes.decode, values, repeat("utf-8"), repeat("replace")))
+        events += map(_new_event, repeat(SSEEvent),
+                      zip(texts, repeat(name), repeat(self._last_id), repeat(self._retry)))
+
+    def _blocks(self, run: bytes, events: list[SSEEvent]) -> None:
+        """Complete blocks of mixed shapes (the fast paths refused them as one run)."""
+        kind = _block_kind(run[_last_block_start(run) :])
+        if _block_kind(run) == kind:
+            self._stretches(run, events)
+            return
+        # one stream handing over to another, say: cut where the last block's kind begins
+        cut = run.find(b"\n\n" + kind) + 2  # after a blank line: where a block begins
+        for part in (run[:cut], run[cut:]):
+            if not self._fast_run(part, events):
+                self._stretches(part, events)
+
+    def _stretches(self, run: bytes, events: list[SSEEvent]) -> None:
+        """Each stretch of blocks that begin alike through the fast paths, what they refuse
+        line by line."""
+        # Every "\n\n" ends a line and is a blank line, so each block is ended by a blank
+        # line; a block that starts with "\n" had more blank lines before it.
+        for _, same_kind in groupby(run[:-2].split(b"\n\n"), _block_kind):
+            stretch = list(same_kind)
+            if not self._fast_run(b"\n\n".join(stretch) + b"\n\n", events):
+                for block in stretch:
+                    self._block(block, events)
+
+    def _fast_run(self, run: bytes, events: list[SSEEvent]) -> bool:
+        return self._token_run(run, events) or self._data_run(run, events)
 
     def _block(self, block: bytes, events: list[SSEEvent]) -> None:
         """A block and the blank line that ends it, line by line."""

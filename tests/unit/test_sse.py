@@ -446,3 +446,151 @@ def test_property_any_rechunking_gives_the_reference_events(stream: bytes,
 @given(stream=sse_streams())
 def test_property_byte_by_byte_gives_the_reference_events(stream: bytes) -> None:
     assert decode(bytewise(stream)) == reference_events(stream)
+
+
+# -- the whole-read fast paths ------------------------------------------------------------
+# A read made only of single-line `data: ` blocks, or of blocks of data lines (each perhaps
+# after the same event line), is taken apart at once; anything else in the read sends it, or
+# the stretches of it that do not fit, the slow way. These check both sides of that line.
+
+
+def test_token_run_with_the_next_block_still_waiting() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: a\n\ndata: b\n\ndata: c\n") == [SSEEvent("a"), SSEEvent("b")]
+    assert decoder.feed(b"\ndata: d\n\n") == [SSEEvent("c"), SSEEvent("d")]
+    assert decoder.feed(b"data: e\n") == []
+    assert decoder.close() == [SSEEvent("e")]
+
+
+def test_token_run_keeps_values_exact() -> None:
+    stream = b"data: \n\ndata:  two spaces\n\ndata: data: x\n\ndata: event: y\n\ndata: :\n\n"
+    assert fed(stream) == ([SSEEvent(""), SSEEvent(" two spaces"), SSEEvent("data: x"),
+                            SSEEvent("event: y"), SSEEvent(":")], [])
+
+
+@pytest.mark.parametrize("odd_one", [
+    b": keep-alive\n\n", b"data:no space\n\n", b"id: 9\ndata: x\n\n", b"retry: 10\n\n",
+    b"data: x\ndata: y\n\n", b"event: e\ndata: x\n\n", b"\n\n", b"data: x\n\n\n",
+    b"foo: bar\n\n", b"data\n\n",
+])
+def test_runs_with_an_odd_block_in_the_middle(odd_one: bytes) -> None:
+    for block in (b"data: a\n\n", b"event:text\ndata:data: {}\ndata:\n\n", b"data:a\ndata:b\n\n"):
+        stream = block * 5 + odd_one + block * 5
+        assert fed(stream)[0] == reference_events(stream), (block, odd_one)
+        assert decode([stream[:40], stream[40:]]) == reference_events(stream)
+
+
+def test_event_run_exact_on_values_that_look_like_lines() -> None:
+    # after an empty data line, a data line whose value is the event line: not a block start
+    stream = (b"event:text\ndata:a\ndata:\ndata:event:text\ndata:b\n\n"
+              b"event:text\ndata: data:\ndata:  x\n\n"
+              b"event:text\ndata:\n\n")
+    assert fed(stream) == ([SSEEvent("a\n\nevent:text\nb", "text"),
+                            SSEEvent("data:\n x", "text"), SSEEvent("", "text")], [])
+
+
+def test_event_run_with_an_event_line_and_no_data() -> None:
+    # the block with no data line dispatches nothing, and its type does not carry over
+    stream = b"event:text\ndata:a\n\nevent:text\n\nevent:text\ndata:b\n\ndata:c\n\n"
+    assert fed(stream)[0] == [SSEEvent("a", "text"), SSEEvent("b", "text"), SSEEvent("c")]
+
+
+def test_runs_of_changing_event_types() -> None:
+    stream = b"".join(b"event:%s\ndata:%d\n\n" % (b"ab"[i // 3 % 2 : i // 3 % 2 + 1], i)
+                      for i in range(12))
+    expected = [SSEEvent(str(i), "ab"[i // 3 % 2]) for i in range(12)]
+    assert fed(stream) == (expected, [])
+    assert decode(stream[i : i + 50] for i in range(0, len(stream), 50)) == expected
+
+
+def test_unfinished_block_interpreted_when_its_blank_line_comes() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: a\n\nid: 7\ndata: b\nretry: 5\n") == [SSEEvent("a")]
+    assert decoder.feed(b"data: c\n") == []
+    assert decoder.feed(b"\n") == [SSEEvent("b\nc", id="7", retry=5)]
+    # an event type waiting with its block
+    assert decoder.feed(b"event:text\n") == []
+    assert decoder.feed(b"data:x\n\n") == [SSEEvent("x", "text", "7", 5)]
+
+
+def test_long_unfinished_block_is_interpreted_as_it_comes() -> None:
+    # more than the kept-raw bound: its lines are interpreted read by read, not copied again
+    line = b"data: " + b"x" * 100 + b"\n"
+    decoder = SSEDecoder()
+    events = []
+    for _ in range(2000):  # 214 KB in one block
+        events += decoder.feed(line * 5)
+    assert events == []
+    assert decoder.feed(b"\n") == [SSEEvent("\n".join(["x" * 100] * 10000))]
+
+
+def test_invalid_utf8_in_fast_paths() -> None:
+    for stream in (b"data: a\xff\n\ndata: \xe4\xb8\n\ndata: ok\n\n",
+                   b"event:t\xc3\ndata:\xf0\x9f\ndata:\xe4\n\nevent:t\xc3\ndata:\xff\n\n",
+                   b"data:a\xff\ndata:\xe4\xb8\n\ndata:\xc3\n\n"):
+        expected = reference_events(stream)
+        assert decode([stream]) == expected
+        for cut in range(len(stream) + 1):
+            assert decode([stream[:cut], stream[cut:]]) == expected, (stream, cut)
+
+
+def test_bom_before_a_run() -> None:
+    assert fed(BOM + b"data: a\n\ndata: b\n\n") == ([SSEEvent("a"), SSEEvent("b")], [])
+    assert fed(BOM + b"event:t\ndata:a\n\nevent:t\ndata:b\n\n")[0] == [SSEEvent("a", "t"),
+                                                                        SSEEvent("b", "t")]
+
+
+def test_line_limit_holds_in_runs() -> None:
+    ok = b"data: " + b"x" * 58 + b"\n\n"  # lines of 64 bytes
+    assert decode([ok * 20], max_line_bytes=64) == [SSEEvent("x" * 58)] * 20
+    with pytest.raises(SSELineTooLong):
+        SSEDecoder(max_line_bytes=64).feed(ok * 20 + b"data: " + b"x" * 59 + b"\n\n" + ok)
+
+
+_run_value = st.one_of(
+    st.text(st.characters(blacklist_characters="\r\n", blacklist_categories=["Cs"]), max_size=6),
+    st.sampled_from(["", " ", " x", "data:", "data: x", "event:text", ":", "[DONE]"]),
+)
+_run_block = st.one_of(
+    st.builds(lambda v: [f"data: {v}"], _run_value),  # the token streams' shape
+    st.builds(lambda vs, sp: ["event:text", *(f"data:{sp}{v}" for v in vs)],  # one event type
+              st.lists(_run_value, min_size=1, max_size=3), st.sampled_from(["", " "])),
+    st.builds(lambda vs: [f"data:{v}" for v in vs], st.lists(_run_value, min_size=1, max_size=3)),
+)
+_odd_block = st.one_of(
+    st.builds(lambda line: [line], st.sampled_from([": ping", "id: 3", "id", "retry: 7", "event:x",
+                                                    "event:text", "data", "data:x"])),
+    st.just([]),  # an extra blank line
+    st.builds(lambda v: ["event:other", f"data:{v}"], _run_value),
+    st.builds(lambda v: [f"data: {v}", "id: 5"], _run_value),
+)
+
+
+@st.composite
+def run_streams(draw: st.DrawFn) -> bytes:
+    """Long runs of the fast paths' shapes, now and then an odd block, any line ends."""
+    blocks = draw(st.lists(st.one_of(_run_block, _run_block, _run_block, _odd_block),
+                           min_size=1, max_size=25))
+    lines = [line for block in blocks for line in [*block, ""]]
+    ends = draw(st.lists(st.sampled_from(["\n", "\n", "\n", "\r", "\r\n"]),
+                         min_size=len(lines), max_size=len(lines)))
+    raw = "".join(line + end for line, end in zip(lines, ends, strict=True)).encode()
+    if draw(st.integers(0, 5)) == 0:
+        raw = raw.replace(b"x", b"\xff", 1)  # now and then, a byte that is not UTF-8
+    return raw[: draw(st.integers(len(raw) // 2, len(raw)))]  # perhaps cut short
+
+
+@settings(max_examples=300, deadline=None)
+@given(stream=run_streams(), cuts=st.lists(st.integers(min_value=0), max_size=6))
+def test_property_runs_give_the_reference_events(stream: bytes, cuts: list[int]) -> None:
+    expected = reference_events(stream)
+    assert decode([stream]) == expected
+    assert decode(_chunked(stream, cuts)) == expected
+
+
+def test_one_recording_handing_over_to_another() -> None:
+    # reads that end one shape and begin another are cut where the second begins
+    stream = b"".join(path.read_bytes() for path in FIXTURE_FILES) * 2
+    expected = reference_events(stream)
+    for size in (700, 1500, 4096):
+        assert decode(stream[i : i + size] for i in range(0, len(stream), size)) == expected
