@@ -158,7 +158,7 @@ def connect(url: str, *, max_connections: int) -> aioredis.Redis:
         socket_timeout=10,
         health_check_interval=30,
     )
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
 async def check_server(redis: aioredis.Redis, keys: Keys) -> str:

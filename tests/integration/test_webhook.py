@@ -161,3 +161,28 @@ async def test_without_msg_id_dedupe_uses_create_time(
 async def test_webhook_secret_is_not_echoed(bridge: RunningBridge) -> None:
     status, answer = await bridge.post(group_message("x"), headers=signed_headers("SEC-bad"))
     assert status == 401 and WEBHOOK_SECRET not in json.dumps(answer)
+
+
+async def test_every_answer_of_the_webhook_is_counted_by_status(bridge: RunningBridge) -> None:
+    """Including the 413 aiohttp raises for a chunked body (no Content-Length) over the cap."""
+    counter = bridge.bridge.metrics.webhook_requests
+
+    def count(status: str) -> float:
+        return counter.labels(status=status)._value.get()  # type: ignore[attr-defined]
+
+    before = {status: count(status) for status in ("200", "401", "413")}
+    assert (await bridge.post(group_message("counted")))[0] == 200
+    assert (await bridge.post(group_message("x"), headers=signed_headers("SEC-wrong")))[0] == 401
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"x" * 1000
+
+    async with bridge.session.post(
+        f"{bridge.url}/webhook/yach", data=chunks(), headers=signed_headers()
+    ) as response:
+        assert response.status == 413
+    after = {status: count(status) for status in ("200", "401", "413")}
+    assert {status: after[status] - before[status] for status in after} == {
+        "200": 1, "401": 1, "413": 1
+    }
