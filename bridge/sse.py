@@ -33,7 +33,7 @@ Pure: no I/O and no aiohttp, so benchmarks can time it alone.
 
 from __future__ import annotations
 
-from itertools import groupby, repeat
+from itertools import groupby
 from typing import NamedTuple, NoReturn
 
 __all__ = ["DEFAULT_MAX_LINE_BYTES", "SSEDecoder", "SSEEvent", "SSELineTooLong"]
@@ -281,8 +281,7 @@ class SSEDecoder:
         values[-1] = values[-1][:-2]
         if b"".join(values).find(b"\n") >= 0:
             return False
-        self._add_events(list(map(bytes.replace, values, repeat(b"\r"), repeat(b"\n"))), name,
-                         events)
+        self._add_events([value.replace(b"\r", b"\n") for value in values], name, events)
         return True
 
     def _head(self, line: bytes) -> tuple[str, bytes]:
