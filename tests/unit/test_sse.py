@@ -462,6 +462,19 @@ def test_token_run_with_the_next_block_still_waiting() -> None:
     assert decoder.close() == [SSEEvent("e")]
 
 
+@pytest.mark.parametrize("tail", [
+    b"data: z\n\n\n", b"data: z\n\n\n\n", b"data: z\ndata: y\n", b"data: z\ndata: y\n\n",
+    b"data: z\n\ndata: y\ndata: x\n", b"data: z\n\n: c\n", b"data: z\n\nid: 1\n\n", b"data: \n",
+    b"data: \n\n", b"data: \n\n\n",
+])
+def test_token_run_ending_in_other_line_ends(tail: bytes) -> None:
+    # the run's proof rests on where its last line ends are: each read ends just after `tail`
+    stream = b"data: a\n\ndata: b\n\n" + tail
+    after = b"data: c\n\n"
+    assert decode([stream, after]) == reference_events(stream + after)
+    assert decode([stream]) == reference_events(stream)
+
+
 def test_token_run_keeps_values_exact() -> None:
     stream = b"data: \n\ndata:  two spaces\n\ndata: data: x\n\ndata: event: y\n\ndata: :\n\n"
     assert fed(stream) == ([SSEEvent(""), SSEEvent(" two spaces"), SSEEvent("data: x"),
