@@ -171,11 +171,7 @@ class UpstreamHTTP:
         self, method: str, url: str, *, expect_sse: bool = False, **kwargs: Any
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """A response with a good status, retried before its first byte; closed on exit."""
-        response: aiohttp.ClientResponse | None = None
-        async for attempt in self.retrying():
-            with attempt:
-                response = await self._open_once(method, url, expect_sse=expect_sse, **kwargs)
-        assert response is not None
+        response = await self._open_retried(method, url, expect_sse=expect_sse, **kwargs)
         try:
             yield response
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
@@ -185,6 +181,26 @@ class UpstreamHTTP:
         finally:
             response.release()
             response.close()
+
+    async def _open_retried(
+        self, method: str, url: str, *, expect_sse: bool, **kwargs: Any
+    ) -> aiohttp.ClientResponse:
+        """`_open_once` under the retry policy. The first attempt goes out at once: setting
+        the policy up costs about as much as a loopback request, so it is set up only once that
+        attempt failed with a retryable error, which it then counts as its own first attempt."""
+        try:
+            return await self._open_once(method, url, expect_sse=expect_sse, **kwargs)
+        except RETRYABLE as exc:
+            first_failure: UpstreamFailure | None = exc
+        response: aiohttp.ClientResponse | None = None
+        async for attempt in self.retrying():
+            with attempt:
+                if first_failure is not None:
+                    failed, first_failure = first_failure, None
+                    raise failed
+                response = await self._open_once(method, url, expect_sse=expect_sse, **kwargs)
+        assert response is not None
+        return response
 
     async def _open_once(
         self, method: str, url: str, *, expect_sse: bool, **kwargs: Any

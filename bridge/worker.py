@@ -207,6 +207,10 @@ class Worker:
                 return
             for entry in entries:
                 self._take(entry)
+            if entries:
+                # the turns just taken send their first command (the start script) before
+                # this loop prepares its next XREADGROUP: that is on their first token's path
+                await asyncio.sleep(0)
             await self.inbox.set_aside_unreadable()
 
     async def _claim_loop(self) -> None:

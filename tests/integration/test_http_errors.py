@@ -164,6 +164,14 @@ async def test_5xx_retried_then_unavailable(upstream: Upstream, http: UpstreamHT
     assert upstream.hits("/chat") == 3  # the first try and two retries
 
 
+async def test_no_retries_means_one_attempt(upstream: Upstream, http: UpstreamHTTP) -> None:
+    url = upstream.on("/chat", status(503), sse())
+    once = UpstreamHTTP(http.session, retries=0, backoff_s=0.01)
+    with pytest.raises(UpstreamUnavailable, match="HTTP 503"):
+        await collect(once, url)
+    assert upstream.hits("/chat") == 1
+
+
 async def test_connection_refused_is_unavailable(http: UpstreamHTTP) -> None:
     with pytest.raises(UpstreamUnavailable, match=r"cannot reach 127\.0\.0\.1"):
         await collect(http, f"http://127.0.0.1:{free_port()}/chat")
