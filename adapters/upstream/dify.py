@@ -1,10 +1,11 @@
-"""Dify chat apps: `POST /chat-messages` streamed (`response_mode: streaming`)."""
+"""Dify chat apps: `POST /chat-messages` streamed (`response_mode: streaming`); `/reset` deletes."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from typing import Any
+from urllib.parse import quote
 
 from adapters.upstream._common import (
     ConversationIds,
@@ -33,15 +34,19 @@ _ANSWER_EVENTS = frozenset({"message", "agent_message"})
 class DifyParser:
     """Dify's SSE messages (`data: {"event": …}`) as internal events."""
 
-    def __init__(self, ids: ConversationIds | None = None) -> None:
+    def __init__(self, ids: ConversationIds | None = None, *, user: str = "") -> None:
         self._ids = ids if ids is not None else ConversationIds()
+        self._user = user  # kept in the reference: deleting the conversation needs it
 
     def feed(self, message: SSEEvent) -> list[Event]:
         if not message.data.strip():  # `event: ping` comes without data
             return []
         payload = json_object(message.data, upstream=NAME)
         events: list[Event] = []
-        ref = self._ids.update(conversation_id=payload.get("conversation_id"))
+        conversation_id = payload.get("conversation_id")
+        ref = self._ids.update(
+            conversation_id=conversation_id, user=self._user if conversation_id else None
+        )
         if ref is not None:
             events.append(ref)
         events.extend(self._on(str(payload.get("event") or message.event), payload))
@@ -83,8 +88,10 @@ class DifyUpstream:
     def __init__(self, settings: Settings, http: UpstreamHTTP) -> None:
         base_url, api_key = require(settings, "dify_base_url", "dify_api_key")
         self._http = http
+        self._base_url = base_url
         self._url = f"{base_url}/chat-messages"
-        self._headers = {**bearer(api_key), "Accept": "text/event-stream"}
+        self._auth = bearer(api_key)
+        self._headers = {**self._auth, "Accept": "text/event-stream"}
         self._inputs = dict(settings.dify_inputs)
 
     def _body(self, turn: Turn, ids: ConversationIds) -> dict[str, Any]:
@@ -100,13 +107,24 @@ class DifyUpstream:
         ids = ConversationIds(turn.conversation)
         body = self._body(turn, ids)
         messages = self._http.sse("POST", self._url, json=body, headers=self._headers)
-        async with aclosing(relay(messages, DifyParser(ids), upstream=NAME)) as events:
+        parser = DifyParser(ids, user=turn.chat_session_id)
+        async with aclosing(relay(messages, parser, upstream=NAME)) as events:
             async for event in events:
                 yield event
 
     async def reset(self, conversation: Mapping[str, str]) -> None:
-        """Nothing is deleted upstream: Dify's delete needs the `user`, which the reference
-        does not hold. Forgetting the mapping is enough for a fresh conversation."""
+        """Delete the conversation upstream (`DELETE /conversations/{id}` for its `user`).
+
+        A reference saved before it named its user is only forgotten: the user cannot be
+        guessed, and forgetting is enough for a fresh conversation.
+        """
+        conversation_id, user = conversation.get("conversation_id"), conversation.get("user")
+        if not (conversation_id and user):
+            return
+        url = f"{self._base_url}/conversations/{quote(conversation_id, safe='')}"
+        # 204 No Content, or `{"result": "success"}` from older servers; failures raise.
+        async with self._http.open("DELETE", url, json={"user": user}, headers=self._auth):
+            pass
 
     async def aclose(self) -> None:
         """The shared HTTP session is closed by its owner."""

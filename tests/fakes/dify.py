@@ -99,15 +99,19 @@ def failing() -> list[dict[str, Any] | str]:
 
 
 class DifyFake(ScriptedFake):
-    """`POST /v1/chat-messages` streams `stream` (a `chatflow()` answer) to the right key."""
+    """`POST /v1/chat-messages` streams `stream` (a `chatflow()` answer) to the right key;
+    `DELETE /v1/conversations/{id}` answers 204 and `deleted` holds (id, user) pairs."""
 
     max_size = 64
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__(seed)
         self.stream = render(chatflow())
+        self.deleted: list[tuple[str, str]] = []
         self.script = Script(self.answer())
         self.app.router.add_post(PATH, guarded(self.script.handle, self._refusal))
+        self.app.router.add_delete("/v1/conversations/{conversation_id}",
+                                   guarded(self._delete, self._refusal))
 
     @classmethod
     async def start(cls, seed: int = 0) -> DifyFake:
@@ -128,3 +132,11 @@ class DifyFake(ScriptedFake):
             return None
         body = {"code": "unauthorized", "message": "Access token is invalid", "status": 401}
         return web.json_response(body, status=401)
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if not body.get("user"):
+            return web.json_response({"code": "invalid_param", "message": "user is required",
+                                      "status": 400}, status=400)
+        self.deleted.append((request.match_info["conversation_id"], body["user"]))
+        return web.Response(status=204)
