@@ -13,14 +13,16 @@ from bridge.inbox import Entry
 from bridge.intake import Command, parse_command
 from bridge.interfaces import Upstream
 from bridge.messages import Catalogue
-from bridge.sessions import Sessions
+from bridge.sessions import JOURNAL_TTL_S, Sessions
 from bridge.store import Keys
 
 __all__ = ["Commands", "stop_message"]
 
 log = structlog.get_logger(__name__)
 
-STOP_KEY_TTL_S = 600
+# As long as a journal lives: an entry whose process died before acknowledging its stop is
+# acknowledged unrun whenever it is claimed, even after a long outage.
+STOP_KEY_TTL_S = JOURNAL_TTL_S
 _RESET_POLL_S = 0.1
 
 

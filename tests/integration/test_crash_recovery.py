@@ -165,6 +165,8 @@ async def test_a_stopped_turn_whose_process_dies_before_acknowledging_is_never_r
             frozen.signal(signal.SIGSTOP)
             assert (await other.post(group_message("/stop")))[0] == 200
             await wait_for(lambda: yach.texts() == [EN["stopped"]], 1.0, "the stop confirmed")
+            [stop_key] = await redis_client.keys(keys.stop("*"))
+            assert await redis_client.ttl(stop_key) > 86400  # kept however late the claim
             frozen.kill()
             await wait_for(lambda: len(yach.shown) >= 2, 10, "the other session answered")
             await asyncio.sleep(1.5)
