@@ -85,7 +85,7 @@ class Commands:
         state = await self.sessions.load(chat_session_id)
         if state.conversation and state.upstream == self.upstream.name:
             try:
-                await self.upstream.reset(state.conversation)
+                await self.upstream.reset(state.conversation, chat_session_id)
             except Exception as exc:  # the mapping is forgotten either way
                 log.warning("upstream_reset_failed", error=type(exc).__name__)
         await self.sessions.forget(chat_session_id)

@@ -168,8 +168,8 @@ class Upstream(Protocol):
 
     def stream(self, turn: Turn) -> AsyncIterator[Event]: ...
 
-    async def reset(self, conversation: Mapping[str, str]) -> None:
-        """Forget a conversation upstream, where the upstream can."""
+    async def reset(self, conversation: Mapping[str, str], chat_session_id: str) -> None:
+        """Forget a session's conversation upstream, where the upstream can."""
         ...
 
     async def aclose(self) -> None: ...

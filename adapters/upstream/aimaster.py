@@ -150,7 +150,7 @@ class AimasterUpstream:
                 async for event in events:
                     yield event
 
-    async def reset(self, conversation: Mapping[str, str]) -> None:
+    async def reset(self, conversation: Mapping[str, str], chat_session_id: str) -> None:
         """Nothing to delete upstream: the notes have no such call; a new chatId starts afresh."""
 
     async def aclose(self) -> None:

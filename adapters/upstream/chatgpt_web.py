@@ -333,7 +333,7 @@ class ChatGPTWebUpstream:
         except (TimeoutError, UpstreamFailure) as exc:
             log.warning("chatgpt_stop_failed", error=str(exc))
 
-    async def reset(self, conversation: Mapping[str, str]) -> None:
+    async def reset(self, conversation: Mapping[str, str], chat_session_id: str) -> None:
         """A no-op: the notes show no call that deletes or hides a conversation."""
 
     async def aclose(self) -> None:

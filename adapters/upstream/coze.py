@@ -192,7 +192,7 @@ class CozeUpstream:
                 async for event in events:
                     yield event
 
-    async def reset(self, conversation: Mapping[str, str]) -> None:
+    async def reset(self, conversation: Mapping[str, str], chat_session_id: str) -> None:
         """Delete the conversation upstream (`DELETE /v1/conversations/{id}`)."""
         conversation_id = conversation.get("conversation_id")
         if not conversation_id:

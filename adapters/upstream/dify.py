@@ -34,19 +34,15 @@ _ANSWER_EVENTS = frozenset({"message", "agent_message"})
 class DifyParser:
     """Dify's SSE messages (`data: {"event": …}`) as internal events."""
 
-    def __init__(self, ids: ConversationIds | None = None, *, user: str = "") -> None:
+    def __init__(self, ids: ConversationIds | None = None) -> None:
         self._ids = ids if ids is not None else ConversationIds()
-        self._user = user  # kept in the reference: deleting the conversation needs it
 
     def feed(self, message: SSEEvent) -> list[Event]:
         if not message.data.strip():  # `event: ping` comes without data
             return []
         payload = json_object(message.data, upstream=NAME)
         events: list[Event] = []
-        conversation_id = payload.get("conversation_id")
-        ref = self._ids.update(
-            conversation_id=conversation_id, user=self._user if conversation_id else None
-        )
+        ref = self._ids.update(conversation_id=payload.get("conversation_id"))
         if ref is not None:
             events.append(ref)
         events.extend(self._on(str(payload.get("event") or message.event), payload))
@@ -107,23 +103,20 @@ class DifyUpstream:
         ids = ConversationIds(turn.conversation)
         body = self._body(turn, ids)
         messages = self._http.sse("POST", self._url, json=body, headers=self._headers)
-        parser = DifyParser(ids, user=turn.chat_session_id)
-        async with aclosing(relay(messages, parser, upstream=NAME)) as events:
+        async with aclosing(relay(messages, DifyParser(ids), upstream=NAME)) as events:
             async for event in events:
                 yield event
 
-    async def reset(self, conversation: Mapping[str, str]) -> None:
-        """Delete the conversation upstream (`DELETE /conversations/{id}` for its `user`).
-
-        A reference saved before it named its user is only forgotten: the user cannot be
-        guessed, and forgetting is enough for a fresh conversation.
-        """
-        conversation_id, user = conversation.get("conversation_id"), conversation.get("user")
-        if not (conversation_id and user):
+    async def reset(self, conversation: Mapping[str, str], chat_session_id: str) -> None:
+        """Delete the conversation upstream: `DELETE /conversations/{id}` for the `user` the
+        turns were sent as (the session)."""
+        conversation_id = conversation.get("conversation_id")
+        if not conversation_id:
             return
         url = f"{self._base_url}/conversations/{quote(conversation_id, safe='')}"
+        body = {"user": chat_session_id}
         # 204 No Content, or `{"result": "success"}` from older servers; failures raise.
-        async with self._http.open("DELETE", url, json={"user": user}, headers=self._auth):
+        async with self._http.open("DELETE", url, json=body, headers=self._auth):
             pass
 
     async def aclose(self) -> None:

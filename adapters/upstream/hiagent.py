@@ -164,7 +164,7 @@ class HiAgentUpstream:
             async for event in events:
                 yield event
 
-    async def reset(self, conversation: Mapping[str, str]) -> None:
+    async def reset(self, conversation: Mapping[str, str], chat_session_id: str) -> None:
         """Delete the app conversation upstream."""
         app_conversation_id = conversation.get(APP_CONVERSATION)
         if app_conversation_id:

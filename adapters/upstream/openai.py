@@ -98,7 +98,7 @@ class OpenAIUpstream:
         sse = self._http.sse("POST", self._url, json=self._body(turn), headers=self._headers)
         return relay(sse, OpenAIParser(), upstream=self.name)
 
-    async def reset(self, conversation: Mapping[str, str]) -> None:
+    async def reset(self, conversation: Mapping[str, str], chat_session_id: str) -> None:
         """Nothing to forget upstream: the history lives in Redis."""
 
     async def aclose(self) -> None:

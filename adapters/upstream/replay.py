@@ -157,7 +157,7 @@ class ReplayUpstream:
                     return
         raise UpstreamBroken(f"recording {recording.name} ended without its end marker")
 
-    async def reset(self, conversation: Mapping[str, str]) -> None:
+    async def reset(self, conversation: Mapping[str, str], chat_session_id: str) -> None:
         """Nothing to forget: a recording has no memory."""
 
     async def aclose(self) -> None:

@@ -238,7 +238,7 @@ class YachAgentUpstream:
             return self._stream_template.replace("{stream_id}", quote(stream_id, safe="")), {}
         return self._stream_template, {"stream_id": stream_id}
 
-    async def reset(self, conversation: Mapping[str, str]) -> None:
+    async def reset(self, conversation: Mapping[str, str], chat_session_id: str) -> None:
         """Nothing to delete upstream: the next turn simply omits `chat_session_id`."""
 
     async def aclose(self) -> None:

@@ -14,6 +14,7 @@ from aiohttp import web
 from bridge.messages import MESSAGES
 from tests.fakes import yach as fake_yach
 from tests.fakes.base import FakeServer
+from tests.fakes.dify import CONVERSATION_ID, DifyFake
 from tests.fakes.openai import ChatCompletionsFake, FakeOpenAI
 from tests.fakes.yach import FakeYach
 from tests.harness import (
@@ -175,6 +176,25 @@ async def test_reset_forgets_the_conversation(redis_url: str, bot_id: str, yach:
         ZH["reset_done"],
         "You said: third. (history: 0 messages)",
     ]
+
+
+async def test_reset_deletes_the_upstream_conversation(redis_url: str, bot_id: str,
+                                                      yach: FakeYach,
+                                                      redis_client: object) -> None:
+    async with DifyFake() as dify, running_bridge(
+        bridge_env(redis_url, bot_id, yach, **dify.env())
+    ) as bridge:
+        await say(bridge, "first")
+        await wait_until(lambda: len(yach.shown) == 1)
+        await say(bridge, "/reset")
+        await wait_until(lambda: len(yach.shown) == 2)
+        assert dify.deleted == [(CONVERSATION_ID, "yach:g:g1:u:u1")]
+        await say(bridge, "again")
+        await wait_until(lambda: len(yach.shown) == 3)
+        assert [r.json()["conversation_id"] for r in dify.server.on("/v1/chat-messages")] == [
+            "", ""  # the second question starts a fresh conversation
+        ]
+    assert yach.texts()[1] == ZH["reset_done"]
 
 
 async def test_reset_stops_the_running_turn_first(redis_url: str, bot_id: str, yach: FakeYach,

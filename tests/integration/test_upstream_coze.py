@@ -99,8 +99,8 @@ async def test_second_turn_continues_by_query_parameter(fake: CozeFake, http: Up
 
 async def test_reset_deletes_the_conversation(fake: CozeFake, http: UpstreamHTTP) -> None:
     upstream = coze(http, fake)
-    await upstream.reset({})
-    await upstream.reset({"conversation_id": CONVERSATION_ID})
+    await upstream.reset({}, SESSION_ID)
+    await upstream.reset({"conversation_id": CONVERSATION_ID}, SESSION_ID)
 
     assert fake.deleted == [CONVERSATION_ID]
 

@@ -58,7 +58,7 @@ async def test_answer_usage_and_conversation(fake: DifyFake, http: UpstreamHTTP,
 
     assert answer_text(events) == ANSWER  # thoughts, tts, workflow outputs add nothing
     assert [e for e in events if isinstance(e, ConversationRef)] == [
-        ConversationRef({"conversation_id": CONVERSATION_ID, "user": SESSION_ID})
+        ConversationRef({"conversation_id": CONVERSATION_ID})
     ]
     assert isinstance(events[0], ConversationRef)  # saved before any text
     assert events[-2:] == [USAGE, Done()]
@@ -97,31 +97,19 @@ async def test_message_replace_replaces_the_answer(fake: DifyFake,
     assert events[-1] == Done()
 
 
-async def test_reset_deletes_the_conversation_for_its_user(fake: DifyFake,
-                                                           http: UpstreamHTTP) -> None:
+async def test_reset_deletes_the_conversation_for_the_session(fake: DifyFake,
+                                                               http: UpstreamHTTP) -> None:
     upstream = connect(http, fake.env())
-    events = await collect(upstream, turn())
-    ref = next(dict(e.ref) for e in events if isinstance(e, ConversationRef))
+    await upstream.reset({}, SESSION_ID)  # no conversation yet: nothing to delete
+    await upstream.reset({"conversation_id": CONVERSATION_ID}, SESSION_ID)
 
-    await upstream.reset(ref)
-
-    assert fake.deleted == [(CONVERSATION_ID, SESSION_ID)]
-
-
-@pytest.mark.parametrize("ref", [{}, {"conversation_id": CONVERSATION_ID}],
-                         ids=["no-conversation", "saved-before-it-named-its-user"])
-async def test_reset_without_a_user_only_forgets(fake: DifyFake, http: UpstreamHTTP,
-                                                 ref: dict[str, str]) -> None:
-    await connect(http, fake.env()).reset(ref)
-
-    assert fake.deleted == []
-    assert not fake.server.on("/v1/conversations/" + CONVERSATION_ID)
+    assert fake.deleted == [(CONVERSATION_ID, SESSION_ID)]  # the user the turns were sent as
 
 
 async def test_a_refused_reset_raises(fake: DifyFake, http: UpstreamHTTP) -> None:
     upstream = connect(http, fake.env(BRIDGE_DIFY_API_KEY="app-wrong"))
     with pytest.raises(UpstreamAuthError):
-        await upstream.reset({"conversation_id": CONVERSATION_ID, "user": SESSION_ID})
+        await upstream.reset({"conversation_id": CONVERSATION_ID}, SESSION_ID)
 
     assert fake.deleted == []
 

@@ -147,8 +147,8 @@ async def test_csrf_refused_twice_is_an_auth_error(fake: HiAgentFake, http: Upst
 
 async def test_reset_deletes_the_app_conversation(fake: HiAgentFake, http: UpstreamHTTP) -> None:
     upstream = hiagent(http, fake)
-    await upstream.reset({})  # nothing stored: nothing to delete
-    await upstream.reset({"app_conversation_id": "app-1", "conversation_id": "c-1"})
+    await upstream.reset({}, SESSION_ID)  # nothing stored: nothing to delete
+    await upstream.reset({"app_conversation_id": "app-1", "conversation_id": "c-1"}, SESSION_ID)
 
     assert bodies(fake, DELETE) == [
         {"AppKey": APP_KEY, "AppConversationID": "app-1"}
