@@ -89,22 +89,21 @@ class SSEDecoder:
         "_event_type",
         "_last_id",
         "_max_line_bytes",
-        "_partial",
+        "_pending",
         "_retry",
         "_skip_lf",
         "_started",
-        "_unfinished",
     )
 
     def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
         self._max_line_bytes = max_line_bytes
-        self._partial = b""  # the unfinished last line, never longer than the limit
+        # What the next read continues, line ends already LF: the complete lines of a block
+        # whose blank line has not come yet, read again with the next read so the fast paths
+        # see the whole block (if there are too many to copy again, they are interpreted into
+        # the fields below instead), then the unfinished last line, never longer than the limit.
+        self._pending = b""
         self._skip_lf = False  # the last read ended in CR: a leading LF belongs to it
         self._started = False  # a leading BOM is stripped once
-        # The complete lines of a block whose blank line has not come yet, read again with the
-        # next read, so the fast paths see the whole block; if there are too many to copy
-        # again, they are interpreted into the fields below instead.
-        self._unfinished = b""
         self._data: list[bytes] = []  # the data buffer, one item per `data` line
         self._event_type = b""
         self._last_id = ""
@@ -122,47 +121,53 @@ class SSEDecoder:
             self._skip_lf = False
             if chunk[0] == _LF:
                 chunk = chunk[1:]
-        last_cr = chunk.rfind(b"\r")
-        end = chunk.rfind(b"\n")
-        if last_cr > end:
-            end = last_cr
-        if end < 0:
-            self._keep_partial(self._partial + chunk)
+        if b"\r" in chunk:
+            # a read that ends in CR may be followed by that CR's LF
+            self._skip_lf = chunk[-1] == _CR
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        unfinished = len(chunk) - 1 - chunk.rfind(b"\n")  # the bytes after its last line end
+        text = self._pending + chunk if self._pending else chunk
+        if unfinished == len(chunk):
+            self._keep_partial(text)
             return []
-        end += 1
-        complete = self._partial + chunk[:end] if self._partial else chunk[:end]
-        self._keep_partial(chunk[end:])
-        limit = self._max_line_bytes
-        if len(complete) > limit and max(map(len, complete.splitlines())) > limit:
-            self._too_long()
-        if last_cr >= 0:  # (the unfinished line kept from the last read holds no CR)
-            # a read that ends in CR may be followed by that CR's LF; one that goes on after
-            # its last line end may not
-            self._skip_lf = complete[-1] == _CR and not self._partial
-            complete = complete.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         if not self._started:
-            complete = self._strip_bom(complete)
-        return self._fields(complete)
+            text = self._strip_bom(text)
+        if len(text) > self._max_line_bytes and max(map(len, text.split(b"\n"))) > \
+                self._max_line_bytes:
+            self._too_long()
+        if not (self._data or self._event_type) and text.startswith(b"data: "):
+            events = self._token_read(text)
+            if events is not None:
+                return events
+        cut = len(text) - unfinished
+        self._pending = b""
+        events = self._fields(text[:cut] if unfinished else text)
+        if unfinished:
+            self._pending += text[cut:]
+        return events
 
     def close(self) -> list[SSEEvent]:
         """End of stream: interpret a last unterminated line and dispatch what is pending."""
         events: list[SSEEvent] = []
-        lines = self._unfinished.split(b"\n")  # ends with "", or the last unterminated line
-        lines[-1], self._unfinished, self._partial = self._strip_bom(self._partial), b"", b""
+        # (ends with "", or the last unterminated line)
+        lines = self._strip_bom(self._pending).split(b"\n")
+        self._pending = b""
         self._lines(lines, events)
         self._dispatch(events)
         return events
 
-    def _keep_partial(self, partial: bytes) -> None:
+    def _keep_partial(self, text: bytes) -> None:
         # A line that never ends would grow the buffer without bound; it is refused as soon
-        # as it passes the limit, so the buffer holds at most the limit plus one read.
-        # (Growing it by concatenation is quadratic only up to that bound.)
-        self._partial = partial
-        if len(partial) > self._max_line_bytes:
+        # as it passes the limit, so the buffer holds at most the limit plus one read (plus
+        # the lines kept before it). (Growing it by concatenation is quadratic only up to
+        # that bound.)
+        self._pending = text
+        limit = self._max_line_bytes
+        if len(text) > limit and len(text) - 1 - text.rfind(b"\n") > limit:
             self._too_long()
 
     def _too_long(self) -> NoReturn:
-        self._partial = b""
+        self._pending = b""
         raise SSELineTooLong(f"line longer than {self._max_line_bytes} bytes")
 
     def _strip_bom(self, raw: bytes) -> bytes:
@@ -173,11 +178,40 @@ class SSEDecoder:
 
     # -- field layer -----------------------------------------------------------------------
 
+    def _token_read(self, text: bytes) -> list[SSEEvent] | None:
+        """The fast path of token streams on a whole read: if `text` (from a line that is not
+        blank, no block pending, the unfinished last line included) is blocks of one `data: `
+        line each, then perhaps the unfinished start of one more block, interpret it and
+        return its events; else change nothing and return None.
+
+        One `split` at the block starts gives every event's data; the shape is proven if no
+        piece but the last holds a line end, and the last holds its block's line end, then
+        (if that block has ended) its blank line and at most an unfinished line.
+        """
+        values = text.rsplit(b"\n\ndata: ")  # (no match can overlap another: = split)
+        tail = values.pop()
+        line_end = tail.find(b"\n") + 1
+        if not line_end or line_end == len(tail):  # the last block's data line waits
+            if not values:
+                self._pending = text
+                return []
+            pending = text[len(text) - len(tail) - 6 :]
+        elif tail[line_end] == _LF and tail.find(b"\n", line_end + 1) < 0:
+            values.append(tail[: line_end - 1])
+            pending = tail[line_end + 1 :]
+        else:
+            return None
+        if b"\n" in b"".join(values):  # (a copy and a memchr: cheaper than a count)
+            return None
+        self._pending = pending  # (one line, at most: no more than the limit)
+        values[0] = values[0][6:]
+        events: list[SSEEvent] = []
+        self._add_events(values, "message", events)
+        return events
+
     def _fields(self, text: bytes) -> list[SSEEvent]:
         """Interpret complete lines (`text` ends with LF); the events their blank lines end."""
         events: list[SSEEvent] = []
-        if self._unfinished:
-            text, self._unfinished = self._unfinished + text, b""
         if text[0] == _LF or self._data or self._event_type:
             text = self._pending_block(text, events)
             if not text or self._token_run(text, events):
@@ -213,7 +247,7 @@ class SSEDecoder:
         """Keep the lines of a block still waiting for its blank line for the next read, or
         interpret them now if there are many (the next read would copy them all again)."""
         if len(lines) <= _MAX_UNFINISHED_BYTES:
-            self._unfinished = lines
+            self._pending = lines
         else:
             self._lines(lines[:-1].split(b"\n"), events)
 
@@ -269,19 +303,24 @@ class SSEDecoder:
             return False
         if not run.startswith(kind, _last_block_start(run)):  # a mix: `_blocks` separates it
             return False
-        marked = run.replace(b"\ndata: ", b"\r").replace(b"\ndata:", b"\r")
+        # (`replace` as `join` of `rsplit`: the same bytes, as no match can overlap another,
+        # and a search from the end skips faster over JSON)
+        marked = b"\r".join(b"\r".join(run.rsplit(b"\ndata: ")).rsplit(b"\ndata:"))
         if first_line_end < 0:  # the first line is a data line that no line end comes before
             first_value = 6 if run[5:6] == b" " else 5
         elif marked.startswith(b"\r", first_line_end):
             first_value = first_line_end + 1
         else:  # the event line is not followed by a data line
             return False
-        values = marked.split(block_start)
+        values = marked.rsplit(block_start)
         values[0] = values[0][first_value:]
         values[-1] = values[-1][:-2]
-        if b"".join(values).find(b"\n") >= 0:
+        joined = b"".join(values)
+        if b"\n" in joined:
             return False
-        self._add_events([value.replace(b"\r", b"\n") for value in values], name, events)
+        if b"\r" in joined:  # a block of several data lines
+            values = [value.replace(b"\r", b"\n") for value in values]
+        self._add_events(values, name, events)
         return True
 
     def _head(self, line: bytes) -> tuple[str, bytes]:
