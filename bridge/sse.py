@@ -135,13 +135,16 @@ class SSEDecoder:
         if len(text) > self._max_line_bytes and max(map(len, text.split(b"\n"))) > \
                 self._max_line_bytes:
             self._too_long()
-        if not (self._data or self._event_type) and text.startswith(b"data: "):
-            events = self._token_read(text)
-            if events is not None:
+        events: list[SSEEvent] = []
+        tokens_tried = not (self._data or self._event_type) and text.startswith(b"data: ")
+        if tokens_tried:
+            events, taken = self._token_read(text)
+            if taken == len(text):
                 return events
+            text = text[taken:]
         cut = len(text) - unfinished
         self._pending = b""
-        events = self._fields(text[:cut] if unfinished else text)
+        self._fields(text[:cut] if unfinished else text, events, tokens_tried)
         if unfinished:
             self._pending += text[cut:]
         return events
@@ -178,11 +181,12 @@ class SSEDecoder:
 
     # -- field layer -----------------------------------------------------------------------
 
-    def _token_read(self, text: bytes) -> list[SSEEvent] | None:
-        """The fast path of token streams on a whole read: if `text` (from a line that is not
-        blank, no block pending, the unfinished last line included) is blocks of one `data: `
-        line each, then perhaps the unfinished start of one more block, interpret it and
-        return its events; else change nothing and return None.
+    def _token_read(self, text: bytes) -> tuple[list[SSEEvent], int]:
+        """The fast path of token streams on a whole read: `text` (from a line that is not
+        blank, no block pending, the unfinished last line included) as far as it is blocks
+        of one `data: ` line each, then perhaps the unfinished start of one more block. The
+        events of those blocks, and how much of `text` they take: all of it, or up to the
+        first block that is not of this shape (which is left to the other paths).
 
         One `split` at the block starts gives every event's data; the shape is proven if no
         piece but the last holds a line end, and the last holds its block's line end, then
@@ -190,34 +194,42 @@ class SSEDecoder:
         """
         values = text.rsplit(b"\n\ndata: ")  # (no match can overlap another: = split)
         tail = values.pop()
+        taken = len(text)
         line_end = tail.find(b"\n") + 1
         if not line_end or line_end == len(tail):  # the last block's data line waits
-            if not values:
-                self._pending = text
-                return []
-            pending = text[len(text) - len(tail) - 6 :]
-        elif tail[line_end] == _LF and tail.find(b"\n", line_end + 1) < 0:
+            pending = text[len(text) - len(tail) - 6 :] if values else text
+        elif tail[line_end] == _LF:  # the last block has ended
             values.append(tail[: line_end - 1])
             pending = tail[line_end + 1 :]
-        else:
-            return None
+            if b"\n" in pending:  # more lines: another shape (a read handing over, say)
+                pending, taken = b"", len(text) - len(pending)
+        else:  # the last block has more lines
+            pending, taken = b"", len(text) - len(tail) - 6 if values else 0
         if b"\n" in b"".join(values):  # (a copy and a memchr: cheaper than a count)
-            return None
+            good = 0
+            while b"\n" not in values[good]:
+                good += 1
+            values, pending = values[:good], b""
+            taken = sum(map(len, values)) + 8 * good - 6 if good else 0
+        if not values:
+            if taken:
+                self._pending = pending
+            return [], taken
         self._pending = pending  # (one line, at most: no more than the limit)
         values[0] = values[0][6:]
         events: list[SSEEvent] = []
         self._add_events(values, "message", events)
-        return events
+        return events, taken
 
-    def _fields(self, text: bytes) -> list[SSEEvent]:
-        """Interpret complete lines (`text` ends with LF); the events their blank lines end."""
-        events: list[SSEEvent] = []
+    def _fields(self, text: bytes, events: list[SSEEvent], tokens_tried: bool) -> None:
+        """Interpret complete lines (`text` ends with LF), adding the events their blank lines
+        end; `tokens_tried`: `_token_read` has taken what it could of `text`."""
         if text[0] == _LF or self._data or self._event_type:
             text = self._pending_block(text, events)
             if not text or self._token_run(text, events):
-                return events
-        elif self._token_run(text, events):
-            return events
+                return
+        elif not tokens_tried and self._token_run(text, events):
+            return
         end = text.rfind(b"\n\n") + 2  # after the last complete block, if there is one
         if end > 1:
             run = text if end == len(text) else text[:end]
@@ -227,7 +239,6 @@ class SSEDecoder:
             end = 0
         if end < len(text):  # lines still waiting for their blank line
             self._keep_unfinished(text[end:], events)
-        return events
 
     def _pending_block(self, text: bytes, events: list[SSEEvent]) -> bytes:
         """Finish the block begun in earlier reads (if any) with the lines of `text` up to its
@@ -348,12 +359,14 @@ class SSEDecoder:
 
     def _blocks(self, run: bytes, events: list[SSEEvent]) -> None:
         """Complete blocks of mixed shapes (the fast paths refused them as one run)."""
-        kind = _block_kind(run[_last_block_start(run) :])
-        if _block_kind(run) == kind:
+        kind = _block_kind(run)
+        if _block_kind(run[_last_block_start(run) :]) == kind:
             self._stretches(run, events)
             return
-        # one stream handing over to another, say: cut where the last block's kind begins
-        cut = run.find(b"\n\n" + kind) + 2  # after a blank line: where a block begins
+        # one stream handing over to another, say: cut after the last block that begins as
+        # the first does (searched for from the end: a search that skips faster over JSON)
+        start = run.rfind(b"\n\n" + kind) + 2
+        cut = run.find(b"\n\n", start if start > 1 else 0) + 2  # where a block begins
         for part in (run[:cut], run[cut:]):
             if not self._fast_run(part, events):
                 self._stretches(part, events)
