@@ -121,7 +121,9 @@ class SSEDecoder:
             self._skip_lf = False
             if chunk[0] == _LF:
                 chunk = chunk[1:]
-        if b"\r" in chunk:
+        # (`in` with an int, here and below: with bytes, `in` first tries them as an int and
+        # formats the error it then discards)
+        if _CR in chunk:
             # a read that ends in CR may be followed by that CR's LF
             self._skip_lf = chunk[-1] == _CR
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
@@ -136,17 +138,12 @@ class SSEDecoder:
                 self._max_line_bytes:
             self._too_long()
         events: list[SSEEvent] = []
-        tokens_tried = not (self._data or self._event_type) and text.startswith(b"data: ")
-        if tokens_tried:
+        if not (self._data or self._event_type) and text.startswith(b"data: "):
             events, taken = self._token_read(text)
             if taken == len(text):
                 return events
             text = text[taken:]
-        cut = len(text) - unfinished
-        self._pending = b""
-        self._fields(text[:cut] if unfinished else text, events, tokens_tried)
-        if unfinished:
-            self._pending += text[cut:]
+        self._fields(text, len(text) - unfinished, events)
         return events
 
     def close(self) -> list[SSEEvent]:
@@ -201,13 +198,13 @@ class SSEDecoder:
         elif tail[line_end] == _LF:  # the last block has ended
             values.append(tail[: line_end - 1])
             pending = tail[line_end + 1 :]
-            if b"\n" in pending:  # more lines: another shape (a read handing over, say)
+            if _LF in pending:  # more lines: another shape (a read handing over, say)
                 pending, taken = b"", len(text) - len(pending)
         else:  # the last block has more lines
             pending, taken = b"", len(text) - len(tail) - 6 if values else 0
-        if b"\n" in b"".join(values):  # (a copy and a memchr: cheaper than a count)
+        if _LF in b"".join(values):  # (a copy and a memchr: cheaper than a count)
             good = 0
-            while b"\n" not in values[good]:
+            while _LF not in values[good]:
                 good += 1
             values, pending = values[:good], b""
             taken = sum(map(len, values)) + 8 * good - 6 if good else 0
@@ -221,24 +218,29 @@ class SSEDecoder:
         self._add_events(values, "message", events)
         return events, taken
 
-    def _fields(self, text: bytes, events: list[SSEEvent], tokens_tried: bool) -> None:
-        """Interpret complete lines (`text` ends with LF), adding the events their blank lines
-        end; `tokens_tried`: `_token_read` has taken what it could of `text`."""
+    def _fields(self, text: bytes, cut: int, events: list[SSEEvent]) -> None:
+        """Interpret the complete lines of `text` (those before `cut`), adding the events their
+        blank lines end, and keep the rest pending."""
         if text[0] == _LF or self._data or self._event_type:
-            text = self._pending_block(text, events)
-            if not text or self._token_run(text, events):
-                return
-        elif not tokens_tried and self._token_run(text, events):
+            rest = self._pending_block(text[:cut], events) + text[cut:]
+            if len(rest) > len(text) - cut:  # complete lines follow the block
+                self._fields(rest, cut + len(rest) - len(text), events)
+            else:
+                self._pending = rest
             return
-        end = text.rfind(b"\n\n") + 2  # after the last complete block, if there is one
+        end = text.rfind(b"\n\n", 0, cut) + 2  # after the last complete block, if any
         if end > 1:
             run = text if end == len(text) else text[:end]
-            if not self._data_run(run, events):  # (`_token_run` has just refused all of text)
+            if not self._data_run(run, events):
                 self._blocks(run, events)
         else:
             end = 0
-        if end < len(text):  # lines still waiting for their blank line
-            self._keep_unfinished(text[end:], events)
+        if cut - end > _MAX_UNFINISHED_BYTES:
+            # many lines still waiting for their blank line: the next read would copy them
+            # all again, so they are interpreted now
+            self._lines(text[end : cut - 1].split(b"\n"), events)
+            end = cut
+        self._pending = text[end:] if end else text
 
     def _pending_block(self, text: bytes, events: list[SSEEvent]) -> bytes:
         """Finish the block begun in earlier reads (if any) with the lines of `text` up to its
@@ -254,40 +256,19 @@ class SSEDecoder:
         self._dispatch(events)
         return text.lstrip(b"\n")  # more blank lines dispatch nothing more
 
-    def _keep_unfinished(self, lines: bytes, events: list[SSEEvent]) -> None:
-        """Keep the lines of a block still waiting for its blank line for the next read, or
-        interpret them now if there are many (the next read would copy them all again)."""
-        if len(lines) <= _MAX_UNFINISHED_BYTES:
-            self._pending = lines
-        else:
-            self._lines(lines[:-1].split(b"\n"), events)
-
     def _token_run(self, text: bytes, events: list[SSEEvent]) -> bool:
-        """The fast path of token streams: if all of `text` (from a line that is not blank, no
-        block pending) is blocks of one `data: ` line each, perhaps with the line of the next
-        block after them, interpret it and return True; else do nothing and return False.
-
-        The data come from one `split` at the blank lines and the data fields after them; the
-        shape is proven if the only line ends the pieces hold are the one or two `text` ends
-        with (the last block's, and its blank line if that has come).
-        """
+        """`_token_read` on complete blocks (`text` ends with a blank line): if all of them
+        are blocks of one `data: ` line each, interpret them and return True; else do nothing
+        and return False."""
         if not text.startswith(b"data: "):
             return False
         first_end = text.find(b"\n") + 1
         if first_end < len(text) and text[first_end] != _LF:  # the first block has more lines
             return False
-        values = text.split(b"\n\ndata: ")
-        # the last piece keeps its line end(s): the proof is that they are the only ones
-        line_ends = 2 if text[-2] == _LF else 1
-        joined = b"".join(values)  # (a copy and a memchr: cheaper than a count)
-        if joined.find(b"\n") != len(joined) - line_ends:
+        values = text.rsplit(b"\n\ndata: ")  # (no match can overlap another: = split)
+        values[-1] = values[-1][:-2]  # (its block's line end and blank line)
+        if _LF in b"".join(values):  # (a copy and a memchr: cheaper than a count)
             return False
-        if line_ends == 1:  # the last line, still waiting for its blank line, and its "data: "
-            self._keep_unfinished(text[-6 - len(values.pop()) :], events)
-            if not values:
-                return True
-        else:
-            values[-1] = values[-1][:-2]
         values[0] = values[0][6:]
         self._add_events(values, "message", events)
         return True
@@ -309,7 +290,8 @@ class SSEDecoder:
             name, block_start = self._head(run[:first_line_end])
             kind = run[: first_line_end + 1]
         elif run.startswith(b"data:"):
-            first_line_end, name, block_start, kind = -1, "message", b"\n\n\r", b"data:"
+            # (a data block's first line end and blank line: the blank line's end is marked)
+            first_line_end, name, block_start, kind = -1, "message", b"\n\r", b"data:"
         else:
             return False
         if not run.startswith(kind, _last_block_start(run)):  # a mix: `_blocks` separates it
@@ -327,9 +309,9 @@ class SSEDecoder:
         values[0] = values[0][first_value:]
         values[-1] = values[-1][:-2]
         joined = b"".join(values)
-        if b"\n" in joined:
+        if _LF in joined:
             return False
-        if b"\r" in joined:  # a block of several data lines
+        if _CR in joined:  # a block of several data lines
             values = [value.replace(b"\r", b"\n") for value in values]
         self._add_events(values, name, events)
         return True
@@ -406,7 +388,7 @@ class SSEDecoder:
             elif name == b"event":
                 self._event_type = value
             elif name == b"id":
-                if b"\0" not in value:
+                if 0 not in value:
                     self._last_id = _text(value)
             elif name == b"retry" and value.isdigit():  # bytes.isdigit: ASCII digits only
                 self._retry = int(value)
