@@ -127,9 +127,8 @@ class SSEDecoder:
             # a read that ends in CR may be followed by that CR's LF
             self._skip_lf = chunk[-1] == _CR
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        unfinished = len(chunk) - 1 - chunk.rfind(b"\n")  # the bytes after its last line end
         text = self._pending + chunk if self._pending else chunk
-        if unfinished == len(chunk):
+        if _LF not in chunk:
             self._keep_partial(text)
             return []
         if not self._started:
@@ -137,13 +136,15 @@ class SSEDecoder:
         if len(text) > self._max_line_bytes and max(map(len, text.split(b"\n"))) > \
                 self._max_line_bytes:
             self._too_long()
-        events: list[SSEEvent] = []
         if not (self._data or self._event_type) and text.startswith(b"data: "):
             events, taken = self._token_read(text)
             if taken == len(text):
                 return events
             text = text[taken:]
-        self._fields(text, len(text) - unfinished, events)
+        else:
+            events = []
+        # (what follows the read's last line end is an unfinished line)
+        self._fields(text, len(text) - len(chunk) + 1 + chunk.rfind(b"\n"), events)
         return events
 
     def close(self) -> list[SSEEvent]:
@@ -214,9 +215,7 @@ class SSEDecoder:
             return [], taken
         self._pending = pending  # (one line, at most: no more than the limit)
         values[0] = values[0][6:]
-        events: list[SSEEvent] = []
-        self._add_events(values, "message", events)
-        return events, taken
+        return self._events(values, "message"), taken
 
     def _fields(self, text: bytes, cut: int, events: list[SSEEvent]) -> None:
         """Interpret the complete lines of `text` (those before `cut`), adding the events their
@@ -270,7 +269,7 @@ class SSEDecoder:
         if _LF in b"".join(values):  # (a copy and a memchr: cheaper than a count)
             return False
         values[0] = values[0][6:]
-        self._add_events(values, "message", events)
+        events += self._events(values, "message")
         return True
 
     def _data_run(self, run: bytes, events: list[SSEEvent]) -> bool:
@@ -311,9 +310,16 @@ class SSEDecoder:
         joined = b"".join(values)
         if _LF in joined:
             return False
-        if _CR in joined:  # a block of several data lines
-            values = [value.replace(b"\r", b"\n") for value in values]
-        self._add_events(values, name, events)
+        if _CR not in joined:  # no block of several data lines
+            events += self._events(values, name)
+            return True
+        last_id, retry = self._last_id, self._retry
+        try:
+            events += [_new_event(SSEEvent, (value.replace(b"\r", b"\n").decode(), name,
+                                             last_id, retry))
+                       for value in values]
+        except UnicodeDecodeError:
+            events += self._events([value.replace(b"\r", b"\n") for value in values], name)
         return True
 
     def _head(self, line: bytes) -> tuple[str, bytes]:
@@ -327,17 +333,17 @@ class SSEDecoder:
                 self._event_names[line] = head
         return head
 
-    def _add_events(self, values: list[bytes], name: str, events: list[SSEEvent]) -> None:
+    def _events(self, values: list[bytes], name: str) -> list[SSEEvent]:
         """One event per data buffer. (A comprehension that decodes and builds each tuple
         runs fewer instructions than `map` over `bytes.decode` and `zip`: no intermediate
         list, no argument tuple per call.)"""
         last_id, retry = self._last_id, self._retry
         try:  # strict first: the same text whenever it succeeds, and no argument parsing
-            events += [_new_event(SSEEvent, (value.decode(), name, last_id, retry))
-                       for value in values]
+            return [_new_event(SSEEvent, (value.decode(), name, last_id, retry))
+                    for value in values]
         except UnicodeDecodeError:
-            events += [_new_event(SSEEvent, (_text(value), name, last_id, retry))
-                       for value in values]
+            return [_new_event(SSEEvent, (_text(value), name, last_id, retry))
+                    for value in values]
 
     def _blocks(self, run: bytes, events: list[SSEEvent]) -> None:
         """Complete blocks of mixed shapes (the fast paths refused them as one run)."""
