@@ -40,7 +40,7 @@ __all__ = ["DEFAULT_MAX_LINE_BYTES", "SSEDecoder", "SSEEvent", "SSELineTooLong"]
 
 DEFAULT_MAX_LINE_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"
-_LF, _CR, _COLON = 10, 13, 58
+_LF, _CR, _SPACE, _COLON = 10, 13, 32, 58
 _MAX_CACHED_EVENT_NAMES = 32
 _MAX_UNFINISHED_BYTES = 1 << 16
 
@@ -108,8 +108,8 @@ class SSEDecoder:
         self._event_type = b""
         self._last_id = ""
         self._retry: int | None = None
-        # `event:` line → its event type and a later block's start, for the fast paths
-        self._event_names: dict[bytes, tuple[str, bytes]] = {}
+        # `event:` line → its event type and a block's start, for the fast paths
+        self._event_names: dict[bytes, tuple[str, bytes, bytes]] = {}
 
     # -- line layer ------------------------------------------------------------------------
 
@@ -286,21 +286,21 @@ class SSEDecoder:
         """
         if run.startswith(b"event:"):
             first_line_end = run.find(b"\n")
-            name, block_start = self._head(run[:first_line_end])
-            kind = run[: first_line_end + 1]
+            name, kind, block_start = self._head(run[:first_line_end])
         elif run.startswith(b"data:"):
             # (a data block's first line end and blank line: the blank line's end is marked)
-            first_line_end, name, block_start, kind = -1, "message", b"\n\r", b"data:"
+            first_line_end, name, kind, block_start = -1, "message", b"data:", b"\n\r"
         else:
             return False
-        if not run.startswith(kind, _last_block_start(run)):  # a mix: `_blocks` separates it
+        # a mix: `_blocks` separates it
+        if not run.startswith(kind, run.rfind(b"\n\n", 0, len(run) - 2) + 2):
             return False
         # (`replace` as `join` of `rsplit`: the same bytes, as no match can overlap another,
         # and a search from the end skips faster over JSON)
         marked = b"\r".join(b"\r".join(run.rsplit(b"\ndata: ")).rsplit(b"\ndata:"))
         if first_line_end < 0:  # the first line is a data line that no line end comes before
-            first_value = 6 if run[5:6] == b" " else 5
-        elif marked.startswith(b"\r", first_line_end):
+            first_value = 6 if run[5] == _SPACE else 5
+        elif marked[first_line_end] == _CR:
             first_value = first_line_end + 1
         else:  # the event line is not followed by a data line
             return False
@@ -322,13 +322,13 @@ class SSEDecoder:
             events += self._events([value.replace(b"\r", b"\n") for value in values], name)
         return True
 
-    def _head(self, line: bytes) -> tuple[str, bytes]:
-        """The event type an `event:` line sets, and how a later block that begins with it
-        starts in `_data_run`."""
+    def _head(self, line: bytes) -> tuple[str, bytes, bytes]:
+        """The event type an `event:` line sets, and how a block that begins with it starts,
+        before and after `_data_run` marks its data lines."""
         head = self._event_names.get(line)
         if head is None:
             value = line[7:] if line[6:7] == b" " else line[6:]
-            head = _text(value) or "message", b"\n\n" + line + b"\r"
+            head = _text(value) or "message", line + b"\n", b"\n\n" + line + b"\r"
             if len(self._event_names) < _MAX_CACHED_EVENT_NAMES:
                 self._event_names[line] = head
         return head
