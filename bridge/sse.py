@@ -9,8 +9,10 @@ its last line end and a character split across reads waits with the unfinished l
 The field layer takes a read's blocks (a block is the lines one blank line ends) all at once,
 because a stream is overwhelmingly made of one shape:
 
-- token streams (OpenAI-style): blocks of one `data: ` line. One `split` at "\n\ndata: "
-  gives every event's data;
+- token streams (OpenAI-style): blocks of one `data: ` line. One `split` at "\n\ndata: " over
+  the whole read, its unfinished last line included, gives every event's data; the blocks
+  before another shape begins (a read handing over from one stream to another, say) are
+  taken the same way, and only the rest goes on;
 - blocks of `data:` lines, each perhaps after the same `event:` line (HiAgent, Coze, …): every
   data line's start becomes a CR (none is left once line ends are LF), a `split` at the block
   starts cuts the blocks apart, and a CR back to LF in each leaves its data.
@@ -20,9 +22,15 @@ a line end (one memchr over them all), which leaves no room for a comment, an `i
 event type or an extra blank line. Every event's data is then decoded and its tuple built in one
 comprehension, with no Python code run per line. A read that mixes shapes goes in stretches of
 blocks that begin alike; what the fast paths refuse goes line by line, exactly as the standard
-says. The lines of a block still waiting for its blank line are kept as they are and read
-again with the next read, so the fast paths see whole blocks. tests/unit/test_sse.py checks
-every path against a plain line-by-line reading of the standard.
+says. The lines of a block still waiting for its blank line are kept as they are, with the
+unfinished line after them, and read again with the next read, so the fast paths see whole
+blocks. tests/unit/test_sse.py checks every path against a plain line-by-line reading of the
+standard.
+
+Searches from the end (`rsplit`, `rfind`) are used where a search from the start would do:
+for needles that begin with a line end, CPython's reverse search skips over JSON about twice
+as fast. And `in` is given an int: given bytes, it first tries them as an int and formats the
+error it then throws away.
 
 One deliberate leniency: at end of stream an event whose blank line never came is still
 dispatched (WHATWG discards it). Real upstreams end with `data: [DONE]` and no blank line
@@ -121,8 +129,6 @@ class SSEDecoder:
             self._skip_lf = False
             if chunk[0] == _LF:
                 chunk = chunk[1:]
-        # (`in` with an int, here and below: with bytes, `in` first tries them as an int and
-        # formats the error it then discards)
         if _CR in chunk:
             # a read that ends in CR may be followed by that CR's LF
             self._skip_lf = chunk[-1] == _CR
@@ -295,8 +301,7 @@ class SSEDecoder:
         # a mix: `_blocks` separates it
         if not run.startswith(kind, run.rfind(b"\n\n", 0, len(run) - 2) + 2):
             return False
-        # (`replace` as `join` of `rsplit`: the same bytes, as no match can overlap another,
-        # and a search from the end skips faster over JSON)
+        # (`replace` as `join` of `rsplit`: the same bytes, as no match can overlap another)
         marked = b"\r".join(b"\r".join(run.rsplit(b"\ndata: ")).rsplit(b"\ndata:"))
         if first_line_end < 0:  # the first line is a data line that no line end comes before
             first_value = 6 if run[5] == _SPACE else 5
