@@ -298,8 +298,7 @@ class SSEDecoder:
             first_line_end, name, kind, block_start = -1, "message", b"data:", b"\n\r"
         else:
             return False
-        # a mix: `_blocks` separates it
-        if not run.startswith(kind, run.rfind(b"\n\n", 0, len(run) - 2) + 2):
+        if not run.startswith(kind, _last_block_start(run)):  # a mix: `_blocks` separates it
             return False
         # (`replace` as `join` of `rsplit`: the same bytes, as no match can overlap another)
         marked = b"\r".join(b"\r".join(run.rsplit(b"\ndata: ")).rsplit(b"\ndata:"))

@@ -637,12 +637,17 @@ def test_token_read_keeps_its_unfinished_tail() -> None:
 
 
 def test_data_only_runs_take_the_fast_path() -> None:
-    # blocks of data lines with no event line are cut apart at their marked blank lines
+    # blocks of data lines with no event line are cut apart at their marked blank lines; a
+    # run of a single block (small reads) is taken too
     run = b"data:a\ndata:\n\ndata: b\ndata:c\n\ndata:\n\ndata:data:\ndata:  e\n\n"
     events: list[SSEEvent] = []
     assert SSEDecoder()._data_run(run, events)
     assert events == reference_events(run) == [SSEEvent("a\n"), SSEEvent("b\nc"), SSEEvent(""),
                                                  SSEEvent("data:\n e")]
+    for block in (b"data:a\ndata:b\n\n", b"event:text\ndata:a\ndata:\n\n"):  # runs of one block
+        events = []
+        assert SSEDecoder()._data_run(block, events)
+        assert events == reference_events(block)
     for stream in (run * 20, run.replace(b"\n", b"\r\n") * 20, (run + b": c\n\n") * 20):
         expected = reference_events(stream)
         assert decode([stream]) == expected
