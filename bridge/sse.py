@@ -292,14 +292,16 @@ class SSEDecoder:
         """
         if run.startswith(b"event:"):
             first_line_end = run.find(b"\n")
-            name, kind, block_start = self._head(run[:first_line_end])
+            line = run[:first_line_end]
+            name, kind, block_start = self._event_names.get(line) or self._head(line)
         elif run.startswith(b"data:"):
             # (a data block's first line end and blank line: the blank line's end is marked)
             first_line_end, name, kind, block_start = -1, "message", b"data:", b"\n\r"
         else:
             return False
-        if not run.startswith(kind, _last_block_start(run)):  # a mix: `_blocks` separates it
-            return False
+        last_blank = run.rfind(b"\n\n", 0, len(run) - 2)  # (before the last block, if any)
+        if not run.startswith(kind, last_blank + 2 if last_blank >= 0 else 0):
+            return False  # a mix: `_blocks` separates it
         # (`replace` as `join` of `rsplit`: the same bytes, as no match can overlap another)
         marked = b"\r".join(b"\r".join(run.rsplit(b"\ndata: ")).rsplit(b"\ndata:"))
         if first_line_end < 0:  # the first line is a data line that no line end comes before
@@ -328,13 +330,11 @@ class SSEDecoder:
 
     def _head(self, line: bytes) -> tuple[str, bytes, bytes]:
         """The event type an `event:` line sets, and how a block that begins with it starts,
-        before and after `_data_run` marks its data lines."""
-        head = self._event_names.get(line)
-        if head is None:
-            value = line[7:] if line[6:7] == b" " else line[6:]
-            head = _text(value) or "message", line + b"\n", b"\n\n" + line + b"\r"
-            if len(self._event_names) < _MAX_CACHED_EVENT_NAMES:
-                self._event_names[line] = head
+        before and after `_data_run` marks its data lines (cached in `_event_names`)."""
+        value = line[7:] if line[6:7] == b" " else line[6:]
+        head = _text(value) or "message", line + b"\n", b"\n\n" + line + b"\r"
+        if len(self._event_names) < _MAX_CACHED_EVENT_NAMES:
+            self._event_names[line] = head
         return head
 
     def _events(self, values: list[bytes], name: str) -> list[SSEEvent]:
