@@ -133,7 +133,7 @@ class SSEDecoder:
             # a read that ends in CR may be followed by that CR's LF
             self._skip_lf = chunk[-1] == _CR
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        text = self._pending + chunk if self._pending else chunk
+        text = self._pending + chunk  # (no copy if nothing is pending)
         if _LF not in chunk:
             self._keep_partial(text)
             return []
@@ -221,7 +221,12 @@ class SSEDecoder:
             return [], taken
         self._pending = pending  # (one line, at most: no more than the limit)
         values[0] = values[0][6:]
-        return self._events(values, "message"), taken
+        last_id, retry = self._last_id, self._retry
+        try:  # (`_events`, inlined: this is the hottest path)
+            return [_new_event(SSEEvent, (value.decode(), "message", last_id, retry))
+                    for value in values], taken
+        except UnicodeDecodeError:
+            return self._events(values, "message"), taken
 
     def _fields(self, text: bytes, cut: int, events: list[SSEEvent]) -> None:
         """Interpret the complete lines of `text` (those before `cut`), adding the events their
@@ -245,7 +250,7 @@ class SSEDecoder:
             # all again, so they are interpreted now
             self._lines(text[end : cut - 1].split(b"\n"), events)
             end = cut
-        self._pending = text[end:] if end else text
+        self._pending = text[end:]
 
     def _pending_block(self, text: bytes, events: list[SSEEvent]) -> bytes:
         """Finish the block begun in earlier reads (if any) with the lines of `text` up to its
