@@ -9,8 +9,10 @@ its last line end and a character split across reads waits with the unfinished l
 The field layer takes a read's blocks (a block is the lines one blank line ends) all at once,
 because a stream is overwhelmingly made of one shape:
 
-- token streams (OpenAI-style): blocks of one `data: ` line. One `split` at "\n\ndata: "
-  gives every event's data;
+- token streams (OpenAI-style): blocks of one `data: ` line. One `split` at "\n\ndata: " over
+  the whole read, its unfinished last line included, gives every event's data; the blocks
+  before another shape begins (a read handing over from one stream to another, say) are
+  taken the same way, and only the rest goes on;
 - blocks of `data:` lines, each perhaps after the same `event:` line (HiAgent, Coze, …): every
   data line's start becomes a CR (none is left once line ends are LF), a `split` at the block
   starts cuts the blocks apart, and a CR back to LF in each leaves its data.
@@ -20,9 +22,15 @@ a line end (one memchr over them all), which leaves no room for a comment, an `i
 event type or an extra blank line. Every event's data is then decoded and its tuple built in one
 comprehension, with no Python code run per line. A read that mixes shapes goes in stretches of
 blocks that begin alike; what the fast paths refuse goes line by line, exactly as the standard
-says. The lines of a block still waiting for its blank line are kept as they are and read
-again with the next read, so the fast paths see whole blocks. tests/unit/test_sse.py checks
-every path against a plain line-by-line reading of the standard.
+says. The lines of a block still waiting for its blank line are kept as they are, with the
+unfinished line after them, and read again with the next read, so the fast paths see whole
+blocks. tests/unit/test_sse.py checks every path against a plain line-by-line reading of the
+standard.
+
+Searches from the end (`rsplit`, `rfind`) are used where a search from the start would do:
+for needles that begin with a line end, CPython's reverse search skips over JSON about twice
+as fast. And `in` is given an int: given bytes, it first tries them as an int and formats the
+error it then throws away.
 
 One deliberate leniency: at end of stream an event whose blank line never came is still
 dispatched (WHATWG discards it). Real upstreams end with `data: [DONE]` and no blank line
@@ -40,7 +48,7 @@ __all__ = ["DEFAULT_MAX_LINE_BYTES", "SSEDecoder", "SSEEvent", "SSELineTooLong"]
 
 DEFAULT_MAX_LINE_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"
-_LF, _CR, _COLON = 10, 13, 58
+_LF, _CR, _SPACE, _COLON = 10, 13, 32, 58
 _MAX_CACHED_EVENT_NAMES = 32
 _MAX_UNFINISHED_BYTES = 1 << 16
 
@@ -89,28 +97,27 @@ class SSEDecoder:
         "_event_type",
         "_last_id",
         "_max_line_bytes",
-        "_partial",
+        "_pending",
         "_retry",
         "_skip_lf",
         "_started",
-        "_unfinished",
     )
 
     def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
         self._max_line_bytes = max_line_bytes
-        self._partial = b""  # the unfinished last line, never longer than the limit
+        # What the next read continues, line ends already LF: the complete lines of a block
+        # whose blank line has not come yet, read again with the next read so the fast paths
+        # see the whole block (if there are too many to copy again, they are interpreted into
+        # the fields below instead), then the unfinished last line, never longer than the limit.
+        self._pending = b""
         self._skip_lf = False  # the last read ended in CR: a leading LF belongs to it
         self._started = False  # a leading BOM is stripped once
-        # The complete lines of a block whose blank line has not come yet, read again with the
-        # next read, so the fast paths see the whole block; if there are too many to copy
-        # again, they are interpreted into the fields below instead.
-        self._unfinished = b""
         self._data: list[bytes] = []  # the data buffer, one item per `data` line
         self._event_type = b""
         self._last_id = ""
         self._retry: int | None = None
-        # `event:` line → its event type and a later block's start, for the fast paths
-        self._event_names: dict[bytes, tuple[str, bytes]] = {}
+        # `event:` line → its event type and a block's start, for the fast paths
+        self._event_names: dict[bytes, tuple[str, bytes, bytes]] = {}
 
     # -- line layer ------------------------------------------------------------------------
 
@@ -122,47 +129,52 @@ class SSEDecoder:
             self._skip_lf = False
             if chunk[0] == _LF:
                 chunk = chunk[1:]
-        last_cr = chunk.rfind(b"\r")
-        end = chunk.rfind(b"\n")
-        if last_cr > end:
-            end = last_cr
-        if end < 0:
-            self._keep_partial(self._partial + chunk)
+        if _CR in chunk:
+            # a read that ends in CR may be followed by that CR's LF
+            self._skip_lf = chunk[-1] == _CR
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        text = self._pending + chunk  # (no copy if nothing is pending)
+        if _LF not in chunk:
+            self._keep_partial(text)
             return []
-        end += 1
-        complete = self._partial + chunk[:end] if self._partial else chunk[:end]
-        self._keep_partial(chunk[end:])
-        limit = self._max_line_bytes
-        if len(complete) > limit and max(map(len, complete.splitlines())) > limit:
-            self._too_long()
-        if last_cr >= 0:  # (the unfinished line kept from the last read holds no CR)
-            # a read that ends in CR may be followed by that CR's LF; one that goes on after
-            # its last line end may not
-            self._skip_lf = complete[-1] == _CR and not self._partial
-            complete = complete.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         if not self._started:
-            complete = self._strip_bom(complete)
-        return self._fields(complete)
+            text = self._strip_bom(text)
+        if len(text) > self._max_line_bytes and max(map(len, text.split(b"\n"))) > \
+                self._max_line_bytes:
+            self._too_long()
+        if not (self._data or self._event_type) and text.startswith(b"data: "):
+            events, taken = self._token_read(text)
+            if taken == len(text):
+                return events
+            text = text[taken:]
+        else:
+            events = []
+        # (what follows the read's last line end is an unfinished line)
+        self._fields(text, len(text) - len(chunk) + 1 + chunk.rfind(b"\n"), events)
+        return events
 
     def close(self) -> list[SSEEvent]:
         """End of stream: interpret a last unterminated line and dispatch what is pending."""
         events: list[SSEEvent] = []
-        lines = self._unfinished.split(b"\n")  # ends with "", or the last unterminated line
-        lines[-1], self._unfinished, self._partial = self._strip_bom(self._partial), b"", b""
+        # (ends with "", or the last unterminated line)
+        lines = self._strip_bom(self._pending).split(b"\n")
+        self._pending = b""
         self._lines(lines, events)
         self._dispatch(events)
         return events
 
-    def _keep_partial(self, partial: bytes) -> None:
+    def _keep_partial(self, text: bytes) -> None:
         # A line that never ends would grow the buffer without bound; it is refused as soon
-        # as it passes the limit, so the buffer holds at most the limit plus one read.
-        # (Growing it by concatenation is quadratic only up to that bound.)
-        self._partial = partial
-        if len(partial) > self._max_line_bytes:
+        # as it passes the limit, so the buffer holds at most the limit plus one read (plus
+        # the lines kept before it). (Growing it by concatenation is quadratic only up to
+        # that bound.)
+        self._pending = text
+        limit = self._max_line_bytes
+        if len(text) > limit and len(text) - 1 - text.rfind(b"\n") > limit:
             self._too_long()
 
     def _too_long(self) -> NoReturn:
-        self._partial = b""
+        self._pending = b""
         raise SSELineTooLong(f"line longer than {self._max_line_bytes} bytes")
 
     def _strip_bom(self, raw: bytes) -> bytes:
@@ -173,27 +185,72 @@ class SSEDecoder:
 
     # -- field layer -----------------------------------------------------------------------
 
-    def _fields(self, text: bytes) -> list[SSEEvent]:
-        """Interpret complete lines (`text` ends with LF); the events their blank lines end."""
-        events: list[SSEEvent] = []
-        if self._unfinished:
-            text, self._unfinished = self._unfinished + text, b""
+    def _token_read(self, text: bytes) -> tuple[list[SSEEvent], int]:
+        """The fast path of token streams on a whole read: `text` (from a line that is not
+        blank, no block pending, the unfinished last line included) as far as it is blocks
+        of one `data: ` line each, then perhaps the unfinished start of one more block. The
+        events of those blocks, and how much of `text` they take: all of it, or up to the
+        first block that is not of this shape (which is left to the other paths).
+
+        One `split` at the block starts gives every event's data; the shape is proven if no
+        piece but the last holds a line end, and the last holds its block's line end, then
+        (if that block has ended) its blank line and at most an unfinished line.
+        """
+        values = text.rsplit(b"\n\ndata: ")  # (no match can overlap another: = split)
+        tail = values.pop()
+        taken = len(text)
+        line_end = tail.find(b"\n") + 1
+        if not line_end or line_end == len(tail):  # the last block's data line waits
+            pending = text[len(text) - len(tail) - 6 :] if values else text
+        elif tail[line_end] == _LF:  # the last block has ended
+            values.append(tail[: line_end - 1])
+            pending = tail[line_end + 1 :]
+            if _LF in pending:  # more lines: another shape (a read handing over, say)
+                pending, taken = b"", len(text) - len(pending)
+        else:  # the last block has more lines
+            pending, taken = b"", len(text) - len(tail) - 6 if values else 0
+        if _LF in b"".join(values):  # (a copy and a memchr: cheaper than a count)
+            good = 0
+            while _LF not in values[good]:
+                good += 1
+            values, pending = values[:good], b""
+            taken = sum(map(len, values)) + 8 * good - 6 if good else 0
+        if not values:
+            if taken:
+                self._pending = pending
+            return [], taken
+        self._pending = pending  # (one line, at most: no more than the limit)
+        values[0] = values[0][6:]
+        last_id, retry = self._last_id, self._retry
+        try:  # (`_events`, inlined: this is the hottest path)
+            return [_new_event(SSEEvent, (value.decode(), "message", last_id, retry))
+                    for value in values], taken
+        except UnicodeDecodeError:
+            return self._events(values, "message"), taken
+
+    def _fields(self, text: bytes, cut: int, events: list[SSEEvent]) -> None:
+        """Interpret the complete lines of `text` (those before `cut`), adding the events their
+        blank lines end, and keep the rest pending."""
         if text[0] == _LF or self._data or self._event_type:
-            text = self._pending_block(text, events)
-            if not text or self._token_run(text, events):
-                return events
-        elif self._token_run(text, events):
-            return events
-        end = text.rfind(b"\n\n") + 2  # after the last complete block, if there is one
+            rest = self._pending_block(text[:cut], events) + text[cut:]
+            if len(rest) > len(text) - cut:  # complete lines follow the block
+                self._fields(rest, cut + len(rest) - len(text), events)
+            else:
+                self._pending = rest
+            return
+        end = text.rfind(b"\n\n", 0, cut) + 2  # after the last complete block, if any
         if end > 1:
             run = text if end == len(text) else text[:end]
-            if not self._data_run(run, events):  # (`_token_run` has just refused all of text)
+            if not self._data_run(run, events):
                 self._blocks(run, events)
         else:
             end = 0
-        if end < len(text):  # lines still waiting for their blank line
-            self._keep_unfinished(text[end:], events)
-        return events
+        if cut - end > _MAX_UNFINISHED_BYTES:
+            # many lines still waiting for their blank line: the next read would copy them
+            # all again, so they are interpreted now
+            self._lines(text[end : cut - 1].split(b"\n"), events)
+            end = cut
+        self._pending = text[end:]
 
     def _pending_block(self, text: bytes, events: list[SSEEvent]) -> bytes:
         """Finish the block begun in earlier reads (if any) with the lines of `text` up to its
@@ -209,42 +266,21 @@ class SSEDecoder:
         self._dispatch(events)
         return text.lstrip(b"\n")  # more blank lines dispatch nothing more
 
-    def _keep_unfinished(self, lines: bytes, events: list[SSEEvent]) -> None:
-        """Keep the lines of a block still waiting for its blank line for the next read, or
-        interpret them now if there are many (the next read would copy them all again)."""
-        if len(lines) <= _MAX_UNFINISHED_BYTES:
-            self._unfinished = lines
-        else:
-            self._lines(lines[:-1].split(b"\n"), events)
-
     def _token_run(self, text: bytes, events: list[SSEEvent]) -> bool:
-        """The fast path of token streams: if all of `text` (from a line that is not blank, no
-        block pending) is blocks of one `data: ` line each, perhaps with the line of the next
-        block after them, interpret it and return True; else do nothing and return False.
-
-        The data come from one `split` at the blank lines and the data fields after them; the
-        shape is proven if the only line ends the pieces hold are the one or two `text` ends
-        with (the last block's, and its blank line if that has come).
-        """
+        """`_token_read` on complete blocks (`text` ends with a blank line): if all of them
+        are blocks of one `data: ` line each, interpret them and return True; else do nothing
+        and return False."""
         if not text.startswith(b"data: "):
             return False
         first_end = text.find(b"\n") + 1
         if first_end < len(text) and text[first_end] != _LF:  # the first block has more lines
             return False
-        values = text.split(b"\n\ndata: ")
-        # the last piece keeps its line end(s): the proof is that they are the only ones
-        line_ends = 2 if text[-2] == _LF else 1
-        joined = b"".join(values)  # (a copy and a memchr: cheaper than a count)
-        if joined.find(b"\n") != len(joined) - line_ends:
+        values = text.rsplit(b"\n\ndata: ")  # (no match can overlap another: = split)
+        values[-1] = values[-1][:-2]  # (its block's line end and blank line)
+        if _LF in b"".join(values):  # (a copy and a memchr: cheaper than a count)
             return False
-        if line_ends == 1:  # the last line, still waiting for its blank line, and its "data: "
-            self._keep_unfinished(text[-6 - len(values.pop()) :], events)
-            if not values:
-                return True
-        else:
-            values[-1] = values[-1][:-2]
         values[0] = values[0][6:]
-        self._add_events(values, "message", events)
+        events += self._events(values, "message")
         return True
 
     def _data_run(self, run: bytes, events: list[SSEEvent]) -> bool:
@@ -261,60 +297,73 @@ class SSEDecoder:
         """
         if run.startswith(b"event:"):
             first_line_end = run.find(b"\n")
-            name, block_start = self._head(run[:first_line_end])
-            kind = run[: first_line_end + 1]
+            line = run[:first_line_end]
+            name, kind, block_start = self._event_names.get(line) or self._head(line)
         elif run.startswith(b"data:"):
-            first_line_end, name, block_start, kind = -1, "message", b"\n\n\r", b"data:"
+            # (a data block's first line end and blank line: the blank line's end is marked)
+            first_line_end, name, kind, block_start = -1, "message", b"data:", b"\n\r"
         else:
             return False
-        if not run.startswith(kind, _last_block_start(run)):  # a mix: `_blocks` separates it
-            return False
-        marked = run.replace(b"\ndata: ", b"\r").replace(b"\ndata:", b"\r")
+        last_blank = run.rfind(b"\n\n", 0, len(run) - 2)  # (before the last block, if any)
+        if not run.startswith(kind, last_blank + 2 if last_blank >= 0 else 0):
+            return False  # a mix: `_blocks` separates it
+        # (`replace` as `join` of `rsplit`: the same bytes, as no match can overlap another)
+        marked = b"\r".join(b"\r".join(run.rsplit(b"\ndata: ")).rsplit(b"\ndata:"))
         if first_line_end < 0:  # the first line is a data line that no line end comes before
-            first_value = 6 if run[5:6] == b" " else 5
-        elif marked.startswith(b"\r", first_line_end):
+            first_value = 6 if run[5] == _SPACE else 5
+        elif marked[first_line_end] == _CR:
             first_value = first_line_end + 1
         else:  # the event line is not followed by a data line
             return False
-        values = marked.split(block_start)
+        values = marked.rsplit(block_start)
         values[0] = values[0][first_value:]
         values[-1] = values[-1][:-2]
-        if b"".join(values).find(b"\n") >= 0:
+        joined = b"".join(values)
+        if _LF in joined:
             return False
-        self._add_events([value.replace(b"\r", b"\n") for value in values], name, events)
+        if _CR not in joined:  # no block of several data lines
+            events += self._events(values, name)
+            return True
+        last_id, retry = self._last_id, self._retry
+        try:
+            events += [_new_event(SSEEvent, (value.replace(b"\r", b"\n").decode(), name,
+                                             last_id, retry))
+                       for value in values]
+        except UnicodeDecodeError:
+            events += self._events([value.replace(b"\r", b"\n") for value in values], name)
         return True
 
-    def _head(self, line: bytes) -> tuple[str, bytes]:
-        """The event type an `event:` line sets, and how a later block that begins with it
-        starts in `_data_run`."""
-        head = self._event_names.get(line)
-        if head is None:
-            value = line[7:] if line[6:7] == b" " else line[6:]
-            head = _text(value) or "message", b"\n\n" + line + b"\r"
-            if len(self._event_names) < _MAX_CACHED_EVENT_NAMES:
-                self._event_names[line] = head
+    def _head(self, line: bytes) -> tuple[str, bytes, bytes]:
+        """The event type an `event:` line sets, and how a block that begins with it starts,
+        before and after `_data_run` marks its data lines (cached in `_event_names`)."""
+        value = line[7:] if line[6:7] == b" " else line[6:]
+        head = _text(value) or "message", line + b"\n", b"\n\n" + line + b"\r"
+        if len(self._event_names) < _MAX_CACHED_EVENT_NAMES:
+            self._event_names[line] = head
         return head
 
-    def _add_events(self, values: list[bytes], name: str, events: list[SSEEvent]) -> None:
+    def _events(self, values: list[bytes], name: str) -> list[SSEEvent]:
         """One event per data buffer. (A comprehension that decodes and builds each tuple
         runs fewer instructions than `map` over `bytes.decode` and `zip`: no intermediate
         list, no argument tuple per call.)"""
         last_id, retry = self._last_id, self._retry
         try:  # strict first: the same text whenever it succeeds, and no argument parsing
-            events += [_new_event(SSEEvent, (value.decode(), name, last_id, retry))
-                       for value in values]
+            return [_new_event(SSEEvent, (value.decode(), name, last_id, retry))
+                    for value in values]
         except UnicodeDecodeError:
-            events += [_new_event(SSEEvent, (_text(value), name, last_id, retry))
-                       for value in values]
+            return [_new_event(SSEEvent, (_text(value), name, last_id, retry))
+                    for value in values]
 
     def _blocks(self, run: bytes, events: list[SSEEvent]) -> None:
         """Complete blocks of mixed shapes (the fast paths refused them as one run)."""
-        kind = _block_kind(run[_last_block_start(run) :])
-        if _block_kind(run) == kind:
+        kind = _block_kind(run)
+        if _block_kind(run[_last_block_start(run) :]) == kind:
             self._stretches(run, events)
             return
-        # one stream handing over to another, say: cut where the last block's kind begins
-        cut = run.find(b"\n\n" + kind) + 2  # after a blank line: where a block begins
+        # one stream handing over to another, say: cut after the last block that begins as
+        # the first does (searched for from the end: a search that skips faster over JSON)
+        start = run.rfind(b"\n\n" + kind) + 2
+        cut = run.find(b"\n\n", start if start > 1 else 0) + 2  # where a block begins
         for part in (run[:cut], run[cut:]):
             if not self._fast_run(part, events):
                 self._stretches(part, events)
@@ -354,7 +403,7 @@ class SSEDecoder:
             elif name == b"event":
                 self._event_type = value
             elif name == b"id":
-                if b"\0" not in value:
+                if 0 not in value:
                     self._last_id = _text(value)
             elif name == b"retry" and value.isdigit():  # bytes.isdigit: ASCII digits only
                 self._retry = int(value)

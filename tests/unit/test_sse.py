@@ -607,3 +607,57 @@ def test_one_recording_handing_over_to_another() -> None:
     expected = reference_events(stream)
     for size in (700, 1500, 4096):
         assert decode(stream[i : i + size] for i in range(0, len(stream), size)) == expected
+
+
+# -- third pass: whole reads with their unfinished tail, hand-overs, data-only runs ---------
+
+
+@pytest.mark.parametrize("after", [
+    b"event:text\ndata:c\ndata:\n\nevent:text\ndata:d\n\n", b": ping\n\ndata: c\n\n",
+    b"id: 4\ndata: c\n\n", b"\n\ndata: c\n\n", b"data: c\ndata: d\n\n", b"data:c\n\n",
+    b"retry: 9\n\nevent:x\ndata: c\n", b"event:text\ndata:c",
+])
+def test_token_read_hands_over_to_another_shape(after: bytes) -> None:
+    # token blocks, then another shape in the same read: the token read takes the blocks
+    # before it, the other paths the rest; every cut into two reads gives the same events
+    stream = b"data: a\n\ndata: b\n\n" + after
+    expected = reference_events(stream)
+    assert decode([stream]) == expected
+    for cut in range(len(stream) + 1):
+        assert decode([stream[:cut], stream[cut:]]) == expected, (after, cut)
+
+
+def test_token_read_keeps_its_unfinished_tail() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: a\n\ndata: b\n\nda") == [SSEEvent("a"), SSEEvent("b")]
+    assert decoder.feed(b"ta: c\n") == []  # its line is complete, its blank line is not
+    assert decoder.feed(b"\ndata: d") == [SSEEvent("c")]
+    assert decoder.feed(b"\n\n") == [SSEEvent("d")]
+    assert decoder.close() == []
+
+
+def test_data_only_runs_take_the_fast_path() -> None:
+    # blocks of data lines with no event line are cut apart at their marked blank lines; a
+    # run of a single block (small reads) is taken too
+    run = b"data:a\ndata:\n\ndata: b\ndata:c\n\ndata:\n\ndata:data:\ndata:  e\n\n"
+    events: list[SSEEvent] = []
+    assert SSEDecoder()._data_run(run, events)
+    assert events == reference_events(run) == [SSEEvent("a\n"), SSEEvent("b\nc"), SSEEvent(""),
+                                                 SSEEvent("data:\n e")]
+    for block in (b"data:a\ndata:b\n\n", b"event:text\ndata:a\ndata:\n\n"):  # runs of one block
+        events = []
+        assert SSEDecoder()._data_run(block, events)
+        assert events == reference_events(block)
+    for stream in (run * 20, run.replace(b"\n", b"\r\n") * 20, (run + b": c\n\n") * 20):
+        expected = reference_events(stream)
+        assert decode([stream]) == expected
+        assert decode(stream[i : i + 97] for i in range(0, len(stream), 97)) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(stream=run_streams(), cuts=st.lists(st.integers(min_value=0), min_size=5, max_size=40))
+def test_property_runs_in_many_reads_give_the_reference_events(stream: bytes,
+                                                               cuts: list[int]) -> None:
+    # many reads: what each read leaves pending (lines of an unfinished block, an unfinished
+    # line) is read again with the next, through whichever path that read takes
+    assert decode(_chunked(stream, cuts)) == reference_events(stream)
