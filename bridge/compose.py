@@ -327,10 +327,11 @@ class Composer:
         self._last_flush = self.now
 
     def feed(self, event: Event, now: float) -> list[str]:
-        corrections: list[str] = []
-        if isinstance(event, TextDelta):
+        if isinstance(event, TextDelta):  # (nearly every event)
             self._text(event.text)
-        elif isinstance(event, ReasoningDelta):
+            return self._ready(now)
+        corrections: list[str] = []
+        if isinstance(event, ReasoningDelta):
             self._part_reasoning += event.text
         elif isinstance(event, AgentSwitch):
             self._switch(event.agent)
@@ -438,15 +439,19 @@ class Composer:
         if self.policy.every_delta:
             return self._take(len(self._pending), now)
         pending = self._pending
-        if self.policy.mode != "stream" or not pending.strip():
+        if self.policy.mode != "stream" or not pending or pending.isspace():
             return []
         due = now - self._last_flush >= self.policy.max_wait_s
         if len(pending) < self.policy.min_chars and not due:
             return []
         limit = min(len(pending), self.policy.max_chars)
-        spans = _protected(pending)
         floor = 1 if due else self.policy.min_chars
-        cut = _best_cut(pending, limit, _STREAM_BOUNDARIES, spans, floor=floor, lookahead=True)
+        # Spans only rule cuts out: without a cut before them there is none after them, and
+        # they cost far more to find (the buffer waits for a boundary token after token).
+        cut = _best_cut(pending, limit, _STREAM_BOUNDARIES, (), floor=floor, lookahead=True)
+        if cut:
+            spans = _protected(pending)
+            cut = _best_cut(pending, limit, _STREAM_BOUNDARIES, spans, floor=floor, lookahead=True)
         if cut:
             return self._take(cut, now)
         if len(pending) > self.policy.max_chars:
