@@ -376,7 +376,7 @@ class Composer:
 
     def _append(self, text: str) -> None:
         self._pending += text
-        self._tail = (self._tail + text)[-2:]
+        self._tail = text[-2:] if len(text) >= 2 else (self._tail + text)[-2:]
 
     def _separate(self) -> None:
         """Start a new block: a blank line after whatever was rendered before."""

@@ -34,7 +34,7 @@ def parse_chunk(chunk: Mapping[str, Any]) -> list[Event]:
     if isinstance(content, str) and content:
         events.append(TextDelta(content))
     usage = chunk.get("usage") or choice.get("usage")
-    if isinstance(usage, Mapping):
+    if usage is not None and isinstance(usage, Mapping):  # (no ABC check of every token's None)
         events.append(
             Usage(
                 prompt_tokens=usage.get("prompt_tokens"),
