@@ -148,18 +148,18 @@ async def _run(settings: Settings) -> int:
     return EXIT_OK
 
 
-YOUNG_COLLECTION_THRESHOLD = 10_000
+YOUNG_COLLECTION_THRESHOLD = 50_000
 
 
 def collect_less_often() -> None:
     """Tune the cyclic garbage collector once the daemon has started.
 
     With the default threshold (700 net allocations) a young collection ran every few
-    tokens across 1,000 streaming turns, and collections were a sixth of the bridge's CPU.
-    After 10,000 they run 15× less often and most short-lived objects are gone by then.
-    What startup built (modules, settings, the app) lives as long as the process: frozen,
-    it is no longer walked by every full collection. Memory is still freed by reference
-    counting as before; only cycles wait a little longer."""
+    tokens across 1,000 streaming turns, and collections were a sixth of the bridge's CPU
+    (py-spy --native); after 10,000 still 6 %, after 50,000 2 %. Only cyclic garbage waits
+    for a collection (the rest is freed by reference counting as before): memory per turn
+    did not move measurably. What startup built (modules, settings, the app) lives as long as the process: frozen,
+    it is no longer walked by every full collection."""
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, older, oldest)
