@@ -158,8 +158,8 @@ def collect_less_often() -> None:
     tokens across 1,000 streaming turns, and collections were a sixth of the bridge's CPU
     (py-spy --native); after 10,000 still 6 %, after 50,000 2 %. Only cyclic garbage waits
     for a collection (the rest is freed by reference counting as before): memory per turn
-    did not move measurably. What startup built (modules, settings, the app) lives as long as the process: frozen,
-    it is no longer walked by every full collection."""
+    did not move measurably. What startup built (modules, settings, the app) lives as long
+    as the process: frozen, it is no longer walked by every full collection."""
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, older, oldest)
