@@ -10,6 +10,7 @@ import asyncio
 import codecs
 import contextlib
 import difflib
+import gc
 import os
 import signal
 import sys
@@ -54,7 +55,7 @@ from bridge.store import (
     SchemaError,
 )
 
-__all__ = ["main", "setup_logging"]
+__all__ = ["YOUNG_COLLECTION_THRESHOLD", "collect_less_often", "main", "setup_logging"]
 
 log = structlog.get_logger(__name__)
 
@@ -128,6 +129,7 @@ async def _run(settings: Settings) -> int:
         log.error("startup_failed", error=str(exc))
         await runner.cleanup()
         return EXIT_RUNTIME
+    collect_less_often()
     host, port = runner.addresses[0][:2]
     loop = asyncio.get_running_loop()
     log.info("listening", host=host, port=port, version=__version__, event_loop=_loop_name(loop))
@@ -144,6 +146,23 @@ async def _run(settings: Settings) -> int:
     await watchdog
     log.info("stopped")
     return EXIT_OK
+
+
+YOUNG_COLLECTION_THRESHOLD = 50_000
+
+
+def collect_less_often() -> None:
+    """Tune the cyclic garbage collector once the daemon has started.
+
+    With the default threshold (700 net allocations) a young collection ran every few
+    tokens across 1,000 streaming turns, and collections were a sixth of the bridge's CPU
+    (py-spy --native); after 10,000 still 6 %, after 50,000 2 %. Only cyclic garbage waits
+    for a collection (the rest is freed by reference counting as before): memory per turn
+    did not move measurably. What startup built (modules, settings, the app) lives as long
+    as the process: frozen, it is no longer walked by every full collection."""
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, older, oldest)
 
 
 def _loop_name(loop: asyncio.AbstractEventLoop) -> str:

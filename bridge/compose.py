@@ -40,6 +40,8 @@ _CLAUSE = re.compile(r"[;:,][ \t]+|[；：，、]")
 _SPACE = re.compile(r"[ \t]+")
 _WORD_CHAR = re.compile(r"\w")
 
+# every character a match of _PARAGRAPH, _SENTENCE, _LINE, _CLAUSE or _SPACE can hold
+_BOUNDARY_CHARS = frozenset("\n \t.!?\"')]”’。！？…」』）;:,；：，、")
 _STREAM_BOUNDARIES = (_PARAGRAPH, _SENTENCE, _LINE)
 _SPLIT_BOUNDARIES = (_PARAGRAPH, _LINE, _SENTENCE, _CLAUSE, _SPACE)
 
@@ -197,10 +199,12 @@ def _best_cut(
     """The latest position in [floor, limit] just after a boundary of the first pattern
     that has one outside every span; 0 when none has. With `lookahead`, the character after
     the cut must be known and not blank (a streamed buffer may not have its end yet)."""
-    floor = max(floor, len(text) - len(text.lstrip()) + 1)  # never a blank head
+    if text[:1].isspace():
+        floor = max(floor, len(text) - len(text.lstrip()) + 1)  # never a blank head
+    start = _scan_start(text, floor)
     for pattern in patterns:
         best = 0
-        for match in pattern.finditer(text, 0, limit):
+        for match in pattern.finditer(text, start, limit):
             position = match.end()
             if position < floor or position > limit or _inside(position, spans):
                 continue
@@ -210,6 +214,17 @@ def _best_cut(
         if best:
             return best
     return 0
+
+
+def _scan_start(text: str, floor: int) -> int:
+    """Where to look for boundaries that end at `floor` or later: after the last character
+    before `floor` that no boundary can hold. No match of the full scan spans that
+    character, so a scan from there finds the same matches from there on; a streamed buffer
+    that waits for a sentence end is not scanned from its start token after token."""
+    start = min(floor, len(text))
+    while start > 0 and text[start - 1] in _BOUNDARY_CHARS:
+        start -= 1
+    return start
 
 
 def _known_end(text: str, position: int, match: re.Match[str]) -> bool:
@@ -327,10 +342,11 @@ class Composer:
         self._last_flush = self.now
 
     def feed(self, event: Event, now: float) -> list[str]:
-        corrections: list[str] = []
-        if isinstance(event, TextDelta):
+        if isinstance(event, TextDelta):  # (nearly every event)
             self._text(event.text)
-        elif isinstance(event, ReasoningDelta):
+            return self._ready(now)
+        corrections: list[str] = []
+        if isinstance(event, ReasoningDelta):
             self._part_reasoning += event.text
         elif isinstance(event, AgentSwitch):
             self._switch(event.agent)
@@ -360,7 +376,7 @@ class Composer:
 
     def _append(self, text: str) -> None:
         self._pending += text
-        self._tail = (self._tail + text)[-2:]
+        self._tail = text[-2:] if len(text) >= 2 else (self._tail + text)[-2:]
 
     def _separate(self) -> None:
         """Start a new block: a blank line after whatever was rendered before."""
@@ -438,15 +454,19 @@ class Composer:
         if self.policy.every_delta:
             return self._take(len(self._pending), now)
         pending = self._pending
-        if self.policy.mode != "stream" or not pending.strip():
+        if self.policy.mode != "stream" or not pending or pending.isspace():
             return []
         due = now - self._last_flush >= self.policy.max_wait_s
         if len(pending) < self.policy.min_chars and not due:
             return []
         limit = min(len(pending), self.policy.max_chars)
-        spans = _protected(pending)
         floor = 1 if due else self.policy.min_chars
-        cut = _best_cut(pending, limit, _STREAM_BOUNDARIES, spans, floor=floor, lookahead=True)
+        # Spans only rule cuts out: without a cut before them there is none after them, and
+        # they cost far more to find (the buffer waits for a boundary token after token).
+        cut = _best_cut(pending, limit, _STREAM_BOUNDARIES, (), floor=floor, lookahead=True)
+        if cut:
+            spans = _protected(pending)
+            cut = _best_cut(pending, limit, _STREAM_BOUNDARIES, spans, floor=floor, lookahead=True)
         if cut:
             return self._take(cut, now)
         if len(pending) > self.policy.max_chars:

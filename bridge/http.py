@@ -13,7 +13,7 @@ import json
 import math
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -139,6 +139,66 @@ def _wait_for_retry(base: wait_random_exponential) -> Any:
     return wait
 
 
+class _Body:
+    __slots__ = ("content", "seen", "since")
+
+    def __init__(self, content: aiohttp.StreamReader, since: float) -> None:
+        self.content = content
+        self.seen = content.total_bytes  # bytes received when last looked at …
+        self.since = since  # … and a time at or after their arrival
+
+
+class _IdleWatch:
+    """The idle timeout of every open response body, kept by one timer.
+
+    aiohttp's `sock_read` re-arms a timer on every read from the socket: on a token stream,
+    a timer per token, up to a tenth of the bridge's CPU. So once a response's headers are in
+    (aiohttp's timer covers the wait for them), that timer is switched off, and one task looks
+    at every open body four times per timeout (at least once a second): a body that did not
+    grow for the whole timeout fails as aiohttp would fail it, its next read raising
+    `SocketTimeoutError`. A stall is noticed up to a quarter of the timeout late, never early.
+    """
+
+    def __init__(self, idle_s: float) -> None:
+        self._idle_s = idle_s
+        self._bodies: dict[int, _Body] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, response: aiohttp.ClientResponse) -> None:
+        connection = response.connection
+        protocol = connection.protocol if connection is not None else None
+        if not self._idle_s or protocol is None:  # no timeout, or the body is all in
+            return
+        protocol.read_timeout = None
+        protocol.start_timeout()  # drops the timer armed by the last read
+        loop = asyncio.get_running_loop()
+        self._bodies[id(response)] = _Body(response.content, loop.time())
+        if self._task is None:
+            self._task = loop.create_task(self._run(), name="upstream-idle-watch")
+
+    def discard(self, response: aiohttp.ClientResponse) -> None:
+        if self._bodies.pop(id(response), None) is None or self._bodies:
+            return
+        if self._task is not None:  # no task outlives the last response
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self) -> None:
+        loop, idle_s = asyncio.get_running_loop(), self._idle_s
+        while True:
+            await asyncio.sleep(min(idle_s / 4, 1.0))
+            now = loop.time()
+            for key, body in list(self._bodies.items()):
+                content = body.content
+                if content.total_bytes != body.seen:
+                    body.seen, body.since = content.total_bytes, now
+                elif now - body.since >= idle_s and not content.is_eof():
+                    content.set_exception(
+                        aiohttp.SocketTimeoutError("Timeout on reading data from socket")
+                    )
+                    del self._bodies[key]
+
+
 @dataclass
 class UpstreamHTTP:
     """What every upstream adapter shares: the session, the timeouts, the retry policy."""
@@ -149,6 +209,10 @@ class UpstreamHTTP:
     total_timeout_s: float = 600.0
     retries: int = 3
     backoff_s: float = 0.5  # first backoff step; tests shrink it
+    _idle_watch: _IdleWatch = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._idle_watch = _IdleWatch(self.idle_timeout_s)
 
     def retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
@@ -173,12 +237,14 @@ class UpstreamHTTP:
         """A response with a good status, retried before its first byte; closed on exit."""
         response = await self._open_retried(method, url, expect_sse=expect_sse, **kwargs)
         try:
+            self._idle_watch.add(response)
             yield response
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"no data for {self.idle_timeout_s:g} s") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamBroken(f"stream broke: {type(exc).__name__}") from exc
         finally:
+            self._idle_watch.discard(response)
             response.release()
             response.close()
 
@@ -241,8 +307,9 @@ class UpstreamHTTP:
 
 async def iter_sse(response: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
     decoder = SSEDecoder()
+    read = response.content.readany  # (`iter_any` would add a layer of iteration per read)
     try:
-        async for chunk in response.content.iter_any():
+        while chunk := await read():
             for event in decoder.feed(chunk):
                 yield event
         for event in decoder.close():

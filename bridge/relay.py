@@ -21,11 +21,13 @@ import structlog
 from bridge.compose import Composer, FlushPolicy, Standalone
 from bridge.config import Settings
 from bridge.events import (
+    AgentSwitch,
     ConversationRef,
     Done,
     ErrorKind,
     Event,
     ReasoningDelta,
+    Suggestions,
     TextDelta,
     TextReplace,
     UpstreamError,
@@ -38,7 +40,7 @@ from bridge.messages import Catalogue
 from bridge.metrics import Metrics
 from bridge.outbox import Outbox
 from bridge.sessions import JournalPiece, LockLost, Sessions, Start
-from bridge.think import split_think
+from bridge.think import ThinkSplitter
 
 __all__ = ["Outcome", "PrepareInput", "TurnRunner", "message_id"]
 
@@ -54,6 +56,9 @@ _FAILURE_MESSAGES = {
     ErrorKind.PROTOCOL: "upstream_rejected",
 }
 _TICK_S = 0.25
+_TOKENS = (TextDelta, ReasoningDelta)
+_SHOWN = (TextDelta, TextReplace)
+_COMPOSED = (TextDelta, ReasoningDelta, TextReplace, AgentSwitch, Suggestions)  # the rest: _handle
 
 
 class Outcome(enum.StrEnum):
@@ -357,28 +362,34 @@ class TurnRunner:
         first_text: asyncio.Event,
     ) -> ErrorKind | None:
         """Relay the upstream's events; the failure kind if it failed."""
-        first_token = False
+        first_token = shown = False
+        # A leading <think> block is reasoning, whatever the upstream (SPEC §7). Split here, in
+        # the loop, rather than in a generator around the upstream's: each layer of `async for`
+        # costs every token.
+        think = ThinkSplitter()
+        queue = outgoing.queue
         self._ticker.add(composer, outgoing)
         try:
-            async with (
-                _closing(self.upstream.stream(turn)) as upstream_events,
-                _closing(split_think(upstream_events)) as events,
-            ):
-                async for event in events:
-                    if isinstance(event, TextDelta | ReasoningDelta) and not first_token:
-                        first_token = True
-                        self.metrics.first_token_seconds.observe(self.clock() - started)
-                    if isinstance(event, TextDelta | TextReplace):
-                        first_text.set()  # what people see: no thinking notice after it
-                    if sender.done():
-                        sender.result()  # the sender stopped: re-raise its SendError
-                    failure = await self._handle(entry, lock, event)
-                    if failure is not None:
-                        return failure
-                    if isinstance(event, Done):
-                        return None
-                    for text in composer.feed(event, self.clock()):
-                        outgoing.queue.put_nowait(text)
+            async with _closing(self.upstream.stream(turn)) as upstream_events:
+                async for received in upstream_events:
+                    for event in think.split(received):
+                        if not first_token and isinstance(event, _TOKENS):
+                            first_token = True
+                            self.metrics.first_token_seconds.observe(self.clock() - started)
+                        if not shown and isinstance(event, _SHOWN):
+                            shown = True
+                            first_text.set()  # what people see: no thinking notice after it
+                        if sender.done():
+                            sender.result()  # the sender stopped: re-raise its SendError
+                        if not isinstance(event, _COMPOSED):
+                            failure = await self._handle(entry, lock, event)
+                            if failure is not None:
+                                return failure
+                            if isinstance(event, Done):
+                                return None
+                            continue
+                        for text in composer.feed(event, self.clock()):
+                            queue.put_nowait(text)
         except UpstreamFailure as exc:
             return self._failed_upstream(exc.kind, exc.message)
         finally:

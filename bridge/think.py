@@ -3,13 +3,14 @@ upstream: models served through Dify or OpenAI-compatible servers emit it inline
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import Sequence
 
 from bridge.events import AgentSwitch, Done, Event, ReasoningDelta, TextDelta, UpstreamError
 
-__all__ = ["ThinkSplitter", "split_think"]
+__all__ = ["ThinkSplitter"]
 
 _OPEN, _CLOSE = "<think>", "</think>"
+_PART_ENDS = (AgentSwitch, Done, UpstreamError)
 
 
 class ThinkSplitter:
@@ -18,6 +19,19 @@ class ThinkSplitter:
     def __init__(self) -> None:
         self._state = "start"  # start → thinking → answer, or start → answer
         self._held = ""
+
+    def split(self, event: Event) -> Sequence[Event]:
+        """What an upstream's event stands for: a text delta split into reasoning and answer
+        text; an agent switch or the end of the answer after what was held back for it."""
+        if isinstance(event, TextDelta):
+            if self._state == "answer":
+                return (event,)
+            return self.feed(event.text)
+        if isinstance(event, _PART_ENDS):
+            held = self.flush()
+            self.reset()
+            return [*held, event]
+        return (event,)
 
     def reset(self) -> None:
         self._state, self._held = "start", ""
@@ -65,17 +79,3 @@ def _partial_suffix(text: str, tag: str) -> int:
         if tag.startswith(text[-size:]):
             return size
     return 0
-
-
-async def split_think(events: AsyncIterator[Event]) -> AsyncIterator[Event]:
-    splitter = ThinkSplitter()
-    async for event in events:
-        if isinstance(event, TextDelta):
-            for out in splitter.feed(event.text):
-                yield out
-            continue
-        if isinstance(event, AgentSwitch | Done | UpstreamError):
-            for out in splitter.flush():
-                yield out
-            splitter.reset()
-        yield event

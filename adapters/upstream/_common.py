@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from bridge.config import ConfigError, Settings, env_name
@@ -26,12 +26,14 @@ __all__ = [
 ]
 
 _SHOWN_CHARS = 300  # how much of an upstream's payload goes into a log message
+_ENDS = (Done, UpstreamError)
 
 
 class StreamParser(Protocol):
-    """Turns one SSE message of an upstream's wire format into internal events."""
+    """Turns one SSE message of an upstream's wire format into internal events (all of them
+    at once: a protocol error is raised by the call)."""
 
-    def feed(self, message: SSEEvent) -> Iterable[Event]: ...
+    def feed(self, message: SSEEvent) -> Sequence[Event]: ...
 
 
 async def relay(
@@ -46,14 +48,14 @@ async def relay(
     try:
         async for message in messages:
             try:
-                events = list(parser.feed(message))
+                events = parser.feed(message)
             except UpstreamProtocolError as exc:
                 if await _ended(messages):
                     raise UpstreamBroken(f"{upstream} stream ended inside a message") from exc
                 raise
             for event in events:
                 yield event
-                if isinstance(event, Done | UpstreamError):
+                if isinstance(event, _ENDS):
                     return
     finally:
         await _aclose(messages)
@@ -81,7 +83,7 @@ async def _aclose(iterator: AsyncIterator[Any]) -> None:
 
 def is_done(data: str) -> bool:
     """The `[DONE]` end marker of OpenAI-style streams."""
-    return data.strip() == "[DONE]"
+    return "[DONE]" in data and data.strip() == "[DONE]"  # (no copy of every chunk's data)
 
 
 def json_object(data: str, *, upstream: str) -> dict[str, Any]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import orjson
+
 from adapters.upstream._common import is_done, json_object, relay
 from bridge.config import Settings
 from bridge.events import Done, Event, ReasoningDelta, TextDelta, Usage
@@ -12,7 +14,7 @@ from bridge.http import UpstreamHTTP
 from bridge.interfaces import KeyValue, Turn
 from bridge.sse import SSEEvent
 
-__all__ = ["OpenAIParser", "OpenAIUpstream", "create", "parse_chunk"]
+__all__ = ["OpenAIParser", "OpenAIUpstream", "chunk_object", "create", "parse_chunk"]
 
 
 def parse_chunk(chunk: Mapping[str, Any]) -> list[Event]:
@@ -32,7 +34,7 @@ def parse_chunk(chunk: Mapping[str, Any]) -> list[Event]:
     if isinstance(content, str) and content:
         events.append(TextDelta(content))
     usage = chunk.get("usage") or choice.get("usage")
-    if isinstance(usage, Mapping):
+    if usage is not None and isinstance(usage, Mapping):  # (no ABC check of every token's None)
         events.append(
             Usage(
                 prompt_tokens=usage.get("prompt_tokens"),
@@ -43,13 +45,25 @@ def parse_chunk(chunk: Mapping[str, Any]) -> list[Event]:
     return events
 
 
+def chunk_object(data: str) -> dict[str, Any]:
+    """A chunk's JSON object. orjson reads it three times faster than `json`; what orjson
+    refuses (NaN, a lone surrogate, not an object) goes to `json_object`, which reads it or
+    raises the usual error. The one other difference, an integer past 64 bits read as a
+    float, could only touch the usage counts, which are logged."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json_object(data, upstream="openai")
+    return value if isinstance(value, dict) else json_object(data, upstream="openai")
+
+
 class OpenAIParser:
     """One streamed answer: `chat.completion.chunk` messages, then `[DONE]`. Pure: no I/O."""
 
     def feed(self, message: SSEEvent) -> list[Event]:
         if is_done(message.data):
             return [Done()]
-        return parse_chunk(json_object(message.data, upstream="openai"))
+        return parse_chunk(chunk_object(message.data))
 
 
 def user_content(turn: Turn) -> str | list[dict[str, Any]]:

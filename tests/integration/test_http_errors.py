@@ -224,6 +224,51 @@ async def test_idle_timeout_mid_stream(upstream: Upstream, http: UpstreamHTTP) -
     assert upstream.hits("/chat") == 1
 
 
+def trickle(count: int, every_s: float) -> Handler:
+    """`count` events, one every `every_s`."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for n in range(count):
+            await asyncio.sleep(every_s)
+            await response.write(f"data: {n}\n\n".encode())
+        return response
+
+    return handler
+
+
+async def test_idle_timeout_counts_from_the_last_data(upstream: Upstream,
+                                                       http: UpstreamHTTP) -> None:
+    # 1 s in all, never 0.3 s without data: the idle timeout (0.3 s) never fires
+    url = upstream.on("/chat", trickle(10, 0.1))
+    assert [e.data for e in await collect(http, url)] == [str(n) for n in range(10)]
+
+
+async def test_idle_timeout_of_a_whole_body(upstream: Upstream, http: UpstreamHTTP) -> None:
+    url = upstream.on("/api", stalled(upstream, b'{"code": 2'))
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeout, match=r"no data for 0\.3 s"):
+        await http.json("GET", url)
+    assert 0.3 <= time.monotonic() - started < 5
+
+
+async def test_idle_timeouts_of_many_streams_and_no_timer_left(upstream: Upstream,
+                                                                http: UpstreamHTTP) -> None:
+    # one timer watches every open response: the stalled ones fail, the others go on, and
+    # the timer stops with the last response
+    upstream.on("/stall", stalled(upstream, b"data: one\n\n"))
+    url = upstream.on("/chat", trickle(6, 0.1))
+    results = await asyncio.gather(
+        *(collect(http, upstream.fake.url + ("/stall" if n % 2 else "/chat")) for n in range(6)),
+        return_exceptions=True,
+    )
+    assert [type(r) for r in results[1::2]] == [UpstreamTimeout] * 3
+    assert results[::2] == [await collect(http, url)] * 3
+    await asyncio.sleep(0)
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "upstream-idle-watch"]
+
+
 async def test_connection_dropped_mid_stream(upstream: Upstream, http: UpstreamHTTP) -> None:
     url = upstream.on("/chat", sse(FIXTURE, cut_after=10))
     events: list[SSEEvent] = []

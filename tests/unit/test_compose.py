@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bridge import compose as compose_module
 from bridge.compose import Composer, FlushPolicy, Standalone, quote_block
 from bridge.events import (
     AgentSwitch,
@@ -417,3 +418,49 @@ def _pieces_of(events: Sequence[Event], policy: FlushPolicy) -> list[str]:
 
 def test_whitespace_only_pieces_are_not_sent() -> None:
     assert _pieces_of([TextDelta("   \n\n  ")], FINAL) == []
+
+
+# The cut search: the same cut as a scan of the whole text with every span
+
+
+def _reference_cut(text: str, limit: int, patterns: Sequence[re.Pattern[str]],
+                   floor: int, lookahead: bool) -> int:
+    """`_best_cut` as first written: every match from the start, the spans always."""
+    spans = compose_module._protected(text)
+    floor = max(floor, len(text) - len(text.lstrip()) + 1)
+    for pattern in patterns:
+        best = 0
+        for match in pattern.finditer(text, 0, limit):
+            position = match.end()
+            if position < floor or position > limit or compose_module._inside(position, spans):
+                continue
+            if lookahead and not compose_module._known_end(text, position, match):
+                continue
+            best = position
+        if best:
+            return best
+    return 0
+
+
+_CUT_ALPHABET = st.sampled_from(
+    ["a", "word", "字", " ", "\t", ".", "!", "?", "\"", "'", ")", "]", "”", "’", "。", "！",
+     "…", "」", ";", ":", ",", "、", "\n", "\n\n", "```\n", "`", "$$", "- ", "| a |", "# ",
+     "> ", "1. "]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(parts=st.lists(_CUT_ALPHABET, min_size=1, max_size=80), floor=st.integers(1, 200),
+       limit=st.integers(1, 300), lookahead=st.booleans(), split=st.booleans())
+def test_cut_search_finds_the_reference_cut(parts: list[str], floor: int, limit: int,
+                                            lookahead: bool, split: bool) -> None:
+    text = "".join(parts)
+    patterns = compose_module._SPLIT_BOUNDARIES if split else compose_module._STREAM_BOUNDARIES
+    limit = min(limit, len(text))
+    spans = compose_module._protected(text)
+    expected = _reference_cut(text, limit, patterns, floor, lookahead)
+    assert compose_module._best_cut(text, limit, patterns, spans, floor=floor,
+                                    lookahead=lookahead) == expected
+    ignoring_spans = compose_module._best_cut(text, limit, patterns, (), floor=floor,
+                                              lookahead=lookahead)
+    assert ignoring_spans or not expected  # no cut ignoring the spans: none with them
