@@ -1,7 +1,8 @@
 """The durable inbox: a Redis Stream read through a consumer group.
 
 `put` stores a message (dedupe + XADD + the session queue, in one Lua script) and is
-group-committed: the calls made during one event-loop tick are stored by one script call.
+group-committed: the calls made during one event-loop tick, or while the previous script
+call runs, are stored by one script call.
 Workers `read` new entries, `claim` the entries of dead consumers, `keep` the entries they
 hold (XCLAIM JUSTID: resets idle time, never the delivery count; only entries still theirs,
 so a worker that stalled past BRIDGE_CLAIM_IDLE_S never takes an entry back from the one
@@ -110,6 +111,10 @@ return lost
 # Messages per put script: a larger burst is stored by several calls, one after the other, so
 # that no one script holds Redis for long.
 _MAX_PUT_BATCH = 256
+# Put scripts in flight at once. What arrives while one runs waits for the next: under load
+# the batches grow instead of the calls (a call costs the bridge ~40 µs of redis-py and
+# Redis its own share, a message in it a few), and the calls reach Redis in inbox order.
+_MAX_FLUSHES = 1
 
 # How many XAUTOCLAIM calls one claim pass may make (each scans up to 10 × COUNT entries
 # of the pending list: with a long backlog, the first scan window may hold no idle entry).
@@ -147,6 +152,9 @@ class _Pending:
     future: asyncio.Future[Accepted | Duplicate]
 
 
+_DUPLICATE = Duplicate()
+
+
 class Inbox:
     def __init__(self, redis: aioredis.Redis, keys: Keys, consumer: str) -> None:
         self.redis = redis
@@ -182,23 +190,27 @@ class Inbox:
         """Store one message durably; concurrent calls share one script call (group commit)."""
         # Encoded here: a message JSON cannot hold fails its own caller, not the whole batch.
         item = (message.dedupe_key or "", kind.value, chat_session_id, message.to_json())
-        future: asyncio.Future[Accepted | Duplicate] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Accepted | Duplicate] = loop.create_future()
         self._batch.append(_Pending(item, future))
-        if not self._flush_scheduled:
+        if not self._flush_scheduled and len(self._flushes) < _MAX_FLUSHES:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._start_flush)
+            loop.call_soon(self._start_flush)
         return await future
 
     def _start_flush(self) -> None:
-        batch, self._batch, self._flush_scheduled = self._batch, [], False
-        task = asyncio.get_running_loop().create_task(self._flush(batch))
+        """Store what waits (up to `_MAX_PUT_BATCH` messages, in order) in a task of its own."""
+        self._flush_scheduled = False
+        batch, self._batch = self._batch[:_MAX_PUT_BATCH], self._batch[_MAX_PUT_BATCH:]
+        task = asyncio.get_running_loop().create_task(self._store(batch))
         self._flushes.add(task)
-        task.add_done_callback(self._flushes.discard)
+        task.add_done_callback(self._flush_done)
 
-    async def _flush(self, batch: list[_Pending]) -> None:
-        """Store the batch in order, `_MAX_PUT_BATCH` messages per script call."""
-        for start in range(0, len(batch), _MAX_PUT_BATCH):
-            await self._store(batch[start : start + _MAX_PUT_BATCH])
+    def _flush_done(self, task: asyncio.Task[None]) -> None:
+        """A flush ended: what arrived while `_MAX_FLUSHES` were running goes next."""
+        self._flushes.discard(task)
+        if self._batch and not self._flush_scheduled:
+            self._start_flush()
 
     async def _store(self, batch: list[_Pending]) -> None:
         try:
@@ -210,7 +222,7 @@ class Inbox:
             return
         for pending, verdict in zip(batch, verdicts, strict=True):
             if not pending.future.done():
-                outcome = Duplicate() if verdict is None else Accepted(as_text(verdict))
+                outcome = _DUPLICATE if verdict is None else Accepted(as_text(verdict))
                 pending.future.set_result(outcome)
 
     async def _put_batch(self, batch: list[_Pending]) -> list[bytes | None]:
