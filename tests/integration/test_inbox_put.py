@@ -123,6 +123,19 @@ async def test_a_burst_larger_than_one_script_call_is_stored_whole(
     assert await redis_client.xlen(Keys(bot_id).inbox) == 600
 
 
+async def test_a_put_connection_lost_between_calls_is_replaced(
+    inbox: Inbox, redis_client: aioredis.Redis, bot_id: str
+) -> None:
+    assert isinstance(await inbox.put(message("before"), EntryKind.TURN, "s1"), Accepted)
+    clients = await redis_client.client_list()
+    (put_connection,) = [client for client in clients if client["cmd"] == "evalsha"]
+    await redis_client.client_kill_filter(_id=put_connection["id"])
+    assert isinstance(await inbox.put(message("after"), EntryKind.TURN, "s1"), Accepted)
+    assert isinstance(await inbox.put(message("again"), EntryKind.TURN, "s1"), Accepted)
+    entries = await inbox.read(count=10, block_ms=1)
+    assert [entry.message.im_msg_id for entry in entries] == ["before", "after", "again"]
+
+
 async def evalsha_calls(redis: aioredis.Redis) -> int:
     stats = await redis.info("commandstats")
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
