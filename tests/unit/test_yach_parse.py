@@ -39,6 +39,12 @@ def test_form_whose_single_field_holds_the_json() -> None:
     assert decode_body(body) == BASE
 
 
+def test_a_single_form_field_or_a_nested_brace_that_is_no_json_stays_text() -> None:
+    assert decode_body(urlencode({"content": "{not json"}).encode()) == {"content": "{not json"}
+    body = json.dumps({**BASE, "text": "{not json"}).encode()
+    assert parse_payload(decode_body(body)).text == "{not json"
+
+
 @pytest.mark.parametrize(
     "body",
     [
