@@ -80,9 +80,15 @@ def test_what_only_the_standard_library_reads_is_read_as_before() -> None:
 
 
 _TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=8)
+
+
+def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3)
+
+
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _TEXT,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+    _containers,
     max_leaves=12,
 )
 
