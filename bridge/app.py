@@ -35,6 +35,7 @@ from bridge.images import ImagePipeline
 from bridge.inbox import Accepted, Inbox
 from bridge.intake import judge
 from bridge.interfaces import IM, Upstream, WebhookRejected
+from bridge.logging import debug_enabled
 from bridge.messages import Catalogue
 from bridge.metrics import Metrics
 from bridge.outbox import Outbox
@@ -231,7 +232,8 @@ async def handle_yach_webhook(request: web.Request) -> web.Response:
     # Stored is the usual case and the turn's own lines (info) say it again with the same
     # msg_id; at debug it costs nothing, at info it was a fifth of the webhook's CPU.
     if isinstance(result, Accepted):
-        log.debug("webhook_stored", kind=verdict.kind.value, **log_ctx)
+        if debug_enabled():
+            log.debug("webhook_stored", kind=verdict.kind.value, **log_ctx)
     else:
         log.info("webhook_duplicate", kind=verdict.kind.value, **log_ctx)
     return _ok()

@@ -29,13 +29,18 @@ _ALIASES = {
     "/status": Command.STATUS, "状态": Command.STATUS,
 }  # fmt: skip
 _TRAILING_PUNCTUATION = re.compile(r"[\s。.!！]+$")
+# What a command's first character can be (before lower-casing and the fullwidth slash).
+_COMMAND_STARTS = frozenset({alias[0] for alias in _ALIASES} | {"／"})
 # Message types that carry neither text nor an image we can read, whatever their fields say.
 UNSUPPORTED_TYPES = frozenset({"voice", "audio", "file", "video", "location", "sticker"})
 
 
 def parse_command(text: str) -> Command | None:
     """The command a message is, if it is one (`/stop`, `停止`, ` ／Reset ` …)."""
-    word = _TRAILING_PUNCTUATION.sub("", text.strip()).lower().replace("／", "/")
+    stripped = text.strip()
+    if stripped[:1] not in _COMMAND_STARTS:  # most messages: no regex to run
+        return None
+    word = _TRAILING_PUNCTUATION.sub("", stripped).lower().replace("／", "/")
     return _ALIASES.get(word)
 
 

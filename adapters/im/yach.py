@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+import orjson
+
 from adapters.yach_api import YachAPI, YachAPIError, signed_robot_url, verify_sign
 from bridge.config import Settings
 from bridge.interfaces import InboundMessage, Piece, ReplyTarget, Sender, SendError, WebhookRejected
@@ -69,6 +71,10 @@ def _first(payload: Mapping[str, Any], field: str) -> str:
     """The first present alias of a field, as text ("" when none is present)."""
     for alias in _PATHS[field]:
         value = payload.get(alias) if isinstance(alias, str) else _nested(payload, alias)
+        if type(value) is str:  # nearly every field: no conversion to make
+            if value:
+                return value
+            continue
         if value is None or isinstance(value, dict | list):
             continue
         text = value if isinstance(value, str) else str(value)
@@ -78,6 +84,17 @@ def _first(payload: Mapping[str, Any], field: str) -> str:
 
 
 def _json_object(text: str) -> dict[str, Any] | None:
+    """The JSON object in `text` (None when it holds none), read exactly as the standard
+    library reads it: by orjson (4× faster) where the two agree. orjson refuses what `json`
+    accepts (NaN, a lone surrogate) and reads an integer beyond 64 bits as a float (a message
+    id `123…` rounded): such texts, and any with a float, are read by `json`."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
+    else:
+        if _without_floats(value):
+            return value if isinstance(value, dict) else None
     try:
         value = json.loads(text)
     except ValueError:
@@ -85,6 +102,17 @@ def _json_object(text: str) -> dict[str, Any] | None:
     if _SURROGATE_ESCAPE.search(text):  # a pair makes one character; a lone one cannot be stored
         json.dumps(value, ensure_ascii=False).encode()  # UnicodeEncodeError, a ValueError
     return value if isinstance(value, dict) else None
+
+
+def _without_floats(value: Any) -> bool:
+    kind = type(value)
+    if kind is not dict and kind is not list:
+        return kind is not float
+    for item in value.values() if kind is dict else value:
+        kind = type(item)
+        if kind is float or ((kind is dict or kind is list) and not _without_floats(item)):
+            return False
+    return True
 
 
 def decode_body(body: bytes) -> dict[str, Any]:
@@ -108,11 +136,15 @@ def decode_body(body: bytes) -> dict[str, Any]:
 
 def strip_mention(text: str) -> str:
     """Drop the leading `@bot` mention the platform puts before the question."""
+    if "@" not in text:
+        return text.strip()
     return _LEADING_MENTION.sub("", text, count=1).strip()
 
 
 def extract_images(text: str) -> tuple[str, tuple[str, ...]]:
     """Split `image::URL::` markers (the image_text convention) out of the text."""
+    if "image::" not in text:
+        return text, ()
     urls = tuple(_IMAGE_MARKER.findall(text))
     return (_IMAGE_MARKER.sub("", text).strip(), urls) if urls else (text, ())
 

@@ -123,6 +123,44 @@ async def test_a_burst_larger_than_one_script_call_is_stored_whole(
     assert await redis_client.xlen(Keys(bot_id).inbox) == 600
 
 
+async def test_a_put_connection_lost_between_calls_is_replaced(
+    inbox: Inbox, redis_client: aioredis.Redis, bot_id: str
+) -> None:
+    assert isinstance(await inbox.put(message("before"), EntryKind.TURN, "s1"), Accepted)
+    clients = await redis_client.client_list()
+    (put_connection,) = [client for client in clients if client["cmd"] == "evalsha"]
+    await redis_client.client_kill_filter(_id=put_connection["id"])
+    assert isinstance(await inbox.put(message("after"), EntryKind.TURN, "s1"), Accepted)
+    assert isinstance(await inbox.put(message("again"), EntryKind.TURN, "s1"), Accepted)
+    entries = await inbox.read(count=10, block_ms=1)
+    assert [entry.message.im_msg_id for entry in entries] == ["before", "after", "again"]
+
+
+async def evalsha_calls(redis: aioredis.Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_puts_made_while_a_call_runs_wait_and_share_the_next_call(
+    inbox: Inbox, redis_client: aioredis.Redis
+) -> None:
+    await inbox.put(message("loaded"), EntryKind.TURN, "s1")  # the script is loaded
+    calls_before = await evalsha_calls(redis_client)
+    await redis_client.execute_command("CLIENT", "PAUSE", 300, "WRITE")  # the call waits
+    first = asyncio.ensure_future(inbox.put(message("first"), EntryKind.TURN, "s1"))
+    later = []
+    for n in range(5):  # in five later ticks, while the first call runs
+        await asyncio.sleep(0.01)
+        later.append(asyncio.ensure_future(inbox.put(message(f"l{n}"), EntryKind.TURN, "s1")))
+    verdicts = [await first, *await asyncio.gather(*later)]
+    assert all(isinstance(verdict, Accepted) for verdict in verdicts)
+    assert await evalsha_calls(redis_client) - calls_before == 2
+    entries = await inbox.read(count=10, block_ms=1)
+    assert [entry.message.im_msg_id for entry in entries] == ["loaded", "first"] + [
+        f"l{n}" for n in range(5)
+    ]
+
+
 async def test_every_waiter_of_a_failed_batch_learns_the_error(
     inbox: Inbox, redis_client: aioredis.Redis, bot_id: str
 ) -> None:

@@ -20,6 +20,7 @@ from bridge.config import Settings, env_name, load_settings
 from bridge.logging import (
     MASK,
     configure_logging,
+    debug_enabled,
     mask_secrets,
     mask_text,
     register_secrets,
@@ -251,6 +252,12 @@ def test_level_filters_both_paths() -> None:
     logging.getLogger("aiohttp.access").info("hidden too")
     structlog.get_logger().warning("shown")
     assert [line["event"] for line in _json_lines(stream)] == ["shown"]
+
+
+@pytest.mark.parametrize(("level", "enabled"), [("debug", True), ("info", False), ("error", False)])
+def test_debug_enabled_follows_the_configured_level(level: str, enabled: bool) -> None:
+    _configured("json", level=level)
+    assert debug_enabled() is enabled
 
 
 def test_reconfiguring_replaces_the_handler_and_reaches_existing_loggers() -> None:

@@ -7,6 +7,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adapters.im.yach import decode_body, extract_images, parse_payload, render, strip_mention
 from bridge.interfaces import Piece, ReplyTarget, Sender
@@ -37,6 +39,12 @@ def test_form_whose_single_field_holds_the_json() -> None:
     assert decode_body(body) == BASE
 
 
+def test_a_single_form_field_or_a_nested_brace_that_is_no_json_stays_text() -> None:
+    assert decode_body(urlencode({"content": "{not json"}).encode()) == {"content": "{not json"}
+    body = json.dumps({**BASE, "text": "{not json"}).encode()
+    assert parse_payload(decode_body(body)).text == "{not json"
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -55,6 +63,43 @@ def test_undecodable_bodies(body: bytes) -> None:
 def test_a_surrogate_pair_is_one_character() -> None:
     body = b'{"text": {"content": "\\ud83d\\ude00"}}'
     assert decode_body(body) == {"text": {"content": "\U0001f600"}}
+
+
+@pytest.mark.parametrize(
+    "number",
+    ["123456789012345678901234567890", "18446744073709551616", "-9223372036854775809"],
+)
+def test_a_numeric_message_id_beyond_64_bits_is_read_exactly(number: str) -> None:
+    body = f'{{"msgId": {number}, "senderId": "u1", "conversationId": "g1"}}'.encode()
+    assert parse_payload(decode_body(body)).im_msg_id == number
+
+
+def test_what_only_the_standard_library_reads_is_read_as_before() -> None:
+    body = b'{"msgId": "m1", "score": NaN, "text": {"content": "hi", "w": 1e999}}'
+    assert repr(decode_body(body)) == repr(json.loads(body))
+
+
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=8)
+
+
+def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _TEXT,
+    _containers,
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.dictionaries(_TEXT, _JSON, max_size=5), ascii_only=st.booleans())
+def test_json_bodies_are_read_as_the_standard_library_reads_them(
+    payload: dict[str, Any], ascii_only: bool
+) -> None:
+    body = json.dumps(payload, ensure_ascii=ascii_only).encode()
+    assert repr(decode_body(body)) == repr(json.loads(body))  # repr: 2**70 is not 2.0**70
 
 
 def test_a_creation_time_beyond_milliseconds_is_no_time() -> None:
