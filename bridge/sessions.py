@@ -25,9 +25,10 @@ from typing import TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT, KeyT
 
 from bridge.interfaces import HistoryTurn
-from bridge.store import Keys, as_text, cancel_requested
+from bridge.store import HotPath, Keys, as_text, cancel_requested
 
 __all__ = ["Journal", "JournalPiece", "LockLost", "SessionState", "Sessions", "Start"]
 
@@ -265,6 +266,7 @@ class Sessions:
         # tick as the claim, it outlives the claim, so no other turn of the session can
         # start while the entry's worker is alive.
         self.lock_ttl_ms = max(int(lock_ttl_s * 1000), 1000)
+        self._hot = HotPath(redis)  # the start script, the journal writes, the sent marks
         self._start = redis.register_script(_START)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
@@ -278,8 +280,9 @@ class Sessions:
         """One try to start the turn of an entry: its place in the session queue and, at
         the head with the lock free, the lock with what the turn needs to begin (the
         history only `with_history`: for upstreams without a memory of their own)."""
-        reply = await self._start(
-            keys=[
+        reply = await self._hot.script(
+            self._start,
+            [
                 self.keys.inbox,
                 self.keys.queue(chat_session_id),
                 self.keys.lock(chat_session_id),
@@ -289,7 +292,7 @@ class Sessions:
                 self.keys.session(chat_session_id),
                 self.keys.history(chat_session_id),
             ],
-            args=[entry_id, self.lock_ttl_ms, JOURNAL_TTL_S, self.history_turns * with_history],
+            [entry_id, self.lock_ttl_ms, JOURNAL_TTL_S, self.history_turns * with_history],
         )
         ahead = int(reply[0])
         if ahead < 0:
@@ -460,20 +463,20 @@ class Sessions:
         fields: list[str],
         sent: int | None,
     ) -> None:
-        keys = [
+        keys: list[KeyT] = [
             self.keys.lock(chat_session_id),
             self.keys.fence(chat_session_id),
             self.keys.journal(entry_id),
         ]
         confirmed = "" if sent is None else f"s:{sent}"
-        args: list[str | int] = [lock_value, self.lock_ttl_ms, JOURNAL_TTL_S, confirmed, *fields]
-        written = await self._patient(lambda: self._journal(keys=keys, args=args))
+        args: list[EncodableT] = [lock_value, self.lock_ttl_ms, JOURNAL_TTL_S, confirmed, *fields]
+        written = await self._patient(lambda: self._hot.script(self._journal, keys, args))
         if not written:
             raise LockLost("the session lock was taken over: the answer is not this turn's")
 
     async def journal_sent(self, entry_id: str, index: int) -> None:
         key = self.keys.journal(entry_id)
-        await self._patient(lambda: self.redis.hset(key, f"s:{index}", "1"))
+        await self._patient(lambda: self._hot.command("HSET", key, f"s:{index}", "1"))
 
     async def _patient(self, command: Callable[[], Awaitable[T]]) -> T:
         """Run an idempotent write of a running turn, riding out a Redis outage for as long
