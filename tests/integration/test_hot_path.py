@@ -38,14 +38,10 @@ async def test_answers_as_the_client_does(
     assert await redis_client.hgetall(key) == {b"p:0": b"a", b"p:1": b"b", b"s:0": b"1"}
 
 
-async def test_concurrent_commands_get_their_own_answers_and_few_connections_stay_out(
-    client: aioredis.Redis, key: str
-) -> None:
+async def test_concurrent_commands_get_their_own_answers(client: aioredis.Redis) -> None:
     hot = HotPath(client, keep=2)
     replies = await asyncio.gather(*(hot.command("ECHO", f"m{n}") for n in range(20)))
     assert replies == [f"m{n}".encode() for n in range(20)]
-    pool = client.connection_pool
-    assert len(pool._in_use_connections) == 2  # kept for the next commands, no more
 
 
 async def test_noscript_is_loaded_by_the_client(
@@ -83,11 +79,21 @@ async def test_a_cancelled_command_leaves_no_answer_behind(
     assert await hot.command("LLEN", key + ":list") == 1
 
 
-async def test_closing_the_client_closes_the_kept_connections(redis_url: str) -> None:
+async def _names(redis: aioredis.Redis) -> list[str]:
+    return [client["name"] for client in await redis.client_list()]
+
+
+async def test_a_kept_connection_serves_the_next_command_and_closes_with_the_client(
+    redis_url: str, redis_client: aioredis.Redis, bot_id: str
+) -> None:
     client = connect(redis_url, max_connections=4)
-    hot = HotPath(client)
-    await hot.command("PING")
-    (kept,) = client.connection_pool._in_use_connections
-    assert kept.is_connected
+    hot = HotPath(client, keep=1)
+    await hot.command("CLIENT", "SETNAME", f"kept-{bot_id}")
+    assert await hot.command("CLIENT", "GETNAME") == f"kept-{bot_id}".encode()
+    assert f"kept-{bot_id}" in await _names(redis_client)
     await client.aclose()
-    assert not kept.is_connected
+    for _ in range(50):
+        if f"kept-{bot_id}" not in await _names(redis_client):
+            break
+        await asyncio.sleep(0.02)
+    assert f"kept-{bot_id}" not in await _names(redis_client)
