@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 import structlog
@@ -109,6 +110,12 @@ class Outbox:
     def budget_free(self, target: ReplyTarget) -> bool:
         """Whether a send to this target takes no budget (no wait, no round trip)."""
         return not self._budgeted or self._budget(target).unlimited
+
+    def dedupes(self, target: ReplyTarget) -> bool:
+        """Whether the IM shows a piece's `message_id` to this target once, however often it
+        is sent (an IM that does not say so is taken not to)."""
+        dedupes: Callable[[ReplyTarget], bool] | None = getattr(self.im, "dedupes", None)
+        return dedupes is not None and dedupes(target)
 
     async def deliver(
         self, target: ReplyTarget, piece: Piece, *, budget_taken: bool = False

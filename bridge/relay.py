@@ -99,7 +99,10 @@ class _Outgoing:
         target = self.entry.message.target
         outbox, sessions = self.runner.outbox, self.runner.sessions
         session, entry_id = self.entry.chat_session_id, self.entry.entry_id
-        confirmed: int | None = None  # sent; marked with the next journal write, at once
+        confirmed: int | None = None  # sent; marked with the next journal write
+        # Where the IM shows a message_id once, a confirmation always waits for the next
+        # journal write: a replay that resends the piece shows nothing twice.
+        deferred = outbox.dedupes(target)
         last = False
         while not last:
             text = self._carried.pop() if self._carried else await self.queue.get()
@@ -122,8 +125,8 @@ class _Outgoing:
             )
             await outbox.deliver(target, _as_piece(piece), budget_taken=True)
             self.index += 1
-            if not last and self._next_is_ready(target):
-                confirmed = piece.index  # the next journal write follows now: mark it there
+            if not last and (deferred or self._next_is_ready(target)):
+                confirmed = piece.index
             else:
                 confirmed = None
                 await sessions.journal_sent(entry_id, piece.index)

@@ -25,9 +25,11 @@ from typing import TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT, KeyT
 
+from bridge.config import Rate
 from bridge.interfaces import HistoryTurn
-from bridge.store import Keys, as_text, cancel_requested
+from bridge.store import HotPath, Keys, as_text, cancel_requested
 
 __all__ = ["Journal", "JournalPiece", "LockLost", "SessionState", "Sessions", "Start"]
 
@@ -106,11 +108,13 @@ return 1
 """
 )
 
-# KEYS: inbox, queue, lock, fence, journal, stop, session, history. ARGV: entry id, lock ttl
-# ms, journal ttl s, history turns to read. One try to start an entry's turn, in one round
+# KEYS: inbox, queue, lock, fence, journal, stop, session, history, the sender's rate counter.
+# ARGV: entry id, lock ttl ms, journal ttl s, history turns to read, the sender's message
+# limit (0: no check) and its window s. One try to start an entry's turn, in one round
 # trip: its place in the session queue (an entry missing from its queue, which only a lost
 # queue key can cause, is put back in stream-id order, unless it is gone from the inbox,
-# acknowledged: then {-1}); at the head with the lock free, the lock (fence+1 → token), the
+# acknowledged: then {-1}); with a limit, the sender's message counted, {-2} when over it;
+# at the head with the lock free, the lock (fence+1 → token), the
 # attempt counted in the journal, whether a `/stop` was recorded for it, and what the turn
 # reads: the journal, the session, the history. Read under the lock just taken, they stay
 # as read: only the lock's holder writes them, and `/reset` stops the holder first.
@@ -138,6 +142,11 @@ local function place()
   return #queued
 end
 local ahead = place()
+if ahead >= 0 and tonumber(ARGV[5]) > 0 then
+  local sent = redis.call('INCR', KEYS[9])
+  if sent == 1 then redis.call('EXPIRE', KEYS[9], ARGV[6]) end
+  if sent > tonumber(ARGV[5]) then return {-2} end
+end
 if ahead ~= 0 or redis.call('EXISTS', KEYS[3]) == 1 then return {ahead} end
 local value = redis.call('INCR', KEYS[4]) .. ':' .. ARGV[1]
 redis.call('SET', KEYS[3], value, 'PX', ARGV[2])
@@ -170,6 +179,7 @@ class LockLost(Exception):
 
 
 JOURNAL_TTL_S = 7 * 86400
+_OVER_RATE = -2  # what the start script answers for a sender over their limit
 _RETRY_FIRST_S = 0.1
 _RETRY_MAX_S = 1.0
 
@@ -206,13 +216,14 @@ class Journal:
 class Start:
     """What one try to start an entry's turn found."""
 
-    ahead: int | None  # entries ahead in the session queue; None: gone (acknowledged)
+    ahead: int | None  # entries ahead in the session queue; None: gone, or over the rate
     lock: str = ""  # the session lock, when this try took it
     attempt: int = 0  # the turns of this entry started so far, this one too
     stopped: bool = False  # a `/stop` was recorded for this entry
     journal: Journal = Journal([], complete=False)
     state: SessionState = SessionState(None, None, None, None, 0)
     history: tuple[HistoryTurn, ...] = ()
+    over_rate: bool = False  # the sender sent more than their limit: not started
 
 
 def _pairs(flat: list[bytes]) -> dict[str, str]:
@@ -265,6 +276,7 @@ class Sessions:
         # tick as the claim, it outlives the claim, so no other turn of the session can
         # start while the entry's worker is alive.
         self.lock_ttl_ms = max(int(lock_ttl_s * 1000), 1000)
+        self._hot = HotPath(redis)  # the start script, the journal writes, the sent marks
         self._start = redis.register_script(_START)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
@@ -274,12 +286,23 @@ class Sessions:
 
     # Order and locking
 
-    async def start(self, chat_session_id: str, entry_id: str, *, with_history: bool) -> Start:
+    async def start(
+        self,
+        chat_session_id: str,
+        entry_id: str,
+        *,
+        with_history: bool,
+        sender_rate: tuple[str, Rate] | None = None,
+    ) -> Start:
         """One try to start the turn of an entry: its place in the session queue and, at
         the head with the lock free, the lock with what the turn needs to begin (the
-        history only `with_history`: for upstreams without a memory of their own)."""
-        reply = await self._start(
-            keys=[
+        history only `with_history`: for upstreams without a memory of their own). With
+        `sender_rate` (sender id, limit), the entry's message is counted against its
+        sender's limit first, in the same round trip: over it, nothing is started."""
+        sender, rate = sender_rate or ("", Rate(0, 1.0))
+        reply = await self._hot.script(
+            self._start,
+            [
                 self.keys.inbox,
                 self.keys.queue(chat_session_id),
                 self.keys.lock(chat_session_id),
@@ -288,12 +311,20 @@ class Sessions:
                 self.keys.stop(chat_session_id),
                 self.keys.session(chat_session_id),
                 self.keys.history(chat_session_id),
+                self.keys.user_rate(sender),
             ],
-            args=[entry_id, self.lock_ttl_ms, JOURNAL_TTL_S, self.history_turns * with_history],
+            [
+                entry_id,
+                self.lock_ttl_ms,
+                JOURNAL_TTL_S,
+                self.history_turns * with_history,
+                rate.count,
+                max(int(rate.per_s), 1),
+            ],
         )
         ahead = int(reply[0])
         if ahead < 0:
-            return Start(ahead=None)
+            return Start(ahead=None, over_rate=ahead == _OVER_RATE)
         if len(reply) == 1:
             return Start(ahead=ahead)
         _, lock, attempt, stopped, journal, session, history = reply
@@ -460,20 +491,20 @@ class Sessions:
         fields: list[str],
         sent: int | None,
     ) -> None:
-        keys = [
+        keys: list[KeyT] = [
             self.keys.lock(chat_session_id),
             self.keys.fence(chat_session_id),
             self.keys.journal(entry_id),
         ]
         confirmed = "" if sent is None else f"s:{sent}"
-        args: list[str | int] = [lock_value, self.lock_ttl_ms, JOURNAL_TTL_S, confirmed, *fields]
-        written = await self._patient(lambda: self._journal(keys=keys, args=args))
+        args: list[EncodableT] = [lock_value, self.lock_ttl_ms, JOURNAL_TTL_S, confirmed, *fields]
+        written = await self._patient(lambda: self._hot.script(self._journal, keys, args))
         if not written:
             raise LockLost("the session lock was taken over: the answer is not this turn's")
 
     async def journal_sent(self, entry_id: str, index: int) -> None:
         key = self.keys.journal(entry_id)
-        await self._patient(lambda: self.redis.hset(key, f"s:{index}", "1"))
+        await self._patient(lambda: self._hot.command("HSET", key, f"s:{index}", "1"))
 
     async def _patient(self, command: Callable[[], Awaitable[T]]) -> T:
         """Run an idempotent write of a running turn, riding out a Redis outage for as long

@@ -52,13 +52,6 @@ _PRUNE_IDLE_MS = 3_600_000  # a consumer idle an hour with nothing pending has e
 _HEALTHY_RUN_S = 10.0  # a loop that ran this long without failing starts its backoff over
 _ACK_PATIENCE_S = 10.0  # how long "save, then XACK" keeps trying through a Redis blip
 
-# KEYS: counter. ARGV: window s, limit. 1 when the message is within the user's rate.
-_USER_RATE = """
-local count = redis.call('INCR', KEYS[1])
-if count == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
-return count <= tonumber(ARGV[2]) and 1 or 0
-"""
-
 
 def _raise_if_cancelled() -> None:
     """Re-raise a cancellation redis-py swallowed (see `cancel_requested`)."""
@@ -119,7 +112,6 @@ class Worker:
         self._room = asyncio.Event()
         self._wakers: dict[str, asyncio.Event] = {}
         self._loops: set[asyncio.Task[None]] = set()
-        self._user_rate = redis.register_script(_USER_RATE)
         self._with_history = not runner.upstream.keeps_history
         self.on_done: Callable[[Entry], None] | None = None  # the terminal channel waits on it
 
@@ -391,10 +383,10 @@ class Worker:
 
     async def _turn(self, held: _Held) -> None:
         entry = held.entry
-        if entry.deliveries == 1 and not await self._within_user_rate(entry):
+        started = await self._wait_for_turn(held)
+        if started.over_rate:
             await self._refuse(held, "rate_limited")
             return
-        started = await self._wait_for_turn(held)
         if started.ahead is not None and not started.lock:
             await self._refuse(held, "busy")
             self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome="busy").inc()
@@ -434,6 +426,12 @@ class Worker:
         waker = self._wakers.setdefault(session, asyncio.Event())
         pause = _WAIT_POLL_S
         arriving = True
+        # A message is counted against its sender's limit once: on its first delivery's
+        # first try (in the same round trip as that try).
+        rate = self.settings.user_rate
+        sender_rate = None
+        if entry.deliveries == 1 and not rate.unlimited:
+            sender_rate = (entry.message.sender.id, rate)
         try:
             while True:
                 if self.draining:
@@ -441,7 +439,10 @@ class Worker:
                 waker.clear()
                 try:
                     started = await self.sessions.start(
-                        session, entry.entry_id, with_history=self._with_history
+                        session,
+                        entry.entry_id,
+                        with_history=self._with_history,
+                        sender_rate=sender_rate if arriving else None,
                     )
                 except RedisError:  # a waiting entry rides out a Redis outage
                     _raise_if_cancelled()
@@ -451,7 +452,7 @@ class Worker:
                 else:
                     pause = _WAIT_POLL_S
                     held.lock = started.lock
-                    if started.lock or started.ahead is None:
+                    if started.lock or started.ahead is None:  # or over the sender's rate
                         return started
                     if arriving and started.ahead > self.settings.session_queue_max:
                         return started
@@ -510,16 +511,6 @@ class Worker:
             entry.message.target, entry.entry_id, self.catalogue(notice), notice
         )
         await self._ack(held)
-
-    async def _within_user_rate(self, entry: Entry) -> bool:
-        rate = self.settings.user_rate
-        if rate.unlimited:
-            return True
-        allowed = await self._user_rate(
-            keys=[self.keys.user_rate(entry.message.sender.id)],
-            args=[max(int(rate.per_s), 1), rate.count],
-        )
-        return bool(allowed)
 
     async def _dead_letter(self, held: _Held, attempts: int) -> None:
         """`attempts` failed already: tell the user (once: the notice has a fixed

@@ -256,16 +256,27 @@ class YachIM:
                 retry_after = DEFAULT_RATE_LIMIT_BACKOFF_S
             raise SendError(exc.reason, retry_after=retry_after) from exc
 
-    async def _route(self, target: ReplyTarget, piece: Piece, message: dict[str, Any]) -> None:
+    def dedupes(self, target: ReplyTarget) -> bool:
+        """Whether sends to this target go through the app API, which shows a `message_id`
+        once (SPEC §4): there a piece sent again cannot show twice."""
+        return self._app_route(target)
+
+    def _app_route(self, target: ReplyTarget) -> bool:
         """Direct: the single-chat API (a sessionWebhook without app credentials). Group:
         the app API, else the sessionWebhook, else the signed custom robot URL (SPEC §4)."""
         with_app = self._api.has_app_credentials
-        if target.is_direct and (with_app or not self._on_api_host(target)):
-            recipient = {"to_user_id": target.sender.id}
-            await self._send_app("/v1/single/message/send", recipient, message, piece)
-        elif with_app and not target.is_direct:
-            recipient = {"group_id": target.conversation_id}
-            await self._send_app("/group/robot/message/send", recipient, message, piece)
+        if target.is_direct:
+            return with_app or not self._on_api_host(target)
+        return with_app
+
+    async def _route(self, target: ReplyTarget, piece: Piece, message: dict[str, Any]) -> None:
+        if self._app_route(target):
+            if target.is_direct:
+                recipient = {"to_user_id": target.sender.id}
+                await self._send_app("/v1/single/message/send", recipient, message, piece)
+            else:
+                recipient = {"group_id": target.conversation_id}
+                await self._send_app("/group/robot/message/send", recipient, message, piece)
         elif self._on_api_host(target):
             await self._api.request_json("POST", target.reply_url, json=message)
         elif self._robot_url and not target.is_direct:

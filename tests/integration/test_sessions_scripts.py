@@ -8,6 +8,7 @@ import json
 import pytest
 import redis.asyncio as aioredis
 
+from bridge.config import Rate
 from bridge.interfaces import HistoryTurn
 from bridge.sessions import JournalPiece, LockLost, Sessions
 from bridge.store import Keys
@@ -80,6 +81,23 @@ async def test_start_counts_attempts_and_reads_the_journal_and_the_stop_key(
         (1, "World.", False),
     ]
     assert not again.journal.complete
+
+
+async def test_start_counts_the_message_against_its_senders_limit_before_anything_else(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    limit = ("u1", Rate(2, 60.0))
+    first, second, third = [await _store(redis_client, keys) for _ in range(3)]
+    assert (await sessions.start(SESSION, first, with_history=True, sender_rate=limit)).lock
+    waiting = await sessions.start(SESSION, second, with_history=True, sender_rate=limit)
+    assert (waiting.ahead, waiting.over_rate) == (1, False)
+    over = await sessions.start(SESSION, third, with_history=True, sender_rate=limit)
+    assert (over.ahead, over.lock, over.over_rate) == (None, "", True)
+    assert int(await redis_client.get(keys.user_rate("u1"))) == 3
+    assert 0 < await redis_client.ttl(keys.user_rate("u1")) <= 60
+    # without a limit (a later try, a redelivery) nothing is counted
+    await sessions.start(SESSION, third, with_history=True)
+    assert int(await redis_client.get(keys.user_rate("u1"))) == 3
 
 
 async def test_start_puts_back_an_entry_missing_from_its_queue_and_drops_an_acked_one(
