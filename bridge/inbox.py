@@ -22,13 +22,11 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 import structlog
-from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import ResponseError
+from redis.typing import EncodableT
 
 from bridge.interfaces import InboundMessage
-from bridge.store import GROUP, Keys, as_text
+from bridge.store import GROUP, HotPath, Keys, as_text
 
 __all__ = ["Accepted", "Duplicate", "Entry", "EntryKind", "Inbox"]
 
@@ -170,7 +168,8 @@ class Inbox:
         self._batch: list[_Pending] = []
         self._flush_scheduled = False
         self._flushes: set[asyncio.Task[None]] = set()
-        self._put_connection: AbstractConnection | None = None  # see `_put_fast`
+        # One put script runs at a time (`_MAX_FLUSHES`): one kept connection serves them all.
+        self._hot = HotPath(redis, keep=1)
         self._unreadable: list[tuple[str, dict[bytes, bytes]]] = []
 
     async def ensure_group(self) -> None:
@@ -230,35 +229,13 @@ class Inbox:
                 pending.future.set_result(outcome)
 
     async def _put_batch(self, batch: list[_Pending]) -> list[bytes | None]:
-        """One EVALSHA for the whole batch. The script missing (a Redis restarted empty, or
-        SCRIPT FLUSH: NOSCRIPT before running any of it) or a lost connection: the client's
-        own path loads the script, reconnects and retries as for any command."""
+        """One EVALSHA for the whole batch, on the kept connection. The script missing (a
+        Redis restarted empty, or SCRIPT FLUSH: NOSCRIPT before running any of it) or a lost
+        connection: the client's own path loads the script, reconnects and retries."""
         keys = self.keys
         items = orjson.dumps([pending.item for pending in batch])
-        args = (DEDUPE_TTL_S, keys.dedupe(""), keys.queue(""), items)
-        try:
-            reply = await self._put_fast(args)
-        except (NoScriptError, RedisConnectionError, RedisTimeoutError, OSError):
-            reply = await self._put_script(keys=[keys.inbox], args=args)
-        return list(reply)
-
-    async def _put_fast(self, args: tuple[object, ...]) -> Any:
-        """EVALSHA on a connection the inbox keeps for it: the client's command path (pool,
-        retry, instrumentation) costs ~40 µs of CPU a call, the command itself half that. One
-        put script runs at a time (`_MAX_FLUSHES`), so one connection serves them all."""
-        connection = self._put_connection
-        if connection is None:
-            connection = await self.redis.connection_pool.get_connection()
-            self._put_connection = connection
-        try:
-            sha, inbox = self._put_script.sha, self.keys.inbox
-            await connection.send_command("EVALSHA", sha, 1, inbox, *args)
-            return await connection.read_response()
-        except ResponseError:  # Redis answered: the connection is in step
-            raise
-        except BaseException:  # a reply may be left unread: it must not pass for the next one's
-            await connection.disconnect()
-            raise
+        args: list[EncodableT] = [DEDUPE_TTL_S, keys.dedupe(""), keys.queue(""), items]
+        return list(await self._hot.script(self._put_script, [keys.inbox], args))
 
     async def read(self, count: int, block_ms: int) -> list[Entry]:
         """New entries for this consumer (first delivery)."""

@@ -175,8 +175,9 @@ _MISSED: Final = _Missed()
 
 
 class HotPath:
-    """Commands on a relayed piece's way (its journal write, its sent mark) and a turn's
-    start script, sent on a connection of the client's pool directly.
+    """The hot commands — the webhook's put script, a turn's start script, a relayed
+    piece's journal write and its sent mark — sent on a connection of the client's pool
+    directly.
 
     `Redis.execute_command` wraps each command in a pool checkout and return (a condition,
     a timeout, observability hooks), a retry policy and response callbacks: ~25 µs of CPU
