@@ -6,6 +6,7 @@ it expires, refreshed once on an invalid-token answer) and what a successful ans
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -112,6 +113,8 @@ class YachAPI:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._token: str | None = None
         self._token_expires_at = 0.0
+        # Turns that find the token expired together wait for one fetch, not one each.
+        self._token_lock = asyncio.Lock()
 
     @property
     def has_app_credentials(self) -> bool:
@@ -119,12 +122,16 @@ class YachAPI:
 
     async def access_token(self) -> str:
         if self._token is None or self._clock() >= self._token_expires_at:
-            await self._fetch_token()
+            async with self._token_lock:
+                if self._token is None or self._clock() >= self._token_expires_at:
+                    await self._fetch_token()
         assert self._token is not None
         return self._token
 
-    def invalidate_token(self) -> None:
-        self._token = None
+    def invalidate_token(self, refused: str) -> None:
+        """Forget the token an answer called invalid, unless another call replaced it."""
+        if self._token == refused:
+            self._token = None
 
     async def _fetch_token(self) -> None:
         if not self.has_app_credentials:
@@ -170,9 +177,10 @@ class YachAPI:
     ) -> dict[str, Any]:
         """A call authenticated by the app token (query or JSON body), retried once on an
         invalid-token answer with a fresh token."""
+        token = ""
         for fresh in (False, True):
             if fresh:
-                self.invalidate_token()
+                self.invalidate_token(token)
             token = await self.access_token()
             call_kwargs = dict(kwargs)
             if credentials_in == "query":

@@ -186,7 +186,7 @@ class YachAgentUpstream:
         url, params = self._stream_location(str(started["stream_id"]))
         headers = {"Accept": "text/event-stream"}
         for fresh in (False, True):
-            params["access_token"] = await self._token(fresh=fresh)
+            params["access_token"] = await self._token(refused=params.get("access_token"))
             async with self._http.open("GET", url, params=params, headers=headers) as resp:
                 if not resp.content_type.startswith("text/event-stream"):
                     failure = _body_failure(resp.status, await resp.text(errors="replace"))
@@ -201,8 +201,9 @@ class YachAgentUpstream:
 
     async def _start(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
         """POST the question; the answer's `obj` (`stream_id`, `chat_session_id`)."""
+        token: str | None = None
         for fresh in (False, True):
-            token = await self._token(fresh=fresh)
+            token = await self._token(refused=token)
             try:
                 payload = await self._http.json(
                     "POST", self._chat_url, json={"access_token": token, **body}
@@ -222,9 +223,10 @@ class YachAgentUpstream:
             return obj
         raise AssertionError("unreachable")
 
-    async def _token(self, *, fresh: bool) -> str:
-        if fresh:
-            self._api.invalidate_token()
+    async def _token(self, *, refused: str | None) -> str:
+        """The app token; a fresh one when `refused` (the last one sent) was called invalid."""
+        if refused is not None:
+            self._api.invalidate_token(refused)
         async for attempt in self._http.retrying():
             with attempt:
                 try:
