@@ -114,3 +114,35 @@ class FakeOpenAI(ChatCompletionsFake):
         return await stream_bytes(
             request, rechunk(data, random.Random(self.seed)), delay_s=self.delay_s
         )
+
+
+MIDWAY_HEAD, MIDWAY_TAIL = "Alpha beta. Gamma", " delta."
+
+
+def _delta_chunk(content: str | None, finish: str | None = None) -> bytes:
+    delta = {} if content is None else {"content": content}
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n"
+
+
+class SilentMidway(ChatCompletionsFake):
+    """Sends MIDWAY_HEAD, is silent until `release` is set, then MIDWAY_TAIL and the end."""
+
+    def __init__(self) -> None:
+        self.server = FakeServer(web.Application())
+        self.release = asyncio.Event()
+
+    async def close(self) -> None:
+        self.release.set()  # a stream still waiting ends, so the server can stop
+        await super().close()
+
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(_delta_chunk(MIDWAY_HEAD))
+        await self.release.wait()
+        await response.write(
+            _delta_chunk(MIDWAY_TAIL) + _delta_chunk(None, "stop") + b"data: [DONE]\n\n"
+        )
+        return response

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from bridge.http import UpstreamHTTP
-from tests.fakes.openai import FakeOpenAI
+from tests.fakes.openai import FakeOpenAI, SilentMidway
 from tests.fakes.yach import FakeYach
 from tests.procs import Spawner
 
@@ -42,6 +42,16 @@ async def yach() -> AsyncIterator[FakeYach]:
 async def upstream() -> AsyncIterator[FakeOpenAI]:
     """A fake OpenAI-compatible upstream that echoes the question and the history length."""
     fake = await FakeOpenAI().start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
+@pytest.fixture
+async def silent() -> AsyncIterator[SilentMidway]:
+    """An OpenAI-compatible upstream that sends a head, then is silent until released."""
+    fake = await SilentMidway().start()
     try:
         yield fake
     finally:

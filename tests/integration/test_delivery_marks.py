@@ -6,29 +6,19 @@ platform confirmed the send, so a replay never resends a piece that showed."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
 
 from bridge.store import Keys
 from tests.fakes import yach as fake_yach
+from tests.fakes.openai import MIDWAY_HEAD as HEAD
+from tests.fakes.openai import MIDWAY_TAIL as TAIL
+from tests.fakes.openai import SilentMidway
 from tests.fakes.yach import FakeYach
 from tests.harness import bridge_env, group_message, openai_env, running_bridge, wait_until
-from tests.integration.test_flush_ticker import HEAD, TAIL, SilentMidway
 
 APP = {"BRIDGE_YACH_APP_KEY": fake_yach.APP_KEY, "BRIDGE_YACH_APP_SECRET": fake_yach.APP_SECRET}
-
-
-@pytest.fixture
-async def midway() -> AsyncIterator[SilentMidway]:
-    upstream = await SilentMidway().start()
-    try:
-        yield upstream
-    finally:
-        upstream.release.set()
-        assert upstream.runner is not None
-        await upstream.runner.cleanup()
 
 
 async def _journal(redis: aioredis.Redis, keys: Keys) -> dict[str, str]:
@@ -43,10 +33,10 @@ async def _journal(redis: aioredis.Redis, keys: Keys) -> dict[str, str]:
 ])  # fmt: skip
 async def test_the_first_piece_is_marked_at_once_only_where_a_resend_could_show_twice(
     redis_url: str, bot_id: str, redis_client: aioredis.Redis, yach: FakeYach,
-    midway: SilentMidway, credentials: dict[str, str], route: str, marked_at_once: bool,
+    silent: SilentMidway, credentials: dict[str, str], route: str, marked_at_once: bool,
 ) -> None:  # fmt: skip
     env = bridge_env(
-        redis_url, bot_id, yach, **openai_env(midway.base_url), **credentials,
+        redis_url, bot_id, yach, **openai_env(silent.base_url), **credentials,
         BRIDGE_REPLY_MODE="stream", BRIDGE_FLUSH_MIN_CHARS="0", BRIDGE_FLUSH_MAX_WAIT_S="0",
         BRIDGE_THINKING_NOTICE_S="0",
     )  # fmt: skip
@@ -62,7 +52,7 @@ async def test_the_first_piece_is_marked_at_once_only_where_a_resend_could_show_
             journal = await _journal(redis_client, keys)
         assert "p:0" in journal and "p:1" not in journal
         assert ("s:0" in journal) is marked_at_once
-        midway.release.set()
+        silent.release.set()
         await wait_until(lambda: len(yach.shown) == 2, timeout=10)
     assert [shown.route for shown in yach.shown] == [route, route]
     assert "".join(yach.texts()).replace(" ", "") == (HEAD + TAIL).replace(" ", "")

@@ -5,62 +5,11 @@ them all), and the ticker starts again for the turns after it stopped."""
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator
-
-import pytest
-from aiohttp import web
 
 from tests.fakes import yach as fake_yach
+from tests.fakes.openai import SilentMidway
 from tests.fakes.yach import FakeYach
 from tests.harness import bridge_env, group_message, openai_env, running_bridge, wait_until
-
-HEAD, TAIL = "Alpha beta. Gamma", " delta."
-
-
-def _chunk(content: str | None, finish: str | None = None) -> bytes:
-    delta = {} if content is None else {"content": content}
-    choice = {"index": 0, "delta": delta, "finish_reason": finish}
-    return b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n"
-
-
-class SilentMidway:
-    """An OpenAI-compatible upstream that sends HEAD, is silent until `release`, then TAIL."""
-
-    def __init__(self) -> None:
-        self.release = asyncio.Event()
-        self.runner: web.AppRunner | None = None
-        self.base_url = ""
-
-    async def start(self) -> SilentMidway:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._complete)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.base_url = f"http://127.0.0.1:{self.runner.addresses[0][1]}/v1"
-        return self
-
-    async def _complete(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(_chunk(HEAD))
-        await self.release.wait()
-        await response.write(_chunk(TAIL) + _chunk(None, "stop") + b"data: [DONE]\n\n")
-        return response
-
-
-@pytest.fixture
-async def silent() -> AsyncIterator[SilentMidway]:
-    upstream = await SilentMidway().start()
-    try:
-        yield upstream
-    finally:
-        upstream.release.set()
-        assert upstream.runner is not None
-        await upstream.runner.cleanup()
 
 
 async def test_text_that_waited_max_wait_goes_out_for_every_turn_while_upstream_is_silent(
