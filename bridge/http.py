@@ -197,6 +197,9 @@ class _IdleWatch:
                         aiohttp.SocketTimeoutError("Timeout on reading data from socket")
                     )
                     del self._bodies[key]
+            if not self._bodies:  # the last ones timed out: the next `add` starts a new task
+                self._task = None
+                return
 
 
 @dataclass

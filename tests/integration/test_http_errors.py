@@ -222,6 +222,12 @@ async def test_idle_timeout_mid_stream(upstream: Upstream, http: UpstreamHTTP) -
     assert 0.3 <= time.monotonic() - started < 5
     assert [e.data for e in events] == ["one"]
     assert upstream.hits("/chat") == 1
+    await asyncio.sleep(0)
+    assert not idle_watches()  # the watch ended with the body it failed
+
+
+def idle_watches() -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "upstream-idle-watch"]
 
 
 def trickle(count: int, every_s: float) -> Handler:
@@ -266,7 +272,7 @@ async def test_idle_timeouts_of_many_streams_and_no_timer_left(upstream: Upstrea
     assert [type(r) for r in results[1::2]] == [UpstreamTimeout] * 3
     assert results[::2] == [await collect(http, url)] * 3
     await asyncio.sleep(0)
-    assert not [t for t in asyncio.all_tasks() if t.get_name() == "upstream-idle-watch"]
+    assert not idle_watches()
 
 
 async def test_connection_dropped_mid_stream(upstream: Upstream, http: UpstreamHTTP) -> None:
