@@ -464,3 +464,62 @@ def test_cut_search_finds_the_reference_cut(parts: list[str], floor: int, limit:
     ignoring_spans = compose_module._best_cut(text, limit, patterns, (), floor=floor,
                                               lookahead=lookahead)
     assert ignoring_spans or not expected  # no cut ignoring the spans: none with them
+
+
+# A long code block is not searched again for every token
+
+_FENCED = st.sampled_from(
+    ["x = 1", " ", "\n", "\n\n", ". ", "```", "```py\n", "\n```\n", "~~~\n", "````", "`", "~",
+     "| a |", "- ", "# h\n", "$$", "word", "。"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    parts=st.lists(_FENCED, min_size=1, max_size=150),
+    sizes=st.lists(st.integers(1, 7), min_size=1, max_size=20),
+    min_chars=st.integers(0, 40),
+    max_chars=st.integers(30, 200),
+)
+def test_the_open_fence_shortcut_cuts_where_a_full_search_cuts(
+    parts: list[str], sizes: list[int], min_chars: int, max_chars: int
+) -> None:
+    text = "".join(parts)
+    policy = FlushPolicy(min_chars=min_chars, max_wait_s=3.0, max_chars=max_chars)
+    fast, full = Composer(policy), Composer(policy)
+    i = k = 0
+    while i < len(text):  # a second per delta: the max-wait flush lowers the floor at times
+        delta = TextDelta(text[i : i + sizes[k % len(sizes)]])
+        full._in_fence = None  # the reference searches in full every time
+        assert fast.feed(delta, float(k)) == full.feed(delta, float(k))
+        i, k = i + len(delta.text), k + 1
+    assert fast.finish() == full.finish()
+
+
+def test_a_long_code_block_is_not_searched_again_for_every_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lines = "".join(f"x{i} = f(x{i - 1})  # step {i}.\n" for i in range(1, 150))
+    text = f"Here is the code:\n\n```python\n{lines}```\n\nThat is all."
+    composer = Composer(STREAM)
+    searched = 0
+    real = compose_module._protected
+
+    def counting(pending: str) -> list[compose_module._Span]:
+        nonlocal searched
+        searched += 1
+        return real(pending)
+
+    monkeypatch.setattr(compose_module, "_protected", counting)  # counts, then searches
+    pieces = [p for ch in chars(text) for p in composer.feed(ch, 0.0)] + composer.finish()
+    assert "".join(pieces) == text
+    assert searched < 20  # a full search per line of the block would be ~150
+
+
+def test_text_before_an_open_fence_still_goes_out_when_it_has_waited() -> None:
+    policy = FlushPolicy(min_chars=40, max_wait_s=5.0)
+    composer = Composer(policy)
+    head = "Intro.\n\n"
+    code = "```py\n" + "".join(f"x{i} = {i}\n" for i in range(12))
+    assert [p for ch in chars(head + code) for p in composer.feed(ch, 0.0)] == []
+    assert composer.feed(TextDelta("y = 0\n"), 6.0) == [head]  # waited: the floor drops to 1
