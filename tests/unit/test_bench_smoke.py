@@ -55,6 +55,14 @@ def test_concurrency_quick(tmp_path: Path) -> None:
     assert "## Concurrency and cost" in results.read_text()
 
 
+def test_compose_quick(tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    out = run_quick("bench_compose.py", results)
+    assert "| prose |" in out and "| one code block |" in out and "× prose per delta" in out
+    text = results.read_text()
+    assert "## Piece cutting" in text and "--quick" in text
+
+
 def test_profile_summary(tmp_path: Path) -> None:
     """py-spy's raw output, summed the way RESULTS.md shows it (own and total share)."""
     sys.path.insert(0, str(BENCH))

@@ -1,0 +1,93 @@
+"""Piece cutting: CPU per token of the Composer in stream mode, prose against code.
+
+    python bench/bench_compose.py          # appends to RESULTS.md
+    python bench/bench_compose.py --quick  # a smoke run of short answers; records nothing
+
+An answer is fed as 4-character deltas under the default flush policy (300 characters, 6 s
+max wait, 5,000 per message), as a streaming turn feeds it. While the buffer waits for a
+place to cut, each delta looks for one: a code block, where no cut may fall, is where that
+look costs most. The same number of characters of prose is the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench._common import command_line, entry_head, record  # noqa: E402
+from bridge.compose import Composer, FlushPolicy  # noqa: E402
+from bridge.events import TextDelta  # noqa: E402
+
+RESULTS = ROOT / "bench" / "RESULTS.md"
+DELTA_CHARS = 4
+
+
+def code_answer(lines: int) -> str:
+    body = "".join(f"x{i} = compute(x{i - 1}) + 1  # step {i}.\n" for i in range(1, lines + 1))
+    return f"Here is the code:\n\n```python\n{body}```\n\nThat is all.\n"
+
+
+def prose_answer(chars: int) -> str:
+    words = (f"Sentence number {i} says a little more." for i in range(chars))
+    text = ""
+    for sentence in words:
+        if len(text) >= chars:
+            return text
+        text += sentence + " "
+    return text
+
+
+def cpu_per_token(text: str, repeat: int) -> tuple[float, int]:
+    """The best CPU µs per delta over `repeat` turns, and the pieces one turn sends."""
+    deltas = [TextDelta(text[i : i + DELTA_CHARS]) for i in range(0, len(text), DELTA_CHARS)]
+    best, pieces = float("inf"), 0
+    for _ in range(repeat):
+        composer = Composer(FlushPolicy())
+        started = time.process_time()
+        sent = [piece for delta in deltas for piece in composer.feed(delta, 0.0)]
+        sent += composer.finish()
+        best = min(best, time.process_time() - started)
+        pieces = len(sent)
+        assert "".join(sent) == text
+    return best / len(deltas) * 1e6, pieces
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run; records nothing")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="where to append the entry (default bench/RESULTS.md; "
+                             "--quick records only when this is given)")
+    args = parser.parse_args(argv)
+    lines, repeat = (20, 1) if args.quick else (120, 5)  # the block fits one message
+    code = code_answer(lines)
+    prose = prose_answer(len(code))
+    rows = []
+    for name, text in (("prose", prose), ("one code block", code)):
+        micros, pieces = cpu_per_token(text, repeat)
+        rows.append((name, len(text), micros, pieces))
+    table = [
+        "| answer | characters | CPU µs per delta | pieces |",
+        "|---|---|---|---|",
+        *(f"| {name} | {size:,} | {micros:.1f} | {n} |" for name, size, micros, n in rows),
+    ]
+    ratio = rows[1][2] / rows[0][2]
+    verdict = f"a code block costs {ratio:.1f}× prose per delta"
+    print(*table, "", verdict, sep="\n")
+    results = args.results or (None if args.quick else RESULTS)
+    if results is not None:
+        head = entry_head("Piece cutting", command_line("bench_compose.py", argv))
+        load = f"- load: {DELTA_CHARS}-character deltas, default flush policy, best of {repeat}"
+        record(results, [*head, load, f"- result: {verdict}", "", *table])
+        print(f"\nappended to {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
