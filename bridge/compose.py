@@ -116,17 +116,20 @@ def _is_table_line(lines: Sequence[tuple[int, int, str]], i: int, previous: bool
 
 
 def _tables(lines: Sequence[tuple[int, int, str]]) -> list[_Span]:
+    """One span per table, from its first row to the end of its last (a span per row would
+    make every cut candidate be checked against every row)."""
     spans: list[_Span] = []
-    block_start: int | None = None
+    block: tuple[int, int] | None = None  # the table being read: its start, its end so far
     previous = False
     for i, (start, end, _) in enumerate(lines):
         previous = _is_table_line(lines, i, previous)
-        if previous and block_start is None:
-            block_start = start
         if previous:
-            spans.append(_Span(block_start if block_start is not None else start, end))
-        else:
-            block_start = None
+            block = (start if block is None else block[0], end)
+        elif block is not None:
+            spans.append(_Span(*block))
+            block = None
+    if block is not None:
+        spans.append(_Span(*block))
     return spans
 
 
@@ -279,16 +282,24 @@ def _split_once(text: str, max_chars: int) -> tuple[str, str]:
 
 
 def _split_fence(text: str, fence: _Span, max_chars: int) -> tuple[str, str]:
-    """Cut inside an over-long fence: close it in the head, reopen it in the rest."""
+    """Cut inside an over-long fence: close it in the head, reopen it in the rest.
+
+    The cut falls after a line of the code, else (a code line longer than a message) inside
+    the line at the limit; the rest must come out shorter than the text, or splitting would
+    never end: an opening line about as long as a message is reopened with its marker alone.
+    """
     marker = re.match(r"\s*(`{3,}|~{3,})", fence.fence_opener)
-    closer = "\n" + (marker.group(1) if marker else "```")
+    bare = marker.group(1) if marker else "```"
+    closer = "\n" + bare
     limit = max_chars - len(closer)
-    cut = text.rfind("\n", fence.start + 1, limit) + 1
-    if cut <= fence.start + 1:
+    body = text.find("\n", fence.start) + 1 or len(text)  # where the code's first line starts
+    cut = text.rfind("\n", body, limit) + 1
+    if cut <= body:
         cut = limit
-    opener = (fence.fence_opener or "```") + "\n"
-    head = text[:cut]
-    return head.rstrip("\n") + closer, opener + text[cut:]
+    opener = fence.fence_opener or bare
+    if len(opener) + 1 >= cut:
+        opener = bare
+    return text[:cut].rstrip("\n") + closer, opener + "\n" + text[cut:]
 
 
 def quote_block(text: str) -> str:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge import compose as compose_module
-from bridge.compose import Composer, FlushPolicy, Standalone, quote_block
+from bridge.compose import Composer, FlushPolicy, Standalone, quote_block, split_text
 from bridge.events import (
     AgentSwitch,
     Event,
@@ -523,3 +523,18 @@ def test_text_before_an_open_fence_still_goes_out_when_it_has_waited() -> None:
     code = "```py\n" + "".join(f"x{i} = {i}\n" for i in range(12))
     assert [p for ch in chars(head + code) for p in composer.feed(ch, 0.0)] == []
     assert composer.feed(TextDelta("y = 0\n"), 6.0) == [head]  # waited: the floor drops to 1
+
+
+@pytest.mark.parametrize("opening", ["```", "```" + "j" * 6000])
+@pytest.mark.parametrize(
+    "code", ["x" * 12000, "a = 1\n" + "y" * 12000, "\n".join(["z" * 100] * 150)]
+)
+def test_code_lines_longer_than_a_message_are_split_and_splitting_ends(
+    opening: str, code: str
+) -> None:
+    pieces = split_text(f"Look:\n\n{opening}\n{code}\n```\n\nDone.", 5000)
+    assert all(len(piece) <= 5000 for piece in pieces)
+    assert all(fences_balanced(piece) for piece in pieces)
+    joined = "".join(pieces)
+    assert all(joined.count(ch) == code.count(ch) for ch in "xyz")  # no code lost or doubled
+    assert joined.endswith("Done.")
