@@ -6,7 +6,7 @@
 An answer is fed as 4-character deltas under the default flush policy (300 characters, 6 s
 max wait, 5,000 per message), as a streaming turn feeds it. While the buffer waits for a
 place to cut, each delta looks for one: a code block, where no cut may fall, is where that
-look costs most. The same number of characters of prose is the baseline.
+look costs most, and so is a table. Prose of about the same length is the baseline.
 """
 
 from __future__ import annotations
@@ -31,6 +31,11 @@ DELTA_CHARS = 4
 def code_answer(lines: int) -> str:
     body = "".join(f"x{i} = compute(x{i - 1}) + 1  # step {i}.\n" for i in range(1, lines + 1))
     return f"Here is the code:\n\n```python\n{body}```\n\nThat is all.\n"
+
+
+def table_answer(rows: int) -> str:
+    body = "".join(f"| {i} | {i * i} | fine, and more. |\n" for i in range(rows))
+    return f"Results:\n\n| n | square | note |\n|---|---|---|\n{body}\nThat is all.\n"
 
 
 def prose_answer(chars: int) -> str:
@@ -69,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = code_answer(lines)
     prose = prose_answer(len(code))
     rows = []
-    for name, text in (("prose", prose), ("one code block", code)):
+    table = table_answer(lines)
+    for name, text in (("prose", prose), ("one code block", code), ("one table", table)):
         micros, pieces = cpu_per_token(text, repeat)
         rows.append((name, len(text), micros, pieces))
     table = [
@@ -77,8 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "|---|---|---|---|",
         *(f"| {name} | {size:,} | {micros:.1f} | {n} |" for name, size, micros, n in rows),
     ]
-    ratio = rows[1][2] / rows[0][2]
-    verdict = f"a code block costs {ratio:.1f}× prose per delta"
+    verdict = "per delta, " + ", ".join(
+        f"{name} {micros / rows[0][2]:.1f}× prose" for name, _, micros, _ in rows[1:]
+    )
     print(*table, "", verdict, sep="\n")
     results = args.results or (None if args.quick else RESULTS)
     if results is not None:

@@ -60,6 +60,7 @@ class _Span:
     end: int
     fence_opener: str = ""  # the opening line of a code fence, e.g. "```python"
     is_fence: bool = False
+    is_table: bool = False
 
 
 def _fences(text: str) -> list[_Span]:
@@ -126,10 +127,10 @@ def _tables(lines: Sequence[tuple[int, int, str]]) -> list[_Span]:
         if previous:
             block = (start if block is None else block[0], end)
         elif block is not None:
-            spans.append(_Span(*block))
+            spans.append(_Span(*block, is_table=True))
             block = None
     if block is not None:
-        spans.append(_Span(*block))
+        spans.append(_Span(*block, is_table=True))
     return spans
 
 
@@ -322,6 +323,48 @@ def _default_agent_line(agent: str) -> str:
     return f"→ {agent}"
 
 
+def _table_row(line: str) -> bool:
+    """Whether a line after a table's row is a row too (`_is_table_line` with a row before)."""
+    return "|" in line and bool(line.strip()) and not _FENCE.match(line)
+
+
+@dataclass(frozen=True, slots=True)
+class _Stuck:
+    """A look at `text` with `floor` found no cut while a code fence, or a table, was open to
+    its end. Every position after the block's start is inside it while it stays open, and
+    the text before it — every span and boundary there — is as it was: so the look's answer
+    stands for a longer text as long as only text was added, none of it can end the block,
+    and the floor did not drop. A fence ends only at a line of backticks or tildes; a table
+    at a line that is not a row. `last_line` is where `text`'s last line starts."""
+
+    text: str
+    floor: int
+    table: bool
+    last_line: int
+
+    @classmethod
+    def at_end(cls, text: str, spans: Sequence[_Span], floor: int) -> _Stuck | None:
+        end, last_line = len(text), text.rfind("\n") + 1
+        if any(span.is_fence and span.end > end for span in spans):
+            return cls(text, floor, False, last_line)
+        # A table with two rows before the last line: the one before the last is a row by
+        # following a row, whatever the last line becomes (a row's status can hang on the
+        # next line being a delimiter row), and so is every row added after it.
+        before_last = text.rfind("\n", 0, max(last_line - 1, 0)) + 1
+        if any(s.is_table and s.end > end and s.start < before_last for s in spans):
+            return cls(text, floor, True, last_line)
+        return None
+
+    def holds(self, text: str, floor: int) -> bool:
+        if floor < self.floor or not text.startswith(self.text):
+            return False
+        if self.table:  # a line just begun may be empty: a cut before it waits for its start
+            *rows, begun = text[self.last_line :].split("\n")
+            return all(map(_table_row, rows)) and (not begun or _table_row(begun))
+        added = text[max(len(self.text) - 3, 0) :]  # a closing run may begin in the old text
+        return "```" not in added and "~~~" not in added
+
+
 @dataclass
 class Composer:
     """Turns the events of one turn into message texts, in order.
@@ -348,9 +391,7 @@ class Composer:
     _part_text: bool = False
     _part_reasoning: str = ""
     _suggestions: tuple[str, ...] = ()
-    # The buffer and floor of the last look that found no cut while a code fence was open:
-    # see `_still_in_fence`.
-    _in_fence: tuple[str, int] | None = None
+    _stuck: _Stuck | None = None  # the last look found no cut inside a block still open
 
     def __post_init__(self) -> None:
         self._last_flush = self.now
@@ -475,7 +516,7 @@ class Composer:
             return []
         limit = min(len(pending), self.policy.max_chars)
         floor = 1 if due else self.policy.min_chars
-        cut = 0 if self._still_in_fence(pending, floor) else self._cut(pending, limit, floor)
+        cut = 0 if self._still_stuck(pending, floor) else self._cut(pending, limit, floor)
         if cut:
             return self._take(cut, now)
         if len(pending) > self.policy.max_chars:
@@ -485,35 +526,25 @@ class Composer:
     def _cut(self, pending: str, limit: int, floor: int) -> int:
         # Spans only rule cuts out: without a cut before them there is none after them, and
         # they cost far more to find (the buffer waits for a boundary token after token).
-        self._in_fence = None
+        self._stuck = None
         cut = _best_cut(pending, limit, _STREAM_BOUNDARIES, (), floor=floor, lookahead=True)
         if not cut:
             return 0
         spans = _protected(pending)
         cut = _best_cut(pending, limit, _STREAM_BOUNDARIES, spans, floor=floor, lookahead=True)
-        open_fence = any(span.is_fence and span.end > len(pending) for span in spans)
-        self._in_fence = (pending, floor) if not cut and open_fence else None
+        if not cut:
+            self._stuck = _Stuck.at_end(pending, spans, floor)
         return cut
 
-    def _still_in_fence(self, pending: str, floor: int) -> bool:
-        """Whether the last look's "no cut" stands: it found a code fence open, and since then
-        text was only added, none of it can close the fence, and the floor did not drop.
-
-        Every position after the fence's opening is inside it while it stays open; the text
-        before it, and so every span and boundary there, is as it was. Without this, a long
-        code block is searched from its start again for every token (a 7 KB block cost
-        ~400 ms of CPU, 150× the same length of prose)."""
-        last = self._in_fence
-        if last is None:
+    def _still_stuck(self, pending: str, floor: int) -> bool:
+        """Whether the last look's "no cut" stands, so that a long code block or table is not
+        searched from its start again for every token (a 7 KB code block cost ~400 ms of CPU,
+        150× the same length of prose). See `_Stuck`."""
+        stuck = self._stuck
+        if stuck is None or not stuck.holds(pending, floor):
             return False
-        before, last_floor = last
-        added = pending[max(len(before) - 3, 0) :]  # a closing run may begin in the old text
-        return (
-            floor >= last_floor
-            and pending.startswith(before)
-            and "```" not in added
-            and "~~~" not in added
-        )
+        self._stuck = _Stuck(pending, stuck.floor, stuck.table, pending.rfind("\n") + 1)
+        return True
 
     def _take(self, cut: int, now: float) -> list[str]:
         head, self._pending = self._pending[:cut], self._pending[cut:]

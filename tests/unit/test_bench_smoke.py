@@ -58,7 +58,7 @@ def test_concurrency_quick(tmp_path: Path) -> None:
 def test_compose_quick(tmp_path: Path) -> None:
     results = tmp_path / "RESULTS.md"
     out = run_quick("bench_compose.py", results)
-    assert "| prose |" in out and "| one code block |" in out and "× prose per delta" in out
+    assert "| prose |" in out and "| one code block |" in out and "| one table |" in out
     text = results.read_text()
     assert "## Piece cutting" in text and "--quick" in text
 

@@ -466,22 +466,22 @@ def test_cut_search_finds_the_reference_cut(parts: list[str], floor: int, limit:
     assert ignoring_spans or not expected  # no cut ignoring the spans: none with them
 
 
-# A long code block is not searched again for every token
+# A long code block or table is not searched again for every token
 
-_FENCED = st.sampled_from(
+_BLOCKS = st.sampled_from(
     ["x = 1", " ", "\n", "\n\n", ". ", "```", "```py\n", "\n```\n", "~~~\n", "````", "`", "~",
-     "| a |", "- ", "# h\n", "$$", "word", "。"]
+     "| a |", "|---|", "|", "\n|", "| b. c |\n", "```|", "- ", "# h\n", "> ", "$$", "word", "。"]
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(
-    parts=st.lists(_FENCED, min_size=1, max_size=150),
+    parts=st.lists(_BLOCKS, min_size=1, max_size=150),
     sizes=st.lists(st.integers(1, 7), min_size=1, max_size=20),
     min_chars=st.integers(0, 40),
     max_chars=st.integers(30, 200),
 )
-def test_the_open_fence_shortcut_cuts_where_a_full_search_cuts(
+def test_the_open_block_shortcut_cuts_where_a_full_search_cuts(
     parts: list[str], sizes: list[int], min_chars: int, max_chars: int
 ) -> None:
     text = "".join(parts)
@@ -490,17 +490,23 @@ def test_the_open_fence_shortcut_cuts_where_a_full_search_cuts(
     i = k = 0
     while i < len(text):  # a second per delta: the max-wait flush lowers the floor at times
         delta = TextDelta(text[i : i + sizes[k % len(sizes)]])
-        full._in_fence = None  # the reference searches in full every time
+        full._stuck = None  # the reference searches in full every time
         assert fast.feed(delta, float(k)) == full.feed(delta, float(k))
         i, k = i + len(delta.text), k + 1
     assert fast.finish() == full.finish()
 
 
-def test_a_long_code_block_is_not_searched_again_for_every_token(
-    monkeypatch: pytest.MonkeyPatch,
+_CODE_LINES = "".join(f"x{i} = f(x{i - 1})  # step {i}.\n" for i in range(1, 150))
+_TABLE_ROWS = "".join(f"| {i} | {i * i} | fine. |\n" for i in range(150))
+
+
+@pytest.mark.parametrize("text", [
+    f"Here is the code:\n\n```python\n{_CODE_LINES}```\n\nThat is all.",
+    f"Results:\n\n| n | square | note |\n|---|---|---|\n{_TABLE_ROWS}\nThat is all.",
+], ids=["code", "table"])  # fmt: skip
+def test_a_long_block_is_not_searched_again_for_every_token(
+    monkeypatch: pytest.MonkeyPatch, text: str
 ) -> None:
-    lines = "".join(f"x{i} = f(x{i - 1})  # step {i}.\n" for i in range(1, 150))
-    text = f"Here is the code:\n\n```python\n{lines}```\n\nThat is all."
     composer = Composer(STREAM)
     searched = 0
     real = compose_module._protected
