@@ -112,10 +112,6 @@ return lost
 # Messages per put script: a larger burst is stored by several calls, one after the other, so
 # that no one script holds Redis for long.
 _MAX_PUT_BATCH = 256
-# Put scripts in flight at once. What arrives while one runs waits for the next: under load
-# the batches grow instead of the calls (a call costs the bridge ~40 µs of redis-py and
-# Redis its own share, a message in it a few), and the calls reach Redis in inbox order.
-_MAX_FLUSHES = 1
 
 # How many XAUTOCLAIM calls one claim pass may make (each scans up to 10 × COUNT entries
 # of the pending list: with a long backlog, the first scan window may hold no idle entry).
@@ -167,8 +163,11 @@ class Inbox:
         self._prune_script = redis.register_script(_PRUNE)
         self._batch: list[_Pending] = []
         self._flush_scheduled = False
-        self._flushes: set[asyncio.Task[None]] = set()
-        # One put script runs at a time (`_MAX_FLUSHES`): one kept connection serves them all.
+        # One put script runs at a time; what arrives meanwhile waits for the next. Under load
+        # the batches grow instead of the calls (a call costs the bridge ~40 µs of redis-py
+        # and Redis its own share, a message in it a few), the calls reach Redis in inbox
+        # order, and one kept connection serves them all.
+        self._flush: asyncio.Task[None] | None = None
         self._hot = HotPath(redis, keep=1)
         self._unreadable: list[tuple[str, dict[bytes, bytes]]] = []
 
@@ -196,7 +195,7 @@ class Inbox:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Accepted | Duplicate] = loop.create_future()
         self._batch.append(_Pending(item, future))
-        if not self._flush_scheduled and len(self._flushes) < _MAX_FLUSHES:
+        if not self._flush_scheduled and self._flush is None:
             self._flush_scheduled = True
             loop.call_soon(self._start_flush)
         return await future
@@ -205,14 +204,13 @@ class Inbox:
         """Store what waits (up to `_MAX_PUT_BATCH` messages, in order) in a task of its own."""
         self._flush_scheduled = False
         batch, self._batch = self._batch[:_MAX_PUT_BATCH], self._batch[_MAX_PUT_BATCH:]
-        task = asyncio.get_running_loop().create_task(self._store(batch))
-        self._flushes.add(task)
-        task.add_done_callback(self._flush_done)
+        self._flush = asyncio.get_running_loop().create_task(self._store(batch))
+        self._flush.add_done_callback(self._flush_done)
 
     def _flush_done(self, task: asyncio.Task[None]) -> None:
-        """A flush ended: what arrived while `_MAX_FLUSHES` were running goes next."""
-        self._flushes.discard(task)
-        if self._batch and not self._flush_scheduled:
+        """A flush ended: what arrived while it ran goes next."""
+        self._flush = None
+        if self._batch:
             self._start_flush()
 
     async def _store(self, batch: list[_Pending]) -> None:
