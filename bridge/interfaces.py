@@ -118,6 +118,7 @@ class IM(Protocol):
     name: str
     max_chars: int
     streams_tokens: bool  # True: send every delta at once (a terminal), not in pieces
+    rate_limited: bool  # True: the platform limits sends; they go through the Redis budget
 
     def verify(self, headers: Mapping[str, str]) -> None:
         """Check the request's signature from its headers alone; raise `WebhookRejected`."""
@@ -129,6 +130,11 @@ class IM(Protocol):
 
     async def send(self, target: ReplyTarget, piece: Piece) -> None:
         """Deliver one piece; raise `SendError` when the platform did not confirm it."""
+        ...
+
+    def dedupes(self, target: ReplyTarget) -> bool:
+        """Whether a piece sent to this target again shows once (the platform keeps its
+        `message_id`): then a sent mark may wait for the next journal write."""
         ...
 
 

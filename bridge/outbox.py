@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 import redis.asyncio as aioredis
 import structlog
@@ -90,7 +89,7 @@ class Outbox:
     ) -> None:
         self.im = im
         self._metrics = metrics
-        self._budgeted = bool(getattr(im, "rate_limited", True))
+        self._budgeted = im.rate_limited
         self._group = SendBudget(redis, keys.send_budget_group, group_rate)
         self._direct = SendBudget(redis, keys.send_budget_direct, DIRECT_RATE)
         self._attempts = attempts
@@ -113,9 +112,8 @@ class Outbox:
 
     def dedupes(self, target: ReplyTarget) -> bool:
         """Whether the IM shows a piece's `message_id` to this target once, however often it
-        is sent (an IM that does not say so is taken not to)."""
-        dedupes: Callable[[ReplyTarget], bool] | None = getattr(self.im, "dedupes", None)
-        return dedupes is not None and dedupes(target)
+        is sent."""
+        return self.im.dedupes(target)
 
     async def deliver(
         self, target: ReplyTarget, piece: Piece, *, budget_taken: bool = False

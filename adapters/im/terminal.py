@@ -41,6 +41,10 @@ class TerminalIM:
         else:
             self.write(piece.text)
 
+    def dedupes(self, target: ReplyTarget) -> bool:
+        """A terminal prints what it is given: a piece sent again shows again."""
+        return False
+
     # For the CLI around the channel
 
     def write(self, text: str) -> None:
