@@ -406,6 +406,21 @@ async def _serve_bare() -> None:
     await runner.cleanup()
 
 
+async def _serve_floor(spec: dict[str, str]) -> None:
+    """The relay bench's floor (`_floor.py`), served as the bridge serves."""
+    from _floor import FloorRelay, floor_app
+
+    relay = FloorRelay(spec["redis"], spec["upstream"], spec["yach"])
+    await relay.start()
+    runner = web.AppRunner(floor_app(relay), access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    print(f"PORT {runner.addresses[0][1]}", flush=True)
+    await _until_signalled()
+    await runner.cleanup()
+    await relay.close()
+
+
 async def _until_signalled() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -926,7 +941,7 @@ def run_on_loop(main: Coroutine[Any, Any, None], loop: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="bench helpers that run as processes")
-    parser.add_argument("role", choices=["loadgen", "bare", "upstream"])
+    parser.add_argument("role", choices=["loadgen", "bare", "upstream", "floor"])
     parser.add_argument("spec", nargs="?", default="{}")
     args = parser.parse_args(argv)
     spec = json.loads(args.spec)
@@ -934,6 +949,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(_loadgen(spec))
     elif args.role == "bare":
         run_on_loop(_serve_bare(), spec.get("loop", "asyncio"))
+    elif args.role == "floor":
+        run_on_loop(_serve_floor(spec), "uvloop")
     else:
         asyncio.run(_serve_upstream(TokenPlan(**spec)))
     return 0

@@ -35,7 +35,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +54,7 @@ from _common import (
     add_priority_option,
     apply_priority,
     bench_env,
+    child,
     command_line,
     entry_head,
     ms,
@@ -63,6 +64,7 @@ from _common import (
     top_functions,
 )
 
+from tests.fakes.yach import FakeYach
 from tests.harness import group_message, signed_headers
 
 TARGET_P50_S, TARGET_P99_S, TARGET_FIRST_S = 0.001, 0.005, 0.003
@@ -77,6 +79,10 @@ class Measured:
     name: str
     first: list[float] = field(default_factory=list)  # request → first token, seconds
     latency: list[float] = field(default_factory=list)  # emission → arrival, seconds
+    to_upstream: list[float] = field(default_factory=list)  # webhook → upstream request, s
+
+    def note_upstream(self, tracker: Tracker, upstream: TokenUpstream, keys: Iterable[str]) -> None:
+        self.to_upstream = [(upstream.requested[key] - tracker.posted[key]) / 1e9 for key in keys]
 
 
 @dataclass
@@ -181,8 +187,9 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
             cpu = sum(meter.cpu()) - cpu_before
             measured, pieces, tokens = tracker.measured, sum(tracker.pieces.values()), \
                 tracker.token_count
-            to_upstream = [(upstream.requested[f"r{n}"] - tracker.posted[f"r{n}"]) / 1e9
-                           for n in range(args.turns)]
+            measured.note_upstream(tracker, upstream, (f"r{n}" for n in range(args.turns)))
+            floor = await _floor(args, session, tracker, services.redis.url, upstream, yach,
+                                 turn_timeout)
             profile: list[str] = []
             if args.profile:
                 tracker.measured = Measured("profiled, not counted")
@@ -192,8 +199,28 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
         services.close()
         await yach.close()
         await upstream.close()
-    return {"direct": direct, "bridge": measured, "pieces": pieces, "tokens": tokens,
-            "cpu_s": cpu, "to_upstream": to_upstream, "profile": profile}
+    return {"direct": direct, "bridge": measured, "floor": floor, "pieces": pieces,
+            "tokens": tokens, "cpu_s": cpu, "profile": profile}
+
+
+async def _floor(args: argparse.Namespace, session: aiohttp.ClientSession, tracker: Tracker,
+                 redis_url: str, upstream: TokenUpstream, yach: FakeYach,
+                 turn_timeout: float) -> Measured:
+    """The same turns through the floor (`_floor.py`): the required hops and nothing else."""
+    spec = {"redis": redis_url, "upstream": upstream.base_url, "yach": yach.url}
+    async with child("floor", json.dumps(spec)) as floor:
+        url = f"http://127.0.0.1:{floor.port}"
+
+        async def turn(n: int) -> None:
+            await bridge_turn(session, url, f"r{n}", n, tracker, turn_timeout)
+
+        tracker.measured = Measured("floor warm-up, not counted")
+        await in_batches(args.warmup, min(args.warmup, args.concurrency),
+                         lambda n: turn(50000 + n))
+        tracker.measured = Measured("floor (the hops SPEC requires, nothing else)")
+        await in_batches(args.turns, args.concurrency, lambda n: turn(40000 + n))
+    tracker.measured.note_upstream(tracker, upstream, (f"r{40000 + n}" for n in range(args.turns)))
+    return tracker.measured
 
 
 async def _profile(
@@ -231,12 +258,17 @@ def verdicts(found: dict[str, object]) -> list[str]:
     def met(ok: bool) -> str:
         return "met" if ok else "MISSED"
 
+    floor = found["floor"]
+    assert isinstance(floor, Measured)
     p50, p99 = percentiles(bridge.latency, (50, 99))
+    floor50, floor99 = percentiles(floor.latency, (50, 99))
+    (first_floor,) = percentiles(floor.first, (50,))
     hop50, hop99 = percentiles(direct.latency, (50, 99))
     (first_direct,) = percentiles(direct.first, (50,))
     (first_bridge,) = percentiles(bridge.first, (50,))
     overhead = first_bridge - first_direct
-    (upstream,) = percentiles(found["to_upstream"], (50,))  # type: ignore[arg-type]
+    (upstream,) = percentiles(bridge.to_upstream, (50,))
+    (floor_upstream,) = percentiles(floor.to_upstream, (50,))
     tokens, pieces, cpu = found["tokens"], found["pieces"], found["cpu_s"]
     assert isinstance(tokens, int) and isinstance(pieces, int) and isinstance(cpu, float)
     return [
@@ -248,6 +280,12 @@ def verdicts(found: dict[str, object]) -> list[str]:
         f"first-token overhead vs the upstream called directly: {ms(overhead)} ms "
         f"(target ≤ {TARGET_FIRST_S * 1000:g}: {met(overhead <= TARGET_FIRST_S)}); of the "
         f"bridge's first token, webhook posted → upstream request arrived: p50 {ms(upstream)} ms",
+        f"the floor on this machine (`_floor.py`: per webhook one Redis write, per piece one "
+        f"Redis write and the POST, nothing else): added latency p50 {ms(floor50)} ms, p99 "
+        f"{ms(floor99)} ms, first-token overhead {ms(first_floor - first_direct)} ms, webhook "
+        f"posted → upstream request arrived {ms(floor_upstream)} ms; the bridge above it: "
+        f"p50 {ms(p50 - floor50)} ms, p99 {ms(p99 - floor99)} ms, first token "
+        f"{ms(first_bridge - first_floor)} ms",
         f"pieces: {pieces} for {tokens} tokens ({pieces / max(tokens, 1):.2f} per token); "
         f"bridge CPU {cpu * 1e6 / max(pieces, 1):.0f} µs per piece sent",
     ]
@@ -285,7 +323,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         found = asyncio.run(run(args, Path(tmp)))
     direct, bridge = found["direct"], found["bridge"]
     assert isinstance(direct, Measured) and isinstance(bridge, Measured)
-    lines, said = table([direct, bridge]), [*verdicts(found), load.describe(), priority]
+    floor = found["floor"]
+    assert isinstance(floor, Measured)
+    lines = table([direct, bridge, floor])
+    said = [*verdicts(found), load.describe(), priority]
     profile = found["profile"]
     assert isinstance(profile, list)
     print(*lines, "", *said, sep="\n")
