@@ -27,12 +27,13 @@ import subprocess
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -388,12 +389,17 @@ async def _serve_upstream(plan: TokenPlan) -> None:
     await upstream.close()
 
 
-async def _serve_bare() -> None:
+async def _serve_bare(store: str = "") -> None:
     """The baseline: an aiohttp app answering the webhook route 200 with no work, served as
-    the bridge serves (AppRunner, no access log, same default body limit)."""
+    the bridge serves (AppRunner, no access log, same default body limit). With `store` (a
+    Redis URL), it first writes the body to a stream there (one XADD per request, awaited):
+    the store-before-200 SPEC §4 asks for, and nothing else."""
+    redis = aioredis.Redis.from_url(store) if store else None
 
     async def ok(request: web.Request) -> web.Response:
-        await request.read()
+        body = await request.read()
+        if redis is not None:
+            await redis.xadd("bare:inbox", {"m": body})
         return web.json_response({"code": 200, "msg": "ok"})
 
     app = web.Application()
@@ -404,6 +410,8 @@ async def _serve_bare() -> None:
     print(f"PORT {runner.addresses[0][1]}", flush=True)
     await _until_signalled()
     await runner.cleanup()
+    if redis is not None:
+        await redis.aclose()
 
 
 async def _serve_floor(spec: dict[str, str]) -> None:
@@ -890,7 +898,7 @@ class Step:
 
 async def run_loadgen(
     spec: dict[str, Any],
-    watch: dict[str, Sequence[int]],
+    watch: Mapping[str, Sequence[int]],
     on_start: Callable[[dict[str, Any]], Any] | None = None,
 ) -> list[Step]:
     """Run the load generator in a process of its own, metering the CPU of the `watch`ed
@@ -948,7 +956,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.role == "loadgen":
         asyncio.run(_loadgen(spec))
     elif args.role == "bare":
-        run_on_loop(_serve_bare(), spec.get("loop", "asyncio"))
+        run_on_loop(_serve_bare(spec.get("store", "")), spec.get("loop", "asyncio"))
     elif args.role == "floor":
         run_on_loop(_serve_floor(spec), "uvloop")
     else:

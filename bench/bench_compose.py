@@ -74,8 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = code_answer(lines)
     prose = prose_answer(len(code))
     rows = []
-    table = table_answer(lines)
-    for name, text in (("prose", prose), ("one code block", code), ("one table", table)):
+    tabled = table_answer(lines)
+    for name, text in (("prose", prose), ("one code block", code), ("one table", tabled)):
         micros, pieces = cpu_per_token(text, repeat)
         rows.append((name, len(text), micros, pieces))
     table = [

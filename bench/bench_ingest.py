@@ -98,6 +98,17 @@ async def measure_bare(args: argparse.Namespace, loop: str) -> Config:
     return Config("bare aiohttp" if loop == "asyncio" else f"bare aiohttp on {loop}", steps)
 
 
+async def measure_bare_store(args: argparse.Namespace, services: BridgeSet) -> Config:
+    """The bare app on uvloop with one XADD per request before the 200: what storing alone
+    costs on this machine (not a target's baseline; the bridge batches its writes)."""
+    services.fresh_redis()
+    setup = {"loop": "uvloop", "store": services.redis.url}
+    async with child("bare", json.dumps(setup)) as bare:
+        watch = {"server": [bare.pid], "redis": [services.redis_pid]}
+        steps = await run_loadgen(spec(args, "bare-store", [bare.port]), watch)
+    return Config("bare aiohttp on uvloop + one XADD", steps)
+
+
 async def measure_bridge(
     args: argparse.Namespace, services: BridgeSet, env: dict[str, str], processes: int,
     profile_to: Path | None,
@@ -158,7 +169,9 @@ def table(configs: Sequence[Config]) -> list[str]:
     return out
 
 
-def verdicts(bares: Sequence[Config], one: Config, more: Config | None) -> list[str]:
+def verdicts(
+    bares: Sequence[Config], one: Config, more: Config | None, stored: Config | None
+) -> list[str]:
     def met(ok: bool) -> str:
         return "met" if ok else "MISSED"
 
@@ -177,6 +190,10 @@ def verdicts(bares: Sequence[Config], one: Config, more: Config | None) -> list[
         out.append(f"what one core would carry at the maximum's CPU cost per request "
                    f"(independent of how busy the machine was): chatbridge {ours:,.0f}/s, "
                    f"{bare.name} {theirs:,.0f}/s, {ours / max(theirs, 1):.0%}")
+    if stored is not None and bares:
+        out.append(f"{stored.name}: {stored.max_rate:,.0f}/s, "
+                   f"{stored.max_rate / max(bares[0].max_rate, 1):.0%} of the {bares[0].name}; "
+                   f"chatbridge {one.max_rate / max(stored.max_rate, 1):.2f}× it")
     if more is not None:
         out.append(f"scale-out: {more.name} {more.max_rate:,.0f}/s = "
                    f"{more.max_rate / max(one.max_rate, 1):.2f}× one process")
@@ -204,6 +221,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         default=["uvloop", "asyncio"],
                         help="event loops to run the bare app on (default uvloop,asyncio; "
                              "the bridge runs on uvloop, so that is the like-for-like baseline)")
+    parser.add_argument("--bare-store", action="store_true",
+                        help="also the bare app on uvloop storing each request with one XADD")
     parser.add_argument("--profile", action="store_true",
                         help="profile one bridge with py-spy at the maximum (a separate run)")
     parser.add_argument("--profile-seconds", type=float, default=8.0)
@@ -232,6 +251,10 @@ async def run(args: argparse.Namespace, work: Path) -> tuple[list[Config], list[
         )
         print(*table([one])[2:], sep="\n", flush=True)
         configs = [*bares, one]
+        if args.bare_store:
+            stored = await measure_bare_store(args, services)
+            print(*table([stored])[2:], sep="\n", flush=True)
+            configs.append(stored)
         if args.processes > 1:
             more, _ = await measure_bridge(args, services, env, args.processes, None)
             print(*table([more])[2:], sep="\n", flush=True)
@@ -250,9 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         configs, profile = asyncio.run(run(args, Path(tmp)))
     lines = table(configs)
-    bares, ours = configs[: len(args.bare_loops)], configs[len(args.bare_loops) :]
-    found = [*verdicts(bares, ours[0], ours[1] if len(ours) > 1 else None),
-             load.describe(), priority]
+    bares, (one, *others) = configs[: len(args.bare_loops)], configs[len(args.bare_loops) :]
+    more = next((c for c in others if c.name.startswith("chatbridge")), None)
+    stored = next((c for c in others if not c.name.startswith("chatbridge")), None)
+    found = [*verdicts(bares, one, more, stored), load.describe(), priority]
     print("", *lines, "", *found, sep="\n")
     if profile:
         print("\npy-spy, one bridge at the maximum:", *profile, sep="\n")
