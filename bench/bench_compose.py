@@ -6,7 +6,9 @@
 An answer is fed as 4-character deltas under the default flush policy (300 characters, 6 s
 max wait, 5,000 per message), as a streaming turn feeds it. While the buffer waits for a
 place to cut, each delta looks for one: a code block, where no cut may fall, is where that
-look costs most, and so is a table. Prose of about the same length is the baseline.
+look costs most, and so is a table, and text with no boundary at all (CJK without
+punctuation, a long URL), which waits for the 5,000-character split. Prose of about the same
+length is the baseline.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ def code_answer(lines: int) -> str:
 def table_answer(rows: int) -> str:
     body = "".join(f"| {i} | {i * i} | fine, and more. |\n" for i in range(rows))
     return f"Results:\n\n| n | square | note |\n|---|---|---|\n{body}\nThat is all.\n"
+
+
+def boundless_answer(chars: int) -> str:
+    clause = "这是一段没有任何标点符号的很长的中文文本"
+    return clause * (chars // len(clause)) + "。"
 
 
 def prose_answer(chars: int) -> str:
@@ -74,8 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = code_answer(lines)
     prose = prose_answer(len(code))
     rows = []
-    tabled = table_answer(lines)
-    for name, text in (("prose", prose), ("one code block", code), ("one table", tabled)):
+    answers = [("prose", prose), ("one code block", code), ("one table", table_answer(lines)),
+               ("no boundary", boundless_answer(len(code)))]
+    for name, text in answers:
         micros, pieces = cpu_per_token(text, repeat)
         rows.append((name, len(text), micros, pieces))
     table = [

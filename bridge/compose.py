@@ -365,6 +365,23 @@ class _Stuck:
         return "```" not in added and "~~~" not in added
 
 
+@dataclass(frozen=True, slots=True)
+class _Scanned:
+    """A look at `text` with `floor` found no boundary to cut at, spans aside. Every match
+    ending before `text`'s end was judged on characters all known then (the patterns look
+    at nothing past a match), so a longer text that starts with `text` has no cut before
+    `len(text)` for a floor no lower: a buffer that waits for its first boundary (a long
+    URL, CJK without punctuation) is not scanned from the floor again for every token."""
+
+    text: str
+    floor: int
+
+    def floor_for(self, text: str, floor: int) -> int:
+        if floor >= self.floor and text.startswith(self.text):
+            return max(floor, len(self.text))
+        return floor
+
+
 @dataclass
 class Composer:
     """Turns the events of one turn into message texts, in order.
@@ -392,6 +409,7 @@ class Composer:
     _part_reasoning: str = ""
     _suggestions: tuple[str, ...] = ()
     _stuck: _Stuck | None = None  # the last look found no cut inside a block still open
+    _scanned: _Scanned | None = None  # the last look found no boundary at all
 
     def __post_init__(self) -> None:
         self._last_flush = self.now
@@ -527,8 +545,11 @@ class Composer:
         # Spans only rule cuts out: without a cut before them there is none after them, and
         # they cost far more to find (the buffer waits for a boundary token after token).
         self._stuck = None
-        cut = _best_cut(pending, limit, _STREAM_BOUNDARIES, (), floor=floor, lookahead=True)
+        scanned = self._scanned
+        from_floor = floor if scanned is None else scanned.floor_for(pending, floor)
+        cut = _best_cut(pending, limit, _STREAM_BOUNDARIES, (), floor=from_floor, lookahead=True)
         if not cut:
+            self._scanned = _Scanned(pending, floor)
             return 0
         spans = _protected(pending)
         cut = _best_cut(pending, limit, _STREAM_BOUNDARIES, spans, floor=floor, lookahead=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -481,7 +482,7 @@ _BLOCKS = st.sampled_from(
     min_chars=st.integers(0, 40),
     max_chars=st.integers(30, 200),
 )
-def test_the_open_block_shortcut_cuts_where_a_full_search_cuts(
+def test_the_shortcuts_cut_where_a_full_search_cuts(
     parts: list[str], sizes: list[int], min_chars: int, max_chars: int
 ) -> None:
     text = "".join(parts)
@@ -490,7 +491,7 @@ def test_the_open_block_shortcut_cuts_where_a_full_search_cuts(
     i = k = 0
     while i < len(text):  # a second per delta: the max-wait flush lowers the floor at times
         delta = TextDelta(text[i : i + sizes[k % len(sizes)]])
-        full._stuck = None  # the reference searches in full every time
+        full._stuck = full._scanned = None  # the reference searches in full every time
         assert fast.feed(delta, float(k)) == full.feed(delta, float(k))
         i, k = i + len(delta.text), k + 1
     assert fast.finish() == full.finish()
@@ -520,6 +521,31 @@ def test_a_long_block_is_not_searched_again_for_every_token(
     pieces = [p for ch in chars(text) for p in composer.feed(ch, 0.0)] + composer.finish()
     assert "".join(pieces) == text
     assert searched < 20  # a full search per line of the block would be ~150
+
+
+@pytest.mark.parametrize("text", [
+    "see https://example.com/" + "a1b2c3/" * 1200 + " for the rest. Done.",
+    "这是一段没有任何标点符号的很长的中文文本" * 400 + "。结束。",
+], ids=["url", "cjk"])  # fmt: skip
+def test_text_without_a_boundary_is_not_scanned_again_for_every_token(
+    monkeypatch: pytest.MonkeyPatch, text: str
+) -> None:
+    composer = Composer(STREAM)
+    scanned = 0
+    real = compose_module._best_cut
+
+    def counting(pending: str, limit: int, *args: Any, floor: int = 1, **kwargs: Any) -> int:
+        nonlocal scanned
+        scanned += max(limit - floor, 0)
+        return real(pending, limit, *args, floor=floor, **kwargs)
+
+    monkeypatch.setattr(compose_module, "_best_cut", counting)  # counts, then searches
+    pieces = [p for ch in chars(text) for p in composer.feed(ch, 0.0)] + composer.finish()
+    assert "".join(pieces) == text
+    assert all(len(piece) <= 5000 for piece in pieces)
+    # a split at 5,000 characters scans its message a few times; a scan from the floor for
+    # every token would be ~len(text)² / 8 (millions here)
+    assert scanned < 10 * len(text)
 
 
 def test_text_before_an_open_fence_still_goes_out_when_it_has_waited() -> None:
