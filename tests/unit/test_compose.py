@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import pytest
@@ -501,6 +501,21 @@ _CODE_LINES = "".join(f"x{i} = f(x{i - 1})  # step {i}.\n" for i in range(1, 150
 _TABLE_ROWS = "".join(f"| {i} | {i * i} | fine. |\n" for i in range(150))
 
 
+def _measured_calls(
+    monkeypatch: pytest.MonkeyPatch, name: str, measure: Callable[..., int]
+) -> list[int]:
+    """Calls of `compose.<name>` go on as before, each measured into the returned list."""
+    real = getattr(compose_module, name)
+    measured: list[int] = []
+
+    def measuring(*args: Any, **kwargs: Any) -> Any:
+        measured.append(measure(*args, **kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compose_module, name, measuring)
+    return measured
+
+
 @pytest.mark.parametrize("text", [
     f"Here is the code:\n\n```python\n{_CODE_LINES}```\n\nThat is all.",
     f"Results:\n\n| n | square | note |\n|---|---|---|\n{_TABLE_ROWS}\nThat is all.",
@@ -508,19 +523,9 @@ _TABLE_ROWS = "".join(f"| {i} | {i * i} | fine. |\n" for i in range(150))
 def test_a_long_block_is_not_searched_again_for_every_token(
     monkeypatch: pytest.MonkeyPatch, text: str
 ) -> None:
-    composer = Composer(STREAM)
-    searched = 0
-    real = compose_module._protected
-
-    def counting(pending: str) -> list[compose_module._Span]:
-        nonlocal searched
-        searched += 1
-        return real(pending)
-
-    monkeypatch.setattr(compose_module, "_protected", counting)  # counts, then searches
-    pieces = [p for ch in chars(text) for p in composer.feed(ch, 0.0)] + composer.finish()
-    assert "".join(pieces) == text
-    assert searched < 20  # a full search per line of the block would be ~150
+    searches = _measured_calls(monkeypatch, "_protected", lambda pending: 1)
+    assert "".join(compose(STREAM, chars(text))) == text
+    assert len(searches) < 20  # a full search per line of the block would be ~150
 
 
 @pytest.mark.parametrize("text", [
@@ -530,22 +535,16 @@ def test_a_long_block_is_not_searched_again_for_every_token(
 def test_text_without_a_boundary_is_not_scanned_again_for_every_token(
     monkeypatch: pytest.MonkeyPatch, text: str
 ) -> None:
-    composer = Composer(STREAM)
-    scanned = 0
-    real = compose_module._best_cut
+    def scanned(pending: str, limit: int, *args: Any, floor: int = 1, **kwargs: Any) -> int:
+        return max(limit - floor, 0)
 
-    def counting(pending: str, limit: int, *args: Any, floor: int = 1, **kwargs: Any) -> int:
-        nonlocal scanned
-        scanned += max(limit - floor, 0)
-        return real(pending, limit, *args, floor=floor, **kwargs)
-
-    monkeypatch.setattr(compose_module, "_best_cut", counting)  # counts, then searches
-    pieces = [p for ch in chars(text) for p in composer.feed(ch, 0.0)] + composer.finish()
+    scans = _measured_calls(monkeypatch, "_best_cut", scanned)
+    pieces = compose(STREAM, chars(text))
     assert "".join(pieces) == text
     assert all(len(piece) <= 5000 for piece in pieces)
     # a split at 5,000 characters scans its message a few times; a scan from the floor for
     # every token would be ~len(text)² / 8 (millions here)
-    assert scanned < 10 * len(text)
+    assert sum(scans) < 10 * len(text)
 
 
 def test_text_before_an_open_fence_still_goes_out_when_it_has_waited() -> None:
