@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -47,7 +48,7 @@ def _parse_rate(raw: str) -> Rate:
     count, sep, per = raw.partition("/")
     if not sep:
         raise ValueError("expected N/SECONDS")
-    rate = Rate(int(count), float(per))
+    rate = Rate(int(count), _parse_finite(per))
     if rate.count < 0 or rate.per_s <= 0:
         raise ValueError("expected N/SECONDS with N >= 0 and SECONDS > 0")
     return rate
@@ -73,8 +74,15 @@ def _parse_json_object(raw: str) -> dict[str, Any]:
     return value
 
 
-def _parse_nonneg_float(raw: str) -> float:
+def _parse_finite(raw: str) -> float:
     value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+def _parse_nonneg_float(raw: str) -> float:
+    value = _parse_finite(raw)
     if value < 0:
         raise ValueError("must not be negative")
     return value
@@ -215,7 +223,7 @@ class Settings:
     openai_api_key: str | None = _var(None, secret=True, example="sk-...")
     openai_model: str | None = _var(None, example="gpt-4o-mini")
     openai_system_prompt: str | None = _var(None, example="You are a helpful assistant.")
-    openai_temperature: float | None = _var(None, parse=float, example="0.7")
+    openai_temperature: float | None = _var(None, parse=_parse_finite, example="0.7")
     hiagent_base_url: str | None = _var(None, parse=_parse_url, example="https://open.zju.edu.cn")
     hiagent_app_key: str | None = _var(None, secret=True, example="d0abc...")
     hiagent_page_path: str = _var(

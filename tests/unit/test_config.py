@@ -122,3 +122,12 @@ def test_durations_accept_decimals_and_json_must_be_an_object() -> None:
     env = {**OPENAI, "BRIDGE_UPSTREAM": "dify", "BRIDGE_DIFY_BASE_URL": "https://d/v1",
            "BRIDGE_DIFY_API_KEY": "k", "BRIDGE_DIFY_INPUTS": "[1]"}
     assert [line.split(":")[0] for line in problems(env)] == ["BRIDGE_DIFY_INPUTS"]
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "NaN"])
+def test_a_duration_or_rate_that_is_not_a_finite_number_is_refused(raw: str) -> None:
+    env = {**OPENAI, "BRIDGE_FLUSH_MAX_WAIT_S": raw, "BRIDGE_USER_RATE": f"20/{raw}",
+           "BRIDGE_OPENAI_TEMPERATURE": raw}
+    assert {line.split(":")[0] for line in problems(env)} == {
+        "BRIDGE_FLUSH_MAX_WAIT_S", "BRIDGE_USER_RATE", "BRIDGE_OPENAI_TEMPERATURE",
+    }
