@@ -90,8 +90,8 @@ def flush_policy(settings: Settings, im: IM) -> FlushPolicy:
 
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     bridge = app[STATE]
-    loop = asyncio.get_running_loop()
-    url, embedded = await loop.run_in_executor(None, redis_url_for, bridge.settings)
+    # In a thread that sees this task's context: its log lines carry `bot` too.
+    url, embedded = await asyncio.to_thread(redis_url_for, bridge.settings)
     bridge.redis = connect(url, max_connections=bridge.settings.workers * 2 + 32)
     try:
         version = await check_server(bridge.redis, bridge.keys)
@@ -101,7 +101,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await bridge.redis.aclose()
     if embedded is not None:
-        await loop.run_in_executor(None, embedded.stop)
+        await asyncio.to_thread(embedded.stop)
 
 
 async def _http_ctx(app: web.Application) -> AsyncIterator[None]:

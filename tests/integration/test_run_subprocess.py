@@ -40,6 +40,7 @@ async def start_bridge(env: dict[str, str]) -> tuple[asyncio.subprocess.Process,
             line = await process.stdout.readline()
             assert line, "the bridge exited before listening"
             event = json.loads(line)
+            assert event.get("bot") == env["BRIDGE_BOT_ID"], event  # every line names the bot
             if event["event"] == "listening":
                 assert event["event_loop"] == "uvloop"  # the daemon's loop, and it says so
                 return process, int(event["port"])
