@@ -192,7 +192,7 @@ def parse_payload(payload: Mapping[str, Any]) -> InboundMessage:
 
 
 def _is_time_ms(text: str) -> bool:
-    return text.isdigit() and len(text) <= _MAX_MS_DIGITS
+    return text.isascii() and text.isdigit() and len(text) <= _MAX_MS_DIGITS
 
 
 def render(piece: Piece, target: ReplyTarget, msg_format: str) -> dict[str, Any]:
@@ -233,7 +233,7 @@ class YachIM:
                 return
             raise WebhookRejected(401, "no secret configured")
         timestamp, sign = headers.get("timestamp", ""), headers.get("sign", "")
-        if not (timestamp.isdigit() and sign):
+        if not (_is_time_ms(timestamp) and sign):
             raise WebhookRejected(401, "missing timestamp or sign")
         if abs(self._clock() - int(timestamp) / 1000) > self._max_skew_s:
             raise WebhookRejected(401, "stale timestamp")

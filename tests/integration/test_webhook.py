@@ -62,8 +62,12 @@ def _tampered() -> dict[str, str]:
         _tampered,
         lambda: signed_headers(now_ms=int((time.time() - 310) * 1000)),
         lambda: signed_headers(now_ms=int((time.time() + 310) * 1000)),
+        lambda: {**signed_headers(), "timestamp": "\u00b2"},
+        lambda: {**signed_headers(), "timestamp": "9" * 5000},
+        lambda: {**signed_headers(), "sign": "\u00e9"},
     ],
-    ids=["no-headers", "no-sign", "wrong-secret", "tampered", "stale", "future"],
+    ids=["no-headers", "no-sign", "wrong-secret", "tampered", "stale", "future",
+         "superscript-digit", "digits-beyond-int", "non-ascii-sign"],
 )
 async def test_bad_or_stale_signature_is_401_and_nothing_is_stored(
     bridge: RunningBridge, make_headers: Callable[[], dict[str, str]]
