@@ -84,6 +84,15 @@ def _first(payload: Mapping[str, Any], field: str) -> str:
 
 
 def _json_object(text: str) -> dict[str, Any] | None:
+    """The JSON object in `text` (None when it holds none or nests deeper than Python's
+    stack: no message of the platform does)."""
+    try:
+        return _read_json_object(text)
+    except RecursionError:
+        return None
+
+
+def _read_json_object(text: str) -> dict[str, Any] | None:
     """The JSON object in `text` (None when it holds none), read exactly as the standard
     library reads it: by orjson (4× faster) where the two agree. orjson refuses what `json`
     accepts (NaN, a lone surrogate) and reads an integer beyond 64 bits as a float (a message

@@ -101,8 +101,11 @@ async def test_signature_is_checked_before_the_size(bridge: RunningBridge) -> No
         json.dumps({"text": {"content": "no sender"}, "conversationId": "g"}).encode(),
         json.dumps({"text": {"content": "no group"}, "senderId": "u"}).encode(),
         "\xff\xfe".encode("latin-1"),
+        b'{"a":' + b"[" * 2000 + b"]" * 2000 + b"}",
+        b"payload=" + b"[" * 2000 + b"]" * 2000,
     ],
-    ids=["broken-json", "json-array", "no-sender", "no-conversation", "not-utf8"],
+    ids=["broken-json", "json-array", "no-sender", "no-conversation", "not-utf8",
+         "nested-deeper-than-the-stack", "form-field-nested-deeper-than-the-stack"],
 )
 async def test_malformed_body_is_400_with_a_reason(bridge: RunningBridge, body: bytes) -> None:
     status, answer = await bridge.post(body)
