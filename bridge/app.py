@@ -29,7 +29,7 @@ from adapters.yach_api import YachAPI
 from bridge import __version__
 from bridge.commands import Commands
 from bridge.compose import FlushPolicy
-from bridge.config import Settings
+from bridge.config import ConfigError, Settings
 from bridge.http import UpstreamHTTP
 from bridge.images import ImagePipeline
 from bridge.inbox import Accepted, Inbox
@@ -130,7 +130,10 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     assert bridge.redis is not None and bridge.http is not None
     name = bridge.settings.upstream or "replay"
     kv = RedisKeyValue(bridge.redis, bridge.keys, name)
-    bridge.upstream = create_upstream(bridge.settings, bridge.http, kv)
+    try:
+        bridge.upstream = create_upstream(bridge.settings, bridge.http, kv)
+    except ValueError as exc:  # what only the adapter can tell, e.g. a replay file missing
+        raise ConfigError([f"BRIDGE_UPSTREAM={name} cannot be set up: {exc}"]) from exc
     yield
     await bridge.upstream.aclose()
 

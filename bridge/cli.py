@@ -96,9 +96,13 @@ def _settings_or_exit(env: Mapping[str, str], command: str) -> Settings | int:
     try:
         return load_settings(env, command=command)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"chatbridge: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _print_problems(exc)
+
+
+def _print_problems(exc: ConfigError) -> int:
+    for problem in exc.problems:
+        print(f"chatbridge: {problem}", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def setup_logging(settings: Settings, stream: TextIO, *, level: str | None = None) -> None:
@@ -125,6 +129,9 @@ async def _run(settings: Settings) -> int:
         await runner.setup()
         site = web.TCPSite(runner, settings.host, settings.port)
         await site.start()
+    except ConfigError as exc:
+        await runner.cleanup()
+        return _print_problems(exc)
     except (SchemaError, OSError, RuntimeError) as exc:
         log.error("startup_failed", error=str(exc))
         await runner.cleanup()
@@ -436,6 +443,8 @@ async def _converse(
         try:
             await runner.setup()
             await conversation.connected()
+        except ConfigError as exc:
+            return _print_problems(exc)
         except (SchemaError, RedisError, OSError, RuntimeError, ValueError) as exc:
             print(f"chatbridge: cannot start: {mask_text(str(exc))}", file=sys.stderr)
             return EXIT_RUNTIME
