@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from redis.connection import parse_url
+
 __all__ = ["ConfigError", "Rate", "Settings", "load_settings", "masked_settings"]
 
 PREFIX = "BRIDGE_"
@@ -118,6 +120,7 @@ def _parse_url(raw: str) -> str:
 def _parse_redis_url(raw: str) -> str:
     if not raw.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    parse_url(raw)  # as the client will: a port that is no number, or out of range
     return raw
 
 
