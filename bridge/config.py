@@ -13,6 +13,8 @@ from typing import Any
 
 from redis.connection import parse_url
 
+from bridge.logging import mask_text
+
 __all__ = ["ConfigError", "Rate", "Settings", "load_settings", "masked_settings"]
 
 PREFIX = "BRIDGE_"
@@ -359,7 +361,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, command: str = "run")
             values[spec.name] = spec.metadata["parse"](raw.strip())
         except (ValueError, json.JSONDecodeError) as exc:
             example = spec.metadata["example"]
-            shown = "(hidden)" if spec.metadata["secret"] else repr(raw)
+            shown = "(hidden)" if spec.metadata["secret"] else repr(mask_text(raw))
             problems.append(
                 f"{env_name(spec.name)}: invalid value {shown}: {exc}; example: "
                 f"{env_name(spec.name)}={example}"

@@ -138,3 +138,9 @@ def test_a_redis_url_that_cannot_be_used_is_a_configuration_error(url: str) -> N
     assert [line.split(":")[0] for line in problems({**OPENAI, "BRIDGE_REDIS_URL": url})] == [
         "BRIDGE_REDIS_URL"
     ]
+
+
+def test_an_invalid_redis_url_is_shown_without_its_password() -> None:
+    [line] = problems({**OPENAI, "BRIDGE_REDIS_URL": "redis://:pw-secret-77@h:port/0"})
+    assert line.startswith("BRIDGE_REDIS_URL") and "pw-secret-77" not in line
+    assert "redis://:***@h:port/0" in line
