@@ -324,7 +324,7 @@ def _read_raw(attr: str, env: Mapping[str, str], problems: list[str]) -> str | N
     name = env_name(attr)
     value = env.get(name, "")
     file_path = env.get(name + "_FILE", "")
-    if not value and file_path:
+    if value.strip() in ("", PLACEHOLDER) and file_path:
         try:
             value = Path(file_path).read_text(encoding="utf-8").strip()
         except OSError as exc:

@@ -144,3 +144,13 @@ def test_an_invalid_redis_url_is_shown_without_its_password() -> None:
     [line] = problems({**OPENAI, "BRIDGE_REDIS_URL": "redis://:pw-secret-77@h:port/0"})
     assert line.startswith("BRIDGE_REDIS_URL") and "pw-secret-77" not in line
     assert "redis://:***@h:port/0" in line
+
+
+def test_a_placeholder_left_in_the_env_file_gives_way_to_the_secret_file(tmp_path: Path) -> None:
+    """env.example ships `BRIDGE_YACH_SECRET=change-me`; the unit's comments put
+    `BRIDGE_YACH_SECRET_FILE` in a drop-in: the placeholder counts as missing, so the file
+    gives the secret."""
+    secret_file = tmp_path / "yach_secret"
+    secret_file.write_text("SEC-from-credentials\n")
+    env = {**OPENAI, "BRIDGE_YACH_SECRET": "change-me", "BRIDGE_YACH_SECRET_FILE": str(secret_file)}
+    assert load_settings(env).yach_secret == "SEC-from-credentials"
