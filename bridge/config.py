@@ -409,9 +409,23 @@ def _shown(value: Any, secret: bool) -> str:
     return str(value)
 
 
+# Settings whose default depends on others or on the machine: shown as they resolve.
+_DERIVED = {
+    "state_dir": "resolved_state_dir",
+    "image_pipeline": "resolved_image_pipeline",
+    "log_format": "resolved_log_format",
+}
+
+
 def masked_settings(settings: Settings) -> list[tuple[str, str]]:
-    """(variable, shown value) for every setting, secrets replaced; for `chatbridge check`."""
-    return [
-        (env_name(spec.name), _shown(getattr(settings, spec.name), spec.metadata["secret"]))
-        for spec in fields(Settings)
-    ]
+    """(variable, shown value) for every setting, resolved, secrets replaced; for
+    `chatbridge check`."""
+    shown = []
+    for spec in fields(Settings):
+        value = getattr(settings, spec.name)
+        if value is None and spec.name in _DERIVED:
+            text = f"{getattr(settings, _DERIVED[spec.name])} (default)"
+        else:
+            text = _shown(value, spec.metadata["secret"])
+        shown.append((env_name(spec.name), text))
+    return shown

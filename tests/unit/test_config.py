@@ -154,3 +154,15 @@ def test_a_placeholder_left_in_the_env_file_gives_way_to_the_secret_file(tmp_pat
     secret_file.write_text("SEC-from-credentials\n")
     env = {**OPENAI, "BRIDGE_YACH_SECRET": "change-me", "BRIDGE_YACH_SECRET_FILE": str(secret_file)}
     assert load_settings(env).yach_secret == "SEC-from-credentials"
+
+
+def test_masked_settings_show_what_an_unset_derived_default_resolves_to(tmp_path: Path) -> None:
+    """`check` prints the resolved settings (SPEC §1): an unset BRIDGE_IMAGE_PIPELINE is
+    `vision` for openai, an unset BRIDGE_STATE_DIR is $STATE_DIRECTORY or ~/.local/state."""
+    settings = load_settings(OPENAI)
+    shown = dict(masked_settings(settings))
+    assert shown["BRIDGE_IMAGE_PIPELINE"] == "vision (default)"
+    assert shown["BRIDGE_LOG_FORMAT"] == f"{settings.resolved_log_format} (default)"
+    assert shown["BRIDGE_STATE_DIR"] == f"{settings.resolved_state_dir} (default)"
+    given = dict(masked_settings(load_settings({**OPENAI, "BRIDGE_IMAGE_PIPELINE": "none"})))
+    assert given["BRIDGE_IMAGE_PIPELINE"] == "none"
