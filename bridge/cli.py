@@ -198,8 +198,9 @@ async def _notify_ready_when_connected(app: web.Application, stop: asyncio.Event
 async def _check(env: Mapping[str, str], *, probe: bool) -> int:
     """`chatbridge check`: every problem of the configuration, then Redis (and the upstream).
 
-    Everything printed goes through `mask_text`: a secret never reaches the terminal, not even
-    inside a URL (`redis://:password@…`) or an error message.
+    Everything printed goes through `mask_text` (configuration problems already did, in
+    `load_settings`, which leaves the examples readable): a secret never reaches the
+    terminal, not even inside a URL (`redis://:password@…`) or an error message.
     """
     register_secrets(env.get(env_name(spec.name)) for spec in fields(Settings) if _secret(spec))
     known = sorted({env_name(spec.name) for spec in fields(Settings)})
@@ -210,8 +211,8 @@ async def _check(env: Mapping[str, str], *, probe: bool) -> int:
     try:
         settings = load_settings(env, command="check")
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"error: {mask_text(problem)}")
+        for problem in exc.problems:  # shown masked by load_settings: a secret is "(hidden)"
+            print(f"error: {problem}")
         print(f"{len(exc.problems)} configuration problem(s); nothing was started.")
         return EXIT_CONFIG
     register_secrets(getattr(settings, spec.name) for spec in fields(Settings) if _secret(spec))
