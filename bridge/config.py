@@ -327,8 +327,12 @@ def _read_raw(attr: str, env: Mapping[str, str], problems: list[str]) -> str | N
     if value.strip() in ("", PLACEHOLDER) and file_path:
         try:
             value = Path(file_path).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            problems.append(f"{name}_FILE: cannot read {file_path!r} ({exc.strerror})")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            problems.append(
+                f"{name}_FILE: cannot read {file_path!r} ({why}); example: "
+                f"{name}_FILE=/etc/chatbridge/credentials/{attr}"
+            )
             return None
     if not value.strip() or value.strip() == PLACEHOLDER:
         return None

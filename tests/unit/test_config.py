@@ -86,7 +86,11 @@ def test_secret_from_file(tmp_path: Path) -> None:
     env = {**OPENAI, "BRIDGE_OPENAI_API_KEY": "", "BRIDGE_OPENAI_API_KEY_FILE": str(secret_file)}
     assert load_settings(env).openai_api_key == "sk-from-file"
     missing = {**env, "BRIDGE_OPENAI_API_KEY_FILE": str(tmp_path / "nope")}
-    assert any(line.startswith("BRIDGE_OPENAI_API_KEY_FILE") for line in problems(missing))
+    [line] = [line for line in problems(missing) if line.startswith("BRIDGE_OPENAI_API_KEY_FILE")]
+    assert "example: BRIDGE_OPENAI_API_KEY_FILE=/" in line  # every problem has an example
+    (tmp_path / "binary").write_bytes(b"\xff\xfe\x00")
+    binary = {**env, "BRIDGE_OPENAI_API_KEY_FILE": str(tmp_path / "binary")}
+    assert "BRIDGE_OPENAI_API_KEY_FILE" in [line.split(":")[0] for line in problems(binary)]
 
 
 def test_a_bad_secret_value_is_not_echoed() -> None:
