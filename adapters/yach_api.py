@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import aiohttp
 
@@ -37,11 +37,11 @@ def robot_sign(secret: str, timestamp_ms: int | str) -> str:
 
 
 def verify_sign(secret: str, timestamp_ms: str, sign: str) -> bool:
-    """Constant-time check of an inbound `sign`, in plain or URL-encoded form."""
-    expected = robot_sign(secret, timestamp_ms)
-    return hmac.compare_digest(expected, sign) or hmac.compare_digest(
-        quote(expected, safe=""), sign
-    )
+    """Constant-time check of an inbound `sign`, in plain or URL-encoded form (any escapes:
+    upper or lower case, `/` escaped or not). Base64 holds no `%`, so decoding a plain sign
+    leaves it as it is."""
+    expected = robot_sign(secret, timestamp_ms).encode()
+    return hmac.compare_digest(expected, unquote(sign).encode("utf-8", "surrogatepass"))
 
 
 def signed_robot_url(robot_url: str, secret: str | None, now_ms: int) -> str:

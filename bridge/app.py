@@ -29,7 +29,7 @@ from adapters.yach_api import YachAPI
 from bridge import __version__
 from bridge.commands import Commands
 from bridge.compose import FlushPolicy
-from bridge.config import Settings
+from bridge.config import ConfigError, Settings
 from bridge.http import UpstreamHTTP
 from bridge.images import ImagePipeline
 from bridge.inbox import Accepted, Inbox
@@ -90,8 +90,8 @@ def flush_policy(settings: Settings, im: IM) -> FlushPolicy:
 
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     bridge = app[STATE]
-    loop = asyncio.get_running_loop()
-    url, embedded = await loop.run_in_executor(None, redis_url_for, bridge.settings)
+    # In a thread that sees this task's context: its log lines carry `bot` too.
+    url, embedded = await asyncio.to_thread(redis_url_for, bridge.settings)
     bridge.redis = connect(url, max_connections=bridge.settings.workers * 2 + 32)
     try:
         version = await check_server(bridge.redis, bridge.keys)
@@ -101,7 +101,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await bridge.redis.aclose()
     if embedded is not None:
-        await loop.run_in_executor(None, embedded.stop)
+        await asyncio.to_thread(embedded.stop)
 
 
 async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -130,7 +130,10 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     assert bridge.redis is not None and bridge.http is not None
     name = bridge.settings.upstream or "replay"
     kv = RedisKeyValue(bridge.redis, bridge.keys, name)
-    bridge.upstream = create_upstream(bridge.settings, bridge.http, kv)
+    try:
+        bridge.upstream = create_upstream(bridge.settings, bridge.http, kv)
+    except ValueError as exc:  # what only the adapter can tell, e.g. a replay file missing
+        raise ConfigError([f"BRIDGE_UPSTREAM={name} cannot be set up: {exc}"]) from exc
     yield
     await bridge.upstream.aclose()
 

@@ -96,9 +96,13 @@ def _settings_or_exit(env: Mapping[str, str], command: str) -> Settings | int:
     try:
         return load_settings(env, command=command)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"chatbridge: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _print_problems(exc)
+
+
+def _print_problems(exc: ConfigError) -> int:
+    for problem in exc.problems:
+        print(f"chatbridge: {problem}", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def setup_logging(settings: Settings, stream: TextIO, *, level: str | None = None) -> None:
@@ -125,6 +129,9 @@ async def _run(settings: Settings) -> int:
         await runner.setup()
         site = web.TCPSite(runner, settings.host, settings.port)
         await site.start()
+    except ConfigError as exc:
+        await runner.cleanup()
+        return _print_problems(exc)
     except (SchemaError, OSError, RuntimeError) as exc:
         log.error("startup_failed", error=str(exc))
         await runner.cleanup()
@@ -191,8 +198,9 @@ async def _notify_ready_when_connected(app: web.Application, stop: asyncio.Event
 async def _check(env: Mapping[str, str], *, probe: bool) -> int:
     """`chatbridge check`: every problem of the configuration, then Redis (and the upstream).
 
-    Everything printed goes through `mask_text`: a secret never reaches the terminal, not even
-    inside a URL (`redis://:password@…`) or an error message.
+    Everything printed goes through `mask_text` (configuration problems already did, in
+    `load_settings`, which leaves the examples readable): a secret never reaches the
+    terminal, not even inside a URL (`redis://:password@…`) or an error message.
     """
     register_secrets(env.get(env_name(spec.name)) for spec in fields(Settings) if _secret(spec))
     known = sorted({env_name(spec.name) for spec in fields(Settings)})
@@ -203,8 +211,8 @@ async def _check(env: Mapping[str, str], *, probe: bool) -> int:
     try:
         settings = load_settings(env, command="check")
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"error: {mask_text(problem)}")
+        for problem in exc.problems:  # shown masked by load_settings: a secret is "(hidden)"
+            print(f"error: {problem}")
         print(f"{len(exc.problems)} configuration problem(s); nothing was started.")
         return EXIT_CONFIG
     register_secrets(getattr(settings, spec.name) for spec in fields(Settings) if _secret(spec))
@@ -436,6 +444,8 @@ async def _converse(
         try:
             await runner.setup()
             await conversation.connected()
+        except ConfigError as exc:
+            return _print_problems(exc)
         except (SchemaError, RedisError, OSError, RuntimeError, ValueError) as exc:
             print(f"chatbridge: cannot start: {mask_text(str(exc))}", file=sys.stderr)
             return EXIT_RUNTIME

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from redis.connection import parse_url
+
+from bridge.logging import mask_text
 
 __all__ = ["ConfigError", "Rate", "Settings", "load_settings", "masked_settings"]
 
@@ -47,7 +52,7 @@ def _parse_rate(raw: str) -> Rate:
     count, sep, per = raw.partition("/")
     if not sep:
         raise ValueError("expected N/SECONDS")
-    rate = Rate(int(count), float(per))
+    rate = Rate(int(count), _parse_finite(per))
     if rate.count < 0 or rate.per_s <= 0:
         raise ValueError("expected N/SECONDS with N >= 0 and SECONDS > 0")
     return rate
@@ -73,8 +78,15 @@ def _parse_json_object(raw: str) -> dict[str, Any]:
     return value
 
 
-def _parse_nonneg_float(raw: str) -> float:
+def _parse_finite(raw: str) -> float:
     value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+def _parse_nonneg_float(raw: str) -> float:
+    value = _parse_finite(raw)
     if value < 0:
         raise ValueError("must not be negative")
     return value
@@ -110,6 +122,7 @@ def _parse_url(raw: str) -> str:
 def _parse_redis_url(raw: str) -> str:
     if not raw.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    parse_url(raw)  # as the client will: a port that is no number, or out of range
     return raw
 
 
@@ -215,7 +228,7 @@ class Settings:
     openai_api_key: str | None = _var(None, secret=True, example="sk-...")
     openai_model: str | None = _var(None, example="gpt-4o-mini")
     openai_system_prompt: str | None = _var(None, example="You are a helpful assistant.")
-    openai_temperature: float | None = _var(None, parse=float, example="0.7")
+    openai_temperature: float | None = _var(None, parse=_parse_finite, example="0.7")
     hiagent_base_url: str | None = _var(None, parse=_parse_url, example="https://open.zju.edu.cn")
     hiagent_app_key: str | None = _var(None, secret=True, example="d0abc...")
     hiagent_page_path: str = _var(
@@ -311,11 +324,15 @@ def _read_raw(attr: str, env: Mapping[str, str], problems: list[str]) -> str | N
     name = env_name(attr)
     value = env.get(name, "")
     file_path = env.get(name + "_FILE", "")
-    if not value and file_path:
+    if value.strip() in ("", PLACEHOLDER) and file_path:
         try:
             value = Path(file_path).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            problems.append(f"{name}_FILE: cannot read {file_path!r} ({exc.strerror})")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            problems.append(
+                f"{name}_FILE: cannot read {file_path!r} ({why}); example: "
+                f"{name}_FILE=/etc/chatbridge/credentials/{attr}"
+            )
             return None
     if not value.strip() or value.strip() == PLACEHOLDER:
         return None
@@ -348,7 +365,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, command: str = "run")
             values[spec.name] = spec.metadata["parse"](raw.strip())
         except (ValueError, json.JSONDecodeError) as exc:
             example = spec.metadata["example"]
-            shown = "(hidden)" if spec.metadata["secret"] else repr(raw)
+            shown = "(hidden)" if spec.metadata["secret"] else repr(mask_text(raw))
             problems.append(
                 f"{env_name(spec.name)}: invalid value {shown}: {exc}; example: "
                 f"{env_name(spec.name)}={example}"
@@ -396,9 +413,23 @@ def _shown(value: Any, secret: bool) -> str:
     return str(value)
 
 
+# Settings whose default depends on others or on the machine: shown as they resolve.
+_DERIVED = {
+    "state_dir": "resolved_state_dir",
+    "image_pipeline": "resolved_image_pipeline",
+    "log_format": "resolved_log_format",
+}
+
+
 def masked_settings(settings: Settings) -> list[tuple[str, str]]:
-    """(variable, shown value) for every setting, secrets replaced; for `chatbridge check`."""
-    return [
-        (env_name(spec.name), _shown(getattr(settings, spec.name), spec.metadata["secret"]))
-        for spec in fields(Settings)
-    ]
+    """(variable, shown value) for every setting, resolved, secrets replaced; for
+    `chatbridge check`."""
+    shown = []
+    for spec in fields(Settings):
+        value = getattr(settings, spec.name)
+        if value is None and spec.name in _DERIVED:
+            text = f"{getattr(settings, _DERIVED[spec.name])} (default)"
+        else:
+            text = _shown(value, spec.metadata["secret"])
+        shown.append((env_name(spec.name), text))
+    return shown

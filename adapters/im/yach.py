@@ -84,6 +84,15 @@ def _first(payload: Mapping[str, Any], field: str) -> str:
 
 
 def _json_object(text: str) -> dict[str, Any] | None:
+    """The JSON object in `text` (None when it holds none or nests deeper than Python's
+    stack: no message of the platform does)."""
+    try:
+        return _read_json_object(text)
+    except RecursionError:
+        return None
+
+
+def _read_json_object(text: str) -> dict[str, Any] | None:
     """The JSON object in `text` (None when it holds none), read exactly as the standard
     library reads it: by orjson (4× faster) where the two agree. orjson refuses what `json`
     accepts (NaN, a lone surrogate) and reads an integer beyond 64 bits as a float (a message
@@ -192,7 +201,7 @@ def parse_payload(payload: Mapping[str, Any]) -> InboundMessage:
 
 
 def _is_time_ms(text: str) -> bool:
-    return text.isdigit() and len(text) <= _MAX_MS_DIGITS
+    return text.isascii() and text.isdigit() and len(text) <= _MAX_MS_DIGITS
 
 
 def render(piece: Piece, target: ReplyTarget, msg_format: str) -> dict[str, Any]:
@@ -233,7 +242,7 @@ class YachIM:
                 return
             raise WebhookRejected(401, "no secret configured")
         timestamp, sign = headers.get("timestamp", ""), headers.get("sign", "")
-        if not (timestamp.isdigit() and sign):
+        if not (_is_time_ms(timestamp) and sign):
             raise WebhookRejected(401, "missing timestamp or sign")
         if abs(self._clock() - int(timestamp) / 1000) > self._max_skew_s:
             raise WebhookRejected(401, "stale timestamp")

@@ -7,7 +7,7 @@ OpenAI-style `chat.completion.chunk`s behind `data:` with the agent hand-off in 
 
 Decisions the notes leave open:
 - `chatId` is a fresh uuid4 in hex (the note's example has no dashes), made on a session's
-  first turn and kept in the conversation reference as `chat_id`.
+  first turn and kept in the conversation reference as `chatId` (SPEC §5).
 - Every change of agent (by `agent_id`, else `agent_name`) is an `AgentSwitch`, the first
   agent included; the renderer decides which to show.
 - Each agent reports its own *cumulative* `usage` on every chunk, so the turn's usage is the
@@ -132,10 +132,10 @@ class AimasterUpstream:
         self._new_chat_id = new_chat_id
 
     async def stream(self, turn: Turn) -> AsyncIterator[Event]:
-        chat_id = (turn.conversation or {}).get("chat_id")
+        chat_id = (turn.conversation or {}).get("chatId")
         if not chat_id:
             chat_id = self._new_chat_id()
-            yield ConversationRef({"chat_id": chat_id})
+            yield ConversationRef({"chatId": chat_id})
         body = {
             "chatId": chat_id,
             "scenarioInfoId": self._scenario_id,

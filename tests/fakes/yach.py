@@ -54,6 +54,7 @@ class FakeYach:
         app.router.add_post("/group/robot/message/send", self._app_group_send)
         app.router.add_post("/v1/single/message/send", self._single_send)
         app.router.add_post("/robot/send", self._robot_send)
+        app.router.add_post("/session/send", self._session_send)
         await self.server.start()
         return self
 
@@ -127,4 +128,15 @@ class FakeYach:
         if query.get("sign") != robot_sign(ROBOT_SECRET, timestamp):
             return web.json_response({"code": 401, "msg": "bad sign"})
         self.shown.append(Shown("robot", "robot", await request.json(), None))
+        return web.json_response({"code": 200, "msg": "ok"})
+
+    def session_webhook(self, token: str = "session-token") -> str:
+        """A `sessionWebhook` as an inbound message carries it: on the API host."""
+        return f"{self.url}/session/send?session={token}"
+
+    async def _session_send(self, request: web.Request) -> web.Response:
+        failure = self._failure()
+        if failure is not None:
+            return failure
+        self.shown.append(Shown("session", request.query["session"], await request.json(), None))
         return web.json_response({"code": 200, "msg": "ok"})

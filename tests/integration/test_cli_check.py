@@ -142,6 +142,8 @@ async def test_bad_configuration_lists_every_problem_with_an_example(tmp_path: P
         name = line.split()[1].rstrip(":")
         assert f"example: {name}=" in line, line
     assert "s3cret-bad-url-token" not in result.out + result.err
+    # The example of a secret is an example to follow, not masked as if it were the secret.
+    assert "example: BRIDGE_OPENAI_API_KEY=sk-..." in result.out, result.out
     # Nothing was started or printed as if it were: no settings table, no Redis line.
     assert not any(line.startswith(("BRIDGE_", "redis:")) for line in result.lines)
 

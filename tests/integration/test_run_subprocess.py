@@ -40,6 +40,7 @@ async def start_bridge(env: dict[str, str]) -> tuple[asyncio.subprocess.Process,
             line = await process.stdout.readline()
             assert line, "the bridge exited before listening"
             event = json.loads(line)
+            assert event.get("bot") == env["BRIDGE_BOT_ID"], event  # every line names the bot
             if event["event"] == "listening":
                 assert event["event_loop"] == "uvloop"  # the daemon's loop, and it says so
                 return process, int(event["port"])
@@ -95,3 +96,23 @@ async def test_configuration_error_exits_2_naming_the_variable(tmp_path: Path) -
     assert any(line.startswith("chatbridge: BRIDGE_PORT:") for line in lines)
     assert any("BRIDGE_OPENAI_API_KEY" in line and "example" in line for line in lines)
     assert "Traceback" not in stderr.decode()
+
+
+async def test_an_upstream_that_cannot_be_set_up_exits_2_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """What only the adapter can tell (here: a replay file that does not exist) is a
+    configuration error of `run` as of `check`: exit 2, one line naming the variable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    env.update(BRIDGE_UPSTREAM="replay", BRIDGE_REPLAY_FILE=str(tmp_path / "missing.sse"),
+               BRIDGE_YACH_INSECURE="1", BRIDGE_PORT="0", BRIDGE_STATE_DIR=str(tmp_path))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "run", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    lines = stderr.decode().splitlines()
+    assert any(line.startswith("chatbridge: BRIDGE_UPSTREAM=replay") and "missing.sse" in line
+               for line in lines), lines
+    assert "Traceback" not in stdout.decode() + stderr.decode()

@@ -67,12 +67,12 @@ async def test_request_carries_chat_id_scenario_question_params_and_token(
     assert request.method == "POST"
     assert request.headers["Authorization"] == f"Bearer {TOKEN}"
     assert request.json() == {
-        "chatId": ref.ref["chat_id"],
+        "chatId": ref.ref["chatId"],
         "scenarioInfoId": SCENARIO,
         "latestMessageContent": "分析f(x)=2x^2的单调性",
         "params": PARAMS,
     }
-    assert len(ref.ref["chat_id"]) == 32
+    assert len(ref.ref["chatId"]) == 32
 
 
 async def test_chat_id_is_kept_for_the_session(fake: FakeAimaster, http: UpstreamHTTP) -> None:
@@ -84,7 +84,7 @@ async def test_chat_id_is_kept_for_the_session(fake: FakeAimaster, http: Upstrea
     assert not any(isinstance(e, ConversationRef) for e in second)
     assert second[-1] == Done()
     one, two = fake.server.on(PATH)
-    assert one.json()["chatId"] == two.json()["chatId"] == ref.ref["chat_id"]
+    assert one.json()["chatId"] == two.json()["chatId"] == ref.ref["chatId"]
     assert two.json()["latestMessageContent"] == "二"
     other = await collect(upstream, turn("三"))
     assert isinstance(other[0], ConversationRef) and other[0].ref != ref.ref

@@ -60,7 +60,7 @@ AIMASTER = aimaster.recorded()
 CASES = {
     "aimaster": Case(
         aimaster.FakeAimaster, aimaster.PATH, AIMASTER.text,
-        kept=lambda fake: {"chat_id": fake.server.on(aimaster.PATH)[0].json()["chatId"]},
+        kept=lambda fake: {"chatId": fake.server.on(aimaster.PATH)[0].json()["chatId"]},
         required="BRIDGE_AIMASTER_TOKEN",
         reasoning=AIMASTER.reasoning,
     ),
@@ -89,7 +89,7 @@ CASES = {
     ),
     "hiagent": Case(
         hiagent.HiAgentFake, hiagent.CHAT_QUERY, hiagent.recorded_answer(),
-        kept=lambda fake: {"app_conversation_id": hiagent.APP_CONVERSATION_ID,
+        kept=lambda fake: {"AppConversationID": hiagent.APP_CONVERSATION_ID,
                            "conversation_id": hiagent.FIXTURE_CONVERSATION_ID},
         required="BRIDGE_HIAGENT_APP_KEY",
         auth_tries=2,  # the CSRF cookies are fetched again once

@@ -62,8 +62,8 @@ async def test_recorded_answer_arrives_whole(fake: HiAgentFake, http: UpstreamHT
     assert Usage(prompt_tokens=686, completion_tokens=126, total_tokens=812,
                  latency_s=8.636) in events
     assert refs(events) == [
-        {"app_conversation_id": APP_CONVERSATION_ID},
-        {"app_conversation_id": APP_CONVERSATION_ID, "conversation_id": FIXTURE_CONVERSATION_ID},
+        {"AppConversationID": APP_CONVERSATION_ID},
+        {"AppConversationID": APP_CONVERSATION_ID, "conversation_id": FIXTURE_CONVERSATION_ID},
     ]
     first_text = next(i for i, e in enumerate(events) if answer_text([e]))
     assert max(i for i, e in enumerate(events) if isinstance(e, ConversationRef)) < first_text
@@ -148,7 +148,7 @@ async def test_csrf_refused_twice_is_an_auth_error(fake: HiAgentFake, http: Upst
 async def test_reset_deletes_the_app_conversation(fake: HiAgentFake, http: UpstreamHTTP) -> None:
     upstream = hiagent(http, fake)
     await upstream.reset({}, SESSION_ID)  # nothing stored: nothing to delete
-    await upstream.reset({"app_conversation_id": "app-1", "conversation_id": "c-1"}, SESSION_ID)
+    await upstream.reset({"AppConversationID": "app-1", "conversation_id": "c-1"}, SESSION_ID)
 
     assert bodies(fake, DELETE) == [
         {"AppKey": APP_KEY, "AppConversationID": "app-1"}

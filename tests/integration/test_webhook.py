@@ -62,8 +62,12 @@ def _tampered() -> dict[str, str]:
         _tampered,
         lambda: signed_headers(now_ms=int((time.time() - 310) * 1000)),
         lambda: signed_headers(now_ms=int((time.time() + 310) * 1000)),
+        lambda: {**signed_headers(), "timestamp": "\u00b2"},
+        lambda: {**signed_headers(), "timestamp": "9" * 5000},
+        lambda: {**signed_headers(), "sign": "\u00e9"},
     ],
-    ids=["no-headers", "no-sign", "wrong-secret", "tampered", "stale", "future"],
+    ids=["no-headers", "no-sign", "wrong-secret", "tampered", "stale", "future",
+         "superscript-digit", "digits-beyond-int", "non-ascii-sign"],
 )
 async def test_bad_or_stale_signature_is_401_and_nothing_is_stored(
     bridge: RunningBridge, make_headers: Callable[[], dict[str, str]]
@@ -97,8 +101,11 @@ async def test_signature_is_checked_before_the_size(bridge: RunningBridge) -> No
         json.dumps({"text": {"content": "no sender"}, "conversationId": "g"}).encode(),
         json.dumps({"text": {"content": "no group"}, "senderId": "u"}).encode(),
         "\xff\xfe".encode("latin-1"),
+        b'{"a":' + b"[" * 2000 + b"]" * 2000 + b"}",
+        b"payload=" + b"[" * 2000 + b"]" * 2000,
     ],
-    ids=["broken-json", "json-array", "no-sender", "no-conversation", "not-utf8"],
+    ids=["broken-json", "json-array", "no-sender", "no-conversation", "not-utf8",
+         "nested-deeper-than-the-stack", "form-field-nested-deeper-than-the-stack"],
 )
 async def test_malformed_body_is_400_with_a_reason(bridge: RunningBridge, body: bytes) -> None:
     status, answer = await bridge.post(body)

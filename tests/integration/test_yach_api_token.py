@@ -6,8 +6,10 @@ import asyncio
 import json
 
 import aiohttp
+from aiohttp import web
 
 from adapters.yach_api import YachAPI
+from tests.fakes.base import FakeServer
 from tests.fakes.yach import APP_KEY, APP_SECRET, FakeYach
 
 CALLS = 20
@@ -47,3 +49,30 @@ async def test_calls_refused_together_refresh_the_token_once(
 
     assert yach.tokens_issued == 3  # ours, the other holder's, one refresh for all the calls
     assert len(yach.shown) == CALLS
+
+
+async def test_a_bare_token_answer_and_an_errcode_success_are_accepted(
+    session: aiohttp.ClientSession,
+) -> None:
+    """`/gettoken` may answer `{"access_token": …}` without `code`/`obj`; a send may answer
+    `{"errcode": 0}` (SPEC §4)."""
+    server = FakeServer(web.Application())
+
+    async def gettoken(request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "bare-token", "expires_in": 7200})
+
+    async def single(request: web.Request) -> web.Response:
+        if request.query.get("access_token") != "bare-token":
+            return web.json_response({"errcode": 40014, "errmsg": "invalid access_token"})
+        return web.json_response({"errcode": 0, "errmsg": "ok"})
+
+    server.app.router.add_get("/gettoken", gettoken)
+    server.app.router.add_post("/v1/single/message/send", single)
+    await server.start()
+    try:
+        client = YachAPI(session, server.url, APP_KEY, APP_SECRET)
+        assert await client.access_token() == "bare-token"
+        await send(client, 1)
+        assert len(server.on("/v1/single/message/send")) == 1
+    finally:
+        await server.close()

@@ -86,7 +86,11 @@ def test_secret_from_file(tmp_path: Path) -> None:
     env = {**OPENAI, "BRIDGE_OPENAI_API_KEY": "", "BRIDGE_OPENAI_API_KEY_FILE": str(secret_file)}
     assert load_settings(env).openai_api_key == "sk-from-file"
     missing = {**env, "BRIDGE_OPENAI_API_KEY_FILE": str(tmp_path / "nope")}
-    assert any(line.startswith("BRIDGE_OPENAI_API_KEY_FILE") for line in problems(missing))
+    [line] = [line for line in problems(missing) if line.startswith("BRIDGE_OPENAI_API_KEY_FILE")]
+    assert "example: BRIDGE_OPENAI_API_KEY_FILE=/" in line  # every problem has an example
+    (tmp_path / "binary").write_bytes(b"\xff\xfe\x00")
+    binary = {**env, "BRIDGE_OPENAI_API_KEY_FILE": str(tmp_path / "binary")}
+    assert "BRIDGE_OPENAI_API_KEY_FILE" in [line.split(":")[0] for line in problems(binary)]
 
 
 def test_a_bad_secret_value_is_not_echoed() -> None:
@@ -122,3 +126,47 @@ def test_durations_accept_decimals_and_json_must_be_an_object() -> None:
     env = {**OPENAI, "BRIDGE_UPSTREAM": "dify", "BRIDGE_DIFY_BASE_URL": "https://d/v1",
            "BRIDGE_DIFY_API_KEY": "k", "BRIDGE_DIFY_INPUTS": "[1]"}
     assert [line.split(":")[0] for line in problems(env)] == ["BRIDGE_DIFY_INPUTS"]
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "NaN"])
+def test_a_duration_or_rate_that_is_not_a_finite_number_is_refused(raw: str) -> None:
+    env = {**OPENAI, "BRIDGE_FLUSH_MAX_WAIT_S": raw, "BRIDGE_USER_RATE": f"20/{raw}",
+           "BRIDGE_OPENAI_TEMPERATURE": raw}
+    assert {line.split(":")[0] for line in problems(env)} == {
+        "BRIDGE_FLUSH_MAX_WAIT_S", "BRIDGE_USER_RATE", "BRIDGE_OPENAI_TEMPERATURE",
+    }
+
+
+@pytest.mark.parametrize("url", ["redis://localhost:notaport/0", "redis://h:99999", "http://h"])
+def test_a_redis_url_that_cannot_be_used_is_a_configuration_error(url: str) -> None:
+    assert [line.split(":")[0] for line in problems({**OPENAI, "BRIDGE_REDIS_URL": url})] == [
+        "BRIDGE_REDIS_URL"
+    ]
+
+
+def test_an_invalid_redis_url_is_shown_without_its_password() -> None:
+    [line] = problems({**OPENAI, "BRIDGE_REDIS_URL": "redis://:pw-secret-77@h:port/0"})
+    assert line.startswith("BRIDGE_REDIS_URL") and "pw-secret-77" not in line
+    assert "redis://:***@h:port/0" in line
+
+
+def test_a_placeholder_left_in_the_env_file_gives_way_to_the_secret_file(tmp_path: Path) -> None:
+    """env.example ships `BRIDGE_YACH_SECRET=change-me`; the unit's comments put
+    `BRIDGE_YACH_SECRET_FILE` in a drop-in: the placeholder counts as missing, so the file
+    gives the secret."""
+    secret_file = tmp_path / "yach_secret"
+    secret_file.write_text("SEC-from-credentials\n")
+    env = {**OPENAI, "BRIDGE_YACH_SECRET": "change-me", "BRIDGE_YACH_SECRET_FILE": str(secret_file)}
+    assert load_settings(env).yach_secret == "SEC-from-credentials"
+
+
+def test_masked_settings_show_what_an_unset_derived_default_resolves_to(tmp_path: Path) -> None:
+    """`check` prints the resolved settings (SPEC §1): an unset BRIDGE_IMAGE_PIPELINE is
+    `vision` for openai, an unset BRIDGE_STATE_DIR is $STATE_DIRECTORY or ~/.local/state."""
+    settings = load_settings(OPENAI)
+    shown = dict(masked_settings(settings))
+    assert shown["BRIDGE_IMAGE_PIPELINE"] == "vision (default)"
+    assert shown["BRIDGE_LOG_FORMAT"] == f"{settings.resolved_log_format} (default)"
+    assert shown["BRIDGE_STATE_DIR"] == f"{settings.resolved_state_dir} (default)"
+    given = dict(masked_settings(load_settings({**OPENAI, "BRIDGE_IMAGE_PIPELINE": "none"})))
+    assert given["BRIDGE_IMAGE_PIPELINE"] == "none"

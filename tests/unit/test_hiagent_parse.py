@@ -35,11 +35,11 @@ def test_inner_payloads(data: str, payloads: list[str]) -> None:
 
 
 def test_events_of_one_answer() -> None:
-    parser = HiAgentParser(ConversationIds({"app_conversation_id": "app-1"}))
+    parser = HiAgentParser(ConversationIds({"AppConversationID": "app-1"}))
     base = {"task_id": "t", "id": "t", "conversation_id": "c-1"}
 
     assert parser.feed(outer({"event": "message_start", **base})) == [
-        ConversationRef({"app_conversation_id": "app-1", "conversation_id": "c-1"})
+        ConversationRef({"AppConversationID": "app-1", "conversation_id": "c-1"})
     ]
     assert parser.feed(outer({"event": "message_output_start", **base})) == []
     assert parser.feed(outer({"event": "message", "answer": "Open", **base})) == [TextDelta("Open")]

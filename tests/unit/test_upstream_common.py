@@ -87,16 +87,16 @@ async def test_unreadable_message_mid_stream_is_a_protocol_error() -> None:
 
 
 def test_conversation_ids_announce_the_whole_reference_when_it_changes() -> None:
-    ids = ConversationIds({"app_conversation_id": "app"})
+    ids = ConversationIds({"AppConversationID": "app"})
 
     assert ids.update(conversation_id=None) is None
     assert ids.update(conversation_id="") is None
     assert ids.update(conversation_id="c1") == ConversationRef(
-        {"app_conversation_id": "app", "conversation_id": "c1"}
+        {"AppConversationID": "app", "conversation_id": "c1"}
     )
     assert ids.update(conversation_id="c1") is None
     assert ids.update(conversation_id=7) == ConversationRef(
-        {"app_conversation_id": "app", "conversation_id": "7"}
+        {"AppConversationID": "app", "conversation_id": "7"}
     )
     assert ids.get("conversation_id") == "7"
     assert ids.get("missing") == ""

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters.im.yach import decode_body, extract_images, parse_payload, render, strip_mention
+from adapters.yach_api import robot_sign, verify_sign
 from bridge.interfaces import Piece, ReplyTarget, Sender
 
 BASE: dict[str, Any] = {
@@ -227,3 +230,26 @@ def test_text_rendering_without_the_mention() -> None:
 def test_no_mention_without_a_work_code() -> None:
     target = ReplyTarget("g1", False, Sender("u1"))
     assert "at" not in render(Piece("x", "id", mention=True), target, "markdown")
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda sign: sign,
+        lambda sign: quote(sign, safe=""),
+        quote,  # `/` left as it is (the default `safe`)
+        lambda sign: re.sub(r"%[0-9A-F]{2}", lambda m: m[0].lower(), quote(sign, safe="")),
+    ],
+    ids=["plain", "encoded", "encoded-keeping-slash", "lower-case-escapes"],
+)
+def test_inbound_sign_in_any_url_encoded_form_verifies(encode: Callable[[str], str]) -> None:
+    signs = {ts: robot_sign("SEC-x", ts) for ts in (str(1_700_000_000_000 + i) for i in range(64))}
+    assert any("/" in s for s in signs.values()) and any("+" in s for s in signs.values())
+    for timestamp, sign in signs.items():
+        assert verify_sign("SEC-x", timestamp, encode(sign))
+        assert not verify_sign("SEC-y", timestamp, encode(sign))
+
+
+@pytest.mark.parametrize("sign", ["é", "%C3%A9", "\udcff", "%zz"])
+def test_a_sign_that_is_not_base64_is_refused_not_an_error(sign: str) -> None:
+    assert not verify_sign("SEC-x", "1700000000000", sign)
