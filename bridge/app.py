@@ -35,7 +35,7 @@ from bridge.images import ImagePipeline
 from bridge.inbox import Accepted, Inbox
 from bridge.intake import judge
 from bridge.interfaces import IM, Upstream, WebhookRejected
-from bridge.logging import debug_enabled
+from bridge.logging import debug_enabled, mask_text
 from bridge.messages import Catalogue
 from bridge.metrics import Metrics
 from bridge.outbox import Outbox
@@ -133,7 +133,8 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         bridge.upstream = create_upstream(bridge.settings, bridge.http, kv)
     except ValueError as exc:  # what only the adapter can tell, e.g. a replay file missing
-        raise ConfigError([f"BRIDGE_UPSTREAM={name} cannot be set up: {exc}"]) from exc
+        reason = mask_text(str(exc))
+        raise ConfigError([f"BRIDGE_UPSTREAM={name} cannot be set up: {reason}"]) from exc
     yield
     await bridge.upstream.aclose()
 
