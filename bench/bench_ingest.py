@@ -3,6 +3,7 @@
     python bench/bench_ingest.py                  # 250, 500, 1000, 2000/s and the maximum
     python bench/bench_ingest.py --processes 2    # the same, plus two bridges on one Redis
     python bench/bench_ingest.py --profile        # plus a py-spy profile of the bridge at max
+    python bench/bench_ingest.py --bare-store     # plus the bare app storing with one XADD
     python bench/bench_ingest.py --quick          # a smoke run; records nothing
 
 Signed webhooks with distinct message ids (1000 senders in 100 groups) go to a real

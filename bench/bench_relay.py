@@ -22,6 +22,11 @@ from posting the webhook to the first token's arrival at the fake Yach, minus th
 calling the upstream directly to the first token's arrival (medians). Both fakes run in the
 bench's own event loop, as does the client: the direct row is the floor that setup puts
 under every number (one loopback hop through aiohttp on this machine).
+
+Floor, same invocation, same fakes, same Redis: the same turns through `_floor.py`, a relay
+in a process of its own that makes only the hops SPEC requires of any bridge (per webhook one
+Redis write before the 200; per piece one Redis write, then the POST) and nothing else. What
+the bridge shows above the floor is its own cost; the floor itself is this machine's.
 """
 
 from __future__ import annotations
