@@ -6,6 +6,7 @@ scale-out mode, and records into a file of the test's own; bench/RESULTS.md is n
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,8 +32,11 @@ def run_quick(script: str, results: Path, *extra: str) -> str:
 
 def test_ingest_quick(tmp_path: Path) -> None:
     results = tmp_path / "RESULTS.md"
-    out = run_quick("bench_ingest.py", results, "--processes", "2")
+    out = run_quick("bench_ingest.py", results, "--processes", "2", "--bare-store")
     assert "| bare aiohttp | max" in out and "| chatbridge ×2 |" in out
+    assert "| bare aiohttp on uvloop + one XADD | max" in out
+    assert re.search(r"one XADD: [\d,]+/s, \d+% of the bare aiohttp on uvloop; chatbridge "
+                     r"[\d.]+× it", out), out[-1500:]
     text = results.read_text()
     assert "## Webhook ingest" in text and "--quick" in text and "max acks/s" in text
     # every webhook was answered 200: no errors column other than 0
@@ -44,6 +48,9 @@ def test_relay_quick(tmp_path: Path) -> None:
     results = tmp_path / "RESULTS.md"
     out = run_quick("bench_relay.py", results)
     assert "| through chatbridge | 4 |" in out and "first-token overhead" in out
+    # the floor relayed every token of its 4 turns (5 each), merged or not
+    assert "| floor (the hops SPEC requires, nothing else) | 4 |" in out
+    assert "the bridge above it" in out
     assert "## Relay overhead" in results.read_text()
 
 
@@ -59,6 +66,7 @@ def test_compose_quick(tmp_path: Path) -> None:
     results = tmp_path / "RESULTS.md"
     out = run_quick("bench_compose.py", results)
     assert "| prose |" in out and "| one code block |" in out and "| one table |" in out
+    assert "| no boundary |" in out
     text = results.read_text()
     assert "## Piece cutting" in text and "--quick" in text
 
