@@ -47,6 +47,9 @@ class FakeYach:
     token_lifetime_s: int = 7200
     failures: deque[tuple[int, dict[str, Any]]] = field(default_factory=deque)
     invalidate_next: int = 0  # answer this many sends with "access_token invalid"
+    # once this many messages have shown, the next `failing_times` sends fail (HTTP 500)
+    failing_from: int | None = None
+    failing_times: int = 0
 
     async def start(self) -> FakeYach:
         app = self.server.app
@@ -76,7 +79,14 @@ class FakeYach:
         for _ in range(times):
             self.failures.append((status, body or {"code": 500, "msg": "internal error"}))
 
+    def fail_after(self, shown: int, times: int) -> None:
+        """Once `shown` messages have shown, fail the next `times` sends with HTTP 500."""
+        self.failing_from, self.failing_times = shown, times
+
     def _failure(self) -> web.Response | None:
+        if self.failing_from is not None and len(self.shown) >= self.failing_from:
+            self.failing_from = None
+            self.fail_next(500, times=self.failing_times)
         if not self.failures:
             return None
         status, body = self.failures.popleft()
