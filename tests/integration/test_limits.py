@@ -208,3 +208,19 @@ async def test_a_platform_rate_limit_is_backed_off_and_retried(
     assert sends[0].json()["message_id"] == sends[1].json()["message_id"]
     assert elapsed >= 1.5  # the default back-off without a Retry-After
     assert yach.texts() == ["You said: hello. (history: 0 messages)"]
+
+
+async def test_a_platform_retry_after_is_honoured(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI, redis_client: object
+) -> None:
+    """`Retry-After: 0.2` instead of the default back-off (1.5 s without one)."""
+    yach.fail_next(429, {"code": 429, "msg": "too many requests"}, headers={"Retry-After": "0.2"})
+    async with running_bridge(env(redis_url, bot_id, yach, upstream)) as bridge:
+        started = time.monotonic()
+        await bridge.post(group_message("hello"))
+        await wait_until(lambda: len(yach.shown) == 1, timeout=10)
+        elapsed = time.monotonic() - started
+    assert 0.2 <= elapsed < 1.2
+    first, second = yach.server.on("/group/robot/message/send")
+    assert first.json()["message_id"] == second.json()["message_id"]
+    assert yach.texts() == ["You said: hello. (history: 0 messages)"]
