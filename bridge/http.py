@@ -276,6 +276,10 @@ class UpstreamHTTP:
     ) -> aiohttp.ClientResponse:
         try:
             response = await self.session.request(method, url, timeout=self.timeout, **kwargs)
+        except aiohttp.SocketTimeoutError as exc:
+            # The request went out and no answer came: not retried, the upstream may be
+            # working on it (one that keeps conversations would get the question twice).
+            raise UpstreamTimeout(f"no answer for {self.idle_timeout_s:g} s") from exc
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamUnavailable(f"timed out connecting to {_host(url)}") from exc
         except aiohttp.ClientError as exc:

@@ -45,8 +45,11 @@ class FakeYach:
     seen_message_ids: set[str] = field(default_factory=set)
     tokens_issued: int = 0
     token_lifetime_s: int = 7200
-    failures: deque[tuple[int, dict[str, Any]]] = field(default_factory=deque)
+    failures: deque[tuple[int, dict[str, Any], dict[str, str]]] = field(default_factory=deque)
     invalidate_next: int = 0  # answer this many sends with "access_token invalid"
+    # once this many messages have shown, the next `failing_times` sends fail (HTTP 500)
+    failing_from: int | None = None
+    failing_times: int = 0
 
     async def start(self) -> FakeYach:
         app = self.server.app
@@ -72,15 +75,25 @@ class FakeYach:
     def texts(self) -> list[str]:
         return [shown.text for shown in self.shown]
 
-    def fail_next(self, status: int, body: dict[str, Any] | None = None, times: int = 1) -> None:
+    def fail_next(self, status: int, body: dict[str, Any] | None = None, times: int = 1,
+                  headers: dict[str, str] | None = None) -> None:
         for _ in range(times):
-            self.failures.append((status, body or {"code": 500, "msg": "internal error"}))
+            self.failures.append(
+                (status, body or {"code": 500, "msg": "internal error"}, headers or {})
+            )
+
+    def fail_after(self, shown: int, times: int) -> None:
+        """Once `shown` messages have shown, fail the next `times` sends with HTTP 500."""
+        self.failing_from, self.failing_times = shown, times
 
     def _failure(self) -> web.Response | None:
+        if self.failing_from is not None and len(self.shown) >= self.failing_from:
+            self.failing_from = None
+            self.fail_next(500, times=self.failing_times)
         if not self.failures:
             return None
-        status, body = self.failures.popleft()
-        return web.json_response(body, status=status)
+        status, body, headers = self.failures.popleft()
+        return web.json_response(body, status=status, headers=headers)
 
     async def _gettoken(self, request: web.Request) -> web.Response:
         if (request.query.get("appkey"), request.query.get("appsecret")) != (APP_KEY, APP_SECRET):

@@ -6,10 +6,12 @@ behind a long turn never counts, and the long turn keeps its claim (XCLAIM JUSTI
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from contextlib import AsyncExitStack
 
 import redis.asyncio as aioredis
+from structlog.testing import capture_logs
 
 from bridge.messages import MESSAGES
 from bridge.store import GROUP, Keys
@@ -19,7 +21,8 @@ from tests.harness import bridge_env, group_message, openai_env, running_bridge,
 from tests.procs import PacedOpenAI
 
 EN = MESSAGES["en"]
-
+LONG_ANSWER = " ".join(f"Sentence number {n} of a long answer." for n in range(1, 41))
+SEND_TRIES = 5  # of one piece by the outbox, before the entry is left pending
 
 
 def _env(
@@ -69,6 +72,64 @@ async def test_send_failure_leaves_entry_pending_and_the_journal_resends_it(
             assert await redis_client.xlen(keys.inbox) == 0
     finally:
         await upstream.close()
+
+
+async def test_a_send_failing_midway_resends_only_the_unconfirmed_pieces(
+    redis_url: str, bot_id: str, redis_client: aioredis.Redis, yach: FakeYach
+) -> None:
+    """Two pieces show, then every try of the third fails: the entry is left pending, and
+    its redelivery sends the third piece and the cut-off notice only. Replies go through the
+    custom robot URL, which does not deduplicate: a confirmed piece resent would show twice."""
+    upstream = await FakeOpenAI(answer=lambda _body: LONG_ANSWER, delay_s=0.01).start()
+    keys = Keys(bot_id)
+    yach.fail_after(2, times=SEND_TRIES)
+    env = _env(redis_url, bot_id, yach, upstream, BRIDGE_REPLY_MODE="stream",
+               BRIDGE_FLUSH_MIN_CHARS="40", BRIDGE_FLUSH_MAX_WAIT_S="30")  # fmt: skip
+    try:
+        async with running_bridge(env) as bridge:
+            assert (await bridge.post(group_message("tell me a lot")))[0] == 200
+            await wait_until(lambda: len(yach.server.requests) >= 2 + SEND_TRIES, timeout=15)
+            assert len(yach.shown) == 2
+            assert await redis_client.xlen(keys.inbox) == 1  # not acknowledged
+            await wait_until(lambda: EN["cut_off"] in yach.texts(), timeout=10)
+            await asyncio.sleep(1.5)  # past BRIDGE_CLAIM_IDLE_S: anything resent would show
+            assert await redis_client.xlen(keys.inbox) == 0
+            assert await redis_client.xlen(keys.dead) == 0
+    finally:
+        await upstream.close()
+    texts = yach.texts()
+    assert len(texts) == 4, texts  # two pieces, the one that failed, the notice
+    assert len(set(texts)) == len(texts), texts
+    assert texts[-1] == EN["cut_off"]
+    answer = re.sub(r"\s+", "", "".join(texts[:-1]))
+    assert re.sub(r"\s+", "", LONG_ANSWER).startswith(answer)
+    assert len(upstream.bodies) == 1  # the journal answered the redelivery
+
+
+async def test_a_send_failing_on_every_attempt_is_dead_lettered_and_logged_at_error(
+    redis_url: str, bot_id: str, redis_client: aioredis.Redis, yach: FakeYach
+) -> None:
+    """BRIDGE_MAX_ATTEMPTS=1: the one attempt's send never gets through; the redelivery
+    dead-letters the entry and tells the user once, without asking the upstream again."""
+    upstream = await FakeOpenAI().start()
+    keys = Keys(bot_id)
+    yach.fail_next(500, times=SEND_TRIES)
+    try:
+        with capture_logs() as logs:
+            env = _env(redis_url, bot_id, yach, upstream, BRIDGE_MAX_ATTEMPTS="1")
+            async with running_bridge(env) as bridge:
+                assert (await bridge.post(group_message("never delivered")))[0] == 200
+                await wait_until(lambda: len(yach.shown) >= 1, timeout=15)
+                await asyncio.sleep(1.5)  # past BRIDGE_CLAIM_IDLE_S: nothing more comes
+                assert await redis_client.xlen(keys.inbox) == 0
+    finally:
+        await upstream.close()
+    assert yach.texts() == [EN["dead_letter"]]
+    assert len(upstream.bodies) == 1
+    dead = await redis_client.xrange(keys.dead)
+    assert len(dead) == 1 and dead[0][1][b"reason"] == b"1 attempts"
+    levels = {(e["event"], e["log_level"]) for e in logs}
+    assert ("send_failed", "error") in levels and ("dead_lettered", "error") in levels
 
 
 async def test_waiting_never_counts_and_a_long_turn_keeps_its_claim(

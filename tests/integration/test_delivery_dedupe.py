@@ -97,3 +97,24 @@ async def test_without_message_id_sender_conversation_createat_and_text_dedupe(
         await _settle(yach, upstream, 3)
     assert yach.texts().count("You said: no id here. (history: 0 messages)") == 1
     assert sum("no id, no time" in text for text in yach.texts()) == 2
+
+
+async def test_a_delivery_after_the_answer_was_acknowledged_is_not_answered_again(
+    redis_url: str, bot_id: str, redis_client: aioredis.Redis, fakes: tuple[FakeYach, FakeOpenAI]
+) -> None:
+    """The platform retries late (its first delivery timed out on its side): the entry is
+    gone from the inbox by then, the message is still known."""
+    yach, upstream = fakes
+    payload = group_message("late retry", msg_id="msg-dup-3")
+    keys = Keys(bot_id)
+    async with running_bridge(
+        bridge_env(redis_url, bot_id, yach, **openai_env(upstream.base_url))
+    ) as b:
+        assert (await b.post(payload))[0] == 200
+        await _settle(yach, upstream, 1)
+        assert await redis_client.xlen(keys.inbox) == 0  # answered and acknowledged
+        assert (await b.post(payload))[0] == 200
+        assert await redis_client.xlen(keys.inbox) == 0  # not stored again
+        await _settle(yach, upstream, 1)
+    assert yach.texts() == ["You said: late retry. (history: 0 messages)"]
+    assert len(upstream.bodies) == 1

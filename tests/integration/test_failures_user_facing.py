@@ -71,22 +71,27 @@ def env(redis_url: str, bot_id: str, yach: FakeYach, base_url: str, **extra: str
         **openai_env(base_url),
         BRIDGE_YACH_APP_KEY=fake_yach.APP_KEY,
         BRIDGE_YACH_APP_SECRET=fake_yach.APP_SECRET,
-        BRIDGE_UPSTREAM_RETRIES="1",
-        BRIDGE_REPLY_MODE="stream",
-        BRIDGE_FLUSH_MIN_CHARS="100",
-        **extra,
+        **{
+            "BRIDGE_UPSTREAM_RETRIES": "1",
+            "BRIDGE_REPLY_MODE": "stream",
+            "BRIDGE_FLUSH_MIN_CHARS": "100",
+            **extra,
+        },
     )
 
 
 async def ask_until(
     env: dict[str, str], yach: FakeYach, notice: str, payload: dict[str, Any] | None = None
 ) -> list[str]:
-    """Ask once; the texts shown once `notice` has been, after a moment for anything more."""
+    """Ask once; the texts shown once `notice` has been, after a moment for anything more.
+    The entry must be acknowledged by then: a failure told to the user is not retried."""
     async with running_bridge(env) as bridge:
         status_code, _ = await bridge.post(payload or group_message("question"))
         assert status_code == 200
         await wait_until(lambda: notice in yach.texts())
         await asyncio.sleep(0.3)
+        assert bridge.bridge.redis is not None
+        assert await bridge.bridge.redis.xlen(bridge.bridge.keys.inbox) == 0
     return yach.texts()
 
 
@@ -115,6 +120,32 @@ async def test_upstream_5xx_after_retries(
     )
     assert texts == [ZH["upstream_unavailable"]]
     assert upstream.calls() == 2
+
+
+async def test_upstream_rate_limited_after_retries(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: ScriptedOpenAI, redis_client: object
+) -> None:
+    quota = status(429, {"error": {"message": "quota"}}, {"Retry-After": "0"})
+    upstream.script.then(quota, quota)
+    texts = await ask_until(
+        env(redis_url, bot_id, yach, upstream.base_url), yach, ZH["upstream_rate_limited"]
+    )
+    assert texts == [ZH["upstream_rate_limited"]]
+    assert upstream.calls() == 2
+
+
+async def test_retry_after_is_honoured_and_invisible(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: ScriptedOpenAI, redis_client: object
+) -> None:
+    upstream.script.then(status(429, {"error": {"message": "slow down"}}, {"Retry-After": "1"}))
+    async with running_bridge(env(redis_url, bot_id, yach, upstream.base_url)) as bridge:
+        await bridge.post(group_message("question"))
+        await upstream.server.wait_for_requests(1)
+        asked = asyncio.get_running_loop().time()
+        await upstream.server.wait_for_requests(2, timeout=5)
+        waited = asyncio.get_running_loop().time() - asked
+        await wait_until(lambda: "".join(yach.texts()) == ANSWER)
+    assert waited >= 0.95  # the advised second, not the backoff of a few milliseconds
 
 
 async def test_retries_before_the_first_byte_are_invisible(
@@ -159,11 +190,17 @@ async def test_upstream_rejects_the_request(
     assert texts == [ZH["upstream_rejected"]]
 
 
+@pytest.mark.parametrize("mode", ["stream", "final"])
 async def test_a_stream_broken_midway_sends_what_arrived_and_one_notice(
-    redis_url: str, bot_id: str, yach: FakeYach, upstream: ScriptedOpenAI, redis_client: object
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: ScriptedOpenAI, redis_client: object,
+    mode: str,
 ) -> None:
     upstream.script.then(upstream.stream(cut_after=60, max_size=100))
-    texts = await ask_until(env(redis_url, bot_id, yach, upstream.base_url), yach, ZH["cut_off"])
+    texts = await ask_until(
+        env(redis_url, bot_id, yach, upstream.base_url, BRIDGE_REPLY_MODE=mode),
+        yach,
+        ZH["cut_off"],
+    )
     assert texts[-1] == ZH["cut_off"]  # its own message, after the answer's last piece
     assert texts.count(ZH["cut_off"]) == 1
     arrived = "".join(texts[:-1])
@@ -182,6 +219,39 @@ async def test_an_idle_upstream_times_out(
     )
     assert texts.count(ZH["upstream_timeout"]) == 1 and texts[-1] == ZH["upstream_timeout"]
     assert ANSWER.startswith("".join(texts[:-1]).rstrip())
+
+
+async def test_an_upstream_silent_from_the_start_times_out(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: ScriptedOpenAI, redis_client: object
+) -> None:
+    upstream.script.then(upstream.stream(stall_after=0))
+    texts = await ask_until(
+        env(redis_url, bot_id, yach, upstream.base_url, BRIDGE_UPSTREAM_IDLE_TIMEOUT_S="0.3"),
+        yach,
+        ZH["upstream_timeout"],
+    )
+    assert texts == [ZH["upstream_timeout"]]
+
+
+async def test_an_upstream_that_never_answers_times_out_without_asking_again(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: ScriptedOpenAI, redis_client: object
+) -> None:
+    """No response headers within the idle timeout: the question reached the upstream, so
+    it is not asked again (only connect errors, 429 and 5xx are retried, SPEC §2) — an
+    upstream that keeps conversations would see it twice."""
+
+    async def no_answer(request: web.Request) -> web.StreamResponse:
+        await upstream.release.wait()
+        return web.Response(status=503)
+
+    upstream.script.then(no_answer, no_answer)
+    texts = await ask_until(
+        env(redis_url, bot_id, yach, upstream.base_url, BRIDGE_UPSTREAM_IDLE_TIMEOUT_S="0.3"),
+        yach,
+        ZH["upstream_timeout"],
+    )
+    assert texts == [ZH["upstream_timeout"]]
+    assert upstream.calls() == 1
 
 
 async def test_an_empty_answer(

@@ -120,6 +120,8 @@ async def test_readyz_is_503_when_redis_never_answered(bot_id: str, yach: FakeYa
         status, body = await get(bridge, "/readyz")
         assert status == 503 and "redis" in body["reason"].lower(), body
         assert await get(bridge, "/healthz") == (200, {"status": "ok"})
+        status, _ = await bridge.post(group_message("cannot be stored"))
+        assert status == 503  # not stored, so not acknowledged: the platform retries it
 
 
 async def test_readyz_is_503_while_draining(redis_url: str, bot_id: str, yach: FakeYach,

@@ -226,6 +226,24 @@ async def test_idle_timeout_mid_stream(upstream: Upstream, http: UpstreamHTTP) -
     assert not idle_watches()  # the watch ended with the body it failed
 
 
+async def test_no_answer_within_the_idle_timeout_is_a_timeout_never_retried(
+    upstream: Upstream, http: UpstreamHTTP
+) -> None:
+    """The request went out and its headers never came: the upstream may be working on it,
+    so it is not asked again (only connect errors, 429 and 5xx are retried)."""
+
+    async def silent(request: web.Request) -> web.StreamResponse:
+        await upstream.release.wait()
+        return web.Response(status=503)
+
+    url = upstream.on("/chat", silent)
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeout, match=r"no answer for 0\.3 s"):
+        await collect(http, url)
+    assert 0.3 <= time.monotonic() - started < 5
+    assert upstream.hits("/chat") == 1
+
+
 def idle_watches() -> list[asyncio.Task[object]]:
     return [t for t in asyncio.all_tasks() if t.get_name() == "upstream-idle-watch"]
 

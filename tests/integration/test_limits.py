@@ -90,9 +90,24 @@ async def test_user_rate(redis_url: str, bot_id: str, yach: FakeYach, upstream: 
             await wait_until(lambda i=i: len(yach.shown) == i + 1)  # type: ignore[misc]
         await bridge.post(group_message("hi", sender="someone-else"))
         await wait_until(lambda: len(yach.shown) == 4)
+        await wait_until(lambda: not bridge.bridge.worker or not bridge.bridge.worker.held)
+        assert await inbox_length(bridge) == 0  # the refused one is acknowledged too
     assert yach.texts()[2] == ZH["rate_limited"]
     assert yach.texts()[3].startswith("You said: hi.")
     assert len(upstream.bodies) == 3
+
+
+async def test_an_unsupported_message_does_not_count_against_the_user_rate(
+        redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI,
+        redis_client: object) -> None:
+    async with running_bridge(env(redis_url, bot_id, yach, upstream,
+                                  BRIDGE_USER_RATE="1/60")) as bridge:
+        await bridge.post(group_message("", msgtype="voice"))
+        await wait_until(lambda: len(yach.shown) == 1)
+        await bridge.post(group_message("after the voice"))
+        await wait_until(lambda: len(yach.shown) == 2)
+    assert yach.texts() == [ZH["unsupported_type"],
+                            "You said: after the voice. (history: 0 messages)"]
 
 
 async def test_input_too_long(redis_url: str, bot_id: str, yach: FakeYach,
@@ -119,6 +134,10 @@ async def test_busy_session_is_told_at_once(redis_url: str, bot_id: str, yach: F
         await wait_until(lambda: len(yach.shown) == 1)
         assert yach.texts() == [ZH["busy"]]  # before the running answer
         await wait_until(lambda: len(yach.shown) == 3, timeout=10)
+        await wait_until(lambda: not bridge.bridge.worker or not bridge.bridge.worker.held)
+        assert await inbox_length(bridge) == 0  # "busy" is acknowledged, never retried
+        await asyncio.sleep(0.3)
+    assert len(yach.shown) == 3
     assert [t.split(".")[0] for t in yach.texts()[1:]] == ["You said: first",
                                                           "You said: second"]
 
@@ -188,4 +207,20 @@ async def test_a_platform_rate_limit_is_backed_off_and_retried(
     assert len(sends) == 2
     assert sends[0].json()["message_id"] == sends[1].json()["message_id"]
     assert elapsed >= 1.5  # the default back-off without a Retry-After
+    assert yach.texts() == ["You said: hello. (history: 0 messages)"]
+
+
+async def test_a_platform_retry_after_is_honoured(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI, redis_client: object
+) -> None:
+    """`Retry-After: 0.2` instead of the default back-off (1.5 s without one)."""
+    yach.fail_next(429, {"code": 429, "msg": "too many requests"}, headers={"Retry-After": "0.2"})
+    async with running_bridge(env(redis_url, bot_id, yach, upstream)) as bridge:
+        started = time.monotonic()
+        await bridge.post(group_message("hello"))
+        await wait_until(lambda: len(yach.shown) == 1, timeout=10)
+        elapsed = time.monotonic() - started
+    assert 0.2 <= elapsed < 1.2
+    first, second = yach.server.on("/group/robot/message/send")
+    assert first.json()["message_id"] == second.json()["message_id"]
     assert yach.texts() == ["You said: hello. (history: 0 messages)"]

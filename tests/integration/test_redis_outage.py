@@ -121,3 +121,34 @@ async def test_redis_restarted_empty_gets_its_group_back_and_new_messages_answer
     finally:
         await upstream.close()
     assert [t.partition(".")[0] for t in yach.texts()] == ["You said: before", "You said: after"]
+
+
+async def test_redis_down_at_start_then_up_the_bridge_connects_and_answers(
+    bot_id: str, yach: FakeYach, tmp_path: Path
+) -> None:
+    """Started before its Redis: webhooks are refused (503, nothing stored, the platform
+    retries) until Redis answers; then the workers connect and the retry is answered once."""
+    upstream = await PacedOpenAI().start()
+    server = RedisServer(tmp_path / "late-redis")
+    env = bridge_env(server.url, bot_id, yach, **openai_env(upstream.base_url))
+    message = group_message("are you up?")
+    try:
+        async with running_bridge(env) as bridge:
+            assert (await bridge.post(message))[0] == 503
+            assert await _readyz(bridge) == 503
+            server.start()
+            status = 0
+            for _ in range(100):  # the platform's retries, until one is stored
+                status = (await bridge.post(message))[0]
+                if status == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert status == 200
+            await wait_for(lambda: len(yach.shown) >= 1, 10, "the answer")
+            await wait_for(lambda: _ready_now(bridge), 10, "ready")
+            assert await _readyz(bridge) == 200
+            await asyncio.sleep(0.5)
+    finally:
+        await upstream.close()
+        server.close()
+    assert yach.texts() == ["You said: are you up?. (history: 0 messages)"]
