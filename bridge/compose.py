@@ -410,6 +410,7 @@ class Composer:
     _suggestions: tuple[str, ...] = ()
     _stuck: _Stuck | None = None  # the last look found no cut inside a block still open
     _scanned: _Scanned | None = None  # the last look found no boundary at all
+    _visible: bool = False  # something other than blank space was rendered
 
     def __post_init__(self) -> None:
         self._last_flush = self.now
@@ -431,6 +432,11 @@ class Composer:
             return []
         return corrections + self._ready(now)
 
+    @property
+    def rendered(self) -> bool:
+        """Whether the turn has rendered anything to show (answer, reasoning, lines)."""
+        return self._visible
+
     def tick(self, now: float) -> list[str]:
         """Called while the upstream is quiet: the max-wait flush."""
         return self._ready(now)
@@ -450,6 +456,8 @@ class Composer:
     def _append(self, text: str) -> None:
         self._pending += text
         self._tail = text[-2:] if len(text) >= 2 else (self._tail + text)[-2:]
+        if not self._visible and text and not text.isspace():
+            self._visible = True
 
     def _separate(self) -> None:
         """Start a new block: a blank line after whatever was rendered before."""

@@ -336,7 +336,7 @@ class TurnRunner:
             for text in composer.finish():
                 outgoing.queue.put_nowait(text)
             if failure is not None:
-                outgoing.queue.put_nowait(Standalone(self.catalogue(_FAILURE_MESSAGES[failure])))
+                outgoing.queue.put_nowait(Standalone(self._failure_message(failure, composer)))
             elif not composer.answer.strip() and outgoing.index == 0 and outgoing.queue.empty():
                 outgoing.queue.put_nowait(Standalone(self.catalogue("empty_answer")))
             outgoing.queue.put_nowait(None)
@@ -399,6 +399,12 @@ class TurnRunner:
             first_text.set()  # no thinking notice after the stream has ended
             self._ticker.discard(outgoing)
         return self._failed_upstream(ErrorKind.BROKEN, "stream ended without an end marker")
+
+    def _failure_message(self, failure: ErrorKind, composer: Composer) -> str:
+        """A broken stream's notice speaks of "the text above": with none, it says so."""
+        if failure is ErrorKind.BROKEN and not composer.rendered:
+            return self.catalogue("broken_before_answer")
+        return self.catalogue(_FAILURE_MESSAGES[failure])
 
     async def _handle(self, entry: Entry, lock: str, event: Event) -> ErrorKind | None:
         if isinstance(event, ConversationRef):

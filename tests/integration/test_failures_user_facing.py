@@ -208,6 +208,21 @@ async def test_a_stream_broken_midway_sends_what_arrived_and_one_notice(
     assert upstream.calls() == 1  # not silently restarted
 
 
+@pytest.mark.parametrize("mode", ["stream", "final"])
+async def test_a_stream_broken_before_any_text_says_so_alone(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: ScriptedOpenAI, redis_client: object,
+    mode: str,
+) -> None:
+    upstream.script.then(upstream.stream(cut_after=0))  # headers, then the connection drops
+    texts = await ask_until(
+        env(redis_url, bot_id, yach, upstream.base_url, BRIDGE_REPLY_MODE=mode),
+        yach,
+        ZH["broken_before_answer"],
+    )
+    assert texts == [ZH["broken_before_answer"]]  # no "the text above" with nothing above
+    assert upstream.calls() == 1  # the request went out: not asked again
+
+
 async def test_an_idle_upstream_times_out(
     redis_url: str, bot_id: str, yach: FakeYach, upstream: ScriptedOpenAI, redis_client: object
 ) -> None:
