@@ -162,7 +162,6 @@ class Inbox:
         self._keep_script = redis.register_script(_KEEP)
         self._prune_script = redis.register_script(_PRUNE)
         self._batch: list[_Pending] = []
-        self._flush_scheduled = False
         # One put script runs at a time; what arrives meanwhile waits for the next. Under load
         # the batches grow instead of the calls (a call costs the bridge ~40 µs of redis-py
         # and Redis its own share, a message in it a few), the calls reach Redis in inbox
@@ -192,19 +191,17 @@ class Inbox:
         """Store one message durably; concurrent calls share one script call (group commit)."""
         # Encoded here: a message JSON cannot hold fails its own caller, not the whole batch.
         item = (message.dedupe_key or "", kind.value, chat_session_id, message.to_json())
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Accepted | Duplicate] = loop.create_future()
+        future: asyncio.Future[Accepted | Duplicate] = asyncio.get_running_loop().create_future()
         self._batch.append(_Pending(item, future))
-        if not self._flush_scheduled and self._flush is None:
-            self._flush_scheduled = True
-            loop.call_soon(self._start_flush)
+        if self._flush is None:
+            self._start_flush()
         return await future
 
     def _start_flush(self) -> None:
-        """Store what waits (up to `_MAX_PUT_BATCH` messages, in order) in a task of its own."""
-        self._flush_scheduled = False
-        batch, self._batch = self._batch[:_MAX_PUT_BATCH], self._batch[_MAX_PUT_BATCH:]
-        self._flush = asyncio.get_running_loop().create_task(self._store(batch))
+        """A task of its own stores what waits when it first runs, in the loop's next
+        iteration: the calls made in this one join it (a callback scheduled to start the
+        task would take the same messages one iteration later)."""
+        self._flush = asyncio.get_running_loop().create_task(self._store_waiting())
         self._flush.add_done_callback(self._flush_done)
 
     def _flush_done(self, task: asyncio.Task[None]) -> None:
@@ -213,7 +210,9 @@ class Inbox:
         if self._batch:
             self._start_flush()
 
-    async def _store(self, batch: list[_Pending]) -> None:
+    async def _store_waiting(self) -> None:
+        """Store what waits: up to `_MAX_PUT_BATCH` messages, in order."""
+        batch, self._batch = self._batch[:_MAX_PUT_BATCH], self._batch[_MAX_PUT_BATCH:]
         try:
             verdicts = await self._put_batch(batch)
         except Exception as exc:  # every waiter must learn the outcome, whatever it was
