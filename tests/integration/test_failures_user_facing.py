@@ -17,7 +17,7 @@ from tests.fakes import yach as fake_yach
 from tests.fakes.base import FakeServer
 from tests.fakes.images import FakeImages, png
 from tests.fakes.openai import chunks_for
-from tests.fakes.scripted import Script, free_port, sse_reply, status
+from tests.fakes.scripted import Reply, Script, free_port, sse_reply, status
 from tests.fakes.yach import FakeYach
 from tests.harness import bridge_env, group_message, openai_env, running_bridge, wait_until
 
@@ -111,26 +111,18 @@ async def test_upstream_unreachable(
     assert yach.shown[0].message["at"] == {"atWorkCodes": ["W001"]}
 
 
-async def test_upstream_5xx_after_retries(
-    redis_url: str, bot_id: str, yach: FakeYach, upstream: ScriptedOpenAI, redis_client: object
+@pytest.mark.parametrize(("replies", "notice"), [
+    ((status(502, {"error": "bad gateway"}), status(503, "down")), "upstream_unavailable"),
+    ((status(429, {"error": {"message": "quota"}}, {"Retry-After": "0"}),) * 2,
+     "upstream_rate_limited"),
+], ids=["5xx", "429"])  # fmt: skip
+async def test_an_upstream_failing_past_its_retries_is_told_once(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: ScriptedOpenAI, redis_client: object,
+    replies: tuple[Reply, ...], notice: str,
 ) -> None:
-    upstream.script.then(status(502, {"error": "bad gateway"}), status(503, "down"))
-    texts = await ask_until(
-        env(redis_url, bot_id, yach, upstream.base_url), yach, ZH["upstream_unavailable"]
-    )
-    assert texts == [ZH["upstream_unavailable"]]
-    assert upstream.calls() == 2
-
-
-async def test_upstream_rate_limited_after_retries(
-    redis_url: str, bot_id: str, yach: FakeYach, upstream: ScriptedOpenAI, redis_client: object
-) -> None:
-    quota = status(429, {"error": {"message": "quota"}}, {"Retry-After": "0"})
-    upstream.script.then(quota, quota)
-    texts = await ask_until(
-        env(redis_url, bot_id, yach, upstream.base_url), yach, ZH["upstream_rate_limited"]
-    )
-    assert texts == [ZH["upstream_rate_limited"]]
+    upstream.script.then(*replies)
+    texts = await ask_until(env(redis_url, bot_id, yach, upstream.base_url), yach, ZH[notice])
+    assert texts == [ZH[notice]]
     assert upstream.calls() == 2
 
 

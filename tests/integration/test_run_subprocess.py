@@ -84,18 +84,13 @@ async def test_run_with_embedded_redis_answers_and_stops_cleanly(
 
 
 async def test_configuration_error_exits_2_naming_the_variable(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
-    env.update(BRIDGE_UPSTREAM="openai", BRIDGE_PORT="http", BRIDGE_STATE_DIR=str(tmp_path))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge", "run", env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    code, output, lines = await _run_to_exit(
+        BRIDGE_UPSTREAM="openai", BRIDGE_PORT="http", BRIDGE_STATE_DIR=str(tmp_path)
     )
-    _stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 2
-    lines = stderr.decode().splitlines()
+    assert code == 2
     assert any(line.startswith("chatbridge: BRIDGE_PORT:") for line in lines)
     assert any("BRIDGE_OPENAI_API_KEY" in line and "example" in line for line in lines)
-    assert "Traceback" not in stderr.decode()
+    assert "Traceback" not in output
 
 
 async def test_an_upstream_that_cannot_be_set_up_exits_2_without_a_traceback(
@@ -103,16 +98,23 @@ async def test_an_upstream_that_cannot_be_set_up_exits_2_without_a_traceback(
 ) -> None:
     """What only the adapter can tell (here: a replay file that does not exist) is a
     configuration error of `run` as of `check`: exit 2, one line naming the variable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
-    env.update(BRIDGE_UPSTREAM="replay", BRIDGE_REPLAY_FILE=str(tmp_path / "missing.sse"),
-               BRIDGE_YACH_INSECURE="1", BRIDGE_PORT="0", BRIDGE_STATE_DIR=str(tmp_path))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge", "run", env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    code, output, lines = await _run_to_exit(
+        BRIDGE_UPSTREAM="replay", BRIDGE_REPLAY_FILE=str(tmp_path / "missing.sse"),
+        BRIDGE_YACH_INSECURE="1", BRIDGE_PORT="0", BRIDGE_STATE_DIR=str(tmp_path),
     )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 2
-    lines = stderr.decode().splitlines()
+    assert code == 2
     assert any(line.startswith("chatbridge: BRIDGE_UPSTREAM=replay") and "missing.sse" in line
                for line in lines), lines
-    assert "Traceback" not in stdout.decode() + stderr.decode()
+    assert "Traceback" not in output
+
+
+async def _run_to_exit(**settings: str) -> tuple[int | None, str, list[str]]:
+    """`python -m bridge run` with only these BRIDGE_* variables, until it exits by itself:
+    its exit code, all it printed, and its stderr's lines."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "run", env={**env, **settings},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    return process.returncode, stdout.decode() + stderr.decode(), stderr.decode().splitlines()
