@@ -404,29 +404,32 @@ async def _serve_bare(store: str = "") -> None:
 
     app = web.Application()
     app.router.add_post("/webhook/yach", ok)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    print(f"PORT {runner.addresses[0][1]}", flush=True)
-    await _until_signalled()
-    await runner.cleanup()
+    await _serve_until_signalled(app)
     if redis is not None:
         await redis.aclose()
 
 
 async def _serve_floor(spec: dict[str, str]) -> None:
     """The relay bench's floor (`_floor.py`), served as the bridge serves."""
-    from _floor import FloorRelay, floor_app
+    from _floor import FloorRelay
 
     relay = FloorRelay(spec["redis"], spec["upstream"], spec["yach"])
     await relay.start()
-    runner = web.AppRunner(floor_app(relay), access_log=None, handle_signals=False)
+    app = web.Application()
+    app.router.add_post("/webhook/yach", relay.webhook)
+    await _serve_until_signalled(app)
+    await relay.close()
+
+
+async def _serve_until_signalled(app: web.Application) -> None:
+    """Serve `app` as the bridge serves (AppRunner, no access log) on a free loopback port,
+    printed as "PORT n" for `child`, until SIGTERM or SIGINT."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     print(f"PORT {runner.addresses[0][1]}", flush=True)
     await _until_signalled()
     await runner.cleanup()
-    await relay.close()
 
 
 async def _until_signalled() -> None:

@@ -108,9 +108,3 @@ def _content(event: bytes) -> str:
         return ""
     choices: list[dict[str, Any]] = json.loads(data)["choices"]
     return str(choices[0]["delta"].get("content") or "") if choices else ""
-
-
-def floor_app(relay: FloorRelay) -> web.Application:
-    app = web.Application()
-    app.router.add_post("/webhook/yach", relay.webhook)
-    return app
