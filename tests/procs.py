@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import redis
+import redis.asyncio as aioredis
 from aiohttp import web
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -52,6 +53,16 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
         await asyncio.sleep(interval)
+
+
+async def wait_acknowledged(client: aioredis.Redis, inbox: str, timeout: float = 10) -> None:
+    """Poll until the inbox stream is empty: a turn's acknowledgement follows its last send,
+    so a reply seen by the fake platform may come a moment before it (another process)."""
+    deadline = time.monotonic() + timeout
+    while await client.xlen(inbox):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: every entry acknowledged")
+        await asyncio.sleep(0.05)
 
 
 def question_of(body: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ from bridge.store import Keys
 from tests.fakes import yach as fake_yach
 from tests.fakes.yach import FakeYach
 from tests.harness import bridge_env, group_message, openai_env, running_bridge
-from tests.procs import PacedOpenAI, Spawner, post_webhook, wait_for
+from tests.procs import PacedOpenAI, Spawner, post_webhook, wait_acknowledged, wait_for
 
 EN = MESSAGES["en"]
 LONG_ANSWER = " ".join(f"Sentence number {n} of a long answer." for n in range(1, 41))
@@ -120,6 +120,7 @@ async def test_messages_waiting_behind_a_killed_turn_lose_no_attempt(
         bridge.kill()
         await spawn(env).start()
         await wait_for(lambda: len(yach.shown) >= 4, 15, "four replies")
+        await wait_acknowledged(redis_client, keys.inbox)
     finally:
         await upstream.close()
     assert [text.partition(".")[0] for text in yach.texts()] == [
