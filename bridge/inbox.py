@@ -2,7 +2,9 @@
 
 `put` stores a message (dedupe + XADD + the session queue, in one Lua script) and is
 group-committed: the calls made during one event-loop tick, or while the previous script
-call runs, are stored by one script call.
+call runs, are stored by one script call. With `take_on_put`, that call also takes the new
+entries for this process's worker and starts the turns it stored (a first read and a start,
+in the same round trip).
 Workers `read` new entries, `claim` the entries of dead consumers, `keep` the entries they
 hold (XCLAIM JUSTID: resets idle time, never the delivery count; only entries still theirs,
 so a worker that stalled past BRIDGE_CLAIM_IDLE_S never takes an entry back from the one
@@ -26,9 +28,10 @@ from redis.exceptions import ResponseError
 from redis.typing import EncodableT
 
 from bridge.interfaces import InboundMessage
+from bridge.sessions import START_TURN
 from bridge.store import GROUP, HotPath, Keys, as_text
 
-__all__ = ["Accepted", "Duplicate", "Entry", "EntryKind", "Inbox"]
+__all__ = ["Accepted", "Duplicate", "Entry", "EntryKind", "Inbox", "TakeOnPut"]
 
 log = structlog.get_logger(__name__)
 
@@ -52,26 +55,54 @@ return removed
 
 # One group-commit batch in one command. KEYS: inbox. ARGV: dedupe TTL, the dedupe and the
 # queue key prefixes, and the batch as one JSON array of [dedupe key or '', kind, session,
-# message]: one argument, not four per message, because redis-py packs every argument in
-# Python. (The keys built here share the inbox's {bot} hash tag, as every key does.)
-# Returns one verdict per message: its entry id, or false (a duplicate). A turn joins its
-# session queue. The first error stops the script: what it stored before stays.
-_PUT = """
-local ids = {}
+# message, sender]: one argument, not five per message, because redis-py packs every argument
+# in Python. (The keys built here share the inbox's {bot} hash tag, as every key does.) Then
+# the take: group, consumer, how many entries it may take (0: none), and `start_on_put`.
+# Stores each message (false: a duplicate; a turn joins its session queue); then, if it may,
+# takes new entries for this consumer as a first read does (XREADGROUP: the oldest first, so
+# an older backlog before this batch), and runs `start_turn` on the turns it stored itself.
+# Returns {verdicts, taken}: per message its entry id or false; per entry taken {id, fields,
+# the start's reply or false}. The first error stops the script: what it did before stays.
+_PUT = (
+    START_TURN
+    + """
+local ids, stored = {}, {}
 for i, item in ipairs(cjson.decode(ARGV[4])) do
-  local dedupe, kind, session, message = item[1], item[2], item[3], item[4]
+  local dedupe, kind, session = item[1], item[2], item[3]
   if dedupe ~= '' and not redis.call('SET', ARGV[2] .. dedupe, '1', 'NX', 'EX', ARGV[1]) then
     ids[i] = false
   else
-    local id = redis.call('XADD', KEYS[1], '*', 'm', message, 'k', kind, 's', session)
+    local id = redis.call('XADD', KEYS[1], '*', 'm', item[4], 'k', kind, 's', session)
     if kind == 'turn' then
       redis.call('RPUSH', ARGV[3] .. session, id)
+      stored[id] = item
     end
     ids[i] = id
   end
 end
-return ids
+local taken = {}
+if tonumber(ARGV[7]) > 0 then
+  -- a group lost with a Redis restarted empty: the read loop makes it again and reads
+  local reply = redis.pcall('XREADGROUP', 'GROUP', ARGV[5], ARGV[6], 'COUNT', ARGV[7],
+                            'STREAMS', KEYS[1], '>')
+  local rows = type(reply) == 'table' and not reply.err and reply[1][2] or {}
+  local p = {unpack(ARGV, 8, 15)}
+  local a = {unpack(ARGV, 16, 20)}
+  for i, row in ipairs(rows) do
+    local id, item, start = row[1], stored[row[1]], false
+    if item then
+      local s = item[3]
+      start = start_turn(
+        {KEYS[1], p[1] .. s, p[2] .. s, p[3] .. s, p[4] .. id, p[5] .. s, p[6] .. s,
+         p[7] .. s, p[8] .. item[5]},
+        {id, a[1], a[2], a[3], a[4], a[5]})
+    end
+    taken[i] = {id, row[2], start}
+  end
+end
+return {ids, taken}
 """
+)
 
 # KEYS: inbox, session queue, journal, session lock, fence, dead letters.
 # ARGV: group, entry id, lock value or '', then (dead-lettering) message, reason.
@@ -143,9 +174,20 @@ class Entry:
     deliveries: int
 
 
+@dataclass(frozen=True, slots=True)
+class TakeOnPut:
+    """How the put script takes what it stores for this process's worker, in the same round
+    trip: a turn's first token then waits for no read and no start of its own."""
+
+    room: Callable[[], int]  # how many entries the worker takes now (0: none)
+    start_args: list[EncodableT]  # `Sessions.start_on_put`
+    # Hands an entry over, with the start script's reply for a turn the put started.
+    take: Callable[[Entry, list[Any] | None], None]
+
+
 @dataclass
 class _Pending:
-    item: tuple[str, str, str, str]  # what `_PUT` reads of one message
+    item: tuple[str, str, str, str, str]  # what `_PUT` reads of one message
     future: asyncio.Future[Accepted | Duplicate]
 
 
@@ -168,7 +210,17 @@ class Inbox:
         # order, and one kept connection serves them all.
         self._flush: asyncio.Task[None] | None = None
         self._hot = HotPath(redis, keep=1)
+        self._take_on_put: TakeOnPut | None = None
         self._unreadable: list[tuple[str, dict[bytes, bytes]]] = []
+
+    def take_on_put(self, take: TakeOnPut) -> None:
+        """From now on each put also takes new entries, up to `take.room()`, for this
+        consumer, starting the turns it stored (one round trip for the store, the first
+        read and the start). What it cannot take waits for `read`, as before. An entry taken
+        by a put whose answer is lost (a connection cut at that moment) is pending on this
+        consumer like one read by a process that died: it is claimed after
+        BRIDGE_CLAIM_IDLE_S."""
+        self._take_on_put = take
 
     async def ensure_group(self) -> None:
         try:
@@ -190,7 +242,13 @@ class Inbox:
     ) -> Accepted | Duplicate:
         """Store one message durably; concurrent calls share one script call (group commit)."""
         # Encoded here: a message JSON cannot hold fails its own caller, not the whole batch.
-        item = (message.dedupe_key or "", kind.value, chat_session_id, message.to_json())
+        item = (
+            message.dedupe_key or "",
+            kind.value,
+            chat_session_id,
+            message.to_json(),
+            message.sender.id,
+        )
         future: asyncio.Future[Accepted | Duplicate] = asyncio.get_running_loop().create_future()
         self._batch.append(_Pending(item, future))
         if self._flush is None:
@@ -214,25 +272,40 @@ class Inbox:
         """Store what waits: up to `_MAX_PUT_BATCH` messages, in order."""
         batch, self._batch = self._batch[:_MAX_PUT_BATCH], self._batch[_MAX_PUT_BATCH:]
         try:
-            verdicts = await self._put_batch(batch)
+            verdicts, taken = await self._put_batch(batch)
         except Exception as exc:  # every waiter must learn the outcome, whatever it was
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             return
+        if taken:  # first: the turns' tasks run before the webhooks' answers are written
+            self._hand_over(taken)
         for pending, verdict in zip(batch, verdicts, strict=True):
             if not pending.future.done():
                 outcome = _DUPLICATE if verdict is None else Accepted(as_text(verdict))
                 pending.future.set_result(outcome)
 
-    async def _put_batch(self, batch: list[_Pending]) -> list[bytes | None]:
+    async def _put_batch(self, batch: list[_Pending]) -> tuple[list[bytes | None], list[Any]]:
         """One EVALSHA for the whole batch, on the kept connection. The script missing (a
         Redis restarted empty, or SCRIPT FLUSH: NOSCRIPT before running any of it) or a lost
         connection: the client's own path loads the script, reconnects and retries."""
         keys = self.keys
         items = orjson.dumps([pending.item for pending in batch])
         args: list[EncodableT] = [DEDUPE_TTL_S, keys.dedupe(""), keys.queue(""), items]
-        return list(await self._hot.script(self._put_script, [keys.inbox], args))
+        take = self._take_on_put
+        room = min(take.room(), len(batch)) if take is not None else 0
+        args += [GROUP, self.consumer, room]
+        if take is not None and room > 0:
+            args += take.start_args
+        verdicts, taken = await self._hot.script(self._put_script, [keys.inbox], args)
+        return list(verdicts), list(taken)
+
+    def _hand_over(self, taken: list[Any]) -> None:
+        assert self._take_on_put is not None
+        starts = {as_text(entry_id): start for entry_id, _, start in taken}
+        rows = [(entry_id, _fields(flat), 1) for entry_id, flat, _ in taken]
+        for entry in self._entries(rows):
+            self._take_on_put.take(entry, starts[entry.entry_id])
 
     async def read(self, count: int, block_ms: int) -> list[Entry]:
         """New entries for this consumer (first delivery)."""
@@ -375,6 +448,11 @@ class Inbox:
                 raise
         await self.ensure_group()
         return await command(*args, **kwargs)
+
+
+def _fields(flat: list[bytes]) -> dict[bytes, bytes]:
+    """A stream entry's fields as a script returns them (field, value, field, value…)."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _entry(entry_id: bytes | str, fields: dict[bytes, bytes], deliveries: int) -> Entry:

@@ -20,7 +20,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -31,7 +31,7 @@ from bridge.config import Rate
 from bridge.interfaces import HistoryTurn
 from bridge.store import HotPath, Keys, as_text, cancel_requested
 
-__all__ = ["Journal", "JournalPiece", "LockLost", "SessionState", "Sessions", "Start"]
+__all__ = ["START_TURN", "Journal", "JournalPiece", "LockLost", "SessionState", "Sessions", "Start"]
 
 # `holds(lock, fence, value, ttl)`: true when `value` is the session's lock; a lock that
 # expired while its token is still the fence's value (nobody took it since) is re-set.
@@ -108,56 +108,61 @@ return 1
 """
 )
 
-# KEYS: inbox, queue, lock, fence, journal, stop, session, history, the sender's rate counter.
-# ARGV: entry id, lock ttl ms, journal ttl s, history turns to read, the sender's message
-# limit (0: no check) and its window s. One try to start an entry's turn, in one round
-# trip: its place in the session queue (an entry missing from its queue, which only a lost
-# queue key can cause, is put back in stream-id order, unless it is gone from the inbox,
-# acknowledged: then {-1}); with a limit, the sender's message counted, {-2} when over it;
-# at the head with the lock free, the lock (fence+1 → token), the
-# attempt counted in the journal, whether a `/stop` was recorded for it, and what the turn
-# reads: the journal, the session, the history. Read under the lock just taken, they stay
-# as read: only the lock's holder writes them, and `/reset` stops the holder first.
+# `start_turn(k, a)`: one try to start an entry's turn, in one round trip. k: inbox, queue,
+# lock, fence, journal, stop, session, history, the sender's rate counter. a: entry id, lock
+# ttl ms, journal ttl s, history turns to read, the sender's message limit (0: no check) and
+# its window s. Its place in the session queue (an entry missing from its queue, which only
+# a lost queue key can cause, is put back in stream-id order, unless it is gone from the
+# inbox, acknowledged: then {-1}); with a limit, the sender's message counted, {-2} when over
+# it; at the head with the lock free, the lock (fence+1 → token), the attempt counted in the
+# journal, whether a `/stop` was recorded for it, and what the turn reads: the journal, the
+# session, the history. Read under the lock just taken, they stay as read: only the lock's
+# holder writes them, and `/reset` stops the holder first.
 # Returns {ahead} when it cannot start, else {0, lock value, attempt, stopped, journal
-# fields, session fields, history rows}.
-_START = """
+# fields, session fields, history rows}. The start script runs it on its KEYS and ARGV; the
+# inbox's put script runs it on the entries it stores and takes (`start_on_put`).
+START_TURN = """
 local function parts(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(seq)
 end
-local function place()
-  local ahead = redis.call('LPOS', KEYS[2], ARGV[1])
+local function place(k, id)
+  local ahead = redis.call('LPOS', k[2], id)
   if ahead then return ahead end
-  if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return -1 end
-  local ms, seq = parts(ARGV[1])
-  local queued = redis.call('LRANGE', KEYS[2], 0, -1)
+  if #redis.call('XRANGE', k[1], id, id) == 0 then return -1 end
+  local ms, seq = parts(id)
+  local queued = redis.call('LRANGE', k[2], 0, -1)
   for i, other in ipairs(queued) do
     local oms, oseq = parts(other)
     if oms and (oms > ms or (oms == ms and oseq > seq)) then
-      redis.call('LINSERT', KEYS[2], 'BEFORE', other, ARGV[1])
+      redis.call('LINSERT', k[2], 'BEFORE', other, id)
       return i - 1
     end
   end
-  redis.call('RPUSH', KEYS[2], ARGV[1])
+  redis.call('RPUSH', k[2], id)
   return #queued
 end
-local ahead = place()
-if ahead >= 0 and tonumber(ARGV[5]) > 0 then
-  local sent = redis.call('INCR', KEYS[9])
-  if sent == 1 then redis.call('EXPIRE', KEYS[9], ARGV[6]) end
-  if sent > tonumber(ARGV[5]) then return {-2} end
+local function start_turn(k, a)
+  local ahead = place(k, a[1])
+  if ahead >= 0 and tonumber(a[5]) > 0 then
+    local sent = redis.call('INCR', k[9])
+    if sent == 1 then redis.call('EXPIRE', k[9], a[6]) end
+    if sent > tonumber(a[5]) then return {-2} end
+  end
+  if ahead ~= 0 or redis.call('EXISTS', k[3]) == 1 then return {ahead} end
+  local value = redis.call('INCR', k[4]) .. ':' .. a[1]
+  redis.call('SET', k[3], value, 'PX', a[2])
+  local attempt = redis.call('HINCRBY', k[5], 'attempts', 1)
+  redis.call('EXPIRE', k[5], a[3])
+  local stopped = redis.call('GET', k[6]) == a[1] and 1 or 0
+  local history = {}
+  if tonumber(a[4]) > 0 then history = redis.call('LRANGE', k[8], -tonumber(a[4]), -1) end
+  return {0, value, attempt, stopped, redis.call('HGETALL', k[5]), redis.call('HGETALL', k[7]),
+          history}
 end
-if ahead ~= 0 or redis.call('EXISTS', KEYS[3]) == 1 then return {ahead} end
-local value = redis.call('INCR', KEYS[4]) .. ':' .. ARGV[1]
-redis.call('SET', KEYS[3], value, 'PX', ARGV[2])
-local attempt = redis.call('HINCRBY', KEYS[5], 'attempts', 1)
-redis.call('EXPIRE', KEYS[5], ARGV[3])
-local stopped = redis.call('GET', KEYS[6]) == ARGV[1] and 1 or 0
-local history = {}
-if tonumber(ARGV[4]) > 0 then history = redis.call('LRANGE', KEYS[8], -tonumber(ARGV[4]), -1) end
-return {0, value, attempt, stopped, redis.call('HGETALL', KEYS[5]), redis.call('HGETALL', KEYS[7]),
-        history}
 """
+
+_START = START_TURN + "return start_turn(KEYS, ARGV)\n"
 
 # KEYS: lock, fence, session, history, stop. Forget the mapping (/reset); the lock of the
 # stopped turn (the entry named by the stop key), if it still holds on, is fenced out so
@@ -322,6 +327,28 @@ class Sessions:
                 max(int(rate.per_s), 1),
             ],
         )
+        return self.parse_start(reply)
+
+    def start_on_put(self, *, with_history: bool, rate: Rate) -> list[EncodableT]:
+        """What the inbox's put script needs to run `START_TURN` on the turns it stores and
+        takes: the key prefixes (queue, lock, fence, journal, stop, session, history, sender's
+        rate), then the start's arguments after the entry id (a limit of 0: no check)."""
+        keys = self.keys
+        prefixes = [keys.queue(""), keys.lock(""), keys.fence(""), keys.journal("")]
+        prefixes += [keys.stop(""), keys.session(""), keys.history(""), keys.user_rate("")]
+        count = 0 if rate.unlimited else rate.count
+        return [
+            *prefixes,
+            self.lock_ttl_ms,
+            JOURNAL_TTL_S,
+            self.history_turns * with_history,
+            count,
+            max(int(rate.per_s), 1),
+        ]
+
+    @staticmethod
+    def parse_start(reply: list[Any]) -> Start:
+        """A `START_TURN` reply as what the try found."""
         ahead = int(reply[0])
         if ahead < 0:
             return Start(ahead=None, over_rate=ahead == _OVER_RATE)

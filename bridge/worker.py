@@ -1,4 +1,5 @@
-"""The workers of one process: read and claim inbox entries, keep them claimed, run them.
+"""The workers of one process: take (from the webhooks' puts), read and claim inbox entries,
+keep them claimed, run them.
 
 Serial within a session (the session queue and lock), parallel across sessions (up to
 BRIDGE_WORKERS turns), commands and notices at once. Every task is tracked and awaited.
@@ -29,7 +30,7 @@ from redis.exceptions import RedisError
 
 from bridge.commands import Commands
 from bridge.config import Settings
-from bridge.inbox import Entry, EntryKind, Inbox
+from bridge.inbox import Entry, EntryKind, Inbox, TakeOnPut
 from bridge.intake import judge
 from bridge.interfaces import SendError
 from bridge.messages import Catalogue
@@ -78,6 +79,7 @@ class _Held:
     stop_requested: bool = False
     lost: bool = False  # another worker owns the entry now, or holds its session
     acked: bool = False
+    started_on_put: Start | None = None  # the first try to start it, made by the put
 
 
 class Worker:
@@ -119,9 +121,13 @@ class Worker:
 
     def start(self) -> None:
         """Start the loops. They need no Redis to start: each waits for it with backoff,
-        and the first read makes the consumer group when it is missing."""
+        and the first read makes the consumer group when it is missing. From now on the
+        webhooks' puts hand their entries to this worker while it has room."""
         for loop in (self._read_loop, self._claim_loop, self._keep_loop, self._listen_loop):
             self._spawn_loop(loop)
+        rate = self.settings.user_rate
+        start_args = self.sessions.start_on_put(with_history=self._with_history, rate=rate)
+        self.inbox.take_on_put(TakeOnPut(self._room_for_puts, start_args, self._take_stored))
 
     async def drain(self, timeout_s: float) -> None:
         """Stop taking work, give running turns `timeout_s`, leave the rest pending (and
@@ -307,10 +313,22 @@ class Worker:
             )
         _raise_if_cancelled()
 
+    def _room_for_puts(self) -> int:
+        """How many entries a put may hand over now: the room the read loop reads into, too
+        (a put and a read on their way at once may together take up to twice that)."""
+        return 0 if self.draining else max(self._max_held - len(self.held), 0)
+
+    def _take_stored(self, entry: Entry, start_reply: list[Any] | None) -> None:
+        """An entry a put took for us; for a turn it stored, with its first try to start."""
+        start = None if start_reply is None else self.sessions.parse_start(start_reply)
+        self._take(entry, start)
+
     # One entry
 
-    def _take(self, entry: Entry) -> None:
-        held = _Held(entry)
+    def _take(self, entry: Entry, started_on_put: Start | None = None) -> None:
+        held = _Held(entry, started_on_put=started_on_put)
+        if started_on_put is not None:
+            held.lock = started_on_put.lock  # kept alive (and let go) from now on
         self.held[entry.entry_id] = held
         held.task = asyncio.create_task(self._handle(held), name=f"entry-{entry.entry_id}")
 
@@ -438,12 +456,15 @@ class Worker:
                     raise _Drained
                 waker.clear()
                 try:
-                    started = await self.sessions.start(
-                        session,
-                        entry.entry_id,
-                        with_history=self._with_history,
-                        sender_rate=sender_rate if arriving else None,
-                    )
+                    if held.started_on_put is not None:  # the arriving try, made by the put
+                        started, held.started_on_put = held.started_on_put, None
+                    else:
+                        started = await self.sessions.start(
+                            session,
+                            entry.entry_id,
+                            with_history=self._with_history,
+                            sender_rate=sender_rate if arriving else None,
+                        )
                 except RedisError:  # a waiting entry rides out a Redis outage
                     _raise_if_cancelled()
                     if arriving:

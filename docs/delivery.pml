@@ -13,7 +13,9 @@
  * expiry or an idle claim may happen at any moment the protocol allows it.
  *
  * Each step on Redis is one atomic Lua script or command in the implementation, and one
- * atomic block here. The platform shows the first piece sent under a message_id, as Yach
+ * atomic block here. (The webhook's put script may also make the first read and the start
+ * of what it stored: that is the put, a read and the lock step with nothing in between,
+ * one of the schedules checked here.) The platform shows the first piece sent under a message_id, as Yach
  * does for app-API sends.
  *
  * Timing assumption (every lease has one): a live process does not pause for longer than
