@@ -279,7 +279,10 @@ class Inbox:
                     pending.future.set_exception(exc)
             return
         if taken:  # first: the turns' tasks run before the webhooks' answers are written
-            self._hand_over(taken)
+            try:
+                self._hand_over(taken)
+            except Exception:  # the webhooks are answered whatever happened here
+                log.exception("taken_entries_not_handed_over", outcome="claimed when idle")
         for pending, verdict in zip(batch, verdicts, strict=True):
             if not pending.future.done():
                 outcome = _DUPLICATE if verdict is None else Accepted(as_text(verdict))

@@ -82,8 +82,7 @@ async def test_a_put_stores_takes_and_starts_its_turn_in_one_script_call(
     inbox: Inbox, sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
 ) -> None:
     taker = taking(inbox, sessions, Taker())
-    await redis_client.script_load("return 1")  # the script cache is warm: EVALSHA counts true
-    await inbox.put(message("warm"), EntryKind.TURN, "s0")
+    await inbox.put(message("warm"), EntryKind.TURN, "s0")  # the script is loaded
     calls = await evalsha_calls(redis_client)
 
     verdict = await inbox.put(message("m1"), EntryKind.TURN, "s1")
@@ -92,7 +91,10 @@ async def test_a_put_stores_takes_and_starts_its_turn_in_one_script_call(
     assert await evalsha_calls(redis_client) - calls == 1  # no start script, no read
     entry, start = taker.taken[-1]
     assert (entry.entry_id, entry.kind, entry.chat_session_id, entry.deliveries) == (
-        verdict.entry_id, EntryKind.TURN, "s1", 1
+        verdict.entry_id,
+        EntryKind.TURN,
+        "s1",
+        1,
     )
     assert entry.message == message("m1")
     assert start is not None and start.ahead == 0 and start.attempt == 1 and not start.stopped
@@ -143,9 +145,7 @@ async def test_a_put_takes_no_more_than_the_room_nor_than_it_stored(
     inbox: Inbox, sessions: Sessions
 ) -> None:
     taker = taking(inbox, sessions, Taker(room=1))
-    await put_at_once(
-        inbox, *((message(f"m{n}"), EntryKind.TURN, f"s{n}") for n in range(3))
-    )
+    await put_at_once(inbox, *((message(f"m{n}"), EntryKind.TURN, f"s{n}") for n in range(3)))
     assert taker.ids() == ["m0"]
     left = await inbox.read(count=10, block_ms=1)
     assert [entry.message.im_msg_id for entry in left] == ["m1", "m2"]
@@ -187,3 +187,23 @@ async def test_a_lost_group_stores_and_leaves_the_read_to_make_it_again(
     assert isinstance(verdict, Accepted) and taker.taken == []
     entries = await inbox.read(count=10, block_ms=1)  # NOGROUP: made again (from 0), read
     assert [entry.entry_id for entry in entries] == [verdict.entry_id]
+
+
+async def test_a_failed_hand_over_still_answers_every_webhook(
+    inbox: Inbox, sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    def broken_take(entry: Entry, start_reply: list[Any] | None) -> None:
+        raise RuntimeError("the worker could not take it")
+
+    start_args = sessions.start_on_put(with_history=True, rate=UNLIMITED)
+    inbox.take_on_put(TakeOnPut(lambda: 10, start_args, broken_take))
+    verdicts = await asyncio.wait_for(
+        put_at_once(
+            inbox, (message("m1"), EntryKind.TURN, "s1"), (message("m2"), EntryKind.TURN, "s2")
+        ),
+        timeout=5,
+    )
+    assert all(isinstance(verdict, Accepted) for verdict in verdicts)
+    # taken all the same: pending on this consumer, for the claim loop once idle
+    pending = await redis_client.xpending(keys.inbox, GROUP)
+    assert pending["pending"] == 2
