@@ -29,7 +29,7 @@ from redis.typing import EncodableT
 
 from bridge.interfaces import InboundMessage
 from bridge.sessions import START_TURN
-from bridge.store import GROUP, HotPath, Keys, as_text
+from bridge.store import GROUP, InOrder, Keys, as_text
 
 __all__ = ["Accepted", "Duplicate", "Entry", "EntryKind", "Inbox", "TakeOnPut"]
 
@@ -143,6 +143,9 @@ return lost
 # Messages per put script: a larger burst is stored by several calls, one after the other, so
 # that no one script holds Redis for long.
 _MAX_PUT_BATCH = 256
+# Put scripts on their way at once: the next batch goes out while the one before it runs in
+# Redis, instead of after its answer (the bridge would wait, idle, at high rates).
+_PUTS_IN_FLIGHT = 2
 
 # How many XAUTOCLAIM calls one claim pass may make (each scans up to 10 × COUNT entries
 # of the pending list: with a long backlog, the first scan window may hold no idle entry).
@@ -204,12 +207,13 @@ class Inbox:
         self._keep_script = redis.register_script(_KEEP)
         self._prune_script = redis.register_script(_PRUNE)
         self._batch: list[_Pending] = []
-        # One put script runs at a time; what arrives meanwhile waits for the next. Under load
-        # the batches grow instead of the calls (a call costs the bridge ~40 µs of redis-py
-        # and Redis its own share, a message in it a few), the calls reach Redis in inbox
-        # order, and one kept connection serves them all.
-        self._flush: asyncio.Task[None] | None = None
-        self._hot = HotPath(redis, keep=1)
+        # Up to `_PUTS_IN_FLIGHT` put scripts are on their way; what arrives meanwhile waits
+        # for the next. Under load the batches grow instead of the calls (a call costs the
+        # bridge ~40 µs of redis-py and Redis its own share, a message in it a few), and the
+        # calls take effect in inbox order (`InOrder`: one connection, pipelined).
+        self._flushes: set[asyncio.Task[None]] = set()
+        self._flush_starting = False  # a flush task that has not taken its batch yet
+        self._puts = InOrder(redis)
         self._take_on_put: TakeOnPut | None = None
         self._unreadable: list[tuple[str, dict[bytes, bytes]]] = []
 
@@ -251,25 +255,30 @@ class Inbox:
         )
         future: asyncio.Future[Accepted | Duplicate] = asyncio.get_running_loop().create_future()
         self._batch.append(_Pending(item, future))
-        if self._flush is None:
-            self._start_flush()
+        self._start_flush()
         return await future
 
     def _start_flush(self) -> None:
-        """A task of its own stores what waits when it first runs, in the loop's next
-        iteration: the calls made in this one join it (a callback scheduled to start the
-        task would take the same messages one iteration later)."""
-        self._flush = asyncio.get_running_loop().create_task(self._store_waiting())
-        self._flush.add_done_callback(self._flush_done)
+        """Unless one is about to start, or enough are on their way, a task of its own
+        stores what waits when it first runs, in the loop's next iteration: the calls made
+        in this one join it (a callback scheduled to start the task would take the same
+        messages one iteration later)."""
+        if self._flush_starting or len(self._flushes) >= _PUTS_IN_FLIGHT:
+            return
+        self._flush_starting = True
+        flush = asyncio.get_running_loop().create_task(self._store_waiting())
+        self._flushes.add(flush)
+        flush.add_done_callback(self._flush_done)
 
     def _flush_done(self, task: asyncio.Task[None]) -> None:
-        """A flush ended: what arrived while it ran goes next."""
-        self._flush = None
+        """A flush ended: what arrived while the others ran goes next."""
+        self._flushes.discard(task)
         if self._batch:
             self._start_flush()
 
     async def _store_waiting(self) -> None:
         """Store what waits: up to `_MAX_PUT_BATCH` messages, in order."""
+        self._flush_starting = False
         batch, self._batch = self._batch[:_MAX_PUT_BATCH], self._batch[_MAX_PUT_BATCH:]
         try:
             verdicts, taken = await self._put_batch(batch)
@@ -289,9 +298,9 @@ class Inbox:
                 pending.future.set_result(outcome)
 
     async def _put_batch(self, batch: list[_Pending]) -> tuple[list[bytes | None], list[Any]]:
-        """One EVALSHA for the whole batch, on the kept connection. The script missing (a
-        Redis restarted empty, or SCRIPT FLUSH: NOSCRIPT before running any of it) or a lost
-        connection: the client's own path loads the script, reconnects and retries."""
+        """One EVALSHA for the whole batch, in order with the batches before it (`InOrder`:
+        the script missing or a lost connection, the client's own path loads the script,
+        reconnects and retries, in turn)."""
         keys = self.keys
         items = orjson.dumps([pending.item for pending in batch])
         args: list[EncodableT] = [DEDUPE_TTL_S, keys.dedupe(""), keys.queue(""), items]
@@ -300,7 +309,7 @@ class Inbox:
         args += [GROUP, self.consumer, room]
         if take is not None and room > 0:
             args += take.start_args
-        verdicts, taken = await self._hot.script(self._put_script, [keys.inbox], args)
+        verdicts, taken = await self._puts.script(self._put_script, [keys.inbox], args)
         return list(verdicts), list(taken)
 
     def _hand_over(self, taken: list[Any]) -> None:

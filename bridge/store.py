@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -32,6 +32,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "EmbeddedRedis",
     "HotPath",
+    "InOrder",
     "Keys",
     "MemoryKeyValue",
     "RedisKeyValue",
@@ -175,9 +176,8 @@ _MISSED: Final = _Missed()
 
 
 class HotPath:
-    """The hot commands — the webhook's put script, a turn's start script, a relayed
-    piece's journal write and its sent mark — sent on a connection of the client's pool
-    directly.
+    """The hot commands — a turn's start script, a relayed piece's journal write and its
+    sent mark — sent on a connection of the client's pool directly.
 
     `Redis.execute_command` wraps each command in a pool checkout and return (a condition,
     a timeout, observability hooks), a retry policy and response callbacks: ~25 µs of CPU
@@ -228,6 +228,116 @@ class HotPath:
         finally:
             if not kept:
                 await self._pool.release(connection)
+
+
+@dataclass(eq=False)
+class _Line:
+    """A connection of the client's pool that `InOrder` writes on, and how many calls that
+    wrote on it have not finished."""
+
+    connection: AbstractConnection
+    users: int = 0
+    broken: bool = False
+
+
+@dataclass(eq=False)
+class _Call:
+    written: asyncio.Event = field(default_factory=asyncio.Event)  # or gave up writing
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    line: _Line | None = None  # where it wrote
+
+
+class InOrder:
+    """Script calls that take effect in the order they are made, each written as soon as the
+    call before it has been written — not answered — on the same connection. Redis runs one
+    connection's commands in order, so a call waits for its own round trip, not for those of
+    the calls ahead of it as well.
+
+    A call writes once the call before it has written, and reads once that one has finished:
+    the answers are read in the order the commands went out. A call that cannot follow on the
+    same connection (there is none yet, or it broke) waits for the call before it to finish,
+    then writes. A broken connection (an error or a timeout writing or reading, perhaps
+    caused by the read of a call ahead) or NOSCRIPT (a Redis restarted empty, or SCRIPT
+    FLUSH, before any of the script ran) sends the call again through the client — which
+    reconnects, loads the script and retries — once every call before it has finished; the
+    calls behind it on that connection fail too and come after it, so the order holds. (One
+    case escapes: a SCRIPT LOAD by another client arriving between two calls written
+    separately, the first of which met NOSCRIPT.) A broken connection returns to the pool
+    once no call is left to read from it."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._pool = redis.connection_pool
+        self._line: _Line | None = None
+        self._last: _Call | None = None
+
+    async def script(self, script: AsyncScript, keys: list[KeyT], args: list[EncodableT]) -> Any:
+        ahead, call = self._last, _Call()
+        self._last = call
+        try:
+            reply = await self._once(ahead, call, "EVALSHA", script.sha, len(keys), *keys, *args)
+            if reply is _MISSED:
+                if ahead is not None:
+                    await ahead.done.wait()
+                reply = await script(keys=keys, args=args)
+            return reply
+        finally:
+            call.written.set()
+            call.done.set()
+            if self._last is call:
+                self._last = None
+            if call.line is not None:
+                await self._leave(call.line)
+
+    async def _once(self, ahead: _Call | None, call: _Call, *args: EncodableT) -> Any:
+        following = False  # written right behind `ahead`, before its answer came
+        if ahead is not None:
+            await ahead.written.wait()
+            line = self._line
+            following = line is not None and ahead.line is line and line.connection.is_connected
+            if not following:
+                await ahead.done.wait()
+        try:
+            if self._line is None:
+                self._line = _Line(await self._pool.get_connection())
+        except (RedisConnectionError, RedisTimeoutError):
+            return _MISSED
+        line = self._line
+        line.users += 1
+        call.line = line
+        try:
+            await line.connection.send_command(*args, check_health=not following)
+        except Exception:
+            # The failing read of a call ahead may have closed the connection under this
+            # write (redis-py writes in a task of its own): sent again, in turn.
+            if line.broken or not line.connection.is_connected:
+                self._break(line)
+                return _MISSED
+            raise
+        finally:
+            call.written.set()
+        if ahead is not None:
+            await ahead.done.wait()
+        try:
+            return await line.connection.read_response()
+        except NoScriptError:
+            return _MISSED
+        except (RedisConnectionError, RedisTimeoutError):
+            self._break(line)
+            return _MISSED
+        except BaseException:
+            if not line.connection.is_connected:  # redis-py drops it on a cancelled read
+                self._break(line)
+            raise
+
+    def _break(self, line: _Line) -> None:
+        line.broken = True
+        if self._line is line:
+            self._line = None
+
+    async def _leave(self, line: _Line) -> None:
+        line.users -= 1
+        if line.broken and not line.users:
+            await self._pool.release(line.connection)
 
 
 async def check_server(redis: aioredis.Redis, keys: Keys) -> str:

@@ -141,20 +141,20 @@ async def evalsha_calls(redis: aioredis.Redis) -> int:
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
-async def test_puts_made_while_a_call_runs_wait_and_share_the_next_call(
+async def test_puts_made_while_two_calls_are_on_their_way_wait_and_share_the_next_call(
     inbox: Inbox, redis_client: aioredis.Redis
 ) -> None:
     await inbox.put(message("loaded"), EntryKind.TURN, "s1")  # the script is loaded
     calls_before = await evalsha_calls(redis_client)
-    await redis_client.execute_command("CLIENT", "PAUSE", 300, "WRITE")  # the call waits
+    await redis_client.execute_command("CLIENT", "PAUSE", 300, "WRITE")  # the calls wait
     first = asyncio.ensure_future(inbox.put(message("first"), EntryKind.TURN, "s1"))
     later = []
-    for n in range(5):  # in five later ticks, while the first call runs
+    for n in range(5):  # in five later ticks: l0 goes right behind the first, l1…l4 wait
         await asyncio.sleep(0.01)
         later.append(asyncio.ensure_future(inbox.put(message(f"l{n}"), EntryKind.TURN, "s1")))
     verdicts = [await first, *await asyncio.gather(*later)]
     assert all(isinstance(verdict, Accepted) for verdict in verdicts)
-    assert await evalsha_calls(redis_client) - calls_before == 2
+    assert await evalsha_calls(redis_client) - calls_before == 3
     entries = await inbox.read(count=10, block_ms=1)
     assert [entry.message.im_msg_id for entry in entries] == ["loaded", "first"] + [
         f"l{n}" for n in range(5)
