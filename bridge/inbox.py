@@ -226,6 +226,12 @@ class Inbox:
         BRIDGE_CLAIM_IDLE_S."""
         self._take_on_put = take
 
+    async def settled(self) -> None:
+        """Wait for the put scripts on their way (and what they hand over) to finish: from
+        then on, with no room given, no put takes anything (a drain lists what it holds)."""
+        while self._flushes:
+            await asyncio.wait(set(self._flushes))
+
     async def ensure_group(self) -> None:
         try:
             await self.redis.xgroup_create(self.keys.inbox, GROUP, id="0", mkstream=True)
@@ -288,10 +294,7 @@ class Inbox:
                     pending.future.set_exception(exc)
             return
         if taken:  # first: the turns' tasks run before the webhooks' answers are written
-            try:
-                self._hand_over(taken)
-            except Exception:  # the webhooks are answered whatever happened here
-                log.exception("taken_entries_not_handed_over", outcome="claimed when idle")
+            self._hand_over(taken)
         for pending, verdict in zip(batch, verdicts, strict=True):
             if not pending.future.done():
                 outcome = _DUPLICATE if verdict is None else Accepted(as_text(verdict))
@@ -317,7 +320,10 @@ class Inbox:
         starts = {as_text(entry_id): start for entry_id, _, start in taken}
         rows = [(entry_id, _fields(flat), 1) for entry_id, flat, _ in taken]
         for entry in self._entries(rows):
-            self._take_on_put.take(entry, starts[entry.entry_id])
+            try:
+                self._take_on_put.take(entry, starts[entry.entry_id])
+            except Exception:  # the others are taken, and every webhook is answered
+                log.exception("entry_not_taken", entry=entry.entry_id, outcome="claimed when idle")
 
     async def read(self, count: int, block_ms: int) -> list[Entry]:
         """New entries for this consumer (first delivery)."""

@@ -138,6 +138,10 @@ class Worker:
         for task in self._loops:
             if task.get_name() in ("read", "claim"):
                 task.cancel()
+        # A put already on its way may still hand entries over: they are held (and so left
+        # pending, claimable at once, below) only once it has finished.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.inbox.settled(), timeout_s)
         for waker in self._wakers.values():
             waker.set()  # waiting entries see `draining` now, not at their next poll
         held = list(self.held.values())

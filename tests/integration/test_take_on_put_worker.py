@@ -1,0 +1,73 @@
+"""The worker's side of the put that takes what it stores: a drain that begins while such a
+put is on its way, and an entry of the batch that cannot be taken — on a real Redis, through
+the bridge's own webhook route and worker."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from bridge.inbox import EntryKind
+from bridge.interfaces import InboundMessage, Sender
+from bridge.store import GROUP, Keys
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.yach import FakeYach
+from tests.harness import bridge_env, group_message, openai_env, running_bridge, wait_until
+
+
+def message(msg_id: str, group: str) -> InboundMessage:
+    return InboundMessage(
+        im_msg_id=msg_id,
+        text=f"question {msg_id}",
+        sender=Sender("u1", "Tester", "W001"),
+        conversation_id=group,
+        is_direct=False,
+        dedupe_key="id:" + msg_id,
+    )
+
+
+async def test_a_turn_a_put_took_while_the_drain_began_is_left_claimable_at_once(
+    redis_url: str,
+    bot_id: str,
+    yach: FakeYach,
+    upstream: FakeOpenAI,
+    redis_client: aioredis.Redis,
+) -> None:
+    env = bridge_env(
+        redis_url, bot_id, yach, **openai_env(upstream.base_url), BRIDGE_CLAIM_IDLE_S="60"
+    )
+    async with running_bridge(env) as running:
+        await redis_client.execute_command("CLIENT", "PAUSE", 500, "WRITE")  # the put waits
+        post = asyncio.create_task(running.post(group_message("late question")))
+        await asyncio.sleep(0.1)  # its script is in Redis, held
+        drain = asyncio.create_task(running.bridge.worker.drain(5))  # SIGTERM now
+        status, _ = await asyncio.wait_for(post, 5)
+        await asyncio.wait_for(drain, 10)
+        assert status == 200  # stored: it was on its way before the drain
+    [pending] = await redis_client.xpending_range(Keys(bot_id).inbox, GROUP, "-", "+", 10)
+    # not run here, and released as the drain does with every turn it did not start: another
+    # process claims it at once, not after BRIDGE_CLAIM_IDLE_S
+    assert pending["time_since_delivered"] > 60_000
+    assert upstream.bodies == []
+
+
+async def test_an_entry_that_cannot_be_taken_does_not_hold_up_the_others_of_its_batch(
+    redis_url: str,
+    bot_id: str,
+    yach: FakeYach,
+    upstream: FakeOpenAI,
+    redis_client: aioredis.Redis,
+) -> None:
+    env = bridge_env(
+        redis_url, bot_id, yach, **openai_env(upstream.base_url), BRIDGE_CLAIM_IDLE_S="30"
+    )
+    await redis_client.rpush(Keys(bot_id).history("sx"), '{"unexpected": 1}')  # a bad row
+    async with running_bridge(env) as running:
+        inbox = running.bridge.inbox
+        await asyncio.gather(
+            inbox.put(message("x1", "gx"), EntryKind.TURN, "sx"),
+            inbox.put(message("y1", "gy"), EntryKind.TURN, "sy"),
+        )
+        # session sy has nothing wrong with it: its turn is answered at once
+        await wait_until(lambda: any("question y1" in text for text in yach.texts()), timeout=5)
