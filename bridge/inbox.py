@@ -57,15 +57,24 @@ return removed
 # queue key prefixes, and the batch as one JSON array of [dedupe key or '', kind, session,
 # message, sender]: one argument, not five per message, because redis-py packs every argument
 # in Python. (The keys built here share the inbox's {bot} hash tag, as every key does.) Then
-# the take: group, consumer, how many entries it may take (0: none), and `start_on_put`.
+# the take: group, consumer, how many entries it may take (0: none), the key of this call's
+# answer, and `start_on_put`.
 # Stores each message (false: a duplicate; a turn joins its session queue); then, if it may,
 # takes new entries for this consumer as a first read does (XREADGROUP: the oldest first, so
 # an older backlog before this batch), and runs `start_turn` on the turns it stored itself.
 # Returns {verdicts, taken}: per message its entry id or false; per entry taken {id, fields,
 # the start's reply or false}. The first error stops the script: what it did before stays.
+# A call that took entries keeps its answer for a minute under its own key: the same call
+# sent again because its answer was lost (a connection cut) gets that answer, and its
+# entries are handed over as if nothing had happened — not left pending, their locks and
+# counted attempts orphaned, until they are claimed.
 _PUT = (
     START_TURN
     + """
+if ARGV[8] ~= '' then
+  local answered = redis.call('GET', ARGV[8])
+  if answered then return cjson.decode(answered) end
+end
 local ids, stored = {}, {}
 for i, item in ipairs(cjson.decode(ARGV[4])) do
   local dedupe, kind, session = item[1], item[2], item[3]
@@ -86,8 +95,8 @@ if tonumber(ARGV[7]) > 0 then
   local reply = redis.pcall('XREADGROUP', 'GROUP', ARGV[5], ARGV[6], 'COUNT', ARGV[7],
                             'STREAMS', KEYS[1], '>')
   local rows = type(reply) == 'table' and not reply.err and reply[1][2] or {}
-  local p = {unpack(ARGV, 8, 15)}
-  local a = {unpack(ARGV, 16, 20)}
+  local p = {unpack(ARGV, 9, 16)}
+  local a = {unpack(ARGV, 17, 21)}
   for i, row in ipairs(rows) do
     local id, item, start = row[1], stored[row[1]], false
     if item then
@@ -99,6 +108,7 @@ if tonumber(ARGV[7]) > 0 then
     end
     taken[i] = {id, row[2], start}
   end
+  if #taken > 0 then redis.call('SET', ARGV[8], cjson.encode({ids, taken}), 'EX', 60) end
 end
 return {ids, taken}
 """
@@ -215,15 +225,15 @@ class Inbox:
         self._flush_starting = False  # a flush task that has not taken its batch yet
         self._puts = InOrder(redis)
         self._take_on_put: TakeOnPut | None = None
+        self._put_calls = 0  # names the answers of the calls that take
         self._unreadable: list[tuple[str, dict[bytes, bytes]]] = []
 
     def take_on_put(self, take: TakeOnPut) -> None:
         """From now on each put also takes new entries, up to `take.room()`, for this
         consumer, starting the turns it stored (one round trip for the store, the first
-        read and the start). What it cannot take waits for `read`, as before. An entry taken
-        by a put whose answer is lost (a connection cut at that moment) is pending on this
-        consumer like one read by a process that died: it is claimed after
-        BRIDGE_CLAIM_IDLE_S."""
+        read and the start). What it cannot take waits for `read`, as before. A put sent
+        again because its answer was lost gets the same answer (kept a minute in Redis):
+        what it took is handed over all the same."""
         self._take_on_put = take
 
     async def settled(self) -> None:
@@ -309,9 +319,12 @@ class Inbox:
         args: list[EncodableT] = [DEDUPE_TTL_S, keys.dedupe(""), keys.queue(""), items]
         take = self._take_on_put
         room = min(take.room(), len(batch)) if take is not None else 0
-        args += [GROUP, self.consumer, room]
-        if take is not None and room > 0:
-            args += take.start_args
+        if take is None or room == 0:
+            args += [GROUP, self.consumer, 0, ""]
+        else:
+            self._put_calls += 1
+            answer = keys.put_answer(f"{self.consumer}:{self._put_calls}")
+            args += [GROUP, self.consumer, room, answer, *take.start_args]
         verdicts, taken = await self._puts.script(self._put_script, [keys.inbox], args)
         return list(verdicts), list(taken)
 

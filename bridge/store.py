@@ -106,6 +106,11 @@ class Keys:
     def history(self, chat_session_id: str) -> str:
         return self.prefix + "history:" + chat_session_id
 
+    def put_answer(self, call: str) -> str:
+        """What a put script that took entries answered, for a minute: sent again (its
+        answer was lost), it answers the same instead of running again."""
+        return self.prefix + "put:" + call
+
     def journal(self, entry_id: str) -> str:
         return self.prefix + "journal:" + entry_id
 

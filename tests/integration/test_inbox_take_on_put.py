@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -14,7 +15,7 @@ from bridge.config import Rate
 from bridge.inbox import Accepted, Duplicate, Entry, EntryKind, Inbox, TakeOnPut
 from bridge.interfaces import InboundMessage, Sender
 from bridge.sessions import Sessions, Start
-from bridge.store import GROUP, Keys
+from bridge.store import GROUP, Keys, connect
 
 CONSUMER = "consumer"
 UNLIMITED = Rate(0, 1.0)
@@ -207,3 +208,80 @@ async def test_a_failed_hand_over_still_answers_every_webhook(
     # taken all the same: pending on this consumer, for the claim loop once idle
     pending = await redis_client.xpending(keys.inbox, GROUP)
     assert pending["pending"] == 2
+
+
+class AnswerCutter:
+    """A loopback TCP proxy in front of Redis that, once armed, passes the next command on
+    and cuts its client's connection when Redis answers it: it ran, its answer is lost."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = urlsplit(redis_url)
+        self.armed = False
+        self.cut = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}"
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.redis_url.scheme == "unix":
+            return await asyncio.open_unix_connection(self.redis_url.path)
+        return await asyncio.open_connection(self.redis_url.hostname, self.redis_url.port)
+
+    async def _serve(
+        self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
+    ) -> None:
+        redis_in, redis_out = await self._open()
+
+        async def to_redis() -> None:
+            while data := await client_in.read(65536):
+                redis_out.write(data)
+                await redis_out.drain()
+            redis_out.close()
+
+        forwarding = asyncio.create_task(to_redis())
+        try:
+            while data := await redis_in.read(65536):
+                if self.armed:
+                    self.armed = False
+                    self.cut += 1
+                    break
+                client_out.write(data)
+                await client_out.drain()
+        finally:
+            forwarding.cancel()
+            client_out.transport.abort()
+            redis_out.close()
+
+
+async def test_a_put_whose_answer_was_lost_hands_over_what_it_took_when_sent_again(
+    redis_url: str, sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    cutter = AnswerCutter(redis_url)
+    client = connect(await cutter.start(), max_connections=4)
+    try:
+        inbox = Inbox(client, keys, CONSUMER)
+        await inbox.ensure_group()
+        taker = taking(inbox, sessions, Taker())
+        await inbox.put(message("warm"), EntryKind.TURN, "s0")  # the script is loaded
+        cutter.armed = True
+        verdict = await asyncio.wait_for(inbox.put(message("m1"), EntryKind.TURN, "s1"), 10)
+    finally:
+        await client.aclose()
+        await cutter.close()
+    assert cutter.cut == 1
+    # the first run's answer, not "a duplicate" of itself, and its entry handed over with the
+    # lock it took: no orphaned lock, no second attempt counted, nothing left to claim
+    assert isinstance(verdict, Accepted)
+    entry, start = taker.taken[-1]
+    assert entry.entry_id == verdict.entry_id
+    assert start is not None and start.lock and start.attempt == 1
+    assert (await redis_client.get(keys.lock("s1"))).decode() == start.lock
+    assert await redis_client.hget(keys.journal(verdict.entry_id), "attempts") == b"1"
+    assert await redis_client.xlen(keys.inbox) == 2
