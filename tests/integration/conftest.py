@@ -7,8 +7,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
 from bridge.http import UpstreamHTTP
+from bridge.sessions import Sessions
+from bridge.store import Keys
 from tests.fakes.openai import FakeOpenAI, SilentMidway
 from tests.fakes.yach import FakeYach
 from tests.procs import Spawner
@@ -66,3 +69,13 @@ def spawn(tmp_path: Path) -> Iterator[Spawner]:
         yield spawner
     finally:
         spawner.close()
+
+
+@pytest.fixture
+def keys(bot_id: str) -> Keys:
+    return Keys(bot_id)
+
+
+@pytest.fixture
+def sessions(redis_client: aioredis.Redis, keys: Keys) -> Sessions:
+    return Sessions(redis_client, keys, ttl_s=3600, history_turns=5, lock_ttl_s=10)

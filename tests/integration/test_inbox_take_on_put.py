@@ -48,16 +48,6 @@ class Taker:
 
 
 @pytest.fixture
-def keys(bot_id: str) -> Keys:
-    return Keys(bot_id)
-
-
-@pytest.fixture
-def sessions(redis_client: aioredis.Redis, keys: Keys) -> Sessions:
-    return Sessions(redis_client, keys, ttl_s=3600, history_turns=5, lock_ttl_s=10)
-
-
-@pytest.fixture
 async def inbox(redis_client: aioredis.Redis, keys: Keys) -> Inbox:
     inbox = Inbox(redis_client, keys, CONSUMER)
     await inbox.ensure_group()

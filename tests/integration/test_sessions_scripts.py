@@ -16,16 +16,6 @@ from bridge.store import Keys
 SESSION = "yach:g:g1:u:u1"
 
 
-@pytest.fixture
-def keys(bot_id: str) -> Keys:
-    return Keys(bot_id)
-
-
-@pytest.fixture
-def sessions(redis_client: aioredis.Redis, keys: Keys) -> Sessions:
-    return Sessions(redis_client, keys, ttl_s=3600, history_turns=5, lock_ttl_s=10)
-
-
 async def _store(redis: aioredis.Redis, keys: Keys, *, queued: bool = True) -> str:
     """An inbox entry of the session, queued as the webhook's put queues it."""
     entry_id = (await redis.xadd(keys.inbox, {"m": "{}", "k": "turn", "s": SESSION})).decode()

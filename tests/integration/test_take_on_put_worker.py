@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis.asyncio as aioredis
 
 from bridge.inbox import EntryKind
@@ -27,16 +28,16 @@ def message(msg_id: str, group: str) -> InboundMessage:
     )
 
 
-async def test_a_turn_a_put_took_while_the_drain_began_is_left_claimable_at_once(
-    redis_url: str,
-    bot_id: str,
-    yach: FakeYach,
-    upstream: FakeOpenAI,
-    redis_client: aioredis.Redis,
-) -> None:
-    env = bridge_env(
+@pytest.fixture
+def env(redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI) -> dict[str, str]:
+    return bridge_env(
         redis_url, bot_id, yach, **openai_env(upstream.base_url), BRIDGE_CLAIM_IDLE_S="60"
     )
+
+
+async def test_a_turn_a_put_took_while_the_drain_began_is_left_claimable_at_once(
+    env: dict[str, str], bot_id: str, upstream: FakeOpenAI, redis_client: aioredis.Redis
+) -> None:
     async with running_bridge(env) as running:
         await redis_client.execute_command("CLIENT", "PAUSE", 500, "WRITE")  # the put waits
         post = asyncio.create_task(running.post(group_message("late question")))
@@ -53,15 +54,8 @@ async def test_a_turn_a_put_took_while_the_drain_began_is_left_claimable_at_once
 
 
 async def test_an_entry_that_cannot_be_taken_does_not_hold_up_the_others_of_its_batch(
-    redis_url: str,
-    bot_id: str,
-    yach: FakeYach,
-    upstream: FakeOpenAI,
-    redis_client: aioredis.Redis,
+    env: dict[str, str], bot_id: str, yach: FakeYach, redis_client: aioredis.Redis
 ) -> None:
-    env = bridge_env(
-        redis_url, bot_id, yach, **openai_env(upstream.base_url), BRIDGE_CLAIM_IDLE_S="30"
-    )
     await redis_client.rpush(Keys(bot_id).history("sx"), '{"unexpected": 1}')  # a bad row
     async with running_bridge(env) as running:
         inbox = running.bridge.inbox
