@@ -53,7 +53,8 @@ end
 return removed
 """
 
-# One group-commit batch in one command. KEYS: inbox. ARGV: dedupe TTL, the dedupe and the
+# One group-commit batch in one command. KEYS: inbox, then the answers of earlier calls that
+# were read (deleted: no longer needed). ARGV: dedupe TTL, the dedupe and the
 # queue key prefixes, and the batch as one JSON array of [dedupe key or '', kind, session,
 # message, sender]: one argument, not five per message, because redis-py packs every argument
 # in Python. (The keys built here share the inbox's {bot} hash tag, as every key does.) Then
@@ -64,13 +65,14 @@ return removed
 # an older backlog before this batch), and runs `start_turn` on the turns it stored itself.
 # Returns {verdicts, taken}: per message its entry id or false; per entry taken {id, fields,
 # the start's reply or false}. The first error stops the script: what it did before stays.
-# A call that took entries keeps its answer for a minute under its own key: the same call
-# sent again because its answer was lost (a connection cut) gets that answer, and its
-# entries are handed over as if nothing had happened — not left pending, their locks and
-# counted attempts orphaned, until they are claimed.
+# A call that took entries keeps its answer under its own key until a later call, its answer
+# read, deletes it (at most `_PUT_ANSWER_TTL_S`): the same call sent again because its answer
+# was lost (a connection cut) gets that answer, and its entries are handed over as if nothing
+# had happened — not left pending, their locks and counted attempts orphaned, until claimed.
 _PUT = (
     START_TURN
     + """
+for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
 if ARGV[8] ~= '' then
   local answered = redis.call('GET', ARGV[8])
   if answered then return cjson.decode(answered) end
@@ -108,7 +110,7 @@ if tonumber(ARGV[7]) > 0 then
     end
     taken[i] = {id, row[2], start}
   end
-  if #taken > 0 then redis.call('SET', ARGV[8], cjson.encode({ids, taken}), 'EX', 60) end
+  if #taken > 0 then redis.call('SET', ARGV[8], cjson.encode({ids, taken}), 'EX', ARGV[22]) end
 end
 return {ids, taken}
 """
@@ -153,6 +155,10 @@ return lost
 # Messages per put script: a larger burst is stored by several calls, one after the other, so
 # that no one script holds Redis for long.
 _MAX_PUT_BATCH = 256
+# How long a put's answer is kept for the same call sent again, at most: it is deleted by the
+# next put once read, and a retry comes after the calls before it (each up to the socket
+# timeout, then the client's retries), well within this.
+_PUT_ANSWER_TTL_S = 600
 # Put scripts on their way at once: the next batch goes out while the one before it runs in
 # Redis, instead of after its answer (the bridge would wait, idle, at high rates).
 _PUTS_IN_FLIGHT = 2
@@ -226,13 +232,14 @@ class Inbox:
         self._puts = InOrder(redis)
         self._take_on_put: TakeOnPut | None = None
         self._put_calls = 0  # names the answers of the calls that take
+        self._answers_read: list[str] = []  # their keys, for the next call to delete
         self._unreadable: list[tuple[str, dict[bytes, bytes]]] = []
 
     def take_on_put(self, take: TakeOnPut) -> None:
         """From now on each put also takes new entries, up to `take.room()`, for this
         consumer, starting the turns it stored (one round trip for the store, the first
         read and the start). What it cannot take waits for `read`, as before. A put sent
-        again because its answer was lost gets the same answer (kept a minute in Redis):
+        again because its answer was lost gets the same answer (kept in Redis until read):
         what it took is handed over all the same."""
         self._take_on_put = take
 
@@ -304,7 +311,10 @@ class Inbox:
                     pending.future.set_exception(exc)
             return
         if taken:  # first: the turns' tasks run before the webhooks' answers are written
-            self._hand_over(taken)
+            try:
+                self._hand_over(taken)
+            except Exception:  # every webhook is answered whatever happened here
+                log.exception("entries_not_taken", outcome="claimed when idle")
         for pending, verdict in zip(batch, verdicts, strict=True):
             if not pending.future.done():
                 outcome = _DUPLICATE if verdict is None else Accepted(as_text(verdict))
@@ -319,13 +329,17 @@ class Inbox:
         args: list[EncodableT] = [DEDUPE_TTL_S, keys.dedupe(""), keys.queue(""), items]
         take = self._take_on_put
         room = min(take.room(), len(batch)) if take is not None else 0
+        answer = ""
         if take is None or room == 0:
             args += [GROUP, self.consumer, 0, ""]
         else:
             self._put_calls += 1
             answer = keys.put_answer(f"{self.consumer}:{self._put_calls}")
-            args += [GROUP, self.consumer, room, answer, *take.start_args]
-        verdicts, taken = await self._puts.script(self._put_script, [keys.inbox], args)
+            args += [GROUP, self.consumer, room, answer, *take.start_args, _PUT_ANSWER_TTL_S]
+        read, self._answers_read = self._answers_read, []
+        verdicts, taken = await self._puts.script(self._put_script, [keys.inbox, *read], args)
+        if answer and taken:
+            self._answers_read.append(answer)
         return list(verdicts), list(taken)
 
     def _hand_over(self, taken: list[Any]) -> None:

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TextIO
@@ -21,7 +22,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.driver_info import DriverInfo
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from redis.typing import EncodableT, KeyT
@@ -107,8 +108,8 @@ class Keys:
         return self.prefix + "history:" + chat_session_id
 
     def put_answer(self, call: str) -> str:
-        """What a put script that took entries answered, for a minute: sent again (its
-        answer was lost), it answers the same instead of running again."""
+        """What a put script that took entries answered, kept until a later put has read its
+        own: sent again (its answer was lost), it answers the same instead of running again."""
         return self.prefix + "put:" + call
 
     def journal(self, entry_id: str) -> str:
@@ -248,8 +249,22 @@ class _Line:
 @dataclass(eq=False)
 class _Call:
     written: asyncio.Event = field(default_factory=asyncio.Event)  # or gave up writing
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)  # it and every call before it
     line: _Line | None = None  # where it wrote
+    answered: bool = False  # its answer was read off the connection
+    _then: list[Callable[[], None]] = field(default_factory=list)
+
+    def after(self, then: Callable[[], None]) -> None:
+        """Run `then` once this call is done (at once if it is)."""
+        if self.done.is_set():
+            then()
+        else:
+            self._then.append(then)
+
+    def finish(self) -> None:
+        self.done.set()
+        for then in self._then:
+            then()
 
 
 class InOrder:
@@ -258,17 +273,19 @@ class InOrder:
     connection's commands in order, so a call waits for its own round trip, not for those of
     the calls ahead of it as well.
 
-    A call writes once the call before it has written, and reads once that one has finished:
-    the answers are read in the order the commands went out. A call that cannot follow on the
-    same connection (there is none yet, or it broke) waits for the call before it to finish,
-    then writes. A broken connection (an error or a timeout writing or reading, perhaps
-    caused by the read of a call ahead) or NOSCRIPT (a Redis restarted empty, or SCRIPT
-    FLUSH, before any of the script ran) sends the call again through the client — which
-    reconnects, loads the script and retries — once every call before it has finished; the
-    calls behind it on that connection fail too and come after it, so the order holds. (One
-    case escapes: a SCRIPT LOAD by another client arriving between two calls written
-    separately, the first of which met NOSCRIPT.) A broken connection returns to the pool
-    once no call is left to read from it."""
+    A call writes once the call before it has written, and reads once that one is done: the
+    answers are read in the order the commands went out. A call is done once it and every
+    call before it have finished. A call that cannot follow on the same connection (there
+    is none yet, it broke, or nothing is on its way on it) waits for the call before it to be
+    done, then writes. A broken connection (an error or a timeout writing or reading,
+    perhaps caused by the read of a call ahead), NOSCRIPT (a Redis restarted empty, or
+    SCRIPT FLUSH, before any of the script ran) or a call cancelled before it read its answer
+    ends the connection's use: no call follows on it any more, the calls already behind it
+    fail too, and each failed call is sent again through the client — which reconnects,
+    loads the script and retries — once the call before it is done; so the order holds.
+    (One case escapes: a SCRIPT LOAD by another client between two calls written one after
+    the other, the first of which met NOSCRIPT.) A connection whose use ended goes back to
+    the pool once no call is left to read from it."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._pool = redis.connection_pool
@@ -287,18 +304,28 @@ class InOrder:
             return reply
         finally:
             call.written.set()
-            call.done.set()
-            if self._last is call:
-                self._last = None
-            if call.line is not None:
-                await self._leave(call.line)
+            line = call.line
+            if line is not None and not call.answered:  # cancelled before it read its answer
+                self._end(line)
+                await line.connection.disconnect(nowait=True)
+            if ahead is None:
+                call.finish()
+            else:
+                ahead.after(call.finish)
+            if line is not None:
+                await self._leave(line)
 
     async def _once(self, ahead: _Call | None, call: _Call, *args: EncodableT) -> Any:
         following = False  # written right behind `ahead`, before its answer came
         if ahead is not None:
             await ahead.written.wait()
             line = self._line
-            following = line is not None and ahead.line is line and line.connection.is_connected
+            following = (
+                line is not None
+                and ahead.line is line
+                and not ahead.done.is_set()
+                and line.connection.is_connected
+            )
             if not following:
                 await ahead.done.wait()
         try:
@@ -315,7 +342,8 @@ class InOrder:
             # The failing read of a call ahead may have closed the connection under this
             # write (redis-py writes in a task of its own): sent again, in turn.
             if line.broken or not line.connection.is_connected:
-                self._break(line)
+                call.answered = True  # nothing of it is left to read
+                self._end(line)
                 return _MISSED
             raise
         finally:
@@ -323,18 +351,22 @@ class InOrder:
         if ahead is not None:
             await ahead.done.wait()
         try:
-            return await line.connection.read_response()
+            reply = await line.connection.read_response()
         except NoScriptError:
+            call.answered = True
+            self._end(line)  # the calls behind it met NOSCRIPT too: none may overtake it
             return _MISSED
-        except (RedisConnectionError, RedisTimeoutError):
-            self._break(line)
-            return _MISSED
-        except BaseException:
-            if not line.connection.is_connected:  # redis-py drops it on a cancelled read
-                self._break(line)
+        except ResponseError:
+            call.answered = True
             raise
+        except (RedisConnectionError, RedisTimeoutError):
+            call.answered = True  # the connection is gone, and the answers with it
+            self._end(line)
+            return _MISSED
+        call.answered = True
+        return reply
 
-    def _break(self, line: _Line) -> None:
+    def _end(self, line: _Line) -> None:
         line.broken = True
         if self._line is line:
             self._line = None

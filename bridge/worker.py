@@ -134,6 +134,7 @@ class Worker:
         claimable at once by the other processes), then log one summary line."""
         self.draining = True
         started = time.monotonic()
+        deadline = started + timeout_s  # one budget for the puts on their way and the turns
         completed_before = self.completed
         for task in self._loops:
             if task.get_name() in ("read", "claim"):
@@ -147,7 +148,7 @@ class Worker:
         held = list(self.held.values())
         tasks = [h.task for h in held if h.task is not None]
         if tasks:
-            await asyncio.wait(tasks, timeout=timeout_s)
+            await asyncio.wait(tasks, timeout=max(deadline - time.monotonic(), 0.0))
         interrupted = [h for h in held if h.task is not None and not h.task.done()]
         await cancel_and_wait(h.task for h in interrupted if h.task is not None)
         left = [h for h in held if not h.acked and not h.lost]

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+import redis.asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -144,6 +145,21 @@ async def wait_until(
         await asyncio.sleep(interval)
 
 
+def slowed_script_load(client: redis.asyncio.Redis) -> asyncio.Event:
+    """The client's SCRIPT LOAD, answered a little late (as when the retry that follows it
+    waits for a connection of the pool); the event is set once the script is loaded."""
+    real_load, loaded = client.script_load, asyncio.Event()
+
+    async def script_load(body: str) -> str:
+        sha = await real_load(body)
+        loaded.set()
+        await asyncio.sleep(0.05)
+        return str(sha)
+
+    client.script_load = script_load  # type: ignore[method-assign]
+    return loaded
+
+
 __all__ = [
     "WEBHOOK_SECRET",
     "RunningBridge",
@@ -152,6 +168,7 @@ __all__ = [
     "openai_env",
     "running_bridge",
     "signed_headers",
+    "slowed_script_load",
     "wait_until",
     "web",
 ]

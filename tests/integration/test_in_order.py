@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from bridge.store import InOrder, Keys, connect
+from tests.harness import slowed_script_load
 
 _APPEND = "redis.call('RPUSH', KEYS[1], ARGV[1]) return redis.call('LLEN', KEYS[1])"
 
@@ -111,3 +112,34 @@ async def test_a_cancelled_call_ahead_leaves_the_ones_behind_their_own_answers(
     assert first.cancelled()
     assert await listed(redis_client, key) == ["b", "c"]
     assert await calls.script(script, [key], ["d"]) == 3  # and the next call goes on
+
+
+async def test_a_call_made_while_the_one_ahead_retries_after_noscript_waits_for_it(
+    client: aioredis.Redis, redis_client: aioredis.Redis, script: AsyncScript, key: str
+) -> None:
+    calls = InOrder(client)
+    await calls.script(script, [key], ["loaded"])
+    await redis_client.script_flush()
+    loaded = slowed_script_load(client)
+    first = asyncio.create_task(calls.script(script, [key], ["a"]))
+    await loaded.wait()  # "a" met NOSCRIPT, and its retry has loaded the script
+    second = asyncio.create_task(calls.script(script, [key], ["b"]))
+    assert await asyncio.wait_for(asyncio.gather(first, second), timeout=5) == [2, 3]
+    assert await listed(redis_client, key) == ["loaded", "a", "b"]
+
+
+async def test_a_call_cancelled_before_reading_its_answer_leaves_it_to_nobody(
+    client: aioredis.Redis, redis_client: aioredis.Redis, script: AsyncScript, key: str
+) -> None:
+    calls = InOrder(client)
+    await calls.script(script, [key], ["first"])
+    await redis_client.execute_command("CLIENT", "PAUSE", 200, "WRITE")
+    ahead, cancelled = await on_their_way(calls, script, key, ["a", "b"])
+    cancelled.cancel()  # written, waiting for the answer of the call ahead
+    later = asyncio.create_task(calls.script(script, [key], ["c"]))  # made meanwhile
+    # The connection is given up with the cancelled call's answer on it ("b" never runs);
+    # the call ahead is sent again, then the later one: each reads its own answer.
+    assert await asyncio.wait_for(asyncio.gather(ahead, later), timeout=5) == [2, 3]
+    assert cancelled.cancelled()
+    assert await calls.script(script, [key], ["d"]) == 4
+    assert await listed(redis_client, key) == ["first", "a", "c", "d"]

@@ -11,7 +11,8 @@ from redis.exceptions import ResponseError
 
 from bridge.inbox import Accepted, Duplicate, EntryKind, Inbox
 from bridge.interfaces import InboundMessage, Sender
-from bridge.store import Keys
+from bridge.store import Keys, connect
+from tests.harness import slowed_script_load
 
 
 def message(msg_id: str, text: str = "hello", *, dedupe: bool = True) -> InboundMessage:
@@ -178,3 +179,25 @@ async def test_every_waiter_of_a_failed_batch_learns_the_error(
         inbox, [(message("ok"), EntryKind.TURN, "s1"), (message("later"), EntryKind.TURN, "s1")]
     )
     assert [type(verdict) for verdict in retried] == [Duplicate, Accepted]
+
+
+async def test_a_batch_made_while_the_first_put_retries_after_noscript_is_stored_after_it(
+    redis_url: str, redis_client: aioredis.Redis, bot_id: str
+) -> None:
+    """A process's first put meets NOSCRIPT when its script is new to Redis (a deploy, a
+    Redis restarted empty): a webhook arriving while that put is sent again goes after it."""
+    client = connect(redis_url, max_connections=8)
+    try:
+        keys = Keys(bot_id)
+        inbox = Inbox(client, keys, "consumer")
+        await inbox.ensure_group()
+        await redis_client.script_flush()
+        loaded = slowed_script_load(client)
+        first = asyncio.create_task(inbox.put(message("m1"), EntryKind.TURN, "s1"))
+        await loaded.wait()
+        second = asyncio.create_task(inbox.put(message("m2"), EntryKind.TURN, "s1"))
+        one, two = await asyncio.wait_for(asyncio.gather(first, second), timeout=5)
+        assert isinstance(one, Accepted) and isinstance(two, Accepted)
+        assert await queue(redis_client, keys, "s1") == [one.entry_id, two.entry_id]
+    finally:
+        await client.aclose()

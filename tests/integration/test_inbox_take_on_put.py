@@ -275,3 +275,16 @@ async def test_a_put_whose_answer_was_lost_hands_over_what_it_took_when_sent_aga
     assert (await redis_client.get(keys.lock("s1"))).decode() == start.lock
     assert await redis_client.hget(keys.journal(verdict.entry_id), "attempts") == b"1"
     assert await redis_client.xlen(keys.inbox) == 2
+
+
+async def test_a_put_answer_is_kept_only_until_a_later_put_has_read_its_own(
+    inbox: Inbox, sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    taking(inbox, sessions, Taker())
+    answers = keys.put_answer("*")
+    await inbox.put(message("m1"), EntryKind.TURN, "s1")
+    [first] = [key async for key in redis_client.scan_iter(match=answers)]
+    assert 0 < await redis_client.ttl(first) <= 600
+    await inbox.put(message("m2"), EntryKind.TURN, "s2")  # deletes the first, keeps its own
+    [second] = [key async for key in redis_client.scan_iter(match=answers)]
+    assert second != first
