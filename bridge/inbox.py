@@ -54,7 +54,7 @@ return removed
 """
 
 # One group-commit batch in one command. KEYS: inbox, then the answers of earlier calls that
-# were read (deleted: no longer needed). ARGV: dedupe TTL, the dedupe and the
+# were read (emptied: no longer needed). ARGV: dedupe TTL, the dedupe and the
 # queue key prefixes, and the batch as one JSON array of [dedupe key or '', kind, session,
 # message, sender]: one argument, not five per message, because redis-py packs every argument
 # in Python. (The keys built here share the inbox's {bot} hash tag, as every key does.) Then
@@ -65,14 +65,16 @@ return removed
 # an older backlog before this batch), and runs `start_turn` on the turns it stored itself.
 # Returns {verdicts, taken}: per message its entry id or false; per entry taken {id, fields,
 # the start's reply or false}. The first error stops the script: what it did before stays.
-# A call that took entries keeps its answer under its own key until a later call, its answer
-# read, deletes it (at most `_PUT_ANSWER_TTL_S`): the same call sent again because its answer
+# A call that took entries keeps its answer under its own key (`_PUT_ANSWER_TTL_S`; emptied
+# by a later call once its answer was read): the same call sent again because its answer
 # was lost (a connection cut) gets that answer, and its entries are handed over as if nothing
 # had happened — not left pending, their locks and counted attempts orphaned, until claimed.
 _PUT = (
     START_TURN
     + """
-for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
+-- emptied, not deleted: a late copy of that call (written on a connection since given up,
+-- still on its way) then finds an answer and does nothing
+for i = 2, #KEYS do redis.call('SET', KEYS[i], '[[],[]]', 'XX', 'KEEPTTL') end
 if ARGV[8] ~= '' then
   local answered = redis.call('GET', ARGV[8])
   if answered then return cjson.decode(answered) end
@@ -155,9 +157,9 @@ return lost
 # Messages per put script: a larger burst is stored by several calls, one after the other, so
 # that no one script holds Redis for long.
 _MAX_PUT_BATCH = 256
-# How long a put's answer is kept for the same call sent again, at most: it is deleted by the
-# next put once read, and a retry comes after the calls before it (each up to the socket
-# timeout, then the client's retries), well within this.
+# How long a put's answer is kept for the same call sent again: a retry comes after the calls
+# before it (each up to the socket timeout, then the client's retries), well within this. Once
+# read it is emptied by the next put (a few bytes until it expires).
 _PUT_ANSWER_TTL_S = 600
 # Put scripts on their way at once: the next batch goes out while the one before it runs in
 # Redis, instead of after its answer (the bridge would wait, idle, at high rates).
@@ -239,7 +241,7 @@ class Inbox:
         """From now on each put also takes new entries, up to `take.room()`, for this
         consumer, starting the turns it stored (one round trip for the store, the first
         read and the start). What it cannot take waits for `read`, as before. A put sent
-        again because its answer was lost gets the same answer (kept in Redis until read):
+        again because its answer was lost gets the same answer (kept in Redis for a while):
         what it took is handed over all the same."""
         self._take_on_put = take
 
@@ -305,10 +307,15 @@ class Inbox:
         batch, self._batch = self._batch[:_MAX_PUT_BATCH], self._batch[_MAX_PUT_BATCH:]
         try:
             verdicts, taken = await self._put_batch(batch)
-        except Exception as exc:  # every waiter must learn the outcome, whatever it was
+        except BaseException as exc:  # every waiter must learn the outcome, whatever it was
             for pending in batch:
                 if not pending.future.done():
-                    pending.future.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        pending.future.cancel()
+                    else:
+                        pending.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
             return
         if taken:  # first: the turns' tasks run before the webhooks' answers are written
             try:

@@ -278,14 +278,16 @@ class InOrder:
     call before it have finished. A call that cannot follow on the same connection (there
     is none yet, it broke, or nothing is on its way on it) waits for the call before it to be
     done, then writes. A broken connection (an error or a timeout writing or reading,
-    perhaps caused by the read of a call ahead), NOSCRIPT (a Redis restarted empty, or
-    SCRIPT FLUSH, before any of the script ran) or a call cancelled before it read its answer
-    ends the connection's use: no call follows on it any more, the calls already behind it
-    fail too, and each failed call is sent again through the client — which reconnects,
-    loads the script and retries — once the call before it is done; so the order holds.
-    (One case escapes: a SCRIPT LOAD by another client between two calls written one after
-    the other, the first of which met NOSCRIPT.) A connection whose use ended goes back to
-    the pool once no call is left to read from it."""
+    perhaps caused by the read of a call ahead) or NOSCRIPT (a Redis restarted empty, or
+    SCRIPT FLUSH, before any of the script ran) ends the connection's use: no call follows
+    on it any more, the calls already behind it fail too, and each failed call is sent again
+    through the client — which reconnects, loads the script and retries — once the call
+    before it is done; so the order holds.
+    (Two cases escape, both while Redis changes state between two calls written one after
+    the other: a SCRIPT LOAD by another client after the first met NOSCRIPT, and the end of
+    loading after the first met LOADING.) A call cancelled after writing reads its answer
+    and drops it once the call ahead has read its own. A connection whose use ended goes back
+    to the pool once no call is left to read from it."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._pool = redis.connection_pool
@@ -306,8 +308,7 @@ class InOrder:
             call.written.set()
             line = call.line
             if line is not None and not call.answered:  # cancelled before it read its answer
-                self._end(line)
-                await line.connection.disconnect(nowait=True)
+                await self._drop_answer(ahead, line)
             if ahead is None:
                 call.finish()
             else:
@@ -365,6 +366,20 @@ class InOrder:
             return _MISSED
         call.answered = True
         return reply
+
+    async def _drop_answer(self, ahead: _Call | None, line: _Line) -> None:
+        """A call cancelled after writing: once the call ahead has read its own answer,
+        read this one's and drop it, so the connection stays in step for the calls behind;
+        if that fails (or is cancelled in turn), the connection's use ends."""
+        try:
+            if ahead is not None:
+                await ahead.done.wait()
+            await line.connection.read_response()
+        except ResponseError:
+            pass  # an answer all the same: read
+        except BaseException:
+            self._end(line)
+            await line.connection.disconnect(nowait=True)
 
     def _end(self, line: _Line) -> None:
         line.broken = True
