@@ -25,6 +25,11 @@ async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture
+def calls(client: aioredis.Redis) -> InOrder:
+    return InOrder(client)
+
+
+@pytest.fixture
 def key(bot_id: str) -> str:
     return Keys(bot_id).queue("in-order")
 
@@ -52,9 +57,8 @@ async def listed(redis: aioredis.Redis, key: str) -> list[str]:
 
 
 async def test_calls_take_effect_in_the_order_made_each_with_its_own_answer(
-    client: aioredis.Redis, redis_client: aioredis.Redis, script: AsyncScript, key: str
+    calls: InOrder, redis_client: aioredis.Redis, script: AsyncScript, key: str
 ) -> None:
-    calls = InOrder(client)
     values = [str(n) for n in range(50)]
     answers = await asyncio.gather(*(calls.script(script, [key], [v]) for v in values))
     assert answers == list(range(1, 51))
@@ -62,9 +66,8 @@ async def test_calls_take_effect_in_the_order_made_each_with_its_own_answer(
 
 
 async def test_the_calls_on_their_way_share_one_connection(
-    client: aioredis.Redis, redis_client: aioredis.Redis, script: AsyncScript, key: str
+    calls: InOrder, redis_client: aioredis.Redis, script: AsyncScript, key: str
 ) -> None:
-    calls = InOrder(client)
     await calls.script(script, [key], ["first"])
     await redis_client.execute_command("CLIENT", "PAUSE", 300, "WRITE")
     tasks = await on_their_way(calls, script, key, ["a", "b", "c"])
@@ -77,9 +80,8 @@ async def test_the_calls_on_their_way_share_one_connection(
 
 
 async def test_a_connection_killed_with_calls_on_their_way_loses_and_reorders_nothing(
-    client: aioredis.Redis, redis_client: aioredis.Redis, script: AsyncScript, key: str
+    calls: InOrder, redis_client: aioredis.Redis, script: AsyncScript, key: str
 ) -> None:
-    calls = InOrder(client)
     for round_ in range(4):  # a pool of 3: a broken connection must go back to it
         await redis_client.execute_command("CLIENT", "PAUSE", 200, "WRITE")
         values = [f"{round_}-{n}" for n in range(4)]
@@ -90,9 +92,8 @@ async def test_a_connection_killed_with_calls_on_their_way_loses_and_reorders_no
 
 
 async def test_noscript_with_calls_on_their_way_is_retried_in_order(
-    client: aioredis.Redis, redis_client: aioredis.Redis, script: AsyncScript, key: str
+    calls: InOrder, redis_client: aioredis.Redis, script: AsyncScript, key: str
 ) -> None:
-    calls = InOrder(client)
     await calls.script(script, [key], ["loaded"])
     await redis_client.script_flush()
     await redis_client.execute_command("CLIENT", "PAUSE", 200, "WRITE")
@@ -102,9 +103,8 @@ async def test_noscript_with_calls_on_their_way_is_retried_in_order(
 
 
 async def test_a_cancelled_call_ahead_leaves_the_ones_behind_their_own_answers(
-    client: aioredis.Redis, redis_client: aioredis.Redis, script: AsyncScript, key: str
+    calls: InOrder, redis_client: aioredis.Redis, script: AsyncScript, key: str
 ) -> None:
-    calls = InOrder(client)
     await redis_client.execute_command("CLIENT", "PAUSE", 200, "WRITE")
     first, second, third = await on_their_way(calls, script, key, ["a", "b", "c"])
     first.cancel()  # its read is cut: redis-py drops the connection, and "a" with it
@@ -129,9 +129,8 @@ async def test_a_call_made_while_the_one_ahead_retries_after_noscript_waits_for_
 
 
 async def test_a_call_cancelled_before_reading_its_answer_has_it_read_and_dropped(
-    client: aioredis.Redis, redis_client: aioredis.Redis, script: AsyncScript, key: str
+    calls: InOrder, redis_client: aioredis.Redis, script: AsyncScript, key: str
 ) -> None:
-    calls = InOrder(client)
     await calls.script(script, [key], ["first"])
     await redis_client.execute_command("CLIENT", "PAUSE", 200, "WRITE")
     ahead, cancelled = await on_their_way(calls, script, key, ["a", "b"])
