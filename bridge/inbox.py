@@ -251,6 +251,11 @@ class Inbox:
         while self._flushes:
             await asyncio.wait(set(self._flushes))
 
+    async def load_put_script(self) -> None:
+        """Load the put script ahead of the first webhook: a new script (a deploy, a Redis
+        restarted empty) otherwise costs the first put a NOSCRIPT round trip and a retry."""
+        await self.redis.script_load(_PUT)
+
     async def ensure_group(self) -> None:
         try:
             await self.redis.xgroup_create(self.keys.inbox, GROUP, id="0", mkstream=True)

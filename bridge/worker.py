@@ -197,6 +197,7 @@ class Worker:
     # Loops
 
     async def _read_loop(self) -> None:
+        await self.inbox.load_put_script()
         while not self.draining:
             room = self._max_held - len(self.held)
             if room <= 0:

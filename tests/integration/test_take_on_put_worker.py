@@ -65,3 +65,16 @@ async def test_an_entry_that_cannot_be_taken_does_not_hold_up_the_others_of_its_
         )
         # session sy has nothing wrong with it: its turn is answered at once
         await wait_until(lambda: any("question y1" in text for text in yach.texts()), timeout=5)
+
+
+async def test_the_put_script_is_loaded_before_the_first_webhook(
+    env: dict[str, str], redis_client: aioredis.Redis
+) -> None:
+    await redis_client.script_flush()  # a Redis that never saw this version's script
+    async with running_bridge(env) as running:
+        sha = running.bridge.inbox._put_script.sha
+        for _ in range(100):
+            if (await redis_client.script_exists(sha))[0]:
+                break
+            await asyncio.sleep(0.02)
+        assert (await redis_client.script_exists(sha))[0]
