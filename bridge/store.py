@@ -175,7 +175,7 @@ def connect(url: str, *, max_connections: int) -> aioredis.Redis:
 
 
 class _Missed:
-    """What `HotPath` returns when its one try did not get an answer."""
+    """What `HotPath` and `InOrder` return when one try did not get an answer."""
 
 
 _MISSED: Final = _Missed()
