@@ -122,7 +122,7 @@ class Worker:
     def start(self) -> None:
         """Start the loops. They need no Redis to start: each waits for it with backoff,
         and the first read makes the consumer group when it is missing. From now on the
-        webhooks' puts hand their entries to this worker while it has room."""
+        webhooks' puts hand their entries to this worker while it has free turn slots."""
         for loop in (self._read_loop, self._claim_loop, self._keep_loop, self._listen_loop):
             self._spawn_loop(loop)
         rate = self.settings.user_rate
@@ -320,9 +320,11 @@ class Worker:
         _raise_if_cancelled()
 
     def _room_for_puts(self) -> int:
-        """How many entries a put may hand over now: the room the read loop reads into, too
-        (a put and a read on their way at once may together take up to twice that)."""
-        return 0 if self.draining else max(self._max_held - len(self.held), 0)
+        """How many entries a put may hand over now: as many as this process could start
+        at once (BRIDGE_WORKERS less what it holds). Beyond that they stay in the stream, for
+        the read loops of every process — a process that alone receives the webhooks would
+        otherwise hold a burst's turns waiting for its own slots while the others idle."""
+        return 0 if self.draining else max(self.settings.workers - len(self.held), 0)
 
     def _take_stored(self, entry: Entry, start_reply: list[Any] | None) -> None:
         """An entry a put took for us; for a turn it stored, with its first try to start."""

@@ -15,6 +15,7 @@ from bridge.store import GROUP, Keys
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.yach import FakeYach
 from tests.harness import bridge_env, group_message, openai_env, running_bridge, wait_until
+from tests.procs import PacedOpenAI
 
 
 def message(msg_id: str, group: str) -> InboundMessage:
@@ -78,3 +79,23 @@ async def test_the_put_script_is_loaded_before_the_first_webhook(
                 break
             await asyncio.sleep(0.02)
         assert (await redis_client.script_exists(sha))[0]
+
+
+async def test_a_put_takes_no_more_than_its_process_can_start_at_once(
+    redis_url: str, bot_id: str, yach: FakeYach
+) -> None:
+    """One turn slot, one turn running: the next question is left in the stream for the
+    read loops of every process, not held here behind the running one."""
+    upstream = await PacedOpenAI(pace=lambda _q: 1.0).start()
+    env = bridge_env(redis_url, bot_id, yach, **openai_env(upstream.base_url), BRIDGE_WORKERS="1")
+    try:
+        async with running_bridge(env) as running:
+            await running.post(group_message("first", group="g1"))
+            await wait_until(lambda: len(upstream.started) == 1, timeout=5)
+            take = running.bridge.inbox._take_on_put
+            assert take is not None and take.room() == 0
+            await running.post(group_message("second", group="g2"))
+            await wait_until(lambda: len(yach.texts()) == 2, timeout=10)  # read, and run next
+            assert take.room() == 1
+    finally:
+        await upstream.close()
