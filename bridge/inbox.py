@@ -234,7 +234,7 @@ class Inbox:
         self._puts = InOrder(redis)
         self._take_on_put: TakeOnPut | None = None
         self._put_calls = 0  # names the answers of the calls that take
-        self._answers_read: list[str] = []  # their keys, for the next call to delete
+        self._answers_read: list[str] = []  # their keys, for the next call to empty
         self._unreadable: list[tuple[str, dict[bytes, bytes]]] = []
 
     def take_on_put(self, take: TakeOnPut) -> None:

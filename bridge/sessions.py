@@ -318,14 +318,7 @@ class Sessions:
                 self.keys.history(chat_session_id),
                 self.keys.user_rate(sender),
             ],
-            [
-                entry_id,
-                self.lock_ttl_ms,
-                JOURNAL_TTL_S,
-                self.history_turns * with_history,
-                rate.count,
-                max(int(rate.per_s), 1),
-            ],
+            [entry_id, *self._start_args(with_history, rate)],
         )
         return self.parse_start(reply)
 
@@ -336,15 +329,12 @@ class Sessions:
         keys = self.keys
         prefixes = [keys.queue(""), keys.lock(""), keys.fence(""), keys.journal("")]
         prefixes += [keys.stop(""), keys.session(""), keys.history(""), keys.user_rate("")]
-        count = 0 if rate.unlimited else rate.count
-        return [
-            *prefixes,
-            self.lock_ttl_ms,
-            JOURNAL_TTL_S,
-            self.history_turns * with_history,
-            count,
-            max(int(rate.per_s), 1),
-        ]
+        return [*prefixes, *self._start_args(with_history, rate)]
+
+    def _start_args(self, with_history: bool, rate: Rate) -> list[EncodableT]:
+        """`START_TURN`'s arguments after the entry id (a limit `count` of 0: no check)."""
+        turns = self.history_turns * with_history
+        return [self.lock_ttl_ms, JOURNAL_TTL_S, turns, rate.count, max(int(rate.per_s), 1)]
 
     @staticmethod
     def parse_start(reply: list[Any]) -> Start:

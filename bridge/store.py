@@ -108,8 +108,8 @@ class Keys:
         return self.prefix + "history:" + chat_session_id
 
     def put_answer(self, call: str) -> str:
-        """What a put script that took entries answered, kept until a later put has read its
-        own: sent again (its answer was lost), it answers the same instead of running again."""
+        """What a put script that took entries answered (emptied once read, expiring later):
+        sent again (its answer was lost), it answers the same instead of running again."""
         return self.prefix + "put:" + call
 
     def journal(self, entry_id: str) -> str:

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from bridge.http import UpstreamHTTP
 from bridge.sessions import Sessions
-from bridge.store import Keys
+from bridge.store import Keys, connect
 from tests.fakes.openai import FakeOpenAI, SilentMidway
 from tests.fakes.yach import FakeYach
 from tests.procs import Spawner
@@ -69,6 +69,14 @@ def spawn(tmp_path: Path) -> Iterator[Spawner]:
         yield spawner
     finally:
         spawner.close()
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A client made as the bridge makes its own (`store.connect`), with a small pool."""
+    client = connect(redis_url, max_connections=3)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ itself (NOSCRIPT, a connection the server dropped) taken over by the client."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -13,13 +12,6 @@ import redis.asyncio as aioredis
 from bridge.store import HotPath, Keys, connect
 
 _SET = "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return redis.call('HLEN', KEYS[1])"
-
-
-@pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = connect(redis_url, max_connections=16)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

@@ -5,23 +5,15 @@ with calls on their way, NOSCRIPT, a cancelled call ahead — is retried in that
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from bridge.store import InOrder, Keys, connect
+from bridge.store import InOrder, Keys
 from tests.harness import slowed_script_load
 
 _APPEND = "redis.call('RPUSH', KEYS[1], ARGV[1]) return redis.call('LLEN', KEYS[1])"
-
-
-@pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = connect(redis_url, max_connections=3)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
