@@ -53,10 +53,13 @@ class UpstreamFailure(Exception):
 
     kind: ErrorKind = ErrorKind.UNAVAILABLE
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.status = status  # the HTTP status that said so, if one did
 
 
 class UpstreamUnavailable(UpstreamFailure):
@@ -119,13 +122,13 @@ def error_for_status(status: int, body: str, headers: Mapping[str, str]) -> Upst
     """The one place where an HTTP status becomes a typed upstream error."""
     detail = f"HTTP {status}: {body[:_ERROR_BODY_CHARS]}"
     if status in (401, 403):
-        return UpstreamAuthError(detail)
+        return UpstreamAuthError(detail, status=status)
     retry_after = parse_retry_after(headers.get("Retry-After"))
     if status == 429:
-        return UpstreamRateLimited(detail, retry_after=retry_after)
+        return UpstreamRateLimited(detail, retry_after=retry_after, status=status)
     if status >= 500 or status == 408:
-        return UpstreamUnavailable(detail, retry_after=retry_after)
-    return UpstreamRejected(detail)
+        return UpstreamUnavailable(detail, retry_after=retry_after, status=status)
+    return UpstreamRejected(detail, status=status)
 
 
 def _wait_for_retry(base: wait_random_exponential) -> Any:

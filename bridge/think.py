@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bridge.events import AgentSwitch, Done, Event, ReasoningDelta, TextDelta, UpstreamError
+from bridge.events import (
+    AgentSwitch,
+    Done,
+    Event,
+    ReasoningDelta,
+    TextDelta,
+    TextReplace,
+    UpstreamError,
+)
 
 __all__ = ["ThinkSplitter"]
 
@@ -22,11 +30,17 @@ class ThinkSplitter:
 
     def split(self, event: Event) -> Sequence[Event]:
         """What an upstream's event stands for: a text delta split into reasoning and answer
-        text; an agent switch or the end of the answer after what was held back for it."""
+        text; an agent switch or the end of the answer after what was held back for it; a
+        replacement without its leading <think> block."""
         if isinstance(event, TextDelta):
             if self._state == "answer":
                 return (event,)
             return self.feed(event.text)
+        if isinstance(event, TextReplace):
+            # A replacement is the whole answer as the upstream holds it (Dify repeats it with
+            # its <think> block): that block was shown as reasoning, not as answer text.
+            answer = _without_think(event.text)
+            return (event,) if answer is event.text else (TextReplace(answer),)
         if isinstance(event, _PART_ENDS):
             held = self.flush()
             self.reset()
@@ -71,6 +85,15 @@ class ThinkSplitter:
     def _answer(self, text: str) -> list[Event]:
         self._state, self._held = "answer", ""
         return [TextDelta(text)] if text else []
+
+
+def _without_think(text: str) -> str:
+    """`text` without a leading <think> block (all of it, if the block never closes)."""
+    stripped = text.lstrip()
+    if not stripped.startswith(_OPEN):
+        return text
+    end = stripped.find(_CLOSE)
+    return "" if end < 0 else stripped[end + len(_CLOSE) :].lstrip("\n")
 
 
 def _partial_suffix(text: str, tag: str) -> int:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from contextlib import aclosing
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, aclosing
 from typing import Any
 from urllib.parse import quote
+
+import aiohttp
+import structlog
 
 from adapters.upstream._common import (
     ConversationIds,
@@ -18,11 +21,13 @@ from adapters.upstream._common import (
 )
 from bridge.config import Settings
 from bridge.events import Done, Event, TextDelta, TextReplace
-from bridge.http import UpstreamHTTP
+from bridge.http import UpstreamHTTP, UpstreamRejected, iter_sse
 from bridge.interfaces import KeyValue, Turn
 from bridge.sse import SSEEvent
 
 __all__ = ["DifyParser", "DifyUpstream", "create"]
+
+log = structlog.get_logger(__name__)
 
 NAME = "dify"
 # `message` in chat apps, `agent_message` in agent apps. Everything else (`ping`, `tts_*`,
@@ -59,6 +64,11 @@ class DifyParser:
         if kind == "error":
             return [rejected(NAME, payload)]
         return []
+
+
+def _conversation_gone(exc: UpstreamRejected) -> bool:
+    """Dify's `404 {"code": "not_found", "message": "Conversation Not Exists."}`."""
+    return exc.status == 404 and "conversation not exist" in exc.message.lower()
 
 
 def _usage(payload: Mapping[str, Any]) -> list[Event]:
@@ -101,11 +111,27 @@ class DifyUpstream:
 
     async def stream(self, turn: Turn) -> AsyncIterator[Event]:
         ids = ConversationIds(turn.conversation)
+        async with AsyncExitStack() as stack:
+            try:
+                response = await stack.enter_async_context(self._ask(turn, ids))
+            except UpstreamRejected as exc:
+                if not (ids.get("conversation_id") and _conversation_gone(exc)):
+                    raise
+                # The kept conversation is gone upstream (deleted, or the key now names
+                # another app): nothing was asked in it, so the question starts a new one.
+                log.warning("dify_conversation_gone", error=exc.message)
+                ids = ConversationIds()
+                response = await stack.enter_async_context(self._ask(turn, ids))
+            messages = iter_sse(response)
+            async with aclosing(relay(messages, DifyParser(ids), upstream=NAME)) as events:
+                async for event in events:
+                    yield event
+
+    def _ask(
+        self, turn: Turn, ids: ConversationIds
+    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
         body = self._body(turn, ids)
-        messages = self._http.sse("POST", self._url, json=body, headers=self._headers)
-        async with aclosing(relay(messages, DifyParser(ids), upstream=NAME)) as events:
-            async for event in events:
-                yield event
+        return self._http.open("POST", self._url, json=body, headers=self._headers, expect_sse=True)
 
     async def reset(self, conversation: Mapping[str, str], chat_session_id: str) -> None:
         """Delete the conversation upstream: `DELETE /conversations/{id}` for the `user` the

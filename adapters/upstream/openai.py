@@ -9,12 +9,19 @@ import orjson
 
 from adapters.upstream._common import is_done, json_object, relay
 from bridge.config import Settings
-from bridge.events import Done, Event, ReasoningDelta, TextDelta, Usage
+from bridge.events import Done, ErrorKind, Event, ReasoningDelta, TextDelta, UpstreamError, Usage
 from bridge.http import UpstreamHTTP
 from bridge.interfaces import KeyValue, Turn
 from bridge.sse import SSEEvent
 
-__all__ = ["OpenAIParser", "OpenAIUpstream", "chunk_object", "create", "parse_chunk"]
+__all__ = [
+    "OpenAIParser",
+    "OpenAIUpstream",
+    "chunk_object",
+    "create",
+    "parse_chunk",
+    "stream_error",
+]
 
 
 def parse_chunk(chunk: Mapping[str, Any]) -> list[Event]:
@@ -57,13 +64,27 @@ def chunk_object(data: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else json_object(data, upstream="openai")
 
 
+def stream_error(chunk: Mapping[str, Any]) -> UpstreamError | None:
+    """The failure a server reports inside a 200 stream, as `{"error": {...}}` in place of a
+    chunk (OpenAI, vLLM, LiteLLM; vLLM still ends the stream with `[DONE]` after it)."""
+    error = chunk.get("error")
+    if not error:  # (absent, or `null` alongside a chunk)
+        return None
+    text = (error.get("message") or error) if isinstance(error, Mapping) else error
+    return UpstreamError(ErrorKind.REJECTED, f"openai error in stream: {str(text)[:300]}")
+
+
 class OpenAIParser:
-    """One streamed answer: `chat.completion.chunk` messages, then `[DONE]`. Pure: no I/O."""
+    """One streamed answer: `chat.completion.chunk` messages, then `[DONE]`; an `error` object
+    instead of a chunk ends it as an error. Pure: no I/O."""
 
     def feed(self, message: SSEEvent) -> list[Event]:
         if is_done(message.data):
             return [Done()]
-        return parse_chunk(chunk_object(message.data))
+        chunk = chunk_object(message.data)
+        if "error" in chunk and (error := stream_error(chunk)) is not None:
+            return [error]
+        return parse_chunk(chunk)
 
 
 def user_content(turn: Turn) -> str | list[dict[str, Any]]:

@@ -121,11 +121,43 @@ async def test_bad_key_is_an_auth_error(fake: DifyFake, http: UpstreamHTTP) -> N
     assert len(fake.server.on(PATH)) == 1
 
 
-async def test_unknown_conversation_is_rejected(fake: DifyFake, http: UpstreamHTTP) -> None:
-    fake.script.then(status(404, {"code": "not_found", "message": "Conversation Not Exists.",
-                                  "status": 404}))
-    with pytest.raises(UpstreamRejected, match="Conversation Not Exists"):
-        await collect(connect(http, fake.env()), turn(conversation={"conversation_id": "x"}))
+STALE = "0b7c1c2e-stale-conversation"
+NOT_EXISTS = {"code": "not_found", "message": "Conversation Not Exists.", "status": 404}
+INVALID = {"code": "invalid_param", "message": "query is required", "status": 400}
+
+
+async def test_a_conversation_dify_no_longer_has_is_started_afresh(
+    fake: DifyFake, http: UpstreamHTTP
+) -> None:
+    # Deleted in the console, or the API key now names another app: Dify refuses the kept
+    # conversation before any answer, so the question is asked again in a new conversation
+    # (else every later turn of the session fails the same way, "try rephrasing it").
+    fake.script.then(status(404, NOT_EXISTS))
+
+    events = await collect(connect(http, fake.env()), turn(conversation={"conversation_id": STALE}))
+
+    assert [body["conversation_id"] for body in bodies(fake)] == [STALE, ""]
+    assert answer_text(events) == ANSWER
+    assert [e.ref for e in events if isinstance(e, ConversationRef)] == [
+        {"conversation_id": CONVERSATION_ID}
+    ]
+    assert events[-1] == Done()
+
+
+@pytest.mark.parametrize(("conversation", "code", "body"), [
+    (None, 404, NOT_EXISTS),  # a first turn: nothing stale to drop
+    ({"conversation_id": STALE}, 400, INVALID),
+    ({"conversation_id": STALE}, 404, {"code": "not_found", "message": "App not found"}),
+])
+async def test_other_refusals_are_reported_and_not_asked_again(
+    fake: DifyFake, http: UpstreamHTTP, conversation: dict[str, str] | None, code: int,
+    body: dict[str, Any],
+) -> None:
+    fake.script.then(status(code, body))
+
+    with pytest.raises(UpstreamRejected, match=str(body["message"])):
+        await collect(connect(http, fake.env()), turn(conversation=conversation))
+    assert len(fake.server.on(PATH)) == 1
 
 
 async def test_error_event_ends_the_turn(fake: DifyFake, http: UpstreamHTTP) -> None:

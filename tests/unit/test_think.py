@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bridge.events import AgentSwitch, Done, Event, ReasoningDelta, TextDelta, Usage
+from bridge.events import AgentSwitch, Done, Event, ReasoningDelta, TextDelta, TextReplace, Usage
 from bridge.think import ThinkSplitter
 
 
@@ -33,3 +33,11 @@ def test_each_part_starts_afresh_and_held_text_is_flushed() -> None:
     assert split_all(events) == [
         TextDelta("<th"), AgentSwitch("b"), ReasoningDelta("x"), Done(),
     ]
+
+
+def test_a_replacement_loses_its_leading_think_block() -> None:
+    splitter = ThinkSplitter()
+    plain = TextReplace("Plain <think>kept</think>")
+    assert splitter.split(plain)[0] is plain
+    assert splitter.split(TextReplace(" <think>why</think>\n\nIt is.")) == (TextReplace("It is."),)
+    assert splitter.split(TextReplace("<think>still thinking")) == (TextReplace(""),)
