@@ -160,6 +160,25 @@ async def test_a_refused_body_is_not_quoted_back(bridge: RunningBridge) -> None:
     assert "qqqq" not in answer["msg"] and len(answer["msg"]) < 100
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_whose_content_encoding_cannot_be_decoded_is_400(
+    bridge: RunningBridge, encoding: str
+) -> None:
+    """Not a 500 (an unhandled exception, logged with a traceback, that the platform retries):
+    a 400 with a JSON reason, nothing stored, counted as 400."""
+    registry = bridge.bridge.metrics.registry
+    sample = ("chatbridge_webhook_requests_total", {"status": "400"})
+    before = registry.get_sample_value(*sample) or 0.0
+    headers = {**signed_headers(), "Content-Type": "application/json", "Content-Encoding": encoding}
+    async with bridge.session.post(
+        f"{bridge.url}/webhook/yach", data=b"not compressed at all", headers=headers
+    ) as response:
+        assert response.status == 400
+        assert (await response.json())["msg"]
+    assert (registry.get_sample_value(*sample) or 0.0) - before == 1
+    assert await inbox_length(bridge) == 0
+
+
 async def test_form_whose_single_field_holds_json(bridge: RunningBridge,
                                                   upstream: FakeOpenAI) -> None:
     payload = json.dumps(group_message("packed"), ensure_ascii=False)
