@@ -220,6 +220,12 @@ async def handle_yach_webhook(request: web.Request) -> web.Response:
             return _json_error(413, "body too large")
         body = await request.read()
         message = bridge.im.parse(body, request.headers)
+    except web.RequestPayloadError:
+        # A body the server cannot decode (a broken gzip/deflate stream, a Content-Encoding
+        # it does not know): a bad body, not our failure. Unhandled it was a 500 with a
+        # traceback logged at error level, and a 5xx the platform would resend forever.
+        log.info("webhook_rejected", status=400, reason="body cannot be decoded")
+        return _json_error(400, "body cannot be decoded (Content-Encoding)")
     except WebhookRejected as exc:
         log.info("webhook_rejected", status=exc.status, reason=exc.reason)
         return _json_error(exc.status, exc.reason)

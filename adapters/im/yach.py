@@ -125,14 +125,21 @@ def _without_floats(value: Any) -> bool:
 
 
 def decode_body(body: bytes) -> dict[str, Any]:
-    """JSON, or a form (whose single field may hold the JSON); ValueError when neither."""
-    text = body.decode("utf-8")
-    if text.lstrip().startswith("{"):
+    """JSON, or a form (whose single field may hold the JSON); ValueError when neither.
+
+    A byte-order mark is ignored (RFC 8259 allows a reader to). A form is read as the
+    form-urlencoded standard reads it: empty `&`-separated parts (a trailing `&`, `&&`)
+    and whitespace around the body are no fields. A part without `=` (other than a lone
+    JSON object) makes the body no form; the reason never quotes the body (it may be a
+    megabyte, and it is logged)."""
+    text = body.decode("utf-8-sig").strip()
+    if text.startswith("{"):
         payload = _json_object(text)
         if payload is None:
             raise ValueError("body is not a JSON object")
         return payload
-    fields = dict(parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text)))
+    parts = [part for part in text.split("&") if part]
+    fields = dict(parse_qsl("&".join(parts), keep_blank_values=True))
     if len(fields) == 1:
         key, value = next(iter(fields.items()))
         unpacked = _json_object(value) or (_json_object(key) if not value else None)
@@ -140,6 +147,8 @@ def decode_body(body: bytes) -> dict[str, Any]:
             return unpacked
     if not fields:
         raise ValueError("empty body")
+    if any("=" not in part for part in parts):
+        raise ValueError("body is neither a JSON object nor a form")
     return fields
 
 

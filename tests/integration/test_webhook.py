@@ -124,6 +124,61 @@ async def test_form_encoded_body_with_aliases(bridge: RunningBridge, yach: FakeY
     assert yach.shown[0].message["at"] == {"atWorkCodes": ["W9"]}
 
 
+@pytest.mark.parametrize(
+    "form",
+    [
+        b"msgId=m-amp&content=%40bot+trailing&senderId=u7&conversationId=g7&",
+        b"msgId=m-amp&&content=%40bot+trailing&senderId=u7&conversationId=g7\r\n",
+    ],
+    ids=["trailing-ampersand", "empty-field-and-crlf"],
+)
+async def test_form_with_empty_fields_is_read_as_the_form_standard_reads_it(
+    bridge: RunningBridge, upstream: FakeOpenAI, form: bytes
+) -> None:
+    """Empty `&`-separated parts are no fields (WHATWG form-urlencoded): hand-built forms
+    end in `&`; such a message must not be refused (the platform does not resend a 400)."""
+    status, answer = await bridge.post(form)
+    assert (status, answer) == (200, {"code": 200, "msg": "ok"})
+    await wait_until(lambda: len(upstream.bodies) == 1)
+    assert upstream.bodies[0]["messages"][-1]["content"] == "trailing"
+
+
+async def test_json_body_with_a_byte_order_mark_is_read(
+    bridge: RunningBridge, upstream: FakeOpenAI
+) -> None:
+    body = b"\xef\xbb\xbf" + json.dumps(group_message("bom")).encode()
+    status, _ = await bridge.post(body)
+    assert status == 200
+    await wait_until(lambda: len(upstream.bodies) == 1)
+    assert upstream.bodies[0]["messages"][-1]["content"] == "bom"
+
+
+async def test_a_refused_body_is_not_quoted_back(bridge: RunningBridge) -> None:
+    """The 400's reason (also logged) is short: never the body, which may be a megabyte."""
+    status, answer = await bridge.post(b"q" * 3000)
+    assert status == 400
+    assert "qqqq" not in answer["msg"] and len(answer["msg"]) < 100
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_whose_content_encoding_cannot_be_decoded_is_400(
+    bridge: RunningBridge, encoding: str
+) -> None:
+    """Not a 500 (an unhandled exception, logged with a traceback, that the platform retries):
+    a 400 with a JSON reason, nothing stored, counted as 400."""
+    registry = bridge.bridge.metrics.registry
+    sample = ("chatbridge_webhook_requests_total", {"status": "400"})
+    before = registry.get_sample_value(*sample) or 0.0
+    headers = {**signed_headers(), "Content-Type": "application/json", "Content-Encoding": encoding}
+    async with bridge.session.post(
+        f"{bridge.url}/webhook/yach", data=b"not compressed at all", headers=headers
+    ) as response:
+        assert response.status == 400
+        assert (await response.json())["msg"]
+    assert (registry.get_sample_value(*sample) or 0.0) - before == 1
+    assert await inbox_length(bridge) == 0
+
+
 async def test_form_whose_single_field_holds_json(bridge: RunningBridge,
                                                   upstream: FakeOpenAI) -> None:
     payload = json.dumps(group_message("packed"), ensure_ascii=False)
