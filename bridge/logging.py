@@ -10,9 +10,10 @@ same renderer, so they are masked and formatted like our own. Context bound with
 the rendered traceback included): the values given to `register_secrets`, in their raw,
 URL-encoded and JSON-escaped forms; `access_token=`, `sign=`, `token=`, `appsecret=`,
 `secret=`, `password=`… parameters (also with a prefix such as `x_csrf_token=` or
-`BRIDGE_YACH_SECRET=`); `Authorization:` headers and `Bearer …` credentials; JSON or Python
-dict fields of those names (`"access_token": "…"`); the password of a URL
-(`redis://:pw@host`); and the value of any event or dict key of those names.
+`BRIDGE_YACH_SECRET=`, or in camelCase: `accessToken=`); `Authorization:`, `X-Api-Key:` and
+other header lines of those names, and `Bearer …` credentials; JSON or Python dict fields of
+those names (`"access_token": "…"`); the password of a URL (`redis://:pw@host`); and the
+value of any event or dict key of those names.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ _NAMES = (
     r"access_token|refresh_token|id_token|token|sign|signature|appsecret|app_secret"
     r"|client_secret|secret|api_key|api-key|apikey|password|passwd|authorization|cookie|csrf"
 )
+_CAMEL_HUMP = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _SENSITIVE_KEY = re.compile(rf"(?:[\w-]*[_-])?(?:{_NAMES})|app-visitor-key", re.IGNORECASE)
 
 # The patterns run on `text.lower()`, case-sensitively: a case-insensitive regex defeats
@@ -67,9 +69,9 @@ _SENSITIVE_KEY = re.compile(rf"(?:[\w-]*[_-])?(?:{_NAMES})|app-visitor-key", re.
 _PATTERNS = re.compile(
     "|".join(
         (
-            # access_token=… (URL, form body, env dump) or "access_token": "…" (JSON, a
-            # Python repr, JSON escaped inside a JSON string).
-            rf"(?:{_NAMES})(?:=(?P<param>[^\s&#\"'<>]+)"
+            # access_token=… (URL, form body, env dump; quoted as Python prints a keyword)
+            # or "access_token": "…" (JSON, a Python repr, JSON escaped inside a JSON string).
+            rf"(?:{_NAMES})(?:=[\"']?(?P<param>[^\s&#\"'<>]+)"
             r"|\\?[\"']\s*:\s*\\?[\"'](?P<json>(?:[^\"'\\]|\\\\|\\[^\"'\\])+))",
             # Authorization: Bearer … / authorization=Basic … (header dumps).
             r"authorization[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|token|digest)\s+)?"
@@ -80,6 +82,8 @@ _PATTERNS = re.compile(
             r"bearer\s+(?P<bearer>[a-z0-9\-._~+/]+=*)",
             # scheme://user:password@host
             r"://[^\s:/@]*:(?P<userinfo>[^\s@/]+)(?=@)",
+            # X-Api-Key: … (a header line; after the Authorization and Cookie branches).
+            rf"(?:{_NAMES})[ \t]*:[ \t]*(?P<header>[^\s\"',;}}\]]+)",
         )
     )
 )
@@ -138,8 +142,10 @@ def _mask_patterns(text: str, lowered: str, patterns: re.Pattern[str]) -> str:
     done = 0
     for match in patterns.finditer(lowered):
         group = match.lastgroup or ""
-        # A name must not continue a word: `design=` is not `sign=`, `x_sign=` is.
-        if group != "userinfo" and match.start() > 0 and lowered[match.start() - 1].isalnum():
+        # A name must not continue a word: `design=` is not `sign=`; `x_sign=` is, and so
+        # is a camelCase hump (`accessToken=`, `"refreshToken":`).
+        at = match.start()
+        if group != "userinfo" and at > 0 and lowered[at - 1].isalnum() and not _hump(text, at):
             continue
         start, end = match.span(group)
         parts += (text[done:start], MASK)
@@ -148,6 +154,10 @@ def _mask_patterns(text: str, lowered: str, patterns: re.Pattern[str]) -> str:
         return text
     parts.append(text[done:])
     return "".join(parts)
+
+
+def _hump(text: str, at: int) -> bool:
+    return text[at].isupper() and text[at - 1].islower()
 
 
 def mask_text(text: str) -> str:
@@ -189,7 +199,8 @@ def _mask_value(value: Any) -> Any:
 
 @functools.lru_cache(maxsize=4096)
 def _is_sensitive_key(key: str) -> bool:
-    return _SENSITIVE_KEY.fullmatch(key) is not None
+    """`api_key`, `X-Csrf-Token`, and in camelCase `accessToken`, `appSecret`."""
+    return _SENSITIVE_KEY.fullmatch(_CAMEL_HUMP.sub("_", key)) is not None
 
 
 def _mask_item(key: Any, value: Any) -> Any:

@@ -305,6 +305,10 @@ def test_bad_level_or_format_is_refused() -> None:
         ("Cookie: hiagent-csrf=a; x=b\nnext", "Cookie: ***\nnext"),
         ("rediss://user:pw@h:6380 http://h:80/p@x", "rediss://user:***@h:6380 http://h:80/p@x"),
         ("İstanbul token=abc", "İstanbul token=***"),
+        ('accessToken=abc {"refreshToken":"r-1"}', 'accessToken=*** {"refreshToken":"***"}'),
+        ("X-Api-Key: k-1\nX-Auth-Token:\tt-1", "X-Api-Key: ***\nX-Auth-Token:\t***"),
+        ("Session(api_key='k-1', token=\"t-1\")", "Session(api_key='***', token=\"***\")"),
+        ("designToken=1 maxTokens=5 deSign=2", "designToken=*** maxTokens=5 deSign=***"),
         ("nothing to see", "nothing to see"),
     ],
 )
@@ -373,3 +377,12 @@ def test_capture_logs_still_sees_events() -> None:
     with structlog.testing.capture_logs() as captured:
         structlog.get_logger().info("listening", port=0)
     assert captured == [{"event": "listening", "port": 0, "log_level": "info"}]
+
+
+def test_camel_case_keys_are_masked() -> None:
+    stream = _configured("json")
+    session = {"accessToken": "at-0123456789", "user": {"name": "n"}, "expires": "2026-12-01"}
+    structlog.get_logger("test").info("chatgpt_session", session=session, appSecret="s-98765")
+    (line,) = _json_lines(stream)
+    assert line["session"] == {"accessToken": "***", "user": {"name": "n"}, "expires": "2026-12-01"}
+    assert line["appSecret"] == "***"
