@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -51,6 +52,16 @@ def signed_robot_url(robot_url: str, secret: str | None, now_ms: int) -> str:
     separator = "&" if "?" in robot_url else "?"
     sign = quote(robot_sign(secret, now_ms), safe="")
     return f"{robot_url}{separator}timestamp={now_ms}&sign={sign}"
+
+
+def _lifetime_s(expired_time: object) -> float:
+    """The token's lifetime from `expired_time` (seconds); the platform's usual two hours
+    when it is missing or not a positive number (a garbled one must not fail every send)."""
+    try:
+        lifetime = float(str(expired_time))
+    except (TypeError, ValueError):
+        return DEFAULT_TOKEN_LIFETIME_S
+    return lifetime if math.isfinite(lifetime) and lifetime > 0 else DEFAULT_TOKEN_LIFETIME_S
 
 
 class YachAPIError(Exception):
@@ -143,7 +154,7 @@ class YachAPI:
         token = holder.get("access_token")
         if not token:
             raise YachAPIError(f"gettoken answered without a token: {str(payload)[:120]}")
-        lifetime = float(holder.get("expired_time") or DEFAULT_TOKEN_LIFETIME_S)
+        lifetime = _lifetime_s(holder.get("expired_time"))
         margin = min(TOKEN_REFRESH_MARGIN_S, lifetime / 10)
         self._token = str(token)
         self._token_expires_at = self._clock() + lifetime - margin

@@ -44,7 +44,7 @@ class FakeYach:
     shown: list[Shown] = field(default_factory=list)
     seen_message_ids: set[str] = field(default_factory=set)
     tokens_issued: int = 0
-    token_lifetime_s: int = 7200
+    token_lifetime_s: int | str | None = 7200  # what `expired_time` says
     failures: deque[tuple[int, dict[str, Any], dict[str, str]]] = field(default_factory=deque)
     invalidate_next: int = 0  # answer this many sends with "access_token invalid"
     # once this many messages have shown, the next `failing_times` sends fail (HTTP 500)

@@ -92,6 +92,17 @@ async def test_the_token_is_refreshed_before_it_expires(bridge: RunningBridge,
     assert len(yach.server.on(SINGLE)) == 2  # no send was refused for an expired token
 
 
+@pytest.mark.parametrize("expired_time", ["soon", "NaN", -5, None])
+async def test_a_token_with_a_garbled_lifetime_is_kept_for_two_hours(
+    bridge: RunningBridge, yach: FakeYach, expired_time: str | int | None
+) -> None:
+    yach.token_lifetime_s = expired_time
+    await ask(bridge, yach, "one", 1)
+    await ask(bridge, yach, "two", 2)
+    assert yach.tokens_issued == 1
+    assert len(yach.shown) == 2
+
+
 async def test_a_retried_send_reuses_its_message_id(bridge: RunningBridge,
                                                     yach: FakeYach) -> None:
     yach.fail_next(500)
