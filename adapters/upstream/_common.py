@@ -47,6 +47,8 @@ async def relay(
     """
     try:
         async for message in messages:
+            if not message.data and message.event == "message":
+                continue  # `data:` alone: a proxy's keep-alive, in no protocol a message
             try:
                 events = parser.feed(message)
             except UpstreamProtocolError as exc:

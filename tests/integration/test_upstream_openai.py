@@ -79,3 +79,17 @@ async def test_error_null_in_a_chunk_is_no_error(fake: OpenAIStreams, http: Upst
 
     assert answer_text(events) == "Hello there"
     assert events[-1] == Done()
+
+
+@pytest.mark.parametrize("keep_alive", ["data:\n\n", "data: \n\n", "data:\r\n\r\n"])
+async def test_an_empty_data_event_is_a_keep_alive(
+    fake: OpenAIStreams, http: UpstreamHTTP, keep_alive: str
+) -> None:
+    """Some proxies keep an idle stream open with empty `data:` events: no chunk, no error."""
+    hello, there = sse_payloads([chunk("Hello")]), sse_payloads([chunk(" there"), "[DONE]"])
+    fake.stream = keep_alive.encode() + hello + keep_alive.encode() + there
+
+    events = await collect(connect(http, fake.env()), turn())
+
+    assert answer_text(events) == "Hello there"
+    assert events[-1] == Done()
