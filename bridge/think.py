@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bridge.events import AgentSwitch, Done, Event, ReasoningDelta, TextDelta, UpstreamError
+from bridge.events import (
+    AgentSwitch,
+    Done,
+    Event,
+    ReasoningDelta,
+    TextDelta,
+    TextReplace,
+    UpstreamError,
+)
 
 __all__ = ["ThinkSplitter"]
 
@@ -27,6 +35,8 @@ class ThinkSplitter:
             if self._state == "answer":
                 return (event,)
             return self.feed(event.text)
+        if isinstance(event, TextReplace):
+            return self.replace(event.text)
         if isinstance(event, _PART_ENDS):
             held = self.flush()
             self.reset()
@@ -48,6 +58,21 @@ class ThinkSplitter:
                 return self._answer(self._held)
             self._state, self._held = "thinking", stripped[len(_OPEN) :]
         return self._thinking()
+
+    def replace(self, text: str) -> list[Event]:
+        """A replacement of the whole answer so far (Dify `message_replace`) repeats its
+        leading `<think>` block, if it had one: that is reasoning there too, not answer text.
+        What was held back is superseded; deltas that follow continue the replacement."""
+        stripped = text.lstrip()
+        if not stripped.startswith(_OPEN):
+            self._state, self._held = "answer", ""
+            return [TextReplace(text)]
+        end = stripped.find(_CLOSE, len(_OPEN))
+        if end < 0:  # still thinking: no answer text so far
+            self._state, self._held = "thinking", ""
+            return [TextReplace("")]
+        self._state, self._held = "answer", ""
+        return [TextReplace(stripped[end + len(_CLOSE) :].lstrip("\n"))]
 
     def flush(self) -> list[Event]:
         """End of the part: whatever is held back is what it looked like."""

@@ -211,6 +211,37 @@ async def test_a_dify_replacement_after_sent_pieces_is_one_correction(
     assert sum("更正" in text for text in texts) == 1
 
 
+
+@pytest.mark.parametrize("mode", [STREAM, {"BRIDGE_REPLY_MODE": "final"}], ids=["stream", "final"])
+async def test_a_dify_replacement_repeating_a_think_block_leaks_no_reasoning(
+    redis_url: str, bot_id: str, yach: FakeYach, redis_client: object, mode: dict[str, str]
+) -> None:
+    """A reasoning model behind Dify streams `<think>…</think>` then the answer; a
+    `message_replace` that repeats the whole text unchanged is no contradiction, and its
+    `<think>` block is reasoning there too: neither a correction nor raw tags are shown."""
+    think, answer = "<think>Let me weigh it.</think>\n\n", "Yes. 333 is a number. It is odd. "
+    fake = await DifyFake.start(seed=6)
+    fake.stream = fake_dify.render([
+        fake_dify.event("message", answer=think),
+        fake_dify.event("message", answer="Yes. 333 is a number. "),
+        fake_dify.event("message", answer="It is odd. "),
+        fake_dify.event("message_replace", answer=think + answer),
+        fake_dify.end(),
+    ])
+    upstream = {"BRIDGE_UPSTREAM": "dify", "BRIDGE_DIFY_BASE_URL": fake.base_url,
+                "BRIDGE_DIFY_API_KEY": fake_dify.API_KEY}
+    policy = {**mode, "BRIDGE_FLUSH_MIN_CHARS": "5"}
+    try:
+        async with running_bridge(env_for(redis_url, bot_id, yach, upstream, **policy)) as bridge:
+            await ask(bridge, yach, "333")
+            await ask(bridge, yach, "again")  # the session's next turn: the first has ended
+            await wait_until(lambda: joined(yach).count("It is odd.") == 2)
+    finally:
+        await fake.close()
+    assert joined(yach).replace(" ", "") == (answer * 2).replace(" ", "")
+    assert not any("think" in text or "更正" in text for text in yach.texts())
+
+
 async def test_the_thinking_notice_shows_only_when_the_upstream_is_slow(
     redis_url: str, bot_id: str, yach: FakeYach, redis_client: object
 ) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bridge.events import AgentSwitch, Done, Event, ReasoningDelta, TextDelta, Usage
+from bridge.events import AgentSwitch, Done, Event, ReasoningDelta, TextDelta, TextReplace, Usage
 from bridge.think import ThinkSplitter
 
 
@@ -33,3 +33,20 @@ def test_each_part_starts_afresh_and_held_text_is_flushed() -> None:
     assert split_all(events) == [
         TextDelta("<th"), AgentSwitch("b"), ReasoningDelta("x"), Done(),
     ]
+
+
+def test_a_replacement_repeating_the_think_block_replaces_the_answer_alone() -> None:
+    splitter = ThinkSplitter()
+    assert splitter.split(TextDelta("<think>why</think>\n\nIt is.")) == [
+        ReasoningDelta("why"), TextDelta("It is."),
+    ]
+    assert splitter.split(TextReplace(" <think>why</think>\n\nIt is so.")) == [
+        TextReplace("It is so."),
+    ]
+    assert splitter.split(TextDelta(" More.")) == (TextDelta(" More."),)
+    thinking = ThinkSplitter()
+    assert thinking.split(TextReplace("<think>still wei")) == [TextReplace("")]
+    assert thinking.split(TextDelta("ghing</think>Done.")) == [
+        ReasoningDelta("ghing"), TextDelta("Done."),
+    ]
+    assert ThinkSplitter().split(TextReplace("Plain.")) == [TextReplace("Plain.")]
