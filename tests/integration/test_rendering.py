@@ -278,3 +278,27 @@ async def test_the_thinking_timer_counts_the_connect(redis_url: str, bot_id: str
     finally:
         await upstream.close()
     assert yach.texts()[0] == "Thinking…"
+
+
+async def test_a_thinking_notice_on_its_way_shows_before_the_answer(
+    redis_url: str, bot_id: str, yach: FakeYach, redis_client: object
+) -> None:
+    """The notice went out just before the first token, and its send is retried (the
+    platform failed it once): the answer's pieces wait for it rather than overtake it."""
+    answer = "Hello there. " + "and so on " * 30 + "the end."
+    upstream = await FakeOpenAI(answer=lambda body: answer, first_byte_delay_s=0.3,
+                                delay_s=0.005).start()
+    yach.fail_next(500)  # the notice's first try; its retry comes 0.5 s later
+    try:
+        env = env_for(redis_url, bot_id, yach, openai_env(upstream.base_url),
+                      **{**STREAM, "BRIDGE_FLUSH_MIN_CHARS": "5"}, BRIDGE_THINKING_NOTICE_S="0.2",
+                      BRIDGE_LANG="en")
+        async with running_bridge(env) as bridge:
+            await ask(bridge, yach, "hello")
+            await wait_until(lambda: joined(yach).endswith("the end."))
+    finally:
+        await upstream.close()
+    texts = yach.texts()
+    assert texts[0] == "Thinking…", texts
+    assert "".join(texts[1:]) == answer
+    assert yach.shown[1].message["at"] == {"atWorkCodes": ["W001"]}
