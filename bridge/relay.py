@@ -91,6 +91,8 @@ class _Outgoing:
     runner: TurnRunner
     entry: Entry
     lock: str  # the session lock: only its holder may journal (and so send) a piece
+    # Awaited before the first piece goes out: a thinking notice on its way goes first.
+    before_first: Callable[[], Awaitable[None]] | None = None
     queue: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
     index: int = 0
     _carried: list[str] = field(default_factory=list)  # taken while merging, not merged
@@ -110,6 +112,8 @@ class _Outgoing:
                 if self.index:
                     await sessions.journal_complete(session, entry_id, self.lock, sent=confirmed)
                 break
+            if not self.index and self.before_first is not None:
+                await self.before_first()
             await outbox.acquire(target)
             text, last = self._merge_waiting(text)
             piece = JournalPiece(
@@ -241,10 +245,17 @@ class TurnRunner:
         # The thinking timer starts with the turn: image work and the connect count too.
         first_text = asyncio.Event()
         thinking = asyncio.create_task(self._thinking_notice(entry, first_text))
+
+        async def showing() -> None:
+            """Before the turn's first message: no notice from now on, and one already on
+            its way (being sent, or retried) shows first, not after the answer's start."""
+            first_text.set()
+            await asyncio.wait([thinking])
+
         try:
             prepared = await self.prepare(entry)
             if prepared.refusal:
-                first_text.set()
+                await showing()
                 await self.notice(
                     entry.message.target,
                     entry.entry_id,
@@ -252,7 +263,7 @@ class TurnRunner:
                     "refusal",
                 )
                 return Outcome.FAILED
-            return await self._ask(entry, start, prepared, first_text)
+            return await self._ask(entry, start, prepared, first_text, showing)
         finally:
             first_text.set()
             thinking.cancel()
@@ -304,7 +315,12 @@ class TurnRunner:
         return Outcome.REPLAYED
 
     async def _ask(
-        self, entry: Entry, start: Start, prepared: PreparedInput, first_text: asyncio.Event
+        self,
+        entry: Entry,
+        start: Start,
+        prepared: PreparedInput,
+        first_text: asyncio.Event,
+        showing: Callable[[], Awaitable[None]],
     ) -> Outcome:
         message, lock, state = entry.message, start.lock, start.state
         same_upstream = state.upstream == self.upstream.name
@@ -325,7 +341,7 @@ class TurnRunner:
             correction_title=self.catalogue("correction_title"),
             now=self.clock(),
         )
-        outgoing = _Outgoing(self, entry, lock)
+        outgoing = _Outgoing(self, entry, lock, before_first=showing)
         sender = asyncio.create_task(outgoing.run(), name=f"send-{entry.entry_id}")
         started = self.clock()
         failure: ErrorKind | None = None

@@ -37,10 +37,7 @@ class ThinkSplitter:
                 return (event,)
             return self.feed(event.text)
         if isinstance(event, TextReplace):
-            # A replacement is the whole answer as the upstream holds it (Dify repeats it with
-            # its <think> block): that block was shown as reasoning, not as answer text.
-            answer = _without_think(event.text)
-            return (event,) if answer is event.text else (TextReplace(answer),)
+            return self.replace(event.text)
         if isinstance(event, _PART_ENDS):
             held = self.flush()
             self.reset()
@@ -62,6 +59,21 @@ class ThinkSplitter:
                 return self._answer(self._held)
             self._state, self._held = "thinking", stripped[len(_OPEN) :]
         return self._thinking()
+
+    def replace(self, text: str) -> list[Event]:
+        """A replacement of the whole answer so far (Dify `message_replace`) repeats its
+        leading `<think>` block, if it had one: that is reasoning there too, not answer text.
+        What was held back is superseded; deltas that follow continue the replacement."""
+        stripped = text.lstrip()
+        if not stripped.startswith(_OPEN):
+            self._state, self._held = "answer", ""
+            return [TextReplace(text)]
+        end = stripped.find(_CLOSE, len(_OPEN))
+        if end < 0:  # still thinking: no answer text so far
+            self._state, self._held = "thinking", ""
+            return [TextReplace("")]
+        self._state, self._held = "answer", ""
+        return [TextReplace(stripped[end + len(_CLOSE) :].lstrip("\n"))]
 
     def flush(self) -> list[Event]:
         """End of the part: whatever is held back is what it looked like."""
@@ -85,15 +97,6 @@ class ThinkSplitter:
     def _answer(self, text: str) -> list[Event]:
         self._state, self._held = "answer", ""
         return [TextDelta(text)] if text else []
-
-
-def _without_think(text: str) -> str:
-    """`text` without a leading <think> block (all of it, if the block never closes)."""
-    stripped = text.lstrip()
-    if not stripped.startswith(_OPEN):
-        return text
-    end = stripped.find(_CLOSE)
-    return "" if end < 0 else stripped[end + len(_CLOSE) :].lstrip("\n")
 
 
 def _partial_suffix(text: str, tag: str) -> int:

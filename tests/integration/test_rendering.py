@@ -211,6 +211,37 @@ async def test_a_dify_replacement_after_sent_pieces_is_one_correction(
     assert sum("更正" in text for text in texts) == 1
 
 
+
+@pytest.mark.parametrize("mode", [STREAM, {"BRIDGE_REPLY_MODE": "final"}], ids=["stream", "final"])
+async def test_a_dify_replacement_repeating_a_think_block_leaks_no_reasoning(
+    redis_url: str, bot_id: str, yach: FakeYach, redis_client: object, mode: dict[str, str]
+) -> None:
+    """A reasoning model behind Dify streams `<think>…</think>` then the answer; a
+    `message_replace` that repeats the whole text unchanged is no contradiction, and its
+    `<think>` block is reasoning there too: neither a correction nor raw tags are shown."""
+    think, answer = "<think>Let me weigh it.</think>\n\n", "Yes. 333 is a number. It is odd. "
+    fake = await DifyFake.start(seed=6)
+    fake.stream = fake_dify.render([
+        fake_dify.event("message", answer=think),
+        fake_dify.event("message", answer="Yes. 333 is a number. "),
+        fake_dify.event("message", answer="It is odd. "),
+        fake_dify.event("message_replace", answer=think + answer),
+        fake_dify.end(),
+    ])
+    upstream = {"BRIDGE_UPSTREAM": "dify", "BRIDGE_DIFY_BASE_URL": fake.base_url,
+                "BRIDGE_DIFY_API_KEY": fake_dify.API_KEY}
+    policy = {**mode, "BRIDGE_FLUSH_MIN_CHARS": "5"}
+    try:
+        async with running_bridge(env_for(redis_url, bot_id, yach, upstream, **policy)) as bridge:
+            await ask(bridge, yach, "333")
+            await ask(bridge, yach, "again")  # the session's next turn: the first has ended
+            await wait_until(lambda: joined(yach).count("It is odd.") == 2)
+    finally:
+        await fake.close()
+    assert joined(yach).replace(" ", "") == (answer * 2).replace(" ", "")
+    assert not any("think" in text or "更正" in text for text in yach.texts())
+
+
 async def test_the_thinking_notice_shows_only_when_the_upstream_is_slow(
     redis_url: str, bot_id: str, yach: FakeYach, redis_client: object
 ) -> None:
@@ -247,3 +278,27 @@ async def test_the_thinking_timer_counts_the_connect(redis_url: str, bot_id: str
     finally:
         await upstream.close()
     assert yach.texts()[0] == "Thinking…"
+
+
+async def test_a_thinking_notice_on_its_way_shows_before_the_answer(
+    redis_url: str, bot_id: str, yach: FakeYach, redis_client: object
+) -> None:
+    """The notice went out just before the first token, and its send is retried (the
+    platform failed it once): the answer's pieces wait for it rather than overtake it."""
+    answer = "Hello there. " + "and so on " * 30 + "the end."
+    upstream = await FakeOpenAI(answer=lambda body: answer, first_byte_delay_s=0.3,
+                                delay_s=0.005).start()
+    yach.fail_next(500)  # the notice's first try; its retry comes 0.5 s later
+    try:
+        env = env_for(redis_url, bot_id, yach, openai_env(upstream.base_url),
+                      **{**STREAM, "BRIDGE_FLUSH_MIN_CHARS": "5"}, BRIDGE_THINKING_NOTICE_S="0.2",
+                      BRIDGE_LANG="en")
+        async with running_bridge(env) as bridge:
+            await ask(bridge, yach, "hello")
+            await wait_until(lambda: joined(yach).endswith("the end."))
+    finally:
+        await upstream.close()
+    texts = yach.texts()
+    assert texts[0] == "Thinking…", texts
+    assert "".join(texts[1:]) == answer
+    assert yach.shown[1].message["at"] == {"atWorkCodes": ["W001"]}

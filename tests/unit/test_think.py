@@ -35,9 +35,20 @@ def test_each_part_starts_afresh_and_held_text_is_flushed() -> None:
     ]
 
 
-def test_a_replacement_loses_its_leading_think_block() -> None:
+def test_a_replacement_repeating_the_think_block_replaces_the_answer_alone() -> None:
     splitter = ThinkSplitter()
-    plain = TextReplace("Plain <think>kept</think>")
-    assert splitter.split(plain)[0] is plain
-    assert splitter.split(TextReplace(" <think>why</think>\n\nIt is.")) == (TextReplace("It is."),)
-    assert splitter.split(TextReplace("<think>still thinking")) == (TextReplace(""),)
+    assert splitter.split(TextDelta("<think>why</think>\n\nIt is.")) == [
+        ReasoningDelta("why"), TextDelta("It is."),
+    ]
+    assert splitter.split(TextReplace(" <think>why</think>\n\nIt is so.")) == [
+        TextReplace("It is so."),
+    ]
+    assert splitter.split(TextDelta(" More.")) == (TextDelta(" More."),)
+    thinking = ThinkSplitter()
+    assert thinking.split(TextReplace("<think>still wei")) == [TextReplace("")]
+    assert thinking.split(TextDelta("ghing</think>Done.")) == [
+        ReasoningDelta("ghing"), TextDelta("Done."),
+    ]
+    assert ThinkSplitter().split(TextReplace("Plain.")) == [TextReplace("Plain.")]
+    kept = "Plain <think>not leading: answer text</think>"
+    assert ThinkSplitter().split(TextReplace(kept)) == [TextReplace(kept)]
