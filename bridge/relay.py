@@ -243,14 +243,16 @@ class TurnRunner:
         if journal.pieces:
             return await self._replay(entry, lock, journal.pieces, journal.complete)
         # The thinking timer starts with the turn: image work and the connect count too.
-        first_text = asyncio.Event()
-        thinking = asyncio.create_task(self._thinking_notice(entry, first_text))
+        first_text, notice_sending = asyncio.Event(), asyncio.Event()
+        thinking = asyncio.create_task(self._thinking_notice(entry, first_text, notice_sending))
 
         async def showing() -> None:
             """Before the turn's first message: no notice from now on, and one already on
-            its way (being sent, or retried) shows first, not after the answer's start."""
+            its way (being sent, or retried) shows first, not after the answer's start.
+            Without one, nothing to wait for: the first piece is on the first-token path."""
             first_text.set()
-            await asyncio.wait([thinking])
+            if notice_sending.is_set():
+                await asyncio.wait([thinking])
 
         try:
             prepared = await self.prepare(entry)
@@ -446,16 +448,19 @@ class TurnRunner:
         level("upstream_failed", kind=kind.value, detail=detail)
         return kind
 
-    async def _thinking_notice(self, entry: Entry, first_token: asyncio.Event) -> None:
+    async def _thinking_notice(
+        self, entry: Entry, first_text: asyncio.Event, sending: asyncio.Event
+    ) -> None:
         delay = self.settings.thinking_notice_s
         if delay <= 0:
             return
-        try:
-            await asyncio.wait_for(first_token.wait(), timeout=delay)
-        except TimeoutError:
-            await self.notice(
-                entry.message.target, entry.entry_id, self.catalogue("thinking"), "thinking"
-            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(first_text.wait(), timeout=delay)
+        if first_text.is_set():  # (also when the timeout fired as the text came)
+            return
+        sending.set()
+        target = entry.message.target
+        await self.notice(target, entry.entry_id, self.catalogue("thinking"), "thinking")
 
     async def _record(self, entry: Entry, lock: str, answer: str, question: str = "") -> None:
         """The turn's bookkeeping: turns, last activity, and history where we keep it."""
