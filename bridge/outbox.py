@@ -21,6 +21,9 @@ log = structlog.get_logger(__name__)
 
 DIRECT_RATE = Rate(60, 60.0)  # the platform's own limit on direct sends per robot
 _MAX_BACKOFF_S = 8.0
+# The least wait after a rate-limit answer, doubled at each one in a row: `Retry-After: 0`
+# (or a date gone by) must not turn the patience into a tight loop against the platform.
+_MIN_RATE_LIMIT_WAIT_S = 0.2
 
 # A sliding window in a sorted set, timed by the Redis clock so every host agrees.
 # KEYS: window. ARGV: window ms, count, unique member. Returns ms to wait (0: taken).
@@ -70,8 +73,9 @@ class Outbox:
     """Every send of the process: the Redis budget, the platform's "slow down", retries.
 
     A rate-limit answer (HTTP 429, a "frequency" message) pauses every send of this process
-    for the advised time and is retried without using up an attempt, for up to
-    `rate_limit_patience_s`; other failures are retried `attempts` times with backoff.
+    for the advised time and is retried without using up an attempt (after 0.2 s at least,
+    doubled at each such answer in a row), for up to `rate_limit_patience_s`; other failures
+    are retried `attempts` times with backoff.
     An IM without platform limits (`rate_limited = False`: the terminal) skips the budget.
     """
 
@@ -122,7 +126,7 @@ class Outbox:
         got through. Every attempt counts against the budget. (A plain loop: a retrying
         library's set-up cost ~75 µs of CPU per piece, before every send.)"""
         started = time.monotonic()
-        failures = 0
+        failures = rate_limited = 0
         if not budget_taken:
             await self.acquire(target)
         while True:
@@ -133,11 +137,13 @@ class Outbox:
                 if exc.retry_after is not None:  # the process-wide pause holds the next one
                     if time.monotonic() - started >= self._patience_s:
                         raise
+                    rate_limited += 1
+                    await asyncio.sleep(_backoff(_MIN_RATE_LIMIT_WAIT_S, rate_limited))
                 else:
                     failures += 1
                     if failures >= self._attempts:
                         raise
-                    await asyncio.sleep(min(self._backoff_s * 2 ** (failures - 1), _MAX_BACKOFF_S))
+                    await asyncio.sleep(_backoff(self._backoff_s, failures))
             await self.acquire(target)
 
     async def _send_once(self, target: ReplyTarget, piece: Piece) -> None:
@@ -165,3 +171,7 @@ class Outbox:
             return
         self._resume.clear()
         asyncio.get_running_loop().call_later(max(seconds, 0.0), self._resume.set)
+
+
+def _backoff(first_s: float, attempt: int) -> float:
+    return min(first_s * 2.0 ** (attempt - 1), _MAX_BACKOFF_S)

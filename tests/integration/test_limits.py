@@ -224,3 +224,18 @@ async def test_a_platform_retry_after_is_honoured(
     first, second = yach.server.on("/group/robot/message/send")
     assert first.json()["message_id"] == second.json()["message_id"]
     assert yach.texts() == ["You said: hello. (history: 0 messages)"]
+
+
+async def test_a_retry_after_of_zero_is_not_a_tight_loop(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI, redis_client: object
+) -> None:
+    """`Retry-After: 0` three times in a row: waits of 0.2, 0.4 and 0.8 s, not none."""
+    yach.fail_next(429, {"code": 429, "msg": "too many"}, times=3, headers={"Retry-After": "0"})
+    async with running_bridge(env(redis_url, bot_id, yach, upstream)) as bridge:
+        started = time.monotonic()
+        await bridge.post(group_message("hello"))
+        await wait_until(lambda: len(yach.shown) == 1, timeout=10)
+        elapsed = time.monotonic() - started
+    assert len(yach.server.on("/group/robot/message/send")) == 4
+    assert elapsed >= 1.4
+    assert yach.texts() == ["You said: hello. (history: 0 messages)"]
