@@ -71,15 +71,17 @@ return 0
 """
 
 # KEYS: lock, fence, session, history, journal. ARGV: lock value, lock ttl ms, ttl s,
-# history max, history entry or '', then field/value pairs for the session hash.
+# history max, history entry or '', `created_at` if the session has none yet or '', then
+# field/value pairs for the session hash.
 # Marks the journal "recorded", so a replay (or a retry) of the turn records it only once.
 _SAVE = (
     _HOLDS
     + """
 if not holds(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return 0 end
 if KEYS[5] ~= KEYS[3] and redis.call('HEXISTS', KEYS[5], 'recorded') == 1 then return 1 end
-if #ARGV > 5 then
-  redis.call('HSET', KEYS[3], unpack(ARGV, 6))
+if ARGV[6] ~= '' then redis.call('HSETNX', KEYS[3], 'created_at', ARGV[6]) end
+if #ARGV > 6 then
+  redis.call('HSET', KEYS[3], unpack(ARGV, 7))
 end
 redis.call('EXPIRE', KEYS[3], ARGV[3])
 if ARGV[5] ~= '' then
@@ -406,9 +408,11 @@ class Sessions:
         *,
         exchange: HistoryTurn | None = None,
         entry_id: str | None = None,
+        created_at: float | None = None,
     ) -> bool:
         """Write session fields (and one history turn) if we still hold the lock. With
-        `entry_id`, this is the turn's record: its journal is marked recorded."""
+        `entry_id`, this is the turn's record: its journal is marked recorded. With
+        `created_at`, the session's creation time unless it has one."""
         args: list[str | int | float] = [
             lock_value,
             self.lock_ttl_ms,
@@ -419,6 +423,7 @@ class Sessions:
             )
             if exchange and self.history_turns
             else "",
+            "" if created_at is None else created_at,
         ]
         for name, value in fields.items():
             args.extend((name, value))
@@ -443,9 +448,6 @@ class Sessions:
         now: float | None = None,
     ) -> bool:
         now = time.time() if now is None else now
-        state_key = self.keys.session(chat_session_id)
-        if not await self.redis.hexists(state_key, "created_at"):
-            await self.redis.hsetnx(state_key, "created_at", now)
         return await self.save(
             chat_session_id,
             lock_value,
@@ -454,6 +456,7 @@ class Sessions:
                 "conversation": json.dumps(dict(conversation)),
                 "last_active": now,
             },
+            created_at=now,
         )
 
     async def forget(self, chat_session_id: str) -> None:

@@ -162,3 +162,22 @@ async def test_start_reads_the_session_and_its_history_when_asked(
     assert (with_history.state.upstream, with_history.state.turns) == ("openai", 1)
     assert with_history.history == (exchange,)
     assert without.state.turns == 1 and without.history == ()
+
+
+async def test_a_conversation_saved_under_a_lost_lock_leaves_no_session_behind(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """The save is fenced as a whole: a refused one writes nothing, not even `created_at`
+    (which, written alone, was a session hash with no expiry)."""
+    entry = await _store(redis_client, keys)
+    lock = (await sessions.start(SESSION, entry, with_history=True)).lock
+    refused = await sessions.save_conversation(SESSION, "not-the-lock", "dify", {"c": "1"}, now=5)
+    assert not refused
+    assert not await redis_client.exists(keys.session(SESSION))
+
+    assert await sessions.save_conversation(SESSION, lock, "dify", {"c": "1"}, now=10)
+    assert await sessions.save_conversation(SESSION, lock, "dify", {"c": "2"}, now=20)
+    state = await redis_client.hgetall(keys.session(SESSION))
+    assert state[b"created_at"] == b"10" and state[b"last_active"] == b"20"
+    assert json.loads(state[b"conversation"]) == {"c": "2"}
+    assert 0 < await redis_client.ttl(keys.session(SESSION)) <= 3600
