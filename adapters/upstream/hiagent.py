@@ -55,10 +55,12 @@ _STREAM_ACCEPT = "application/json, text/event-stream"
 def inner_payloads(data: str) -> list[str]:
     """The JSON payloads inside one outer event's data (`data: {json}` plus blank lines).
 
-    A bare JSON line is accepted too, in case the proxy ever stops double-wrapping.
+    A bare JSON line is accepted too, in case the proxy ever stops double-wrapping. The data's
+    lines are joined with LF alone (SSE); `str.splitlines` would also cut at U+2028, U+2029
+    and NEL, which the proxy's JSON carries raw inside answer text.
     """
     payloads = []
-    for line in data.splitlines():
+    for line in data.split("\n"):
         payload = line.strip()
         if payload.startswith("data:"):
             payload = payload[len("data:") :].strip()

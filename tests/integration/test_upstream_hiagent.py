@@ -168,3 +168,17 @@ async def test_error_event_ends_the_turn(fake: HiAgentFake, http: UpstreamHTTP) 
     assert isinstance(events[-1], UpstreamError)
     assert events[-1].kind is ErrorKind.REJECTED
     assert "model overloaded" in events[-1].message
+
+
+async def test_unicode_line_separators_inside_the_answer_are_text(
+    fake: HiAgentFake, http: UpstreamHTTP
+) -> None:
+    # The proxy writes its JSON as Python does (`ensure_ascii=False`): U+2028/U+2029, NEL and
+    # the C1/FS-style separators go raw. They end no SSE line, so they are answer text.
+    pieces = ["第一行\u2028第二行", "段落\u2029下一段", "a\x85b\x1cc\x1dd\x1ee\x0bf\x0cg"]
+    fake.stream = nested_stream([*map(message, pieces), {
+        "event": "message_end", "conversation_id": FIXTURE_CONVERSATION_ID}])
+    events = await collect(hiagent(http, fake), turn())
+
+    assert answer_text(events) == "".join(pieces)
+    assert events[-1] == Done()
