@@ -50,6 +50,7 @@ APP_CONVERSATION = "AppConversationID"  # keys of the conversation reference (SP
 CONVERSATION = "conversation_id"
 _JSON_ACCEPT = "application/json, text/plain, */*"
 _STREAM_ACCEPT = "application/json, text/event-stream"
+_FAILURES = frozenset({"message_failed", "error"})  # inner events that end the turn as errors
 
 
 def inner_payloads(data: str) -> list[str]:
@@ -70,7 +71,8 @@ def inner_payloads(data: str) -> list[str]:
 
 
 class HiAgentParser:
-    """The inner events: `message` (text), `message_cost` (usage), `message_end`, `error`.
+    """The inner events: `message` (text), `message_cost` (usage), `message_end`, and the
+    failures `message_failed` (HiAgent's own, with its `error` text) and `error`.
 
     `message_start`, `message_output_start`/`_end` and unknown events only reveal the
     conversation id.
@@ -98,7 +100,7 @@ class HiAgentParser:
             events.append(_usage(inner))
         elif kind == "message_end":
             events.append(Done())
-        elif kind == "error":
+        elif kind in _FAILURES:
             events.append(rejected(NAME, inner))
         return events
 

@@ -182,3 +182,22 @@ async def test_unicode_line_separators_inside_the_answer_are_text(
 
     assert answer_text(events) == "".join(pieces)
     assert events[-1] == Done()
+
+
+@pytest.mark.parametrize("then_end", [False, True], ids=["stream-closes", "then-message-end"])
+async def test_message_failed_ends_the_turn_as_rejected(
+    then_end: bool, fake: HiAgentFake, http: UpstreamHTTP
+) -> None:
+    # HiAgent's own failure event (its SDK's `MessageFailedChatEvent`: `error` text), which
+    # the proxy streams instead of the rest of the answer.
+    failed = {"event": "message_failed", "task_id": "t1", "id": "t1",
+              "conversation_id": FIXTURE_CONVERSATION_ID, "error": "LLM request timeout"}
+    end = {"event": "message_end", "task_id": "t1", "id": "t1",
+           "conversation_id": FIXTURE_CONVERSATION_ID}
+    fake.stream = nested_stream([message("Open"), failed, *([end] if then_end else [])])
+    events = await collect(hiagent(http, fake), turn())
+
+    assert answer_text(events) == "Open"
+    assert isinstance(events[-1], UpstreamError)
+    assert events[-1].kind is ErrorKind.REJECTED
+    assert "LLM request timeout" in events[-1].message
