@@ -554,3 +554,5 @@ class Worker:
             log.error("dead_letter_notice_failed", reason=exc.reason)
         await self._ack(held, dead_reason=f"{attempts} attempts")
         self.metrics.dead_letters.inc()
+        if entry.kind is EntryKind.TURN:  # a turn's outcome, as `busy` and `stopped` are
+            self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome="dead").inc()
