@@ -125,10 +125,20 @@ def setup_logging(settings: Settings, stream: TextIO, *, level: str | None = Non
 async def _run(settings: Settings) -> int:
     app = build_app(settings)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    loop = asyncio.get_running_loop()
+    # Before anything starts: a SIGTERM (or Ctrl-C) while starting (the embedded Redis, a
+    # Redis that is slow to answer) stops as cleanly as one later, exit 0. Installed only
+    # after the start it killed the process by the signal's default action: no drain, the
+    # worker's entries left claimed for BRIDGE_CLAIM_IDLE_S, and a status of "killed by
+    # SIGTERM" (-15 / 143) instead of 0.
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
+        if not stop.is_set():
+            site = web.TCPSite(runner, settings.host, settings.port)
+            await site.start()
     except ConfigError as exc:
         await runner.cleanup()
         return _print_problems(exc)
@@ -136,21 +146,26 @@ async def _run(settings: Settings) -> int:
         log.error("startup_failed", error=str(exc))
         await runner.cleanup()
         return EXIT_RUNTIME
+    if stop.is_set():
+        log.info("stopping", drain_timeout_s=settings.drain_timeout_s, during="start-up")
+        return await _stop(app, runner)
     collect_less_often()
     host, port = runner.addresses[0][:2]
-    loop = asyncio.get_running_loop()
     log.info("listening", host=host, port=port, version=__version__, event_loop=_loop_name(loop))
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     watchdog = asyncio.create_task(systemd.watchdog_loop(stop))
     await _notify_ready_when_connected(app, stop)
     await stop.wait()
-    systemd.notify("STOPPING=1")
     log.info("stopping", drain_timeout_s=settings.drain_timeout_s)
+    code = await _stop(app, runner)
+    await watchdog
+    return code
+
+
+async def _stop(app: web.Application, runner: web.AppRunner) -> int:
+    """Drain (SIGTERM: let running turns finish, leave the rest pending), then unwind."""
+    systemd.notify("STOPPING=1")
     await drain(app)
     await runner.cleanup()
-    await watchdog
     log.info("stopped")
     return EXIT_OK
 

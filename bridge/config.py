@@ -92,6 +92,17 @@ def _parse_nonneg_float(raw: str) -> float:
     return value
 
 
+def _parse_claim_idle(raw: str) -> float:
+    """At least a second: a live worker renews its claims only every BRIDGE_CLAIM_IDLE_S/3
+    (no more often than every 50 ms), so below that the claim loops of the other processes
+    take over the entries of live workers (0 took every entry at once): each turn was
+    restarted by each process in turn and dead-lettered unanswered."""
+    value = _parse_finite(raw)
+    if value < 1:
+        raise ValueError("must be at least 1 (second): less takes messages from live workers")
+    return value
+
+
 def _parse_nonneg_int(raw: str) -> int:
     value = int(raw)
     if value < 0:
@@ -180,7 +191,7 @@ class Settings:
     workers: int = _var(32, parse=_parse_positive_int, example="32")
     session_queue_max: int = _var(5, parse=_parse_nonneg_int, example="5")
     max_attempts: int = _var(3, parse=_parse_positive_int, example="3")
-    claim_idle_s: float = _var(60.0, parse=_parse_nonneg_float, example="60")
+    claim_idle_s: float = _var(60.0, parse=_parse_claim_idle, example="60")
     drain_timeout_s: float = _var(25.0, parse=_parse_nonneg_float, example="25")
     max_body_bytes: int = _var(1048576, parse=_parse_positive_int, example="1048576")
     max_input_chars: int = _var(8000, parse=_parse_positive_int, example="8000")

@@ -108,7 +108,8 @@ class Worker:
         self.draining = False
         self.closed = False  # drain is over: every loop ends
         self.completed = 0
-        self.healthy = False
+        self._reading = False  # the read loop has read once: the workers have started
+        self._failing: set[str] = set()  # the loops whose last try failed on Redis
         self._turn_slots = asyncio.Semaphore(settings.workers)
         self._max_held = settings.workers * 2 + settings.session_queue_max
         self._room = asyncio.Event()
@@ -116,6 +117,17 @@ class Worker:
         self._loops: set[asyncio.Task[None]] = set()
         self._with_history = not runner.upstream.keeps_history
         self.on_done: Callable[[Entry], None] | None = None  # the terminal channel waits on it
+
+    @property
+    def healthy(self) -> bool:
+        """The workers run: the read loop has read, and no loop is failing on Redis now."""
+        return self._reading and not self._failing
+
+    def _went_well(self, loop: str) -> None:
+        """`loop` reached Redis: a failure it had marked is over. (Each loop clears its own:
+        cleared by the read loop alone, a failure of another one lasted while the read loop
+        read nothing, e.g. waiting for room while its turns ran, and /readyz said 503.)"""
+        self._failing.discard(loop)
 
     # Lifecycle
 
@@ -181,7 +193,7 @@ class Worker:
                 return
             except RedisError as exc:
                 _raise_if_cancelled()  # a cancelled command may surface as a RedisError
-                self.healthy = False
+                self._failing.add(loop.__name__)
                 log.warning("redis_unavailable", loop=loop.__name__, error=type(exc).__name__)
             except Exception:  # a loop must never die: log it, and run it again
                 _raise_if_cancelled()
@@ -198,6 +210,7 @@ class Worker:
 
     async def _read_loop(self) -> None:
         await self.inbox.load_put_script()
+        self._went_well("_read_loop")
         while not self.draining:
             room = self._max_held - len(self.held)
             if room <= 0:
@@ -205,7 +218,8 @@ class Worker:
                 await self._room.wait()
                 continue
             entries = await self.inbox.read(count=min(room, 64), block_ms=_READ_BLOCK_MS)
-            self.healthy = True
+            self._reading = True
+            self._went_well("_read_loop")
             if self.draining or cancel_requested():  # read as the drain began: not ours to run
                 await self._release_unstarted(entries)
                 return
@@ -224,6 +238,7 @@ class Worker:
             log.info("consumers_pruned", count=pruned)
         while not self.draining:
             entries = await self.inbox.claim(int(self.settings.claim_idle_s * 1000), count=64)
+            self._went_well("_claim_loop")
             if self.draining or cancel_requested():
                 await self._release_unstarted(entries)
                 return
@@ -244,7 +259,10 @@ class Worker:
         any more; catch `/stop`s whose message was missed; export the backlog."""
         interval = max(self.settings.claim_idle_s / 3, 0.05)
         while not self.closed:
-            await asyncio.sleep(interval)
+            # Run again after a failure at once (its backoff has waited): the claims went
+            # unrenewed meanwhile, and readiness waits for this loop to reach Redis again.
+            if "_keep_loop" not in self._failing:
+                await asyncio.sleep(interval)
             lost_entries = await self.inbox.keep(list(self.held))
             _raise_if_cancelled()
             for entry_id in lost_entries:
@@ -259,10 +277,12 @@ class Worker:
                     self._lose(held.entry.entry_id, "session lock taken over")
             await self._check_stop_keys()
             self.metrics.inbox_pending.set(await self.inbox.pending_count())
+            self._went_well("_keep_loop")
 
     async def _listen_loop(self) -> None:
         async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
             await pubsub.subscribe(self.keys.control)
+            self._went_well("_listen_loop")
             while not self.closed:
                 message = await pubsub.get_message(
                     ignore_subscribe_messages=True, timeout=_LISTEN_POLL_S
@@ -554,3 +574,5 @@ class Worker:
             log.error("dead_letter_notice_failed", reason=exc.reason)
         await self._ack(held, dead_reason=f"{attempts} attempts")
         self.metrics.dead_letters.inc()
+        if entry.kind is EntryKind.TURN:  # a turn's outcome, as `busy` and `stopped` are
+            self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome="dead").inc()

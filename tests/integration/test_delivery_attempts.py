@@ -122,10 +122,16 @@ async def test_a_send_failing_on_every_attempt_is_dead_lettered_and_logged_at_er
                 await wait_until(lambda: len(yach.shown) >= 1, timeout=15)
                 await asyncio.sleep(1.5)  # past BRIDGE_CLAIM_IDLE_S: nothing more comes
                 assert await redis_client.xlen(keys.inbox) == 0
+                registry = bridge.bridge.metrics.registry
     finally:
         await upstream.close()
     assert yach.texts() == [EN["dead_letter"]]
     assert len(upstream.bodies) == 1
+    # The metrics say so too: a dead letter, and a turn whose outcome is `dead` (a turn
+    # outcome deploy/README.md lists, which nothing counted).
+    assert registry.get_sample_value("chatbridge_dead_letters_total") == 1
+    dead_turns = {"upstream": "openai", "outcome": "dead"}
+    assert registry.get_sample_value("chatbridge_turns_total", dead_turns) == 1
     dead = await redis_client.xrange(keys.dead)
     assert len(dead) == 1 and dead[0][1][b"reason"] == b"1 attempts"
     levels = {(e["event"], e["log_level"]) for e in logs}

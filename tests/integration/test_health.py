@@ -33,7 +33,7 @@ from tests.harness import (
     running_bridge,
     wait_until,
 )
-from tests.procs import RedisServer
+from tests.procs import PacedOpenAI, RedisServer
 
 SPEC_METRICS = (
     "chatbridge_info",
@@ -109,6 +109,35 @@ async def test_readyz_is_503_while_redis_is_down_and_200_once_it_is_back(
         assert await get(bridge, "/healthz") == (200, {"status": "ok"})  # the loop still runs
         private_redis.start()
         await ready_within(bridge)
+
+
+async def test_readyz_is_200_again_after_a_redis_outage_while_the_workers_are_full(
+    private_redis: RedisServer, bot_id: str, yach: FakeYach
+) -> None:
+    """Redis back, the workers busy with as many entries as they hold (the read loop waits
+    for room, so it reads nothing): ready again. Only a read cleared the failure the other
+    loops had marked, so `/readyz` said "workers not running" — to a load balancer, a process
+    to take out — until a long turn ended, while every loop was running again."""
+    upstream = await PacedOpenAI(pace=lambda _question: 30.0).start()
+    env = bridge_env(private_redis.url, bot_id, yach, **openai_env(upstream.base_url),
+                     BRIDGE_WORKERS="1", BRIDGE_SESSION_QUEUE_MAX="0",  # holds 2 entries
+                     BRIDGE_DRAIN_TIMEOUT_S="0.5")
+    try:
+        async with running_bridge(env) as bridge:
+            await ready_within(bridge)
+            for sender in ("u1", "u2"):  # two sessions: one turn runs, one waits for a slot
+                assert (await bridge.post(group_message("slow", sender=sender)))[0] == 200
+            worker = bridge.bridge.worker
+            assert worker is not None
+            await wait_until(lambda: len(worker.held) == 2 and len(upstream.started) == 1)
+            await asyncio.sleep(1.5)  # stored for good (appendfsync everysec)
+            private_redis.kill()
+            await wait_until(lambda: not worker.healthy, timeout=10)  # a loop failed
+            private_redis.start()
+            await ready_within(bridge, timeout=10)  # the turn still runs (30 s)
+            assert len(worker.held) == 2
+    finally:
+        await upstream.close()
 
 
 async def test_readyz_is_503_when_redis_never_answered(bot_id: str, yach: FakeYach,

@@ -118,3 +118,45 @@ async def _run_to_exit(**settings: str) -> tuple[int | None, str, list[str]]:
     )  # fmt: skip
     stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
     return process.returncode, stdout.decode() + stderr.decode(), stderr.decode().splitlines()
+
+
+async def test_sigterm_while_starting_stops_cleanly_with_exit_0(tmp_path: Path) -> None:
+    """SIGTERM before the bridge listens (here: a Redis that accepts connections and does
+    not answer, so the start waits on it) is a clean stop like any other: exit 0, a
+    `stopped` line. The handlers were installed only once listening, so the signal's default
+    action killed the process (-15) with no drain and no cleanup."""
+    connected = asyncio.Event()
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepted, never answered
+        connected.set()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    env.update(
+        BRIDGE_REDIS_URL=f"redis://127.0.0.1:{port}/0", BRIDGE_UPSTREAM="replay",
+        BRIDGE_REPLAY_FILE=str(Path(__file__).parents[2] / "bridge" / "recordings"),
+        BRIDGE_YACH_INSECURE="1", BRIDGE_PORT="0", BRIDGE_LOG_FORMAT="json",
+        BRIDGE_LOG_LEVEL="info", BRIDGE_DRAIN_TIMEOUT_S="2",
+    )  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "run", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        await asyncio.wait_for(connected.wait(), 30)  # the start is waiting on Redis now
+        await asyncio.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(process.communicate(), 40)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        for writer in held:
+            writer.close()
+        server.close()
+    events = [json.loads(line)["event"] for line in output.decode().splitlines()]
+    assert process.returncode == 0, output.decode()[-2000:]
+    assert "listening" not in events and events[-1] == "stopped", events

@@ -128,6 +128,18 @@ def test_durations_accept_decimals_and_json_must_be_an_object() -> None:
     assert [line.split(":")[0] for line in problems(env)] == ["BRIDGE_DIFY_INPUTS"]
 
 
+@pytest.mark.parametrize("raw", ["0", "0.01", "0.5"])
+def test_a_claim_idle_time_under_a_second_is_refused(raw: str) -> None:
+    """A live worker renews its claims every BRIDGE_CLAIM_IDLE_S/3 (at most every 50 ms):
+    with 0 (or 0.01) the claim loop of a second process took every entry from the live one
+    at once, each process restarted the turn in turn, and after three starts the message was
+    dead-lettered ("failed repeatedly") without an answer."""
+    [line] = problems({**OPENAI, "BRIDGE_CLAIM_IDLE_S": raw})
+    assert line.startswith("BRIDGE_CLAIM_IDLE_S: invalid value") and "at least 1" in line
+    assert "example: BRIDGE_CLAIM_IDLE_S=60" in line
+    assert load_settings({**OPENAI, "BRIDGE_CLAIM_IDLE_S": "1"}).claim_idle_s == 1
+
+
 @pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "NaN"])
 def test_a_duration_or_rate_that_is_not_a_finite_number_is_refused(raw: str) -> None:
     env = {**OPENAI, "BRIDGE_FLUSH_MAX_WAIT_S": raw, "BRIDGE_USER_RATE": f"20/{raw}",
