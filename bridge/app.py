@@ -122,6 +122,7 @@ async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
         session, settings.yach_api_base, settings.yach_app_key, settings.yach_app_secret
     )
     yield
+    await bridge.http.aclose()
     await session.close()
 
 

@@ -361,6 +361,7 @@ async def _check_upstream(settings: Settings, *, ask: bool) -> int:
             failure = (ErrorKind.UNAVAILABLE.value, f"{type(exc).__name__}: {exc}")
         finally:
             await upstream.aclose()
+            await http.aclose()
     if failure is not None:
         kind, message = failure
         print(f"upstream: {name} failed the probe ({kind}: {mask_text(message)})"

@@ -205,6 +205,60 @@ class _IdleWatch:
                 return
 
 
+class _Tails:
+    """The ends of bodies whose reader stopped before them, read so that their connections
+    go back to the pool.
+
+    A streamed answer is read up to its end marker (`[DONE]`, `message_end`…) and no
+    further, while the end of the body itself (the last chunk of a chunked response) most
+    often arrives a moment later. aiohttp closes a connection released before its body's
+    end, so every turn paid a new connection (on the internet, TCP and TLS handshakes)
+    before its first token. What is here already is read at once; the rest in the
+    background, up to `max_bytes` within `timeout_s` (the turn does not wait for it); a body
+    that has not ended by then is closed. The bounds are small because a reader that
+    stopped early (its turn failed to send) leaves a body that is still growing: the
+    upstream goes on generating until the connection closes.
+    """
+
+    def __init__(self, timeout_s: float, max_bytes: int = 16384) -> None:
+        self._timeout_s = timeout_s
+        self._max_bytes = max_bytes
+        self._reading: set[asyncio.Task[None]] = set()
+
+    def finish(self, response: aiohttp.ClientResponse) -> None:
+        content = response.content
+        if content.exception() is None and not content.is_eof():
+            content.read_nowait(self._max_bytes)
+            if not content.is_eof() and self._timeout_s > 0:
+                task = asyncio.get_running_loop().create_task(self._read(response))
+                self._reading.add(task)
+                task.add_done_callback(self._reading.discard)
+                return
+        _release(response)
+
+    async def _read(self, response: aiohttp.ClientResponse) -> None:
+        left = self._max_bytes
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                while left > 0 and (chunk := await response.content.readany()):
+                    left -= len(chunk)
+        except (TimeoutError, aiohttp.ClientError, RuntimeError):
+            pass  # (RuntimeError: aiohttp's "Connection closed.", the session closing)
+        finally:
+            _release(response)
+
+    async def aclose(self) -> None:
+        for task in self._reading:
+            task.cancel()
+        await asyncio.gather(*self._reading, return_exceptions=True)
+
+
+def _release(response: aiohttp.ClientResponse) -> None:
+    """Back to the pool when its body was read to the end; closed otherwise."""
+    response.release()
+    response.close()
+
+
 @dataclass
 class UpstreamHTTP:
     """What every upstream adapter shares: the session, the timeouts, the retry policy."""
@@ -215,10 +269,17 @@ class UpstreamHTTP:
     total_timeout_s: float = 600.0
     retries: int = 3
     backoff_s: float = 0.5  # first backoff step; tests shrink it
+    tail_timeout_s: float = 1.0  # how long the end of a body read up to its end marker may take
     _idle_watch: _IdleWatch = field(init=False, repr=False, compare=False)
+    _tails: _Tails = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._idle_watch = _IdleWatch(self.idle_timeout_s)
+        self._tails = _Tails(self.tail_timeout_s)
+
+    async def aclose(self) -> None:
+        """Stop reading the ends of bodies (before the session closes)."""
+        await self._tails.aclose()
 
     def retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
@@ -240,19 +301,29 @@ class UpstreamHTTP:
     async def open(
         self, method: str, url: str, *, expect_sse: bool = False, **kwargs: Any
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """A response with a good status, retried before its first byte; closed on exit."""
+        """A response with a good status, retried before its first byte. On exit its
+        connection goes back to the pool once the body has ended (`_Tails`), unless the
+        reader failed or was cancelled (`/stop`): then it is closed at once."""
         response = await self._open_retried(method, url, expect_sse=expect_sse, **kwargs)
+        reader_done = False
         try:
             self._idle_watch.add(response)
-            yield response
+            try:
+                yield response
+            except GeneratorExit:  # the reader's generator closed: it read all it wanted
+                reader_done = True
+                raise
+            reader_done = True
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"no data for {self.idle_timeout_s:g} s") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamBroken(f"stream broke: {type(exc).__name__}") from exc
         finally:
             self._idle_watch.discard(response)
-            response.release()
-            response.close()
+            if reader_done:
+                self._tails.finish(response)
+            else:
+                _release(response)
 
     async def _open_retried(
         self, method: str, url: str, *, expect_sse: bool, **kwargs: Any

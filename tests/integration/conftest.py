@@ -25,10 +25,12 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-def http(session: aiohttp.ClientSession) -> UpstreamHTTP:
+async def http(session: aiohttp.ClientSession) -> AsyncIterator[UpstreamHTTP]:
     """The shared upstream HTTP client with quick retries (two) and a 5 s idle timeout."""
-    return UpstreamHTTP(session, retries=2, backoff_s=0.01, connect_timeout_s=2,
-                        idle_timeout_s=5, total_timeout_s=30)
+    client = UpstreamHTTP(session, retries=2, backoff_s=0.01, connect_timeout_s=2,
+                          idle_timeout_s=5, total_timeout_s=30)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

@@ -98,7 +98,10 @@ async def upstream() -> AsyncIterator[Upstream]:
 @pytest.fixture
 async def http() -> AsyncIterator[UpstreamHTTP]:
     async with aiohttp.ClientSession() as session:
-        yield UpstreamHTTP(session, retries=2, backoff_s=0.01, idle_timeout_s=0.3)
+        client = UpstreamHTTP(session, retries=2, backoff_s=0.01, idle_timeout_s=0.3,
+                              tail_timeout_s=0.3)
+        yield client
+        await client.aclose()
 
 
 async def collect(http: UpstreamHTTP, url: str, into: list[SSEEvent] | None = None,
@@ -302,12 +305,36 @@ async def test_connection_dropped_mid_stream(upstream: Upstream, http: UpstreamH
     assert upstream.hits("/chat") == 1
 
 
-async def test_stopping_early_closes_the_response(upstream: Upstream,
-                                                  http: UpstreamHTTP) -> None:
+async def test_stopping_early_gives_the_response_up(upstream: Upstream,
+                                                   http: UpstreamHTTP) -> None:
+    """A reader that stops before the body's end (its turn failed): the rest is read for a
+    moment, in case the body is about to end, then the connection is given up."""
     url = upstream.on("/chat", stalled(upstream, b"data: one\n\n"))
     stream = http.sse("GET", url)
     assert (await anext(stream)).data == "one"
-    await stream.aclose()  # what `/stop` does: the connection is given up at once
+    await stream.aclose()
+    connector = http.session.connector
+    assert connector is not None
+    async with asyncio.timeout(http.tail_timeout_s + 1):
+        while connector._acquired:
+            await asyncio.sleep(0.02)
+
+
+async def test_a_cancelled_reader_gives_the_response_up_at_once(upstream: Upstream,
+                                                                http: UpstreamHTTP) -> None:
+    """What `/stop` does to a turn: its task is cancelled, and its connection closed."""
+    url = upstream.on("/chat", stalled(upstream, b"data: one\n\n"))
+    first = asyncio.Event()
+
+    async def read() -> None:
+        async for _ in http.sse("GET", url):
+            first.set()
+
+    reading = asyncio.create_task(read())
+    await asyncio.wait_for(first.wait(), 5)
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
     assert not http.session.connector or not http.session.connector._acquired
 
 
