@@ -322,15 +322,21 @@ class Inbox:
             if not isinstance(exc, Exception):
                 raise
             return
-        if taken:  # first: the turns' tasks run before the webhooks' answers are written
-            try:
-                self._hand_over(taken)
-            except Exception:  # every webhook is answered whatever happened here
-                log.exception("entries_not_taken", outcome="claimed when idle")
-        for pending, verdict in zip(batch, verdicts, strict=True):
-            if not pending.future.done():
-                outcome = _DUPLICATE if verdict is None else Accepted(as_text(verdict))
-                pending.future.set_result(outcome)
+        try:
+            if taken:  # first: the turns' tasks run before the webhooks' answers are written
+                try:
+                    self._hand_over(taken)
+                except Exception:  # every webhook is answered whatever happened here
+                    log.exception("entries_not_taken", outcome="claimed when idle")
+                # One step more for those tasks: each runs up to its upstream request, whose
+                # body aiohttp writes in a task of its own; answered at once, the webhooks'
+                # 200s went out ahead of that body, on the first token's path.
+                await asyncio.sleep(0)
+        finally:
+            for pending, verdict in zip(batch, verdicts, strict=True):
+                if not pending.future.done():
+                    outcome = _DUPLICATE if verdict is None else Accepted(as_text(verdict))
+                    pending.future.set_result(outcome)
 
     async def _put_batch(self, batch: list[_Pending]) -> tuple[list[bytes | None], list[Any]]:
         """One EVALSHA for the whole batch, in order with the batches before it (`InOrder`:
