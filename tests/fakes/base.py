@@ -7,12 +7,15 @@ import json
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-FIXTURES = __import__("pathlib").Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+# The recorded real streams (../shared/fixtures), as the package ships them for `demo`: in
+# the repository, so the tests run wherever it is cloned (test_fixtures.py keeps them equal).
+FIXTURES = Path(__file__).resolve().parents[2] / "bridge" / "recordings"
 
 
 @dataclass
