@@ -145,6 +145,28 @@ async def wait_until(
         await asyncio.sleep(interval)
 
 
+async def stop_after_first(
+    events: AsyncIterator[Any], is_first: Callable[[Any], bool] = lambda _: True
+) -> None:
+    """Read `events` in a task of their own until the first one `is_first` accepts, then
+    cancel that task, as `/stop` cancels a turn."""
+    first = asyncio.Event()
+
+    async def read() -> None:
+        async for event in events:
+            if is_first(event):
+                first.set()
+
+    reading = asyncio.create_task(read())
+    await asyncio.wait_for(first.wait(), 5)
+    reading.cancel()
+    try:
+        await reading
+    except asyncio.CancelledError:
+        return
+    raise AssertionError("the reading ended before it was cancelled")
+
+
 def slowed_script_load(client: redis.asyncio.Redis) -> asyncio.Event:
     """The client's SCRIPT LOAD, answered a little late (as when the retry that follows it
     waits for a connection of the pool); the event is set once the script is loaded."""

@@ -28,6 +28,7 @@ from bridge.http import (
 )
 from bridge.sse import SSEDecoder, SSEEvent
 from tests.fakes.base import FIXTURES, FakeServer, rechunk, stream_bytes
+from tests.harness import stop_after_first
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -324,17 +325,7 @@ async def test_a_cancelled_reader_gives_the_response_up_at_once(upstream: Upstre
                                                                 http: UpstreamHTTP) -> None:
     """What `/stop` does to a turn: its task is cancelled, and its connection closed."""
     url = upstream.on("/chat", stalled(upstream, b"data: one\n\n"))
-    first = asyncio.Event()
-
-    async def read() -> None:
-        async for _ in http.sse("GET", url):
-            first.set()
-
-    reading = asyncio.create_task(read())
-    await asyncio.wait_for(first.wait(), 5)
-    reading.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await reading
+    await stop_after_first(http.sse("GET", url))
     assert not http.session.connector or not http.session.connector._acquired
 
 

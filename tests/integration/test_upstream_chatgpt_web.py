@@ -5,7 +5,6 @@ The failures every adapter meets are in test_upstream_failures.py.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -43,6 +42,7 @@ from tests.fakes.scripted import (
     sse_payloads,
     status,
 )
+from tests.harness import stop_after_first
 
 
 def turn(text: str = QUESTION, conversation: dict[str, str] | None = None) -> Turn:
@@ -160,18 +160,8 @@ async def test_stop_request_sent_when_the_turn_is_cancelled(
     fake: FakeChatGPT, http: UpstreamHTTP
 ) -> None:
     fake.answer_mode, fake.ws_mode = "ws", "stall"
-    first_text = asyncio.Event()
-
-    async def consume() -> None:
-        async for event in connect(http, fake.env()).stream(turn()):
-            if isinstance(event, TextDelta):
-                first_text.set()
-
-    task = asyncio.create_task(consume())
-    await asyncio.wait_for(first_text.wait(), 5)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    events = connect(http, fake.env()).stream(turn())
+    await stop_after_first(events, lambda event: isinstance(event, TextDelta))
     assert len(await fake.server.wait_for_requests(1, STOP, timeout=5)) == 1
 
 

@@ -17,7 +17,7 @@ from bridge.events import Done, TextDelta
 from bridge.http import UpstreamHTTP
 from bridge.interfaces import Sender, Turn
 from tests.fakes.scripted import collect, connect
-from tests.harness import openai_env
+from tests.harness import openai_env, stop_after_first
 
 
 def _chunk(content: str) -> bytes:
@@ -122,17 +122,5 @@ async def test_a_stopped_turn_closes_its_connection_at_once(
     streams: Streams, http: UpstreamHTTP
 ) -> None:
     streams.hold_before_done = True
-    upstream = connect(http, streams.env())
-    first: asyncio.Event = asyncio.Event()
-
-    async def read() -> None:
-        async for _event in upstream.stream(turn()):
-            first.set()
-
-    reading = asyncio.create_task(read())
-    await asyncio.wait_for(first.wait(), 5)
-    reading.cancel()  # what `/stop` does to the turn
-    with pytest.raises(asyncio.CancelledError):
-        await reading
-
+    await stop_after_first(connect(http, streams.env()).stream(turn()))
     assert await _closed(streams.transports[0], within_s=0.1)
