@@ -94,14 +94,16 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     url, embedded = await asyncio.to_thread(redis_url_for, bridge.settings)
     bridge.redis = connect(url, max_connections=bridge.settings.workers * 2 + 32)
     try:
-        version = await check_server(bridge.redis, bridge.keys)
-        log.info("redis_connected", redis_version=version, embedded=embedded is not None)
-    except RedisError as exc:
-        log.warning("redis_unavailable", error=type(exc).__name__, outcome="will keep trying")
-    yield
-    await bridge.redis.aclose()
-    if embedded is not None:
-        await asyncio.to_thread(embedded.stop)
+        try:
+            version = await check_server(bridge.redis, bridge.keys)
+            log.info("redis_connected", redis_version=version, embedded=embedded is not None)
+        except RedisError as exc:
+            log.warning("redis_unavailable", error=type(exc).__name__, outcome="will keep trying")
+        yield
+    finally:  # also when the start is given up here (a SIGTERM, a schema it refuses)
+        await bridge.redis.aclose()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
 
 
 async def _http_ctx(app: web.Application) -> AsyncIterator[None]:

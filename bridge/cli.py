@@ -127,15 +127,15 @@ async def _run(settings: Settings) -> int:
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     loop = asyncio.get_running_loop()
     # Before anything starts: a SIGTERM (or Ctrl-C) while starting (the embedded Redis, a
-    # Redis that is slow to answer) stops as cleanly as one later, exit 0. Installed only
-    # after the start it killed the process by the signal's default action: no drain, the
-    # worker's entries left claimed for BRIDGE_CLAIM_IDLE_S, and a status of "killed by
-    # SIGTERM" (-15 / 143) instead of 0.
+    # Redis that is slow to answer) stops as cleanly as one later, exit 0, and at once.
+    # Installed only after the start it killed the process by the signal's default action:
+    # no drain, the worker's entries left claimed for BRIDGE_CLAIM_IDLE_S, and a status of
+    # "killed by SIGTERM" (-15 / 143) instead of 0.
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await runner.setup()
+        await _unless_stopped(runner.setup(), stop)
         if not stop.is_set():
             site = web.TCPSite(runner, settings.host, settings.port)
             await site.start()
@@ -159,6 +159,23 @@ async def _run(settings: Settings) -> int:
     code = await _stop(app, runner)
     await watchdog
     return code
+
+
+async def _unless_stopped(start: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
+    """Run `start`; cancelled when `stop` is set first (a SIGTERM while a Redis that does
+    not answer holds it up for its 10 s timeout)."""
+    starting = asyncio.ensure_future(start)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if starting.done():
+        starting.result()  # its failure, if it failed
+        return
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await starting
 
 
 async def _stop(app: web.Application, runner: web.AppRunner) -> int:

@@ -123,8 +123,9 @@ async def _run_to_exit(**settings: str) -> tuple[int | None, str, list[str]]:
 async def test_sigterm_while_starting_stops_cleanly_with_exit_0(tmp_path: Path) -> None:
     """SIGTERM before the bridge listens (here: a Redis that accepts connections and does
     not answer, so the start waits on it) is a clean stop like any other: exit 0, a
-    `stopped` line. The handlers were installed only once listening, so the signal's default
-    action killed the process (-15) with no drain and no cleanup."""
+    `stopped` line, and at once, not after the start's 10 s Redis timeout. The handlers were
+    installed only once listening, so the signal's default action killed the process (-15)
+    with no drain and no cleanup."""
     connected = asyncio.Event()
     held: list[asyncio.StreamWriter] = []
 
@@ -149,7 +150,7 @@ async def test_sigterm_while_starting_stops_cleanly_with_exit_0(tmp_path: Path) 
         await asyncio.wait_for(connected.wait(), 30)  # the start is waiting on Redis now
         await asyncio.sleep(0.3)
         process.send_signal(signal.SIGTERM)
-        output, _ = await asyncio.wait_for(process.communicate(), 40)
+        output, _ = await asyncio.wait_for(process.communicate(), 8)  # (Redis times out at 10)
     finally:
         if process.returncode is None:
             process.kill()
