@@ -9,6 +9,7 @@ within BRIDGE_DRAIN_TIMEOUT_S and leave the rest pending, then the contexts unwi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -41,7 +42,14 @@ from bridge.metrics import Metrics
 from bridge.outbox import Outbox
 from bridge.relay import TurnRunner
 from bridge.sessions import Sessions
-from bridge.store import Keys, RedisKeyValue, check_server, connect, redis_url_for
+from bridge.store import (
+    EmbeddedRedis,
+    Keys,
+    RedisKeyValue,
+    check_server,
+    connect,
+    redis_url_for,
+)
 from bridge.worker import Worker
 
 __all__ = ["STATE", "Bridge", "build_app", "drain"]
@@ -90,8 +98,7 @@ def flush_policy(settings: Settings, im: IM) -> FlushPolicy:
 
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     bridge = app[STATE]
-    # In a thread that sees this task's context: its log lines carry `bot` too.
-    url, embedded = await asyncio.to_thread(redis_url_for, bridge.settings)
+    url, embedded = await _redis_url(bridge.settings)
     bridge.redis = connect(url, max_connections=bridge.settings.workers * 2 + 32)
     try:
         try:
@@ -104,6 +111,23 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         await bridge.redis.aclose()
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
+
+
+async def _redis_url(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
+    """`redis_url_for` in a thread that sees this task's context (its log lines carry `bot`
+    too). A cancel (a SIGTERM while starting) cannot stop that thread: it went on to start
+    the embedded server, whose handle nobody had, and the bridge exited leaving it running.
+    So a cancelled start waits for the thread (the process would wait for it to exit anyway)
+    and stops the server it started."""
+    starting = asyncio.ensure_future(asyncio.to_thread(redis_url_for, settings))
+    try:
+        return await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):  # its own failure: moot, the start is given up
+            _, embedded = await starting
+            if embedded is not None:
+                await asyncio.to_thread(embedded.stop)
+        raise
 
 
 async def _http_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -161,3 +161,65 @@ async def test_sigterm_while_starting_stops_cleanly_with_exit_0(tmp_path: Path) 
     events = [json.loads(line)["event"] for line in output.decode().splitlines()]
     assert process.returncode == 0, output.decode()[-2000:]
     assert "listening" not in events and events[-1] == "stopped", events
+
+
+async def test_sigterm_while_the_embedded_redis_starts_leaves_no_server_running(
+    tmp_path: Path, bot_id: str
+) -> None:
+    """SIGTERM while the embedded Redis is being started (in a thread: here held at its start
+    lock, as a server loading a large append-only file holds it in its wait) cancelled the
+    wait but not the thread: the thread went on to start redis-server, whose handle nobody
+    had, so the bridge exited 0 and left the server running; the last user must stop it."""
+    import fcntl
+
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir(mode=0o700)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    env.update(
+        BRIDGE_STATE_DIR=str(tmp_path), BRIDGE_BOT_ID=bot_id, BRIDGE_UPSTREAM="replay",
+        BRIDGE_REPLAY_FILE=str(Path(__file__).parents[2] / "bridge" / "recordings"),
+        BRIDGE_YACH_INSECURE="1", BRIDGE_PORT="0", BRIDGE_LOG_FORMAT="json",
+        BRIDGE_LOG_LEVEL="info", BRIDGE_DRAIN_TIMEOUT_S="2",
+    )  # fmt: skip
+    with open(redis_dir / "start.lock", "w") as start_lock:
+        fcntl.flock(start_lock, fcntl.LOCK_EX)  # another start holds it
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", "run", env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            await wait_until(lambda: _waits_for_a_lock(process.pid), timeout=30)
+            process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)  # the stop goes ahead: the start is given up
+        finally:
+            fcntl.flock(start_lock, fcntl.LOCK_UN)  # the thread starts the server now
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        running = _embedded_answers(redis_dir)
+        if running:
+            import redis as sync_redis
+
+            sync_redis.Redis(unix_socket_path=str(redis_dir / "redis.sock")).shutdown(nosave=True)
+    events = [json.loads(line)["event"] for line in output.decode().splitlines()]
+    assert process.returncode == 0, output.decode()[-2000:]
+    assert "listening" not in events and "stopped" in events, events
+    assert not running, "the embedded Redis was left running after the bridge stopped"
+
+
+def _waits_for_a_lock(pid: int) -> bool:
+    with open("/proc/locks") as locks:
+        return any("->" in line and f" {pid} " in line for line in locks)
+
+
+def _embedded_answers(redis_dir: Path) -> bool:
+    import redis as sync_redis
+
+    try:
+        client = sync_redis.Redis(unix_socket_path=str(redis_dir / "redis.sock"), socket_timeout=2)
+        return bool(client.ping())
+    except (sync_redis.RedisError, OSError):
+        return False
