@@ -82,8 +82,10 @@ _PATTERNS = re.compile(
             r"bearer\s+(?P<bearer>[a-z0-9\-._~+/]+=*)",
             # scheme://user:password@host
             r"://[^\s:/@]*:(?P<userinfo>[^\s@/]+)(?=@)",
-            # X-Api-Key: … (a header line; after the Authorization and Cookie branches).
-            rf"(?:{_NAMES})[ \t]*:[ \t]*(?P<header>[^\s\"',;}}\]]+)",
+            # X-Api-Key: … (a header line: the name starts the line or ends a dashed header
+            # name, not `token: str` in a traceback's source line; after the Authorization
+            # and Cookie branches).
+            rf"(?:(?<=-)|(?<![^\n]))(?:{_NAMES})[ \t]*:[ \t]*(?P<header>[^\s\"',;}}\]]+)",
         )
     )
 )

@@ -307,6 +307,7 @@ def test_bad_level_or_format_is_refused() -> None:
         ("İstanbul token=abc", "İstanbul token=***"),
         ('accessToken=abc {"refreshToken":"r-1"}', 'accessToken=*** {"refreshToken":"***"}'),
         ("X-Api-Key: k-1\nX-Auth-Token:\tt-1", "X-Api-Key: ***\nX-Auth-Token:\t***"),
+        ("token: t-1\n  def send(token: str):", "token: ***\n  def send(token: str):"),
         ("Session(api_key='k-1', token=\"t-1\")", "Session(api_key='***', token=\"***\")"),
         ("designToken=1 maxTokens=5 deSign=2", "designToken=*** maxTokens=5 deSign=***"),
         ("nothing to see", "nothing to see"),
