@@ -253,6 +253,13 @@ class _Tails:
         await asyncio.gather(*self._reading, return_exceptions=True)
 
 
+def _cancelling() -> bool:
+    """Whether this task is being cancelled: a `/stop` that found the turn awaiting
+    something else (a save) closes the upstream's generators rather than cancelling them."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def _release(response: aiohttp.ClientResponse) -> None:
     """Back to the pool when its body was read to the end; closed otherwise."""
     response.release()
@@ -310,8 +317,8 @@ class UpstreamHTTP:
             self._idle_watch.add(response)
             try:
                 yield response
-            except GeneratorExit:  # the reader's generator closed: it read all it wanted
-                reader_done = True
+            except GeneratorExit:  # the reader's generator closed: it read all it wanted,
+                reader_done = not _cancelling()  # unless its turn is being cancelled (`/stop`)
                 raise
             reader_done = True
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:

@@ -124,3 +124,29 @@ async def test_a_stopped_turn_closes_its_connection_at_once(
     streams.hold_before_done = True
     await stop_after_first(connect(http, streams.env()).stream(turn()))
     assert await _closed(streams.transports[0], within_s=0.1)
+
+
+async def test_a_turn_stopped_between_two_events_closes_its_connection_at_once(
+    streams: Streams, http: UpstreamHTTP
+) -> None:
+    """`/stop` while the turn awaits something else than the stream (a save after the
+    conversation reference): the generator is closed, not cancelled, in a task that is
+    being cancelled: the connection is given up at once, not read to its end."""
+    streams.hold_before_done = True
+    events = connect(http, streams.env()).stream(turn())
+    got_first = asyncio.Event()
+
+    async def run_turn() -> None:
+        try:
+            async for _event in events:
+                got_first.set()
+                await asyncio.sleep(3600)  # the turn's own await, between two events
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]  # as the relay closes it
+
+    turn_task = asyncio.create_task(run_turn())
+    await asyncio.wait_for(got_first.wait(), 5)
+    turn_task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await turn_task
+    assert await _closed(streams.transports[0], within_s=0.1)
