@@ -91,8 +91,7 @@ class _Outgoing:
     runner: TurnRunner
     entry: Entry
     lock: str  # the session lock: only its holder may journal (and so send) a piece
-    # Awaited before the first piece goes out: a thinking notice on its way goes first.
-    before_first: Callable[[], Awaitable[None]] | None = None
+    notice: _ThinkingNotice  # on its way, it goes out before the first piece
     queue: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
     index: int = 0
     _carried: list[str] = field(default_factory=list)  # taken while merging, not merged
@@ -112,8 +111,8 @@ class _Outgoing:
                 if self.index:
                     await sessions.journal_complete(session, entry_id, self.lock, sent=confirmed)
                 break
-            if not self.index and self.before_first is not None:
-                await self.before_first()
+            if not self.index:
+                await self.notice.before_first_message()
             await outbox.acquire(target)
             text, last = self._merge_waiting(text)
             piece = JournalPiece(
@@ -157,6 +156,43 @@ class _Outgoing:
                 break
             text += following
         return text, False
+
+
+class _ThinkingNotice:
+    """A turn's "thinking" notice: sent once `delay_s` passed without answer text showing
+    (the timer starts with the turn: image work and the connect count too). Once it is on
+    its way (being sent, or retried), it shows before the turn's first message."""
+
+    def __init__(self, send: Callable[[], Awaitable[None]], delay_s: float) -> None:
+        self._not_needed = asyncio.Event()
+        self._sending = False
+        self._task = asyncio.create_task(self._run(send, delay_s))
+
+    def not_needed(self) -> None:
+        """Answer text shows, or the stream has ended: no notice from now on."""
+        self._not_needed.set()
+
+    async def before_first_message(self) -> None:
+        """No notice from now on, and one on its way goes first. Without one, nothing to
+        wait for: the first piece is on the first-token path."""
+        self._not_needed.set()
+        if self._sending:
+            await asyncio.wait([self._task])
+
+    async def aclose(self) -> None:
+        self._not_needed.set()
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self, send: Callable[[], Awaitable[None]], delay_s: float) -> None:
+        if delay_s <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._not_needed.wait(), timeout=delay_s)
+        if self._not_needed.is_set():  # (also when the timeout fired as the text came)
+            return
+        self._sending = True
+        await send()
 
 
 class _Ticker:
@@ -242,22 +278,16 @@ class TurnRunner:
         lock, journal = start.lock, start.journal
         if journal.pieces:
             return await self._replay(entry, lock, journal.pieces, journal.complete)
-        # The thinking timer starts with the turn: image work and the connect count too.
-        first_text, notice_sending = asyncio.Event(), asyncio.Event()
-        thinking = asyncio.create_task(self._thinking_notice(entry, first_text, notice_sending))
-
-        async def showing() -> None:
-            """Before the turn's first message: no notice from now on, and one already on
-            its way (being sent, or retried) shows first, not after the answer's start.
-            Without one, nothing to wait for: the first piece is on the first-token path."""
-            first_text.set()
-            if notice_sending.is_set():
-                await asyncio.wait([thinking])
-
+        notice = _ThinkingNotice(
+            lambda: self.notice(
+                entry.message.target, entry.entry_id, self.catalogue("thinking"), "thinking"
+            ),
+            self.settings.thinking_notice_s,
+        )
         try:
             prepared = await self.prepare(entry)
             if prepared.refusal:
-                await showing()
+                await notice.before_first_message()
                 await self.notice(
                     entry.message.target,
                     entry.entry_id,
@@ -265,11 +295,9 @@ class TurnRunner:
                     "refusal",
                 )
                 return Outcome.FAILED
-            return await self._ask(entry, start, prepared, first_text, showing)
+            return await self._ask(entry, start, prepared, notice)
         finally:
-            first_text.set()
-            thinking.cancel()
-            await asyncio.gather(thinking, return_exceptions=True)
+            await notice.aclose()
 
     async def _replay(
         self, entry: Entry, lock: str, pieces: list[JournalPiece], complete: bool
@@ -321,8 +349,7 @@ class TurnRunner:
         entry: Entry,
         start: Start,
         prepared: PreparedInput,
-        first_text: asyncio.Event,
-        showing: Callable[[], Awaitable[None]],
+        notice: _ThinkingNotice,
     ) -> Outcome:
         message, lock, state = entry.message, start.lock, start.state
         same_upstream = state.upstream == self.upstream.name
@@ -343,13 +370,13 @@ class TurnRunner:
             correction_title=self.catalogue("correction_title"),
             now=self.clock(),
         )
-        outgoing = _Outgoing(self, entry, lock, before_first=showing)
+        outgoing = _Outgoing(self, entry, lock, notice)
         sender = asyncio.create_task(outgoing.run(), name=f"send-{entry.entry_id}")
         started = self.clock()
         failure: ErrorKind | None = None
         try:
             failure = await self._stream(
-                entry, lock, turn, composer, outgoing, sender, started, first_text
+                entry, lock, turn, composer, outgoing, sender, started, notice
             )
             for text in composer.finish():
                 outgoing.queue.put_nowait(text)
@@ -380,7 +407,7 @@ class TurnRunner:
         outgoing: _Outgoing,
         sender: asyncio.Task[None],
         started: float,
-        first_text: asyncio.Event,
+        notice: _ThinkingNotice,
     ) -> ErrorKind | None:
         """Relay the upstream's events; the failure kind if it failed."""
         first_token = shown = False
@@ -399,7 +426,7 @@ class TurnRunner:
                             self.metrics.first_token_seconds.observe(self.clock() - started)
                         if not shown and isinstance(event, _SHOWN):
                             shown = True
-                            first_text.set()  # what people see: no thinking notice after it
+                            notice.not_needed()  # what people see: no thinking notice after it
                         if sender.done():
                             sender.result()  # the sender stopped: re-raise its SendError
                         if not isinstance(event, _COMPOSED):
@@ -414,7 +441,7 @@ class TurnRunner:
         except UpstreamFailure as exc:
             return self._failed_upstream(exc.kind, exc.message)
         finally:
-            first_text.set()  # no thinking notice after the stream has ended
+            notice.not_needed()  # no thinking notice after the stream has ended
             self._ticker.discard(outgoing)
         return self._failed_upstream(ErrorKind.BROKEN, "stream ended without an end marker")
 
@@ -447,20 +474,6 @@ class TurnRunner:
         level = log.error if kind is ErrorKind.AUTH else log.warning
         level("upstream_failed", kind=kind.value, detail=detail)
         return kind
-
-    async def _thinking_notice(
-        self, entry: Entry, first_text: asyncio.Event, sending: asyncio.Event
-    ) -> None:
-        delay = self.settings.thinking_notice_s
-        if delay <= 0:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(first_text.wait(), timeout=delay)
-        if first_text.is_set():  # (also when the timeout fired as the text came)
-            return
-        sending.set()
-        target = entry.message.target
-        await self.notice(target, entry.entry_id, self.catalogue("thinking"), "thinking")
 
     async def _record(self, entry: Entry, lock: str, answer: str, question: str = "") -> None:
         """The turn's bookkeeping: turns, last activity, and history where we keep it."""
