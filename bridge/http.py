@@ -28,6 +28,7 @@ from tenacity import (
 
 from bridge.events import ErrorKind
 from bridge.sse import SSEDecoder, SSEEvent, SSELineTooLong
+from bridge.tasks import TaskGroup, cancel_requested
 
 __all__ = [
     "MAX_RETRY_AFTER_S",
@@ -223,16 +224,14 @@ class _Tails:
     def __init__(self, timeout_s: float, max_bytes: int = 16384) -> None:
         self._timeout_s = timeout_s
         self._max_bytes = max_bytes
-        self._reading: set[asyncio.Task[None]] = set()
+        self._reading = TaskGroup()
 
     def finish(self, response: aiohttp.ClientResponse) -> None:
         content = response.content
         if content.exception() is None and not content.is_eof():
             content.read_nowait(self._max_bytes)
             if not content.is_eof() and self._timeout_s > 0:
-                task = asyncio.get_running_loop().create_task(self._read(response))
-                self._reading.add(task)
-                task.add_done_callback(self._reading.discard)
+                self._reading.spawn(self._read(response), name="upstream-body-end")
                 return
         _release(response)
 
@@ -248,16 +247,7 @@ class _Tails:
             _release(response)
 
     async def aclose(self) -> None:
-        for task in self._reading:
-            task.cancel()
-        await asyncio.gather(*self._reading, return_exceptions=True)
-
-
-def _cancelling() -> bool:
-    """Whether this task is being cancelled: a `/stop` that found the turn awaiting
-    something else (a save) closes the upstream's generators rather than cancelling them."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
+        await self._reading.cancel()
 
 
 def _release(response: aiohttp.ClientResponse) -> None:
@@ -318,7 +308,9 @@ class UpstreamHTTP:
             try:
                 yield response
             except GeneratorExit:  # the reader's generator closed: it read all it wanted,
-                reader_done = not _cancelling()  # unless its turn is being cancelled (`/stop`)
+                # unless its turn is being cancelled (a `/stop` that found it awaiting
+                # something else, a save: the generators are closed rather than cancelled)
+                reader_done = not cancel_requested()
                 raise
             reader_done = True
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:

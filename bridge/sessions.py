@@ -29,7 +29,8 @@ from redis.typing import EncodableT, KeyT
 
 from bridge.config import Rate
 from bridge.interfaces import HistoryTurn
-from bridge.store import HotPath, Keys, as_text, cancel_requested
+from bridge.store import HotPath, Keys, as_text
+from bridge.tasks import cancel_requested
 
 __all__ = ["START_TURN", "Journal", "JournalPiece", "LockLost", "SessionState", "Sessions", "Start"]
 

@@ -39,7 +39,6 @@ __all__ = [
     "RedisKeyValue",
     "SchemaError",
     "as_text",
-    "cancel_requested",
     "check_server",
     "connect",
 ]
@@ -532,11 +531,3 @@ def redis_url_for(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
 
 def as_text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def cancel_requested() -> bool:
-    """Whether the running task was asked to stop. redis-py can swallow a cancellation: a
-    cancelled blocking command (XREADGROUP BLOCK) sometimes returns a reply instead of
-    raising (redis/redis-py#2028), so a loop around one must ask, or it never ends."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0

@@ -13,12 +13,20 @@ from typing import Any, TypeVar
 
 import structlog
 
-__all__ = ["TaskGroup", "cancel_and_wait"]
+__all__ = ["TaskGroup", "cancel_and_wait", "cancel_requested"]
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 _RECANCEL_S = 0.2
+
+
+def cancel_requested() -> bool:
+    """Whether the running task was asked to stop. redis-py can swallow a cancellation: a
+    cancelled blocking command (XREADGROUP BLOCK) sometimes returns a reply instead of
+    raising (redis/redis-py#2028), so a loop around one must ask, or it never ends."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:

@@ -37,8 +37,8 @@ from bridge.messages import Catalogue
 from bridge.metrics import Metrics
 from bridge.relay import TurnRunner
 from bridge.sessions import LockLost, Sessions, Start
-from bridge.store import Keys, as_text, cancel_requested
-from bridge.tasks import cancel_and_wait
+from bridge.store import Keys, as_text
+from bridge.tasks import cancel_and_wait, cancel_requested
 
 __all__ = ["Worker"]
 

@@ -74,11 +74,10 @@ async def streams() -> AsyncIterator[Streams]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[UpstreamHTTP]:
-    async with aiohttp.ClientSession() as session:
-        client = UpstreamHTTP(session, retries=0, tail_timeout_s=0.3)
-        yield client
-        await client.aclose()
+async def http(session: aiohttp.ClientSession) -> AsyncIterator[UpstreamHTTP]:
+    client = UpstreamHTTP(session, retries=0, tail_timeout_s=0.3)
+    yield client
+    await client.aclose()
 
 
 def turn() -> Turn:
