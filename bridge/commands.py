@@ -16,7 +16,7 @@ from bridge.messages import Catalogue
 from bridge.sessions import JOURNAL_TTL_S, Sessions
 from bridge.store import Keys
 
-__all__ = ["Commands", "stop_message"]
+__all__ = ["Commands", "stop_message", "wake_message"]
 
 log = structlog.get_logger(__name__)
 
@@ -24,10 +24,18 @@ log = structlog.get_logger(__name__)
 # acknowledged unrun whenever it is claimed, even after a long outage.
 STOP_KEY_TTL_S = JOURNAL_TTL_S
 _RESET_POLL_S = 0.1
+# How much longer than its wait for the running turn a reset may block its session's turns
+# (a few Redis calls; a Redis outage's socket timeout at worst).
+_RESET_MARGIN_S = 10.0
 
 
 def stop_message(chat_session_id: str, entry_id: str) -> str:
     return json.dumps({"type": "stop", "session": chat_session_id, "entry": entry_id})
+
+
+def wake_message(chat_session_id: str) -> str:
+    """The session's waiting turns try to start now (any process of the bot)."""
+    return json.dumps({"type": "wake", "session": chat_session_id})
 
 
 class Commands:
@@ -73,22 +81,27 @@ class Commands:
         return running
 
     async def reset(self, chat_session_id: str) -> None:
-        """Stop, wait for the turn to let go (at most BRIDGE_CLAIM_IDLE_S), then forget."""
-        stopped = await self.stop(chat_session_id)
-        if stopped is not None:
-            deadline = time.monotonic() + self.claim_idle_s
-            while await self.sessions.holder(chat_session_id) == stopped:
-                if time.monotonic() > deadline:
-                    log.warning("reset_waited_too_long")
-                    break
-                await asyncio.sleep(_RESET_POLL_S)
-        state = await self.sessions.load(chat_session_id)
+        """Stop, wait for the turn to let go (at most BRIDGE_CLAIM_IDLE_S), forget, then
+        delete the conversation upstream. No turn of the session starts until the forget:
+        a message queued behind the stopped turn starts afresh, in a new conversation."""
+        hold_s = self.claim_idle_s + _RESET_MARGIN_S
+        async with self.sessions.resetting(chat_session_id, hold_s=hold_s):
+            stopped = await self.stop(chat_session_id)
+            if stopped is not None:
+                deadline = time.monotonic() + self.claim_idle_s
+                while await self.sessions.holder(chat_session_id) == stopped:
+                    if time.monotonic() > deadline:
+                        log.warning("reset_waited_too_long")
+                        break
+                    await asyncio.sleep(_RESET_POLL_S)
+            state = await self.sessions.load(chat_session_id)
+            await self.sessions.forget(chat_session_id)
+        await self.redis.publish(self.keys.control, wake_message(chat_session_id))
         if state.conversation and state.upstream == self.upstream.name:
             try:
                 await self.upstream.reset(state.conversation, chat_session_id)
             except Exception as exc:  # the mapping is forgotten either way
                 log.warning("upstream_reset_failed", error=type(exc).__name__)
-        await self.sessions.forget(chat_session_id)
 
     async def status(self, chat_session_id: str) -> str:
         state = await self.sessions.load(chat_session_id)

@@ -99,20 +99,20 @@ if tonumber(ARGV[7]) > 0 then
   local reply = redis.pcall('XREADGROUP', 'GROUP', ARGV[5], ARGV[6], 'COUNT', ARGV[7],
                             'STREAMS', KEYS[1], '>')
   local rows = type(reply) == 'table' and not reply.err and reply[1][2] or {}
-  local p = {unpack(ARGV, 9, 16)}
-  local a = {unpack(ARGV, 17, 21)}
+  local p = {unpack(ARGV, 9, 17)}
+  local a = {unpack(ARGV, 18, 22)}
   for i, row in ipairs(rows) do
     local id, item, start = row[1], stored[row[1]], false
     if item then
       local s = item[3]
       start = start_turn(
         {KEYS[1], p[1] .. s, p[2] .. s, p[3] .. s, p[4] .. id, p[5] .. s, p[6] .. s,
-         p[7] .. s, p[8] .. item[5]},
+         p[7] .. s, p[8] .. item[5], p[9] .. s},
         {id, a[1], a[2], a[3], a[4], a[5]})
     end
     taken[i] = {id, row[2], start}
   end
-  if #taken > 0 then redis.call('SET', ARGV[8], cjson.encode({ids, taken}), 'EX', ARGV[22]) end
+  if #taken > 0 then redis.call('SET', ARGV[8], cjson.encode({ids, taken}), 'EX', ARGV[23]) end
 end
 return {ids, taken}
 """

@@ -16,9 +16,11 @@ hash: waiting in the queue is never an attempt, a SIGKILL mid-turn is one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -112,15 +114,17 @@ return 1
 )
 
 # `start_turn(k, a)`: one try to start an entry's turn, in one round trip. k: inbox, queue,
-# lock, fence, journal, stop, session, history, the sender's rate counter. a: entry id, lock
+# lock, fence, journal, stop, session, history, the sender's rate counter, the reset mark.
+# a: entry id, lock
 # ttl ms, journal ttl s, history turns to read, the sender's message limit (0: no check) and
 # its window s. Its place in the session queue (an entry missing from its queue, which only
 # a lost queue key can cause, is put back in stream-id order, unless it is gone from the
 # inbox, acknowledged: then {-1}); with a limit, the sender's message counted, {-2} when over
-# it; at the head with the lock free, the lock (fence+1 → token), the attempt counted in the
-# journal, whether a `/stop` was recorded for it, and what the turn reads: the journal, the
-# session, the history. Read under the lock just taken, they stay as read: only the lock's
-# holder writes them, and `/reset` stops the holder first.
+# it; at the head with the lock free and no `/reset` running, the lock (fence+1 → token),
+# the attempt counted in the journal, whether a `/stop` was recorded for it, and what the
+# turn reads: the journal, the session, the history. Read under the lock just taken, they
+# stay as read: only the lock's holder writes them, and `/reset` stops the holder first and
+# lets no turn start until it has forgotten them.
 # Returns {ahead} when it cannot start, else {0, lock value, attempt, stopped, journal
 # fields, session fields, history rows}. The start script runs it on its KEYS and ARGV; the
 # inbox's put script runs it on the entries it stores and takes (`start_on_put`).
@@ -152,7 +156,7 @@ local function start_turn(k, a)
     if sent == 1 then redis.call('EXPIRE', k[9], a[6]) end
     if sent > tonumber(a[5]) then return {-2} end
   end
-  if ahead ~= 0 or redis.call('EXISTS', k[3]) == 1 then return {ahead} end
+  if ahead ~= 0 or redis.call('EXISTS', k[3], k[10]) > 0 then return {ahead} end
   local value = redis.call('INCR', k[4]) .. ':' .. a[1]
   redis.call('SET', k[3], value, 'PX', a[2])
   local attempt = redis.call('HINCRBY', k[5], 'attempts', 1)
@@ -179,6 +183,13 @@ if held and stopped and string.sub(held, -string.len(stopped) - 1) == ':' .. sto
 end
 redis.call('DEL', KEYS[3], KEYS[4])
 return 1
+"""
+
+
+# KEYS: the reset mark. ARGV: the reset's token. The mark ends only if it is this reset's.
+_END_RESET = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 
@@ -291,6 +302,7 @@ class Sessions:
         self._save = redis.register_script(_SAVE)
         self._journal = redis.register_script(_JOURNAL)
         self._forget = redis.register_script(_FORGET)
+        self._end_reset = redis.register_script(_END_RESET)
 
     # Order and locking
 
@@ -320,6 +332,7 @@ class Sessions:
                 self.keys.session(chat_session_id),
                 self.keys.history(chat_session_id),
                 self.keys.user_rate(sender),
+                self.keys.resetting(chat_session_id),
             ],
             [entry_id, *self._start_args(with_history, rate)],
         )
@@ -328,10 +341,12 @@ class Sessions:
     def start_on_put(self, *, with_history: bool, rate: Rate) -> list[EncodableT]:
         """What the inbox's put script needs to run `START_TURN` on the turns it stores and
         takes: the key prefixes (queue, lock, fence, journal, stop, session, history, sender's
-        rate), then the start's arguments after the entry id (a limit of 0: no check)."""
+        rate, reset mark), then the start's arguments after the entry id (a limit of 0: no
+        check)."""
         keys = self.keys
         prefixes = [keys.queue(""), keys.lock(""), keys.fence(""), keys.journal("")]
         prefixes += [keys.stop(""), keys.session(""), keys.history(""), keys.user_rate("")]
+        prefixes.append(keys.resetting(""))
         return [*prefixes, *self._start_args(with_history, rate)]
 
     def _start_args(self, with_history: bool, rate: Rate) -> list[EncodableT]:
@@ -459,6 +474,20 @@ class Sessions:
             },
             created_at=now,
         )
+
+    @contextlib.asynccontextmanager
+    async def resetting(self, chat_session_id: str, *, hold_s: float) -> AsyncIterator[None]:
+        """While a `/reset` stops the running turn and forgets the session, no turn of the
+        session starts: one queued behind the stopped turn would otherwise start as soon as
+        that let go, read the old conversation, and write it back after the forget. Held
+        `hold_s` at most: the sessions of a reset whose process died are not blocked long."""
+        key = self.keys.resetting(chat_session_id)
+        token = uuid.uuid4().hex
+        await self.redis.set(key, token, px=max(int(hold_s * 1000), 1))
+        try:
+            yield
+        finally:
+            await self._end_reset(keys=[key], args=[token])
 
     async def forget(self, chat_session_id: str) -> None:
         """Drop the conversation mapping and history (the `/reset` command); a stopped turn

@@ -100,6 +100,10 @@ class Keys:
     def stop(self, chat_session_id: str) -> str:
         return self.prefix + "stop:" + chat_session_id
 
+    def resetting(self, chat_session_id: str) -> str:
+        """Set while a `/reset` of the session runs: no turn of it starts meanwhile."""
+        return self.prefix + "resetting:" + chat_session_id
+
     def session(self, chat_session_id: str) -> str:
         return self.prefix + "session:" + chat_session_id
 

@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from bridge.commands import Commands
+from bridge.commands import Commands, wake_message
 from bridge.config import Settings
 from bridge.inbox import Entry, EntryKind, Inbox, TakeOnPut
 from bridge.intake import judge
@@ -542,9 +542,7 @@ class Worker:
         await self._ack(held)
 
     async def _wake(self, session: str) -> None:
-        await self.redis.publish(
-            self.keys.control, json.dumps({"type": "wake", "session": session})
-        )
+        await self.redis.publish(self.keys.control, wake_message(session))
 
     async def _stopped(self, held: _Held) -> None:
         """A stopped turn is acknowledged and never retried; nothing more of it is sent."""

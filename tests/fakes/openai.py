@@ -94,7 +94,6 @@ class FakeOpenAI(ChatCompletionsFake):
     statuses: list[int] = field(default_factory=list)  # answered first, in order, then streams
     server: FakeServer = field(default_factory=lambda: FakeServer(web.Application()))
     bodies: list[dict[str, Any]] = field(default_factory=list)
-    hold: asyncio.Event | None = None  # when set up, the stream waits for it midway
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Authorization") != "Bearer sk-test-placeholder":

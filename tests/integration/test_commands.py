@@ -13,9 +13,9 @@ from aiohttp import web
 
 from bridge.messages import MESSAGES
 from tests.fakes import yach as fake_yach
-from tests.fakes.base import FakeServer
+from tests.fakes.base import FakeServer, stream_bytes
 from tests.fakes.dify import CONVERSATION_ID, DifyFake
-from tests.fakes.openai import ChatCompletionsFake, FakeOpenAI
+from tests.fakes.openai import ChatCompletionsFake, FakeOpenAI, chunks_for, echo_answer
 from tests.fakes.yach import FakeYach
 from tests.harness import (
     RunningBridge,
@@ -195,6 +195,51 @@ async def test_reset_deletes_the_upstream_conversation(redis_url: str, bot_id: s
             "", ""  # the second question starts a fresh conversation
         ]
     assert yach.texts()[1] == ZH["reset_done"]
+
+
+class EchoUnlessSlow(ChatCompletionsFake):
+    """`echo_answer` at once; a question starting with "slow" streams one word, then holds
+    until the client goes away."""
+
+    def __init__(self) -> None:
+        self.server = FakeServer(web.Application())
+        self.holding = asyncio.Event()
+
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if not body["messages"][-1]["content"].startswith("slow"):
+            return await stream_bytes(request, [chunks_for(echo_answer(body))], delay_s=0)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(SlowOpenAI._chunk("word "))
+        self.holding.set()
+        await asyncio.Event().wait()  # until cancelled: the bridge closed the stream
+        return response
+
+
+async def test_reset_a_message_queued_before_it_starts_afresh(
+    redis_url: str, bot_id: str, yach: FakeYach, redis_client: object
+) -> None:
+    """A question queued behind the running turn when `/reset` comes: it starts once the
+    reset is done, in the new conversation, and the old one is not written back."""
+    fake = await EchoUnlessSlow().start()
+    try:
+        async with running_bridge(env(redis_url, bot_id, yach, fake.base_url)) as bridge:
+            await say(bridge, "first")
+            await wait_until(lambda: len(yach.shown) == 1)
+            await say(bridge, "slow one")
+            await asyncio.wait_for(fake.holding.wait(), timeout=5)
+            await say(bridge, "queued")
+            await say(bridge, "/reset")
+            await wait_until(lambda: len(yach.shown) == 3)
+            await say(bridge, "after")
+            await wait_until(lambda: len(yach.shown) == 4)
+    finally:
+        await fake.close()
+    assert sorted(yach.texts()[1:3]) == sorted(
+        [ZH["reset_done"], "You said: queued. (history: 0 messages)"]
+    )
+    assert yach.texts()[3] == "You said: after. (history: 2 messages)"
 
 
 async def test_reset_stops_the_running_turn_first(redis_url: str, bot_id: str, yach: FakeYach,

@@ -291,3 +291,34 @@ async def test_a_put_answer_read_is_emptied_by_the_next_put_not_deleted(
     assert await redis_client.get(first) == b"[[],[]]"
     assert 0 < await redis_client.ttl(first) <= 600
     assert len(await redis_client.get(keys.put_answer(f"{CONSUMER}:2"))) > 100
+
+
+async def test_no_turn_starts_while_its_session_is_being_reset(
+    inbox: Inbox, sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """`/reset` holds its session: neither a put nor a later try starts a turn of it until
+    the reset is over (other sessions start as ever)."""
+    taker = taking(inbox, sessions, Taker())
+    async with sessions.resetting("s1", hold_s=30):
+        await put_at_once(
+            inbox, (message("r1"), EntryKind.TURN, "s1"), (message("o1"), EntryKind.TURN, "s2")
+        )
+        starts = {entry.message.im_msg_id: start for entry, start in taker.taken}
+        assert starts["r1"] == Start(ahead=0)  # at the head, not started: it waits
+        assert starts["o1"] is not None and starts["o1"].lock
+        r1 = next(entry for entry, _ in taker.taken if entry.message.im_msg_id == "r1")
+        assert await sessions.start("s1", r1.entry_id, with_history=True) == Start(ahead=0)
+        assert await redis_client.get(keys.lock("s1")) is None
+    assert await redis_client.get(keys.resetting("s1")) is None
+    started = await sessions.start("s1", r1.entry_id, with_history=True)
+    assert started.lock.endswith(":" + r1.entry_id)
+
+
+async def test_a_reset_ends_only_its_own_hold(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """A reset that outlived its hold leaves the hold of the reset after it in place."""
+    async with sessions.resetting("s1", hold_s=0.05):
+        await asyncio.sleep(0.15)  # expired
+        await redis_client.set(keys.resetting("s1"), "a later reset's", px=30_000)
+    assert await redis_client.get(keys.resetting("s1")) == b"a later reset's"
