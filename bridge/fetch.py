@@ -180,8 +180,12 @@ class ImageFetcher:
 
     async def check(self, url: str) -> tuple[str, list[str]]:
         """The URL's host and the addresses it may be reached at; FetchRefused if none."""
-        parts = urlsplit(url)
-        host = _normal_host(parts.hostname or "")
+        try:
+            parts = urlsplit(url)
+            hostname = parts.hostname
+        except ValueError as exc:  # `https://[::1`, `https://[not-an-ip]/`
+            raise FetchRefused("malformed URL") from exc
+        host = _normal_host(hostname or "")
         if not host:
             raise FetchRefused("no host in the URL")
         allowed = host in self.allow_hosts
@@ -203,6 +207,8 @@ class ImageFetcher:
     async def _addresses(self, host: str, port: int) -> list[str]:
         try:
             addresses = await self._resolve(host, port)
+        except UnicodeError as exc:  # not a name IDNA can encode: an empty or 64+ label
+            raise FetchRefused(f"bad host name {host[:80]!r}") from exc
         except OSError as exc:
             raise FetchFailed(f"cannot resolve {host}: {exc}") from exc
         if not addresses:
@@ -220,7 +226,10 @@ class ImageFetcher:
                     location = response.headers.get("Location")
                     if not location:
                         raise FetchFailed(f"HTTP {response.status} without a Location")
-                    url = urljoin(url, location)
+                    try:
+                        url = urljoin(url, location)
+                    except ValueError as exc:
+                        raise FetchFailed(f"HTTP {response.status} to a malformed URL") from exc
                     continue
                 if response.status != 200:
                     raise FetchFailed(f"HTTP {response.status}")

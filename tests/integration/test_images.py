@@ -141,6 +141,16 @@ async def test_a_private_address_is_refused(redis_url: str, bot_id: str, yach: F
     assert ocr.bodies == [] and upstream.bodies == []
 
 
+@pytest.mark.parametrize("url", ["https://[::1/paper.png", "https://a..example/paper.png"])
+async def test_a_malformed_image_url_is_answered_at_once(redis_url: str, bot_id: str,
+                                                         yach: FakeYach, upstream: FakeOpenAI,
+                                                         redis_client: object, url: str) -> None:
+    """Not an exception that leaves the entry pending, to be retried and dead-lettered."""
+    await run(env(redis_url, bot_id, yach, upstream, "vision"), yach, image_message(url))
+    assert yach.texts() == [ZH["image_failed"]]
+    assert upstream.bodies == []
+
+
 async def test_an_image_too_large(redis_url: str, bot_id: str, yach: FakeYach,
                                   upstream: FakeOpenAI, images: FakeImages,
                                   redis_client: object) -> None:
