@@ -48,6 +48,12 @@ _MAGIC = (
     (b"GIF89a", "image/gif"),
     (b"BM", "image/bmp"),
 )
+# Not global, though `is_global` says so on Python releases before the CVE-2024-4032 fix
+# (3.11.10, 3.12.4): 6to4, whose address embeds any IPv4 one (2002:a9fe:a9fe:: is
+# 169.254.169.254 to a host with a 6to4 route); deprecated site-local; documentation.
+_NOT_GLOBAL = tuple(
+    ipaddress.IPv6Network(net) for net in ("2002::/16", "fec0::/10", "3fff::/20")
+)
 
 
 class FetchError(Exception):
@@ -92,8 +98,11 @@ def address_is_public(address: str) -> bool:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if any(ip in net for net in _NOT_GLOBAL):
+            return False
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
     return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback)
 
 

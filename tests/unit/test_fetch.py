@@ -55,6 +55,12 @@ def loopback_ok(**options: object) -> ImageFetcher:
         ("ff02::1", False),
         ("::ffff:127.0.0.1", False),  # IPv4-mapped loopback
         ("::ffff:10.0.0.1", False),
+        ("2002:7f00:1::1", False),  # 6to4 of 127.0.0.1
+        ("2002:a9fe:a9fe::1", False),  # 6to4 of 169.254.169.254
+        ("fec0::1", False),  # site-local (deprecated)
+        ("3fff::1", False),  # documentation
+        ("64:ff9b::a9fe:a9fe", False),  # NAT64 of 169.254.169.254
+        ("::a9fe:a9fe", False),  # IPv4-compatible (deprecated)
         ("not an address", False),
     ],
 )
