@@ -29,7 +29,7 @@ from bridge.interfaces import ImageInput
 from bridge.messages import Catalogue
 from bridge.relay import PreparedInput
 
-__all__ = ["OCR_PROMPT", "OCR_SYSTEM_PROMPT", "Crop", "ImagePipeline"]
+__all__ = ["MAX_IMAGES", "OCR_PROMPT", "OCR_SYSTEM_PROMPT", "Crop", "ImagePipeline"]
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +41,9 @@ OCR_PROMPT = (
     "只需严格输出图片中的文字。"
 )
 OCR_CONCURRENCY = 4  # crops of one paper transcribed at once
+# Images fetched for one message: each may be BRIDGE_MAX_IMAGE_BYTES and all are held at
+# once, so `image::URL::` markers, bounded only by the webhook body, must be counted.
+MAX_IMAGES = 5
 _T = TypeVar("_T")
 
 
@@ -91,6 +94,10 @@ class ImagePipeline:
             return PreparedInput(message.text, tuple(ImageInput(url) for url in urls))
         if self.mode not in ("vision", "ocr", "autocut+ocr"):
             return PreparedInput(message.text, refusal="image_refused")
+        if len(urls) > MAX_IMAGES:
+            return PreparedInput(
+                message.text, refusal="image_too_many", refusal_values={"limit": MAX_IMAGES}
+            )
         try:
             return await self._prepare(message.text, urls)
         except _Refusal as refusal:
