@@ -26,6 +26,7 @@ from bridge.fetch import Fetched, FetchError, FetchTooLarge, ImageFetcher, descr
 from bridge.http import UpstreamAuthError, UpstreamFailure, UpstreamHTTP, UpstreamProtocolError
 from bridge.inbox import Entry
 from bridge.interfaces import ImageInput
+from bridge.logging import clip
 from bridge.messages import Catalogue
 from bridge.relay import PreparedInput
 
@@ -151,7 +152,7 @@ class ImagePipeline:
         answer = await self._call("autocut", f"{base}/detect", data=body, headers=headers)
         if not isinstance(answer, Mapping) or answer.get("success") is not True:
             message = answer.get("message") if isinstance(answer, Mapping) else None
-            log.warning("autocut_refused", reason=str(message or answer)[:200])
+            log.warning("autocut_refused", reason=clip(str(message or answer), 200))
             raise _Refusal("image_failed")
         return crops_from(answer, base)
 
@@ -228,7 +229,7 @@ def _transcript(answer: Any) -> str:
     try:
         content = answer["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError) as exc:
-        log.warning("image_service_failed", service="ocr", detail=str(answer)[:200])
+        log.warning("image_service_failed", service="ocr", detail=clip(str(answer), 200))
         raise _Refusal("image_service_failed") from UpstreamProtocolError(str(exc))
     if isinstance(content, list):
         content = "".join(
