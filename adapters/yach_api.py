@@ -20,6 +20,7 @@ from urllib.parse import quote, unquote
 import aiohttp
 
 from bridge.http import parse_retry_after
+from bridge.logging import clip
 
 __all__ = ["YachAPI", "YachAPIError", "robot_sign", "signed_robot_url", "verify_sign"]
 
@@ -96,7 +97,7 @@ def check_answer(status: int, payload: Any, headers: Mapping[str, str]) -> Any:
     message = str(payload.get("msg") or payload.get("errmsg") or payload.get("message") or "")
     lowered = message.lower()
     raise YachAPIError(
-        f"HTTP {status}, code {payload.get('code', payload.get('errcode'))}: {message[:200]}",
+        f"HTTP {status}, code {payload.get('code', payload.get('errcode'))}: {clip(message, 200)}",
         rate_limited=any(word in lowered for word in _RATE_LIMIT_WORDS),
         invalid_token=any(w in lowered for w in _TOKEN_WORDS)
         and any(w in lowered for w in _INVALID_WORDS),
@@ -153,7 +154,7 @@ class YachAPI:
         holder: dict[str, Any] = obj if isinstance(obj, dict) else payload
         token = holder.get("access_token")
         if not token:
-            raise YachAPIError(f"gettoken answered without a token: {str(payload)[:120]}")
+            raise YachAPIError(f"gettoken answered without a token: {clip(str(payload), 120)}")
         lifetime = _lifetime_s(holder.get("expired_time"))
         margin = min(TOKEN_REFRESH_MARGIN_S, lifetime / 10)
         self._token = str(token)

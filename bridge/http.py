@@ -27,6 +27,7 @@ from tenacity import (
 )
 
 from bridge.events import ErrorKind
+from bridge.logging import clip
 from bridge.sse import SSEDecoder, SSEEvent, SSELineTooLong
 from bridge.tasks import TaskGroup, cancel_requested
 
@@ -121,7 +122,7 @@ def _seconds_until(http_date: str) -> float | None:
 
 def error_for_status(status: int, body: str, headers: Mapping[str, str]) -> UpstreamFailure:
     """The one place where an HTTP status becomes a typed upstream error."""
-    detail = f"HTTP {status}: {body[:_ERROR_BODY_CHARS]}"
+    detail = f"HTTP {status}: {clip(body, _ERROR_BODY_CHARS)}"
     if status in (401, 403):
         return UpstreamAuthError(detail, status=status)
     retry_after = parse_retry_after(headers.get("Retry-After"))
@@ -365,7 +366,7 @@ class UpstreamHTTP:
             response.close()
             raise UpstreamProtocolError(
                 f"expected text/event-stream, got {response.content_type}: "
-                f"{body[:_ERROR_BODY_CHARS]}"
+                f"{clip(body, _ERROR_BODY_CHARS)}"
             )
         return response
 
@@ -376,7 +377,7 @@ class UpstreamHTTP:
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
-            raise UpstreamProtocolError(f"not JSON: {text[:_ERROR_BODY_CHARS]}") from exc
+            raise UpstreamProtocolError(f"not JSON: {clip(text, _ERROR_BODY_CHARS)}") from exc
 
     async def sse(self, method: str, url: str, **kwargs: Any) -> AsyncIterator[SSEEvent]:
         """The events of a streamed answer; the request is closed when iteration stops."""

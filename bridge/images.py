@@ -26,10 +26,11 @@ from bridge.fetch import Fetched, FetchError, FetchTooLarge, ImageFetcher, descr
 from bridge.http import UpstreamAuthError, UpstreamFailure, UpstreamHTTP, UpstreamProtocolError
 from bridge.inbox import Entry
 from bridge.interfaces import ImageInput
+from bridge.logging import clip
 from bridge.messages import Catalogue
 from bridge.relay import PreparedInput
 
-__all__ = ["OCR_PROMPT", "OCR_SYSTEM_PROMPT", "Crop", "ImagePipeline"]
+__all__ = ["MAX_IMAGES", "OCR_PROMPT", "OCR_SYSTEM_PROMPT", "Crop", "ImagePipeline"]
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +42,9 @@ OCR_PROMPT = (
     "只需严格输出图片中的文字。"
 )
 OCR_CONCURRENCY = 4  # crops of one paper transcribed at once
+# Images fetched for one message: each may be BRIDGE_MAX_IMAGE_BYTES and all are held at
+# once, so `image::URL::` markers, bounded only by the webhook body, must be counted.
+MAX_IMAGES = 5
 _T = TypeVar("_T")
 
 
@@ -91,6 +95,10 @@ class ImagePipeline:
             return PreparedInput(message.text, tuple(ImageInput(url) for url in urls))
         if self.mode not in ("vision", "ocr", "autocut+ocr"):
             return PreparedInput(message.text, refusal="image_refused")
+        if len(urls) > MAX_IMAGES:
+            return PreparedInput(
+                message.text, refusal="image_too_many", refusal_values={"limit": MAX_IMAGES}
+            )
         try:
             return await self._prepare(message.text, urls)
         except _Refusal as refusal:
@@ -144,7 +152,7 @@ class ImagePipeline:
         answer = await self._call("autocut", f"{base}/detect", data=body, headers=headers)
         if not isinstance(answer, Mapping) or answer.get("success") is not True:
             message = answer.get("message") if isinstance(answer, Mapping) else None
-            log.warning("autocut_refused", reason=str(message or answer)[:200])
+            log.warning("autocut_refused", reason=clip(str(message or answer), 200))
             raise _Refusal("image_failed")
         return crops_from(answer, base)
 
@@ -221,7 +229,7 @@ def _transcript(answer: Any) -> str:
     try:
         content = answer["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError) as exc:
-        log.warning("image_service_failed", service="ocr", detail=str(answer)[:200])
+        log.warning("image_service_failed", service="ocr", detail=clip(str(answer), 200))
         raise _Refusal("image_service_failed") from UpstreamProtocolError(str(exc))
     if isinstance(content, list):
         content = "".join(

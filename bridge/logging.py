@@ -34,6 +34,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 __all__ = [
     "MASK",
+    "clip",
     "configure_logging",
     "debug_enabled",
     "mask_secrets",
@@ -173,6 +174,13 @@ def mask_text(text: str) -> str:
     if len(lowered) == len(text):  # offsets in `lowered` are offsets in `text`
         return _mask_patterns(text, lowered, _PATTERNS)
     return _mask_patterns(text, text, _SLOW_PATTERNS)  # rare: a letter that lowers to two
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` masked, then cut to `limit` characters, for error details quoting what a server
+    answered. Cut first, a secret the answer echoes across the cut would leave its head behind,
+    which masking (of whole values) no longer recognises."""
+    return mask_text(text)[:limit]
 
 
 @functools.lru_cache(maxsize=4096)

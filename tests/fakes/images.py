@@ -85,7 +85,8 @@ class FakeImages:
         return web.Response(body=self._data(request), content_type=self.content_type)
 
     async def _redirect(self, request: web.Request) -> web.Response:
-        raise web.HTTPFound(request.query["to"])
+        # The Location as given, unchecked (HTTPFound refuses a malformed one).
+        return web.Response(status=302, headers={"Location": request.query["to"]})
 
     async def _missing(self, request: web.Request) -> web.Response:
         raise web.HTTPNotFound()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from bridge.config import load_settings
-from bridge.images import OCR_PROMPT, OCR_SYSTEM_PROMPT, ImagePipeline
+from bridge.images import MAX_IMAGES, OCR_PROMPT, OCR_SYSTEM_PROMPT, ImagePipeline
 from bridge.inbox import Entry, EntryKind
 from bridge.interfaces import ImageInput, InboundMessage, Sender
 from bridge.messages import MESSAGES
@@ -139,6 +139,29 @@ async def test_a_private_address_is_refused(redis_url: str, bot_id: str, yach: F
               image_message(url))
     assert yach.texts() == [ZH["image_failed"]]
     assert ocr.bodies == [] and upstream.bodies == []
+
+
+@pytest.mark.parametrize("url", ["https://[::1/paper.png", "https://a..example/paper.png"])
+async def test_a_malformed_image_url_is_answered_at_once(redis_url: str, bot_id: str,
+                                                         yach: FakeYach, upstream: FakeOpenAI,
+                                                         redis_client: object, url: str) -> None:
+    """Not an exception that leaves the entry pending, to be retried and dead-lettered."""
+    await run(env(redis_url, bot_id, yach, upstream, "vision"), yach, image_message(url))
+    assert yach.texts() == [ZH["image_failed"]]
+    assert upstream.bodies == []
+
+
+async def test_too_many_images_are_refused_before_any_fetch(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI, images: FakeImages,
+    redis_client: object
+) -> None:
+    """`image::URL::` markers are bounded only by the webhook body; each image may be
+    BRIDGE_MAX_IMAGE_BYTES and all are held at once."""
+    markers = " ".join(f"image::{images.add(f'p{n}')}::" for n in range(MAX_IMAGES + 1))
+    await run(env(redis_url, bot_id, yach, upstream, "vision", **ALLOW), yach,
+              group_message(f"这些是什么？ {markers}", msgtype="image_text"))
+    assert yach.texts() == [ZH["image_too_many"].format(limit=MAX_IMAGES)]
+    assert images.server.requests == [] and upstream.bodies == []
 
 
 async def test_an_image_too_large(redis_url: str, bot_id: str, yach: FakeYach,

@@ -55,6 +55,12 @@ def loopback_ok(**options: object) -> ImageFetcher:
         ("ff02::1", False),
         ("::ffff:127.0.0.1", False),  # IPv4-mapped loopback
         ("::ffff:10.0.0.1", False),
+        ("2002:7f00:1::1", False),  # 6to4 of 127.0.0.1
+        ("2002:a9fe:a9fe::1", False),  # 6to4 of 169.254.169.254
+        ("fec0::1", False),  # site-local (deprecated)
+        ("3fff::1", False),  # documentation
+        ("64:ff9b::a9fe:a9fe", False),  # NAT64 of 169.254.169.254
+        ("::a9fe:a9fe", False),  # IPv4-compatible (deprecated)
         ("not an address", False),
     ],
 )
@@ -183,3 +189,25 @@ def test_sniffing() -> None:
     assert sniff_image_type(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "image/webp"
     assert sniff_image_type(b"GIF89a...") == "image/gif"
     assert sniff_image_type(b"<html>") is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://[::1/a.png",  # urlsplit: "Invalid IPv6 URL"
+        "https://[not-an-ip]/a.png",
+        "https://" + "a" * 64 + ".example/a.png",  # a label IDNA cannot encode
+        "https://a..example/a.png",  # an empty label
+        "https://.example/a.png",
+    ],
+)
+async def test_a_malformed_url_is_refused_not_raised(url: str) -> None:
+    """Every URL a user can send ends in a FetchError (the user is told the image could not
+    be read), never a ValueError/UnicodeError that fails the whole entry."""
+    with pytest.raises(FetchRefused):
+        await ImageFetcher().fetch(url)
+
+
+async def test_a_redirect_to_a_malformed_url_fails(images: FakeImages) -> None:
+    with pytest.raises(FetchFailed, match="malformed"):
+        await loopback_ok().fetch(f"{images.url}/redirect?to=https://%5B::1/a.png")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from bridge.http import (
     error_for_status,
     parse_retry_after,
 )
+from bridge.logging import mask_text, register_secrets
 
 
 @pytest.mark.parametrize(("header", "seconds"), [
@@ -112,3 +114,16 @@ def test_timeouts_are_handed_to_aiohttp() -> None:
     http = UpstreamHTTP(session=None, connect_timeout_s=3, idle_timeout_s=4,  # type: ignore[arg-type]
                         total_timeout_s=0)
     assert (http.timeout.sock_connect, http.timeout.sock_read, http.timeout.total) == (3, 4, None)
+
+
+@pytest.mark.parametrize("cut_inside", [10, 30])
+def test_a_key_echoed_across_the_cut_of_an_error_body_is_masked(cut_inside: int) -> None:
+    """Servers echo the key they refuse ("Incorrect API key provided: sk-…"). The detail
+    keeps the first 300 characters of the body: cut before masking, the head of a key that
+    straddles the cut was no longer the registered value, and reached the log unmasked."""
+    key = "sk-" + uuid.uuid4().hex + uuid.uuid4().hex
+    register_secrets([key])
+    prefix = '{"error": {"message": "Incorrect API key provided: '
+    body = prefix.rjust(300 - cut_inside, " ") + key + '"}}'
+    logged = mask_text(str(error_for_status(401, body, {})))
+    assert key[:8] not in logged
