@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from bridge.config import ConfigError, Settings, env_name
 from bridge.events import ConversationRef, Done, ErrorKind, Event, UpstreamError, Usage
 from bridge.http import UpstreamBroken, UpstreamProtocolError
+from bridge.logging import clip
 from bridge.sse import SSEEvent
 
 __all__ = [
@@ -93,9 +94,9 @@ def json_object(data: str, *, upstream: str) -> dict[str, Any]:
     try:
         value = json.loads(data)
     except json.JSONDecodeError as exc:
-        raise UpstreamProtocolError(f"{upstream}: not JSON: {data[:_SHOWN_CHARS]!r}") from exc
+        raise UpstreamProtocolError(f"{upstream}: not JSON: {clip(data, _SHOWN_CHARS)!r}") from exc
     if not isinstance(value, dict):
-        raise UpstreamProtocolError(f"{upstream}: not a JSON object: {data[:_SHOWN_CHARS]!r}")
+        raise UpstreamProtocolError(f"{upstream}: not a JSON object: {clip(data, _SHOWN_CHARS)!r}")
     return value
 
 
@@ -158,7 +159,7 @@ def rejected(upstream: str, data: Mapping[str, Any] | None) -> UpstreamError:
     code = data.get("code", data.get("status", ""))
     text = data.get("message") or data.get("msg") or data.get("error") or "no message"
     return UpstreamError(
-        kind=ErrorKind.REJECTED, message=f"{upstream} error {code}: {str(text)[:_SHOWN_CHARS]}"
+        kind=ErrorKind.REJECTED, message=f"{upstream} error {code}: {clip(str(text), _SHOWN_CHARS)}"
     )
 
 

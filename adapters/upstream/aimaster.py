@@ -45,6 +45,7 @@ from bridge.http import (
     iter_sse,
 )
 from bridge.interfaces import KeyValue, Turn
+from bridge.logging import clip
 from bridge.sse import SSEEvent
 
 __all__ = ["AimasterParser", "AimasterUpstream", "create", "error_of"]
@@ -169,8 +170,8 @@ def error_from_body(status: int, text: str) -> Exception:
         if isinstance(code, int) and 400 <= code < 600:
             return error_for_status(code, message, {})
         if error_of(payload) is not None:
-            return UpstreamRejected(f"HTTP {status}: {text[:300]}")
-    return UpstreamProtocolError(f"expected text/event-stream, got: {text[:300]}")
+            return UpstreamRejected(f"HTTP {status}: {clip(text, 300)}")
+    return UpstreamProtocolError(f"expected text/event-stream, got: {clip(text, 300)}")
 
 
 def create(settings: Settings, http: UpstreamHTTP, kv: KeyValue) -> AimasterUpstream:

@@ -63,6 +63,7 @@ from bridge.http import (
     iter_sse,
 )
 from bridge.interfaces import KeyValue, Turn
+from bridge.logging import clip
 from bridge.sse import SSEDecoder, SSEEvent
 
 __all__ = ["ChatGPTParser", "ChatGPTWebUpstream", "create", "frame_payloads"]
@@ -98,7 +99,7 @@ class ChatGPTParser:
         try:
             payload = json.loads(data)
         except json.JSONDecodeError as exc:
-            raise UpstreamProtocolError(f"bad message: {data[:200]}") from exc
+            raise UpstreamProtocolError(f"bad message: {clip(data, 200)}") from exc
         if not isinstance(payload, dict):
             return []  # e.g. the `"v1"` announcing a delta encoding; nothing to show
         return self.feed_payload(payload)
@@ -345,14 +346,14 @@ def _hub_answer(text: str) -> dict[str, Any]:
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UpstreamProtocolError(f"neither a stream nor JSON: {text[:300]}") from exc
+        raise UpstreamProtocolError(f"neither a stream nor JSON: {clip(text, 300)}") from exc
     if not isinstance(payload, dict):
-        raise UpstreamProtocolError(f"unexpected answer: {text[:300]}")
+        raise UpstreamProtocolError(f"unexpected answer: {clip(text, 300)}")
     if not payload.get("wss_url") and not payload.get("fallback_wss_url"):
         detail = payload.get("detail") or payload.get("error")
         if detail:
-            raise UpstreamRejected(f"rejected: {str(detail)[:300]}")
-        raise UpstreamProtocolError(f"answer names no wss_url: {text[:300]}")
+            raise UpstreamRejected(f"rejected: {clip(str(detail), 300)}")
+        raise UpstreamProtocolError(f"answer names no wss_url: {clip(text, 300)}")
     return payload
 
 

@@ -38,6 +38,7 @@ from bridge.http import (
     iter_sse,
 )
 from bridge.interfaces import KeyValue, Turn
+from bridge.logging import clip
 from bridge.sse import SSEEvent
 
 __all__ = ["CozeParser", "CozeUpstream", "api_error", "create"]
@@ -148,7 +149,7 @@ def api_error(data: Mapping[str, Any]) -> UpstreamFailure:
     code = as_int(data.get("code"))
     if not code:
         return UpstreamProtocolError("coze answered JSON without an error code, not a stream")
-    detail = f"coze error {code}: {str(data.get('msg', ''))[:300]}"
+    detail = f"coze error {code}: {clip(str(data.get('msg', '')), 300)}"
     if code in _AUTH_CODES:
         return UpstreamAuthError(detail)
     if code in _RATE_LIMIT_CODES:

@@ -38,6 +38,7 @@ from bridge.http import (
     iter_sse,
 )
 from bridge.interfaces import KeyValue, Turn
+from bridge.logging import clip
 from bridge.sse import SSEEvent
 
 __all__ = ["HiAgentParser", "HiAgentUpstream", "create", "inner_payloads"]
@@ -133,7 +134,7 @@ def _check_base_resp(data: Mapping[str, Any], path: str) -> None:
     """A failure reported in the body (`BaseResp` with a non-zero `StatusCode`)."""
     base_resp = data.get("BaseResp")
     if isinstance(base_resp, Mapping) and base_resp.get("StatusCode") not in (None, 0):
-        detail = str(base_resp.get("StatusMessage") or "no message")[:300]
+        detail = clip(str(base_resp.get("StatusMessage") or "no message"), 300)
         raise UpstreamRejected(f"hiagent {path}: {base_resp.get('StatusCode')}: {detail}")
 
 

@@ -12,6 +12,7 @@ from bridge.config import Settings
 from bridge.events import Done, ErrorKind, Event, ReasoningDelta, TextDelta, UpstreamError, Usage
 from bridge.http import UpstreamHTTP
 from bridge.interfaces import KeyValue, Turn
+from bridge.logging import clip
 from bridge.sse import SSEEvent
 
 __all__ = [
@@ -71,7 +72,7 @@ def stream_error(chunk: Mapping[str, Any]) -> UpstreamError | None:
     if not error:  # (absent, or `null` alongside a chunk)
         return None
     text = (error.get("message") or error) if isinstance(error, Mapping) else error
-    return UpstreamError(ErrorKind.REJECTED, f"openai error in stream: {str(text)[:300]}")
+    return UpstreamError(ErrorKind.REJECTED, f"openai error in stream: {clip(str(text), 300)}")
 
 
 class OpenAIParser:

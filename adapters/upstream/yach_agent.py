@@ -58,6 +58,7 @@ from bridge.http import (
     iter_sse,
 )
 from bridge.interfaces import KeyValue, Turn
+from bridge.logging import clip
 from bridge.sse import SSEEvent
 
 __all__ = ["YachAgentParser", "YachAgentUpstream", "create", "image_text_query"]
@@ -219,7 +220,7 @@ class YachAgentUpstream:
                 raise _answer_failure(exc) from exc
             obj = answer.get("obj")
             if not isinstance(obj, dict) or not obj.get("stream_id"):
-                raise UpstreamProtocolError(f"answer without stream_id: {str(answer)[:300]}")
+                raise UpstreamProtocolError(f"answer without stream_id: {clip(str(answer), 300)}")
             return obj
         raise AssertionError("unreachable")
 
@@ -252,12 +253,12 @@ def _body_failure(status: int, text: str) -> YachAPIError | UpstreamFailure:
     try:
         payload = json.loads(text)
     except json.JSONDecodeError:
-        return UpstreamProtocolError(f"expected text/event-stream, got: {text[:300]}")
+        return UpstreamProtocolError(f"expected text/event-stream, got: {clip(text, 300)}")
     try:
         check_answer(status, payload, {})
     except YachAPIError as exc:
         return exc
-    return UpstreamProtocolError(f"expected text/event-stream, got: {text[:300]}")
+    return UpstreamProtocolError(f"expected text/event-stream, got: {clip(text, 300)}")
 
 
 def _as_upstream_failure(failure: YachAPIError | UpstreamFailure) -> UpstreamFailure:

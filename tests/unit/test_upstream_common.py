@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -15,9 +16,12 @@ from adapters.upstream._common import (
     require,
     usage_from,
 )
+from adapters.upstream.coze import api_error
+from adapters.upstream.openai import stream_error
 from bridge.config import ConfigError, load_settings
 from bridge.events import ConversationRef, Done, ErrorKind, Event, TextDelta, UpstreamError, Usage
 from bridge.http import UpstreamBroken, UpstreamProtocolError
+from bridge.logging import mask_text, register_secrets
 from bridge.sse import SSEEvent
 
 
@@ -137,3 +141,19 @@ def test_require_names_the_missing_variables() -> None:
     assert require(settings, "coze_token") == ("pat_x",)
     with pytest.raises(ConfigError, match="BRIDGE_COZE_BOT_ID"):
         require(settings, "coze_token", "coze_bot_id")
+
+
+@pytest.mark.parametrize("upstream", ["openai", "coze", "common"])
+def test_an_echoed_key_across_the_cut_of_an_upstream_error_is_masked(upstream: str) -> None:
+    """The adapters quote the first 300 characters of an upstream's own error: a key it
+    echoes across that cut must not leave its head behind (masked first, then cut)."""
+    key = "sk-" + uuid.uuid4().hex + uuid.uuid4().hex
+    register_secrets([key])
+    message = "Incorrect API key provided: ".rjust(290) + key
+    if upstream == "openai":
+        error: object = stream_error({"error": {"message": message}})
+    elif upstream == "coze":
+        error = api_error({"code": 4100, "msg": message})
+    else:
+        error = rejected("dify", {"code": "invalid_param", "message": message})
+    assert key[:8] not in mask_text(str(error))
