@@ -15,7 +15,7 @@ from redis.connection import parse_url
 
 from bridge.logging import mask_text
 
-__all__ = ["ConfigError", "Rate", "Settings", "load_settings", "masked_settings"]
+__all__ = ["ConfigError", "Rate", "Settings", "is_given", "load_settings", "masked_settings"]
 
 PREFIX = "BRIDGE_"
 PLACEHOLDER = "change-me"
@@ -348,6 +348,12 @@ def _read_raw(attr: str, env: Mapping[str, str], problems: list[str]) -> str | N
     if not value.strip() or value.strip() == PLACEHOLDER:
         return None
     return value
+
+
+def is_given(attr: str, env: Mapping[str, str]) -> bool:
+    """Whether `env` sets the variable of `attr` (itself or its `_FILE`); an empty or
+    placeholder value does not."""
+    return _read_raw(attr, env, []) is not None
 
 
 def _known_names() -> set[str]:
