@@ -374,6 +374,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, command: str = "run")
     env = os.environ if env is None else env
     problems: list[str] = []
     values: dict[str, Any] = {}
+    invalid: set[str] = set()  # reported as invalid: not reported missing as well
     for spec in fields(Settings):
         raw = _read_raw(spec.name, env, problems)
         if raw is None:
@@ -381,6 +382,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, command: str = "run")
         try:
             values[spec.name] = spec.metadata["parse"](raw.strip())
         except (ValueError, json.JSONDecodeError) as exc:
+            invalid.add(spec.name)
             example = spec.metadata["example"]
             shown = "(hidden)" if spec.metadata["secret"] else repr(mask_text(raw))
             problems.append(
@@ -389,16 +391,16 @@ def load_settings(env: Mapping[str, str] | None = None, *, command: str = "run")
             )
     settings = Settings(**values)
     if command in ("run", "check", "chat"):
-        problems.extend(_missing(settings, command))
+        problems.extend(_missing(settings, command, invalid))
     if problems:
         raise ConfigError(problems)
     return settings
 
 
-def _missing(settings: Settings, command: str) -> list[str]:
+def _missing(settings: Settings, command: str, invalid: set[str]) -> list[str]:
     required: list[str] = []
     if settings.upstream is None:
-        required.append("upstream")
+        required.append("upstream")  # unless invalid (below): what it needs is unknown
     else:
         required.extend(REQUIRED_BY_UPSTREAM[settings.upstream])
     required.extend(REQUIRED_BY_IMAGE_PIPELINE.get(settings.resolved_image_pipeline, ()))
@@ -407,7 +409,7 @@ def _missing(settings: Settings, command: str) -> list[str]:
     return [
         f"{env_name(attr)}: required but not set; example: {env_name(attr)}={_example(attr)}"
         for attr in dict.fromkeys(required)
-        if getattr(settings, attr) in (None, "")
+        if getattr(settings, attr) in (None, "") and attr not in invalid
     ]
 
 
