@@ -73,7 +73,7 @@ end
 return 0
 """
 
-# KEYS: lock, fence, session, history, journal. ARGV: lock value, lock ttl ms, ttl s,
+# KEYS: lock, fence, session, history, journal. ARGV: lock value, lock ttl ms, ttl ms,
 # history max, history entry or '', `created_at` if the session has none yet or '', then
 # field/value pairs for the session hash.
 # Marks the journal "recorded", so a replay (or a retry) of the turn records it only once.
@@ -86,11 +86,11 @@ if ARGV[6] ~= '' then redis.call('HSETNX', KEYS[3], 'created_at', ARGV[6]) end
 if #ARGV > 6 then
   redis.call('HSET', KEYS[3], unpack(ARGV, 7))
 end
-redis.call('EXPIRE', KEYS[3], ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
 if ARGV[5] ~= '' then
   redis.call('RPUSH', KEYS[4], ARGV[5])
   redis.call('LTRIM', KEYS[4], -tonumber(ARGV[4]), -1)
-  redis.call('EXPIRE', KEYS[4], ARGV[3])
+  redis.call('PEXPIRE', KEYS[4], ARGV[3])
 end
 if KEYS[5] ~= KEYS[3] then
   redis.call('HSET', KEYS[5], 'recorded', '1')
@@ -289,7 +289,7 @@ class Sessions:
     ) -> None:
         self.redis = redis
         self.keys = keys
-        self.ttl_s = int(ttl_s) or 1
+        self.ttl_ms = max(int(ttl_s * 1000), 1)  # BRIDGE_SESSION_TTL_S takes decimals
         self.history_turns = history_turns
         # At least as long as an entry's claim (BRIDGE_CLAIM_IDLE_S): renewed on the same
         # tick as the claim, it outlives the claim, so no other turn of the session can
@@ -433,7 +433,7 @@ class Sessions:
         args: list[str | int | float] = [
             lock_value,
             self.lock_ttl_ms,
-            self.ttl_s,
+            self.ttl_ms,
             max(self.history_turns, 1),
             json.dumps(
                 {"question": exchange.question, "answer": exchange.answer}, ensure_ascii=False
