@@ -323,7 +323,7 @@ REQUIRED_BY_UPSTREAM: dict[str, tuple[str, ...]] = {
     "aimaster": ("aimaster_base_url", "aimaster_token", "aimaster_scenario_id"),
     "yach-agent": ("yach_app_key", "yach_app_secret"),
     "chatgpt-web": ("chatgpt_access_token",),
-    "replay": ("replay_file",),  # a folder of recordings needs no format
+    "replay": ("replay_file",),  # and the format of a single file (in `_missing`)
 }
 REQUIRED_BY_IMAGE_PIPELINE: dict[str, tuple[str, ...]] = {
     "ocr": ("ocr_base_url", "ocr_model"),
@@ -403,6 +403,8 @@ def _missing(settings: Settings, command: str, invalid: set[str]) -> list[str]:
         required.append("upstream")  # unless invalid (below): what it needs is unknown
     else:
         required.extend(REQUIRED_BY_UPSTREAM[settings.upstream])
+    if settings.upstream == "replay" and settings.replay_file and settings.replay_file.is_file():
+        required.append("replay_format")  # a folder's files are named by their format
     required.extend(REQUIRED_BY_IMAGE_PIPELINE.get(settings.resolved_image_pipeline, ()))
     if command != "chat" and not settings.yach_insecure:
         required.append("yach_secret")
