@@ -38,6 +38,7 @@ from bridge.config import (
     ConfigError,
     Settings,
     env_name,
+    is_given,
     load_settings,
     masked_settings,
     unknown_variables,
@@ -428,7 +429,8 @@ def _terminal(env: Mapping[str, str], command: str) -> int:
         settings = _settings_or_exit(env, command)
         if isinstance(settings, int):
             return settings
-        level = env.get("BRIDGE_LOG_LEVEL") or "warning"
+        # `warning` unless BRIDGE_LOG_LEVEL is given: then as validated (stripped, any case)
+        level = settings.log_level if is_given("log_level", env) else "warning"
         setup_logging(settings, sys.stderr, level=level)
         try:
             return _run_on_loop(

@@ -15,7 +15,7 @@ from redis.connection import parse_url
 
 from bridge.logging import mask_text
 
-__all__ = ["ConfigError", "Rate", "Settings", "load_settings", "masked_settings"]
+__all__ = ["ConfigError", "Rate", "Settings", "is_given", "load_settings", "masked_settings"]
 
 PREFIX = "BRIDGE_"
 PLACEHOLDER = "change-me"
@@ -323,7 +323,7 @@ REQUIRED_BY_UPSTREAM: dict[str, tuple[str, ...]] = {
     "aimaster": ("aimaster_base_url", "aimaster_token", "aimaster_scenario_id"),
     "yach-agent": ("yach_app_key", "yach_app_secret"),
     "chatgpt-web": ("chatgpt_access_token",),
-    "replay": ("replay_file",),  # a folder of recordings needs no format
+    "replay": ("replay_file",),  # and the format of a single file (in `_missing`)
 }
 REQUIRED_BY_IMAGE_PIPELINE: dict[str, tuple[str, ...]] = {
     "ocr": ("ocr_base_url", "ocr_model"),
@@ -350,6 +350,12 @@ def _read_raw(attr: str, env: Mapping[str, str], problems: list[str]) -> str | N
     return value
 
 
+def is_given(attr: str, env: Mapping[str, str]) -> bool:
+    """Whether `env` sets the variable of `attr` (itself or its `_FILE`); an empty or
+    placeholder value does not."""
+    return _read_raw(attr, env, []) is not None
+
+
 def _known_names() -> set[str]:
     names = {env_name(f.name) for f in fields(Settings)}
     return names | {name + "_FILE" for name in names}
@@ -368,6 +374,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, command: str = "run")
     env = os.environ if env is None else env
     problems: list[str] = []
     values: dict[str, Any] = {}
+    invalid: set[str] = set()  # reported as invalid: not reported missing as well
     for spec in fields(Settings):
         raw = _read_raw(spec.name, env, problems)
         if raw is None:
@@ -375,6 +382,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, command: str = "run")
         try:
             values[spec.name] = spec.metadata["parse"](raw.strip())
         except (ValueError, json.JSONDecodeError) as exc:
+            invalid.add(spec.name)
             example = spec.metadata["example"]
             shown = "(hidden)" if spec.metadata["secret"] else repr(mask_text(raw))
             problems.append(
@@ -383,25 +391,27 @@ def load_settings(env: Mapping[str, str] | None = None, *, command: str = "run")
             )
     settings = Settings(**values)
     if command in ("run", "check", "chat"):
-        problems.extend(_missing(settings, command))
+        problems.extend(_missing(settings, command, invalid))
     if problems:
         raise ConfigError(problems)
     return settings
 
 
-def _missing(settings: Settings, command: str) -> list[str]:
+def _missing(settings: Settings, command: str, invalid: set[str]) -> list[str]:
     required: list[str] = []
     if settings.upstream is None:
-        required.append("upstream")
+        required.append("upstream")  # unless invalid (below): what it needs is unknown
     else:
         required.extend(REQUIRED_BY_UPSTREAM[settings.upstream])
+    if settings.upstream == "replay" and settings.replay_file and settings.replay_file.is_file():
+        required.append("replay_format")  # a folder's files are named by their format
     required.extend(REQUIRED_BY_IMAGE_PIPELINE.get(settings.resolved_image_pipeline, ()))
     if command != "chat" and not settings.yach_insecure:
         required.append("yach_secret")
     return [
         f"{env_name(attr)}: required but not set; example: {env_name(attr)}={_example(attr)}"
         for attr in dict.fromkeys(required)
-        if getattr(settings, attr) in (None, "")
+        if getattr(settings, attr) in (None, "") and attr not in invalid
     ]
 
 

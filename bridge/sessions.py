@@ -73,7 +73,7 @@ end
 return 0
 """
 
-# KEYS: lock, fence, session, history, journal. ARGV: lock value, lock ttl ms, ttl s,
+# KEYS: lock, fence, session, history, journal. ARGV: lock value, lock ttl ms, ttl ms,
 # history max, history entry or '', `created_at` if the session has none yet or '', then
 # field/value pairs for the session hash.
 # Marks the journal "recorded", so a replay (or a retry) of the turn records it only once.
@@ -86,11 +86,11 @@ if ARGV[6] ~= '' then redis.call('HSETNX', KEYS[3], 'created_at', ARGV[6]) end
 if #ARGV > 6 then
   redis.call('HSET', KEYS[3], unpack(ARGV, 7))
 end
-redis.call('EXPIRE', KEYS[3], ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
 if ARGV[5] ~= '' then
   redis.call('RPUSH', KEYS[4], ARGV[5])
   redis.call('LTRIM', KEYS[4], -tonumber(ARGV[4]), -1)
-  redis.call('EXPIRE', KEYS[4], ARGV[3])
+  redis.call('PEXPIRE', KEYS[4], ARGV[3])
 end
 if KEYS[5] ~= KEYS[3] then
   redis.call('HSET', KEYS[5], 'recorded', '1')
@@ -117,7 +117,7 @@ return 1
 # lock, fence, journal, stop, session, history, the sender's rate counter, the reset mark.
 # a: entry id, lock
 # ttl ms, journal ttl s, history turns to read, the sender's message limit (0: no check) and
-# its window s. Its place in the session queue (an entry missing from its queue, which only
+# its window ms. Its place in the session queue (an entry missing from its queue, which only
 # a lost queue key can cause, is put back in stream-id order, unless it is gone from the
 # inbox, acknowledged: then {-1}); with a limit, the sender's message counted, {-2} when over
 # it; at the head with the lock free and no `/reset` running, the lock (fence+1 → token),
@@ -153,7 +153,7 @@ local function start_turn(k, a)
   local ahead = place(k, a[1])
   if ahead >= 0 and tonumber(a[5]) > 0 then
     local sent = redis.call('INCR', k[9])
-    if sent == 1 then redis.call('EXPIRE', k[9], a[6]) end
+    if sent == 1 then redis.call('PEXPIRE', k[9], a[6]) end
     if sent > tonumber(a[5]) then return {-2} end
   end
   if ahead ~= 0 or redis.call('EXISTS', k[3], k[10]) > 0 then return {ahead} end
@@ -289,7 +289,7 @@ class Sessions:
     ) -> None:
         self.redis = redis
         self.keys = keys
-        self.ttl_s = int(ttl_s) or 1
+        self.ttl_ms = max(int(ttl_s * 1000), 1)  # BRIDGE_SESSION_TTL_S takes decimals
         self.history_turns = history_turns
         # At least as long as an entry's claim (BRIDGE_CLAIM_IDLE_S): renewed on the same
         # tick as the claim, it outlives the claim, so no other turn of the session can
@@ -352,7 +352,8 @@ class Sessions:
     def _start_args(self, with_history: bool, rate: Rate) -> list[EncodableT]:
         """`START_TURN`'s arguments after the entry id (a limit `count` of 0: no check)."""
         turns = self.history_turns * with_history
-        return [self.lock_ttl_ms, JOURNAL_TTL_S, turns, rate.count, max(int(rate.per_s), 1)]
+        window_ms = max(int(rate.per_s * 1000), 1)  # `N/SECONDS` takes decimals: 1/1.5
+        return [self.lock_ttl_ms, JOURNAL_TTL_S, turns, rate.count, window_ms]
 
     @staticmethod
     def parse_start(reply: list[Any]) -> Start:
@@ -432,7 +433,7 @@ class Sessions:
         args: list[str | int | float] = [
             lock_value,
             self.lock_ttl_ms,
-            self.ttl_s,
+            self.ttl_ms,
             max(self.history_turns, 1),
             json.dumps(
                 {"question": exchange.question, "answer": exchange.answer}, ensure_ascii=False

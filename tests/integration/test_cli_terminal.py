@@ -236,6 +236,23 @@ async def test_demo_reads_a_piped_transcript(tmp_path: Path) -> None:
     assert err.decode() == ""
 
 
+@pytest.mark.parametrize("level", [" warning ", "WARNING", "change-me"])
+async def test_demo_takes_the_log_level_as_the_configuration_reads_it(tmp_path: Path,
+                                                                      level: str) -> None:
+    """BRIDGE_LOG_LEVEL as validated (surrounding spaces stripped, any case; the
+    placeholder counts as unset, so `warning`): a value `check` accepts was a traceback."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "demo",
+        env=clean_env(HOME=str(tmp_path), BRIDGE_LOG_LEVEL=level), cwd=REPO,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(b"/help\n"), 20)
+    assert process.returncode == 0, err.decode()
+    assert f"{PROMPT}/help\n{ZH['help']}" in out.decode()
+    assert err.decode() == ""
+
+
 # chat
 
 

@@ -97,6 +97,22 @@ async def test_user_rate(redis_url: str, bot_id: str, yach: FakeYach, upstream: 
     assert len(upstream.bodies) == 3
 
 
+async def test_a_user_rate_window_in_decimal_seconds_is_kept_exactly(
+        redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI,
+        redis_client: object) -> None:
+    """`1/1.5` is one message per 1.5 s: a second message 1.1 s after the first is over
+    it (the window was cut to whole seconds, 1 s, and let it through)."""
+    async with running_bridge(env(redis_url, bot_id, yach, upstream,
+                                  BRIDGE_USER_RATE="1/1.5")) as bridge:
+        first = time.monotonic()
+        await bridge.post(group_message("q0"))
+        await wait_until(lambda: len(yach.shown) == 1)
+        await asyncio.sleep(max(first + 1.1 - time.monotonic(), 0))
+        await bridge.post(group_message("q1"))
+        await wait_until(lambda: len(yach.shown) == 2)
+    assert yach.texts()[1] == ZH["rate_limited"]
+
+
 async def test_an_unsupported_message_does_not_count_against_the_user_rate(
         redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI,
         redis_client: object) -> None:

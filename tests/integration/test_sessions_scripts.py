@@ -181,3 +181,16 @@ async def test_a_conversation_saved_under_a_lost_lock_leaves_no_session_behind(
     assert state[b"created_at"] == b"10" and state[b"last_active"] == b"20"
     assert json.loads(state[b"conversation"]) == {"c": "2"}
     assert 0 < await redis_client.ttl(keys.session(SESSION)) <= 3600
+
+
+async def test_a_session_ttl_in_decimal_seconds_is_kept_exactly(
+    redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """BRIDGE_SESSION_TTL_S takes decimals (SPEC §2): 2.5 s is not cut to 2 s."""
+    sessions = Sessions(redis_client, keys, ttl_s=2.5, history_turns=5, lock_ttl_s=10)
+    entry = await _store(redis_client, keys)
+    start = await sessions.start(SESSION, entry, with_history=True)
+    exchange = HistoryTurn("q", "a")
+    assert await sessions.save(SESSION, start.lock, {"turns": 1}, exchange=exchange)
+    for key in (keys.session(SESSION), keys.history(SESSION)):
+        assert 2000 < await redis_client.pttl(key) <= 2500

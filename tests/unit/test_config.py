@@ -67,6 +67,26 @@ def test_upstream_requirements_follow_the_chosen_upstream() -> None:
     }
 
 
+def test_an_invalid_value_is_one_problem_not_also_a_missing_one() -> None:
+    found = problems({"BRIDGE_UPSTREAM": "gpt", "BRIDGE_YACH_SECRET": "s"})
+    assert len(found) == 1 and found[0].startswith("BRIDGE_UPSTREAM: invalid value 'gpt'")
+    env = {**OPENAI, "BRIDGE_IMAGE_PIPELINE": "ocr", "BRIDGE_OCR_MODEL": "m",
+           "BRIDGE_OCR_BASE_URL": "ftp://ocr.example"}
+    found = problems(env)
+    assert len(found) == 1 and found[0].startswith("BRIDGE_OCR_BASE_URL: invalid value")
+
+
+def test_a_replay_file_needs_its_format_listed_with_the_other_problems(tmp_path: Path) -> None:
+    recording = tmp_path / "answer.sse"
+    recording.write_text("data: [DONE]\n\n")
+    env = {"BRIDGE_UPSTREAM": "replay", "BRIDGE_REPLAY_FILE": str(recording),
+           "BRIDGE_YACH_SECRET": "s", "BRIDGE_PORT": "eighty"}
+    assert {line.split(":")[0] for line in problems(env)} == {
+        "BRIDGE_PORT", "BRIDGE_REPLAY_FORMAT",
+    }
+    assert load_settings({**env, "BRIDGE_PORT": "0", "BRIDGE_REPLAY_FILE": str(tmp_path)})
+
+
 def test_placeholder_and_empty_values_count_as_missing() -> None:
     env = {**OPENAI, "BRIDGE_OPENAI_API_KEY": "change-me", "BRIDGE_OPENAI_MODEL": ""}
     names = {line.split(":")[0] for line in problems(env)}
