@@ -113,18 +113,17 @@ return 1
 """
 )
 
-# `start_turn(k, a)`: one try to start an entry's turn, in one round trip. k: inbox, queue,
-# lock, fence, journal, stop, session, history, the sender's rate counter, the reset mark.
-# a: entry id, lock
-# ttl ms, journal ttl s, history turns to read, the sender's message limit (0: no check) and
-# its window ms. Its place in the session queue (an entry missing from its queue, which only
-# a lost queue key can cause, is put back in stream-id order, unless it is gone from the
-# inbox, acknowledged: then {-1}); with a limit, the sender's message counted, {-2} when over
-# it; at the head with the lock free and no `/reset` running, the lock (fence+1 → token),
-# the attempt counted in the journal, whether a `/stop` was recorded for it, and what the
-# turn reads: the journal, the session, the history. Read under the lock just taken, they
-# stay as read: only the lock's holder writes them, and `/reset` stops the holder first and
-# lets no turn start until it has forgotten them.
+# `start_turn(k, a)`: one try to start an entry's turn, in one round trip. k: inbox, queue, lock,
+# fence, journal, stop, session, history, the sender's rate counter, the reset mark. a: entry id,
+# lock ttl ms, journal ttl s, history turns to read, the sender's message limit (0: no check) and
+# its window ms. Its place in the session queue (an entry missing from its queue, which only a lost
+# queue key can cause, is put back in stream-id order, unless it is gone from the inbox,
+# acknowledged: then {-1}); with a limit, the sender's message counted, {-2} when over it; at the
+# head with the lock free and no `/reset` running, the lock (fence+1 → token), the attempt counted
+# in the journal, whether a `/stop` was recorded for it, and what the turn reads: the journal, the
+# session, the history. Read under the lock just taken, they stay as read: only the lock's holder
+# writes them, and `/reset` stops the holder first and lets no turn start until it has forgotten
+# them.
 # Returns {ahead} when it cannot start, else {0, lock value, attempt, stopped, journal
 # fields, session fields, history rows}. The start script runs it on its KEYS and ARGV; the
 # inbox's put script runs it on the entries it stores and takes (`start_on_put`).
