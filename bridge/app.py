@@ -247,6 +247,8 @@ async def handle_yach_webhook(request: web.Request) -> web.Response:
             return _json_error(413, "body too large")
         body = await request.read()
         message = bridge.im.parse(body, request.headers)
+    except web.HTTPRequestEntityTooLarge:  # a chunked body (no Content-Length) over the cap
+        return _json_error(413, "body too large")
     except web.RequestPayloadError:
         # A body the server cannot decode (a broken gzip/deflate stream, a Content-Encoding
         # it does not know): a bad body, not our failure. Unhandled it was a 500 with a

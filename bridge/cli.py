@@ -35,6 +35,7 @@ from adapters.im.terminal import TERMINAL_USER, TerminalIM
 from bridge import __version__, systemd
 from bridge.app import STATE, Bridge, build_app, drain
 from bridge.config import (
+    PLACEHOLDER,
     ConfigError,
     Settings,
     env_name,
@@ -409,9 +410,9 @@ def _demo_environment(env: Mapping[str, str]) -> dict[str, str]:
     demo.update(
         BRIDGE_UPSTREAM="replay",
         BRIDGE_REPLAY_FILE=str(recordings),
-        BRIDGE_REPLAY_CPS=env.get("BRIDGE_REPLAY_CPS", "400"),
-        BRIDGE_LOG_LEVEL=env.get("BRIDGE_LOG_LEVEL", "warning"),
-        BRIDGE_LANG=env.get("BRIDGE_LANG", "zh"),
+        BRIDGE_REPLAY_CPS=_chosen(env, "BRIDGE_REPLAY_CPS", "400"),
+        BRIDGE_LOG_LEVEL=_chosen(env, "BRIDGE_LOG_LEVEL", "warning"),
+        BRIDGE_LANG=_chosen(env, "BRIDGE_LANG", "zh"),
         BRIDGE_BOT_ID="demo",
         BRIDGE_YACH_INSECURE="1",
         BRIDGE_THINKING_NOTICE_S="0",
@@ -420,6 +421,13 @@ def _demo_environment(env: Mapping[str, str]) -> dict[str, str]:
     if env.get("BRIDGE_LOG_FORMAT"):
         demo["BRIDGE_LOG_FORMAT"] = env["BRIDGE_LOG_FORMAT"]
     return demo
+
+
+def _chosen(env: Mapping[str, str], name: str, default: str) -> str:
+    """The operator's value of `name`, else `default`: empty or the placeholder is unset, as
+    the configuration reads them (an empty BRIDGE_REPLAY_CPS played the demo at full speed)."""
+    value = env.get(name, "").strip()
+    return default if value in ("", PLACEHOLDER) else value
 
 
 def _terminal(env: Mapping[str, str], command: str) -> int:

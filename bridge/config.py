@@ -15,7 +15,15 @@ from redis.connection import parse_url
 
 from bridge.logging import mask_text
 
-__all__ = ["ConfigError", "Rate", "Settings", "is_given", "load_settings", "masked_settings"]
+__all__ = [
+    "PLACEHOLDER",
+    "ConfigError",
+    "Rate",
+    "Settings",
+    "is_given",
+    "load_settings",
+    "masked_settings",
+]
 
 PREFIX = "BRIDGE_"
 PLACEHOLDER = "change-me"

@@ -157,6 +157,7 @@ local function start_turn(k, a)
   end
   if ahead ~= 0 or redis.call('EXISTS', k[3], k[10]) > 0 then return {ahead} end
   local value = redis.call('INCR', k[4]) .. ':' .. a[1]
+  redis.call('EXPIRE', k[4], a[3])  -- with the journals: INCRs after it keep it
   redis.call('SET', k[3], value, 'PX', a[2])
   local attempt = redis.call('HINCRBY', k[5], 'attempts', 1)
   redis.call('EXPIRE', k[5], a[3])

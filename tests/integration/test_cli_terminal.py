@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from bridge.cli import _demo_environment
 from bridge.messages import MESSAGES
 from tests.fakes.openai import FakeOpenAI
 
@@ -372,3 +373,14 @@ async def test_demo_in_tmux(tmp_path: Path) -> None:
     finally:
         with contextlib.suppress(subprocess.SubprocessError):
             tmux("kill-server")
+
+
+@pytest.mark.parametrize("given", ["", " ", "change-me"])
+def test_demo_defaults_stand_for_an_empty_or_placeholder_value(given: str) -> None:
+    """The demo's own defaults (400 characters per second, warning, zh) apply where the
+    operator's variable is empty or the placeholder, as the configuration reads those: an
+    empty BRIDGE_REPLAY_CPS played the demo at full speed."""
+    names = ("BRIDGE_REPLAY_CPS", "BRIDGE_LOG_LEVEL", "BRIDGE_LANG")
+    demo = _demo_environment(dict.fromkeys(names, given))
+    assert [demo[name] for name in names] == ["400", "warning", "zh"]
+    assert _demo_environment({"BRIDGE_REPLAY_CPS": " 0 "})["BRIDGE_REPLAY_CPS"] == "0"

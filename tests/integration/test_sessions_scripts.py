@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from bridge.config import Rate
 from bridge.interfaces import HistoryTurn
-from bridge.sessions import JournalPiece, LockLost, Sessions
+from bridge.sessions import JOURNAL_TTL_S, JournalPiece, LockLost, Sessions
 from bridge.store import Keys
 
 SESSION = "yach:g:g1:u:u1"
@@ -194,3 +194,16 @@ async def test_a_session_ttl_in_decimal_seconds_is_kept_exactly(
     assert await sessions.save(SESSION, start.lock, {"turns": 1}, exchange=exchange)
     for key in (keys.session(SESSION), keys.history(SESSION)):
         assert 2000 < await redis_client.pttl(key) <= 2500
+
+
+async def test_the_fence_of_a_session_expires_as_a_journal_does(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """Every session ever seen kept its fence for ever. Each start sets it to expire with
+    the journals (a release or an acknowledgement keeps that): no token of it can be in use
+    so long after the session's last start."""
+    entry = await _store(redis_client, keys)
+    started = await sessions.start(SESSION, entry, with_history=True)
+    await sessions.release(SESSION, started.lock)
+    ttl = await redis_client.ttl(keys.fence(SESSION))
+    assert JOURNAL_TTL_S - 5 < ttl <= JOURNAL_TTL_S
