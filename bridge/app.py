@@ -239,8 +239,6 @@ async def handle_yach_webhook(request: web.Request) -> web.Response:
     """Verify, parse, store, answer: nothing else runs inside the request."""
     bridge = request.app[STATE]
     assert bridge.im is not None and bridge.inbox is not None
-    if bridge.draining:
-        return _json_error(503, "draining")
     try:
         bridge.im.verify(request.headers)
         if (request.content_length or 0) > bridge.settings.max_body_bytes:
@@ -258,6 +256,8 @@ async def handle_yach_webhook(request: web.Request) -> web.Response:
     except WebhookRejected as exc:
         log.info("webhook_rejected", status=exc.status, reason=exc.reason)
         return _json_error(exc.status, exc.reason)
+    if bridge.draining:  # SIGTERM: cannot store it here now (after the checks, as SPEC §4)
+        return _json_error(503, "draining")
     verdict = judge(message, bridge.settings)
     log_ctx = {"chat_session_id": verdict.chat_session_id, "msg_id": message.im_msg_id}
     if verdict.kind is None:

@@ -10,6 +10,7 @@ from urllib.parse import quote, urlencode
 
 import pytest
 
+from bridge.app import drain
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.yach import FakeYach
 from tests.harness import (
@@ -250,3 +251,16 @@ async def test_every_answer_of_the_webhook_is_counted_by_status(bridge: RunningB
     assert {status: after[status] - before[status] for status in after} == {
         "200": 1, "401": 1, "413": 1
     }
+
+
+async def test_a_draining_bridge_still_checks_the_request_first(bridge: RunningBridge) -> None:
+    """SIGTERM's 503 is the "cannot store it now" answer, and comes in its place in the
+    order of checks: a forged or malformed request learns nothing of the bridge's state."""
+    await drain(bridge.server.app)
+    huge = group_message("x" * 10_000)
+    assert (await bridge.post(group_message("x"), headers=signed_headers("SEC-wrong")))[0] == 401
+    assert (await bridge.post(huge))[0] == 413
+    assert (await bridge.post(b"{not json"))[0] == 400
+    status, answer = await bridge.post(group_message("too late"))
+    assert (status, answer) == (503, {"code": 503, "msg": "draining"})
+    assert await inbox_length(bridge) == 0
