@@ -39,7 +39,7 @@ from bridge.interfaces import IM, Upstream, WebhookRejected
 from bridge.logging import debug_enabled, mask_text
 from bridge.messages import Catalogue
 from bridge.metrics import Metrics
-from bridge.outbox import Outbox
+from bridge.outbox import SEND_BACKOFF_S, Outbox
 from bridge.relay import TurnRunner
 from bridge.sessions import Sessions
 from bridge.store import (
@@ -70,6 +70,7 @@ class Bridge:
     metrics: Metrics
     keys: Keys
     im_factory: Callable[[Bridge], IM] | None = None
+    send_backoff_s: float = SEND_BACKOFF_S  # the outbox's first wait after a failed send
     redis: aioredis.Redis | None = None
     http: UpstreamHTTP | None = None
     yach_api: YachAPI | None = None
@@ -181,7 +182,12 @@ async def _worker_ctx(app: web.Application) -> AsyncIterator[None]:
         lock_ttl_s=settings.claim_idle_s,
     )
     outbox = Outbox(
-        im, bridge.redis, bridge.keys, bridge.metrics, group_rate=settings.yach_send_rate
+        im,
+        bridge.redis,
+        bridge.keys,
+        bridge.metrics,
+        group_rate=settings.yach_send_rate,
+        backoff_s=bridge.send_backoff_s,
     )
     runner = TurnRunner(
         settings,
@@ -341,14 +347,20 @@ def counted(
 
 
 def build_app(
-    settings: Settings, *, im_factory: Callable[[Bridge], IM] | None = None
+    settings: Settings,
+    *,
+    im_factory: Callable[[Bridge], IM] | None = None,
+    send_backoff_s: float = SEND_BACKOFF_S,
 ) -> web.Application:
+    """The bridge's Application. `send_backoff_s`: the first wait after a failed send to the
+    IM (doubled at each failure in a row); tests shorten it."""
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[STATE] = Bridge(
         settings,
         Metrics(settings.bot_id, __version__),
         Keys(settings.bot_id),
         im_factory=im_factory,
+        send_backoff_s=send_backoff_s,
     )
     app.cleanup_ctx.extend([_redis_ctx, _http_ctx, _upstream_ctx, _worker_ctx])
     app.router.add_post("/webhook/yach", counted(handle_yach_webhook))

@@ -15,12 +15,13 @@ from bridge.interfaces import IM, Piece, ReplyTarget, SendError
 from bridge.metrics import Metrics
 from bridge.store import Keys
 
-__all__ = ["DIRECT_RATE", "Outbox", "SendBudget"]
+__all__ = ["DIRECT_RATE", "SEND_BACKOFF_S", "Outbox", "SendBudget"]
 
 log = structlog.get_logger(__name__)
 
 DIRECT_RATE = Rate(60, 60.0)  # the platform's own limit on direct sends per robot
-_MAX_BACKOFF_S = 8.0
+SEND_BACKOFF_S = 0.5  # the first wait after a failed send, doubled at each failure in a row…
+_MAX_BACKOFF_S = 8.0  # …up to this
 # The least wait after a rate-limit answer, doubled at each one in a row: `Retry-After: 0`
 # (or a date gone by) must not turn the patience into a tight loop against the platform.
 _MIN_RATE_LIMIT_WAIT_S = 0.2
@@ -75,7 +76,8 @@ class Outbox:
     A rate-limit answer (HTTP 429, a "frequency" message) pauses every send of this process
     for the advised time and is retried without using up an attempt (after 0.2 s at least,
     doubled at each such answer in a row), for up to `rate_limit_patience_s`; other failures
-    are retried `attempts` times with backoff.
+    are retried `attempts` times with backoff (`backoff_s`, doubled at each failure in a
+    row, at most `max_backoff_s`).
     An IM without platform limits (`rate_limited = False`: the terminal) skips the budget.
     """
 
@@ -88,7 +90,8 @@ class Outbox:
         *,
         group_rate: Rate,
         attempts: int = 5,
-        backoff_s: float = 0.5,
+        backoff_s: float = SEND_BACKOFF_S,
+        max_backoff_s: float = _MAX_BACKOFF_S,
         rate_limit_patience_s: float = 300.0,
     ) -> None:
         self.im = im
@@ -98,6 +101,7 @@ class Outbox:
         self._direct = SendBudget(redis, keys.send_budget_direct, DIRECT_RATE)
         self._attempts = attempts
         self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
         self._patience_s = rate_limit_patience_s
         self._resume = asyncio.Event()
         self._resume.set()
@@ -143,7 +147,7 @@ class Outbox:
                     failures += 1
                     if failures >= self._attempts:
                         raise
-                    await asyncio.sleep(_backoff(self._backoff_s, failures))
+                    await asyncio.sleep(_backoff(self._backoff_s, failures, self._max_backoff_s))
             await self.acquire(target)
 
     async def _send_once(self, target: ReplyTarget, piece: Piece) -> None:
@@ -173,5 +177,5 @@ class Outbox:
         asyncio.get_running_loop().call_later(max(seconds, 0.0), self._resume.set)
 
 
-def _backoff(first_s: float, attempt: int) -> float:
-    return min(first_s * 2.0 ** (attempt - 1), _MAX_BACKOFF_S)
+def _backoff(first_s: float, attempt: int, max_s: float = _MAX_BACKOFF_S) -> float:
+    return min(first_s * 2.0 ** (attempt - 1), max_s)

@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestServer
 from adapters.yach_api import robot_sign
 from bridge.app import STATE, Bridge, build_app, drain
 from bridge.config import load_settings
+from bridge.outbox import SEND_BACKOFF_S
 from tests.fakes import yach as fake_yach
 
 WEBHOOK_SECRET = "SEC-webhook-secret-placeholder"
@@ -120,10 +121,13 @@ class RunningBridge:
 
 
 @asynccontextmanager
-async def running_bridge(env: dict[str, str]) -> AsyncIterator[RunningBridge]:
-    """A bridge application served on loopback, drained and closed on exit."""
+async def running_bridge(
+    env: dict[str, str], *, send_backoff_s: float = SEND_BACKOFF_S
+) -> AsyncIterator[RunningBridge]:
+    """A bridge application served on loopback, drained and closed on exit; `send_backoff_s`
+    (the outbox's first wait after a failed send) as `build_app` takes it."""
     settings = load_settings(env, command="run")
-    app = build_app(settings)
+    app = build_app(settings, send_backoff_s=send_backoff_s)
     server = TestServer(app, host="127.0.0.1", port=0)
     await server.start_server()
     try:

@@ -23,6 +23,9 @@ from tests.procs import PacedOpenAI
 EN = MESSAGES["en"]
 LONG_ANSWER = " ".join(f"Sentence number {n} of a long answer." for n in range(1, 41))
 SEND_TRIES = 5  # of one piece by the outbox, before the entry is left pending
+# The outbox's first wait after a failed send (0.5 s in production, doubled at each failure:
+# 7.5 s over the five tries); the tests here only count the tries.
+SEND_BACKOFF_S = 0.01
 
 
 def _env(
@@ -60,7 +63,8 @@ async def test_send_failure_leaves_entry_pending_and_the_journal_resends_it(
     keys = Keys(bot_id)
     try:
         yach.fail_next(500, times=5)  # every try of the first delivery's send fails
-        async with running_bridge(_env(redis_url, bot_id, yach, upstream)) as bridge:
+        env = _env(redis_url, bot_id, yach, upstream)
+        async with running_bridge(env, send_backoff_s=SEND_BACKOFF_S) as bridge:
             assert (await bridge.post(group_message("deliver me")))[0] == 200
             await wait_until(lambda: len(yach.server.requests) >= 5, timeout=15)
             assert yach.shown == []
@@ -86,7 +90,7 @@ async def test_a_send_failing_midway_resends_only_the_unconfirmed_pieces(
     env = _env(redis_url, bot_id, yach, upstream, BRIDGE_REPLY_MODE="stream",
                BRIDGE_FLUSH_MIN_CHARS="40", BRIDGE_FLUSH_MAX_WAIT_S="30")  # fmt: skip
     try:
-        async with running_bridge(env) as bridge:
+        async with running_bridge(env, send_backoff_s=SEND_BACKOFF_S) as bridge:
             assert (await bridge.post(group_message("tell me a lot")))[0] == 200
             await wait_until(lambda: len(yach.server.requests) >= 2 + SEND_TRIES, timeout=15)
             assert len(yach.shown) == 2
@@ -117,7 +121,7 @@ async def test_a_send_failing_on_every_attempt_is_dead_lettered_and_logged_at_er
     try:
         with capture_logs() as logs:
             env = _env(redis_url, bot_id, yach, upstream, BRIDGE_MAX_ATTEMPTS="1")
-            async with running_bridge(env) as bridge:
+            async with running_bridge(env, send_backoff_s=SEND_BACKOFF_S) as bridge:
                 assert (await bridge.post(group_message("never delivered")))[0] == 200
                 await wait_until(lambda: len(yach.shown) >= 1, timeout=15)
                 await asyncio.sleep(1.5)  # past BRIDGE_CLAIM_IDLE_S: nothing more comes
