@@ -77,7 +77,7 @@ class Outbox:
     for the advised time and is retried without using up an attempt (after 0.2 s at least,
     doubled at each such answer in a row), for up to `rate_limit_patience_s`; other failures
     are retried `attempts` times with backoff (`backoff_s`, doubled at each failure in a
-    row, at most `max_backoff_s`).
+    row, at most 8 s).
     An IM without platform limits (`rate_limited = False`: the terminal) skips the budget.
     """
 
@@ -91,7 +91,6 @@ class Outbox:
         group_rate: Rate,
         attempts: int = 5,
         backoff_s: float = SEND_BACKOFF_S,
-        max_backoff_s: float = _MAX_BACKOFF_S,
         rate_limit_patience_s: float = 300.0,
     ) -> None:
         self.im = im
@@ -101,7 +100,6 @@ class Outbox:
         self._direct = SendBudget(redis, keys.send_budget_direct, DIRECT_RATE)
         self._attempts = attempts
         self._backoff_s = backoff_s
-        self._max_backoff_s = max_backoff_s
         self._patience_s = rate_limit_patience_s
         self._resume = asyncio.Event()
         self._resume.set()
@@ -147,7 +145,7 @@ class Outbox:
                     failures += 1
                     if failures >= self._attempts:
                         raise
-                    await asyncio.sleep(_backoff(self._backoff_s, failures, self._max_backoff_s))
+                    await asyncio.sleep(_backoff(self._backoff_s, failures))
             await self.acquire(target)
 
     async def _send_once(self, target: ReplyTarget, piece: Piece) -> None:
@@ -177,5 +175,5 @@ class Outbox:
         asyncio.get_running_loop().call_later(max(seconds, 0.0), self._resume.set)
 
 
-def _backoff(first_s: float, attempt: int, max_s: float = _MAX_BACKOFF_S) -> float:
-    return min(first_s * 2.0 ** (attempt - 1), max_s)
+def _backoff(first_s: float, attempt: int) -> float:
+    return min(first_s * 2.0 ** (attempt - 1), _MAX_BACKOFF_S)
