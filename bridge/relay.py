@@ -40,6 +40,7 @@ from bridge.messages import Catalogue
 from bridge.metrics import Metrics
 from bridge.outbox import Outbox
 from bridge.sessions import JournalPiece, LockLost, Sessions, Start
+from bridge.surrogates import SurrogateJoiner
 from bridge.think import ThinkSplitter
 
 __all__ = ["Outcome", "PrepareInput", "TurnRunner", "message_id"]
@@ -415,12 +416,13 @@ class TurnRunner:
         # the loop, rather than in a generator around the upstream's: each layer of `async for`
         # costs every token.
         think = ThinkSplitter()
+        surrogates = SurrogateJoiner()  # an emoji split between two deltas is joined first
         queue = outgoing.queue
         self._ticker.add(composer, outgoing)
         try:
             async with _closing(self.upstream.stream(turn)) as upstream_events:
                 async for received in upstream_events:
-                    for event in think.split(received):
+                    for event in think.split(surrogates.join(received)):
                         if not first_token and isinstance(event, _TOKENS):
                             first_token = True
                             self.metrics.first_token_seconds.observe(self.clock() - started)
