@@ -387,9 +387,10 @@ class Composer:
     """Turns the events of one turn into message texts, in order.
 
     Rendering: reasoning (with `show_reasoning`, quoted) before each part's answer; a part
-    that ends with reasoning but no answer shows it quoted, once, when it ends; one short
-    line at each agent switch after the first agent; suggestions as a short list at the end;
-    a replacement that contradicts text already sent goes out as one `Standalone` correction.
+    that ends with reasoning but no answer (blank space is none) shows it quoted, once, when
+    it ends; one short line at each agent switch after the first agent; suggestions as a
+    short list at the end; a replacement that contradicts text already sent goes out as one
+    `Standalone` correction.
     """
 
     policy: FlushPolicy
@@ -405,7 +406,8 @@ class Composer:
     _answer_sent: bool = False  # part of the answer has left in a piece
     _answer_at: int | None = None  # where the answer begins inside _pending
     _agent: str | None = None
-    _part_text: bool = False
+    _part_text: bool = False  # the part has answer text (more than blank space)
+    _part_blank: str = ""  # blank space that began the part's answer, held until text shows
     _part_reasoning: str = ""
     _suggestions: tuple[str, ...] = ()
     _stuck: _Stuck | None = None  # the last look found no cut inside a block still open
@@ -472,6 +474,10 @@ class Composer:
         if not text:
             return
         if not self._part_text:
+            if text.isspace():  # (e.g. the blank line after `</think>`): no answer yet
+                self._part_blank += text
+                return
+            text, self._part_blank = self._part_blank + text, ""
             self._part_text = True
             reasoning, self._part_reasoning = self._part_reasoning, ""
             if self.show_reasoning and reasoning.strip():
@@ -499,11 +505,12 @@ class Composer:
         """A part that ended with reasoning and no answer shows its reasoning, once."""
         if not self._part_text and self._part_reasoning.strip():
             self._block(quote_block(self._part_reasoning))
-        self._part_reasoning = ""
+        self._part_reasoning = self._part_blank = ""
 
     def _replace(self, text: str, now: float) -> list[str]:
         if text == self.answer:
             return []
+        self._part_blank = ""  # replaced with the rest of the answer so far
         if self._answer_at is None and not self._answer_sent:
             self._text(text)
         elif not self._answer_sent:

@@ -83,3 +83,28 @@ async def test_an_emoji_split_between_two_deltas_shows_whole(
     assert "".join(texts) == "Hi 😀 there, 你好\ufffd！"  # a half without its pair: U+FFFD
     assert not [e for e in logs if e["log_level"] == "error"]
     assert upstream.calls() == 1
+
+
+@pytest.mark.parametrize("reasoning", [
+    ("<think>I reason", " about it</think>"),  # inline, the blank line in a delta of its own
+    ({"reasoning_content": "I reason"}, {"reasoning_content": " about it"}),
+], ids=["think-block", "reasoning_content"])  # fmt: skip
+@pytest.mark.parametrize("mode", ["stream", "final"])
+async def test_reasoning_then_a_blank_line_shows_the_reasoning_not_empty_answer(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: ScriptedOpenAI, redis_client: object,
+    reasoning: tuple[str | dict[str, str], ...], mode: str,
+) -> None:
+    """SPEC §4: a turn that ends with reasoning but no answer text shows the reasoning,
+    quoted, rather than nothing; blank space after it is no answer text."""
+    upstream.script.then(sse_reply(deltas(*reasoning, "\n\n"), upstream.rng))
+    texts = await ask(env(redis_url, bot_id, yach, upstream.base_url, BRIDGE_REPLY_MODE=mode),
+                      yach)  # fmt: skip
+    assert texts == ["> I reason about it"]
+
+
+async def test_blank_space_before_the_answer_is_kept_with_it(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: ScriptedOpenAI, redis_client: object
+) -> None:
+    upstream.script.then(sse_reply(deltas("  ", "    code line", "\n\nDone."), upstream.rng))
+    texts = await ask(env(redis_url, bot_id, yach, upstream.base_url), yach)
+    assert "".join(texts) == "      code line\n\nDone."
