@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from bridge.config import Settings
@@ -28,7 +29,8 @@ _ALIASES = {
     "/stop": Command.STOP, "停止": Command.STOP,
     "/status": Command.STATUS, "状态": Command.STATUS,
 }  # fmt: skip
-_TRAILING_PUNCTUATION = re.compile(r"[\s。.!！]+$")
+# After NFKC, which makes fullwidth forms plain (`！？～` `／ｈｅｌｐ`); `。` has no plain form.
+_TRAILING_PUNCTUATION = re.compile(r"[\s。.!?~]+$")
 # What a command's first character can be (before lower-casing and the fullwidth slash).
 _COMMAND_STARTS = frozenset({alias[0] for alias in _ALIASES} | {"／"})
 # Message types that carry neither text nor an image we can read, whatever their fields say.
@@ -36,11 +38,11 @@ UNSUPPORTED_TYPES = frozenset({"voice", "audio", "file", "video", "location", "s
 
 
 def parse_command(text: str) -> Command | None:
-    """The command a message is, if it is one (`/stop`, `停止`, ` ／Reset ` …)."""
+    """The command a message is, if it is one (`/stop`, `停止？`, ` ／Reset ` …)."""
     stripped = text.strip()
     if stripped[:1] not in _COMMAND_STARTS:  # most messages: no regex to run
         return None
-    word = _TRAILING_PUNCTUATION.sub("", stripped).lower().replace("／", "/")
+    word = _TRAILING_PUNCTUATION.sub("", unicodedata.normalize("NFKC", stripped)).lower()
     return _ALIASES.get(word)
 
 

@@ -108,3 +108,19 @@ async def test_blank_space_before_the_answer_is_kept_with_it(
     upstream.script.then(sse_reply(deltas("  ", "    code line", "\n\nDone."), upstream.rng))
     texts = await ask(env(redis_url, bot_id, yach, upstream.base_url), yach)
     assert "".join(texts) == "      code line\n\nDone."
+
+
+@pytest.mark.parametrize(("command", "reply"), [
+    ("帮助？", ZH["help"]),
+    ("停止？", ZH["nothing_to_stop"]),
+    ("／ｓｔａｔｕｓ", ZH["status_none"].format(upstream="openai", queue=0)),
+    ("/help?", ZH["help"]),
+    ("重置～", ZH["reset_done"]),
+])  # fmt: skip
+async def test_a_command_typed_with_fullwidth_punctuation_is_a_command(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: ScriptedOpenAI, redis_client: object,
+    command: str, reply: str,
+) -> None:
+    texts = await ask(env(redis_url, bot_id, yach, upstream.base_url), yach, command)
+    assert texts == [reply]
+    assert upstream.calls() == 0  # not sent to the AI as a question

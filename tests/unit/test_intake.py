@@ -52,6 +52,10 @@ def settings(**env: str):  # type: ignore[no-untyped-def]
         ("/stop!", Command.STOP),
         ("停止。", Command.STOP),
         ("／reset", Command.RESET),
+        ("帮助？", Command.HELP),
+        ("／ＳＴＯＰ！", Command.STOP),
+        ("/status?", Command.STATUS),
+        ("新对话～", Command.RESET),
     ],
 )
 def test_commands_and_their_chinese_aliases(text: str, command: Command) -> None:
