@@ -25,7 +25,8 @@ class ThinkSplitter:
     """Feed text deltas of one answer part; get text and reasoning events back."""
 
     def __init__(self) -> None:
-        self._state = "start"  # start → thinking → answer, or start → answer
+        # start → thinking → closed (blank lines after `</think>`) → answer, or start → answer
+        self._state = "start"
         self._held = ""
 
     def split(self, event: Event) -> Sequence[Event]:
@@ -50,6 +51,9 @@ class ThinkSplitter:
     def feed(self, text: str) -> list[Event]:
         if self._state == "answer":
             return [TextDelta(text)]
+        if self._state == "closed":  # the line breaks after `</think>`, in whatever delta
+            text = text.lstrip("\n")
+            return self._answer(text) if text else []
         self._held += text
         if self._state == "start":
             stripped = self._held.lstrip()
@@ -88,6 +92,9 @@ class ThinkSplitter:
             reasoning, rest = self._held[:end], self._held[end + len(_CLOSE) :].lstrip("\n")
             events: list[Event] = [ReasoningDelta(reasoning)] if reasoning else []
             self._held = ""
+            if not rest:
+                self._state = "closed"
+                return events
             return events + self._answer(rest)
         keep = _partial_suffix(self._held, _CLOSE)
         reasoning = self._held[: len(self._held) - keep]

@@ -110,6 +110,21 @@ async def test_blank_space_before_the_answer_is_kept_with_it(
     assert "".join(texts) == "      code line\n\nDone."
 
 
+@pytest.mark.parametrize("parts", [
+    ("<think>I reason</think>\n\nThe answer.",),
+    ("<think>I reason</think>", "\n\n", "The answer."),
+    ("<think>I reason</think>", "\n", "\nThe answer."),
+], ids=["one-delta", "own-delta", "split"])  # fmt: skip
+async def test_the_line_breaks_after_a_think_block_are_not_shown_however_chunked(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: ScriptedOpenAI, redis_client: object,
+    parts: tuple[str, ...],
+) -> None:
+    upstream.script.then(sse_reply(deltas(*parts), upstream.rng))
+    texts = await ask(env(redis_url, bot_id, yach, upstream.base_url,
+                          BRIDGE_YACH_MSG_FORMAT="text"), yach)  # fmt: skip
+    assert texts == ["The answer."]
+
+
 @pytest.mark.parametrize(("command", "reply"), [
     ("帮助？", ZH["help"]),
     ("停止？", ZH["nothing_to_stop"]),
