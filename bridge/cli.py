@@ -55,6 +55,7 @@ from bridge.store import (
     Keys,
     MemoryKeyValue,
     SchemaError,
+    redis_failure,
 )
 
 __all__ = ["YOUNG_COLLECTION_THRESHOLD", "collect_less_often", "main", "setup_logging"]
@@ -284,7 +285,8 @@ async def _check_redis(settings: Settings) -> int:
             info = await client.info("server")
             stored = await client.get(Keys(settings.bot_id).schema)
     except (RedisError, OSError, TimeoutError) as exc:
-        print(f"redis: {where} does not answer ({type(exc).__name__}: {mask_text(str(exc))})")
+        why = mask_text(redis_failure(exc))
+        print(f"redis: {where} does not answer ({type(exc).__name__}: {why})")
         return EXIT_RUNTIME
     finally:
         await client.aclose()
