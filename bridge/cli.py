@@ -140,11 +140,14 @@ async def _run(settings: Settings) -> int:
     try:
         await _unless_stopped(runner.setup(), stop)
         if not stop.is_set():
-            site = web.TCPSite(runner, settings.host, settings.port)
-            await site.start()
+            await _listen(runner, settings)
     except ConfigError as exc:
         await runner.cleanup()
         return _print_problems(exc)
+    except _ListenError as exc:
+        log.error("startup_failed", error=str(exc), host=settings.host, port=settings.port)
+        await runner.cleanup()
+        return EXIT_RUNTIME
     except (SchemaError, OSError, RuntimeError) as exc:
         log.error("startup_failed", error=str(exc))
         await runner.cleanup()
@@ -162,6 +165,22 @@ async def _run(settings: Settings) -> int:
     code = await _stop(app, runner)
     await watchdog
     return code
+
+
+class _ListenError(Exception):
+    """The HTTP server cannot listen where BRIDGE_HOST and BRIDGE_PORT say."""
+
+
+async def _listen(runner: web.AppRunner, settings: Settings) -> None:
+    """Start listening; a failure names the variables and the address (the OS error alone,
+    "[Errno -2] Name or service not known", named neither)."""
+    try:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+    except OSError as exc:
+        raise _ListenError(
+            f"cannot listen on BRIDGE_HOST={settings.host} BRIDGE_PORT={settings.port}: "
+            f"{exc.strerror or exc}"
+        ) from exc
 
 
 async def _unless_stopped(start: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
