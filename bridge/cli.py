@@ -467,6 +467,22 @@ def _terminal(env: Mapping[str, str], command: str) -> int:
             )
         except KeyboardInterrupt:  # only before the loop installs its own handler
             return EXIT_OK
+        finally:
+            _let_go_of_a_closed_stdout()
+
+
+def _let_go_of_a_closed_stdout() -> None:
+    """`chatbridge demo | head`: once the reader has gone, what stdout still buffers cannot
+    be written, and the interpreter's last flush printed "Exception ignored … BrokenPipeError"
+    and made the exit status 120. The conversation's end is no failure: the rest goes to
+    /dev/null (as Python's documentation advises for SIGPIPE)."""
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 def _banner(settings: Settings, demo: bool) -> str:
