@@ -48,6 +48,7 @@ from bridge.store import (
     RedisKeyValue,
     check_server,
     connect,
+    redis_failure,
     redis_url_for,
 )
 from bridge.worker import Worker
@@ -106,7 +107,12 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
             version = await check_server(bridge.redis, bridge.keys)
             log.info("redis_connected", redis_version=version, embedded=embedded is not None)
         except RedisError as exc:
-            log.warning("redis_unavailable", error=type(exc).__name__, outcome="will keep trying")
+            log.warning(
+                "redis_unavailable",
+                error=type(exc).__name__,
+                reason=redis_failure(exc),
+                outcome="will keep trying",
+            )
         yield
     finally:  # also when the start is given up here (a SIGTERM, a schema it refuses)
         await bridge.redis.aclose()

@@ -55,6 +55,7 @@ from bridge.store import (
     Keys,
     MemoryKeyValue,
     SchemaError,
+    redis_failure,
 )
 
 __all__ = ["YOUNG_COLLECTION_THRESHOLD", "collect_less_often", "main", "setup_logging"]
@@ -139,11 +140,14 @@ async def _run(settings: Settings) -> int:
     try:
         await _unless_stopped(runner.setup(), stop)
         if not stop.is_set():
-            site = web.TCPSite(runner, settings.host, settings.port)
-            await site.start()
+            await _listen(runner, settings)
     except ConfigError as exc:
         await runner.cleanup()
         return _print_problems(exc)
+    except _ListenError as exc:
+        log.error("startup_failed", error=str(exc), host=settings.host, port=settings.port)
+        await runner.cleanup()
+        return EXIT_RUNTIME
     except (SchemaError, OSError, RuntimeError) as exc:
         log.error("startup_failed", error=str(exc))
         await runner.cleanup()
@@ -161,6 +165,22 @@ async def _run(settings: Settings) -> int:
     code = await _stop(app, runner)
     await watchdog
     return code
+
+
+class _ListenError(Exception):
+    """The HTTP server cannot listen where BRIDGE_HOST and BRIDGE_PORT say."""
+
+
+async def _listen(runner: web.AppRunner, settings: Settings) -> None:
+    """Start listening; a failure names the variables and the address (the OS error alone,
+    "[Errno -2] Name or service not known", named neither)."""
+    try:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+    except OSError as exc:
+        raise _ListenError(
+            f"cannot listen on BRIDGE_HOST={settings.host} BRIDGE_PORT={settings.port}: "
+            f"{exc.strerror or exc}"
+        ) from exc
 
 
 async def _unless_stopped(start: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
@@ -284,7 +304,8 @@ async def _check_redis(settings: Settings) -> int:
             info = await client.info("server")
             stored = await client.get(Keys(settings.bot_id).schema)
     except (RedisError, OSError, TimeoutError) as exc:
-        print(f"redis: {where} does not answer ({type(exc).__name__}: {mask_text(str(exc))})")
+        why = mask_text(redis_failure(exc))
+        print(f"redis: {where} does not answer ({type(exc).__name__}: {why})")
         return EXIT_RUNTIME
     finally:
         await client.aclose()
@@ -446,6 +467,22 @@ def _terminal(env: Mapping[str, str], command: str) -> int:
             )
         except KeyboardInterrupt:  # only before the loop installs its own handler
             return EXIT_OK
+        finally:
+            _let_go_of_a_closed_stdout()
+
+
+def _let_go_of_a_closed_stdout() -> None:
+    """`chatbridge demo | head`: once the reader has gone, what stdout still buffers cannot
+    be written, and the interpreter's last flush printed "Exception ignored … BrokenPipeError"
+    and made the exit status 120. The conversation's end is no failure: the rest goes to
+    /dev/null (as Python's documentation advises for SIGPIPE)."""
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 def _banner(settings: Settings, demo: bool) -> str:

@@ -60,7 +60,7 @@ def _parse_rate(raw: str) -> Rate:
     count, sep, per = raw.partition("/")
     if not sep:
         raise ValueError("expected N/SECONDS")
-    rate = Rate(int(count), _parse_finite(per))
+    rate = Rate(_parse_int(count), _parse_finite(per))
     if rate.count < 0 or rate.per_s <= 0:
         raise ValueError("expected N/SECONDS with N >= 0 and SECONDS > 0")
     return rate
@@ -86,8 +86,20 @@ def _parse_json_object(raw: str) -> dict[str, Any]:
     return value
 
 
+def _parse_int(raw: str) -> int:
+    """`int(raw)`, refused in the operator's words rather than Python's ("invalid literal for
+    int() with base 10")."""
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+
+
 def _parse_finite(raw: str) -> float:
-    value = float(raw)
+    try:
+        value = float(raw)
+    except ValueError:  # Python's "could not convert string to float" is no reason to show
+        raise ValueError("must be a number") from None
     if not math.isfinite(value):
         raise ValueError("must be a finite number")
     return value
@@ -112,21 +124,21 @@ def _parse_claim_idle(raw: str) -> float:
 
 
 def _parse_nonneg_int(raw: str) -> int:
-    value = int(raw)
+    value = _parse_int(raw)
     if value < 0:
         raise ValueError("must not be negative")
     return value
 
 
 def _parse_positive_int(raw: str) -> int:
-    value = int(raw)
+    value = _parse_int(raw)
     if value < 1:
         raise ValueError("must be at least 1")
     return value
 
 
 def _parse_port(raw: str) -> int:
-    value = int(raw)
+    value = _parse_int(raw)
     if not 0 <= value <= 65535:
         raise ValueError("must be a port number from 0 to 65535")
     return value
@@ -430,13 +442,17 @@ def _example(attr: str) -> str:
     raise KeyError(attr)
 
 
-def _shown(value: Any, secret: bool) -> str:
+# Lists whose empty value allows nothing (the fetch guard's); the other lists allow everyone.
+_EMPTY_ALLOWS_NONE = frozenset({"fetch_allow_hosts"})
+
+
+def _shown(value: Any, secret: bool, *, empty: str = "(all)") -> str:
     if value is None:
         return "(unset)"
     if secret:
         return "****** (set)"
     if isinstance(value, frozenset):
-        return ",".join(sorted(value)) or "(all)"
+        return ",".join(sorted(value)) or empty
     if isinstance(value, dict):
         return json.dumps(value, ensure_ascii=False)
     return str(value)
@@ -459,6 +475,7 @@ def masked_settings(settings: Settings) -> list[tuple[str, str]]:
         if value is None and spec.name in _DERIVED:
             text = f"{getattr(settings, _DERIVED[spec.name])} (default)"
         else:
-            text = _shown(value, spec.metadata["secret"])
+            empty = "(none)" if spec.name in _EMPTY_ALLOWS_NONE else "(all)"
+            text = _shown(value, spec.metadata["secret"], empty=empty)
         shown.append((env_name(spec.name), text))
     return shown

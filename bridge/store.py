@@ -41,6 +41,7 @@ __all__ = [
     "as_text",
     "check_server",
     "connect",
+    "redis_failure",
 ]
 
 log = structlog.get_logger(__name__)
@@ -535,3 +536,17 @@ def redis_url_for(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
 
 def as_text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+# What Redis (or redis-py) says when it refuses the credentials, or wants some.
+_AUTH_REFUSALS = ("noauth", "wrongpass", "authenticat", "username-password", "password")
+
+
+def redis_failure(exc: BaseException) -> str:
+    """Why Redis failed, for a log line: what it answered (`type(exc).__name__` alone was
+    `ConnectionError` for a server that is down and for one that refuses the password alike),
+    and what to fix when it refused the credentials. The logger masks any password in it."""
+    said = str(exc) or type(exc).__name__
+    if any(word in said.lower() for word in _AUTH_REFUSALS):
+        return f"Redis refused the credentials: check the password in BRIDGE_REDIS_URL ({said})"
+    return said

@@ -37,7 +37,7 @@ from bridge.messages import Catalogue
 from bridge.metrics import Metrics
 from bridge.relay import TurnRunner
 from bridge.sessions import LockLost, Sessions, Start
-from bridge.store import Keys, as_text
+from bridge.store import Keys, as_text, redis_failure
 from bridge.tasks import cancel_and_wait, cancel_requested
 
 __all__ = ["Worker"]
@@ -194,7 +194,12 @@ class Worker:
             except RedisError as exc:
                 _raise_if_cancelled()  # a cancelled command may surface as a RedisError
                 self._failing.add(loop.__name__)
-                log.warning("redis_unavailable", loop=loop.__name__, error=type(exc).__name__)
+                log.warning(
+                    "redis_unavailable",
+                    loop=loop.__name__,
+                    error=type(exc).__name__,
+                    reason=redis_failure(exc),
+                )
             except Exception:  # a loop must never die: log it, and run it again
                 _raise_if_cancelled()
                 log.exception("loop_failed", loop=loop.__name__)

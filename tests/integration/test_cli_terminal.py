@@ -237,6 +237,26 @@ async def test_demo_reads_a_piped_transcript(tmp_path: Path) -> None:
     assert err.decode() == ""
 
 
+async def test_demo_piped_into_a_reader_that_stops_early_exits_quietly(tmp_path: Path) -> None:
+    """`chatbridge demo | head -1`: once the reader had gone, Python's final flush of stdout
+    printed "Exception ignored in: <_io.TextIOWrapper name='<stdout>'…> BrokenPipeError" and
+    the exit status was 120, no code of SPEC §1's."""
+    env = clean_env(HOME=str(tmp_path))
+    env.pop("PYTHONUNBUFFERED", None)  # an operator's shell: stdout buffered, as by default
+    read_end, write_end = os.pipe()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "demo", env=env, cwd=REPO,
+        stdin=asyncio.subprocess.PIPE, stdout=write_end, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        first = reader.readline()  # the banner: the demo is under way; then the reader goes
+    assert first.startswith(b"chatbridge ")
+    _, err = await asyncio.wait_for(process.communicate("你好\n你好\n".encode()), 20)
+    assert "BrokenPipeError" not in err.decode() and "Exception ignored" not in err.decode()
+    assert process.returncode == 0, err.decode()
+
+
 @pytest.mark.parametrize("level", [" warning ", "WARNING", "change-me"])
 async def test_demo_takes_the_log_level_as_the_configuration_reads_it(tmp_path: Path,
                                                                       level: str) -> None:

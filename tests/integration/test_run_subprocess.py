@@ -19,6 +19,8 @@ from tests.harness import bridge_env, group_message, openai_env, signed_headers,
 
 pytestmark = pytest.mark.slow
 
+RECORDINGS = Path(__file__).resolve().parents[2] / "bridge" / "recordings"
+
 
 @pytest.fixture
 async def fakes() -> AsyncIterator[tuple[FakeYach, FakeOpenAI]]:
@@ -223,3 +225,19 @@ def _embedded_answers(redis_dir: Path) -> bool:
         return bool(client.ping())
     except (sync_redis.RedisError, OSError):
         return False
+
+
+async def test_a_listen_address_that_cannot_be_used_is_named(tmp_path: Path) -> None:
+    """A BRIDGE_HOST that does not resolve gave `startup_failed` with only "[Errno -2] Name
+    or service not known": neither the variable nor the name it could not use."""
+    code, output, _ = await _run_to_exit(
+        BRIDGE_UPSTREAM="replay", BRIDGE_REPLAY_FILE=str(RECORDINGS), BRIDGE_YACH_INSECURE="1",
+        BRIDGE_HOST="no-such-host.invalid", BRIDGE_PORT="0", BRIDGE_STATE_DIR=str(tmp_path),
+        BRIDGE_LOG_FORMAT="json",
+    )  # fmt: skip
+    assert code == 1
+    [failed] = [json.loads(line) for line in output.splitlines()
+                if line.startswith("{") and '"startup_failed"' in line]  # fmt: skip
+    assert failed["host"] == "no-such-host.invalid" and failed["port"] == 0, failed
+    assert "BRIDGE_HOST" in failed["error"], failed
+    assert "Traceback" not in output

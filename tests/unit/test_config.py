@@ -202,3 +202,33 @@ def test_masked_settings_show_what_an_unset_derived_default_resolves_to(tmp_path
     assert shown["BRIDGE_STATE_DIR"] == f"{settings.resolved_state_dir} (default)"
     given = dict(masked_settings(load_settings({**OPENAI, "BRIDGE_IMAGE_PIPELINE": "none"})))
     assert given["BRIDGE_IMAGE_PIPELINE"] == "none"
+
+
+def test_an_empty_fetch_allow_list_is_shown_as_allowing_no_host() -> None:
+    """An empty BRIDGE_ALLOW_GROUPS/_USERS lets everyone in, but an empty
+    BRIDGE_FETCH_ALLOW_HOSTS lets no host past the fetch guard (SPEC §8): `check` showed it
+    as "(all)", telling the operator every host could be fetched from."""
+    shown = dict(masked_settings(load_settings(OPENAI)))
+    assert shown["BRIDGE_ALLOW_GROUPS"] == shown["BRIDGE_ALLOW_USERS"] == "(all)"
+    assert "all" not in shown["BRIDGE_FETCH_ALLOW_HOSTS"]
+    assert shown["BRIDGE_FETCH_ALLOW_HOSTS"] == "(none)"
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "said"),
+    [
+        ("BRIDGE_PORT", "8o80", "must be a whole number"),
+        ("BRIDGE_WORKERS", "1.5", "must be a whole number"),
+        ("BRIDGE_FLUSH_MAX_WAIT_S", "6s", "must be a number"),
+        ("BRIDGE_USER_RATE", "a/60", "must be a whole number"),
+        ("BRIDGE_USER_RATE", "20/min", "must be a number"),
+    ],
+)
+def test_a_value_that_is_no_number_is_said_so_in_plain_words(
+    name: str, raw: str, said: str
+) -> None:
+    """Python's own words ("invalid literal for int() with base 10: '8o80'", "could not
+    convert string to float") reached the operator as the reason."""
+    [line] = problems({**OPENAI, name: raw})
+    assert line.startswith(f"{name}: invalid value {raw!r}: {said}")
+    assert "literal" not in line and "convert" not in line and "int()" not in line

@@ -1,0 +1,39 @@
+"""What `chatbridge run` tells the operator when it cannot start or cannot reach Redis: a
+real `python -m bridge run` process, its JSON log read as an operator reads the journal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.fakes.yach import FakeYach
+from tests.harness import bridge_env, openai_env
+from tests.procs import BridgeProcess, RedisServer, closing_all, wait_for
+
+pytestmark = pytest.mark.slow
+
+REDIS_PASSWORD = "redis-pw-7f3a-secret"
+
+
+async def test_a_redis_that_wants_a_password_is_named_as_the_reason(
+    tmp_path: Path, bot_id: str, yach: FakeYach
+) -> None:
+    """A Redis that refuses the bridge (no password, or a wrong one) was logged as
+    `redis_unavailable` with `error: ConnectionError` and nothing else, again and again: the
+    same words as a Redis that is down, so the operator could not tell a missing password
+    from a dead server. The line now says what Redis answered (and never the password)."""
+    server = RedisServer(tmp_path / "redis")
+    wrong = server.url.replace("unix://", "unix://:wrong-pw-9c1e@")
+    for n, url in enumerate((server.url, wrong)):
+        server.start().client().config_set("requirepass", REDIS_PASSWORD)
+        env = bridge_env(url, bot_id, yach, **openai_env("http://127.0.0.1:9/v1"))
+        bridge = BridgeProcess(env, tmp_path / f"bridge{n}.log")
+        with closing_all(bridge, server):
+            await bridge.start()
+            await wait_for(lambda b=bridge: len(b.events("redis_unavailable")) >= 2, 10,
+                           "redis_unavailable lines")  # fmt: skip
+            for event in bridge.events("redis_unavailable"):
+                assert "refused the credentials" in event.get("reason", ""), event
+        log = (tmp_path / f"bridge{n}.log").read_text()
+        assert "wrong-pw-9c1e" not in log and REDIS_PASSWORD not in log
