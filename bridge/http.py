@@ -145,41 +145,55 @@ def _wait_for_retry(base: wait_random_exponential) -> Any:
 
 
 class _Body:
-    __slots__ = ("content", "seen", "since")
+    __slots__ = ("content", "deadline", "seen", "since")
 
-    def __init__(self, content: aiohttp.StreamReader, since: float) -> None:
+    def __init__(self, content: aiohttp.StreamReader, since: float, deadline: float) -> None:
         self.content = content
         self.seen = content.total_bytes  # bytes received when last looked at …
         self.since = since  # … and a time at or after their arrival
+        self.deadline = deadline  # the total timeout's end (inf: none)
 
 
-class _IdleWatch:
-    """The idle timeout of every open response body, kept by one timer.
+class TotalTimeout(TimeoutError):
+    """The whole answer took longer than the total timeout."""
 
-    aiohttp's `sock_read` re-arms a timer on every read from the socket: on a token stream,
-    a timer per token, up to a tenth of the bridge's CPU. So once a response's headers are in
-    (aiohttp's timer covers the wait for them), that timer is switched off, and one task looks
-    at every open body four times per timeout (at least once a second): a body that did not
-    grow for the whole timeout fails as aiohttp would fail it, its next read raising
-    `SocketTimeoutError`. A stall is noticed up to a quarter of the timeout late, never early.
+
+class _Watch:
+    """The idle and total timeouts of every open response body, kept by one timer.
+
+    aiohttp re-arms a timer on every read from the socket (`sock_read`) and enters one
+    (`total`) around every wait for data: on a token stream, timers per token, a tenth of the
+    bridge's CPU. So aiohttp is given no total timeout at all, and once a response's headers
+    are in (aiohttp's `sock_read` timer covers the wait for them) that timer is switched off
+    too: one task looks at every open body four times per timeout (at least once a second).
+    A body that did not grow for the idle timeout fails as aiohttp would fail it, its next
+    read raising `SocketTimeoutError`; one still open at the total timeout's end (counted from
+    its request) raises `TotalTimeout`. Either is noticed up to a quarter of its timeout (at
+    most a second) late, never early.
     """
 
-    def __init__(self, idle_s: float) -> None:
+    def __init__(self, idle_s: float, total_s: float) -> None:
         self._idle_s = idle_s
+        self._total_s = total_s
+        self._period_s = min([limit / 4 for limit in (idle_s, total_s) if limit] + [1.0])
         self._bodies: dict[int, _Body] = {}
         self._task: asyncio.Task[None] | None = None
 
-    def add(self, response: aiohttp.ClientResponse) -> None:
+    def deadline(self) -> float:
+        """When an answer whose request starts now must have ended (inf: no total timeout)."""
+        return asyncio.get_running_loop().time() + self._total_s if self._total_s else math.inf
+
+    def add(self, response: aiohttp.ClientResponse, deadline: float) -> None:
         connection = response.connection
         protocol = connection.protocol if connection is not None else None
-        if not self._idle_s or protocol is None:  # no timeout, or the body is all in
+        if not (self._idle_s or self._total_s) or protocol is None:  # none, or all read
             return
         protocol.read_timeout = None
         protocol.start_timeout()  # drops the timer armed by the last read
         loop = asyncio.get_running_loop()
-        self._bodies[id(response)] = _Body(response.content, loop.time())
+        self._bodies[id(response)] = _Body(response.content, loop.time(), deadline)
         if self._task is None:
-            self._task = loop.create_task(self._run(), name="upstream-idle-watch")
+            self._task = loop.create_task(self._run(), name="upstream-timeout-watch")
 
     def discard(self, response: aiohttp.ClientResponse) -> None:
         if self._bodies.pop(id(response), None) is None or self._bodies:
@@ -189,15 +203,20 @@ class _IdleWatch:
             self._task = None
 
     async def _run(self) -> None:
-        loop, idle_s = asyncio.get_running_loop(), self._idle_s
+        loop, idle_s = asyncio.get_running_loop(), self._idle_s or math.inf
         while True:
-            await asyncio.sleep(min(idle_s / 4, 1.0))
+            await asyncio.sleep(self._period_s)
             now = loop.time()
             for key, body in list(self._bodies.items()):
                 content = body.content
-                if content.total_bytes != body.seen:
+                if content.is_eof():
+                    continue
+                if now >= body.deadline:
+                    content.set_exception(TotalTimeout("the answer took too long"))
+                    del self._bodies[key]
+                elif content.total_bytes != body.seen:
                     body.seen, body.since = content.total_bytes, now
-                elif now - body.since >= idle_s and not content.is_eof():
+                elif now - body.since >= idle_s:
                     content.set_exception(
                         aiohttp.SocketTimeoutError("Timeout on reading data from socket")
                     )
@@ -268,11 +287,11 @@ class UpstreamHTTP:
     retries: int = 3
     backoff_s: float = 0.5  # first backoff step; tests shrink it
     tail_timeout_s: float = 1.0  # how long the end of a body read up to its end marker may take
-    _idle_watch: _IdleWatch = field(init=False, repr=False, compare=False)
+    _watch: _Watch = field(init=False, repr=False, compare=False)
     _tails: _Tails = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self._idle_watch = _IdleWatch(self.idle_timeout_s)
+        self._watch = _Watch(self.idle_timeout_s, self.total_timeout_s)
         self._tails = _Tails(self.tail_timeout_s)
 
     async def aclose(self) -> None:
@@ -289,8 +308,9 @@ class UpstreamHTTP:
 
     @property
     def timeout(self) -> aiohttp.ClientTimeout:
+        """aiohttp's part of the timeouts; the total one is kept by `_Watch` and `_open_once`."""
         return aiohttp.ClientTimeout(
-            total=self.total_timeout_s or None,
+            total=None,
             sock_connect=self.connect_timeout_s or None,
             sock_read=self.idle_timeout_s or None,
         )
@@ -302,10 +322,12 @@ class UpstreamHTTP:
         """A response with a good status, retried before its first byte. On exit its
         connection goes back to the pool once the body has ended (`_Tails`), unless the
         reader failed or was cancelled (`/stop`): then it is closed at once."""
-        response = await self._open_retried(method, url, expect_sse=expect_sse, **kwargs)
+        response, deadline = await self._open_retried(
+            method, url, expect_sse=expect_sse, **kwargs
+        )
         reader_done = False
         try:
-            self._idle_watch.add(response)
+            self._watch.add(response, deadline)
             try:
                 yield response
             except GeneratorExit:  # the reader's generator closed: it read all it wanted,
@@ -314,12 +336,14 @@ class UpstreamHTTP:
                 reader_done = not cancel_requested()
                 raise
             reader_done = True
+        except TotalTimeout as exc:
+            raise UpstreamTimeout(f"no whole answer within {self.total_timeout_s:g} s") from exc
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"no data for {self.idle_timeout_s:g} s") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamBroken(f"stream broke: {type(exc).__name__}") from exc
         finally:
-            self._idle_watch.discard(response)
+            self._watch.discard(response)
             if reader_done:
                 self._tails.finish(response)
             else:
@@ -327,7 +351,7 @@ class UpstreamHTTP:
 
     async def _open_retried(
         self, method: str, url: str, *, expect_sse: bool, **kwargs: Any
-    ) -> aiohttp.ClientResponse:
+    ) -> tuple[aiohttp.ClientResponse, float]:
         """`_open_once` under the retry policy. The first attempt goes out at once: setting
         the policy up costs about as much as a loopback request, so it is set up only once that
         attempt failed with a retryable error, which it then counts as its own first attempt."""
@@ -335,26 +359,31 @@ class UpstreamHTTP:
             return await self._open_once(method, url, expect_sse=expect_sse, **kwargs)
         except RETRYABLE as exc:
             first_failure: UpstreamFailure | None = exc
-        response: aiohttp.ClientResponse | None = None
+        opened: tuple[aiohttp.ClientResponse, float] | None = None
         async for attempt in self.retrying():
             with attempt:
                 if first_failure is not None:
                     failed, first_failure = first_failure, None
                     raise failed
-                response = await self._open_once(method, url, expect_sse=expect_sse, **kwargs)
-        assert response is not None
-        return response
+                opened = await self._open_once(method, url, expect_sse=expect_sse, **kwargs)
+        assert opened is not None
+        return opened
 
     async def _open_once(
         self, method: str, url: str, *, expect_sse: bool, **kwargs: Any
-    ) -> aiohttp.ClientResponse:
+    ) -> tuple[aiohttp.ClientResponse, float]:
+        """A response with a good status, and when its answer must have ended."""
+        deadline = self._watch.deadline()
         try:
-            response = await self.session.request(method, url, timeout=self.timeout, **kwargs)
+            async with asyncio.timeout_at(None if deadline == math.inf else deadline) as total:
+                response = await self.session.request(method, url, timeout=self.timeout, **kwargs)
         except aiohttp.SocketTimeoutError as exc:
             # The request went out and no answer came: not retried, the upstream may be
             # working on it (one that keeps conversations would get the question twice).
             raise UpstreamTimeout(f"no answer for {self.idle_timeout_s:g} s") from exc
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            if total.expired():  # not retried either, for the same reason
+                raise UpstreamTimeout(f"no answer within {self.total_timeout_s:g} s") from exc
             raise UpstreamUnavailable(f"timed out connecting to {_host(url)}") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(f"cannot reach {_host(url)}: {type(exc).__name__}") from exc
@@ -368,7 +397,7 @@ class UpstreamHTTP:
                 f"expected text/event-stream, got {response.content_type}: "
                 f"{clip(body, _ERROR_BODY_CHARS)}"
             )
-        return response
+        return response, deadline
 
     async def json(self, method: str, url: str, **kwargs: Any) -> Any:
         """A non-streaming call answered with JSON, retried like any other request."""

@@ -249,7 +249,7 @@ async def test_no_answer_within_the_idle_timeout_is_a_timeout_never_retried(
 
 
 def idle_watches() -> list[asyncio.Task[object]]:
-    return [t for t in asyncio.all_tasks() if t.get_name() == "upstream-idle-watch"]
+    return [t for t in asyncio.all_tasks() if t.get_name() == "upstream-timeout-watch"]
 
 
 def trickle(count: int, every_s: float) -> Handler:
@@ -295,6 +295,42 @@ async def test_idle_timeouts_of_many_streams_and_no_timer_left(upstream: Upstrea
     assert results[::2] == [await collect(http, url)] * 3
     await asyncio.sleep(0)
     assert not idle_watches()
+
+
+async def test_the_total_timeout_ends_a_stream_that_keeps_going(upstream: Upstream,
+                                                                 http: UpstreamHTTP) -> None:
+    """An answer that never ends, never idle (a keep-alive every 0.1 s): it fails at the
+    total timeout, counted from its request, and says so; it is not asked again."""
+    url = upstream.on("/chat", trickle(1000, 0.1))
+    watching = UpstreamHTTP(http.session, retries=2, backoff_s=0.01, idle_timeout_s=0.3,
+                            total_timeout_s=1.0)
+    events: list[SSEEvent] = []
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeout, match=r"no whole answer within 1 s"):
+        await collect(watching, url, events)
+    assert 1.0 <= time.monotonic() - started < 3
+    assert 5 <= len(events) <= 12 and upstream.hits("/chat") == 1
+    await asyncio.sleep(0)
+    assert not idle_watches()
+
+
+async def test_the_total_timeout_while_waiting_for_the_headers(upstream: Upstream,
+                                                              http: UpstreamHTTP) -> None:
+    """A total timeout shorter than the idle one ends the wait for the headers too, as a
+    timeout (the upstream may be working on it: not asked again)."""
+
+    async def silent(request: web.Request) -> web.StreamResponse:
+        await upstream.release.wait()
+        return web.Response(status=503)
+
+    url = upstream.on("/chat", silent)
+    watching = UpstreamHTTP(http.session, retries=2, backoff_s=0.01, idle_timeout_s=30,
+                            total_timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeout, match=r"no answer within 0\.5 s"):
+        await collect(watching, url)
+    assert 0.5 <= time.monotonic() - started < 3
+    assert upstream.hits("/chat") == 1
 
 
 async def test_connection_dropped_mid_stream(upstream: Upstream, http: UpstreamHTTP) -> None:
