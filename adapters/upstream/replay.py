@@ -14,12 +14,14 @@ import asyncio
 import importlib.resources
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Protocol
 
+from adapters.upstream._common import relay
 from adapters.upstream.aimaster import AimasterParser
 from adapters.upstream.coze import CozeParser
 from adapters.upstream.dify import DifyParser
@@ -28,13 +30,11 @@ from adapters.upstream.openai import OpenAIParser
 from bridge.config import Settings
 from bridge.events import (
     ConversationRef,
-    Done,
     Event,
     ReasoningDelta,
     TextDelta,
-    UpstreamError,
 )
-from bridge.http import UpstreamBroken, UpstreamHTTP
+from bridge.http import UpstreamHTTP
 from bridge.interfaces import KeyValue, Turn
 from bridge.sse import SSEDecoder, SSEEvent
 
@@ -141,10 +141,15 @@ class ReplayUpstream:
         self._next += 1
         if not (turn.conversation or {}).get("replay_session"):
             yield ConversationRef({"replay_session": uuid.uuid4().hex})
-        parser = parser_for(recording.format)
         started, chars = self._clock(), 0
-        for message in _messages(recording.data):
-            for event in parser.feed(message):
+        # The live adapters' own loop: a keep-alive `data:` line is skipped, a recording that
+        # ends inside a message or before its end marker is a broken stream.
+        events = relay(
+            _messages(recording.data), parser_for(recording.format),
+            upstream=f"recording {recording.name}",
+        )
+        async with aclosing(events):
+            async for event in events:
                 if isinstance(event, ConversationRef):
                     continue  # the recorded upstream's ids are not this session's
                 chars += _paced_chars(event)
@@ -153,9 +158,6 @@ class ReplayUpstream:
                     if delay > 0:
                         await self._sleep(delay)
                 yield event
-                if isinstance(event, Done | UpstreamError):
-                    return
-        raise UpstreamBroken(f"recording {recording.name} ended without its end marker")
 
     async def reset(self, conversation: Mapping[str, str], chat_session_id: str) -> None:
         """Nothing to forget: a recording has no memory."""
@@ -164,11 +166,13 @@ class ReplayUpstream:
         """Nothing is held open."""
 
 
-def _messages(data: bytes) -> Iterator[SSEEvent]:
+async def _messages(data: bytes) -> AsyncIterator[SSEEvent]:
     decoder = SSEDecoder()
     for start in range(0, len(data), READ_CHUNK_BYTES):
-        yield from decoder.feed(data[start : start + READ_CHUNK_BYTES])
-    yield from decoder.close()
+        for message in decoder.feed(data[start : start + READ_CHUNK_BYTES]):
+            yield message
+    for message in decoder.close():
+        yield message
 
 
 def create(settings: Settings, http: UpstreamHTTP, kv: KeyValue) -> ReplayUpstream:

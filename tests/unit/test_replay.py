@@ -158,6 +158,22 @@ async def test_recording_without_end_marker_is_broken() -> None:
     assert TextDelta(",世界") in events
 
 
+async def test_keep_alive_data_line_plays_as_it_would_live() -> None:
+    # A proxy's `data:` alone is no message in any protocol: the live adapters skip it.
+    data = OPENAI_RECORDING.replace(b": keep-alive\n\n", b"data:\n\n")
+    events = await collect(ReplayUpstream([Recording("o.sse", "openai", data)]))
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["你好", ",世界"]
+    assert events[-1] == Done()
+
+
+async def test_recording_cut_inside_a_message_is_broken() -> None:
+    data = OPENAI_RECORDING[: OPENAI_RECORDING.index(b"finish_reason")]
+    events: list[Event] = []
+    with pytest.raises(UpstreamBroken):
+        await collect(ReplayUpstream([Recording("o.sse", "openai", data)]), into=events)
+    assert TextDelta("你好") in events
+
+
 def test_unknown_format() -> None:
     with pytest.raises(ValueError, match="unknown replay format"):
         parser_for("telnet")
