@@ -51,6 +51,9 @@ APP_CONVERSATION = "AppConversationID"  # keys of the conversation reference (SP
 CONVERSATION = "conversation_id"
 _JSON_ACCEPT = "application/json, text/plain, */*"
 _STREAM_ACCEPT = "application/json, text/event-stream"
+# What the web client sends with every API call (the seed's `timeout` header, in ms): the
+# platform's proxy may hold a long answer that long.
+_PROXY_TIMEOUT_MS = "300000"
 _FAILURES = frozenset({"message_failed", "error"})  # inner events that end the turn as errors
 
 
@@ -230,6 +233,7 @@ class HiAgentUpstream:
             "Accept": _STREAM_ACCEPT if stream else _JSON_ACCEPT,
             "x-csrf-token": csrf.token,
             "app-visitor-key": await self._visitor(),
+            "timeout": _PROXY_TIMEOUT_MS,
             "Origin": self._origin,
             "Referer": self._page_url,
         }

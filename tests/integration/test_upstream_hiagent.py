@@ -86,6 +86,7 @@ async def test_first_turn_creates_the_conversation_with_csrf_and_visitor_key(
     assert query.headers["x-csrf-token"] == "csrf/token+1=="
     assert query.headers["app-visitor-key"] == kv.values["visitor_key"]
     assert query.headers["Referer"] == fake.url + PAGE_PATH
+    assert query.headers["timeout"] == "300000"  # as the web client sends it (the seed)
 
 
 async def test_second_turn_reuses_both_conversation_ids(fake: HiAgentFake,
