@@ -123,6 +123,15 @@ def _parse_claim_idle(raw: str) -> float:
     return value
 
 
+def _parse_existing_path(raw: str) -> Path:
+    """A file or folder that exists: reported with the other problems, not by the one part
+    that opens it once everything else is right."""
+    path = Path(raw)
+    if not path.exists():
+        raise ValueError("no such file or folder")
+    return path
+
+
 def _parse_nonneg_int(raw: str) -> int:
     value = _parse_int(raw)
     if value < 0:
@@ -293,7 +302,9 @@ class Settings:
     )
     chatgpt_access_token: str | None = _var(None, secret=True, example="eyJ...")
     chatgpt_model: str = _var("auto", example="gpt-4o")
-    replay_file: Path | None = _var(None, parse=Path, example="/path/to/recording.sse")
+    replay_file: Path | None = _var(
+        None, parse=_parse_existing_path, example="/path/to/recording.sse"
+    )
     replay_format: str | None = _var(
         None, parse=_choice("hiagent", "aimaster", "openai", "coze", "dify"), example="hiagent"
     )

@@ -180,10 +180,6 @@ def create(settings: Settings, http: UpstreamHTTP, kv: KeyValue) -> ReplayUpstre
     folder in turn (the format taken from each file's name)."""
     if settings.replay_file is None:
         raise ValueError("BRIDGE_REPLAY_FILE is required for replay")
-    if not settings.replay_file.exists():
-        raise ValueError(
-            f"cannot read replay file {str(settings.replay_file)!r}: it does not exist"
-        )
     if settings.replay_file.is_dir():
         return ReplayUpstream(recordings_in(settings.replay_file), settings.replay_cps)
     if settings.replay_format is None:

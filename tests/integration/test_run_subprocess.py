@@ -98,15 +98,17 @@ async def test_configuration_error_exits_2_naming_the_variable(tmp_path: Path) -
 async def test_an_upstream_that_cannot_be_set_up_exits_2_without_a_traceback(
     tmp_path: Path,
 ) -> None:
-    """What only the adapter can tell (here: a replay file that does not exist) is a
+    """What only the adapter can tell (here: a folder with no recording in it) is a
     configuration error of `run` as of `check`: exit 2, one line naming the variable."""
+    empty = tmp_path / "recordings"
+    empty.mkdir()
     code, output, lines = await _run_to_exit(
-        BRIDGE_UPSTREAM="replay", BRIDGE_REPLAY_FILE=str(tmp_path / "missing.sse"),
+        BRIDGE_UPSTREAM="replay", BRIDGE_REPLAY_FILE=str(empty),
         BRIDGE_YACH_INSECURE="1", BRIDGE_PORT="0", BRIDGE_STATE_DIR=str(tmp_path),
     )
     assert code == 2
-    assert any(line.startswith("chatbridge: BRIDGE_UPSTREAM=replay") and "missing.sse" in line
-               for line in lines), lines
+    assert any(line.startswith("chatbridge: BRIDGE_UPSTREAM=replay") and "nothing to replay"
+               in line for line in lines), lines
     assert "Traceback" not in output
 
 

@@ -87,6 +87,17 @@ def test_a_replay_file_needs_its_format_listed_with_the_other_problems(tmp_path:
     assert load_settings({**env, "BRIDGE_PORT": "0", "BRIDGE_REPLAY_FILE": str(tmp_path)})
 
 
+def test_a_replay_file_that_does_not_exist_is_listed_with_the_other_problems(
+    tmp_path: Path,
+) -> None:
+    """Not only once every other problem is fixed, by the adapter, naming BRIDGE_UPSTREAM."""
+    env = {"BRIDGE_UPSTREAM": "replay", "BRIDGE_REPLAY_FILE": str(tmp_path / "missing.sse"),
+           "BRIDGE_REPLAY_FORMAT": "openai", "BRIDGE_YACH_SECRET": "s", "BRIDGE_PORT": "eighty"}
+    found = problems(env)
+    assert [line.split(":")[0] for line in found] == ["BRIDGE_PORT", "BRIDGE_REPLAY_FILE"]
+    assert "no such file or folder" in found[1] and "example: BRIDGE_REPLAY_FILE=" in found[1]
+
+
 def test_placeholder_and_empty_values_count_as_missing() -> None:
     env = {**OPENAI, "BRIDGE_OPENAI_API_KEY": "change-me", "BRIDGE_OPENAI_MODEL": ""}
     names = {line.split(":")[0] for line in problems(env)}

@@ -211,11 +211,14 @@ async def test_create_from_settings() -> None:
         assert (await collect(upstream))[-1] == Done()
 
 
-def test_create_with_a_missing_file(tmp_path: Path) -> None:
+def test_create_with_a_file_gone_since_the_settings_were_read(tmp_path: Path) -> None:
+    recording = tmp_path / "gone.sse"
+    recording.write_text("data: [DONE]\n\n")
     settings = load_settings({
-        "BRIDGE_REPLAY_FILE": str(tmp_path / "missing.sse"),
+        "BRIDGE_REPLAY_FILE": str(recording),
         "BRIDGE_REPLAY_FORMAT": "openai",
     }, command="demo")
+    recording.unlink()
     with pytest.raises(ValueError, match="cannot read replay file"):
         replay.create(settings, None, MemoryKV())  # type: ignore[arg-type]
 
