@@ -171,9 +171,11 @@ end
 
 _START = START_TURN + "return start_turn(KEYS, ARGV)\n"
 
-# KEYS: lock, fence, session, history, stop. Forget the mapping (/reset); the lock of the
-# stopped turn (the entry named by the stop key), if it still holds on, is fenced out so
-# that its saves are refused.
+# KEYS: lock, fence, session, history, stop, the command's journal. ARGV: journal ttl s.
+# Forget the mapping (/reset); the lock of the stopped turn (the entry named by the stop
+# key), if it still holds on, is fenced out so that its saves are refused. The command's
+# journal records that it was done: its redelivery (a process that died before the ack)
+# must not forget the new conversation of the turns that came after it.
 _FORGET = """
 local held = redis.call('GET', KEYS[1])
 local stopped = redis.call('GET', KEYS[5])
@@ -182,7 +184,25 @@ if held and stopped and string.sub(held, -string.len(stopped) - 1) == ':' .. sto
   redis.call('INCR', KEYS[2])
 end
 redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('HSET', KEYS[6], 'reset', '1')
+redis.call('EXPIRE', KEYS[6], ARGV[1])
 return 1
+"""
+
+# KEYS: lock, stop, the command's journal. ARGV: stop key ttl s, journal ttl s.
+# `/stop` (alone or in `/reset`): the entry whose turn holds the session ('' if none) is
+# recorded in the stop key, and in the command's journal, once: a redelivery of the command
+# (its process died before the ack) answers what the first delivery stopped, and stops no
+# turn that started since.
+_STOP = """
+local done = redis.call('HGET', KEYS[3], 'stopped')
+if done then return done end
+local held = redis.call('GET', KEYS[1])
+local running = held and string.match(held, '^%d+:(.+)$') or ''
+if running ~= '' then redis.call('SET', KEYS[2], running, 'EX', ARGV[1]) end
+redis.call('HSET', KEYS[3], 'stopped', running)
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+return running
 """
 
 
@@ -302,6 +322,7 @@ class Sessions:
         self._save = redis.register_script(_SAVE)
         self._journal = redis.register_script(_JOURNAL)
         self._forget = redis.register_script(_FORGET)
+        self._stop = redis.register_script(_STOP)
         self._end_reset = redis.register_script(_END_RESET)
 
     # Order and locking
@@ -490,9 +511,28 @@ class Sessions:
         finally:
             await self._end_reset(keys=[key], args=[token])
 
-    async def forget(self, chat_session_id: str) -> None:
+    async def stop(self, chat_session_id: str, command_entry_id: str, *, ttl_s: int) -> str | None:
+        """Record a stop of the turn that holds the session (kept `ttl_s`) for the command
+        `command_entry_id`; the entry it is for, None if no turn held the session. Once per
+        command: its redelivery gets what the first delivery found, and stops nothing new."""
+        running = await self._stop(
+            keys=[
+                self.keys.lock(chat_session_id),
+                self.keys.stop(chat_session_id),
+                self.keys.journal(command_entry_id),
+            ],
+            args=[ttl_s, JOURNAL_TTL_S],
+        )
+        return as_text(running) or None
+
+    async def was_reset(self, command_entry_id: str) -> bool:
+        """Whether the `/reset` of this command entry has forgotten its session already."""
+        return bool(await self.redis.hexists(self.keys.journal(command_entry_id), "reset"))
+
+    async def forget(self, chat_session_id: str, command_entry_id: str) -> None:
         """Drop the conversation mapping and history (the `/reset` command); a stopped turn
-        that still holds the lock is fenced out, so it cannot save the old mapping again."""
+        that still holds the lock is fenced out, so it cannot save the old mapping again.
+        Recorded in the command's journal (`was_reset`), in the same step."""
         await self._forget(
             keys=[
                 self.keys.lock(chat_session_id),
@@ -500,7 +540,9 @@ class Sessions:
                 self.keys.session(chat_session_id),
                 self.keys.history(chat_session_id),
                 self.keys.stop(chat_session_id),
+                self.keys.journal(command_entry_id),
             ],
+            args=[JOURNAL_TTL_S],
         )
 
     # The turn journal
