@@ -173,13 +173,17 @@ _START = START_TURN + "return start_turn(KEYS, ARGV)\n"
 
 # KEYS: lock, fence, session, history, stop, the command's journal. ARGV: journal ttl s.
 # Forget the mapping (/reset); the lock of the stopped turn (the entry named by the stop
-# key), if it still holds on, is fenced out so that its saves are refused. The command's
+# key), if it still holds on, is fenced out so that its saves are refused — and so is a
+# lock that expired (its turn's process stalled past it): unfenced, that turn would take
+# it back (`holds`) and save the old mapping after the forget. The command's
 # journal records that it was done: its redelivery (a process that died before the ack)
 # must not forget the new conversation of the turns that came after it.
 _FORGET = """
 local held = redis.call('GET', KEYS[1])
 local stopped = redis.call('GET', KEYS[5])
-if held and stopped and string.sub(held, -string.len(stopped) - 1) == ':' .. stopped then
+if not held then
+  if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('INCR', KEYS[2]) end  -- keeps its TTL
+elseif stopped and string.sub(held, -string.len(stopped) - 1) == ':' .. stopped then
   redis.call('DEL', KEYS[1])
   redis.call('INCR', KEYS[2])
 end
