@@ -100,7 +100,7 @@ if tonumber(ARGV[7]) > 0 then
                             'STREAMS', KEYS[1], '>')
   local rows = type(reply) == 'table' and not reply.err and reply[1][2] or {}
   local p = {unpack(ARGV, 9, 17)}
-  local a = {unpack(ARGV, 18, 22)}
+  local a = {unpack(ARGV, 18, 23)}
   for i, row in ipairs(rows) do
     local id, item, start = row[1], stored[row[1]], false
     if item then
@@ -108,11 +108,11 @@ if tonumber(ARGV[7]) > 0 then
       start = start_turn(
         {KEYS[1], p[1] .. s, p[2] .. s, p[3] .. s, p[4] .. id, p[5] .. s, p[6] .. s,
          p[7] .. s, p[8] .. item[5], p[9] .. s},
-        {id, a[1], a[2], a[3], a[4], a[5]})
+        {id, a[1], a[2], a[3], a[4], a[5], a[6]})
     end
     taken[i] = {id, row[2], start}
   end
-  if #taken > 0 then redis.call('SET', ARGV[8], cjson.encode({ids, taken}), 'EX', ARGV[23]) end
+  if #taken > 0 then redis.call('SET', ARGV[8], cjson.encode({ids, taken}), 'EX', ARGV[24]) end
 end
 return {ids, taken}
 """

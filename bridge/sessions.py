@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -60,6 +61,19 @@ if holds(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
+"""
+)
+
+# KEYS: lock, fence, journal. ARGV: lock value, lock ttl ms, journal ttl s. The attempt of a
+# turn that took its lock while waiting for a turn slot, counted once it has one: 0 if the lock
+# was lost meanwhile.
+_ATTEMPT = (
+    _HOLDS
+    + """
+if not holds(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return 0 end
+local attempt = redis.call('HINCRBY', KEYS[3], 'attempts', 1)
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+return attempt
 """
 )
 
@@ -115,12 +129,14 @@ return 1
 
 # `start_turn(k, a)`: one try to start an entry's turn, in one round trip. k: inbox, queue, lock,
 # fence, journal, stop, session, history, the sender's rate counter, the reset mark. a: entry id,
-# lock ttl ms, journal ttl s, history turns to read, the sender's message limit (0: no check) and
-# its window ms. Its place in the session queue (an entry missing from its queue, which only a lost
-# queue key can cause, is put back in stream-id order, unless it is gone from the inbox,
-# acknowledged: then {-1}); with a limit, the sender's message counted, {-2} when over it; at the
-# head with the lock free and no `/reset` running, the lock (fence+1 → token), the attempt counted
-# in the journal, whether a `/stop` was recorded for it, and what the turn reads: the journal, the
+# lock ttl ms, journal ttl s, history turns to read, the sender's message limit (0: no check), its
+# window ms, and whether the attempt is counted now (1: a turn slot is free to run it at once; 0:
+# it will wait for one, and is counted once it has one — `count_attempt`). Its place in the
+# session queue (an entry missing from its queue, which only a lost queue key can cause, is put
+# back in stream-id order, unless it is gone from the inbox, acknowledged: then {-1}); with a
+# limit, the sender's message counted, {-2} when over it; at the head with the lock free and no
+# `/reset` running, the lock (fence+1 → token), the attempt counted (or as counted so far) in
+# the journal, whether a `/stop` was recorded for it, and what the turn reads: the journal, the
 # session, the history. Read under the lock just taken, they stay as read: only the lock's holder
 # writes them, and `/reset` stops the holder first and lets no turn start until it has forgotten
 # them.
@@ -159,8 +175,13 @@ local function start_turn(k, a)
   local value = redis.call('INCR', k[4]) .. ':' .. a[1]
   redis.call('EXPIRE', k[4], a[3])  -- with the journals: INCRs after it keep it
   redis.call('SET', k[3], value, 'PX', a[2])
-  local attempt = redis.call('HINCRBY', k[5], 'attempts', 1)
-  redis.call('EXPIRE', k[5], a[3])
+  local attempt
+  if a[7] == '1' then
+    attempt = redis.call('HINCRBY', k[5], 'attempts', 1)
+    redis.call('EXPIRE', k[5], a[3])
+  else
+    attempt = tonumber(redis.call('HGET', k[5], 'attempts') or '0')
+  end
   local stopped = redis.call('GET', k[6]) == a[1] and 1 or 0
   local history = {}
   if tonumber(a[4]) > 0 then history = redis.call('LRANGE', k[8], -tonumber(a[4]), -1) end
@@ -261,7 +282,8 @@ class Start:
 
     ahead: int | None  # entries ahead in the session queue; None: gone, or over the rate
     lock: str = ""  # the session lock, when this try took it
-    attempt: int = 0  # the turns of this entry started so far, this one too
+    attempt: int = 0  # the turns of this entry started so far, this one too if `counted`
+    counted: bool = True  # this try counted the attempt (else: `Sessions.count_attempt`)
     stopped: bool = False  # a `/stop` was recorded for this entry
     journal: Journal = Journal([], complete=False)
     state: SessionState = SessionState(None, None, None, None, 0)
@@ -323,6 +345,7 @@ class Sessions:
         self._start = redis.register_script(_START)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        self._attempt = redis.register_script(_ATTEMPT)
         self._save = redis.register_script(_SAVE)
         self._journal = redis.register_script(_JOURNAL)
         self._forget = redis.register_script(_FORGET)
@@ -338,12 +361,15 @@ class Sessions:
         *,
         with_history: bool,
         sender_rate: tuple[str, Rate] | None = None,
+        count_attempt: bool = True,
     ) -> Start:
         """One try to start the turn of an entry: its place in the session queue and, at
         the head with the lock free, the lock with what the turn needs to begin (the
         history only `with_history`: for upstreams without a memory of their own). With
         `sender_rate` (sender id, limit), the entry's message is counted against its
-        sender's limit first, in the same round trip: over it, nothing is started."""
+        sender's limit first, in the same round trip: over it, nothing is started. With
+        `count_attempt` False (the turn would wait for a turn slot), its attempt is counted
+        once it has one (`count_attempt`): a crash meanwhile costs it none."""
         sender, rate = sender_rate or ("", Rate(0, 1.0))
         reply = await self._hot.script(
             self._start,
@@ -359,9 +385,10 @@ class Sessions:
                 self.keys.user_rate(sender),
                 self.keys.resetting(chat_session_id),
             ],
-            [entry_id, *self._start_args(with_history, rate)],
+            [entry_id, *self._start_args(with_history, rate, count_attempt)],
         )
-        return self.parse_start(reply)
+        start = self.parse_start(reply)
+        return start if count_attempt else dataclasses.replace(start, counted=False)
 
     def start_on_put(self, *, with_history: bool, rate: Rate) -> list[EncodableT]:
         """What the inbox's put script needs to run `START_TURN` on the turns it stores and
@@ -372,13 +399,15 @@ class Sessions:
         prefixes = [keys.queue(""), keys.lock(""), keys.fence(""), keys.journal("")]
         prefixes += [keys.stop(""), keys.session(""), keys.history(""), keys.user_rate("")]
         prefixes.append(keys.resetting(""))
-        return [*prefixes, *self._start_args(with_history, rate)]
+        return [*prefixes, *self._start_args(with_history, rate, True)]
 
-    def _start_args(self, with_history: bool, rate: Rate) -> list[EncodableT]:
-        """`START_TURN`'s arguments after the entry id (a limit `count` of 0: no check)."""
+    def _start_args(self, with_history: bool, rate: Rate, count: bool) -> list[EncodableT]:
+        """`START_TURN`'s arguments after the entry id (a limit `count` of 0: no check;
+        `count`: the attempt is counted now). A put counts it: it takes no more entries than
+        there are free turn slots."""
         turns = self.history_turns * with_history
         window_ms = max(int(rate.per_s * 1000), 1)  # `N/SECONDS` takes decimals: 1/1.5
-        return [self.lock_ttl_ms, JOURNAL_TTL_S, turns, rate.count, window_ms]
+        return [self.lock_ttl_ms, JOURNAL_TTL_S, turns, rate.count, window_ms, int(count)]
 
     @staticmethod
     def parse_start(reply: list[Any]) -> Start:
@@ -398,6 +427,21 @@ class Sessions:
             state=_state(_pairs(session)),
             history=tuple(HistoryTurn(**json.loads(row)) for row in history),
         )
+
+    async def count_attempt(self, chat_session_id: str, entry_id: str, lock_value: str) -> int:
+        """Count the attempt of a turn that took its lock without (`Start.counted`), now
+        that it has a turn slot; the attempts so far, this one too. `LockLost` if the lock
+        was taken over meanwhile."""
+        keys = [
+            self.keys.lock(chat_session_id),
+            self.keys.fence(chat_session_id),
+            self.keys.journal(entry_id),
+        ]
+        args: list[EncodableT] = [lock_value, self.lock_ttl_ms, JOURNAL_TTL_S]
+        attempt = int(await self._patient(lambda: self._attempt(keys=keys, args=args)))
+        if not attempt:
+            raise LockLost("the session lock was taken over while the turn waited for a slot")
+        return attempt
 
     async def renew(self, chat_session_id: str, lock_value: str) -> bool:
         renewed = await self._renew(
