@@ -399,7 +399,8 @@ class Inbox:
         return entries
 
     async def set_aside_unreadable(self) -> None:
-        """Dead-letter the rows `read`/`claim` could not parse (they would poison both)."""
+        """Dead-letter the rows `read`/`claim` could not parse (they would poison both), and
+        take them out of their session queue (the turns behind one would wait for ever)."""
         while self._unreadable:
             entry_id, fields = self._unreadable[0]
             raw = {as_text(k): as_text(v) for k, v in fields.items()}
@@ -411,6 +412,8 @@ class Inbox:
                 )
                 pipe.xack(self.keys.inbox, GROUP, entry_id)
                 pipe.xdel(self.keys.inbox, entry_id)
+                if "s" in raw:
+                    pipe.lrem(self.keys.queue(raw["s"]), 1, entry_id)
                 await pipe.execute()
             self._unreadable.pop(0)
 
