@@ -62,31 +62,36 @@ class Commands:
         session = entry.chat_session_id
         log.info("command", command=str(command))
         if command is Command.STOP:
-            stopped = await self.stop(session)
+            stopped = await self.stop(session, entry.entry_id)
             return self.catalogue("nothing_to_stop" if stopped is None else "stopped")
         if command is Command.RESET:
-            await self.reset(session)
+            await self.reset(session, entry.entry_id)
             return self.catalogue("reset_done")
         if command is Command.STATUS:
             return await self.status(session)
         return self.catalogue("help")
 
-    async def stop(self, chat_session_id: str) -> str | None:
-        """Stop the running turn of a session, wherever it runs; the entry it was running."""
-        running = await self.sessions.holder(chat_session_id)
+    async def stop(self, chat_session_id: str, command_entry_id: str) -> str | None:
+        """Stop the running turn of a session, wherever it runs; the entry it was running.
+        The command `command_entry_id` stops one turn once: delivered again (its process
+        died before acknowledging it), it stops no turn that started since."""
+        running = await self.sessions.stop(chat_session_id, command_entry_id, ttl_s=STOP_KEY_TTL_S)
         if running is None:
             return None
-        await self.redis.set(self.keys.stop(chat_session_id), running, ex=STOP_KEY_TTL_S)
         await self.redis.publish(self.keys.control, stop_message(chat_session_id, running))
         return running
 
-    async def reset(self, chat_session_id: str) -> None:
+    async def reset(self, chat_session_id: str, command_entry_id: str) -> None:
         """Stop, wait for the turn to let go (at most BRIDGE_CLAIM_IDLE_S), forget, then
         delete the conversation upstream. No turn of the session starts until the forget:
-        a message queued behind the stopped turn starts afresh, in a new conversation."""
+        a message queued behind the stopped turn starts afresh, in a new conversation.
+        Once per command: delivered again after the forget, it leaves the session alone
+        (the turns after it may have begun the new conversation)."""
+        if await self.sessions.was_reset(command_entry_id):
+            return
         hold_s = self.claim_idle_s + _RESET_MARGIN_S
         async with self.sessions.resetting(chat_session_id, hold_s=hold_s):
-            stopped = await self.stop(chat_session_id)
+            stopped = await self.stop(chat_session_id, command_entry_id)
             if stopped is not None:
                 deadline = time.monotonic() + self.claim_idle_s
                 while await self.sessions.holder(chat_session_id) == stopped:
@@ -95,7 +100,7 @@ class Commands:
                         break
                     await asyncio.sleep(_RESET_POLL_S)
             state = await self.sessions.load(chat_session_id)
-            await self.sessions.forget(chat_session_id)
+            await self.sessions.forget(chat_session_id, command_entry_id)
         await self.redis.publish(self.keys.control, wake_message(chat_session_id))
         if state.conversation and state.upstream == self.upstream.name:
             try:

@@ -100,7 +100,7 @@ if tonumber(ARGV[7]) > 0 then
                             'STREAMS', KEYS[1], '>')
   local rows = type(reply) == 'table' and not reply.err and reply[1][2] or {}
   local p = {unpack(ARGV, 9, 17)}
-  local a = {unpack(ARGV, 18, 22)}
+  local a = {unpack(ARGV, 18, 23)}
   for i, row in ipairs(rows) do
     local id, item, start = row[1], stored[row[1]], false
     if item then
@@ -108,11 +108,11 @@ if tonumber(ARGV[7]) > 0 then
       start = start_turn(
         {KEYS[1], p[1] .. s, p[2] .. s, p[3] .. s, p[4] .. id, p[5] .. s, p[6] .. s,
          p[7] .. s, p[8] .. item[5], p[9] .. s},
-        {id, a[1], a[2], a[3], a[4], a[5]})
+        {id, a[1], a[2], a[3], a[4], a[5], a[6]})
     end
     taken[i] = {id, row[2], start}
   end
-  if #taken > 0 then redis.call('SET', ARGV[8], cjson.encode({ids, taken}), 'EX', ARGV[23]) end
+  if #taken > 0 then redis.call('SET', ARGV[8], cjson.encode({ids, taken}), 'EX', ARGV[24]) end
 end
 return {ids, taken}
 """
@@ -399,7 +399,8 @@ class Inbox:
         return entries
 
     async def set_aside_unreadable(self) -> None:
-        """Dead-letter the rows `read`/`claim` could not parse (they would poison both)."""
+        """Dead-letter the rows `read`/`claim` could not parse (they would poison both), and
+        take them out of their session queue (the turns behind one would wait for ever)."""
         while self._unreadable:
             entry_id, fields = self._unreadable[0]
             raw = {as_text(k): as_text(v) for k, v in fields.items()}
@@ -411,6 +412,8 @@ class Inbox:
                 )
                 pipe.xack(self.keys.inbox, GROUP, entry_id)
                 pipe.xdel(self.keys.inbox, entry_id)
+                if "s" in raw:
+                    pipe.lrem(self.keys.queue(raw["s"]), 1, entry_id)
                 await pipe.execute()
             self._unreadable.pop(0)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -60,6 +61,19 @@ if holds(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
+"""
+)
+
+# KEYS: lock, fence, journal. ARGV: lock value, lock ttl ms, journal ttl s. The attempt of a
+# turn that took its lock while waiting for a turn slot, counted once it has one: 0 if the lock
+# was lost meanwhile.
+_ATTEMPT = (
+    _HOLDS
+    + """
+if not holds(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return 0 end
+local attempt = redis.call('HINCRBY', KEYS[3], 'attempts', 1)
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+return attempt
 """
 )
 
@@ -115,12 +129,14 @@ return 1
 
 # `start_turn(k, a)`: one try to start an entry's turn, in one round trip. k: inbox, queue, lock,
 # fence, journal, stop, session, history, the sender's rate counter, the reset mark. a: entry id,
-# lock ttl ms, journal ttl s, history turns to read, the sender's message limit (0: no check) and
-# its window ms. Its place in the session queue (an entry missing from its queue, which only a lost
-# queue key can cause, is put back in stream-id order, unless it is gone from the inbox,
-# acknowledged: then {-1}); with a limit, the sender's message counted, {-2} when over it; at the
-# head with the lock free and no `/reset` running, the lock (fence+1 → token), the attempt counted
-# in the journal, whether a `/stop` was recorded for it, and what the turn reads: the journal, the
+# lock ttl ms, journal ttl s, history turns to read, the sender's message limit (0: no check), its
+# window ms, and whether the attempt is counted now (1: a turn slot is free to run it at once; 0:
+# it will wait for one, and is counted once it has one — `count_attempt`). Its place in the
+# session queue (an entry missing from its queue, which only a lost queue key can cause, is put
+# back in stream-id order, unless it is gone from the inbox, acknowledged: then {-1}); with a
+# limit, the sender's message counted, {-2} when over it; at the head with the lock free and no
+# `/reset` running, the lock (fence+1 → token), the attempt counted (or as counted so far) in
+# the journal, whether a `/stop` was recorded for it, and what the turn reads: the journal, the
 # session, the history. Read under the lock just taken, they stay as read: only the lock's holder
 # writes them, and `/reset` stops the holder first and lets no turn start until it has forgotten
 # them.
@@ -159,8 +175,13 @@ local function start_turn(k, a)
   local value = redis.call('INCR', k[4]) .. ':' .. a[1]
   redis.call('EXPIRE', k[4], a[3])  -- with the journals: INCRs after it keep it
   redis.call('SET', k[3], value, 'PX', a[2])
-  local attempt = redis.call('HINCRBY', k[5], 'attempts', 1)
-  redis.call('EXPIRE', k[5], a[3])
+  local attempt
+  if a[7] == '1' then
+    attempt = redis.call('HINCRBY', k[5], 'attempts', 1)
+    redis.call('EXPIRE', k[5], a[3])
+  else
+    attempt = tonumber(redis.call('HGET', k[5], 'attempts') or '0')
+  end
   local stopped = redis.call('GET', k[6]) == a[1] and 1 or 0
   local history = {}
   if tonumber(a[4]) > 0 then history = redis.call('LRANGE', k[8], -tonumber(a[4]), -1) end
@@ -171,18 +192,42 @@ end
 
 _START = START_TURN + "return start_turn(KEYS, ARGV)\n"
 
-# KEYS: lock, fence, session, history, stop. Forget the mapping (/reset); the lock of the
-# stopped turn (the entry named by the stop key), if it still holds on, is fenced out so
-# that its saves are refused.
+# KEYS: lock, fence, session, history, stop, the command's journal. ARGV: journal ttl s.
+# Forget the mapping (/reset); the lock of the stopped turn (the entry named by the stop
+# key), if it still holds on, is fenced out so that its saves are refused — and so is a
+# lock that expired (its turn's process stalled past it): unfenced, that turn would take
+# it back (`holds`) and save the old mapping after the forget. The command's
+# journal records that it was done: its redelivery (a process that died before the ack)
+# must not forget the new conversation of the turns that came after it.
 _FORGET = """
 local held = redis.call('GET', KEYS[1])
 local stopped = redis.call('GET', KEYS[5])
-if held and stopped and string.sub(held, -string.len(stopped) - 1) == ':' .. stopped then
+if not held then
+  if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('INCR', KEYS[2]) end  -- keeps its TTL
+elseif stopped and string.sub(held, -string.len(stopped) - 1) == ':' .. stopped then
   redis.call('DEL', KEYS[1])
   redis.call('INCR', KEYS[2])
 end
 redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('HSET', KEYS[6], 'reset', '1')
+redis.call('EXPIRE', KEYS[6], ARGV[1])
 return 1
+"""
+
+# KEYS: lock, stop, the command's journal. ARGV: stop key ttl s, journal ttl s.
+# `/stop` (alone or in `/reset`): the entry whose turn holds the session ('' if none) is
+# recorded in the stop key, and in the command's journal, once: a redelivery of the command
+# (its process died before the ack) answers what the first delivery stopped, and stops no
+# turn that started since.
+_STOP = """
+local done = redis.call('HGET', KEYS[3], 'stopped')
+if done then return done end
+local held = redis.call('GET', KEYS[1])
+local running = held and string.match(held, '^%d+:(.+)$') or ''
+if running ~= '' then redis.call('SET', KEYS[2], running, 'EX', ARGV[1]) end
+redis.call('HSET', KEYS[3], 'stopped', running)
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+return running
 """
 
 
@@ -237,7 +282,8 @@ class Start:
 
     ahead: int | None  # entries ahead in the session queue; None: gone, or over the rate
     lock: str = ""  # the session lock, when this try took it
-    attempt: int = 0  # the turns of this entry started so far, this one too
+    attempt: int = 0  # the turns of this entry started so far, this one too if `counted`
+    counted: bool = True  # this try counted the attempt (else: `Sessions.count_attempt`)
     stopped: bool = False  # a `/stop` was recorded for this entry
     journal: Journal = Journal([], complete=False)
     state: SessionState = SessionState(None, None, None, None, 0)
@@ -299,9 +345,11 @@ class Sessions:
         self._start = redis.register_script(_START)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        self._attempt = redis.register_script(_ATTEMPT)
         self._save = redis.register_script(_SAVE)
         self._journal = redis.register_script(_JOURNAL)
         self._forget = redis.register_script(_FORGET)
+        self._stop = redis.register_script(_STOP)
         self._end_reset = redis.register_script(_END_RESET)
 
     # Order and locking
@@ -313,12 +361,15 @@ class Sessions:
         *,
         with_history: bool,
         sender_rate: tuple[str, Rate] | None = None,
+        count_attempt: bool = True,
     ) -> Start:
         """One try to start the turn of an entry: its place in the session queue and, at
         the head with the lock free, the lock with what the turn needs to begin (the
         history only `with_history`: for upstreams without a memory of their own). With
         `sender_rate` (sender id, limit), the entry's message is counted against its
-        sender's limit first, in the same round trip: over it, nothing is started."""
+        sender's limit first, in the same round trip: over it, nothing is started. With
+        `count_attempt` False (the turn would wait for a turn slot), its attempt is counted
+        once it has one (`count_attempt`): a crash meanwhile costs it none."""
         sender, rate = sender_rate or ("", Rate(0, 1.0))
         reply = await self._hot.script(
             self._start,
@@ -334,9 +385,10 @@ class Sessions:
                 self.keys.user_rate(sender),
                 self.keys.resetting(chat_session_id),
             ],
-            [entry_id, *self._start_args(with_history, rate)],
+            [entry_id, *self._start_args(with_history, rate, count_attempt)],
         )
-        return self.parse_start(reply)
+        start = self.parse_start(reply)
+        return start if count_attempt else dataclasses.replace(start, counted=False)
 
     def start_on_put(self, *, with_history: bool, rate: Rate) -> list[EncodableT]:
         """What the inbox's put script needs to run `START_TURN` on the turns it stores and
@@ -347,13 +399,15 @@ class Sessions:
         prefixes = [keys.queue(""), keys.lock(""), keys.fence(""), keys.journal("")]
         prefixes += [keys.stop(""), keys.session(""), keys.history(""), keys.user_rate("")]
         prefixes.append(keys.resetting(""))
-        return [*prefixes, *self._start_args(with_history, rate)]
+        return [*prefixes, *self._start_args(with_history, rate, True)]
 
-    def _start_args(self, with_history: bool, rate: Rate) -> list[EncodableT]:
-        """`START_TURN`'s arguments after the entry id (a limit `count` of 0: no check)."""
+    def _start_args(self, with_history: bool, rate: Rate, count: bool) -> list[EncodableT]:
+        """`START_TURN`'s arguments after the entry id (a limit `count` of 0: no check;
+        `count`: the attempt is counted now). A put counts it: it takes no more entries than
+        there are free turn slots."""
         turns = self.history_turns * with_history
         window_ms = max(int(rate.per_s * 1000), 1)  # `N/SECONDS` takes decimals: 1/1.5
-        return [self.lock_ttl_ms, JOURNAL_TTL_S, turns, rate.count, window_ms]
+        return [self.lock_ttl_ms, JOURNAL_TTL_S, turns, rate.count, window_ms, int(count)]
 
     @staticmethod
     def parse_start(reply: list[Any]) -> Start:
@@ -373,6 +427,21 @@ class Sessions:
             state=_state(_pairs(session)),
             history=tuple(HistoryTurn(**json.loads(row)) for row in history),
         )
+
+    async def count_attempt(self, chat_session_id: str, entry_id: str, lock_value: str) -> int:
+        """Count the attempt of a turn that took its lock without (`Start.counted`), now
+        that it has a turn slot; the attempts so far, this one too. `LockLost` if the lock
+        was taken over meanwhile."""
+        keys = [
+            self.keys.lock(chat_session_id),
+            self.keys.fence(chat_session_id),
+            self.keys.journal(entry_id),
+        ]
+        args: list[EncodableT] = [lock_value, self.lock_ttl_ms, JOURNAL_TTL_S]
+        attempt = int(await self._patient(lambda: self._attempt(keys=keys, args=args)))
+        if not attempt:
+            raise LockLost("the session lock was taken over while the turn waited for a slot")
+        return attempt
 
     async def renew(self, chat_session_id: str, lock_value: str) -> bool:
         renewed = await self._renew(
@@ -490,9 +559,28 @@ class Sessions:
         finally:
             await self._end_reset(keys=[key], args=[token])
 
-    async def forget(self, chat_session_id: str) -> None:
+    async def stop(self, chat_session_id: str, command_entry_id: str, *, ttl_s: int) -> str | None:
+        """Record a stop of the turn that holds the session (kept `ttl_s`) for the command
+        `command_entry_id`; the entry it is for, None if no turn held the session. Once per
+        command: its redelivery gets what the first delivery found, and stops nothing new."""
+        running = await self._stop(
+            keys=[
+                self.keys.lock(chat_session_id),
+                self.keys.stop(chat_session_id),
+                self.keys.journal(command_entry_id),
+            ],
+            args=[ttl_s, JOURNAL_TTL_S],
+        )
+        return as_text(running) or None
+
+    async def was_reset(self, command_entry_id: str) -> bool:
+        """Whether the `/reset` of this command entry has forgotten its session already."""
+        return bool(await self.redis.hexists(self.keys.journal(command_entry_id), "reset"))
+
+    async def forget(self, chat_session_id: str, command_entry_id: str) -> None:
         """Drop the conversation mapping and history (the `/reset` command); a stopped turn
-        that still holds the lock is fenced out, so it cannot save the old mapping again."""
+        that still holds the lock is fenced out, so it cannot save the old mapping again.
+        Recorded in the command's journal (`was_reset`), in the same step."""
         await self._forget(
             keys=[
                 self.keys.lock(chat_session_id),
@@ -500,7 +588,9 @@ class Sessions:
                 self.keys.session(chat_session_id),
                 self.keys.history(chat_session_id),
                 self.keys.stop(chat_session_id),
+                self.keys.journal(command_entry_id),
             ],
+            args=[JOURNAL_TTL_S],
         )
 
     # The turn journal

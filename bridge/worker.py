@@ -449,15 +449,23 @@ class Worker:
         if started.stopped:  # stopped before it ran (or before a crash)
             await asyncio.shield(self._stopped(held))
             return
-        if started.attempt > self.settings.max_attempts:
+        if started.counted and started.attempt > self.settings.max_attempts:
             await self._dead_letter(held, started.attempt - 1)
             return
         async with self._turn_slots:
             if self.draining:
                 raise _Drained
+            attempt = started.attempt
+            if not started.counted:  # it waited for this slot: its attempt begins now
+                attempt = await self.sessions.count_attempt(
+                    entry.chat_session_id, entry.entry_id, held.lock
+                )
+                if attempt > self.settings.max_attempts:
+                    await self._dead_letter(held, attempt - 1)
+                    return
             held.phase = _Phase.RUNNING
             self.metrics.inflight_turns.inc()
-            log.info("turn_started", attempt=started.attempt, deliveries=entry.deliveries)
+            log.info("turn_started", attempt=attempt, deliveries=entry.deliveries)
             try:
                 outcome = await self.runner.run(entry, started)
             finally:
@@ -497,6 +505,8 @@ class Worker:
                             entry.entry_id,
                             with_history=self._with_history,
                             sender_rate=sender_rate if arriving else None,
+                            # no free turn slot: the turn would wait, and waiting is no attempt
+                            count_attempt=not self._turn_slots.locked(),
                         )
                 except RedisError:  # a waiting entry rides out a Redis outage
                     _raise_if_cancelled()

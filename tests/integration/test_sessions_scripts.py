@@ -3,6 +3,7 @@ confirmation carried by the next journal write."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -207,3 +208,25 @@ async def test_the_fence_of_a_session_expires_as_a_journal_does(
     await sessions.release(SESSION, started.lock)
     ttl = await redis_client.ttl(keys.fence(SESSION))
     assert JOURNAL_TTL_S - 5 < ttl <= JOURNAL_TTL_S
+
+
+async def test_a_reset_fences_out_a_stalled_turn_whose_lock_had_expired(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """The process of a running turn stalls (SIGSTOP, a partition) past its lock's life;
+    `/reset` finds no holder, so it waits for none, and forgets the session. The stalled
+    turn then goes on: it must not take its expired lock back (its token is still the
+    fence's) to save the old conversation again, nor journal — and so send — a piece."""
+    entry = await _store(redis_client, keys)
+    turn = await sessions.start(SESSION, entry, with_history=True)
+    assert await sessions.save_conversation(SESSION, turn.lock, "openai", {"id": "old"})
+    await redis_client.pexpire(keys.lock(SESSION), 1)
+    await asyncio.sleep(0.05)  # the lock expired: nobody holds the session
+    command = "1-1"
+    assert await sessions.stop(SESSION, command, ttl_s=60) is None
+    await sessions.forget(SESSION, command)
+
+    assert not await sessions.save_conversation(SESSION, turn.lock, "openai", {"id": "old"})
+    with pytest.raises(LockLost):
+        await sessions.journal_piece(SESSION, entry, _piece(0, "more of the old answer"), turn.lock)
+    assert (await sessions.load(SESSION)).conversation is None
