@@ -123,15 +123,6 @@ def _parse_claim_idle(raw: str) -> float:
     return value
 
 
-def _parse_existing_path(raw: str) -> Path:
-    """A file or folder that exists: reported with the other problems, not by the one part
-    that opens it once everything else is right."""
-    path = Path(raw)
-    if not path.exists():
-        raise ValueError("no such file or folder")
-    return path
-
-
 def _parse_nonneg_int(raw: str) -> int:
     value = _parse_int(raw)
     if value < 0:
@@ -302,9 +293,7 @@ class Settings:
     )
     chatgpt_access_token: str | None = _var(None, secret=True, example="eyJ...")
     chatgpt_model: str = _var("auto", example="gpt-4o")
-    replay_file: Path | None = _var(
-        None, parse=_parse_existing_path, example="/path/to/recording.sse"
-    )
+    replay_file: Path | None = _var(None, parse=Path, example="/path/to/recording.sse")
     replay_format: str | None = _var(
         None, parse=_choice("hiagent", "aimaster", "openai", "coze", "dify"), example="hiagent"
     )
@@ -423,6 +412,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, command: str = "run")
     settings = Settings(**values)
     if command in ("run", "check", "chat"):
         problems.extend(_missing(settings, command, invalid))
+        problems.extend(_not_found(settings))
     if problems:
         raise ConfigError(problems)
     return settings
@@ -443,6 +433,18 @@ def _missing(settings: Settings, command: str, invalid: set[str]) -> list[str]:
         f"{env_name(attr)}: required but not set; example: {env_name(attr)}={_example(attr)}"
         for attr in dict.fromkeys(required)
         if getattr(settings, attr) in (None, "") and attr not in invalid
+    ]
+
+
+def _not_found(settings: Settings) -> list[str]:
+    """Paths the configuration names that do not exist: listed with the other problems, not
+    by the one part that opens them once everything else is right."""
+    path = settings.replay_file if settings.upstream == "replay" else None
+    if path is None or path.exists():
+        return []
+    return [
+        f"BRIDGE_REPLAY_FILE: no such file or folder {str(path)!r}; "
+        f"example: BRIDGE_REPLAY_FILE={_example('replay_file')}"
     ]
 
 
