@@ -80,6 +80,7 @@ class _Held:
     lost: bool = False  # another worker owns the entry now, or holds its session
     acked: bool = False
     started_on_put: Start | None = None  # the first try to start it, made by the put
+    slot: bool = False  # holds a turn slot: taken before a try that counts its attempt
 
 
 class Worker:
@@ -402,6 +403,7 @@ class Worker:
             log.exception("entry_failed", outcome="left pending for redelivery")
             await self._let_go(held)
         finally:
+            self._free_slot(held)
             self.held.pop(entry.entry_id, None)
             self._room.set()
             if self.on_done is not None:
@@ -452,7 +454,10 @@ class Worker:
         if started.counted and started.attempt > self.settings.max_attempts:
             await self._dead_letter(held, started.attempt - 1)
             return
-        async with self._turn_slots:
+        if not held.slot:
+            await self._turn_slots.acquire()
+            held.slot = True
+        try:
             if self.draining:
                 raise _Drained
             attempt = started.attempt
@@ -470,6 +475,8 @@ class Worker:
                 outcome = await self.runner.run(entry, started)
             finally:
                 self.metrics.inflight_turns.dec()
+        finally:
+            self._free_slot(held)
         held.phase = _Phase.FINISHING
         await asyncio.shield(self._finish(held))  # "save, then XACK": the save was in run()
         self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome=outcome.value).inc()
@@ -500,15 +507,21 @@ class Worker:
                     if held.started_on_put is not None:  # the arriving try, made by the put
                         started, held.started_on_put = held.started_on_put, None
                     else:
+                        # A try that counts the attempt takes a free turn slot first: tries
+                        # made together (a batch read or claimed) would all see the same one
+                        # free. With none free the turn would wait, and waiting is no attempt.
+                        if not held.slot and not self._turn_slots.locked():
+                            await self._turn_slots.acquire()  # free: returns at once
+                            held.slot = True
                         started = await self.sessions.start(
                             session,
                             entry.entry_id,
                             with_history=self._with_history,
                             sender_rate=sender_rate if arriving else None,
-                            # no free turn slot: the turn would wait, and waiting is no attempt
-                            count_attempt=not self._turn_slots.locked(),
+                            count_attempt=held.slot,
                         )
                 except RedisError:  # a waiting entry rides out a Redis outage
+                    self._free_slot(held)
                     _raise_if_cancelled()
                     if arriving:
                         raise
@@ -518,6 +531,7 @@ class Worker:
                     held.lock = started.lock
                     if started.lock or started.ahead is None:  # or over the sender's rate
                         return started
+                    self._free_slot(held)  # it waits for its session: others may run
                     if arriving and started.ahead > self.settings.session_queue_max:
                         return started
                 arriving = False
@@ -528,6 +542,11 @@ class Worker:
                 h.entry.chat_session_id == session and h is not held for h in self.held.values()
             ):
                 self._wakers.pop(session, None)
+
+    def _free_slot(self, held: _Held) -> None:
+        if held.slot:
+            held.slot = False
+            self._turn_slots.release()
 
     async def _ack(self, held: _Held, *, dead_reason: str = "") -> None:
         """Acknowledge (releasing the session lock), retrying through a short Redis outage:
