@@ -231,10 +231,15 @@ return running
 """
 
 
-# KEYS: the reset mark. ARGV: the reset's token. The mark ends only if it is this reset's.
+# KEYS: the reset mark. ARGV: the reset's token, its hold ms. The mark is the set of the
+# resets of the session that run (two command entries may overlap): it ends with the last.
+_BEGIN_RESET = """
+redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
 _END_RESET = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+return redis.call('SREM', KEYS[1], ARGV[1])
 """
 
 
@@ -350,6 +355,7 @@ class Sessions:
         self._journal = redis.register_script(_JOURNAL)
         self._forget = redis.register_script(_FORGET)
         self._stop = redis.register_script(_STOP)
+        self._begin_reset = redis.register_script(_BEGIN_RESET)
         self._end_reset = redis.register_script(_END_RESET)
 
     # Order and locking
@@ -553,7 +559,7 @@ class Sessions:
         `hold_s` at most: the sessions of a reset whose process died are not blocked long."""
         key = self.keys.resetting(chat_session_id)
         token = uuid.uuid4().hex
-        await self.redis.set(key, token, px=max(int(hold_s * 1000), 1))
+        await self._begin_reset(keys=[key], args=[token, max(int(hold_s * 1000), 1)])
         try:
             yield
         finally:

@@ -309,7 +309,7 @@ async def test_no_turn_starts_while_its_session_is_being_reset(
         r1 = next(entry for entry, _ in taker.taken if entry.message.im_msg_id == "r1")
         assert await sessions.start("s1", r1.entry_id, with_history=True) == Start(ahead=0)
         assert await redis_client.get(keys.lock("s1")) is None
-    assert await redis_client.get(keys.resetting("s1")) is None
+    assert await redis_client.exists(keys.resetting("s1")) == 0
     started = await sessions.start("s1", r1.entry_id, with_history=True)
     assert started.lock.endswith(":" + r1.entry_id)
 
@@ -320,5 +320,8 @@ async def test_a_reset_ends_only_its_own_hold(
     """A reset that outlived its hold leaves the hold of the reset after it in place."""
     async with sessions.resetting("s1", hold_s=0.05):
         await asyncio.sleep(0.15)  # expired
-        await redis_client.set(keys.resetting("s1"), "a later reset's", px=30_000)
-    assert await redis_client.get(keys.resetting("s1")) == b"a later reset's"
+        async with sessions.resetting("s1", hold_s=30):
+            pass
+        await redis_client.sadd(keys.resetting("s1"), "a later reset's")
+        await redis_client.pexpire(keys.resetting("s1"), 30_000)
+    assert await redis_client.smembers(keys.resetting("s1")) == {b"a later reset's"}

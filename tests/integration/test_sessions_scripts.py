@@ -230,3 +230,18 @@ async def test_a_reset_fences_out_a_stalled_turn_whose_lock_had_expired(
     with pytest.raises(LockLost):
         await sessions.journal_piece(SESSION, entry, _piece(0, "more of the old answer"), turn.lock)
     assert (await sessions.load(SESSION)).conversation is None
+
+
+async def test_overlapping_resets_hold_the_session_until_the_last_one_ends(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """Two `/reset`s of one session (two command entries, two workers) overlap: the one that
+    ends first must not let turns start while the other still waits to forget."""
+    entry = await _store(redis_client, keys)
+    async with sessions.resetting(SESSION, hold_s=30):
+        async with sessions.resetting(SESSION, hold_s=30):
+            pass
+        blocked = await sessions.start(SESSION, entry, with_history=True)
+        assert (blocked.ahead, blocked.lock) == (0, "")
+    started = await sessions.start(SESSION, entry, with_history=True)
+    assert started.lock.endswith(f":{entry}")
