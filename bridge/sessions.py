@@ -231,6 +231,13 @@ return running
 """
 
 
+# KEYS: stop. ARGV: entry id. The stop key goes once its turn has stopped, unless it names
+# another entry already (a `/stop` for the turn after it).
+_CLEAR_STOP = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 # KEYS: the reset mark. ARGV: the reset's token, its hold ms. The mark is the set of the
 # resets of the session that run (two command entries may overlap): it ends with the last.
 _BEGIN_RESET = """
@@ -355,6 +362,7 @@ class Sessions:
         self._journal = redis.register_script(_JOURNAL)
         self._forget = redis.register_script(_FORGET)
         self._stop = redis.register_script(_STOP)
+        self._clear_stop = redis.register_script(_CLEAR_STOP)
         self._begin_reset = redis.register_script(_BEGIN_RESET)
         self._end_reset = redis.register_script(_END_RESET)
 
@@ -578,6 +586,12 @@ class Sessions:
             args=[ttl_s, JOURNAL_TTL_S],
         )
         return as_text(running) or None
+
+    async def clear_stop(self, chat_session_id: str, entry_id: str) -> None:
+        """Drop the session's stop key once the turn of `entry_id` has stopped, unless it is
+        another turn's by now: a `/stop` of the next turn would be lost with it (and with it
+        any chance to stop that turn, should its Pub/Sub message be missed too)."""
+        await self._clear_stop(keys=[self.keys.stop(chat_session_id)], args=[entry_id])
 
     async def was_reset(self, command_entry_id: str) -> bool:
         """Whether the `/reset` of this command entry has forgotten its session already."""

@@ -582,7 +582,7 @@ class Worker:
         """A stopped turn is acknowledged and never retried; nothing more of it is sent."""
         await self._ack(held)
         with contextlib.suppress(RedisError):
-            await self.redis.delete(self.keys.stop(held.entry.chat_session_id))
+            await self.sessions.clear_stop(held.entry.chat_session_id, held.entry.entry_id)
         self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome="stopped").inc()
         log.info("turn_stopped")
 

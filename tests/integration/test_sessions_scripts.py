@@ -245,3 +245,14 @@ async def test_overlapping_resets_hold_the_session_until_the_last_one_ends(
         assert (blocked.ahead, blocked.lock) == (0, "")
     started = await sessions.start(SESSION, entry, with_history=True)
     assert started.lock.endswith(f":{entry}")
+
+
+async def test_a_stopped_turn_clears_only_its_own_stop_key(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """The key of a `/stop` sent for the next turn meanwhile stays for that turn."""
+    await redis_client.set(keys.stop(SESSION), "2-0")
+    await sessions.clear_stop(SESSION, "1-0")
+    assert await redis_client.get(keys.stop(SESSION)) == b"2-0"
+    await sessions.clear_stop(SESSION, "2-0")
+    assert await redis_client.get(keys.stop(SESSION)) is None
