@@ -35,11 +35,10 @@ from adapters.im.terminal import TERMINAL_USER, TerminalIM
 from bridge import __version__, systemd
 from bridge.app import STATE, Bridge, build_app, drain
 from bridge.config import (
-    PLACEHOLDER,
     ConfigError,
     Settings,
     env_name,
-    is_given,
+    given_value,
     load_settings,
     masked_settings,
     unknown_variables,
@@ -431,9 +430,9 @@ def _demo_environment(env: Mapping[str, str]) -> dict[str, str]:
     demo.update(
         BRIDGE_UPSTREAM="replay",
         BRIDGE_REPLAY_FILE=str(recordings),
-        BRIDGE_REPLAY_CPS=_chosen(env, "BRIDGE_REPLAY_CPS", "400"),
-        BRIDGE_LOG_LEVEL=_chosen(env, "BRIDGE_LOG_LEVEL", "warning"),
-        BRIDGE_LANG=_chosen(env, "BRIDGE_LANG", "zh"),
+        BRIDGE_REPLAY_CPS=given_value("replay_cps", env) or "400",
+        BRIDGE_LOG_LEVEL=given_value("log_level", env) or "warning",
+        BRIDGE_LANG=given_value("lang", env) or "zh",
         BRIDGE_BOT_ID="demo",
         BRIDGE_YACH_INSECURE="1",
         BRIDGE_THINKING_NOTICE_S="0",
@@ -444,13 +443,6 @@ def _demo_environment(env: Mapping[str, str]) -> dict[str, str]:
     return demo
 
 
-def _chosen(env: Mapping[str, str], name: str, default: str) -> str:
-    """The operator's value of `name`, else `default`: empty or the placeholder is unset, as
-    the configuration reads them (an empty BRIDGE_REPLAY_CPS played the demo at full speed)."""
-    value = env.get(name, "").strip()
-    return default if value in ("", PLACEHOLDER) else value
-
-
 def _terminal(env: Mapping[str, str], command: str) -> int:
     with tempfile.TemporaryDirectory(prefix="chatbridge-demo-") as tmp:
         if command == "demo":
@@ -459,7 +451,7 @@ def _terminal(env: Mapping[str, str], command: str) -> int:
         if isinstance(settings, int):
             return settings
         # `warning` unless BRIDGE_LOG_LEVEL is given: then as validated (stripped, any case)
-        level = settings.log_level if is_given("log_level", env) else "warning"
+        level = settings.log_level if given_value("log_level", env) else "warning"
         setup_logging(settings, sys.stderr, level=level)
         try:
             return _run_on_loop(

@@ -16,11 +16,10 @@ from redis.connection import parse_url
 from bridge.logging import mask_text
 
 __all__ = [
-    "PLACEHOLDER",
     "ConfigError",
     "Rate",
     "Settings",
-    "is_given",
+    "given_value",
     "load_settings",
     "masked_settings",
 ]
@@ -370,10 +369,11 @@ def _read_raw(attr: str, env: Mapping[str, str], problems: list[str]) -> str | N
     return value
 
 
-def is_given(attr: str, env: Mapping[str, str]) -> bool:
-    """Whether `env` sets the variable of `attr` (itself or its `_FILE`); an empty or
-    placeholder value does not."""
-    return _read_raw(attr, env, []) is not None
+def given_value(attr: str, env: Mapping[str, str]) -> str | None:
+    """The value `env` sets for `attr` (itself or its `_FILE`), stripped; None when it sets
+    none (an empty or placeholder value sets none)."""
+    raw = _read_raw(attr, env, [])
+    return None if raw is None else raw.strip()
 
 
 def _known_names() -> set[str]:
