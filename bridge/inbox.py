@@ -370,8 +370,8 @@ class Inbox:
             except Exception:  # the others are taken, and every webhook is answered
                 log.exception("entry_not_taken", entry=entry.entry_id, outcome="claimed when idle")
 
-    async def read(self, count: int, block_ms: int) -> list[Entry]:
-        """New entries for this consumer (first delivery)."""
+    async def read(self, count: int, block_ms: int | None) -> list[Entry]:
+        """New entries for this consumer (first delivery); `block_ms` None: without waiting."""
         reply = await self._with_group(
             self.redis.xreadgroup,
             GROUP,

@@ -217,13 +217,15 @@ class Worker:
     async def _read_loop(self) -> None:
         await self.inbox.load_put_script()
         self._went_well("_read_loop")
+        block_ms: int | None = None  # the first read answers at once: /readyz waits for it
         while not self.draining:
             room = self._max_held - len(self.held)
             if room <= 0:
                 self._room.clear()
                 await self._room.wait()
                 continue
-            entries = await self.inbox.read(count=min(room, 64), block_ms=_READ_BLOCK_MS)
+            entries = await self.inbox.read(count=min(room, 64), block_ms=block_ms)
+            block_ms = _READ_BLOCK_MS
             self._reading = True
             self._went_well("_read_loop")
             if self.draining or cancel_requested():  # read as the drain began: not ours to run

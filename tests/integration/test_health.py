@@ -19,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge import __version__
+from bridge import worker as worker_module
 from bridge.app import drain
 from bridge.config import UPSTREAMS
 from bridge.events import ErrorKind
@@ -94,6 +95,19 @@ async def test_healthz_and_readyz_when_all_is_well(redis_url: str, bot_id: str, 
         assert await get(bridge, "/healthz") == (200, {"status": "ok"})
         await ready_within(bridge)
         assert await get(bridge, "/readyz") == (200, {"status": "ok"})
+
+
+async def test_readyz_does_not_wait_for_a_first_message(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI, redis_client: object,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ready once the read loop has read, and its first read does not wait for a message:
+    with an empty inbox, it waited as long as a read blocks (1 s; here a minute, so a read
+    that blocks cannot pass), on every start and after every Redis outage."""
+    monkeypatch.setattr(worker_module, "_READ_BLOCK_MS", 60_000)
+    env = bridge_env(redis_url, bot_id, yach, **openai_env(upstream.base_url))
+    async with running_bridge(env) as bridge:
+        await ready_within(bridge, timeout=5)
 
 
 async def test_readyz_is_503_while_redis_is_down_and_200_once_it_is_back(
