@@ -421,6 +421,54 @@ async def _serve_floor(spec: dict[str, str]) -> None:
     await relay.close()
 
 
+async def _read_streams(spec: dict[str, Any]) -> None:
+    """The concurrency bench's baseline: `turns` streams of the fake upstream (`url`), all at
+    once, each body read to its end as the bridge reads one (aiohttp on uvloop, `readany`)
+    and thrown away: no parsing, nothing sent, nothing stored. Prints one JSON line: CPU
+    seconds (user + system) of the reading alone, wall seconds, streams ended, bytes."""
+    import aiohttp
+
+    body = {"model": "fake-model", "stream": True}
+    connector = aiohttp.TCPConnector(limit=0)  # every stream at once, as the bridge's turns
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(key: str) -> tuple[bool, int]:
+            ask = {**body, "messages": [{"role": "user", "content": key}]}
+            size, tail = 0, b""
+            async with session.post(spec["url"], json=ask) as response:
+                read = response.content.readany
+                while chunk := await read():
+                    size, tail = size + len(chunk), chunk
+            return tail.rstrip().endswith(b"[DONE]"), size
+
+        keys = [f"{spec['prefix']}{n}" for n in range(spec["turns"])]
+        cpu0, started = _own_cpu_s(), time.monotonic()
+        results = await asyncio.gather(*(one(key) for key in keys))
+        cpu, seconds = _own_cpu_s() - cpu0, time.monotonic() - started
+    print(json.dumps({"cpu_s": cpu, "seconds": seconds, "ended": sum(e for e, _ in results),
+                      "bytes": sum(size for _, size in results)}), flush=True)
+
+
+def _own_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+async def read_streams(url: str, turns: int, prefix: str) -> dict[str, float]:
+    """Run `_read_streams` as a process of its own (so its CPU is its own) and return what
+    it printed."""
+    spec = json.dumps({"url": url, "turns": turns, "prefix": prefix})
+    process = await asyncio.create_subprocess_exec(
+        PY, str(SELF), "reader", spec, stdout=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"the reader exited {process.returncode}")
+    found: dict[str, float] = json.loads(out.splitlines()[-1])
+    return found
+
+
 async def _serve_until_signalled(app: web.Application) -> None:
     """Serve `app` as the bridge serves (AppRunner, no access log) on a free loopback port,
     printed as "PORT n" for `child`, until SIGTERM or SIGINT."""
@@ -952,7 +1000,7 @@ def run_on_loop(main: Coroutine[Any, Any, None], loop: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="bench helpers that run as processes")
-    parser.add_argument("role", choices=["loadgen", "bare", "upstream", "floor"])
+    parser.add_argument("role", choices=["loadgen", "bare", "upstream", "floor", "reader"])
     parser.add_argument("spec", nargs="?", default="{}")
     args = parser.parse_args(argv)
     spec = json.loads(args.spec)
@@ -962,6 +1010,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_on_loop(_serve_bare(spec.get("store", "")), spec.get("loop", "asyncio"))
     elif args.role == "floor":
         run_on_loop(_serve_floor(spec), "uvloop")
+    elif args.role == "reader":
+        run_on_loop(_read_streams(spec), "uvloop")
     else:
         asyncio.run(_serve_upstream(TokenPlan(**spec)))
     return 0

@@ -17,6 +17,13 @@ unlimited (BRIDGE_YACH_SEND_RATE=0).
 Measured on the bridge process(es): CPU seconds (user + system) from the first webhook to the
 last acknowledgement, per 1,000 tokens relayed; resident memory when idle (after a few
 warm-up turns), its peak during the run (sampled every 50 ms), and the difference per turn.
+
+Baseline, same invocation, same fake upstream: a bare client in a process of its own
+(aiohttp on uvloop, as the bridge) reads the same number of streams at once, each body to
+its end with `readany` as the bridge reads it, and throws the bytes away. Its CPU per 1,000
+tokens is what this machine charges any bridge on these libraries just to receive the
+tokens; the bridge's ratio to it, and the difference, are its own work (parsing, composing,
+journalling, sending), comparable across machines where the absolute target is not.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from _common import (
     entry_head,
     percentiles,
     profile_pid,
+    read_streams,
     record_run,
     top_functions,
 )
@@ -218,7 +226,23 @@ async def one_config(
     return run, profile
 
 
-async def run_all(args: argparse.Namespace, work: Path) -> tuple[list[Run], list[str]]:
+@dataclass
+class Baseline:
+    """The same streams read by a bare client (`_common._read_streams`), in the same run."""
+
+    turns: int
+    tokens: int
+    ended: int
+    cpu_s: float
+
+    @property
+    def cpu_ms_per_1000(self) -> float:
+        return self.cpu_s * 1000 / max(self.tokens, 1) * 1000
+
+
+async def run_all(
+    args: argparse.Namespace, work: Path
+) -> tuple[list[Run], Baseline, list[str]]:
     plan = {"tokens": args.tokens, "interval_s": args.interval_ms / 1000, "timed": False}
     services = BridgeSet(work)
     runs: list[Run] = []
@@ -231,12 +255,16 @@ async def run_all(args: argparse.Namespace, work: Path) -> tuple[list[Run], list
                 run, _ = await one_config(args, services, upstream, processes, f"p{processes}x")
                 print(*table([run])[2:], sep="\n", flush=True)
                 runs.append(run)
+            read = await read_streams(f"http://127.0.0.1:{upstream.port}/v1/chat/completions",
+                                      args.turns, "base")
+            baseline = Baseline(args.turns, args.turns * args.tokens, int(read["ended"]),
+                                read["cpu_s"])
             if args.profile:
                 _, profile = await one_config(args, services, upstream, 1, "prof",
                                               profile_to=work / "concurrency.pyspy")
     finally:
         services.close()
-    return runs, profile
+    return runs, baseline, profile
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -260,16 +288,22 @@ def table(runs: Sequence[Run]) -> list[str]:
     return out
 
 
-def verdicts(runs: Sequence[Run]) -> list[str]:
+def verdicts(runs: Sequence[Run], baseline: Baseline) -> list[str]:
     def met(ok: bool) -> str:
         return "met" if ok else "MISSED"
 
     one = runs[0]
+    reading = baseline.cpu_ms_per_1000
     out = [
         f"one process: {one.whole} of {one.turns} turns complete, whole and in order "
         f"({met(one.whole == one.turns)})",
         f"CPU per 1,000 relayed tokens: {one.cpu_ms_per_1000:.1f} ms "
         f"(target ≤ {TARGET_CPU_MS:g}: {met(one.cpu_ms_per_1000 <= TARGET_CPU_MS)})",
+        f"baseline, same run: a bare client (aiohttp on uvloop) reading the same "
+        f"{baseline.turns} streams at once to their ends, nothing parsed, sent or stored "
+        f"({baseline.ended} of {baseline.turns} ended): {reading:.1f} ms CPU per 1,000 "
+        f"tokens; the bridge {one.cpu_ms_per_1000 / max(reading, 1e-9):.2f}× that, its own "
+        f"work {one.cpu_ms_per_1000 - reading:.1f} ms per 1,000 tokens",
         f"RSS per in-flight turn above idle: {one.kb_per_turn:.0f} KB "
         f"(target ≤ {TARGET_KB_PER_TURN:g}: {met(one.kb_per_turn <= TARGET_KB_PER_TURN)})",
     ]
@@ -317,8 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = args.results or (None if args.quick else RESULTS)
     priority, load = apply_priority(args.nice), MachineLoad()
     with tempfile.TemporaryDirectory(prefix="bench-concurrency-") as tmp:
-        runs, profile = asyncio.run(run_all(args, Path(tmp)))
-    lines, said = table(runs), [*verdicts(runs), load.describe(), priority]
+        runs, baseline, profile = asyncio.run(run_all(args, Path(tmp)))
+    lines, said = table(runs), [*verdicts(runs, baseline), load.describe(), priority]
     print("", *lines, "", *said, sep="\n")
     if profile:
         print("\npy-spy, one bridge relaying every turn:", *profile, sep="\n")

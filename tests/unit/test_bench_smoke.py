@@ -59,6 +59,8 @@ def test_concurrency_quick(tmp_path: Path) -> None:
     out = run_quick("bench_concurrency.py", results, "--processes", "2")
     assert "20 of 20 turns complete, whole and in order (met)" in out
     assert "scale-out, 2 processes: 20 of 20 whole" in out
+    assert "reading the same 20 streams at once to their ends, nothing parsed, sent or stored " \
+           "(20 of 20 ended)" in out
     assert "## Concurrency and cost" in results.read_text()
 
 
