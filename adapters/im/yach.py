@@ -49,9 +49,14 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "reply_url": ("sessionWebhook",),
     "created_at": ("createAt",),
 }
-# The aliases split once: a top-level name, or the path of a nested field.
+# The aliases split once: a top-level name, or the path of a nested field followed by its
+# name as one flat key (a form cannot nest: `text.content=…` is the same field written flat).
 _PATHS = {
-    field: tuple(tuple(alias.split(".")) if "." in alias else alias for alias in aliases)
+    field: tuple(
+        form
+        for alias in aliases
+        for form in ((tuple(alias.split(".")), alias) if "." in alias else (alias,))
+    )
     for field, aliases in _ALIASES.items()
 }
 

@@ -125,6 +125,17 @@ async def test_form_encoded_body_with_aliases(bridge: RunningBridge, yach: FakeY
     assert yach.shown[0].message["at"] == {"atWorkCodes": ["W9"]}
 
 
+async def test_form_with_nested_names_written_flat(bridge: RunningBridge, yach: FakeYach,
+                                                   upstream: FakeOpenAI) -> None:
+    """`text.content` as a form field name, as SPEC writes it: the question, not a notice."""
+    form = urlencode({"msgId": "m-flat", "msgtype": "text", "text.content": "@bot 扁平字段",
+                      "senderId": "u8", "conversationId": "g8", "conversationType": "2"})
+    assert (await bridge.post(form))[0] == 200
+    await wait_until(lambda: len(yach.shown) == 1)
+    assert upstream.bodies[0]["messages"][-1]["content"] == "扁平字段"
+    assert yach.texts() == ["You said: 扁平字段. (history: 0 messages)"]
+
+
 @pytest.mark.parametrize(
     "form",
     [

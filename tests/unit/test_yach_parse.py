@@ -137,6 +137,21 @@ def test_field_aliases(aliases: dict[str, str]) -> None:
     )
 
 
+def test_nested_field_names_written_flat_in_a_form() -> None:
+    """SPEC names `text.content` and `image.url`: a form (which cannot nest) writes them as
+    flat field names, and they are read where the nested field would be."""
+    body = urlencode({"msgId": "m1", "msgtype": "image_text", "text.content": "@bot 看图",
+                      "image.url": "https://img.example/a.png", "senderId": "u1",
+                      "conversationId": "g1"}).encode()
+    message = parse_payload(decode_body(body))
+    assert (message.text, message.image_urls) == ("看图", ("https://img.example/a.png",))
+
+
+def test_the_nested_field_wins_over_the_later_aliases() -> None:
+    payload = {**BASE, "content": "@bot second", "text": {"content": "@bot first"}}
+    assert parse_payload(payload).text == "first"
+
+
 def test_a_direct_message_is_answered_to_its_sender() -> None:
     payload = {**BASE, "conversationType": 1}
     del payload["conversationId"]
