@@ -38,7 +38,9 @@ _MAX_MS_DIGITS = 18
 
 _ALIASES: dict[str, tuple[str, ...]] = {
     "msg_id": ("msgId", "msg_id", "message_id"),
-    "text": ("text.content", "content", "text"),
+    # `markdown.text`: where a `markdown` message (one of SPEC's types) holds its text, as the
+    # outbound format does; read only when none of SPEC's three names is present.
+    "text": ("text.content", "content", "text", "markdown.text"),
     "msg_type": ("msgtype", "msg_type"),
     "image": ("image.url", "picUrl", "image_url"),
     "sender_id": ("senderId", "sender_id", "fromUserId"),

@@ -136,6 +136,17 @@ async def test_form_with_nested_names_written_flat(bridge: RunningBridge, yach: 
     assert yach.texts() == ["You said: 扁平字段. (history: 0 messages)"]
 
 
+async def test_a_markdown_message_is_a_question(bridge: RunningBridge, yach: FakeYach,
+                                                upstream: FakeOpenAI) -> None:
+    """`markdown` is one of SPEC's message types: its text (`markdown.text`, where the
+    outbound format keeps it too) is the question, not an "unsupported type" notice."""
+    message = {k: v for k, v in group_message("x").items() if k != "text"}
+    message |= {"msgtype": "markdown", "markdown": {"title": "问题", "text": "@bot **加粗**问题"}}
+    assert (await bridge.post(message))[0] == 200
+    await wait_until(lambda: len(yach.shown) == 1)
+    assert upstream.bodies[0]["messages"][-1]["content"] == "**加粗**问题"
+
+
 @pytest.mark.parametrize(
     "form",
     [

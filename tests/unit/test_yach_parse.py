@@ -147,6 +147,15 @@ def test_nested_field_names_written_flat_in_a_form() -> None:
     assert (message.text, message.image_urls) == ("看图", ("https://img.example/a.png",))
 
 
+def test_a_markdown_message_is_read_from_its_markdown_text() -> None:
+    payload = {k: v for k, v in BASE.items() if k != "text"}
+    payload |= {"msgtype": "markdown", "markdown": {"title": "t", "text": "@bot **粗体** 问题"}}
+    message = parse_payload(payload)
+    assert (message.msg_type, message.text) == ("markdown", "**粗体** 问题")
+    # SPEC's own names come first
+    assert parse_payload({**payload, "text": {"content": "@bot own"}}).text == "own"
+
+
 def test_the_nested_field_wins_over_the_later_aliases() -> None:
     payload = {**BASE, "content": "@bot second", "text": {"content": "@bot first"}}
     assert parse_payload(payload).text == "first"
