@@ -26,6 +26,9 @@ __all__ = ["YachAPI", "YachAPIError", "robot_sign", "signed_robot_url", "verify_
 
 TOKEN_REFRESH_MARGIN_S = 300.0
 DEFAULT_TOKEN_LIFETIME_S = 7200.0
+_EPOCH_FLOOR_S = 1e9  # 2001-09-09 as a Unix time; as a lifetime, 31 years
+_EPOCH_FLOOR_MS = 1e12
+_MIN_TOKEN_LIFETIME_S = 60.0
 _RATE_LIMIT_WORDS = ("频率", "频繁", "限流", "frequency", "rate limit", "too many")
 _TOKEN_WORDS = ("access_token", "token")
 _INVALID_WORDS = ("invalid", "expire", "无效", "过期", "不合法", "失效")
@@ -55,14 +58,27 @@ def signed_robot_url(robot_url: str, secret: str | None, now_ms: int) -> str:
     return f"{robot_url}{separator}timestamp={now_ms}&sign={sign}"
 
 
-def _lifetime_s(expired_time: object) -> float:
+def _lifetime_s(expired_time: object, now_s: float | None = None) -> float:
     """The token's lifetime from `expired_time` (seconds); the platform's usual two hours
-    when it is missing or not a positive number (a garbled one must not fail every send)."""
+    when it is missing or not a positive number (a garbled one must not fail every send).
+
+    SPEC gives it in seconds without saying from when: a lifetime (`7200`) or the moment of
+    expiry (a Unix time, the field's name suggests it). A value above `_EPOCH_FLOOR_S` (31
+    years) is no lifetime but that moment (in milliseconds above `_EPOCH_FLOOR_MS`): the time
+    left until it, at least `_MIN_TOKEN_LIFETIME_S` (clocks differ; the invalid-token retry
+    covers a token that expired early). Read as a lifetime it kept the token for decades and
+    let a send fail at each expiry."""
     try:
         lifetime = float(str(expired_time))
     except (TypeError, ValueError):
         return DEFAULT_TOKEN_LIFETIME_S
-    return lifetime if math.isfinite(lifetime) and lifetime > 0 else DEFAULT_TOKEN_LIFETIME_S
+    if not math.isfinite(lifetime) or lifetime <= 0:
+        return DEFAULT_TOKEN_LIFETIME_S
+    if lifetime > _EPOCH_FLOOR_S:
+        expires_at_s = lifetime / 1000 if lifetime > _EPOCH_FLOOR_MS else lifetime
+        lifetime = max(expires_at_s - (time.time() if now_s is None else now_s),
+                       _MIN_TOKEN_LIFETIME_S)
+    return lifetime
 
 
 class YachAPIError(Exception):

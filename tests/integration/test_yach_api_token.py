@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from adapters.yach_api import YachAPI
@@ -76,3 +78,46 @@ async def test_a_bare_token_answer_and_an_errcode_success_are_accepted(
         assert len(server.on("/v1/single/message/send")) == 1
     finally:
         await server.close()
+
+
+@pytest.mark.parametrize(
+    ("expired_time", "refreshed_at_s"),
+    [
+        (7200, 6900),  # a lifetime in seconds: refreshed 300 s before its end
+        ("absolute-s", 3300),  # the moment of expiry as a Unix time, an hour from now
+        ("absolute-ms", 3300),  # the same in milliseconds
+    ],
+)
+async def test_expired_time_as_a_lifetime_or_as_the_moment_of_expiry(
+    session: aiohttp.ClientSession, yach: FakeYach, expired_time: int | str,
+    refreshed_at_s: float,
+) -> None:
+    """SPEC's `expired_time` is in seconds, from when it does not say: a value that can only
+    be a Unix time (it was read as a lifetime of decades, the token kept until a send failed)
+    is the moment the token expires."""
+    now = time.time()
+    yach.token_lifetime_s = {"absolute-s": int(now) + 3600,
+                             "absolute-ms": int(now * 1000) + 3_600_000}.get(
+        str(expired_time), expired_time)
+    ticks = [0.0]
+    client = YachAPI(session, yach.url, APP_KEY, APP_SECRET, clock=lambda: ticks[0])
+    assert await client.access_token() == "app-token-1"
+    ticks[0] = refreshed_at_s - 200
+    assert await client.access_token() == "app-token-1"
+    ticks[0] = refreshed_at_s + 200
+    assert await client.access_token() == "app-token-2"
+
+
+async def test_an_expiry_moment_already_past_is_kept_a_minute(
+    session: aiohttp.ClientSession, yach: FakeYach
+) -> None:
+    """Clocks differ: a token the platform says expired is used (a refused one is replaced
+    at once anyway), and fetched again a minute later, not on every call."""
+    yach.token_lifetime_s = int(time.time()) - 10
+    ticks = [0.0]
+    client = YachAPI(session, yach.url, APP_KEY, APP_SECRET, clock=lambda: ticks[0])
+    assert await client.access_token() == "app-token-1"
+    ticks[0] = 30.0
+    assert await client.access_token() == "app-token-1"
+    ticks[0] = 61.0
+    assert await client.access_token() == "app-token-2"
