@@ -35,6 +35,7 @@ _TITLE_CHARS = 30
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # More digits are no time in milliseconds (and would not fit the stored JSON's 64 bits).
 _MAX_MS_DIGITS = 18
+_SECONDS_BELOW = 10**11  # a creation time below this is in seconds (in ms it is 1973)
 
 _ALIASES: dict[str, tuple[str, ...]] = {
     "msg_id": ("msgId", "msg_id", "message_id"),
@@ -211,9 +212,19 @@ def parse_payload(payload: Mapping[str, Any]) -> InboundMessage:
         msg_type=_first(payload, "msg_type") or "text",
         image_urls=images,
         reply_url=_first(payload, "reply_url"),
-        created_at_ms=int(created) if _is_time_ms(created) else None,
+        created_at_ms=_created_at_ms(created),
         dedupe_key=_dedupe_key(payload, msg_id, sender_id, conversation_id, raw_text),
     )
+
+
+def _created_at_ms(created: str) -> int | None:
+    """`createAt` in milliseconds. SPEC gives no unit (the header `timestamp` is in ms);
+    a value below 10^11 (in ms, March 1973) is a Unix time in seconds, as the agent API's
+    `create_at` is: read as ms, it reached the agent as a date in January 1970."""
+    if not _is_time_ms(created):
+        return None
+    value = int(created)
+    return value * 1000 if value < _SECONDS_BELOW else value
 
 
 def _is_time_ms(text: str) -> bool:

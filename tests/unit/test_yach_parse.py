@@ -111,6 +111,16 @@ def test_a_creation_time_beyond_milliseconds_is_no_time() -> None:
     assert message.to_json()  # storable
 
 
+@pytest.mark.parametrize(
+    ("created", "ms"),
+    [("1764400000123", 1764400000123), (1764400000123, 1764400000123),
+     ("1764400000", 1764400000000), (1764400000, 1764400000000)],
+    ids=["ms-text", "ms-number", "seconds-text", "seconds-number"],
+)
+def test_the_creation_time_in_milliseconds_or_seconds(created: object, ms: int) -> None:
+    assert parse_payload({**BASE, "createAt": created}).created_at_ms == ms
+
+
 def test_a_group_message() -> None:
     message = parse_payload(BASE)
     assert message.im_msg_id == "m1"
