@@ -94,6 +94,40 @@ async def test_signature_is_checked_before_the_size(bridge: RunningBridge) -> No
     assert await inbox_length(bridge) == 0
 
 
+def _body_of(size: int) -> bytes:
+    """A valid message's JSON body of exactly `size` bytes (padded in an extra field)."""
+    message = group_message("edge", msg_id=f"edge-{size}", pad="")
+    bare = len(json.dumps(message).encode())
+    message["pad"] = "x" * (size - bare)
+    body = json.dumps(message).encode()
+    assert len(body) == size
+    return body
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_body_of_exactly_the_limit_is_taken_one_byte_more_is_413(
+    bridge: RunningBridge, upstream: FakeOpenAI, chunked: bool
+) -> None:
+    """`413` only *above* BRIDGE_MAX_BODY_BYTES (4096 here), with or without Content-Length."""
+
+    async def post(body: bytes) -> int:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield body[:1000]
+            yield body[1000:]
+
+        headers = {**signed_headers(), "Content-Type": "application/json"}
+        data = chunks() if chunked else body
+        async with bridge.session.post(f"{bridge.url}/webhook/yach", data=data,
+                                       headers=headers) as response:
+            return response.status
+
+    assert await post(_body_of(4097)) == 413
+    assert await inbox_length(bridge) == 0
+    assert await post(_body_of(4096)) == 200
+    await wait_until(lambda: len(upstream.bodies) == 1)
+    assert upstream.bodies[0]["messages"][-1]["content"] == "edge"
+
+
 @pytest.mark.parametrize(
     "body",
     [
