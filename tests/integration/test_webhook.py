@@ -320,3 +320,34 @@ async def test_a_draining_bridge_still_checks_the_request_first(bridge: RunningB
     status, answer = await bridge.post(group_message("too late"))
     assert (status, answer) == (503, {"code": 503, "msg": "draining"})
     assert await inbox_length(bridge) == 0
+
+
+async def test_the_skew_window_is_the_configured_one(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI, redis_client: object
+) -> None:
+    """BRIDGE_YACH_MAX_SKEW_S: `|now − timestamp| ≤` it passes, beyond it is 401."""
+    env = bridge_env(redis_url, bot_id, yach, BRIDGE_YACH_MAX_SKEW_S="30",
+                     **openai_env(upstream.base_url))
+    now_ms = int(time.time() * 1000)
+    async with running_bridge(env) as running:
+        for offset_s in (-45, 45):
+            headers = signed_headers(now_ms=now_ms + offset_s * 1000)
+            assert (await running.post(group_message("x"), headers=headers))[0] == 401
+        for offset_s in (-20, 20):
+            headers = signed_headers(now_ms=now_ms + offset_s * 1000)
+            assert (await running.post(group_message("x"), headers=headers))[0] == 200
+
+
+@pytest.mark.parametrize("secret", ["", WEBHOOK_SECRET], ids=["no-secret", "with-a-secret"])
+async def test_insecure_mode_skips_only_a_missing_secret(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI, redis_client: object,
+    secret: str,
+) -> None:
+    """BRIDGE_YACH_INSECURE=1 lets `run` start without BRIDGE_YACH_SECRET, and then takes
+    unsigned webhooks; a secret given is still checked."""
+    env = bridge_env(redis_url, bot_id, yach, BRIDGE_YACH_INSECURE="1",
+                     BRIDGE_YACH_SECRET=secret, **openai_env(upstream.base_url))
+    async with running_bridge(env) as running:
+        unsigned = (await running.post(group_message("unsigned"), headers={}))[0]
+        assert unsigned == (200 if not secret else 401)
+        assert (await running.post(group_message("signed")))[0] == 200
