@@ -3,12 +3,21 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.fakes import yach as fake_yach
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.yach import FakeYach
-from tests.harness import bridge_env, group_message, openai_env, running_bridge, wait_until
+from tests.harness import (
+    bridge_env,
+    group_message,
+    openai_env,
+    running_bridge,
+    signed_headers,
+    wait_until,
+)
 
 APP = {"BRIDGE_YACH_APP_KEY": fake_yach.APP_KEY, "BRIDGE_YACH_APP_SECRET": fake_yach.APP_SECRET}
 
@@ -36,3 +45,43 @@ async def test_a_group_reply_takes_the_preferred_route(
     assert shown.message["at"] == {"atWorkCodes": ["W001"]}
     if route == "session":  # the message itself is the body, as for the robot URL
         assert shown.to == "s-1" and shown.message["msgtype"] == "markdown"
+
+
+async def test_the_robot_url_is_signed_with_the_webhook_secret_by_default(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI, redis_client: object,
+) -> None:
+    """BRIDGE_YACH_ROBOT_SECRET defaults to BRIDGE_YACH_SECRET (SPEC §2): the robot URL gets
+    `&timestamp=T&sign=S` signed with it (the fake robot checks the signature)."""
+    env = bridge_env(redis_url, bot_id, yach, **openai_env(upstream.base_url),
+                     BRIDGE_YACH_SECRET=fake_yach.ROBOT_SECRET, BRIDGE_YACH_ROBOT_SECRET="")
+    async with running_bridge(env) as bridge:
+        headers = signed_headers(fake_yach.ROBOT_SECRET)
+        assert (await bridge.post(group_message("signed?"), headers=headers))[0] == 200
+        await wait_until(lambda: len(yach.shown) == 1)
+    assert yach.shown[0].route == "robot"
+    [request] = yach.server.on("/robot/send")
+    assert request.query["access_token"] == fake_yach.ROBOT_TOKEN
+    assert set(request.query) == {"access_token", "timestamp", "sign"}
+
+
+async def test_the_app_api_request_is_as_spec_writes_it(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI, redis_client: object,
+) -> None:
+    """`POST {api_base}/group/robot/message/send?access_token=…` with `group_id` (the inbound
+    conversation id), `message` (the message JSON as a string) and `message_id`."""
+    env = bridge_env(redis_url, bot_id, yach, **openai_env(upstream.base_url), **APP)
+    async with running_bridge(env) as bridge:
+        assert (await bridge.post(group_message("shape", group="cid-42")))[0] == 200
+        await wait_until(lambda: len(yach.shown) == 1)
+    [request] = yach.server.on("/group/robot/message/send")
+    assert dict(request.query) == {"access_token": "app-token-1"}
+    body = request.json()
+    assert set(body) == {"group_id", "message", "message_id"}
+    assert body["group_id"] == "cid-42"
+    assert isinstance(body["message"], str) and isinstance(body["message_id"], str)
+    assert json.loads(body["message"]) == {
+        "msgtype": "markdown",
+        "markdown": {"title": "You said: shape. (history: 0 m",
+                     "text": "You said: shape. (history: 0 messages)"},
+        "at": {"atWorkCodes": ["W001"]},
+    }
