@@ -1,0 +1,83 @@
+"""SPEC §5 as Redis shows it after a webhook's turn: the session hash under
+`chatbridge:{<bot>}:session:yach:<scope key>` (braces literal) for each BRIDGE_SESSION_SCOPE
+and for a direct chat, its fields (`upstream`, `conversation` as a JSON object, `created_at`,
+`last_active`, `turns`) and its TTL; `openai`'s history in the same key space."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.fakes import dify as fake_dify
+from tests.fakes.dify import DifyFake
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.yach import APP_KEY, APP_SECRET, FakeYach
+from tests.harness import bridge_env, group_message, openai_env, running_bridge, wait_until
+
+TTL_S = 3600
+
+
+def direct(text: str) -> dict[str, Any]:
+    return {"msgId": uuid.uuid4().hex, "msgtype": "text", "text": {"content": text},
+            "senderId": "u1", "senderStaffId": "W001", "conversationType": "1"}
+
+
+@pytest.mark.parametrize(("scope", "payload", "chat_session_id"), [
+    ("group_user", group_message("q"), "yach:g:g1:u:u1"),
+    ("group", group_message("q"), "yach:g:g1"),
+    ("user", group_message("q"), "yach:u:u1"),
+    ("group", direct("q"), "yach:u:u1"),  # direct chats are always per user
+])  # fmt: skip
+async def test_the_session_hash_of_a_turn(
+    redis_url: str, bot_id: str, yach: FakeYach, redis_client: aioredis.Redis,
+    scope: str, payload: dict[str, Any], chat_session_id: str,
+) -> None:
+    fake = await DifyFake.start(seed=1)
+    env = bridge_env(redis_url, bot_id, yach, **fake.env(), BRIDGE_SESSION_SCOPE=scope,
+                     BRIDGE_SESSION_TTL_S=str(TTL_S), BRIDGE_YACH_APP_KEY=APP_KEY,
+                     BRIDGE_YACH_APP_SECRET=APP_SECRET)
+    before = time.time()
+    try:
+        async with running_bridge(env) as bridge:
+            assert (await bridge.post(payload))[0] == 200
+            await wait_until(lambda: len(yach.shown) == 1)
+            key = f"chatbridge:{{{bot_id}}}:session:{chat_session_id}"
+            for _ in range(200):  # the turn is recorded right after its last piece is sent
+                if (await redis_client.hget(key, "turns")) == b"1":
+                    break
+                await asyncio.sleep(0.02)
+            state = {k.decode(): v.decode() for k, v in (await redis_client.hgetall(key)).items()}
+            ttl = await redis_client.ttl(key)
+    finally:
+        await fake.close()
+    assert {"upstream", "conversation", "created_at", "last_active", "turns"} <= set(state)
+    assert state["upstream"] == "dify"
+    assert json.loads(state["conversation"]) == {"conversation_id": fake_dify.CONVERSATION_ID}
+    assert state["turns"] == "1"
+    for field in ("created_at", "last_active"):
+        assert before - 1 <= float(state[field]) <= time.time() + 1
+    assert TTL_S - 60 <= ttl <= TTL_S
+
+
+async def test_openai_history_lives_in_the_same_key_space(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI,
+    redis_client: aioredis.Redis,
+) -> None:
+    env = bridge_env(redis_url, bot_id, yach, **openai_env(upstream.base_url),
+                     BRIDGE_HISTORY_TURNS="1")
+    async with running_bridge(env) as bridge:
+        for n, question in enumerate(("one", "two", "three"), start=1):
+            assert (await bridge.post(group_message(question)))[0] == 200
+            await wait_until(lambda count=n: len(yach.shown) == count)
+    assert yach.texts()[-1] == "You said: three. (history: 2 messages)"  # one turn kept
+    keys = {key.decode() async for key in redis_client.scan_iter(match="*")
+            if bot_id in key.decode()}
+    assert keys and all(key.startswith(f"chatbridge:{{{bot_id}}}:") for key in keys)
+    assert f"chatbridge:{{{bot_id}}}:session:yach:g:g1:u:u1" in keys
+    assert f"chatbridge:{{{bot_id}}}:inbox" in keys
