@@ -164,10 +164,12 @@ async def test_status_after_turns(redis_url: str, bot_id: str, yach: FakeYach,
     assert yach.texts()[2] == "Upstream: openai\nSession age: 0 min\nTurns: 2\nQueued: 0"
 
 
+@pytest.mark.parametrize("command", ["/reset", "/new", "重置", "新对话"])
 async def test_reset_forgets_the_conversation(redis_url: str, bot_id: str, yach: FakeYach,
-                                              echo: FakeOpenAI, redis_client: object) -> None:
+                                              echo: FakeOpenAI, redis_client: object,
+                                              command: str) -> None:
     async with running_bridge(env(redis_url, bot_id, yach, echo.base_url)) as bridge:
-        for count, text in enumerate(["first", "second", "重置", "third"], start=1):
+        for count, text in enumerate(["first", "second", command, "third"], start=1):
             await say(bridge, text)
             await wait_until(lambda count=count: len(yach.shown) == count)  # type: ignore[misc]
     assert yach.texts() == [
