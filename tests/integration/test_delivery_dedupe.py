@@ -118,3 +118,24 @@ async def test_a_delivery_after_the_answer_was_acknowledged_is_not_answered_agai
         await _settle(yach, upstream, 1)
     assert yach.texts() == ["You said: late retry. (history: 0 messages)"]
     assert len(upstream.bodies) == 1
+
+
+async def test_a_message_is_remembered_for_24_hours(
+    redis_url: str, bot_id: str, redis_client: aioredis.Redis, fakes: tuple[FakeYach, FakeOpenAI]
+) -> None:
+    """"The same message delivered twice … within 24 h is acknowledged and answered once":
+    what tells it again is kept that long (and no longer: a day's ids, not every id ever)."""
+    yach, upstream = fakes
+    keys = Keys(bot_id)
+    with_created = group_message("timed", createAt=1767225600123)
+    del with_created["msgId"]
+    async with running_bridge(
+        bridge_env(redis_url, bot_id, yach, **openai_env(upstream.base_url))
+    ) as b:
+        assert (await b.post(group_message("by id", msg_id="msg-day")))[0] == 200
+        assert (await b.post(with_created))[0] == 200
+        await _settle(yach, upstream, 2)
+    remembered = [key async for key in redis_client.scan_iter(match=keys.dedupe("*"))]
+    assert len(remembered) == 2 and keys.dedupe("id:msg-day").encode() in remembered
+    for key in remembered:
+        assert 86400 - 60 <= await redis_client.ttl(key) <= 86400
