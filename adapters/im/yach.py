@@ -48,7 +48,9 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "sender_name": ("senderNick", "sender_name"),
     "work_code": ("senderStaffId", "workCode"),
     "conversation_id": ("conversationId", "groupId", "group_id"),
-    "conversation_type": ("conversationType",),
+    # `conversation_type`: the snake_case spelling, as every other field has one; without it
+    # a direct chat sent in snake_case was a 400 ("no conversation"), never answered.
+    "conversation_type": ("conversationType", "conversation_type"),
     "reply_url": ("sessionWebhook",),
     "created_at": ("createAt",),
 }

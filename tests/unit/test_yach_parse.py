@@ -180,6 +180,12 @@ def test_a_direct_message_is_answered_to_its_sender() -> None:
     assert message.target.is_direct
 
 
+def test_a_direct_message_in_snake_case() -> None:
+    message = parse_payload({"msg_id": "m1", "content": "hi", "sender_id": "u1",
+                             "conversation_type": 1})
+    assert (message.is_direct, message.conversation_id) == (True, "u1")
+
+
 @pytest.mark.parametrize("missing", ["senderId", "conversationId"])
 def test_a_message_without_sender_or_group_is_refused(missing: str) -> None:
     payload = dict(BASE)
