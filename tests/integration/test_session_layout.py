@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.fakes import dify as fake_dify
+from tests.fakes.coze import CozeFake
 from tests.fakes.dify import DifyFake
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.yach import APP_KEY, APP_SECRET, FakeYach
@@ -26,6 +27,15 @@ TTL_S = 3600
 def direct(text: str) -> dict[str, Any]:
     return {"msgId": uuid.uuid4().hex, "msgtype": "text", "text": {"content": text},
             "senderId": "u1", "senderStaffId": "W001", "conversationType": "1"}
+
+
+async def recorded(redis: aioredis.Redis, key: str, turns: int) -> None:
+    """Wait until the session counts `turns` (recorded right after the last piece is sent)."""
+    for _ in range(500):
+        if await redis.hget(key, "turns") == str(turns).encode():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{key} never counted {turns} turns")
 
 
 @pytest.mark.parametrize(("scope", "payload", "chat_session_id"), [
@@ -48,10 +58,7 @@ async def test_the_session_hash_of_a_turn(
             assert (await bridge.post(payload))[0] == 200
             await wait_until(lambda: len(yach.shown) == 1)
             key = f"chatbridge:{{{bot_id}}}:session:{chat_session_id}"
-            for _ in range(200):  # the turn is recorded right after its last piece is sent
-                if (await redis_client.hget(key, "turns")) == b"1":
-                    break
-                await asyncio.sleep(0.02)
+            await recorded(redis_client, key, 1)
             state = {k.decode(): v.decode() for k, v in (await redis_client.hgetall(key)).items()}
             ttl = await redis_client.ttl(key)
     finally:
@@ -81,3 +88,30 @@ async def test_openai_history_lives_in_the_same_key_space(
     assert keys and all(key.startswith(f"chatbridge:{{{bot_id}}}:") for key in keys)
     assert f"chatbridge:{{{bot_id}}}:session:yach:g:g1:u:u1" in keys
     assert f"chatbridge:{{{bot_id}}}:inbox" in keys
+
+
+async def test_changing_the_upstream_starts_fresh_conversations(
+    redis_url: str, bot_id: str, yach: FakeYach, redis_client: aioredis.Redis,
+) -> None:
+    """"Changing BRIDGE_UPSTREAM starts fresh conversations (the mapping records which
+    upstream it belongs to)": Dify's conversation id never goes to Coze, nor Coze's back."""
+    dify, coze = await DifyFake.start(seed=1), await CozeFake.start(seed=1)
+    key = f"chatbridge:{{{bot_id}}}:session:yach:g:g1:u:u1"
+    extra = {"BRIDGE_YACH_APP_KEY": APP_KEY, "BRIDGE_YACH_APP_SECRET": APP_SECRET}
+    try:
+        for shown, fake in enumerate((dify, coze, dify), start=1):
+            env = bridge_env(redis_url, bot_id, yach, **fake.env(), **extra)
+            async with running_bridge(env) as bridge:
+                assert (await bridge.post(group_message(f"turn {shown}")))[0] == 200
+                await wait_until(lambda count=shown: len(yach.shown) == count)
+                await recorded(redis_client, key, shown)
+            upstream = "dify" if fake is dify else "coze"
+            assert (await redis_client.hget(key, "upstream")) == upstream.encode()
+    finally:
+        await dify.close()
+        await coze.close()
+    dify_bodies = [request.json() for request in dify.server.on(fake_dify.PATH)]
+    assert [body["conversation_id"] for body in dify_bodies] == ["", ""]
+    [coze_request] = coze.server.on("/v3/chat")
+    assert "conversation_id" not in coze_request.query
+    assert "conversation_id" not in coze_request.json()
