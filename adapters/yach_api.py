@@ -115,8 +115,9 @@ def check_answer(status: int, payload: Any, headers: Mapping[str, str]) -> Any:
     raise YachAPIError(
         f"HTTP {status}, code {payload.get('code', payload.get('errcode'))}: {clip(message, 200)}",
         rate_limited=any(word in lowered for word in _RATE_LIMIT_WORDS),
-        invalid_token=any(w in lowered for w in _TOKEN_WORDS)
-        and any(w in lowered for w in _INVALID_WORDS),
+        # HTTP 401 to a call made with the token can only be the token (whatever it says)
+        invalid_token=status == 401
+        or (any(w in lowered for w in _TOKEN_WORDS) and any(w in lowered for w in _INVALID_WORDS)),
     )
 
 

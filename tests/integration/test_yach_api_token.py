@@ -121,3 +121,33 @@ async def test_an_expiry_moment_already_past_is_kept_a_minute(
     assert await client.access_token() == "app-token-1"
     ticks[0] = 61.0
     assert await client.access_token() == "app-token-2"
+
+
+async def test_an_http_401_is_an_invalid_token_answer(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A send refused with HTTP 401, whatever its body says, gets one fresh token and is
+    sent again (SPEC §4: refreshed "once on an invalid-token answer")."""
+    server = FakeServer(web.Application())
+    issued: list[str] = []
+
+    async def gettoken(request: web.Request) -> web.Response:
+        issued.append(f"t{len(issued) + 1}")
+        return web.json_response({"code": 200, "obj": {"access_token": issued[-1],
+                                                        "expired_time": 7200}})
+
+    async def single(request: web.Request) -> web.Response:
+        if request.query.get("access_token") != issued[-1] or len(issued) < 2:
+            return web.json_response({"code": 401, "msg": "Unauthorized"}, status=401)
+        return web.json_response({"code": 200, "msg": "ok"})
+
+    server.app.router.add_get("/gettoken", gettoken)
+    server.app.router.add_post("/v1/single/message/send", single)
+    await server.start()
+    try:
+        client = YachAPI(session, server.url, APP_KEY, APP_SECRET)
+        await send(client, 1)
+        sends = server.on("/v1/single/message/send")
+        assert [request.query["access_token"] for request in sends] == ["t1", "t2"]
+    finally:
+        await server.close()
