@@ -15,7 +15,6 @@ hash: waiting in the queue is never an attempt, a SIGKILL mid-turn is one.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
@@ -26,14 +25,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, KeyT
 
 from bridge.config import Rate
 from bridge.interfaces import HistoryTurn
-from bridge.store import HotPath, Keys, as_text
-from bridge.tasks import cancel_requested
+from bridge.store import HotPath, Keys, as_text, ride_out
 
 __all__ = ["START_TURN", "Journal", "JournalPiece", "LockLost", "SessionState", "Sessions", "Start"]
 
@@ -256,8 +252,6 @@ class LockLost(Exception):
 
 JOURNAL_TTL_S = 7 * 86400
 _OVER_RATE = -2  # what the start script answers for a sender over their limit
-_RETRY_FIRST_S = 0.1
-_RETRY_MAX_S = 1.0
 
 T = TypeVar("T")
 
@@ -458,11 +452,10 @@ class Sessions:
         return attempt
 
     async def renew(self, chat_session_id: str, lock_value: str) -> bool:
-        renewed = await self._renew(
-            keys=[self.keys.lock(chat_session_id), self.keys.fence(chat_session_id)],
-            args=[lock_value, self.lock_ttl_ms],
-        )
-        return bool(renewed)
+        """Whether the lock is still this turn's (renewed); rides out a Redis outage."""
+        keys = [self.keys.lock(chat_session_id), self.keys.fence(chat_session_id)]
+        args: list[EncodableT] = [lock_value, self.lock_ttl_ms]
+        return bool(await self._patient(lambda: self._renew(keys=keys, args=args)))
 
     async def renew_all(self, locks: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         """Renew several (session, lock value) in one round trip; those that were lost."""
@@ -497,7 +490,9 @@ class Sessions:
     # State
 
     async def load(self, chat_session_id: str) -> SessionState:
-        reply = await self.redis.hgetall(self.keys.session(chat_session_id))
+        """The session's state; rides out a Redis outage (a turn's record reads it)."""
+        key = self.keys.session(chat_session_id)
+        reply = await self._patient(lambda: self.redis.hgetall(key))
         return _state({as_text(k): as_text(v) for k, v in reply.items()})
 
     async def save(
@@ -617,7 +612,8 @@ class Sessions:
 
     async def recorded(self, entry_id: str) -> bool:
         """Whether the turn of this entry was already recorded in its session."""
-        return bool(await self.redis.hexists(self.keys.journal(entry_id), "recorded"))
+        key = self.keys.journal(entry_id)
+        return bool(await self._patient(lambda: self.redis.hexists(key, "recorded")))
 
     async def journal_piece(
         self,
@@ -668,16 +664,8 @@ class Sessions:
         await self._patient(lambda: self._hot.command("HSET", key, f"s:{index}", "1"))
 
     async def _patient(self, command: Callable[[], Awaitable[T]]) -> T:
-        """Run an idempotent write of a running turn, riding out a Redis outage for as long
-        as the turn's lock would live: a Redis restart does not cut the answer off. Longer,
-        the entry is redelivered and the fenced writes tell the turns apart."""
-        deadline = time.monotonic() + self.lock_ttl_ms / 1000
-        pause = _RETRY_FIRST_S
-        while True:
-            try:
-                return await command()
-            except (RedisConnectionError, RedisTimeoutError):
-                if time.monotonic() + pause > deadline or cancel_requested():
-                    raise
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, _RETRY_MAX_S)
+        """Run a Redis step of a running turn (idempotent, or harmless again), riding out a
+        Redis outage for as long as the turn's lock would live: a Redis restart does not cut
+        the answer off. Longer, the entry is redelivered and the fenced writes tell the
+        turns apart."""
+        return await ride_out(command, self.lock_ttl_ms / 1000)

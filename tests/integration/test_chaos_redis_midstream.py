@@ -1,0 +1,129 @@
+"""Redis goes away while a turn is mid-stream (SPEC §6): some pieces journalled and shown,
+the rest of the answer arriving while Redis is down. A private redis-server is stopped and
+started again — on its data, the answer goes on when Redis returns (the turn's Redis steps
+ride the outage out for as long as its lock would live): no cut-off notice, no piece twice,
+the upstream asked once. Replies go through the app API (it shows a `message_id` once), and
+the send budget is on, as it is by default (BRIDGE_YACH_SEND_RATE 20/60): each piece takes
+its budget in Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from bridge.messages import MESSAGES
+from bridge.store import Keys
+from tests.fakes import yach as fake_yach
+from tests.fakes.base import FakeServer
+from tests.fakes.openai import ChatCompletionsFake
+from tests.fakes.yach import FakeYach
+from tests.harness import bridge_env, group_message
+from tests.procs import RedisServer, Spawner, post_webhook, wait_for
+
+EN = MESSAGES["en"]
+HEAD = [f"Head sentence number {n} of the answer." for n in range(1, 4)]
+TAIL = [f"Tail sentence number {n} of the answer." for n in range(1, 6)]
+
+
+class GatedOpenAI(ChatCompletionsFake):
+    """An OpenAI-compatible upstream that streams HEAD, waits for `gate`, then TAIL; one
+    sentence per chunk. Counts the streams it started."""
+
+    def __init__(self) -> None:
+        self.server = FakeServer(web.Application())
+        self.gate = asyncio.Event()
+        self.started = 0
+
+    async def close(self) -> None:
+        self.gate.set()
+        await super().close()
+
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        self.started += 1
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for sentence in HEAD:
+            await response.write(_delta(sentence + " "))
+            await asyncio.sleep(0.05)
+        await self.gate.wait()
+        for sentence in TAIL:
+            await response.write(_delta(sentence + " "))
+            await asyncio.sleep(0.05)
+        await response.write(_delta(None, "stop") + b"data: [DONE]\n\n")
+        return response
+
+
+def _delta(content: str | None, finish: str | None = None) -> bytes:
+    delta = {} if content is None else {"content": content}
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n"
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
+@pytest.mark.parametrize("stop", ["shutdown", "sigkill"])
+async def test_redis_stopped_mid_stream_the_answer_goes_on_when_it_returns(
+    stop: str, bot_id: str, yach: FakeYach, redis_server: RedisServer, spawn: Spawner,
+    http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    upstream = await GatedOpenAI().start()
+    env = bridge_env(
+        redis_server.url, bot_id, yach,
+        BRIDGE_UPSTREAM="openai", BRIDGE_OPENAI_BASE_URL=upstream.base_url,
+        BRIDGE_OPENAI_API_KEY="sk-test-placeholder", BRIDGE_OPENAI_MODEL="fake-model",
+        BRIDGE_LANG="en", BRIDGE_REPLY_MODE="stream", BRIDGE_FLUSH_MIN_CHARS="20",
+        BRIDGE_FLUSH_MAX_WAIT_S="30", BRIDGE_YACH_SEND_RATE="1000/60",
+        BRIDGE_CLAIM_IDLE_S="10",
+        BRIDGE_YACH_APP_KEY=fake_yach.APP_KEY, BRIDGE_YACH_APP_SECRET=fake_yach.APP_SECRET,
+    )  # fmt: skip
+    try:
+        bridge = await spawn(env).start()
+        assert await post_webhook(http, bridge.url, group_message("tell me")) == 200
+        await wait_for(lambda: len(yach.shown) >= 2, 10, "the head's pieces shown")
+        await asyncio.sleep(1.2)  # past appendfsync everysec: the journal is on disk
+        if stop == "shutdown":
+            redis_server.shutdown()
+        else:
+            redis_server.kill()
+        upstream.gate.set()  # the rest of the answer comes while Redis is down
+        await asyncio.sleep(1.5)
+        redis_server.start()
+        # Well within BRIDGE_CLAIM_IDLE_S (10 s): the turn itself goes on.
+        await wait_for(
+            lambda: _squash(TAIL[-1]) in _squash("".join(yach.texts())), 8, "the whole answer"
+        )
+        await wait_for(lambda: redis_server.client().xlen(Keys(bot_id).inbox) == 0, 5, "acked")
+        await asyncio.sleep(0.5)
+    finally:
+        await upstream.close()
+    texts = yach.texts()
+    assert EN["cut_off"] not in texts, texts
+    assert _squash("".join(texts)) == _squash(" ".join(HEAD + TAIL))
+    assert upstream.started == 1
+    sent_ids = [r.json()["message_id"] for r in yach.server.on("/group/robot/message/send")]
+    assert len(set(sent_ids)) == len(texts)
