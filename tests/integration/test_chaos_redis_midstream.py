@@ -9,62 +9,24 @@ its budget in Redis."""
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from bridge.messages import MESSAGES
 from bridge.store import Keys
 from tests.fakes import yach as fake_yach
-from tests.fakes.base import FakeServer
-from tests.fakes.openai import ChatCompletionsFake
+from tests.fakes.openai import GATED_HEAD as HEAD
+from tests.fakes.openai import GATED_TAIL as TAIL
+from tests.fakes.openai import GatedOpenAI
 from tests.fakes.yach import FakeYach
 from tests.harness import bridge_env, group_message
 from tests.procs import RedisServer, Spawner, post_webhook, wait_for
 
 EN = MESSAGES["en"]
-HEAD = [f"Head sentence number {n} of the answer." for n in range(1, 4)]
-TAIL = [f"Tail sentence number {n} of the answer." for n in range(1, 6)]
-
-
-class GatedOpenAI(ChatCompletionsFake):
-    """An OpenAI-compatible upstream that streams HEAD, waits for `gate`, then TAIL; one
-    sentence per chunk. Counts the streams it started."""
-
-    def __init__(self) -> None:
-        self.server = FakeServer(web.Application())
-        self.gate = asyncio.Event()
-        self.started = 0
-
-    async def close(self) -> None:
-        self.gate.set()
-        await super().close()
-
-    async def _complete(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
-        self.started += 1
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for sentence in HEAD:
-            await response.write(_delta(sentence + " "))
-            await asyncio.sleep(0.05)
-        await self.gate.wait()
-        for sentence in TAIL:
-            await response.write(_delta(sentence + " "))
-            await asyncio.sleep(0.05)
-        await response.write(_delta(None, "stop") + b"data: [DONE]\n\n")
-        return response
-
-
-def _delta(content: str | None, finish: str | None = None) -> bytes:
-    delta = {} if content is None else {"content": content}
-    choice = {"index": 0, "delta": delta, "finish_reason": finish}
-    return b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n"
 
 
 @pytest.fixture

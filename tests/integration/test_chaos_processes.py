@@ -1,0 +1,209 @@
+"""Several bridge processes on one Redis, and one of them has a bad day (SPEC §5, §6):
+SIGKILLed while it runs a session's turn with more of the session queued, SIGTERMed with
+turns outlasting its drain window, frozen (SIGSTOP) past BRIDGE_CLAIM_IDLE_S and resumed.
+The others finish its work: each message answered once, each session in order, nothing
+shown twice, nothing saved by the process that lost its turn.
+
+Unless a test says otherwise, replies go through the custom robot URL, which does not
+deduplicate: a second answer to a message would show."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from bridge.messages import MESSAGES
+from bridge.store import Keys
+from tests.fakes import yach as fake_yach
+from tests.fakes.openai import GATED_HEAD, GatedOpenAI
+from tests.fakes.yach import FakeYach
+from tests.harness import bridge_env, group_message, openai_env
+from tests.procs import (
+    BridgeProcess,
+    PacedOpenAI,
+    Spawner,
+    post_webhook,
+    wait_acknowledged,
+    wait_for,
+)
+
+EN = MESSAGES["en"]
+CLAIM_IDLE_S = 2.0
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def _env(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream_url: str, **extra: str
+) -> dict[str, str]:
+    return bridge_env(
+        redis_url, bot_id, yach, **openai_env(upstream_url),
+        **{"BRIDGE_LANG": "en", "BRIDGE_CLAIM_IDLE_S": str(CLAIM_IDLE_S),
+           "BRIDGE_SESSION_QUEUE_MAX": "10", **extra},
+    )  # fmt: skip
+
+
+async def _start_all(spawn: Spawner, env: dict[str, str], names: str) -> list[BridgeProcess]:
+    bridges = [spawn(env, name) for name in names]
+    await asyncio.gather(*(bridge.start() for bridge in bridges))
+    return bridges
+
+
+def _runner_of(bridges: list[BridgeProcess], question: str) -> BridgeProcess | None:
+    """The bridge whose log shows the turn of `question` started (by its msg_id)."""
+    for bridge in bridges:
+        if any(event.get("msg_id") == question for event in bridge.events("turn_started")):
+            return bridge
+    return None
+
+
+def _said(yach: FakeYach) -> list[str]:
+    """The questions the answers echo, in the order they showed."""
+    return [t.removeprefix("You said: ").partition(".")[0] for t in yach.texts()]
+
+
+async def test_sigkill_of_the_process_running_a_session_turn_the_others_finish_the_session_in_order(
+    redis_url: str, bot_id: str, redis_client: aioredis.Redis, yach: FakeYach,
+    spawn: Spawner, http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    """Three processes; one session's four messages posted to all three in turn. The
+    process running the first turn is SIGKILLed mid-turn: the two left run the first turn
+    again and then the rest, in order, each answered once."""
+    slow = {"on": True}
+    upstream = await PacedOpenAI(pace=lambda q: 30.0 if q == "m0" and slow["on"] else 0.2).start()
+    env = _env(redis_url, bot_id, yach, upstream.base_url)
+    questions = [f"m{n}" for n in range(4)]
+    try:
+        bridges = await _start_all(spawn, env, "abc")
+        for n, question in enumerate(questions):
+            message = group_message(question, msg_id=question)
+            assert await post_webhook(http, bridges[n % 3].url, message) == 200
+        await wait_for(lambda: upstream.started == ["m0"], 10, "the first turn started")
+        await wait_for(lambda: _runner_of(bridges, "m0") is not None, 5, "its runner logged")
+        victim = _runner_of(bridges, "m0")
+        assert victim is not None
+        slow["on"] = False
+        victim.kill()
+        await wait_for(lambda: len(yach.shown) >= 4, 6 * CLAIM_IDLE_S + 10, "four answers")
+        await wait_acknowledged(redis_client, Keys(bot_id).inbox)
+        await asyncio.sleep(2 * CLAIM_IDLE_S)  # a second answer would show by now
+    finally:
+        await upstream.close()
+    assert _said(yach) == questions, yach.texts()
+    assert upstream.started == ["m0", *questions]  # m0 ran again (nothing was journalled)
+    dead = await redis_client.xlen(Keys(bot_id).dead)
+    assert dead == 0
+
+
+async def test_sigterm_with_turns_outlasting_the_drain_the_live_process_finishes_them_once(
+    redis_url: str, bot_id: str, redis_client: aioredis.Redis, yach: FakeYach,
+    spawn: Spawner, http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    """Process A runs two long turns (two sessions) when it is SIGTERMed with a drain
+    window shorter than them; a third message waits behind one of them in process B. A
+    exits 0 leaving its turns pending; B, alive all along, answers all three, once each,
+    the waiting one after the turn it waited for — long before BRIDGE_CLAIM_IDLE_S."""
+    upstream = await PacedOpenAI(pace=lambda q: 3.0 if q.startswith("long") else 0.0).start()
+    env = _env(
+        redis_url, bot_id, yach, upstream.base_url,
+        BRIDGE_DRAIN_TIMEOUT_S="1", BRIDGE_CLAIM_IDLE_S="30",
+    )  # fmt: skip
+    try:
+        a, b = await _start_all(spawn, env, "ab")
+        for question, sender in (("long1", "u1"), ("long2", "u2")):
+            message = group_message(question, msg_id=question, sender=sender)
+            assert await post_webhook(http, a.url, message) == 200
+        await wait_for(lambda: sorted(upstream.started) == ["long1", "long2"], 10, "both started")
+        behind = group_message("next1", msg_id="next1", sender="u1")
+        assert await post_webhook(http, b.url, behind) == 200
+        await asyncio.sleep(0.3)
+        assert _runner_of([a, b], "long1") is a and _runner_of([a, b], "long2") is a
+        a.signal(signal.SIGTERM)
+        assert await a.wait(10) == 0
+        [drained] = a.events("drained")
+        assert drained["interrupted"] == 2
+        await wait_for(lambda: len(yach.shown) >= 3, 15, "three answers from B")
+        await wait_acknowledged(redis_client, Keys(bot_id).inbox)
+        await asyncio.sleep(1.0)
+    finally:
+        await upstream.close()
+    said = _said(yach)
+    assert sorted(said) == ["long1", "long2", "next1"], yach.texts()
+    assert said.index("long1") < said.index("next1")
+    assert sorted(upstream.started) == ["long1", "long1", "long2", "long2", "next1"]
+
+
+def _app_api(upstream_url: str) -> dict[str, str]:
+    """Streamed replies through the app API (it shows a `message_id` once): a replay may
+    resend a piece whose confirmation it did not find."""
+    return {
+        "BRIDGE_REPLY_MODE": "stream", "BRIDGE_FLUSH_MIN_CHARS": "20",
+        "BRIDGE_FLUSH_MAX_WAIT_S": "30",
+        "BRIDGE_YACH_APP_KEY": fake_yach.APP_KEY, "BRIDGE_YACH_APP_SECRET": fake_yach.APP_SECRET,
+    }  # fmt: skip
+
+
+def _sends(yach: FakeYach) -> list[str]:
+    """The message_id of every send the platform received (shown or not)."""
+    return [r.json()["message_id"] for r in yach.server.on("/group/robot/message/send")]
+
+
+async def test_a_process_frozen_past_the_claim_and_resumed_sends_and_saves_nothing_more(
+    redis_url: str, bot_id: str, redis_client: aioredis.Redis, yach: FakeYach,
+    spawn: Spawner, http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    """A runs a streamed turn: two pieces shown, the rest still to come. A is frozen
+    (SIGSTOP) past BRIDGE_CLAIM_IDLE_S: B claims the entry, replays the journal (no new
+    question upstream) with the cut-off notice, records the turn and acknowledges it. The
+    rest of the answer then reaches A, and A is resumed (SIGCONT): it must send nothing
+    more — no piece, no second notice — and record nothing (the history has B's one
+    turn); the session's next question runs normally."""
+    upstream = await GatedOpenAI().start()
+    keys = Keys(bot_id)
+    session = "yach:g:g1:u:u1"
+    env = _env(redis_url, bot_id, yach, upstream.base_url, **_app_api(upstream.base_url))
+    try:
+        a, b = await _start_all(spawn, env, "ab")
+        assert await post_webhook(http, a.url, group_message("tell me", msg_id="first")) == 200
+        await wait_for(lambda: len(yach.shown) >= 2, 10, "two pieces shown")
+        assert _runner_of([a, b], "first") is a
+        a.signal(signal.SIGSTOP)
+        try:
+            await wait_for(lambda: EN["cut_off"] in yach.texts(), 4 * CLAIM_IDLE_S + 5,
+                           "B replayed the journal")  # fmt: skip
+            await wait_acknowledged(redis_client, keys.inbox)
+            upstream.gate.set()  # the rest of the answer reaches the frozen A
+            await asyncio.sleep(0.5)
+            shown_before, sends_before = yach.texts(), _sends(yach)
+        finally:
+            a.signal(signal.SIGCONT)
+        await wait_for(lambda: bool(a.events("session_lock_lost") or a.events("entry_lost")),
+                       3 * CLAIM_IDLE_S, "A gave the turn up")  # fmt: skip
+        await asyncio.sleep(1.0)
+        assert yach.texts() == shown_before
+        assert _sends(yach) == sends_before
+        history = await redis_client.lrange(keys.history(session), 0, -1)
+        turns = await redis_client.hget(keys.session(session), "turns")
+        # The session's next question, answered as usual (the whole gated answer at once).
+        assert await post_webhook(http, b.url, group_message("next", msg_id="next")) == 200
+        await wait_for(lambda: upstream.started == 2 and len(yach.shown) > len(shown_before),
+                       10, "the next answer")  # fmt: skip
+        await wait_acknowledged(redis_client, keys.inbox)
+    finally:
+        await upstream.close()
+    assert upstream.started == 2  # B's replay asked nothing
+    assert len(history) == 1 and turns == b"1", (history, turns)
+    texts = shown_before
+    assert texts[-1] == EN["cut_off"] and texts.count(EN["cut_off"]) == 1
+    assert all(t.strip() in GATED_HEAD for t in texts[:-1]), texts
+    assert len(set(_sends(yach))) == len(yach.shown)  # resends reused their message_id
+
