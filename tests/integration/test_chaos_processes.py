@@ -207,3 +207,39 @@ async def test_a_process_frozen_past_the_claim_and_resumed_sends_and_saves_nothi
     assert all(t.strip() in GATED_HEAD for t in texts[:-1]), texts
     assert len(set(_sends(yach))) == len(yach.shown)  # resends reused their message_id
 
+
+async def test_a_process_frozen_before_its_thinking_notice_does_not_send_it_once_resumed(
+    redis_url: str, bot_id: str, redis_client: aioredis.Redis, yach: FakeYach,
+    spawn: Spawner, http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    """A's turn waits for a slow first token; A is frozen before its "thinking" notice is
+    due, and stays frozen past BRIDGE_CLAIM_IDLE_S: B claims the entry and answers it at
+    once (no notice needed). Resumed, A finds its notice overdue: it must not send it — a
+    "thinking" notice after the answer, from a turn that is not A's any more."""
+    calls = {"n": 0}
+
+    def pace(_question: str) -> float:
+        calls["n"] += 1
+        return 30.0 if calls["n"] == 1 else 0.0
+
+    upstream = await PacedOpenAI(pace=pace).start()
+    keys = Keys(bot_id)
+    env = _env(redis_url, bot_id, yach, upstream.base_url, BRIDGE_THINKING_NOTICE_S="3")
+    try:
+        a, b = await _start_all(spawn, env, "ab")
+        assert await post_webhook(http, a.url, group_message("slow", msg_id="slow")) == 200
+        await wait_for(lambda: upstream.started == ["slow"], 10, "A asked the upstream")
+        assert _runner_of([a, b], "slow") is a
+        a.signal(signal.SIGSTOP)
+        try:
+            await wait_for(lambda: len(yach.shown) >= 1, 4 * CLAIM_IDLE_S + 5, "B's answer")
+            await wait_acknowledged(redis_client, keys.inbox)
+            await asyncio.sleep(3.0)  # past A's notice time (3 s after its turn began)
+        finally:
+            a.signal(signal.SIGCONT)
+        await wait_for(lambda: bool(a.events("entry_given_up") or a.events("session_lock_lost")),
+                       3 * CLAIM_IDLE_S, "A gave the turn up")  # fmt: skip
+        await asyncio.sleep(1.0)
+    finally:
+        await upstream.close()
+    assert yach.texts() == ["You said: slow. (history: 0 messages)"]
