@@ -31,7 +31,16 @@ from bridge.config import Rate
 from bridge.interfaces import HistoryTurn
 from bridge.store import HotPath, Keys, as_text, ride_out
 
-__all__ = ["START_TURN", "Journal", "JournalPiece", "LockLost", "SessionState", "Sessions", "Start"]
+__all__ = [
+    "START_TURN",
+    "EntryGone",
+    "Journal",
+    "JournalPiece",
+    "LockLost",
+    "SessionState",
+    "Sessions",
+    "Start",
+]
 
 # `holds(lock, fence, value, ttl)`: true when `value` is the session's lock; a lock that
 # expired while its token is still the fence's value (nobody took it since) is re-set.
@@ -188,14 +197,21 @@ end
 
 _START = START_TURN + "return start_turn(KEYS, ARGV)\n"
 
-# KEYS: lock, fence, session, history, stop, the command's journal. ARGV: journal ttl s.
+# KEYS: lock, fence, session, history, stop, the command's journal, inbox. ARGV: journal ttl
+# s, the command's entry id.
 # Forget the mapping (/reset); the lock of the stopped turn (the entry named by the stop
 # key), if it still holds on, is fenced out so that its saves are refused — and so is a
 # lock that expired (its turn's process stalled past it): unfenced, that turn would take
 # it back (`holds`) and save the old mapping after the forget. The command's
 # journal records that it was done: its redelivery (a process that died before the ack)
-# must not forget the new conversation of the turns that came after it.
+# must not forget the new conversation of the turns that came after it. Nor may a delivery
+# that stalled past BRIDGE_CLAIM_IDLE_S while another carried the command out: done there
+# ('reset' recorded), or acknowledged already (the entry gone from the inbox: -1), nothing
+# is forgotten here. Returns {the session as it was} when it forgot it, else 0 or -1.
 _FORGET = """
+if #redis.call('XRANGE', KEYS[7], ARGV[2], ARGV[2]) == 0 then return -1 end
+if redis.call('HEXISTS', KEYS[6], 'reset') == 1 then return 0 end
+local state = redis.call('HGETALL', KEYS[3])
 local held = redis.call('GET', KEYS[1])
 local stopped = redis.call('GET', KEYS[5])
 if not held then
@@ -207,15 +223,19 @@ end
 redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('HSET', KEYS[6], 'reset', '1')
 redis.call('EXPIRE', KEYS[6], ARGV[1])
-return 1
+return {state}
 """
 
-# KEYS: lock, stop, the command's journal. ARGV: stop key ttl s, journal ttl s.
+# KEYS: lock, stop, the command's journal, inbox. ARGV: stop key ttl s, journal ttl s, the
+# command's entry id.
 # `/stop` (alone or in `/reset`): the entry whose turn holds the session ('' if none) is
 # recorded in the stop key, and in the command's journal, once: a redelivery of the command
 # (its process died before the ack) answers what the first delivery stopped, and stops no
-# turn that started since.
+# turn that started since. A delivery that stalled past BRIDGE_CLAIM_IDLE_S while another
+# carried the command out and acknowledged it finds its entry gone from the inbox (-1): it
+# stops nothing (the journal that said what was stopped went with the ack).
 _STOP = """
+if #redis.call('XRANGE', KEYS[4], ARGV[3], ARGV[3]) == 0 then return -1 end
 local done = redis.call('HGET', KEYS[3], 'stopped')
 if done then return done end
 local held = redis.call('GET', KEYS[1])
@@ -248,6 +268,11 @@ return redis.call('SREM', KEYS[1], ARGV[1])
 
 class LockLost(Exception):
     """The session's lock is held by another turn (or gone): this turn must not go on."""
+
+
+class EntryGone(Exception):
+    """The command's entry was acknowledged by another worker, which carried it out (this
+    one stalled past BRIDGE_CLAIM_IDLE_S): nothing more of it may be done here."""
 
 
 JOURNAL_TTL_S = 7 * 86400
@@ -577,9 +602,12 @@ class Sessions:
                 self.keys.lock(chat_session_id),
                 self.keys.stop(chat_session_id),
                 self.keys.journal(command_entry_id),
+                self.keys.inbox,
             ],
-            args=[ttl_s, JOURNAL_TTL_S],
+            args=[ttl_s, JOURNAL_TTL_S, command_entry_id],
         )
+        if isinstance(running, int):
+            raise EntryGone("the command was carried out and acknowledged elsewhere")
         return as_text(running) or None
 
     async def clear_stop(self, chat_session_id: str, entry_id: str) -> None:
@@ -592,11 +620,13 @@ class Sessions:
         """Whether the `/reset` of this command entry has forgotten its session already."""
         return bool(await self.redis.hexists(self.keys.journal(command_entry_id), "reset"))
 
-    async def forget(self, chat_session_id: str, command_entry_id: str) -> None:
+    async def forget(self, chat_session_id: str, command_entry_id: str) -> SessionState | None:
         """Drop the conversation mapping and history (the `/reset` command); a stopped turn
         that still holds the lock is fenced out, so it cannot save the old mapping again.
-        Recorded in the command's journal (`was_reset`), in the same step."""
-        await self._forget(
+        Recorded in the command's journal (`was_reset`), in the same step. The session as it
+        was; None if another delivery of the command forgot it already; `EntryGone` if the
+        command was acknowledged elsewhere."""
+        reply = await self._forget(
             keys=[
                 self.keys.lock(chat_session_id),
                 self.keys.fence(chat_session_id),
@@ -604,9 +634,15 @@ class Sessions:
                 self.keys.history(chat_session_id),
                 self.keys.stop(chat_session_id),
                 self.keys.journal(command_entry_id),
+                self.keys.inbox,
             ],
-            args=[JOURNAL_TTL_S],
+            args=[JOURNAL_TTL_S, command_entry_id],
         )
+        if reply == -1:
+            raise EntryGone("the command was carried out and acknowledged elsewhere")
+        if not reply:
+            return None
+        return _state(_pairs(reply[0]))
 
     # The turn journal
 

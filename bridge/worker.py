@@ -36,7 +36,7 @@ from bridge.interfaces import SendError
 from bridge.messages import Catalogue
 from bridge.metrics import Metrics
 from bridge.relay import TurnRunner
-from bridge.sessions import LockLost, Sessions, Start
+from bridge.sessions import EntryGone, LockLost, Sessions, Start
 from bridge.store import Keys, as_text, redis_failure
 from bridge.tasks import cancel_and_wait, cancel_requested
 
@@ -395,6 +395,8 @@ class Worker:
             await self._let_go(held)
         except LockLost as exc:
             log.warning("session_lock_lost", reason=str(exc), outcome="another worker has it")
+        except EntryGone as exc:  # a command this process stalled on: done elsewhere
+            log.warning("entry_gone", reason=str(exc), outcome="acknowledged by another worker")
         except SendError as exc:
             log.error("send_failed", reason=exc.reason, outcome="left pending for redelivery")
             await self._let_go(held)

@@ -243,3 +243,118 @@ async def test_a_process_frozen_before_its_thinking_notice_does_not_send_it_once
     finally:
         await upstream.close()
     assert yach.texts() == ["You said: slow. (history: 0 messages)"]
+
+
+async def test_reset_read_by_another_process_stops_the_turn_there_and_the_next_starts_afresh(
+    redis_url: str, bot_id: str, redis_client: aioredis.Redis, yach: FakeYach,
+    spawn: Spawner, http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    """A runs a long turn of a session that has one earlier exchange and one more question
+    queued; `/reset` is read by B. The turn in A stops (nothing of it sent), B confirms the
+    reset once it has, and the queued question starts a new conversation: no history."""
+    upstream = await PacedOpenAI(pace=lambda q: 60.0 if q == "long" else 0.0).start()
+    keys = Keys(bot_id)
+    env = _env(redis_url, bot_id, yach, upstream.base_url)
+    try:
+        a, b = await _start_all(spawn, env, "ab")
+        assert await post_webhook(http, a.url, group_message("warm", msg_id="warm")) == 200
+        await wait_for(lambda: len(yach.shown) == 1, 10, "the first answer")
+        await wait_acknowledged(redis_client, keys.inbox)
+        for question in ("long", "queued"):
+            message = group_message(question, msg_id=question)
+            assert await post_webhook(http, a.url, message) == 200
+        await wait_for(lambda: _runner_of([a, b], "long") is a, 10, "A runs the long turn")
+        assert await post_webhook(http, b.url, group_message("/reset", msg_id="reset")) == 200
+        await wait_for(lambda: len(yach.shown) == 3, 4 * CLAIM_IDLE_S, "reset and answer")
+        await wait_acknowledged(redis_client, keys.inbox)
+        await asyncio.sleep(2 * CLAIM_IDLE_S)  # a stopped turn stays stopped
+    finally:
+        await upstream.close()
+    assert any(e.get("msg_id") == "reset" for e in b.events("command"))  # B read it
+    assert [e["msg_id"] for e in a.events("turn_stopped")] == ["long"]
+    assert yach.texts() == [
+        "You said: warm. (history: 0 messages)",
+        EN["reset_done"],
+        "You said: queued. (history: 0 messages)",
+    ]
+    assert upstream.started == ["warm", "long", "queued"]
+
+
+async def test_one_message_delivered_to_two_processes_at_once_and_again_later_is_answered_once(
+    redis_url: str, bot_id: str, redis_client: aioredis.Redis, yach: FakeYach,
+    spawn: Spawner, http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    """The platform's retries of one message race across two processes (three to each, at
+    once), and come again after its answer was acknowledged: stored and answered once."""
+    upstream = await PacedOpenAI().start()
+    keys = Keys(bot_id)
+    env = _env(redis_url, bot_id, yach, upstream.base_url)
+    message = group_message("once please")
+    try:
+        a, b = await _start_all(spawn, env, "ab")
+        statuses = await asyncio.gather(
+            *(post_webhook(http, bridge.url, message) for bridge in (a, b, a, b, a, b))
+        )
+        assert statuses == [200] * 6
+        await wait_for(lambda: len(yach.shown) >= 1, 10, "the answer")
+        await wait_acknowledged(redis_client, keys.inbox)
+        for bridge in (a, b):
+            assert await post_webhook(http, bridge.url, message) == 200
+        await asyncio.sleep(2 * CLAIM_IDLE_S)
+    finally:
+        await upstream.close()
+    assert yach.texts() == ["You said: once please. (history: 0 messages)"]
+    assert upstream.started == ["once please"]
+    assert await redis_client.xlen(keys.inbox) == 0
+
+
+async def test_a_reset_frozen_mid_way_and_resumed_after_it_was_done_elsewhere_forgets_nothing_new(
+    redis_url: str, bot_id: str, redis_client: aioredis.Redis, yach: FakeYach,
+    spawn: Spawner, http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    """C runs a long turn and is frozen; A reads `/reset`, stops that turn and waits for it
+    to let go — and is frozen too. B, alive, takes both entries over: it carries the reset
+    out (once), acknowledges the stopped turn, and answers the question queued behind it in
+    the new conversation. Then A is resumed: its reset was done already, by B — it must not
+    forget the session again (the new conversation's history), nor delete it upstream."""
+    upstream = await PacedOpenAI(pace=lambda q: 60.0 if q == "long" else 0.0).start()
+    keys = Keys(bot_id)
+    session = "yach:g:g1:u:u1"
+    env = _env(redis_url, bot_id, yach, upstream.base_url,
+               **{**_app_api(upstream.base_url), "BRIDGE_REPLY_MODE": "final"})  # fmt: skip
+    try:
+        a, b, c = await _start_all(spawn, env, "abc")
+        assert await post_webhook(http, c.url, group_message("warm", msg_id="warm")) == 200
+        await wait_for(lambda: len(yach.shown) == 1, 10, "the first answer")
+        await wait_acknowledged(redis_client, keys.inbox)
+        assert await post_webhook(http, c.url, group_message("long", msg_id="long")) == 200
+        await wait_for(lambda: _runner_of([a, b, c], "long") is c, 10, "C runs the long turn")
+        assert await post_webhook(http, b.url, group_message("queued", msg_id="queued")) == 200
+        c.signal(signal.SIGSTOP)  # its turn will not let go: A's reset waits for its lock
+        try:
+            assert await post_webhook(http, a.url, group_message("/reset", msg_id="reset")) == 200
+            await wait_for(lambda: any(e.get("msg_id") == "reset" for e in a.events("command")),
+                           1.0, "A runs the reset")  # fmt: skip
+            a.signal(signal.SIGSTOP)
+            try:
+                await wait_for(lambda: "You said: queued." in " ".join(yach.texts()), 40,
+                               "B answers the queued question after the reset")  # fmt: skip
+                await wait_acknowledged(redis_client, keys.inbox)
+                history_before = await redis_client.llen(keys.history(session))
+            finally:
+                a.signal(signal.SIGCONT)
+        finally:
+            c.kill()
+        await asyncio.sleep(2 * CLAIM_IDLE_S)  # A goes on with its reset meanwhile
+        assert await post_webhook(http, b.url, group_message("after", msg_id="after")) == 200
+        await wait_for(lambda: "You said: after." in " ".join(yach.texts()), 10, "after")
+        await wait_acknowledged(redis_client, keys.inbox)
+    finally:
+        await upstream.close()
+    assert history_before == 1
+    assert yach.texts() == [
+        "You said: warm. (history: 0 messages)",
+        EN["reset_done"],
+        "You said: queued. (history: 0 messages)",
+        "You said: after. (history: 2 messages)",  # the new conversation, not forgotten
+    ]
