@@ -483,6 +483,8 @@ class Worker:
             self._free_slot(held)
         held.phase = _Phase.FINISHING
         await asyncio.shield(self._finish(held))  # "save, then XACK": the save was in run()
+        if held.lost:  # claimed by another worker meanwhile: its turn now, not done here
+            return
         self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome=outcome.value).inc()
         log.info("turn_done", outcome=outcome.value)
 
@@ -562,15 +564,25 @@ class Worker:
         while True:
             try:
                 if dead_reason:
-                    await self.inbox.dead_letter(entry, dead_reason, held.lock)
+                    ours = await self.inbox.dead_letter(entry, dead_reason, held.lock)
                 else:
-                    await self.inbox.ack(entry, held.lock)
+                    ours = await self.inbox.ack(entry, held.lock)
                 break
             except RedisError:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+        if not ours:  # this process stalled or lost Redis: another worker claimed the entry
+            held.lost = True
+            log.warning(
+                "entry_lost",
+                entry=entry.entry_id,
+                reason="claimed by another worker",
+                phase=held.phase.value,
+                outcome="left to it, not acknowledged here",
+            )
+            return
         held.acked = True
         with contextlib.suppress(RedisError):
             await self._wake(entry.chat_session_id)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -26,6 +27,8 @@ from tests.harness import bridge_env, group_message, openai_env
 from tests.procs import (
     BridgeProcess,
     PacedOpenAI,
+    RedisProxy,
+    RedisServer,
     Spawner,
     post_webhook,
     wait_acknowledged,
@@ -358,3 +361,61 @@ async def test_a_reset_frozen_mid_way_and_resumed_after_it_was_done_elsewhere_fo
         "You said: queued. (history: 0 messages)",
         "You said: after. (history: 2 messages)",  # the new conversation, not forgotten
     ]
+
+
+
+async def test_a_process_cut_from_redis_after_its_last_send_leaves_the_turn_to_the_other(
+    bot_id: str, yach: FakeYach, spawn: Spawner, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """A (behind a proxy to a private Redis) sends the whole answer, and loses Redis before
+    the platform's 200 reaches it: a partition of A alone, longer than BRIDGE_CLAIM_IDLE_S.
+    B takes the entry over and replays the journal (the unconfirmed piece again, shown once
+    by the app API). The partition ends while B's resend is on its way and A still rides
+    its outage out: A's record is refused (the lock is B's) — and A must then leave the
+    entry alone. It acknowledged it instead, under B's replay: B gave the entry up, the
+    turn was never recorded (the question behind it came without it in its history), and
+    B's session lock stayed until it expired. (Frozen instead of cut off, A does not get
+    that far: its keep loop, overdue, finds the entry claimed first.)"""
+    server = RedisServer(tmp_path / "redis").start()
+    proxy = await RedisProxy(server.socket).start()
+    client = aioredis.Redis(unix_socket_path=str(server.socket))
+    upstream = await PacedOpenAI().start()
+    keys = Keys(bot_id)
+    env = _env(server.url, bot_id, yach, upstream.base_url,
+               **{**_app_api(upstream.base_url), "BRIDGE_REPLY_MODE": "final",
+                  "BRIDGE_CLAIM_IDLE_S": "6"})  # fmt: skip
+    try:
+        a, b = spawn({**env, "BRIDGE_REDIS_URL": proxy.url}, "a"), spawn(env, "b")
+        await asyncio.gather(a.start(), b.start())
+        yach.hold_next()
+        assert await post_webhook(http, a.url, group_message("q0", msg_id="q0")) == 200
+        await wait_for(lambda: len(yach.held) == 1, 10, "A's answer sent, the 200 held")
+        assert _runner_of([a, b], "q0") is a
+        proxy.partition()
+        assert await post_webhook(http, b.url, group_message("q1", msg_id="q1")) == 200
+        await asyncio.sleep(5.0)
+        yach.hold_next()
+        yach.held[0].set()  # A learns the piece was sent: it marks it, riding the outage out
+        await wait_for(lambda: len(yach.held) == 2, 10,
+                       "B replays: the unconfirmed piece resent, its 200 held")  # fmt: skip
+        proxy.heal()
+        await wait_for(
+            lambda: bool(a.events("turn_done") or a.events("session_lock_lost")
+                         or a.events("entry_given_up") or a.events("redis_error")),
+            10, "A went on",
+        )  # fmt: skip
+        await asyncio.sleep(3.0)  # B's keep loop runs meanwhile
+        yach.held[1].set()
+        await wait_for(lambda: len(yach.shown) >= 2, 20, "q1 answered")
+        await wait_acknowledged(client, keys.inbox)
+    finally:
+        await upstream.close()
+        await proxy.close()
+        await client.aclose()
+        server.close()
+    assert not b.events("entry_lost"), b.events("entry_lost")
+    assert yach.texts() == [
+        "You said: q0. (history: 0 messages)",
+        "You said: q1. (history: 2 messages)",  # q0 recorded, once
+    ]
+    assert upstream.started == ["q0", "q1"]
