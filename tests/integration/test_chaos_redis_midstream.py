@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def _squash(text: str) -> str:
     return re.sub(r"\s+", "", text)
 
 
-@pytest.mark.parametrize("stop", ["shutdown", "sigkill"])
+@pytest.mark.parametrize("stop", ["shutdown", "sigkill", "sigstop"])
 async def test_redis_stopped_mid_stream_the_answer_goes_on_when_it_returns(
     stop: str, bot_id: str, yach: FakeYach, redis_server: RedisServer, spawn: Spawner,
     http: aiohttp.ClientSession,
@@ -70,11 +71,18 @@ async def test_redis_stopped_mid_stream_the_answer_goes_on_when_it_returns(
         await asyncio.sleep(1.2)  # past appendfsync everysec: the journal is on disk
         if stop == "shutdown":
             redis_server.shutdown()
-        else:
+        elif stop == "sigkill":
             redis_server.kill()
+        else:  # frozen: it stops answering, connections stay open (a partition)
+            assert redis_server.process is not None
+            redis_server.process.send_signal(signal.SIGSTOP)
         upstream.gate.set()  # the rest of the answer comes while Redis is down
         await asyncio.sleep(1.5)
-        redis_server.start()
+        if stop == "sigstop":
+            assert redis_server.process is not None
+            redis_server.process.send_signal(signal.SIGCONT)
+        else:
+            redis_server.start()
         # Well within BRIDGE_CLAIM_IDLE_S (10 s): the turn itself goes on.
         await wait_for(
             lambda: _squash(TAIL[-1]) in _squash("".join(yach.texts())), 8, "the whole answer"
