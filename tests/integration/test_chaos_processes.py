@@ -400,8 +400,8 @@ async def test_a_process_cut_from_redis_after_its_last_send_leaves_the_turn_to_t
                        "B replays: the unconfirmed piece resent, its 200 held")  # fmt: skip
         proxy.heal()
         await wait_for(
-            lambda: bool(a.events("turn_done") or a.events("session_lock_lost")
-                         or a.events("entry_given_up") or a.events("redis_error")),
+            lambda: bool(a.events("turn_done") or a.events("entry_lost")
+                         or a.events("redis_error")),
             10, "A went on",
         )  # fmt: skip
         await asyncio.sleep(3.0)  # B's keep loop runs meanwhile
