@@ -35,6 +35,8 @@ from tests.procs import (
     wait_for,
 )
 
+pytestmark = pytest.mark.slow
+
 EN = MESSAGES["en"]
 CLAIM_IDLE_S = 2.0
 
