@@ -554,9 +554,10 @@ class Worker:
             held.slot = False
             self._turn_slots.release()
 
-    async def _ack(self, held: _Held, *, dead_reason: str = "") -> None:
+    async def _ack(self, held: _Held, *, dead_reason: str = "") -> bool:
         """Acknowledge (releasing the session lock), retrying through a short Redis outage:
-        an answer that was delivered should not be replayed for want of one XACK."""
+        an answer that was delivered should not be replayed for want of one XACK. False if
+        another worker claimed the entry meanwhile (it is left to that one)."""
         entry = held.entry
         held.phase = _Phase.FINISHING  # from here on, nothing may interrupt it
         delay = _MIN_BACKOFF_S
@@ -582,10 +583,11 @@ class Worker:
                 phase=held.phase.value,
                 outcome="left to it, not acknowledged here",
             )
-            return
+            return False
         held.acked = True
         with contextlib.suppress(RedisError):
             await self._wake(entry.chat_session_id)
+        return True
 
     async def _finish(self, held: _Held) -> None:
         """Acknowledge (which releases the session), then wake the session's next turn."""
@@ -595,8 +597,11 @@ class Worker:
         await self.redis.publish(self.keys.control, wake_message(session))
 
     async def _stopped(self, held: _Held) -> None:
-        """A stopped turn is acknowledged and never retried; nothing more of it is sent."""
-        await self._ack(held)
+        """A stopped turn is acknowledged and never retried; nothing more of it is sent.
+        Its stop key stays while the entry is another worker's: that one acknowledges it
+        unrun when its turn starts, instead of running it."""
+        if not await self._ack(held):
+            return
         with contextlib.suppress(RedisError):
             await self.sessions.clear_stop(held.entry.chat_session_id, held.entry.entry_id)
         self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome="stopped").inc()
