@@ -1,10 +1,10 @@
 """Redis goes away while a turn is mid-stream (SPEC §6): some pieces journalled and shown,
 the rest of the answer arriving while Redis is down. A private redis-server is stopped and
-started again (or frozen and resumed) — on its data, the answer goes on when Redis returns (the turn's Redis steps
-ride the outage out for as long as its lock would live): no cut-off notice, no piece twice,
-the upstream asked once. Replies go through the app API (it shows a `message_id` once), and
-the send budget is on, as it is by default (BRIDGE_YACH_SEND_RATE 20/60): each piece takes
-its budget in Redis."""
+started again (or frozen and resumed) — on its data, the answer goes on when Redis returns
+(the turn's Redis steps ride the outage out for as long as its lock would live): no cut-off
+notice, no piece twice, the upstream asked once. Replies go through the app API (it shows a
+`message_id` once), and the send budget is on, as it is by default (BRIDGE_YACH_SEND_RATE
+20/60): each piece takes its budget in Redis."""
 
 from __future__ import annotations
 
