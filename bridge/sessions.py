@@ -226,9 +226,11 @@ redis.call('EXPIRE', KEYS[6], ARGV[1])
 return {state}
 """
 
-# KEYS: lock, stop, the command's journal, inbox. ARGV: stop key ttl s, journal ttl s, the
-# command's entry id.
-# `/stop` (alone or in `/reset`): the entry whose turn holds the session ('' if none) is
+# KEYS: lock, stop, the command's journal, inbox, session queue. ARGV: stop key ttl s, journal
+# ttl s, the command's entry id, the journal key prefix.
+# `/stop` (alone or in `/reset`): the entry whose turn holds the session — or, with no holder,
+# the head of the session queue if its turn has started (it let go to be redelivered: a
+# failed send, a drain, a Redis error; or its process died) — ('' if none) is
 # recorded in the stop key, and in the command's journal, once: a redelivery of the command
 # (its process died before the ack) answers what the first delivery stopped, and stops no
 # turn that started since. A delivery that stalled past BRIDGE_CLAIM_IDLE_S while another
@@ -240,6 +242,12 @@ local done = redis.call('HGET', KEYS[3], 'stopped')
 if done then return done end
 local held = redis.call('GET', KEYS[1])
 local running = held and string.match(held, '^%d+:(.+)$') or ''
+if running == '' then
+  local head = redis.call('LINDEX', KEYS[5], 0)
+  if head and tonumber(redis.call('HGET', ARGV[4] .. head, 'attempts') or '0') > 0 then
+    running = head
+  end
+end
 if running ~= '' then redis.call('SET', KEYS[2], running, 'EX', ARGV[1]) end
 redis.call('HSET', KEYS[3], 'stopped', running)
 redis.call('EXPIRE', KEYS[3], ARGV[2])
@@ -594,17 +602,20 @@ class Sessions:
             await self._end_reset(keys=[key], args=[token])
 
     async def stop(self, chat_session_id: str, command_entry_id: str, *, ttl_s: int) -> str | None:
-        """Record a stop of the turn that holds the session (kept `ttl_s`) for the command
-        `command_entry_id`; the entry it is for, None if no turn held the session. Once per
-        command: its redelivery gets what the first delivery found, and stops nothing new."""
+        """Record a stop of the turn that holds the session, or that started and let go
+        of it to be redelivered (kept `ttl_s`), for the command `command_entry_id`; the
+        entry it is for, None if no turn was in progress. Once per command: its redelivery
+        gets what the first delivery found, and stops nothing new; `EntryGone` if the
+        command was acknowledged elsewhere already."""
         running = await self._stop(
             keys=[
                 self.keys.lock(chat_session_id),
                 self.keys.stop(chat_session_id),
                 self.keys.journal(command_entry_id),
                 self.keys.inbox,
+                self.keys.queue(chat_session_id),
             ],
-            args=[ttl_s, JOURNAL_TTL_S, command_entry_id],
+            args=[ttl_s, JOURNAL_TTL_S, command_entry_id, self.keys.journal("")],
         )
         if isinstance(running, int):
             raise EntryGone("the command was carried out and acknowledged elsewhere")

@@ -223,7 +223,8 @@ async def test_a_reset_fences_out_a_stalled_turn_whose_lock_had_expired(
     await redis_client.pexpire(keys.lock(SESSION), 1)
     await asyncio.sleep(0.05)  # the lock expired: nobody holds the session
     command = await _store(redis_client, keys, queued=False)
-    assert await sessions.stop(SESSION, command, ttl_s=60) is None
+    # no holder, but the turn at the head of the queue has started: it is the one stopped
+    assert await sessions.stop(SESSION, command, ttl_s=60) == entry
     await sessions.forget(SESSION, command)
 
     assert not await sessions.save_conversation(SESSION, turn.lock, "openai", {"id": "old"})
@@ -270,7 +271,7 @@ async def test_a_command_delivery_that_stalled_while_another_carried_it_out_does
     assert await sessions.save_conversation(SESSION, turn.lock, "openai", {"id": "old"})
     await sessions.release(SESSION, turn.lock)
     command = await _store(redis_client, keys, queued=False)
-    assert await sessions.stop(SESSION, command, ttl_s=60) is None
+    assert await sessions.stop(SESSION, command, ttl_s=60) == entry  # let go, in progress
     forgotten = await sessions.forget(SESSION, command)
     assert forgotten is not None and forgotten.conversation == {"id": "old"}
 
@@ -282,8 +283,24 @@ async def test_a_command_delivery_that_stalled_while_another_carried_it_out_does
     await redis_client.xdel(keys.inbox, command)  # acknowledged by the other delivery
     await redis_client.delete(keys.journal(command))
     with pytest.raises(EntryGone):
-        await sessions.stop(SESSION, command, ttl_s=60)
+        await sessions.stop(SESSION, command, ttl_s=60)  # nor the turn holding it now
     with pytest.raises(EntryGone):
         await sessions.forget(SESSION, command)
     assert await redis_client.get(keys.lock(SESSION)) == turn.lock.encode()
     assert (await sessions.load(SESSION)).conversation == {"id": "new"}
+
+
+async def test_stop_with_no_holder_names_the_started_turn_at_the_head_not_a_waiting_one(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """A turn that let go of the session to be redelivered (a failed send, a drain, its
+    process dead) is still in progress: `/stop` is for it. A question that only waits at
+    the head (never started) is not in progress: nothing to stop."""
+    waiting = await _store(redis_client, keys)
+    command = await _store(redis_client, keys, queued=False)
+    assert await sessions.stop(SESSION, command, ttl_s=60) is None
+    started = await sessions.start(SESSION, waiting, with_history=True)
+    await sessions.release(SESSION, started.lock)
+    again = await _store(redis_client, keys, queued=False)
+    assert await sessions.stop(SESSION, again, ttl_s=60) == waiting
+    assert (await sessions.start(SESSION, waiting, with_history=True)).stopped
