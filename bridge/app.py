@@ -194,6 +194,7 @@ async def _worker_ctx(app: web.Application) -> AsyncIterator[None]:
         bridge.metrics,
         group_rate=settings.yach_send_rate,
         backoff_s=bridge.send_backoff_s,
+        redis_patience_s=settings.claim_idle_s,  # as long as a turn's lock would live
     )
     runner = TurnRunner(
         settings,

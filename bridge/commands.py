@@ -86,7 +86,9 @@ class Commands:
         delete the conversation upstream. No turn of the session starts until the forget:
         a message queued behind the stopped turn starts afresh, in a new conversation.
         Once per command: delivered again after the forget, it leaves the session alone
-        (the turns after it may have begun the new conversation)."""
+        (the turns after it may have begun the new conversation), and so does a delivery
+        that stalled while another carried it out (`EntryGone` once that one acknowledged
+        it): the session it read and forgot is the only one deleted upstream."""
         if await self.sessions.was_reset(command_entry_id):
             return
         hold_s = self.claim_idle_s + _RESET_MARGIN_S
@@ -99,9 +101,10 @@ class Commands:
                         log.warning("reset_waited_too_long")
                         break
                     await asyncio.sleep(_RESET_POLL_S)
-            state = await self.sessions.load(chat_session_id)
-            await self.sessions.forget(chat_session_id, command_entry_id)
+            state = await self.sessions.forget(chat_session_id, command_entry_id)
         await self.redis.publish(self.keys.control, wake_message(chat_session_id))
+        if state is None:  # another delivery of the command forgot the session
+            return
         if state.conversation and state.upstream == self.upstream.name:
             try:
                 await self.upstream.reset(state.conversation, chat_session_id)

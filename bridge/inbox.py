@@ -119,12 +119,17 @@ return {ids, taken}
 )
 
 # KEYS: inbox, session queue, journal, session lock, fence, dead letters.
-# ARGV: group, entry id, lock value or '', then (dead-lettering) message, reason.
+# ARGV: group, entry id, lock value or '', our consumer, then (dead-lettering) message, reason.
 # Releasing the lock bumps the fence, so the released token can never write again.
+# An entry another consumer claimed (this one's process stalled, or lost Redis, past
+# BRIDGE_CLAIM_IDLE_S) is left to it: 0. Acknowledged here under its replay, the entry was
+# given up there before its turn was recorded, and its session lock kept until it expired.
 _ACK = """
-if #ARGV > 3 then
+local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)[1]
+if row and row[2] ~= ARGV[4] then return 0 end
+if #ARGV > 4 then
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', 10000, '*',
-             'm', ARGV[4], 'entry', ARGV[2], 'reason', ARGV[5])
+             'm', ARGV[5], 'entry', ARGV[2], 'reason', ARGV[6])
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
@@ -478,16 +483,16 @@ class Inbox:
         )
         return {as_text(entry_id) for entry_id in lost}
 
-    async def ack(self, entry: Entry, lock_token: str = "") -> None:
-        """Done with an entry: acknowledge it, drop it from its queue, journal and lock."""
-        await self._ack_script(keys=self._ack_keys(entry), args=[GROUP, entry.entry_id, lock_token])
+    async def ack(self, entry: Entry, lock_token: str = "") -> bool:
+        """Done with an entry: acknowledge it, drop it from its queue, journal and lock.
+        False if another consumer claimed it meanwhile: it is left to that one."""
+        args = [GROUP, entry.entry_id, lock_token, self.consumer]
+        return bool(await self._with_group(self._ack_script, keys=self._ack_keys(entry), args=args))
 
-    async def dead_letter(self, entry: Entry, reason: str, lock_token: str = "") -> None:
-        """Move an entry to the dead letters and acknowledge it, in one step."""
-        await self._ack_script(
-            keys=self._ack_keys(entry),
-            args=[GROUP, entry.entry_id, lock_token, entry.message.to_json(), reason],
-        )
+    async def dead_letter(self, entry: Entry, reason: str, lock_token: str = "") -> bool:
+        """Move an entry to the dead letters and acknowledge it, in one step (as `ack`)."""
+        args = [GROUP, entry.entry_id, lock_token, self.consumer, entry.message.to_json(), reason]
+        return bool(await self._with_group(self._ack_script, keys=self._ack_keys(entry), args=args))
 
     def _ack_keys(self, entry: Entry) -> list[str]:
         return [

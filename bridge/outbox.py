@@ -9,11 +9,12 @@ import time
 
 import redis.asyncio as aioredis
 import structlog
+from redis.typing import EncodableT
 
 from bridge.config import Rate
 from bridge.interfaces import IM, Piece, ReplyTarget, SendError
 from bridge.metrics import Metrics
-from bridge.store import Keys
+from bridge.store import Keys, ride_out
 
 __all__ = ["DIRECT_RATE", "SEND_BACKOFF_S", "Outbox", "SendBudget"]
 
@@ -44,13 +45,18 @@ return math.max(tonumber(oldest[2]) + window - now_ms, 1)
 
 
 class SendBudget:
-    """`rate.count` sends per `rate.per_s` seconds across all processes; waits, never drops."""
+    """`rate.count` sends per `rate.per_s` seconds across all processes; waits, never drops.
+    A Redis outage is ridden out for `redis_patience_s` (a turn's pieces wait for the budget
+    as its journal writes wait for Redis: a restart does not cut the answer off)."""
 
-    def __init__(self, redis: aioredis.Redis, key: str, rate: Rate) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, key: str, rate: Rate, *, redis_patience_s: float = 0.0
+    ) -> None:
         self._key = key
         self._rate = rate
         self._take = redis.register_script(_TAKE)
         self._counter = 0
+        self._patience_s = redis_patience_s
 
     @property
     def unlimited(self) -> bool:
@@ -60,14 +66,18 @@ class SendBudget:
         if self._rate.unlimited:
             return
         while True:
-            self._counter += 1
-            member = f"{time.time_ns()}-{id(self)}-{self._counter}"
-            wait_ms = await self._take(
-                keys=[self._key], args=[int(self._rate.per_s * 1000), self._rate.count, member]
-            )
+            # Taken twice if an answer was lost: one send's budget spent, nothing dropped.
+            wait_ms = await ride_out(self._take_once, self._patience_s)
             if not wait_ms:
                 return
             await asyncio.sleep(int(wait_ms) / 1000)
+
+    async def _take_once(self) -> int:
+        """One try at the budget: 0 (taken) or the ms to wait."""
+        self._counter += 1
+        member = f"{time.time_ns()}-{id(self)}-{self._counter}"
+        args: list[EncodableT] = [int(self._rate.per_s * 1000), self._rate.count, member]
+        return int(await self._take(keys=[self._key], args=args))
 
 
 class Outbox:
@@ -79,6 +89,8 @@ class Outbox:
     are retried `attempts` times with backoff (`backoff_s`, doubled at each failure in a
     row, at most 8 s).
     An IM without platform limits (`rate_limited = False`: the terminal) skips the budget.
+    The budget rides a Redis outage out for `redis_patience_s` (BRIDGE_CLAIM_IDLE_S: as long
+    as the turn's lock would live).
     """
 
     def __init__(
@@ -92,12 +104,17 @@ class Outbox:
         attempts: int = 5,
         backoff_s: float = SEND_BACKOFF_S,
         rate_limit_patience_s: float = 300.0,
+        redis_patience_s: float = 0.0,
     ) -> None:
         self.im = im
         self._metrics = metrics
         self._budgeted = im.rate_limited
-        self._group = SendBudget(redis, keys.send_budget_group, group_rate)
-        self._direct = SendBudget(redis, keys.send_budget_direct, DIRECT_RATE)
+        self._group = SendBudget(
+            redis, keys.send_budget_group, group_rate, redis_patience_s=redis_patience_s
+        )
+        self._direct = SendBudget(
+            redis, keys.send_budget_direct, DIRECT_RATE, redis_patience_s=redis_patience_s
+        )
         self._attempts = attempts
         self._backoff_s = backoff_s
         self._patience_s = rate_limit_patience_s

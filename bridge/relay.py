@@ -280,25 +280,29 @@ class TurnRunner:
         if journal.pieces:
             return await self._replay(entry, lock, journal.pieces, journal.complete)
         notice = _ThinkingNotice(
-            lambda: self.notice(
-                entry.message.target, entry.entry_id, self.catalogue("thinking"), "thinking"
-            ),
+            lambda: self._turn_notice(entry, lock, self.catalogue("thinking"), "thinking"),
             self.settings.thinking_notice_s,
         )
         try:
             prepared = await self.prepare(entry)
             if prepared.refusal:
                 await notice.before_first_message()
-                await self.notice(
-                    entry.message.target,
-                    entry.entry_id,
-                    self.catalogue(prepared.refusal, **prepared.refusal_values),
-                    "refusal",
-                )
+                text = self.catalogue(prepared.refusal, **prepared.refusal_values)
+                await self._turn_notice(entry, lock, text, "refusal")
                 return Outcome.FAILED
             return await self._ask(entry, start, prepared, notice)
         finally:
             await notice.aclose()
+
+    async def _turn_notice(self, entry: Entry, lock: str, text: str, label: str) -> None:
+        """A notice of a running turn ("thinking", a refusal): not journalled, but sent only
+        while the turn holds its session, checked right before the send as a replayed piece
+        is. A turn whose process stalled past BRIDGE_CLAIM_IDLE_S (SIGSTOP, a partition) found
+        its notice overdue once resumed and sent it — after the answer of the turn that took
+        its entry over. `LockLost` instead."""
+        if not await self.sessions.renew(entry.chat_session_id, lock):
+            raise LockLost(f"the session lock was taken over: no {label} notice")
+        await self.notice(entry.message.target, entry.entry_id, text, label)
 
     async def _replay(
         self, entry: Entry, lock: str, pieces: list[JournalPiece], complete: bool

@@ -15,7 +15,6 @@ hash: waiting in the queue is never an attempt, a SIGKILL mid-turn is one.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
@@ -26,16 +25,22 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, KeyT
 
 from bridge.config import Rate
 from bridge.interfaces import HistoryTurn
-from bridge.store import HotPath, Keys, as_text
-from bridge.tasks import cancel_requested
+from bridge.store import HotPath, Keys, as_text, ride_out
 
-__all__ = ["START_TURN", "Journal", "JournalPiece", "LockLost", "SessionState", "Sessions", "Start"]
+__all__ = [
+    "START_TURN",
+    "EntryGone",
+    "Journal",
+    "JournalPiece",
+    "LockLost",
+    "SessionState",
+    "Sessions",
+    "Start",
+]
 
 # `holds(lock, fence, value, ttl)`: true when `value` is the session's lock; a lock that
 # expired while its token is still the fence's value (nobody took it since) is re-set.
@@ -192,14 +197,21 @@ end
 
 _START = START_TURN + "return start_turn(KEYS, ARGV)\n"
 
-# KEYS: lock, fence, session, history, stop, the command's journal. ARGV: journal ttl s.
+# KEYS: lock, fence, session, history, stop, the command's journal, inbox. ARGV: journal ttl
+# s, the command's entry id.
 # Forget the mapping (/reset); the lock of the stopped turn (the entry named by the stop
 # key), if it still holds on, is fenced out so that its saves are refused — and so is a
 # lock that expired (its turn's process stalled past it): unfenced, that turn would take
 # it back (`holds`) and save the old mapping after the forget. The command's
 # journal records that it was done: its redelivery (a process that died before the ack)
-# must not forget the new conversation of the turns that came after it.
+# must not forget the new conversation of the turns that came after it. Nor may a delivery
+# that stalled past BRIDGE_CLAIM_IDLE_S while another carried the command out: done there
+# ('reset' recorded), or acknowledged already (the entry gone from the inbox: -1), nothing
+# is forgotten here. Returns {the session as it was} when it forgot it, else 0 or -1.
 _FORGET = """
+if #redis.call('XRANGE', KEYS[7], ARGV[2], ARGV[2]) == 0 then return -1 end
+if redis.call('HEXISTS', KEYS[6], 'reset') == 1 then return 0 end
+local state = redis.call('HGETALL', KEYS[3])
 local held = redis.call('GET', KEYS[1])
 local stopped = redis.call('GET', KEYS[5])
 if not held then
@@ -211,19 +223,31 @@ end
 redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('HSET', KEYS[6], 'reset', '1')
 redis.call('EXPIRE', KEYS[6], ARGV[1])
-return 1
+return {state}
 """
 
-# KEYS: lock, stop, the command's journal. ARGV: stop key ttl s, journal ttl s.
-# `/stop` (alone or in `/reset`): the entry whose turn holds the session ('' if none) is
+# KEYS: lock, stop, the command's journal, inbox, session queue. ARGV: stop key ttl s, journal
+# ttl s, the command's entry id, the journal key prefix.
+# `/stop` (alone or in `/reset`): the entry whose turn holds the session — or, with no holder,
+# the head of the session queue if its turn has started (it let go to be redelivered: a
+# failed send, a drain, a Redis error; or its process died) — ('' if none) is
 # recorded in the stop key, and in the command's journal, once: a redelivery of the command
 # (its process died before the ack) answers what the first delivery stopped, and stops no
-# turn that started since.
+# turn that started since. A delivery that stalled past BRIDGE_CLAIM_IDLE_S while another
+# carried the command out and acknowledged it finds its entry gone from the inbox (-1): it
+# stops nothing (the journal that said what was stopped went with the ack).
 _STOP = """
+if #redis.call('XRANGE', KEYS[4], ARGV[3], ARGV[3]) == 0 then return -1 end
 local done = redis.call('HGET', KEYS[3], 'stopped')
 if done then return done end
 local held = redis.call('GET', KEYS[1])
 local running = held and string.match(held, '^%d+:(.+)$') or ''
+if running == '' then
+  local head = redis.call('LINDEX', KEYS[5], 0)
+  if head and tonumber(redis.call('HGET', ARGV[4] .. head, 'attempts') or '0') > 0 then
+    running = head
+  end
+end
 if running ~= '' then redis.call('SET', KEYS[2], running, 'EX', ARGV[1]) end
 redis.call('HSET', KEYS[3], 'stopped', running)
 redis.call('EXPIRE', KEYS[3], ARGV[2])
@@ -254,10 +278,13 @@ class LockLost(Exception):
     """The session's lock is held by another turn (or gone): this turn must not go on."""
 
 
+class EntryGone(Exception):
+    """The command's entry was acknowledged by another worker, which carried it out (this
+    one stalled past BRIDGE_CLAIM_IDLE_S): nothing more of it may be done here."""
+
+
 JOURNAL_TTL_S = 7 * 86400
 _OVER_RATE = -2  # what the start script answers for a sender over their limit
-_RETRY_FIRST_S = 0.1
-_RETRY_MAX_S = 1.0
 
 T = TypeVar("T")
 
@@ -458,11 +485,10 @@ class Sessions:
         return attempt
 
     async def renew(self, chat_session_id: str, lock_value: str) -> bool:
-        renewed = await self._renew(
-            keys=[self.keys.lock(chat_session_id), self.keys.fence(chat_session_id)],
-            args=[lock_value, self.lock_ttl_ms],
-        )
-        return bool(renewed)
+        """Whether the lock is still this turn's (renewed); rides out a Redis outage."""
+        keys = [self.keys.lock(chat_session_id), self.keys.fence(chat_session_id)]
+        args: list[EncodableT] = [lock_value, self.lock_ttl_ms]
+        return bool(await self._patient(lambda: self._renew(keys=keys, args=args)))
 
     async def renew_all(self, locks: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         """Renew several (session, lock value) in one round trip; those that were lost."""
@@ -497,7 +523,9 @@ class Sessions:
     # State
 
     async def load(self, chat_session_id: str) -> SessionState:
-        reply = await self.redis.hgetall(self.keys.session(chat_session_id))
+        """The session's state; rides out a Redis outage (a turn's record reads it)."""
+        key = self.keys.session(chat_session_id)
+        reply = await self._patient(lambda: self.redis.hgetall(key))
         return _state({as_text(k): as_text(v) for k, v in reply.items()})
 
     async def save(
@@ -574,17 +602,23 @@ class Sessions:
             await self._end_reset(keys=[key], args=[token])
 
     async def stop(self, chat_session_id: str, command_entry_id: str, *, ttl_s: int) -> str | None:
-        """Record a stop of the turn that holds the session (kept `ttl_s`) for the command
-        `command_entry_id`; the entry it is for, None if no turn held the session. Once per
-        command: its redelivery gets what the first delivery found, and stops nothing new."""
+        """Record a stop of the turn that holds the session, or that started and let go
+        of it to be redelivered (kept `ttl_s`), for the command `command_entry_id`; the
+        entry it is for, None if no turn was in progress. Once per command: its redelivery
+        gets what the first delivery found, and stops nothing new; `EntryGone` if the
+        command was acknowledged elsewhere already."""
         running = await self._stop(
             keys=[
                 self.keys.lock(chat_session_id),
                 self.keys.stop(chat_session_id),
                 self.keys.journal(command_entry_id),
+                self.keys.inbox,
+                self.keys.queue(chat_session_id),
             ],
-            args=[ttl_s, JOURNAL_TTL_S],
+            args=[ttl_s, JOURNAL_TTL_S, command_entry_id, self.keys.journal("")],
         )
+        if isinstance(running, int):
+            raise EntryGone("the command was carried out and acknowledged elsewhere")
         return as_text(running) or None
 
     async def clear_stop(self, chat_session_id: str, entry_id: str) -> None:
@@ -597,11 +631,13 @@ class Sessions:
         """Whether the `/reset` of this command entry has forgotten its session already."""
         return bool(await self.redis.hexists(self.keys.journal(command_entry_id), "reset"))
 
-    async def forget(self, chat_session_id: str, command_entry_id: str) -> None:
+    async def forget(self, chat_session_id: str, command_entry_id: str) -> SessionState | None:
         """Drop the conversation mapping and history (the `/reset` command); a stopped turn
         that still holds the lock is fenced out, so it cannot save the old mapping again.
-        Recorded in the command's journal (`was_reset`), in the same step."""
-        await self._forget(
+        Recorded in the command's journal (`was_reset`), in the same step. The session as it
+        was; None if another delivery of the command forgot it already; `EntryGone` if the
+        command was acknowledged elsewhere."""
+        reply = await self._forget(
             keys=[
                 self.keys.lock(chat_session_id),
                 self.keys.fence(chat_session_id),
@@ -609,15 +645,22 @@ class Sessions:
                 self.keys.history(chat_session_id),
                 self.keys.stop(chat_session_id),
                 self.keys.journal(command_entry_id),
+                self.keys.inbox,
             ],
-            args=[JOURNAL_TTL_S],
+            args=[JOURNAL_TTL_S, command_entry_id],
         )
+        if reply == -1:
+            raise EntryGone("the command was carried out and acknowledged elsewhere")
+        if not reply:
+            return None
+        return _state(_pairs(reply[0]))
 
     # The turn journal
 
     async def recorded(self, entry_id: str) -> bool:
         """Whether the turn of this entry was already recorded in its session."""
-        return bool(await self.redis.hexists(self.keys.journal(entry_id), "recorded"))
+        key = self.keys.journal(entry_id)
+        return bool(await self._patient(lambda: self.redis.hexists(key, "recorded")))
 
     async def journal_piece(
         self,
@@ -668,16 +711,8 @@ class Sessions:
         await self._patient(lambda: self._hot.command("HSET", key, f"s:{index}", "1"))
 
     async def _patient(self, command: Callable[[], Awaitable[T]]) -> T:
-        """Run an idempotent write of a running turn, riding out a Redis outage for as long
-        as the turn's lock would live: a Redis restart does not cut the answer off. Longer,
-        the entry is redelivered and the fenced writes tell the turns apart."""
-        deadline = time.monotonic() + self.lock_ttl_ms / 1000
-        pause = _RETRY_FIRST_S
-        while True:
-            try:
-                return await command()
-            except (RedisConnectionError, RedisTimeoutError):
-                if time.monotonic() + pause > deadline or cancel_requested():
-                    raise
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, _RETRY_MAX_S)
+        """Run a Redis step of a running turn (idempotent, or harmless again), riding out a
+        Redis outage for as long as the turn's lock would live: a Redis restart does not cut
+        the answer off. Longer, the entry is redelivered and the fenced writes tell the
+        turns apart."""
+        return await ride_out(command, self.lock_ttl_ms / 1000)

@@ -9,10 +9,10 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final, TextIO, TypeVar
 
 import redis
 import redis.asyncio as aioredis
@@ -28,6 +28,7 @@ from redis.retry import Retry
 from redis.typing import EncodableT, KeyT
 
 from bridge.config import Settings
+from bridge.tasks import cancel_requested
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -42,6 +43,7 @@ __all__ = [
     "check_server",
     "connect",
     "redis_failure",
+    "ride_out",
 ]
 
 log = structlog.get_logger(__name__)
@@ -49,6 +51,26 @@ log = structlog.get_logger(__name__)
 SCHEMA_VERSION = 1
 MIN_REDIS_VERSION = (6, 2)
 GROUP = "workers"
+_RETRY_FIRST_S = 0.1
+_RETRY_MAX_S = 1.0
+
+T = TypeVar("T")
+
+
+async def ride_out(command: Callable[[], Awaitable[T]], patience_s: float) -> T:
+    """Run a Redis step of a running turn (one that may run twice: idempotent, or harmless
+    again), retrying a lost connection or a timeout with backoff for up to `patience_s`:
+    a Redis restart does not cut the turn off. Longer, the last error is raised."""
+    deadline = time.monotonic() + patience_s
+    pause = _RETRY_FIRST_S
+    while True:
+        try:
+            return await command()
+        except (RedisConnectionError, RedisTimeoutError):
+            if time.monotonic() + pause > deadline or cancel_requested():
+                raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _RETRY_MAX_S)
 
 
 @dataclass(frozen=True, slots=True)

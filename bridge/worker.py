@@ -36,7 +36,7 @@ from bridge.interfaces import SendError
 from bridge.messages import Catalogue
 from bridge.metrics import Metrics
 from bridge.relay import TurnRunner
-from bridge.sessions import LockLost, Sessions, Start
+from bridge.sessions import EntryGone, LockLost, Sessions, Start
 from bridge.store import Keys, as_text, redis_failure
 from bridge.tasks import cancel_and_wait, cancel_requested
 
@@ -395,6 +395,8 @@ class Worker:
             await self._let_go(held)
         except LockLost as exc:
             log.warning("session_lock_lost", reason=str(exc), outcome="another worker has it")
+        except EntryGone as exc:  # a command this process stalled on: done elsewhere
+            log.warning("entry_gone", reason=str(exc), outcome="acknowledged by another worker")
         except SendError as exc:
             log.error("send_failed", reason=exc.reason, outcome="left pending for redelivery")
             await self._let_go(held)
@@ -481,6 +483,8 @@ class Worker:
             self._free_slot(held)
         held.phase = _Phase.FINISHING
         await asyncio.shield(self._finish(held))  # "save, then XACK": the save was in run()
+        if held.lost:  # claimed by another worker meanwhile: its turn now, not done here
+            return
         self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome=outcome.value).inc()
         log.info("turn_done", outcome=outcome.value)
 
@@ -550,9 +554,10 @@ class Worker:
             held.slot = False
             self._turn_slots.release()
 
-    async def _ack(self, held: _Held, *, dead_reason: str = "") -> None:
+    async def _ack(self, held: _Held, *, dead_reason: str = "") -> bool:
         """Acknowledge (releasing the session lock), retrying through a short Redis outage:
-        an answer that was delivered should not be replayed for want of one XACK."""
+        an answer that was delivered should not be replayed for want of one XACK. False if
+        another worker claimed the entry meanwhile (it is left to that one)."""
         entry = held.entry
         held.phase = _Phase.FINISHING  # from here on, nothing may interrupt it
         delay = _MIN_BACKOFF_S
@@ -560,18 +565,29 @@ class Worker:
         while True:
             try:
                 if dead_reason:
-                    await self.inbox.dead_letter(entry, dead_reason, held.lock)
+                    ours = await self.inbox.dead_letter(entry, dead_reason, held.lock)
                 else:
-                    await self.inbox.ack(entry, held.lock)
+                    ours = await self.inbox.ack(entry, held.lock)
                 break
             except RedisError:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+        if not ours:  # this process stalled or lost Redis: another worker claimed the entry
+            held.lost = True
+            log.warning(
+                "entry_lost",
+                entry=entry.entry_id,
+                reason="claimed by another worker",
+                phase=held.phase.value,
+                outcome="left to it, not acknowledged here",
+            )
+            return False
         held.acked = True
         with contextlib.suppress(RedisError):
             await self._wake(entry.chat_session_id)
+        return True
 
     async def _finish(self, held: _Held) -> None:
         """Acknowledge (which releases the session), then wake the session's next turn."""
@@ -581,8 +597,11 @@ class Worker:
         await self.redis.publish(self.keys.control, wake_message(session))
 
     async def _stopped(self, held: _Held) -> None:
-        """A stopped turn is acknowledged and never retried; nothing more of it is sent."""
-        await self._ack(held)
+        """A stopped turn is acknowledged and never retried; nothing more of it is sent.
+        Its stop key stays while the entry is another worker's: that one acknowledges it
+        unrun when its turn starts, instead of running it."""
+        if not await self._ack(held):
+            return
         with contextlib.suppress(RedisError):
             await self.sessions.clear_stop(held.entry.chat_session_id, held.entry.entry_id)
         self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome="stopped").inc()

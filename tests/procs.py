@@ -34,6 +34,7 @@ from tests.harness import signed_headers
 __all__ = [
     "BridgeProcess",
     "PacedOpenAI",
+    "RedisProxy",
     "RedisServer",
     "Spawner",
     "post_webhook",
@@ -156,6 +157,68 @@ class RedisServer:
             self.process.wait(timeout=15)
             self.process = None
         self.socket.unlink(missing_ok=True)
+
+
+@dataclass
+class RedisProxy:
+    """A TCP front to a redis-server's unix socket, given to one bridge process: `partition`
+    cuts every connection through it and refuses new ones — that process alone loses Redis,
+    as behind a network partition, while the others keep it — and `heal` ends that."""
+
+    target: Path
+    server: asyncio.Server | None = None
+    cut: bool = False
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    async def start(self) -> RedisProxy:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    def partition(self) -> None:
+        self.cut = True
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    def heal(self) -> None:
+        self.cut = False
+
+    async def close(self) -> None:
+        self.partition()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.cut:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_unix_connection(str(self.target))
+        except OSError:
+            writer.transport.abort()
+            return
+        pair = {writer, up_writer}
+        self._writers |= pair
+        try:
+            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+        finally:
+            self._writers -= pair
+
+
+async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    try:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        sink.transport.abort()
 
 
 @dataclass

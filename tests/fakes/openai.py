@@ -145,3 +145,36 @@ class SilentMidway(ChatCompletionsFake):
             _delta_chunk(MIDWAY_TAIL) + _delta_chunk(None, "stop") + b"data: [DONE]\n\n"
         )
         return response
+
+
+GATED_HEAD = [f"Head sentence number {n} of the answer." for n in range(1, 4)]
+GATED_TAIL = [f"Tail sentence number {n} of the answer." for n in range(1, 6)]
+
+
+class GatedOpenAI(ChatCompletionsFake):
+    """Streams GATED_HEAD, waits for `gate`, then GATED_TAIL, one sentence per chunk (an
+    answer cut in two at a moment the test chooses); counts the streams it started."""
+
+    def __init__(self) -> None:
+        self.server = FakeServer(web.Application())
+        self.gate = asyncio.Event()
+        self.started = 0
+
+    async def close(self) -> None:
+        self.gate.set()
+        await super().close()
+
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        self.started += 1
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for sentence in GATED_HEAD:
+            await response.write(_delta_chunk(sentence + " "))
+            await asyncio.sleep(0.05)
+        await self.gate.wait()
+        for sentence in GATED_TAIL:
+            await response.write(_delta_chunk(sentence + " "))
+            await asyncio.sleep(0.05)
+        await response.write(_delta_chunk(None, "stop") + b"data: [DONE]\n\n")
+        return response

@@ -3,6 +3,7 @@ platform does), single-chat sends and a custom robot URL that checks its signatu
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import deque
@@ -50,6 +51,8 @@ class FakeYach:
     # once this many messages have shown, the next `failing_times` sends fail (HTTP 500)
     failing_from: int | None = None
     failing_times: int = 0
+    holding: int = 0  # the next this many app-API sends are held (`hold_next`)
+    held: list[asyncio.Event] = field(default_factory=list)  # one per held send: set it
 
     async def start(self) -> FakeYach:
         app = self.server.app
@@ -62,6 +65,8 @@ class FakeYach:
         return self
 
     async def close(self) -> None:
+        for release in self.held:  # a send still held ends, so the server can stop
+            release.set()
         await self.server.close()
 
     @property
@@ -81,6 +86,11 @@ class FakeYach:
             self.failures.append(
                 (status, body or {"code": 500, "msg": "internal error"}, headers or {})
             )
+
+    def hold_next(self, times: int = 1) -> None:
+        """The next `times` app-API sends are taken in (a new message_id shows) and then
+        held: the answer waits until the test sets the send's event in `held`."""
+        self.holding += times
 
     def fail_after(self, shown: int, times: int) -> None:
         """Once `shown` messages have shown, fail the next `times` sends with HTTP 500."""
@@ -120,6 +130,11 @@ class FakeYach:
             self.seen_message_ids.add(message_id)
             self.shown.append(Shown(route, body[to_field], json.loads(body["message"]),
                                     message_id))
+        if self.holding:
+            self.holding -= 1
+            release = asyncio.Event()
+            self.held.append(release)
+            await release.wait()
         return web.json_response({"code": 200, "msg": "ok"})
 
     async def _app_group_send(self, request: web.Request) -> web.Response:

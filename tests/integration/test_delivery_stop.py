@@ -81,3 +81,36 @@ async def test_reset_waits_for_the_stopped_turn_then_the_next_question_starts_af
         "You said: after reset. (history: 0 messages)",  # the mapping was forgotten
     ]
     assert upstream.started == ["first", "slow one", "after reset"]
+
+
+async def test_stop_reaches_a_turn_waiting_for_redelivery_after_its_send_failed(
+    redis_url: str, bot_id: str, redis_client: aioredis.Redis, yach: FakeYach
+) -> None:
+    """A turn whose answer could not be sent (the platform failed every try) lets go of
+    its session and waits for its redelivery (SPEC §4): it is still in progress — as much
+    as one whose process died — and `/stop` must stop it, not answer "nothing to stop" and
+    let the answer come after all once the entry is redelivered."""
+    upstream = await PacedOpenAI().start()
+    keys = Keys(bot_id)
+    env = bridge_env(
+        redis_url, bot_id, yach, **openai_env(upstream.base_url),
+        BRIDGE_LANG="en", BRIDGE_CLAIM_IDLE_S="1",
+    )  # fmt: skip
+    yach.fail_next(500, times=5)  # every try of the answer's send fails
+    try:
+        async with running_bridge(env, send_backoff_s=0.01) as bridge:
+            assert (await bridge.post(group_message("unlucky")))[0] == 200
+            await wait_until(lambda: not yach.failures and len(yach.server.requests) >= 5)
+            for _ in range(100):  # the worker lets go of the session
+                if await redis_client.get(keys.lock(SESSION)) is None:
+                    break
+                await asyncio.sleep(0.01)
+            assert await redis_client.get(keys.lock(SESSION)) is None  # nobody holds it now
+            assert (await bridge.post(group_message("/stop")))[0] == 200
+            await wait_until(lambda: len(yach.shown) >= 1, timeout=5)
+            await asyncio.sleep(2.5)  # more than twice BRIDGE_CLAIM_IDLE_S: redelivered by now
+            assert await redis_client.xlen(keys.inbox) == 0
+    finally:
+        await upstream.close()
+    assert yach.texts() == [EN["stopped"]]
+    assert upstream.started == ["unlucky"]

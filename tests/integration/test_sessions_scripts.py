@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from bridge.config import Rate
 from bridge.interfaces import HistoryTurn
-from bridge.sessions import JOURNAL_TTL_S, JournalPiece, LockLost, Sessions
+from bridge.sessions import JOURNAL_TTL_S, EntryGone, JournalPiece, LockLost, Sessions
 from bridge.store import Keys
 
 SESSION = "yach:g:g1:u:u1"
@@ -222,8 +222,9 @@ async def test_a_reset_fences_out_a_stalled_turn_whose_lock_had_expired(
     assert await sessions.save_conversation(SESSION, turn.lock, "openai", {"id": "old"})
     await redis_client.pexpire(keys.lock(SESSION), 1)
     await asyncio.sleep(0.05)  # the lock expired: nobody holds the session
-    command = "1-1"
-    assert await sessions.stop(SESSION, command, ttl_s=60) is None
+    command = await _store(redis_client, keys, queued=False)
+    # no holder, but the turn at the head of the queue has started: it is the one stopped
+    assert await sessions.stop(SESSION, command, ttl_s=60) == entry
     await sessions.forget(SESSION, command)
 
     assert not await sessions.save_conversation(SESSION, turn.lock, "openai", {"id": "old"})
@@ -256,3 +257,50 @@ async def test_a_stopped_turn_clears_only_its_own_stop_key(
     assert await redis_client.get(keys.stop(SESSION)) == b"2-0"
     await sessions.clear_stop(SESSION, "2-0")
     assert await redis_client.get(keys.stop(SESSION)) is None
+
+
+async def test_a_command_delivery_that_stalled_while_another_carried_it_out_does_nothing(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """Two deliveries of one `/reset` (the first one's process stalled past the claim): the
+    one that forgets second forgets nothing — the turns after the reset may have begun the
+    new conversation — and once the command was acknowledged, a late stop or forget finds
+    its entry gone from the inbox and does nothing either."""
+    entry = await _store(redis_client, keys)
+    turn = await sessions.start(SESSION, entry, with_history=True)
+    assert await sessions.save_conversation(SESSION, turn.lock, "openai", {"id": "old"})
+    await sessions.release(SESSION, turn.lock)
+    command = await _store(redis_client, keys, queued=False)
+    assert await sessions.stop(SESSION, command, ttl_s=60) == entry  # let go, in progress
+    forgotten = await sessions.forget(SESSION, command)
+    assert forgotten is not None and forgotten.conversation == {"id": "old"}
+
+    turn = await sessions.start(SESSION, entry, with_history=True)  # a turn after the reset
+    assert await sessions.save_conversation(SESSION, turn.lock, "openai", {"id": "new"})
+    assert await sessions.forget(SESSION, command) is None  # the stalled delivery
+    assert (await sessions.load(SESSION)).conversation == {"id": "new"}
+
+    await redis_client.xdel(keys.inbox, command)  # acknowledged by the other delivery
+    await redis_client.delete(keys.journal(command))
+    with pytest.raises(EntryGone):
+        await sessions.stop(SESSION, command, ttl_s=60)  # nor the turn holding it now
+    with pytest.raises(EntryGone):
+        await sessions.forget(SESSION, command)
+    assert await redis_client.get(keys.lock(SESSION)) == turn.lock.encode()
+    assert (await sessions.load(SESSION)).conversation == {"id": "new"}
+
+
+async def test_stop_with_no_holder_names_the_started_turn_at_the_head_not_a_waiting_one(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """A turn that let go of the session to be redelivered (a failed send, a drain, its
+    process dead) is still in progress: `/stop` is for it. A question that only waits at
+    the head (never started) is not in progress: nothing to stop."""
+    waiting = await _store(redis_client, keys)
+    command = await _store(redis_client, keys, queued=False)
+    assert await sessions.stop(SESSION, command, ttl_s=60) is None
+    started = await sessions.start(SESSION, waiting, with_history=True)
+    await sessions.release(SESSION, started.lock)
+    again = await _store(redis_client, keys, queued=False)
+    assert await sessions.stop(SESSION, again, ttl_s=60) == waiting
+    assert (await sessions.start(SESSION, waiting, with_history=True)).stopped
