@@ -137,12 +137,17 @@ inline retake() {
   fi
 }
 
-/* The acknowledge script: XACK + XDEL + LREM queue + DEL journal + release our lock. */
+/* The acknowledge script: XACK + XDEL + LREM queue + DEL journal + release our lock;
+ * refused (nothing done) when another consumer has claimed the entry: it is left to that one. */
 inline ack(e) {
-  acked[e] = true;
-  held[e] = false;
   if
-  :: lock_token == token -> lock_token = 0; fence++
+  :: owner_w[e] == w && owner_i[e] == me ->
+     acked[e] = true;
+     held[e] = false;
+     if
+     :: lock_token == token -> lock_token = 0; fence++
+     :: else -> skip
+     fi
   :: else -> skip
   fi
 }
