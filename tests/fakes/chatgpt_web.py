@@ -10,6 +10,7 @@ import asyncio
 import base64
 import itertools
 import json
+from collections.abc import Callable
 from typing import Any, Unpack
 
 from aiohttp import WSCloseCode, web
@@ -66,6 +67,14 @@ def answer_payloads(conversation_id: str, user_message: dict[str, Any], assistan
     return payloads
 
 
+def hub_frame(request_id: str, body: bytes) -> str:
+    """A frame in the hub envelope real servers use: base64 SSE bytes of one request."""
+    return json.dumps({
+        "type": "http.response.body", "websocket_request_id": request_id,
+        "body": base64.b64encode(body).decode(), "more_body": True,
+    })
+
+
 class FakeChatGPT(ScriptedFake):
     """`/conversation` answers as `answer_mode` says: `sse`, or `ws` (JSON naming sockets).
 
@@ -73,7 +82,8 @@ class FakeChatGPT(ScriptedFake):
     close), `drop` (some frames, then the TCP connection is cut), `stall` (some frames, then
     silence until the client closes), `hub` (frames in the base64 `http.response.body`
     envelope). `wss_target`: `ok`, or `dead` (the `wss_url` refuses connections, only
-    `fallback_wss_url` works), `all_dead` (both refuse).
+    `fallback_wss_url` works), `all_dead` (both refuse). `edit_frames`, when set, changes the
+    text frames the socket sends (after any envelope).
     """
 
     def __init__(self, seed: int = 0) -> None:
@@ -82,6 +92,7 @@ class FakeChatGPT(ScriptedFake):
         self.ws_mode = "done"
         self.wss_target = "ok"
         self.pieces = PIECES
+        self.edit_frames: Callable[[list[str]], list[str]] | None = None
         self.payloads_by_request: dict[str, list[Any]] = {}
         self._ids = itertools.count(1)
         self.script = Script(self._answer)
@@ -102,12 +113,14 @@ class FakeChatGPT(ScriptedFake):
             **overrides,
         }
 
-    def answer(self, *, upto: int | None = None, **breaks: Unpack[Breaks]) -> Reply:
-        """The answer to the request as SSE; only its first `upto` messages, if given."""
+    def answer(self, *, upto: int | None = None, edit: Callable[[bytes], bytes] | None = None,
+               **breaks: Unpack[Breaks]) -> Reply:
+        """The answer to the request as SSE; only its first `upto` messages, if given, and
+        its bytes changed by `edit`, if given."""
 
         async def reply(request: web.Request) -> web.StreamResponse:
             data = sse_payloads(self._payloads(await request.json())[:upto])
-            return await self.sse(data, **breaks)(request)
+            return await self.sse(edit(data) if edit else data, **breaks)(request)
 
         return reply
 
@@ -146,14 +159,13 @@ class FakeChatGPT(ScriptedFake):
             payloads = payloads[:-2]  # neither the final message nor [DONE]
         if self.ws_mode in ("drop", "stall"):
             payloads = payloads[:4]
+        frames = []
         for payload in payloads:
             text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
             if self.ws_mode == "hub":
-                text = json.dumps({
-                    "type": "http.response.body", "websocket_request_id": request_id,
-                    "body": base64.b64encode(f"data: {text}\n\n".encode()).decode(),
-                    "more_body": True,
-                })
+                text = hub_frame(request_id, f"data: {text}\n\n".encode())
+            frames.append(text)
+        for text in self.edit_frames(frames) if self.edit_frames else frames:
             await ws.send_str(text)
             await asyncio.sleep(0.002)
         if self.ws_mode == "drop":

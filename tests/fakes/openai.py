@@ -14,6 +14,7 @@ from typing import Any, Self
 from aiohttp import web
 
 from tests.fakes.base import FakeServer, rechunk, stream_bytes
+from tests.fakes.scripted import Script, ScriptedFake, guarded
 
 Answerer = Callable[[dict[str, Any]], str]
 
@@ -113,6 +114,36 @@ class FakeOpenAI(ChatCompletionsFake):
         return await stream_bytes(
             request, rechunk(data, random.Random(self.seed)), delay_s=self.delay_s
         )
+
+
+API_KEY = "sk-test-placeholder"
+SCRIPTED_ANSWER = " ".join(f"Sentence number {n} of the scripted answer." for n in range(1, 13))
+
+
+class ScriptedOpenAI(ScriptedFake):
+    """`POST /v1/chat/completions` as the other upstream fakes answer: from `script`, whose
+    default streams `stream` (SCRIPTED_ANSWER, one word a chunk) to the right key."""
+
+    max_size = 64
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.stream = chunks_for(SCRIPTED_ANSWER)
+        self.script = Script(self.answer())
+        self.app.router.add_post("/v1/chat/completions", guarded(self.script.handle, _refusal))
+
+    def env(self, url: str | None = None, **overrides: str) -> dict[str, str]:
+        return {"BRIDGE_UPSTREAM": "openai", "BRIDGE_OPENAI_BASE_URL": f"{url or self.url}/v1",
+                "BRIDGE_OPENAI_API_KEY": API_KEY, "BRIDGE_OPENAI_MODEL": "fake-model",
+                **overrides}
+
+
+def _refusal(request: web.Request) -> web.Response | None:
+    if request.headers.get("Authorization") == f"Bearer {API_KEY}":
+        return None
+    body = {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
+                      "code": "invalid_api_key"}}
+    return web.json_response(body, status=401)
 
 
 MIDWAY_HEAD, MIDWAY_TAIL = "Alpha beta. Gamma", " delta."

@@ -83,6 +83,7 @@ class Breaks(TypedDict, total=False):
     """How a stream stops short: after that many chunks (or `MIDWAY`), at most one of them."""
 
     cut_after: After  # the connection drops
+    truncate_after: After  # the connection drops inside the next HTTP chunk (its size says more)
     end_after: After  # the response ends cleanly, without the rest
     stall_after: After  # nothing more comes until the fake closes
 
@@ -95,6 +96,7 @@ def sse_reply(
     delay_s: float = 0.001,
     max_size: int = 200,
     cut_after: After = None,
+    truncate_after: After = None,
     end_after: After = None,
     stall_after: After = None,
 ) -> Reply:
@@ -102,7 +104,8 @@ def sse_reply(
     byte boundaries (`max_size` at most), whole or stopping short as the `Breaks` say; a
     stall lasts until `release` is set.
     """
-    given = {"cut": cut_after, "end": end_after, "stall": stall_after}
+    given = {"cut": cut_after, "truncate": truncate_after, "end": end_after,
+             "stall": stall_after}
     breaks = {how: after for how, after in given.items() if after is not None}
     assert len(breaks) <= 1, breaks
     how, after = next(iter(breaks.items()), ("", None))
@@ -121,6 +124,11 @@ def sse_reply(
             await asyncio.sleep(delay_s)
         if how == "cut":
             assert request.transport is not None
+            request.transport.close()
+        elif how == "truncate":  # a chunk whose size line promises more than comes
+            assert request.transport is not None
+            rest = b"".join(chunks[sent:])[:32]
+            request.transport.write(b"%x\r\n" % (len(rest) + 4096) + rest)
             request.transport.close()
         elif how == "stall":
             assert release is not None

@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from tests.fakes.scripted import Script, ScriptedFake, sse_payloads
+from tests.fakes.yach import Shown
 
 CHAT = "/openapi/v2/agent/chat"
 GETTOKEN = "/gettoken"
@@ -43,7 +44,9 @@ class FakeYachAgent(ScriptedFake):
     """Tokens are `tok-1`, `tok-2`, …; `expire_tokens()` makes every issued one invalid.
 
     Scripts: `gettoken`, `chat` (the POST) and `script` (the stream read, which serves
-    `stream`, the frames of `answer_frames()`).
+    `stream`, the frames of `answer_frames()`). One host serves the agent API and the app-API
+    sends, as in production (they share the app access token): a bridge whose upstream is
+    this fake sends its replies here, and `shown` holds them (any token is taken).
     """
 
     max_size = 80
@@ -54,6 +57,7 @@ class FakeYachAgent(ScriptedFake):
         self._token_ids = itertools.count(1)
         self._session_ids = itertools.count(1)
         self.stream = sse_payloads(answer_frames())
+        self.shown: list[Shown] = []
         self.gettoken = Script(self._gettoken)
         self.chat = Script(self._chat)
         self.script = Script(self._stream)
@@ -61,6 +65,8 @@ class FakeYachAgent(ScriptedFake):
         self.app.router.add_post(CHAT, self.chat.handle)
         self.app.router.add_get(CHAT, self.script.handle)
         self.app.router.add_get(CUSTOM_STREAM, self.script.handle)
+        self.app.router.add_post("/group/robot/message/send", self._send)
+        self.app.router.add_post("/v1/single/message/send", self._send)
 
     def env(self, url: str | None = None, **overrides: str) -> dict[str, str]:
         return {
@@ -75,6 +81,17 @@ class FakeYachAgent(ScriptedFake):
 
     def expire_tokens(self) -> None:
         self.valid_tokens.clear()
+
+    def texts(self) -> list[str]:
+        return [shown.text for shown in self.shown]
+
+    async def _send(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        message_id = body.get("message_id")
+        if all(shown.message_id != message_id for shown in self.shown):  # shown once, by id
+            to = body.get("group_id") or body.get("to_user_id") or ""
+            self.shown.append(Shown("app", to, json.loads(body["message"]), message_id))
+        return web.json_response({"code": 200, "msg": "ok"})
 
     async def _gettoken(self, request: web.Request) -> web.StreamResponse:
         token = f"tok-{next(self._token_ids)}"
