@@ -20,7 +20,7 @@ from urllib.parse import quote, unquote
 import aiohttp
 
 from bridge.http import parse_retry_after
-from bridge.logging import clip
+from bridge.logging import clip, register_issued_secret
 
 __all__ = ["YachAPI", "YachAPIError", "robot_sign", "signed_robot_url", "verify_sign"]
 
@@ -174,6 +174,9 @@ class YachAPI:
             raise YachAPIError(f"gettoken answered without a token: {clip(str(payload), 120)}")
         lifetime = _lifetime_s(holder.get("expired_time"))
         margin = min(TOKEN_REFRESH_MARGIN_S, lifetime / 10)
+        # Masked wherever it shows, not only as `access_token=…`: an answer that refuses it
+        # may quote it (the yach-agent upstream's errors are logged with their body).
+        register_issued_secret("yach-access-token", str(token))
         self._token = str(token)
         self._token_expires_at = self._clock() + lifetime - margin
 

@@ -7,7 +7,8 @@ same renderer, so they are masked and formatted like our own. Context bound with
 `upstream` per turn) is merged into every line, the standard library's included.
 
 `mask_secrets` replaces with `***`, in every string of the event (nested dicts and lists too,
-the rendered traceback included): the values given to `register_secrets`, in their raw,
+the rendered traceback included): the values given to `register_secrets` (and the last few
+credentials of each kind given to `register_issued_secret`), in their raw,
 URL-encoded and JSON-escaped forms; `access_token=`, `sign=`, `token=`, `appsecret=`,
 `secret=`, `password=`… parameters (also with a prefix such as `x_csrf_token=` or
 `BRIDGE_YACH_SECRET=`, or in camelCase: `accessToken=`); `Authorization:`, `X-Api-Key:` and
@@ -24,6 +25,7 @@ import logging
 import re
 import sys
 import threading
+from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
 from urllib.parse import quote, quote_plus
@@ -39,6 +41,7 @@ __all__ = [
     "debug_enabled",
     "mask_secrets",
     "mask_text",
+    "register_issued_secret",
     "register_secrets",
 ]
 
@@ -107,6 +110,8 @@ _level = logging.NOTSET
 
 _secrets_lock = threading.Lock()
 _secret_values: set[str] = set()
+_ISSUED_KEPT = 4  # credentials issued at run time kept masked, per kind
+_issued_values: dict[str, deque[str]] = {}
 _secrets_re: re.Pattern[str] | None = None
 _secrets_version = 0  # bumped by every registration: a key of the cache of masked strings
 
@@ -117,27 +122,54 @@ def register_secrets(values: Iterable[str | None]) -> None:
     Values shorter than `MIN_SECRET_LEN` and `None` are ignored. Registration accumulates
     for the life of the process; the matching regex is rebuilt once per call.
     """
-    global _secrets_re, _secrets_version
     with _secrets_lock:
         for value in values:
-            if value is None or len(value.strip()) < MIN_SECRET_LEN:
-                continue
-            value = value.strip()
-            _secret_values.update(
-                (
-                    value,
-                    json.dumps(value)[1:-1],
-                    quote(value, safe=""),
-                    quote_plus(value),
-                    quote(value, safe="/?:@"),  # how yarl (aiohttp) encodes a query value
-                )
-            )
-        if _secret_values:
-            # Longest first, so a secret that contains another is masked whole.
-            ordered = sorted(_secret_values, key=len, reverse=True)
-            _secrets_re = re.compile("|".join(map(re.escape, ordered)))
-        _secrets_version += 1
-        _mask_short.cache_clear()
+            if value is not None and len(value.strip()) >= MIN_SECRET_LEN:
+                _secret_values.update(_forms(value.strip()))
+        _rebuild()
+
+
+def register_issued_secret(kind: str, value: str | None) -> None:
+    """Mask a credential handed out at run time (an access token, a CSRF token) as a
+    configured secret is masked: an upstream that refuses it may quote it in its error,
+    which the log then shows. Such credentials are replaced as they expire, so only the
+    last `_ISSUED_KEPT` of each `kind` are kept (a process that runs for months must not
+    grow the regex that every log string goes through); a value already kept is not
+    registered again."""
+    if value is None or len(value.strip()) < MIN_SECRET_LEN:
+        return
+    value = value.strip()
+    with _secrets_lock:
+        kept = _issued_values.setdefault(kind, deque(maxlen=_ISSUED_KEPT))
+        if value in kept:
+            return
+        kept.append(value)
+        _rebuild()
+
+
+def _forms(value: str) -> tuple[str, ...]:
+    return (
+        value,
+        json.dumps(value)[1:-1],
+        quote(value, safe=""),
+        quote_plus(value),
+        quote(value, safe="/?:@"),  # how yarl (aiohttp) encodes a query value
+    )
+
+
+def _rebuild() -> None:
+    """The regex of every registered value, rebuilt (under `_secrets_lock`)."""
+    global _secrets_re, _secrets_version
+    values = set(_secret_values)
+    for kept in _issued_values.values():
+        for value in kept:
+            values.update(_forms(value))
+    if values:
+        # Longest first, so a secret that contains another is masked whole.
+        ordered = sorted(values, key=len, reverse=True)
+        _secrets_re = re.compile("|".join(map(re.escape, ordered)))
+    _secrets_version += 1
+    _mask_short.cache_clear()
 
 
 def _mask_patterns(text: str, lowered: str, patterns: re.Pattern[str]) -> str:

@@ -38,7 +38,7 @@ from bridge.http import (
     iter_sse,
 )
 from bridge.interfaces import KeyValue, Turn
-from bridge.logging import clip
+from bridge.logging import clip, register_issued_secret
 from bridge.sse import SSEEvent
 
 __all__ = ["HiAgentParser", "HiAgentUpstream", "create", "inner_payloads"]
@@ -46,6 +46,7 @@ __all__ = ["HiAgentParser", "HiAgentUpstream", "create", "inner_payloads"]
 NAME = "hiagent"
 API_PATH = "/api/proxy/chat/v2"
 CSRF_COOKIE = "x-csrf-token"  # its value is also sent as the header of the same name
+_CREDENTIAL_COOKIES = (CSRF_COOKIE, "hiagent-csrf")
 VISITOR_KEY_NAME = "visitor_key"  # in the adapter's KeyValue
 APP_CONVERSATION = "AppConversationID"  # keys of the conversation reference (SPEC §5)
 CONVERSATION = "conversation_id"
@@ -260,6 +261,11 @@ class HiAgentUpstream:
         token = cookies.get(CSRF_COOKIE)
         if token is None or not token.value:
             raise UpstreamProtocolError(f"hiagent page set no {CSRF_COOKIE} cookie")
+        # Credentials of the visitor: masked wherever an answer quotes them. (Only these two:
+        # another cookie may hold a common word, `zh-CN`, that masking would garble.)
+        for name in _CREDENTIAL_COOKIES:
+            if name in cookies:
+                register_issued_secret(f"hiagent-{name}", cookies[name].value)
         return _Csrf(token=token.value, cookies=cookies)
 
     async def _visitor(self) -> str:
@@ -268,6 +274,8 @@ class HiAgentUpstream:
             async with self._lock:
                 if not self._visitor_key:
                     self._visitor_key = await self._stored_visitor_key()
+                    # (one made here is no setting: masked as one)
+                    register_issued_secret("hiagent-visitor-key", self._visitor_key)
         return self._visitor_key
 
     async def _stored_visitor_key(self) -> str:

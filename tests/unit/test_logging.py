@@ -23,6 +23,7 @@ from bridge.logging import (
     debug_enabled,
     mask_secrets,
     mask_text,
+    register_issued_secret,
     register_secrets,
 )
 
@@ -336,6 +337,25 @@ def test_a_value_logged_before_its_secret_was_registered_is_masked_after() -> No
     *before, after = _json_lines(stream)
     assert [line["value"] for line in before] == [late, late]
     assert after["value"] == MASK and after["long"] == MASK * 3
+
+
+def test_an_issued_credential_is_masked_in_any_form_and_only_the_last_few_are_kept() -> None:
+    """Tokens handed out at run time (yach's app access token, HiAgent's CSRF cookies) are
+    masked like configured secrets, also where nothing names them (an upstream's error
+    quoting the token it refuses); as they rotate, only the last few of a kind stay."""
+    kind = f"token-{uuid.uuid4().hex}"
+    issued = [_secret(f"issued/{n}+=") for n in range(6)]  # (with what URLs encode)
+    register_issued_secret(kind, issued[0])
+    assert mask_text(f"invalid token {issued[0]}") == f"invalid token {MASK}"
+    assert mask_text(f"t={quote(issued[0], safe='')}") == f"t={MASK}"
+    for value in issued[1:]:
+        register_issued_secret(kind, value)
+    kept = issued[-4:]
+    assert [mask_text(value) for value in kept] == [MASK] * 4
+    assert [mask_text(value) for value in issued[:2]] == issued[:2]  # rotated out
+    register_issued_secret(kind, None)
+    register_issued_secret(kind, "abc")  # too short: ignored, as by register_secrets
+    assert [mask_text(value) for value in kept] == [MASK] * 4
 
 
 def test_json_lines_hold_what_orjson_refuses() -> None:
