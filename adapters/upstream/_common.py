@@ -28,6 +28,8 @@ __all__ = [
 
 _SHOWN_CHARS = 300  # how much of an upstream's payload goes into a log message
 _ENDS = (Done, UpstreamError)
+# What a parser raises on a message whose JSON holds other types than it reads.
+_UNEXPECTED_SHAPE = (AttributeError, LookupError, TypeError, ValueError)
 
 
 class StreamParser(Protocol):
@@ -56,6 +58,15 @@ async def relay(
                 if await _ended(messages):
                     raise UpstreamBroken(f"{upstream} stream ended inside a message") from exc
                 raise
+            except _UNEXPECTED_SHAPE as exc:
+                # JSON, but not of the shape the parser reads there (a string where the
+                # `choices` list goes, a list as an event name): as unreadable as JSON that
+                # does not parse. Left to escape, it failed the entry with a traceback and
+                # had the question asked again after the answer had begun.
+                raise UpstreamProtocolError(
+                    f"{upstream}: unexpected message ({type(exc).__name__}: "
+                    f"{clip(str(exc), 100)}): {clip(message.data, _SHOWN_CHARS)!r}"
+                ) from exc
             for event in events:
                 yield event
                 if isinstance(event, _ENDS):

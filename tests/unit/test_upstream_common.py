@@ -26,7 +26,8 @@ from bridge.sse import SSEEvent
 
 
 class Echo:
-    """A parser for tests: `text` → TextDelta, `end` → Done, `fail` → error, `{` → JSON."""
+    """A parser for tests: `text` → TextDelta, `end` → Done, `fail` → error, `{` → JSON (its
+    `choices`, when present, read as a list of objects)."""
 
     def feed(self, message: SSEEvent) -> list[Event]:
         if message.data == "end":
@@ -34,8 +35,8 @@ class Echo:
         if message.data == "fail":
             return [UpstreamError(ErrorKind.REJECTED, "no")]
         if message.data.startswith("{"):
-            json_object(message.data, upstream="echo")
-            return []
+            chunk = json_object(message.data, upstream="echo")
+            return [TextDelta(str(choice.get("text"))) for choice in chunk.get("choices", [])]
         return [TextDelta(message.data)]
 
 
@@ -87,6 +88,21 @@ async def test_unreadable_message_mid_stream_is_a_protocol_error() -> None:
     source = Source("a", '{"event": "mess', "b", "end")
     with pytest.raises(UpstreamProtocolError):
         await run(source)
+    assert source.closed
+
+
+@pytest.mark.parametrize("data", [
+    '{"choices": "not a list"}',  # AttributeError: 'str' object has no attribute 'get'
+    '{"choices": 5}',  # TypeError: not iterable
+    '{"choices": [["a"]]}',  # AttributeError on the list
+])
+async def test_a_message_of_an_unexpected_shape_is_a_protocol_error(data: str) -> None:
+    """Valid JSON the parser cannot read is as unreadable as JSON that does not parse: a
+    typed protocol error that ends the turn (closing the stream), never a bare exception."""
+    source = Source("a", data, "b", "end")
+    with pytest.raises(UpstreamProtocolError, match="echo: unexpected message") as caught:
+        await run(source)
+    assert data[:20] in str(caught.value)
     assert source.closed
 
 
