@@ -43,6 +43,8 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "error_for_status",
+    "feed_sse",
+    "iter_sse",
     "parse_retry_after",
 ]
 
@@ -413,6 +415,16 @@ class UpstreamHTTP:
         async with self.open(method, url, expect_sse=True, **kwargs) as response:
             async for event in iter_sse(response):
                 yield event
+
+
+def feed_sse(decoder: SSEDecoder, data: bytes) -> list[SSEEvent]:
+    """The events `data` completes, for streams whose bytes come other than as a response
+    body (the frames of a WebSocket): a line over the decoder's limit is the upstream's
+    protocol error, as in `iter_sse`."""
+    try:
+        return decoder.feed(data)
+    except SSELineTooLong as exc:
+        raise UpstreamProtocolError(str(exc)) from exc
 
 
 async def iter_sse(response: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:

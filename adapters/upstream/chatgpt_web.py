@@ -60,6 +60,7 @@ from bridge.http import (
     UpstreamTimeout,
     UpstreamUnavailable,
     error_for_status,
+    feed_sse,
     iter_sse,
 )
 from bridge.interfaces import KeyValue, Turn
@@ -196,7 +197,7 @@ def frame_payloads(frame: str, decoder: SSEDecoder, websocket_request_id: str) -
         body = base64.b64decode(str(envelope.get("body") or ""), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise UpstreamProtocolError("bad hub frame body") from exc
-    return [event.data for event in decoder.feed(body)]
+    return [event.data for event in feed_sse(decoder, body)]
 
 
 class ChatGPTWebUpstream:
@@ -270,31 +271,36 @@ class ChatGPTWebUpstream:
     async def _read_socket(
         self, hub: Mapping[str, Any], parser: ChatGPTParser, request_id: str
     ) -> AsyncGenerator[Event, None]:
+        """The answer's events from the socket, read as an SSE stream is (`relay`: the end
+        marker, errors, a message that cannot be read)."""
         ws = await self._connect(hub)
-        decoder = SSEDecoder()
-        deadline = asyncio.get_running_loop().time() + (self._http.total_timeout_s or 1e9)
         try:
-            while True:
-                message = await self._receive(ws, deadline)
-                if message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
-                    frame = message.data if isinstance(message.data, str) else (
-                        bytes(message.data).decode("utf-8", errors="replace")
-                    )
-                    for payload in frame_payloads(frame, decoder, request_id):
-                        for event in parser.feed(SSEEvent(payload)):
-                            yield event
-                        if parser.finished:
-                            return
-                    continue
-                if message.type == aiohttp.WSMsgType.CLOSE and ws.close_code in (
-                    _NORMAL_CLOSE_CODES
-                ):
-                    parser.finished = True
-                    yield Done()
-                    return
-                raise UpstreamBroken(f"socket closed: {message.type.name} {ws.close_code}")
+            messages = self._messages(ws, request_id)
+            async with aclosing(relay(messages, parser, upstream=self.name)) as events:
+                async for event in events:
+                    yield event
         finally:
             await ws.close()
+
+    async def _messages(
+        self, ws: aiohttp.ClientWebSocketResponse, request_id: str
+    ) -> AsyncGenerator[SSEEvent, None]:
+        """Each text frame's messages as SSE messages; a normal close as `[DONE]`."""
+        decoder = SSEDecoder()
+        deadline = asyncio.get_running_loop().time() + (self._http.total_timeout_s or 1e9)
+        while True:
+            message = await self._receive(ws, deadline)
+            if message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                frame = message.data if isinstance(message.data, str) else (
+                    bytes(message.data).decode("utf-8", errors="replace")
+                )
+                for payload in frame_payloads(frame, decoder, request_id):
+                    yield SSEEvent(payload)
+                continue
+            if message.type == aiohttp.WSMsgType.CLOSE and ws.close_code in _NORMAL_CLOSE_CODES:
+                yield SSEEvent("[DONE]")  # the socket closed normally: the turn ended
+                return
+            raise UpstreamBroken(f"socket closed: {message.type.name} {ws.close_code}")
 
     async def _connect(self, hub: Mapping[str, Any]) -> aiohttp.ClientWebSocketResponse:
         urls = [u for u in (hub.get("wss_url"), hub.get("fallback_wss_url")) if u]

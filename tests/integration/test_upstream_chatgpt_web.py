@@ -5,6 +5,7 @@ The failures every adapter meets are in test_upstream_failures.py.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -17,6 +18,7 @@ from bridge.http import (
     UpstreamAuthError,
     UpstreamBroken,
     UpstreamHTTP,
+    UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -31,6 +33,7 @@ from tests.fakes.chatgpt_web import (
     STOP,
     WS,
     FakeChatGPT,
+    hub_frame,
 )
 from tests.fakes.scripted import (
     MIDWAY,
@@ -131,6 +134,32 @@ async def test_socket_dropped_is_broken(fake: FakeChatGPT, http: UpstreamHTTP) -
     with pytest.raises(UpstreamBroken):
         await collect(connect(http, fake.env()), turn(), into=events)
     assert answer_text(events) == "".join(PIECES[:2])
+
+
+@pytest.mark.parametrize("added", ["long-line", "bad-json", "wrong-shape"])
+async def test_an_unreadable_socket_message_is_a_protocol_error(
+    added: str, fake: FakeChatGPT, http: UpstreamHTTP
+) -> None:
+    """A hub frame whose SSE holds a line over 1 MiB, a frame that is not JSON, or one whose
+    JSON is not a message: what came before stays, the turn ends as a protocol error (the
+    long line escaped as a bare SSELineTooLong: a traceback, the entry asked again)."""
+
+    def edit(frames: list[str]) -> list[str]:
+        request_id = json.loads(frames[0])["websocket_request_id"]
+        bad = {
+            "long-line": hub_frame(request_id, b"data: " + b"x" * (1 << 20) + b"\n\n"),
+            "bad-json": hub_frame(request_id, b"data: {not json\n\n"),
+            "wrong-shape": hub_frame(request_id, b'data: {"message": {"author": {"role": '
+                                                 b'"assistant"}, "content": {"parts": 5}}}\n\n'),
+        }[added]
+        return [*frames[:4], bad, *frames[4:]]
+
+    fake.answer_mode, fake.ws_mode, fake.edit_frames = "ws", "hub", edit
+    events: list[Event] = []
+    with pytest.raises(UpstreamProtocolError):
+        await collect(connect(http, fake.env()), turn(), into=events)
+    assert answer_text(events) == "".join(PIECES[:2])
+    assert len(await fake.server.wait_for_requests(1, STOP, timeout=5)) == 1
 
 
 async def test_socket_idle_timeout(fake: FakeChatGPT, http: UpstreamHTTP) -> None:
