@@ -428,16 +428,35 @@ def feed_sse(decoder: SSEDecoder, data: bytes) -> list[SSEEvent]:
 
 
 async def iter_sse(response: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
+    """The events of a streamed body. A body that fails (reset, truncated, timed out) gives
+    the complete events it had received before the failure is raised: aiohttp raises a
+    body's failure ahead of the data it still holds, and what arrived is shown (SPEC §6)."""
     decoder = SSEDecoder()
-    read = response.content.readany  # (`iter_any` would add a layer of iteration per read)
+    content = response.content
+    read = content.readany  # (`iter_any` would add a layer of iteration per read)
     try:
-        while chunk := await read():
-            for event in decoder.feed(chunk):
+        try:
+            while chunk := await read():
+                for event in decoder.feed(chunk):
+                    yield event
+        except (aiohttp.ClientError, TimeoutError):
+            for event in decoder.feed(_received(content)):  # (an unfinished one stays torn)
                 yield event
+            raise
         for event in decoder.close():
             yield event
     except SSELineTooLong as exc:
         raise UpstreamProtocolError(str(exc)) from exc
+
+
+def _received(content: aiohttp.StreamReader) -> bytes:
+    """What a failed body had received and not yet handed out. Every public read raises the
+    failure first, so aiohttp's own unchecked read is used (b"" should it ever go)."""
+    read_buffered = getattr(content, "_read_nowait", None)
+    try:
+        return bytes(read_buffered(-1)) if read_buffered is not None else b""
+    except Exception:  # (its internals changed: what arrived is lost, as before)
+        return b""
 
 
 async def _read_text_quietly(response: aiohttp.ClientResponse) -> str:

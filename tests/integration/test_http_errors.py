@@ -25,6 +25,7 @@ from bridge.http import (
     UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
+    iter_sse,
 )
 from bridge.sse import SSEDecoder, SSEEvent
 from tests.fakes.base import FIXTURES, FakeServer, rechunk, stream_bytes
@@ -340,6 +341,48 @@ async def test_connection_dropped_mid_stream(upstream: Upstream, http: UpstreamH
         await collect(http, url, events)
     assert 0 < len(events) < len(SSEDecoder().feed(FIXTURE))
     assert upstream.hits("/chat") == 1
+
+
+@pytest.mark.parametrize("how", ["reset", "truncated-chunk", "idle-timeout"])
+async def test_what_arrived_before_the_body_failed_is_read_though_read_after(
+    upstream: Upstream, http: UpstreamHTTP, how: str
+) -> None:
+    """The events that had arrived when the body failed, not yet read by then, come before
+    the failure: aiohttp raises a body's failure ahead of the data it still holds, and a
+    reader busy elsewhere at that moment lost them (a turn showed less than had arrived, or
+    that the answer "broke off before it began")."""
+    go = asyncio.Event()
+    rest = b"data: two\n\ndata: three\n\ndata: fo"
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: one\n\n")
+        await go.wait()
+        assert request.transport is not None
+        if how == "truncated-chunk":  # a chunk whose size line promises more than comes
+            request.transport.write(b"%x\r\n" % (len(rest) + 100) + rest)
+        else:
+            await response.write(rest)
+        if how == "idle-timeout":
+            await upstream.release.wait()
+        else:
+            request.transport.close()
+        return response
+
+    url = upstream.on("/chat", handler)
+    events: list[SSEEvent] = []
+    with pytest.raises(UpstreamTimeout if how == "idle-timeout" else UpstreamBroken):
+        async with http.open("POST", url, expect_sse=True) as response:
+            stream = iter_sse(response)
+            events.append(await anext(stream))
+            go.set()
+            async with asyncio.timeout(5):  # nothing is read until the body has failed
+                while response.content.exception() is None:
+                    await asyncio.sleep(0.01)
+            async for event in stream:
+                events.append(event)
+    assert [e.data for e in events] == ["one", "two", "three"]  # not the torn "fo"
 
 
 async def test_stopping_early_gives_the_response_up(upstream: Upstream,
