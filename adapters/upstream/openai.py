@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from adapters.upstream._common import is_done, json_object, relay
+from adapters.upstream._common import bearer, is_done, json_object, relay, require
 from bridge.config import Settings
 from bridge.events import Done, ErrorKind, Event, ReasoningDelta, TextDelta, UpstreamError, Usage
 from bridge.http import UpstreamHTTP
@@ -105,10 +105,11 @@ class OpenAIUpstream:
     keeps_history = False
 
     def __init__(self, settings: Settings, http: UpstreamHTTP) -> None:
+        api_key, model = require(settings, "openai_api_key", "openai_model")
         self._http = http
         self._url = f"{settings.openai_base_url}/chat/completions"
-        self._headers = {"Authorization": f"Bearer {settings.openai_api_key}"}
-        self._model = settings.openai_model
+        self._headers = bearer(api_key)
+        self._model = model
         self._system_prompt = settings.openai_system_prompt
         self._temperature = settings.openai_temperature
 
