@@ -32,6 +32,7 @@ from bridge.sse import SSEDecoder, SSEEvent, SSELineTooLong
 from bridge.tasks import TaskGroup, cancel_requested
 
 __all__ = [
+    "MAX_BODY_BYTES",
     "MAX_RETRY_AFTER_S",
     "UpstreamAuthError",
     "UpstreamBroken",
@@ -46,10 +47,13 @@ __all__ = [
     "feed_sse",
     "iter_sse",
     "parse_retry_after",
+    "read_text",
 ]
 
 MAX_RETRY_AFTER_S = 60.0
+MAX_BODY_BYTES = 1 << 20  # a JSON answer longer than this is no answer an API gives
 _ERROR_BODY_CHARS = 300
+_QUOTED_BODY_BYTES = 1 << 16  # read of an error answer: more than is ever quoted of it
 
 
 class UpstreamFailure(Exception):
@@ -404,7 +408,7 @@ class UpstreamHTTP:
     async def json(self, method: str, url: str, **kwargs: Any) -> Any:
         """A non-streaming call answered with JSON, retried like any other request."""
         async with self.open(method, url, **kwargs) as response:
-            text = await response.text()
+            text = await read_text(response)
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
@@ -459,16 +463,55 @@ def _received(content: aiohttp.StreamReader) -> bytes:
         return b""
 
 
+async def read_text(response: aiohttp.ClientResponse, *, limit: int = MAX_BODY_BYTES) -> str:
+    """A body that is not a stream (a JSON answer), as text. At most `limit` bytes are read:
+    a longer body (a download, an endless stream of another kind) is the upstream's protocol
+    error, never read into memory whole."""
+    body, whole = await _read_prefix(response, limit)
+    text = _decode(response, body)
+    if not whole:
+        raise UpstreamProtocolError(
+            f"an answer over {limit} bytes ({response.content_type}): "
+            f"{clip(text, _ERROR_BODY_CHARS)}"
+        )
+    return text
+
+
+async def _read_prefix(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """Up to `limit` bytes of the body, and whether it ended within them."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await response.content.readany():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(chunks)[:limit], False
+    return b"".join(chunks), True
+
+
+def _decode(response: aiohttp.ClientResponse, body: bytes) -> str:
+    try:
+        return body.decode(response.charset or "utf-8", errors="replace")
+    except LookupError:  # a charset Python does not know
+        return body.decode("utf-8", errors="replace")
+
+
 async def _read_text_quietly(response: aiohttp.ClientResponse) -> str:
+    """The start of an answer that is not read for itself (an error, a body that should
+    have been a stream): enough to quote, never all of a body that does not end."""
+    whole = False
     # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancel (`/stop`) that
     # arrives as the body is read, and the turn would go on to wait for its retry
     try:
         async with asyncio.timeout(5):
-            return await response.text(errors="replace")
+            body, whole = await _read_prefix(response, _QUOTED_BODY_BYTES)
+        return _decode(response, body)
     except (TimeoutError, aiohttp.ClientError):
         return ""
     finally:
         response.release()
+        if not whole:  # (the rest is never read: the connection cannot be used again)
+            response.close()
 
 
 def _host(url: str) -> str:

@@ -43,6 +43,7 @@ from bridge.http import (
     UpstreamRejected,
     error_for_status,
     iter_sse,
+    read_text,
 )
 from bridge.interfaces import KeyValue, Turn
 from bridge.logging import clip
@@ -145,7 +146,7 @@ class AimasterUpstream:
         }
         async with self._http.open("POST", self._url, json=body, headers=self._headers) as resp:
             if not resp.content_type.startswith("text/event-stream"):
-                raise error_from_body(resp.status, await resp.text(errors="replace"))
+                raise error_from_body(resp.status, await read_text(resp))
             events = relay(iter_sse(resp), AimasterParser(), upstream=self.name)
             async with aclosing(events):
                 async for event in events:

@@ -62,6 +62,7 @@ from bridge.http import (
     error_for_status,
     feed_sse,
     iter_sse,
+    read_text,
 )
 from bridge.interfaces import KeyValue, Turn
 from bridge.logging import clip
@@ -258,7 +259,7 @@ class ChatGPTWebUpstream:
                         async for event in events:
                             yield event
                     return
-                hub = _hub_answer(await resp.text(errors="replace"))
+                hub = _hub_answer(await read_text(resp))
             for event in parser.feed_payload(hub):
                 yield event
             async with aclosing(self._read_socket(hub, parser, request_id)) as events:

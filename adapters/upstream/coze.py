@@ -36,6 +36,7 @@ from bridge.http import (
     UpstreamRateLimited,
     UpstreamRejected,
     iter_sse,
+    read_text,
 )
 from bridge.interfaces import KeyValue, Turn
 from bridge.logging import clip
@@ -187,7 +188,7 @@ class CozeUpstream:
             headers=self._headers,
         ) as response:
             if not response.content_type.startswith("text/event-stream"):
-                raise api_error(json_object(await response.text(), upstream=NAME))
+                raise api_error(json_object(await read_text(response), upstream=NAME))
             parsed = relay(iter_sse(response), CozeParser(ids), upstream=NAME)
             async with aclosing(parsed) as events:
                 async for event in events:

@@ -36,6 +36,7 @@ from bridge.http import (
     UpstreamProtocolError,
     UpstreamRejected,
     iter_sse,
+    read_text,
 )
 from bridge.interfaces import KeyValue, Turn
 from bridge.logging import clip, register_issued_secret
@@ -208,7 +209,7 @@ class HiAgentUpstream:
     async def _call(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """A JSON call of the proxy API."""
         async with self._post(path, body) as response:
-            text = await response.text()
+            text = await read_text(response)
         data = json_object(text, upstream=NAME)
         _check_base_resp(data, path)
         return data

@@ -56,6 +56,7 @@ from bridge.http import (
     UpstreamRejected,
     UpstreamUnavailable,
     iter_sse,
+    read_text,
 )
 from bridge.interfaces import KeyValue, Turn
 from bridge.logging import clip
@@ -190,7 +191,7 @@ class YachAgentUpstream:
             params["access_token"] = await self._token(refused=params.get("access_token"))
             async with self._http.open("GET", url, params=params, headers=headers) as resp:
                 if not resp.content_type.startswith("text/event-stream"):
-                    failure = _body_failure(resp.status, await resp.text(errors="replace"))
+                    failure = _body_failure(resp.status, await read_text(resp))
                     if isinstance(failure, YachAPIError) and failure.invalid_token and not fresh:
                         continue
                     raise _as_upstream_failure(failure)

@@ -7,6 +7,7 @@ stream that stalls or breaks midway is reported once and never requested again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import time
@@ -425,6 +426,44 @@ async def test_json_call_with_a_body_that_is_not_json(upstream: Upstream,
     url = upstream.on("/api", status(200, "<html>maintenance</html>"))
     with pytest.raises(UpstreamProtocolError, match="not JSON"):
         await http.json("GET", url)
+
+
+def endless(code: int, sent: list[int]) -> Handler:
+    """A body that never ends (a download, another kind of stream); `sent` counts its bytes
+    until the client hangs up."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=code, headers={"Content-Type": "text/html"})
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await response.write(b"x" * 65536)
+                sent[0] += 65536
+        return response
+
+    return handler
+
+
+@pytest.mark.parametrize(("call", "code", "error"), [
+    ("json", 200, UpstreamProtocolError),  # a JSON call answered by what is no JSON answer
+    ("sse", 200, UpstreamProtocolError),  # a stream answered by something else
+    ("sse", 500, UpstreamUnavailable),  # an error answer (retried: three bodies)
+    ("sse", 400, UpstreamRejected),
+])
+async def test_a_body_that_does_not_end_is_read_no_further_than_needed(
+    upstream: Upstream, http: UpstreamHTTP, call: str, code: int, error: type[Exception]
+) -> None:
+    """Error bodies and bodies that should have been a stream are read only as far as they
+    are quoted; a JSON answer up to MAX_BODY_BYTES. They were read whole (in memory) — for
+    a body that never ends, until the idle timeout, or for ever while data kept coming."""
+    sent = [0]
+    url = upstream.on("/api", endless(code, sent))
+    with pytest.raises(error):
+        if call == "json":
+            await http.json("GET", url)
+        else:
+            await collect(http, url)
+    assert sent[0] < 32 << 20  # (a few reads, and what the sockets buffer)
 
 
 @pytest.mark.parametrize("delay_s", [None, 0, 0.001, 0.003, 0.01, 0.2])
