@@ -34,7 +34,7 @@ from bridge.events import (
     ReasoningDelta,
     TextDelta,
 )
-from bridge.http import UpstreamHTTP
+from bridge.http import UpstreamHTTP, feed_sse
 from bridge.interfaces import KeyValue, Turn
 from bridge.sse import SSEDecoder, SSEEvent
 
@@ -169,7 +169,7 @@ class ReplayUpstream:
 async def _messages(data: bytes) -> AsyncIterator[SSEEvent]:
     decoder = SSEDecoder()
     for start in range(0, len(data), READ_CHUNK_BYTES):
-        for message in decoder.feed(data[start : start + READ_CHUNK_BYTES]):
+        for message in feed_sse(decoder, data[start : start + READ_CHUNK_BYTES]):
             yield message
     for message in decoder.close():
         yield message

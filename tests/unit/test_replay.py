@@ -26,7 +26,7 @@ from bridge.events import (
     TextDelta,
     Usage,
 )
-from bridge.http import UpstreamBroken, UpstreamHTTP
+from bridge.http import UpstreamBroken, UpstreamHTTP, UpstreamProtocolError
 from bridge.interfaces import Sender, Turn
 from bridge.sse import SSEEvent
 from tests.fakes.aimaster import recorded
@@ -154,6 +154,15 @@ async def test_recording_without_end_marker_is_broken() -> None:
     data = OPENAI_RECORDING.replace(b"data: [DONE]", b"")
     events: list[Event] = []
     with pytest.raises(UpstreamBroken):
+        await collect(ReplayUpstream([Recording("o.sse", "openai", data)]), into=events)
+    assert TextDelta(",世界") in events
+
+
+async def test_a_line_over_the_limit_is_a_protocol_error_as_live() -> None:
+    # (a bare SSELineTooLong before: a traceback, the entry left to be asked again)
+    data = OPENAI_RECORDING.replace(b"data: [DONE]", b"data: " + b"x" * (1 << 20) + b"\n\n")
+    events: list[Event] = []
+    with pytest.raises(UpstreamProtocolError, match="line longer than"):
         await collect(ReplayUpstream([Recording("o.sse", "openai", data)]), into=events)
     assert TextDelta(",世界") in events
 
