@@ -201,3 +201,12 @@ async def test_a_batch_made_while_the_first_put_retries_after_noscript_is_stored
         assert await queue(redis_client, keys, "s1") == [one.entry_id, two.entry_id]
     finally:
         await client.aclose()
+
+
+async def test_a_message_is_remembered_24_hours_for_dedupe(
+    inbox: Inbox, redis_client: aioredis.Redis, bot_id: str
+) -> None:
+    """SPEC §4: the same message delivered twice within 24 h is answered once."""
+    assert isinstance(await inbox.put(message("a"), EntryKind.TURN, "s1"), Accepted)
+    ttl = await redis_client.ttl(Keys(bot_id).dedupe("id:a"))
+    assert 86400 - 60 < ttl <= 86400
