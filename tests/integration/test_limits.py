@@ -140,10 +140,14 @@ async def test_input_too_long(redis_url: str, bot_id: str, yach: FakeYach,
     assert len(upstream.bodies) == 1
 
 
+@pytest.mark.parametrize("workers", ["32", "1"])
 async def test_busy_session_is_told_at_once(redis_url: str, bot_id: str, yach: FakeYach,
-                                            upstream: FakeOpenAI, redis_client: object) -> None:
+                                            upstream: FakeOpenAI, redis_client: object,
+                                            workers: str) -> None:
+    """Also when every turn slot is taken (BRIDGE_WORKERS=1, by the running turn): the
+    message learns that it waits behind too many without waiting for a slot first."""
     upstream.first_byte_delay_s = 0.5
-    async with running_bridge(env(redis_url, bot_id, yach, upstream,
+    async with running_bridge(env(redis_url, bot_id, yach, upstream, BRIDGE_WORKERS=workers,
                                   BRIDGE_SESSION_QUEUE_MAX="1")) as bridge:
         for text in ("first", "second", "third"):
             await bridge.post(group_message(text))
