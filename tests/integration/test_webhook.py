@@ -94,6 +94,21 @@ async def test_signature_is_checked_before_the_size(bridge: RunningBridge) -> No
     assert await inbox_length(bridge) == 0
 
 
+
+def _body_of(size: int) -> bytes:
+    """A signed message's JSON body of exactly `size` bytes."""
+    msg_id = f"size-{size}"
+    base = len(json.dumps(group_message("", msg_id=msg_id), ensure_ascii=False).encode())
+    body = json.dumps(group_message("x" * (size - base), msg_id=msg_id), ensure_ascii=False)
+    assert len(body.encode()) == size
+    return body.encode()
+
+
+async def test_a_body_of_exactly_the_limit_is_accepted(bridge: RunningBridge) -> None:
+    """BRIDGE_MAX_BODY_BYTES (4096 here): bodies above it get 413, not one of its size."""
+    assert (await bridge.post(_body_of(4096)))[0] == 200
+    assert (await bridge.post(_body_of(4097)))[0] == 413
+
 @pytest.mark.parametrize(
     "body",
     [
