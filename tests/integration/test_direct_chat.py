@@ -121,3 +121,5 @@ async def test_direct_sends_use_the_shared_direct_budget(bridge: RunningBridge,
     keys = bridge.bridge.keys
     assert await redis.zcard(keys.send_budget_direct) == 1
     assert await redis.zcard(keys.send_budget_group) == 0
+    # the platform's 60 per minute: the send is counted for a minute
+    assert 59_000 < await redis.pttl(keys.send_budget_direct) <= 60_000

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge import __version__
@@ -109,6 +110,26 @@ async def test_readyz_does_not_wait_for_a_first_message(
     async with running_bridge(env) as bridge:
         await ready_within(bridge, timeout=5)
 
+
+async def test_readyz_is_503_while_the_workers_fail_on_a_redis_that_answers_ping(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI,
+    redis_client: aioredis.Redis,
+) -> None:  # fmt: skip
+    """Redis answers PING but refuses the workers' commands (here the inbox is no stream;
+    a MISCONF after a failed save, or an ACL, does the same): not ready, Redis up or not."""
+    env = bridge_env(redis_url, bot_id, yach, **openai_env(upstream.base_url))
+    async with running_bridge(env) as bridge:
+        await ready_within(bridge)
+        worker, keys = bridge.bridge.worker, bridge.bridge.keys
+        assert worker is not None
+        await redis_client.delete(keys.inbox)
+        await redis_client.set(keys.inbox, "not a stream")
+        await wait_until(lambda: not worker.healthy, timeout=10)
+        assert await get(bridge, "/readyz") == (
+            503, {"status": "unavailable", "reason": "workers not running"}
+        )
+        await redis_client.delete(keys.inbox)
+        await ready_within(bridge)  # the read loop makes the stream and its group again
 
 async def test_readyz_is_503_while_redis_is_down_and_200_once_it_is_back(
     private_redis: RedisServer, bot_id: str, yach: FakeYach, upstream: FakeOpenAI

@@ -14,6 +14,7 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
+from bridge import outbox as outbox_module
 from bridge.config import Rate
 from bridge.messages import MESSAGES
 from bridge.outbox import SendBudget
@@ -140,10 +141,14 @@ async def test_input_too_long(redis_url: str, bot_id: str, yach: FakeYach,
     assert len(upstream.bodies) == 1
 
 
+@pytest.mark.parametrize("workers", ["32", "1"])
 async def test_busy_session_is_told_at_once(redis_url: str, bot_id: str, yach: FakeYach,
-                                            upstream: FakeOpenAI, redis_client: object) -> None:
+                                            upstream: FakeOpenAI, redis_client: object,
+                                            workers: str) -> None:
+    """Also when every turn slot is taken (BRIDGE_WORKERS=1, by the running turn): the
+    message learns that it waits behind too many without waiting for a slot first."""
     upstream.first_byte_delay_s = 0.5
-    async with running_bridge(env(redis_url, bot_id, yach, upstream,
+    async with running_bridge(env(redis_url, bot_id, yach, upstream, BRIDGE_WORKERS=workers,
                                   BRIDGE_SESSION_QUEUE_MAX="1")) as bridge:
         for text in ("first", "second", "third"):
             await bridge.post(group_message(text))
@@ -254,4 +259,26 @@ async def test_a_retry_after_of_zero_is_not_a_tight_loop(
         elapsed = time.monotonic() - started
     assert len(yach.server.on("/group/robot/message/send")) == 4
     assert elapsed >= 1.4
+    assert yach.texts() == ["You said: hello. (history: 0 messages)"]
+
+
+async def test_rate_limit_answers_use_up_no_attempt(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI, redis_client: object,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """More "slow down" answers in a row than the outbox tries a failing send: the piece
+    waits and goes out, the entry is neither left for redelivery nor, with
+    BRIDGE_MAX_ATTEMPTS=1, dead-lettered. (The least wait is shortened: 0.2 s doubled five
+    times is six seconds.)"""
+    monkeypatch.setattr(outbox_module, "_MIN_RATE_LIMIT_WAIT_S", 0.01)
+    yach.fail_next(429, {"code": 429, "msg": "too many"}, times=6, headers={"Retry-After": "0"})
+    async with running_bridge(env(redis_url, bot_id, yach, upstream,
+                                  BRIDGE_MAX_ATTEMPTS="1")) as bridge:  # fmt: skip
+        await bridge.post(group_message("hello"))
+        await wait_until(lambda: len(yach.shown) == 1, timeout=10)
+        await wait_until(lambda: not bridge.bridge.worker or not bridge.bridge.worker.held)
+        assert await inbox_length(bridge) == 0
+        assert bridge.bridge.redis is not None
+        assert await bridge.bridge.redis.xlen(bridge.bridge.keys.dead) == 0
+    assert len(yach.server.on("/group/robot/message/send")) == 7
     assert yach.texts() == ["You said: hello. (history: 0 messages)"]

@@ -304,3 +304,124 @@ async def test_stop_with_no_holder_names_the_started_turn_at_the_head_not_a_wait
     again = await _store(redis_client, keys, queued=False)
     assert await sessions.stop(SESSION, again, ttl_s=60) == waiting
     assert (await sessions.start(SESSION, waiting, with_history=True)).stopped
+
+
+async def test_a_holder_takes_back_its_lock_that_merely_expired(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """A Redis outage or a stall let the lock expire while nobody else took the session:
+    its token is still the fence's, so the turn goes on (and its lock is set again)."""
+    entry = await _store(redis_client, keys)
+    lock = (await sessions.start(SESSION, entry, with_history=True)).lock
+    await redis_client.delete(keys.lock(SESSION))  # as expired
+
+    await sessions.journal_piece(SESSION, entry, _piece(0, "Still mine. "), lock)
+
+    assert (await redis_client.get(keys.lock(SESSION))).decode() == lock
+    assert await redis_client.pttl(keys.lock(SESSION)) > 0
+    assert await sessions.renew(SESSION, lock)
+
+
+async def test_a_released_token_can_never_write_again(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """Releasing bumps the fence: the token cannot take the free lock back, as an expired
+    one would be, to save or to journal."""
+    entry = await _store(redis_client, keys)
+    lock = (await sessions.start(SESSION, entry, with_history=True)).lock
+    await sessions.release(SESSION, lock)
+
+    assert not await sessions.renew(SESSION, lock)
+    assert not await sessions.save_conversation(SESSION, lock, "dify", {"c": "1"})
+    with pytest.raises(LockLost):
+        await sessions.journal_piece(SESSION, entry, _piece(0, "late"), lock)
+    assert not await redis_client.exists(keys.lock(SESSION))
+
+
+async def test_the_lock_lives_at_least_as_long_as_the_claim(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """`lock_ttl_s` is BRIDGE_CLAIM_IDLE_S (10 s in the fixture): no other turn of the
+    session can start while the entry's worker is alive (SPEC §6)."""
+    entry = await _store(redis_client, keys)
+    lock = (await sessions.start(SESSION, entry, with_history=True)).lock
+    assert 9000 < await redis_client.pttl(keys.lock(SESSION)) <= 10_000
+    await redis_client.pexpire(keys.lock(SESSION), 100)
+    assert await sessions.renew(SESSION, lock)
+    assert 9000 < await redis_client.pttl(keys.lock(SESSION)) <= 10_000
+
+
+async def test_a_turn_is_recorded_once_however_often_its_record_is_saved(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """A replay (or a retry) of a turn whose record was saved before it was acknowledged
+    adds no second history row and counts no second turn."""
+    entry = await _store(redis_client, keys)
+    lock = (await sessions.start(SESSION, entry, with_history=True)).lock
+    exchange = HistoryTurn("q", "a")
+    for _ in range(2):
+        assert await sessions.save(SESSION, lock, {"turns": 1}, exchange=exchange, entry_id=entry)
+        assert await sessions.recorded(entry)
+    assert await redis_client.llen(keys.history(SESSION)) == 1
+
+
+async def test_history_keeps_and_reads_exactly_the_last_history_turns(
+    redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """BRIDGE_HISTORY_TURNS=2: the upstream gets the last two turns, and no more are kept."""
+    sessions = Sessions(redis_client, keys, ttl_s=3600, history_turns=2, lock_ttl_s=10)
+    entry = await _store(redis_client, keys)
+    lock = (await sessions.start(SESSION, entry, with_history=True)).lock
+    turns = [HistoryTurn(f"q{n}", f"a{n}") for n in range(3)]
+    for turn in turns:
+        assert await sessions.save(SESSION, lock, {}, exchange=turn)
+    await sessions.release(SESSION, lock)
+
+    again = await sessions.start(SESSION, entry, with_history=True)
+
+    assert again.history == tuple(turns[1:])
+    assert await redis_client.llen(keys.history(SESSION)) == 2
+
+
+async def test_an_acknowledged_entry_never_starts_even_with_its_session_free(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """An entry gone from the inbox (another worker acknowledged it) takes no lock, so its
+    turn is not run twice, and is not counted against its sender's limit."""
+    entry = await _store(redis_client, keys)
+    await redis_client.xdel(keys.inbox, entry)
+    await redis_client.lrem(keys.queue(SESSION), 1, entry)
+
+    gone = await sessions.start(SESSION, entry, with_history=True, sender_rate=("u1", Rate(5, 60)))
+
+    assert (gone.ahead, gone.lock, gone.over_rate) == (None, "", False)
+    assert not await redis_client.exists(keys.lock(SESSION))
+    assert not await redis_client.exists(keys.user_rate("u1"))
+
+
+async def test_the_senders_window_runs_from_their_first_message_not_their_last(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """`N/SECONDS` counts the messages of a window that a message opens: later messages
+    inside it do not push its end back (a steady sender would otherwise never get a new
+    window)."""
+    limit = ("u1", Rate(5, 60.0))
+    first, second = await _store(redis_client, keys), await _store(redis_client, keys)
+    await sessions.start(SESSION, first, with_history=True, sender_rate=limit)
+    await redis_client.pexpire(keys.user_rate("u1"), 30_000)  # half the window has passed
+
+    await sessions.start(SESSION, second, with_history=True, sender_rate=limit)
+
+    assert int(await redis_client.get(keys.user_rate("u1"))) == 2
+    assert await redis_client.pttl(keys.user_rate("u1")) <= 30_000
+
+
+async def test_a_stop_key_of_another_entry_does_not_stop_a_turn(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """The stop key of a turn that finished before its `/stop` reached it lingers: the
+    session's next turn runs all the same."""
+    entry = await _store(redis_client, keys)
+    await redis_client.set(keys.stop(SESSION), "1-1")
+    started = await sessions.start(SESSION, entry, with_history=True)
+    assert started.lock and not started.stopped

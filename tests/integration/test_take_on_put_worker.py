@@ -54,6 +54,28 @@ async def test_a_turn_a_put_took_while_the_drain_began_is_left_claimable_at_once
     assert upstream.bodies == []
 
 
+
+async def test_a_put_made_once_the_drain_began_takes_nothing(
+    env: dict[str, str], bot_id: str, upstream: FakeOpenAI, redis_client: aioredis.Redis
+) -> None:
+    """A webhook whose put comes after the drain began (the draining process answers 503
+    only once it has set its own flag) is stored and left new, for any process to read at
+    once: not taken here, where it could not run, at the cost of a counted attempt."""
+    keys = Keys(bot_id)
+    async with running_bridge(env) as running:
+        worker = running.bridge.worker
+        assert worker is not None
+        await wait_until(lambda: worker.healthy)  # the read loop made the group, and read
+        await worker.drain(5)
+        status, _ = await running.post(group_message("after the drain began"))
+        assert status == 200
+        [(entry_id, _)] = await redis_client.xrange(keys.inbox)
+        assert await redis_client.xpending_range(keys.inbox, GROUP, "-", "+", 10) == []
+        assert not await redis_client.exists(keys.journal(entry_id.decode()))
+        assert await redis_client.llen(keys.queue("yach:g:g1:u:u1")) == 1
+    assert upstream.bodies == []
+
+
 async def test_an_entry_that_cannot_be_taken_does_not_hold_up_the_others_of_its_batch(
     env: dict[str, str], bot_id: str, yach: FakeYach, redis_client: aioredis.Redis
 ) -> None:

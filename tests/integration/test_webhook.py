@@ -128,6 +128,7 @@ async def test_a_body_of_exactly_the_limit_is_taken_one_byte_more_is_413(
     assert upstream.bodies[0]["messages"][-1]["content"] == "edge"
 
 
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -55,6 +55,7 @@ def loopback_ok(**options: object) -> ImageFetcher:
         ("ff02::1", False),
         ("::ffff:127.0.0.1", False),  # IPv4-mapped loopback
         ("::ffff:10.0.0.1", False),
+        ("::ffff:8.8.8.8", True),  # IPv4-mapped: judged as the IPv4 address it reaches
         ("2002:7f00:1::1", False),  # 6to4 of 127.0.0.1
         ("2002:a9fe:a9fe::1", False),  # 6to4 of 169.254.169.254
         ("fec0::1", False),  # site-local (deprecated)
@@ -95,6 +96,17 @@ async def test_a_name_resolving_to_a_private_address_is_refused() -> None:
 
     with pytest.raises(FetchRefused, match=r"10\.0\.0\.7"):
         await ImageFetcher(resolve=resolve).fetch("https://images.example/a.png")
+
+
+async def test_http_to_a_public_host_not_allow_listed_is_refused() -> None:
+    """Only `https`, or `http` to an allow-listed host: a public address is no excuse."""
+
+    async def resolve(host: str, port: int) -> list[str]:
+        return ["93.184.216.34"]
+
+    fetcher = ImageFetcher(resolve=resolve, timeout_s=1, connect_timeout_s=0.5)
+    with pytest.raises(FetchRefused, match="http"):
+        await fetcher.fetch("http://images.example/a.png")
 
 
 async def test_an_allow_listed_loopback_image_is_fetched(images: FakeImages) -> None:
@@ -150,7 +162,8 @@ async def test_redirects_are_bounded(images: FakeImages) -> None:
     for _ in range(4):
         url = f"{images.url}/redirect?to={url.replace('?', '%3F').replace('=', '%3D')}"
     with pytest.raises(FetchFailed, match="redirects"):
-        await loopback_ok(max_redirects=2).fetch(url)
+        await loopback_ok(max_redirects=3).fetch(url)
+    assert (await loopback_ok(max_redirects=4).fetch(url)).data == png("fish")  # exactly 4
 
 
 @pytest.mark.parametrize("route", ["img", "chunked"])

@@ -311,6 +311,7 @@ def test_bad_level_or_format_is_refused() -> None:
         ("token: t-1\n  def send(token: str):", "token: ***\n  def send(token: str):"),
         ("Session(api_key='k-1', token=\"t-1\")", "Session(api_key='***', token=\"***\")"),
         ("designToken=1 maxTokens=5 deSign=2", "designToken=*** maxTokens=5 deSign=***"),
+        ("password=hunter2 passwd=x", "password=*** passwd=***"),
         ("nothing to see", "nothing to see"),
     ],
 )
@@ -324,6 +325,28 @@ def test_registered_values_regex_safe_short_and_none_ignored() -> None:
     assert mask_text(f"x {tricky} y") == "x *** y"
     assert mask_text("axbxc abc") == "axbxc abc"  # too short to be registered
     assert mask_text(json.dumps({"v": tricky + '"'})) == '{"v": "***\\""}'
+
+
+def test_registered_values_from_four_characters_nested_and_percent_encoded() -> None:
+    """A 4-character secret is masked (MIN_SECRET_LEN); a secret that holds another is
+    masked whole, not its head only; a secret with a space and a `/` is masked as
+    `quote(..., safe="")` encodes it (neither `quote_plus` nor yarl writes it so)."""
+    short = "k7#Q"
+    outer = _secret("outer")
+    inner = outer[:20]
+    spaced = _secret("open sesame/")
+    register_secrets([short, inner, outer, spaced])
+    assert mask_text(f"x {short} y") == "x *** y"
+    assert mask_text(f"x {outer} y") == "x *** y"
+    assert mask_text(f"q={quote(spaced, safe='')}&n=1") == "q=***&n=1"
+
+
+def test_bytes_under_a_credential_name_are_masked() -> None:
+    stream = _configured("json")
+    structlog.get_logger().info("raw", access_token=b"raw-bytes-token-value", n=1)
+    [line] = _json_lines(stream)
+    assert line["access_token"] == MASK
+    assert "raw-bytes-token-value" not in stream.getvalue()
 
 
 def test_a_value_logged_before_its_secret_was_registered_is_masked_after() -> None:

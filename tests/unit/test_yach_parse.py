@@ -248,6 +248,12 @@ def test_dedupe_without_a_message_id_uses_the_creation_time() -> None:
     stamped = parse_payload({**payload, "createAt": "1700000000000"})
     again = parse_payload({**payload, "createAt": "1700000000000"})
     assert stamped.dedupe_key is not None and stamped.dedupe_key == again.dedupe_key
+    # Each of sender, conversation, creation time and text tells two messages apart (SPEC §4).
+    for other in ({"senderId": "u2"}, {"conversationId": "g2"}, {"createAt": "1700000000001"},
+                  {"text": {"content": "@bot another question"}}):  # fmt: skip
+        assert parse_payload({**payload, "createAt": "1700000000000", **other}).dedupe_key not in (
+            None, stamped.dedupe_key
+        ), other
 
 
 TARGET = ReplyTarget("g1", False, Sender("u1", "Tester", "W001"))
@@ -288,6 +294,17 @@ def test_inbound_sign_in_any_url_encoded_form_verifies(encode: Callable[[str], s
     for timestamp, sign in signs.items():
         assert verify_sign("SEC-x", timestamp, encode(sign))
         assert not verify_sign("SEC-y", timestamp, encode(sign))
+
+
+def test_the_sign_is_the_hmac_of_the_timestamp_and_the_secret() -> None:
+    """SPEC §4: base64(HMAC_SHA256(key=secret, msg=f"{timestamp}\\n{secret}")). A vector
+    worked out apart from `robot_sign`, which the harness and the fake Yach sign with too:
+    their agreement alone would not notice a wrong formula."""
+    secret, timestamp = "SEC-test-secret", "1700000000000"
+    expected = "Mrhy389nC5p7fqYHgciQpNWFiBNjbTx4Rn5BqEH45jY="
+    assert robot_sign(secret, timestamp) == expected
+    assert verify_sign(secret, timestamp, expected)
+    assert not verify_sign(secret, "1700000000001", expected)
 
 
 @pytest.mark.parametrize("sign", ["é", "%C3%A9", "\udcff", "%zz"])

@@ -1,0 +1,120 @@
+"""What the inbox's ack, keep and claim scripts leave behind, on a real Redis: an ack drops
+the entry with its queue place, journal and lock (and fences the released token out); keep
+never takes an entry back from the worker that claimed it; a claim walks the whole pending
+list and tells how often each entry was delivered."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from bridge.inbox import Entry, EntryKind, Inbox
+from bridge.interfaces import InboundMessage, Sender
+from bridge.sessions import JournalPiece, Sessions
+from bridge.store import GROUP, Keys
+
+SESSION = "yach:g:g1:u:u1"
+
+
+def message(msg_id: str) -> InboundMessage:
+    return InboundMessage(
+        im_msg_id=msg_id,
+        text=f"question {msg_id}",
+        sender=Sender("u1", "Tester", "W001"),
+        conversation_id="g1",
+        is_direct=False,
+        dedupe_key="id:" + msg_id,
+    )
+
+
+async def consumer(redis: aioredis.Redis, keys: Keys, name: str) -> Inbox:
+    inbox = Inbox(redis, keys, name)
+    await inbox.ensure_group()
+    return inbox
+
+
+async def stored(inbox: Inbox, *msg_ids: str) -> list[Entry]:
+    """Turns of the session, stored and read (first delivery) by `inbox`."""
+    for msg_id in msg_ids:
+        await inbox.put(message(msg_id), EntryKind.TURN, SESSION)
+    return await inbox.read(count=len(msg_ids) + 1, block_ms=None)
+
+
+async def owner(redis: aioredis.Redis, keys: Keys, entry_id: str) -> str | None:
+    rows = await redis.xpending_range(keys.inbox, GROUP, min=entry_id, max=entry_id, count=1)
+    return rows[0]["consumer"].decode() if rows else None
+
+
+async def test_an_ack_drops_the_entry_its_queue_place_journal_and_lock_for_good(
+    redis_client: aioredis.Redis, keys: Keys, sessions: Sessions
+) -> None:
+    inbox = await consumer(redis_client, keys, "a")
+    [entry] = await stored(inbox, "m1")
+    lock = (await sessions.start(SESSION, entry.entry_id, with_history=False)).lock
+    piece = JournalPiece(0, "An answer.", "id0", mention=True, sent=False)
+    await sessions.journal_piece(SESSION, entry.entry_id, piece, lock, complete=True)
+
+    await inbox.ack(entry, lock)
+
+    assert await redis_client.xlen(keys.inbox) == 0
+    assert (await redis_client.xpending(keys.inbox, GROUP))["pending"] == 0
+    assert await redis_client.llen(keys.queue(SESSION)) == 0
+    assert not await redis_client.exists(keys.journal(entry.entry_id))  # not kept 7 days
+    assert not await redis_client.exists(keys.lock(SESSION))
+    # The released token can never write again: not even take its expired lock back.
+    assert not await sessions.renew(SESSION, lock)
+    assert not await redis_client.exists(keys.lock(SESSION))
+
+
+async def test_an_ack_leaves_a_lock_that_another_turn_holds_now(
+    redis_client: aioredis.Redis, keys: Keys, sessions: Sessions
+) -> None:
+    """A turn that lost its session (its lock expired in a stall, the next turn took it) and
+    is acknowledged after all must not free, nor fence out, the new holder's lock."""
+    inbox = await consumer(redis_client, keys, "a")
+    [entry] = await stored(inbox, "m1")
+    old = (await sessions.start(SESSION, entry.entry_id, with_history=False)).lock
+    newer = "999:other-entry"
+    await redis_client.set(keys.lock(SESSION), newer)
+    fence = await redis_client.get(keys.fence(SESSION))
+
+    await inbox.ack(entry, old)
+
+    assert (await redis_client.get(keys.lock(SESSION))).decode() == newer
+    assert await redis_client.get(keys.fence(SESSION)) == fence
+    assert await sessions.renew(SESSION, newer)
+
+
+async def test_keep_never_takes_an_entry_back_from_the_worker_that_claimed_it(
+    redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """A worker that stalled past BRIDGE_CLAIM_IDLE_S learns that its entry is another's,
+    and leaves it to them."""
+    stalled, other = await consumer(redis_client, keys, "stalled"), await consumer(
+        redis_client, keys, "other"
+    )
+    [entry] = await stored(stalled, "m1")
+    [claimed] = await other.claim(min_idle_ms=0, count=10)
+    assert claimed.entry_id == entry.entry_id and claimed.deliveries == 2
+
+    assert await stalled.keep([entry.entry_id]) == {entry.entry_id}
+    assert await owner(redis_client, keys, entry.entry_id) == "other"
+    assert await other.keep([entry.entry_id]) == set()
+
+
+async def test_a_claim_walks_past_a_scan_window_of_live_entries(
+    redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """One XAUTOCLAIM looks at 10 × COUNT pending entries at most: the dead worker's entry
+    behind a longer run of a live worker's must be found all the same, with its count."""
+    live, dead = await consumer(redis_client, keys, "live"), await consumer(
+        redis_client, keys, "dead"
+    )
+    await stored(live, *(f"live{n}" for n in range(12)))  # idle 0: kept claimed
+    [orphan] = await stored(dead, "orphan")
+    await dead.release([orphan.entry_id], idle_ms=60_000)
+    claimer = await consumer(redis_client, keys, "claimer")
+
+    claimed = await claimer.claim(min_idle_ms=30_000, count=1)
+
+    assert [(e.entry_id, e.deliveries) for e in claimed] == [(orphan.entry_id, 2)]
+    assert await owner(redis_client, keys, orphan.entry_id) == "claimer"
