@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+import structlog
 
 from bridge.http import UpstreamHTTP
 from bridge.sessions import Sessions
@@ -89,3 +92,17 @@ def keys(bot_id: str) -> Keys:
 @pytest.fixture
 def sessions(redis_client: aioredis.Redis, keys: Keys) -> Sessions:
     return Sessions(redis_client, keys, ttl_s=3600, history_turns=5, lock_ttl_s=10)
+
+
+@pytest.fixture
+def log_output() -> Iterator[io.StringIO]:
+    """A buffer for the bridge's log (a test sets logging up to write there, as `chatbridge
+    run` does); logging is put back as it was afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    buffer = io.StringIO()
+    yield buffer
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()

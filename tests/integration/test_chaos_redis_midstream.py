@@ -49,13 +49,12 @@ def _squash(text: str) -> str:
     return re.sub(r"\s+", "", text)
 
 
-@pytest.mark.parametrize("stop", ["shutdown", "sigkill", "sigstop"])
-async def test_redis_stopped_mid_stream_the_answer_goes_on_when_it_returns(
-    stop: str, bot_id: str, yach: FakeYach, redis_server: RedisServer, spawn: Spawner,
-    http: aiohttp.ClientSession,
-) -> None:  # fmt: skip
-    upstream = await GatedOpenAI().start()
-    env = bridge_env(
+def _env(
+    redis_server: RedisServer, bot_id: str, yach: FakeYach, upstream: GatedOpenAI
+) -> dict[str, str]:
+    """A bridge streaming each answer in pieces of 20 characters, through the app API, with a
+    send budget (so each piece takes it in Redis first), claimed after 10 s."""
+    return bridge_env(
         redis_server.url, bot_id, yach,
         BRIDGE_UPSTREAM="openai", BRIDGE_OPENAI_BASE_URL=upstream.base_url,
         BRIDGE_OPENAI_API_KEY="sk-test-placeholder", BRIDGE_OPENAI_MODEL="fake-model",
@@ -64,6 +63,15 @@ async def test_redis_stopped_mid_stream_the_answer_goes_on_when_it_returns(
         BRIDGE_CLAIM_IDLE_S="10",
         BRIDGE_YACH_APP_KEY=fake_yach.APP_KEY, BRIDGE_YACH_APP_SECRET=fake_yach.APP_SECRET,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("stop", ["shutdown", "sigkill", "sigstop"])
+async def test_redis_stopped_mid_stream_the_answer_goes_on_when_it_returns(
+    stop: str, bot_id: str, yach: FakeYach, redis_server: RedisServer, spawn: Spawner,
+    http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    upstream = await GatedOpenAI().start()
+    env = _env(redis_server, bot_id, yach, upstream)
     try:
         bridge = await spawn(env).start()
         assert await post_webhook(http, bridge.url, group_message("tell me")) == 200
@@ -109,15 +117,7 @@ async def test_redis_restarted_empty_mid_stream_nothing_shows_twice_and_the_sess
     webhook refused meanwhile is answered once when the platform retries it, and the
     session's next question is answered at once, not held behind a lock nobody has."""
     upstream = await GatedOpenAI().start()
-    env = bridge_env(
-        redis_server.url, bot_id, yach,
-        BRIDGE_UPSTREAM="openai", BRIDGE_OPENAI_BASE_URL=upstream.base_url,
-        BRIDGE_OPENAI_API_KEY="sk-test-placeholder", BRIDGE_OPENAI_MODEL="fake-model",
-        BRIDGE_LANG="en", BRIDGE_REPLY_MODE="stream", BRIDGE_FLUSH_MIN_CHARS="20",
-        BRIDGE_FLUSH_MAX_WAIT_S="30", BRIDGE_YACH_SEND_RATE="1000/60",
-        BRIDGE_CLAIM_IDLE_S="10",
-        BRIDGE_YACH_APP_KEY=fake_yach.APP_KEY, BRIDGE_YACH_APP_SECRET=fake_yach.APP_SECRET,
-    )  # fmt: skip
+    env = _env(redis_server, bot_id, yach, upstream)
     try:
         bridge = await spawn(env).start()
         assert await post_webhook(http, bridge.url, group_message("tell me")) == 200

@@ -24,15 +24,13 @@ import asyncio
 import contextlib
 import io
 import json
-import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import structlog
 from aiohttp import web
 
 from bridge.cli import setup_logging
@@ -204,18 +202,6 @@ async def fake(case: Case) -> AsyncIterator[Any]:
     async with case.fake() as server:
         yield server
 
-
-@pytest.fixture
-def log_output() -> Iterator[io.StringIO]:
-    """What the bridge logs, set up as `chatbridge run` sets it up; put back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    buffer = io.StringIO()
-    yield buffer
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.reset_defaults()
-    structlog.contextvars.clear_contextvars()
 
 
 @dataclass

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import re
 import uuid
-from collections.abc import Iterator
 from dataclasses import fields
 from typing import Any
 from urllib.parse import quote, quote_plus
 
 import pytest
-import structlog
 
 from bridge.cli import setup_logging
 from bridge.config import Settings, env_name, load_settings
@@ -56,18 +53,6 @@ LEAK_PATTERNS = [
     re.compile(r"(?i)\b(?:appkey|appsecret)=(?!\*\*\*)[^&\s\"'\\]"),
 ]
 
-
-@pytest.fixture
-def log_output() -> Iterator[io.StringIO]:
-    """The captured log; logging is put back as it was afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    buffer = io.StringIO()
-    yield buffer
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.reset_defaults()
-    structlog.contextvars.clear_contextvars()
 
 
 
