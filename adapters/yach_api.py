@@ -58,7 +58,7 @@ def signed_robot_url(robot_url: str, secret: str | None, now_ms: int) -> str:
     return f"{robot_url}{separator}timestamp={now_ms}&sign={sign}"
 
 
-def _lifetime_s(expired_time: object, now_s: float | None = None) -> float:
+def _lifetime_s(expired_time: object) -> float:
     """The token's lifetime from `expired_time` (seconds); the platform's usual two hours
     when it is missing or not a positive number (a garbled one must not fail every send).
 
@@ -76,8 +76,7 @@ def _lifetime_s(expired_time: object, now_s: float | None = None) -> float:
         return DEFAULT_TOKEN_LIFETIME_S
     if lifetime > _EPOCH_FLOOR_S:
         expires_at_s = lifetime / 1000 if lifetime > _EPOCH_FLOOR_MS else lifetime
-        lifetime = max(expires_at_s - (time.time() if now_s is None else now_s),
-                       _MIN_TOKEN_LIFETIME_S)
+        lifetime = max(expires_at_s - time.time(), _MIN_TOKEN_LIFETIME_S)
     return lifetime
 
 
