@@ -193,8 +193,8 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
             measured, pieces, tokens = tracker.measured, sum(tracker.pieces.values()), \
                 tracker.token_count
             measured.note_upstream(tracker, upstream, (f"r{n}" for n in range(args.turns)))
-            floor = await _floor(args, session, tracker, services.redis.url, upstream, yach,
-                                 turn_timeout)
+            floor, floor_cpu = await _floor(args, session, tracker, services.redis.url, upstream,
+                                            yach, turn_timeout)
             profile: list[str] = []
             if args.profile:
                 tracker.measured = Measured("profiled, not counted")
@@ -205,13 +205,14 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
         await yach.close()
         await upstream.close()
     return {"direct": direct, "bridge": measured, "floor": floor, "pieces": pieces,
-            "tokens": tokens, "cpu_s": cpu, "profile": profile}
+            "tokens": tokens, "cpu_s": cpu, "floor_cpu_s": floor_cpu, "profile": profile}
 
 
 async def _floor(args: argparse.Namespace, session: aiohttp.ClientSession, tracker: Tracker,
                  redis_url: str, upstream: TokenUpstream, yach: FakeYach,
-                 turn_timeout: float) -> Measured:
-    """The same turns through the floor (`_floor.py`): the required hops and nothing else."""
+                 turn_timeout: float) -> tuple[Measured, float]:
+    """The same turns through the floor (`_floor.py`): the required hops and nothing else;
+    with its CPU seconds per piece sent."""
     spec = {"redis": redis_url, "upstream": upstream.base_url, "yach": yach.url}
     async with child("floor", json.dumps(spec)) as floor:
         url = f"http://127.0.0.1:{floor.port}"
@@ -223,9 +224,13 @@ async def _floor(args: argparse.Namespace, session: aiohttp.ClientSession, track
         await in_batches(args.warmup, min(args.warmup, args.concurrency),
                          lambda n: turn(50000 + n))
         tracker.measured = Measured("floor (the hops SPEC requires, nothing else)")
+        tracker.pieces.clear()
+        meter = ProcessMeter([floor.pid])
+        cpu_before = sum(meter.cpu())
         await in_batches(args.turns, args.concurrency, lambda n: turn(40000 + n))
+        cpu_s = sum(meter.cpu()) - cpu_before
     tracker.measured.note_upstream(tracker, upstream, (f"r{40000 + n}" for n in range(args.turns)))
-    return tracker.measured
+    return tracker.measured, cpu_s / max(sum(tracker.pieces.values()), 1)
 
 
 async def _profile(
@@ -275,7 +280,9 @@ def verdicts(found: dict[str, object]) -> list[str]:
     (upstream,) = percentiles(bridge.to_upstream, (50,))
     (floor_upstream,) = percentiles(floor.to_upstream, (50,))
     tokens, pieces, cpu = found["tokens"], found["pieces"], found["cpu_s"]
+    floor_cpu = found["floor_cpu_s"]
     assert isinstance(tokens, int) and isinstance(pieces, int) and isinstance(cpu, float)
+    assert isinstance(floor_cpu, float)
     return [
         f"added latency (emission → fake Yach): p50 {ms(p50)} ms (target ≤ "
         f"{TARGET_P50_S * 1000:g}: {met(p50 <= TARGET_P50_S)}), p99 {ms(p99)} ms "
@@ -292,7 +299,8 @@ def verdicts(found: dict[str, object]) -> list[str]:
         f"p50 {ms(p50 - floor50)} ms, p99 {ms(p99 - floor99)} ms, first token "
         f"{ms(first_bridge - first_floor)} ms",
         f"pieces: {pieces} for {tokens} tokens ({pieces / max(tokens, 1):.2f} per token); "
-        f"bridge CPU {cpu * 1e6 / max(pieces, 1):.0f} µs per piece sent",
+        f"CPU per piece sent, the turn's own work included: bridge {cpu * 1e6 / max(pieces, 1):.0f}"
+        f" µs, floor {floor_cpu * 1e6:.0f} µs",
     ]
 
 
