@@ -31,7 +31,7 @@ from bridge.interfaces import InboundMessage
 from bridge.sessions import START_TURN
 from bridge.store import GROUP, InOrder, Keys, as_text
 
-__all__ = ["Accepted", "Duplicate", "Entry", "EntryKind", "Inbox", "TakeOnPut"]
+__all__ = ["Accepted", "Acked", "Duplicate", "Entry", "EntryKind", "Inbox", "TakeOnPut"]
 
 log = structlog.get_logger(__name__)
 
@@ -124,6 +124,7 @@ return {ids, taken}
 # An entry another consumer claimed (this one's process stalled, or lost Redis, past
 # BRIDGE_CLAIM_IDLE_S) is left to it: 0. Acknowledged here under its replay, the entry was
 # given up there before its turn was recorded, and its session lock kept until it expired.
+# Acknowledged: 2 if entries still wait in the session's queue, else 1.
 _ACK = """
 local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)[1]
 if row and row[2] ~= ARGV[4] then return 0 end
@@ -139,6 +140,7 @@ if ARGV[3] ~= '' and redis.call('GET', KEYS[4]) == ARGV[3] then
   redis.call('DEL', KEYS[4])
   redis.call('INCR', KEYS[5])
 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
 return 1
 """
 
@@ -173,6 +175,14 @@ _PUTS_IN_FLIGHT = 2
 # How many XAUTOCLAIM calls one claim pass may make (each scans up to 10 × COUNT entries
 # of the pending list: with a long backlog, the first scan window may hold no idle entry).
 _MAX_CLAIM_SCANS = 100
+
+
+class Acked(enum.IntEnum):
+    """What acknowledging an entry found (the ack script's answer)."""
+
+    NOT_OURS = 0  # another consumer claimed the entry meanwhile: left to that one
+    QUEUE_EMPTY = 1  # acknowledged; no entry waits for its session
+    OTHERS_WAIT = 2  # acknowledged; entries wait for its session (wake them)
 
 
 class EntryKind(enum.StrEnum):
@@ -483,19 +493,18 @@ class Inbox:
         )
         return {as_text(entry_id) for entry_id in lost}
 
-    async def ack(self, entry: Entry, lock_token: str = "") -> bool:
+    async def ack(self, entry: Entry, lock_token: str = "") -> Acked:
         """Done with an entry: acknowledge it, drop it from its queue, journal and lock.
-        False if another consumer claimed it meanwhile: it is left to that one."""
-        args = [GROUP, entry.entry_id, lock_token, self.consumer]
-        return bool(await self._with_group(self._ack_script, keys=self._ack_keys(entry), args=args))
+        `NOT_OURS` if another consumer claimed it meanwhile: it is left to that one."""
+        return await self._ack(entry, [GROUP, entry.entry_id, lock_token, self.consumer])
 
-    async def dead_letter(self, entry: Entry, reason: str, lock_token: str = "") -> bool:
+    async def dead_letter(self, entry: Entry, reason: str, lock_token: str = "") -> Acked:
         """Move an entry to the dead letters and acknowledge it, in one step (as `ack`)."""
         args = [GROUP, entry.entry_id, lock_token, self.consumer, entry.message.to_json(), reason]
-        return bool(await self._with_group(self._ack_script, keys=self._ack_keys(entry), args=args))
+        return await self._ack(entry, args)
 
-    def _ack_keys(self, entry: Entry) -> list[str]:
-        return [
+    async def _ack(self, entry: Entry, args: list[str]) -> Acked:
+        keys = [
             self.keys.inbox,
             self.keys.queue(entry.chat_session_id),
             self.keys.journal(entry.entry_id),
@@ -503,6 +512,7 @@ class Inbox:
             self.keys.fence(entry.chat_session_id),
             self.keys.dead,
         ]
+        return Acked(await self._with_group(self._ack_script, keys=keys, args=args))
 
     async def pending_count(self) -> int:
         """Entries stored and not yet acknowledged (acknowledged entries are deleted)."""

@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 
 from bridge.commands import Commands, wake_message
 from bridge.config import Settings
-from bridge.inbox import Entry, EntryKind, Inbox, TakeOnPut
+from bridge.inbox import Acked, Entry, EntryKind, Inbox, TakeOnPut
 from bridge.intake import judge
 from bridge.interfaces import SendError
 from bridge.messages import Catalogue
@@ -565,16 +565,16 @@ class Worker:
         while True:
             try:
                 if dead_reason:
-                    ours = await self.inbox.dead_letter(entry, dead_reason, held.lock)
+                    acked = await self.inbox.dead_letter(entry, dead_reason, held.lock)
                 else:
-                    ours = await self.inbox.ack(entry, held.lock)
+                    acked = await self.inbox.ack(entry, held.lock)
                 break
             except RedisError:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-        if not ours:  # this process stalled or lost Redis: another worker claimed the entry
+        if acked is Acked.NOT_OURS:  # this process stalled or lost Redis: another worker has it
             held.lost = True
             log.warning(
                 "entry_lost",
@@ -585,8 +585,9 @@ class Worker:
             )
             return False
         held.acked = True
-        with contextlib.suppress(RedisError):
-            await self._wake(entry.chat_session_id)
+        if acked is Acked.OTHERS_WAIT:  # (a wake for nobody would reach every process)
+            with contextlib.suppress(RedisError):
+                await self._wake(entry.chat_session_id)
         return True
 
     async def _finish(self, held: _Held) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from bridge.inbox import Entry, EntryKind, Inbox
+from bridge.inbox import Acked, Entry, EntryKind, Inbox
 from bridge.interfaces import InboundMessage, Sender
 from bridge.sessions import JournalPiece, Sessions
 from bridge.store import GROUP, Keys
@@ -53,7 +53,7 @@ async def test_an_ack_drops_the_entry_its_queue_place_journal_and_lock_for_good(
     piece = JournalPiece(0, "An answer.", "id0", mention=True, sent=False)
     await sessions.journal_piece(SESSION, entry.entry_id, piece, lock, complete=True)
 
-    await inbox.ack(entry, lock)
+    assert await inbox.ack(entry, lock) is Acked.QUEUE_EMPTY
 
     assert await redis_client.xlen(keys.inbox) == 0
     assert (await redis_client.xpending(keys.inbox, GROUP))["pending"] == 0
@@ -63,6 +63,22 @@ async def test_an_ack_drops_the_entry_its_queue_place_journal_and_lock_for_good(
     # The released token can never write again: not even take its expired lock back.
     assert not await sessions.renew(SESSION, lock)
     assert not await redis_client.exists(keys.lock(SESSION))
+
+
+async def test_an_ack_says_whether_entries_still_wait_for_the_session(
+    redis_client: aioredis.Redis, keys: Keys, sessions: Sessions
+) -> None:
+    """The worker wakes the session's next turn only when one waits: a wake for nobody
+    would be published to every process of the bot after every turn."""
+    inbox = await consumer(redis_client, keys, "a")
+    first, second = await stored(inbox, "m1", "m2")
+    lock = (await sessions.start(SESSION, first.entry_id, with_history=False)).lock
+
+    assert await inbox.ack(first, lock) is Acked.OTHERS_WAIT
+
+    lock = (await sessions.start(SESSION, second.entry_id, with_history=False)).lock
+    assert lock
+    assert await inbox.ack(second, lock) is Acked.QUEUE_EMPTY
 
 
 async def test_an_ack_leaves_a_lock_that_another_turn_holds_now(
