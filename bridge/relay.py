@@ -483,22 +483,18 @@ class TurnRunner:
 
     async def _record(self, entry: Entry, lock: str, answer: str, question: str = "") -> None:
         """The turn's bookkeeping: turns, last activity, and history where we keep it."""
-        state = await self.sessions.load(entry.chat_session_id)
         now = time.time()
         exchange = None
         if not self.upstream.keeps_history and answer:
             exchange = HistoryTurn(question or entry.message.text, answer)
-        fields: dict[str, str | int | float] = {
-            "upstream": self.upstream.name,
-            "last_active": now,
-            "turns": state.turns + 1,
-        }
-        if state.created_at is None:
-            fields["created_at"] = now
-        if state.upstream not in (None, self.upstream.name):
-            fields["conversation"] = ""
         saved = await self.sessions.save(
-            entry.chat_session_id, lock, fields, exchange=exchange, entry_id=entry.entry_id
+            entry.chat_session_id,
+            lock,
+            {"last_active": now},
+            exchange=exchange,
+            entry_id=entry.entry_id,
+            created_at=now,
+            turn_of=self.upstream.name,
         )
         if not saved:
             log.warning("session_not_saved", reason="session lock lost")

@@ -93,17 +93,24 @@ return 0
 """
 
 # KEYS: lock, fence, session, history, journal. ARGV: lock value, lock ttl ms, ttl ms,
-# history max, history entry or '', `created_at` if the session has none yet or '', then
-# field/value pairs for the session hash.
+# history max, history entry or '', `created_at` if the session has none yet or '', the
+# upstream whose turn this records or '', then field/value pairs for the session hash.
 # Marks the journal "recorded", so a replay (or a retry) of the turn records it only once.
+# A recorded turn is counted, and it drops a conversation kept for another upstream.
 _SAVE = (
     _HOLDS
     + """
 if not holds(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return 0 end
 if KEYS[5] ~= KEYS[3] and redis.call('HEXISTS', KEYS[5], 'recorded') == 1 then return 1 end
 if ARGV[6] ~= '' then redis.call('HSETNX', KEYS[3], 'created_at', ARGV[6]) end
-if #ARGV > 6 then
-  redis.call('HSET', KEYS[3], unpack(ARGV, 7))
+if ARGV[7] ~= '' then
+  local was = redis.call('HGET', KEYS[3], 'upstream')
+  if was and was ~= ARGV[7] then redis.call('HSET', KEYS[3], 'conversation', '') end
+  redis.call('HSET', KEYS[3], 'upstream', ARGV[7])
+  redis.call('HINCRBY', KEYS[3], 'turns', 1)
+end
+if #ARGV > 7 then
+  redis.call('HSET', KEYS[3], unpack(ARGV, 8))
 end
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
 if ARGV[5] ~= '' then
@@ -523,7 +530,7 @@ class Sessions:
     # State
 
     async def load(self, chat_session_id: str) -> SessionState:
-        """The session's state; rides out a Redis outage (a turn's record reads it)."""
+        """The session's state (`/status`); rides out a Redis outage."""
         key = self.keys.session(chat_session_id)
         reply = await self._patient(lambda: self.redis.hgetall(key))
         return _state({as_text(k): as_text(v) for k, v in reply.items()})
@@ -537,10 +544,13 @@ class Sessions:
         exchange: HistoryTurn | None = None,
         entry_id: str | None = None,
         created_at: float | None = None,
+        turn_of: str = "",
     ) -> bool:
         """Write session fields (and one history turn) if we still hold the lock. With
         `entry_id`, this is the turn's record: its journal is marked recorded. With
-        `created_at`, the session's creation time unless it has one."""
+        `created_at`, the session's creation time unless it has one. With `turn_of` (an
+        upstream's name), a turn of that upstream is counted; a conversation kept for
+        another upstream is dropped (all read and written in the one script)."""
         args: list[str | int | float] = [
             lock_value,
             self.lock_ttl_ms,
@@ -552,6 +562,7 @@ class Sessions:
             if exchange and self.history_turns
             else "",
             "" if created_at is None else created_at,
+            turn_of,
         ]
         for name, value in fields.items():
             args.extend((name, value))

@@ -165,6 +165,32 @@ async def test_start_reads_the_session_and_its_history_when_asked(
     assert without.state.turns == 1 and without.history == ()
 
 
+async def test_a_turns_record_counts_it_and_drops_another_upstreams_conversation(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """The record reads and writes the session in its one script: `turns` + 1, the upstream
+    named, and a conversation kept for another upstream (one without conversations, such as
+    OpenAI, after Coze) dropped; its own upstream's is kept."""
+    coze = {"upstream": "coze", "conversation": json.dumps({"conversation_id": "coze-7"}),
+            "created_at": "1", "turns": "3"}  # fmt: skip
+    await redis_client.hset(keys.session(SESSION), mapping=coze)
+    entry = await _store(redis_client, keys)
+    lock = (await sessions.start(SESSION, entry, with_history=False)).lock
+
+    assert await sessions.save(SESSION, lock, {}, created_at=50, turn_of="coze")
+    state = await redis_client.hgetall(keys.session(SESSION))
+    assert (state[b"turns"], state[b"created_at"]) == (b"4", b"1")
+    assert json.loads(state[b"conversation"]) == {"conversation_id": "coze-7"}
+
+    assert await sessions.save(SESSION, lock, {"last_active": 60}, turn_of="openai")
+    state = await redis_client.hgetall(keys.session(SESSION))
+    assert (state[b"upstream"], state[b"turns"], state[b"conversation"]) == (b"openai", b"5", b"")
+    assert state[b"last_active"] == b"60"
+
+    assert not await sessions.save(SESSION, "not-the-lock", {}, turn_of="openai")
+    assert (await redis_client.hget(keys.session(SESSION), "turns")) == b"5"
+
+
 async def test_a_conversation_saved_under_a_lost_lock_leaves_no_session_behind(
     sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
 ) -> None:
