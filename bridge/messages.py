@@ -39,6 +39,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "upstream_timeout": "AI 服务响应超时，请稍后再试。",
         "upstream_rate_limited": "AI 服务繁忙，请稍后再试。",
         "upstream_rejected": "AI 服务无法处理这个问题，请换个问法再试。",
+        "rejected_midway": "（回答中断，以上内容可能不完整：AI 服务无法继续处理这个问题，"
+        "请换个问法再试。）",
         "empty_answer": "AI 服务没有给出回答，请换个问法再试。",
         "dead_letter": "抱歉，这条消息多次处理失败，已放弃。请稍后重新发送。",
         "agent_switch": "→ 转由「{agent}」回答",
@@ -81,6 +83,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "upstream_timeout": "The AI service took too long to answer; please try again later.",
         "upstream_rate_limited": "The AI service is busy; please try again in a moment.",
         "upstream_rejected": "The AI service could not handle this request; try rephrasing it.",
+        "rejected_midway": "(The answer was cut off; the text above may be incomplete: the AI "
+        "service could not go on with this request. Try rephrasing it.)",
         "empty_answer": "The AI service gave no answer; try rephrasing the question.",
         "dead_letter": "Sorry, this message failed repeatedly and was dropped; please resend it.",
         "agent_switch": "→ {agent} takes over",

@@ -56,6 +56,7 @@ _FAILURE_MESSAGES = {
     ErrorKind.REJECTED: "upstream_rejected",
     ErrorKind.PROTOCOL: "upstream_rejected",
 }
+_GAVE_UP = (ErrorKind.REJECTED, ErrorKind.PROTOCOL)
 _TICK_S = 0.25
 _TOKENS = (TextDelta, ReasoningDelta)
 _SHOWN = (TextDelta, TextReplace)
@@ -452,9 +453,13 @@ class TurnRunner:
         return self._failed_upstream(ErrorKind.BROKEN, "stream ended without an end marker")
 
     def _failure_message(self, failure: ErrorKind, composer: Composer) -> str:
-        """A broken stream's notice speaks of "the text above": with none, it says so."""
+        """A broken stream's notice speaks of "the text above": with none, it says so. An
+        answer the upstream gave up on (its own error, or a stream we cannot read) after
+        text had shown says that text is incomplete, not only "rephrase"."""
         if failure is ErrorKind.BROKEN and not composer.rendered:
             return self.catalogue("broken_before_answer")
+        if failure in _GAVE_UP and composer.rendered:
+            return self.catalogue("rejected_midway")
         return self.catalogue(_FAILURE_MESSAGES[failure])
 
     async def _handle(self, entry: Entry, lock: str, event: Event) -> ErrorKind | None:

@@ -488,7 +488,9 @@ async def test_the_upstreams_own_error_inside_a_200_stream(
     async with chat(fake, yach, redis_url, bot_id, log_output) as bridge:
         shown = await bridge.ask()
         await assert_told(bridge, case_name(case), "rejected")
-    assert answer_and_notice(shown, "upstream_rejected").strip() == before.strip()
+    # With text shown, the notice also says it is incomplete.
+    notice = "rejected_midway" if before.strip() else "upstream_rejected"
+    assert answer_and_notice(shown, notice).strip() == before.strip()
     assert_logged_well(bridge, fake, "rejected")
 
 
@@ -504,7 +506,7 @@ async def test_an_unreadable_stream_shows_what_arrived_then_one_notice(
         fake.script.then(case.reply(fake, edit=lambda data: _insert(data, block)))
         shown = await bridge.ask()
         await assert_told(bridge, case_name(case), "protocol")
-    arrived = answer_and_notice(shown, "upstream_rejected")
+    arrived = answer_and_notice(shown, "rejected_midway")
     assert arrived.strip() and clean.startswith(arrived.rstrip())
     assert_logged_well(bridge, fake, "protocol")
 
@@ -533,14 +535,14 @@ def _around_third(frames: list[str], *added: str, keep_rest: bool = True) -> lis
     pytest.param({"ws_mode": "stall"}, "upstream_timeout", "timeout",
                  {"BRIDGE_UPSTREAM_IDLE_TIMEOUT_S": "0.3"}, id="idle-timeout"),
     pytest.param({"edit_frames": lambda frames: _around_third(frames, "{not json")},
-                 "upstream_rejected", "protocol", {}, id="bad-json"),
+                 "rejected_midway", "protocol", {}, id="bad-json"),
     pytest.param({"ws_mode": "hub", "edit_frames": lambda frames: _around_third(frames, (
         chatgpt_web.hub_frame(json.loads(frames[0])["websocket_request_id"], LONG_LINE)))},
-                 "upstream_rejected", "protocol", {}, id="hub-long-line"),
+                 "rejected_midway", "protocol", {}, id="hub-long-line"),
     pytest.param({"edit_frames": lambda frames: _around_third(frames, json.dumps(
         {"message": None, "conversation_id": chatgpt_web.CONVERSATION_ID,
          "error": "Something went wrong"}), keep_rest=False)},
-                 "upstream_rejected", "rejected", {}, id="error-message"),
+                 "rejected_midway", "rejected", {}, id="error-message"),
 ])
 @pytest.mark.parametrize("case", ["chatgpt-web"], indirect=True)
 async def test_a_chatgpt_socket_failing_midway_shows_what_arrived_then_one_notice(
@@ -604,6 +606,6 @@ async def test_a_message_of_an_unexpected_shape_is_unreadable_not_a_crash(
         shown = await bridge.ask()
         await assert_told(bridge, name, "protocol")
     assert case.asked(fake) == 2  # not asked again
-    arrived = answer_and_notice(shown, "upstream_rejected")
+    arrived = answer_and_notice(shown, "rejected_midway")
     assert arrived.strip() and clean.startswith(arrived.rstrip())
     assert_logged_well(bridge, fake, "protocol")
