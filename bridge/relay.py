@@ -96,6 +96,10 @@ class _Outgoing:
     notice: _ThinkingNotice  # on its way, it goes out before the first piece
     queue: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
     index: int = 0
+    # Set before the end (None) is queued: the turn's record follows, and its one write marks
+    # the journal complete and `unmarked` sent (no journal write of the end's own).
+    record_follows: bool = False
+    unmarked: int | None = None  # the piece sent and not yet marked, left to the record
     _carried: list[str] = field(default_factory=list)  # taken while merging, not merged
 
     async def run(self) -> None:
@@ -110,7 +114,9 @@ class _Outgoing:
         while not last:
             text = self._carried.pop() if self._carried else await self.queue.get()
             if text is None:  # the end came after the last piece had gone out
-                if self.index:
+                if self.record_follows:
+                    self.unmarked = confirmed
+                elif self.index:
                     await sessions.journal_complete(session, entry_id, self.lock, sent=confirmed)
                 break
             if not self.index:
@@ -130,7 +136,9 @@ class _Outgoing:
             )
             await outbox.deliver(target, _as_piece(piece), budget_taken=True)
             self.index += 1
-            if not last and (deferred or self._next_is_ready(target)):
+            if last and self.record_follows:
+                self.unmarked = piece.index
+            elif not last and (deferred or self._next_is_ready(target)):
                 confirmed = piece.index
             else:
                 confirmed = None
@@ -390,6 +398,7 @@ class TurnRunner:
                 outgoing.queue.put_nowait(Standalone(self._failure_message(failure, composer)))
             elif not composer.answer.strip() and outgoing.index == 0 and outgoing.queue.empty():
                 outgoing.queue.put_nowait(Standalone(self.catalogue("empty_answer")))
+            outgoing.record_follows = failure is None
             outgoing.queue.put_nowait(None)
             await sender
         finally:
@@ -399,7 +408,9 @@ class TurnRunner:
         self.metrics.turn_seconds.observe(self.clock() - started)
         if failure is None:
             await asyncio.shield(
-                self._record(entry, lock, composer.answer, question=prepared.text)
+                self._record(
+                    entry, lock, composer.answer, question=prepared.text, sent=outgoing.unmarked
+                )
             )
             return Outcome.COMPLETED
         return Outcome.FAILED
@@ -486,8 +497,11 @@ class TurnRunner:
         level("upstream_failed", kind=kind.value, detail=detail)
         return kind
 
-    async def _record(self, entry: Entry, lock: str, answer: str, question: str = "") -> None:
-        """The turn's bookkeeping: turns, last activity, and history where we keep it."""
+    async def _record(
+        self, entry: Entry, lock: str, answer: str, question: str = "", sent: int | None = None
+    ) -> None:
+        """The turn's bookkeeping: turns, last activity, and history where we keep it; the
+        journal marked complete, and `sent` (the last piece, if not marked yet) sent."""
         now = time.time()
         exchange = None
         if not self.upstream.keeps_history and answer:
@@ -500,6 +514,7 @@ class TurnRunner:
             entry_id=entry.entry_id,
             created_at=now,
             turn_of=self.upstream.name,
+            sent=sent,
         )
         if not saved:
             log.warning("session_not_saved", reason="session lock lost")

@@ -94,12 +94,16 @@ return 0
 
 # KEYS: lock, fence, session, history, journal. ARGV: lock value, lock ttl ms, ttl ms,
 # history max, history entry or '', `created_at` if the session has none yet or '', the
-# upstream whose turn this records or '', then field/value pairs for the session hash.
-# Marks the journal "recorded", so a replay (or a retry) of the turn records it only once.
-# A recorded turn is counted, and it drops a conversation kept for another upstream.
+# upstream whose turn this records or '', the field of a piece confirmed sent or '', then
+# field/value pairs for the session hash.
+# Marks the journal "recorded" and "complete" (a recorded answer is whole), so a replay (or a
+# retry) of the turn records it only once and adds no cut-off notice. A recorded turn is
+# counted, and it drops a conversation kept for another upstream. A confirmation holds
+# whoever sent the piece, as in a journal write.
 _SAVE = (
     _HOLDS
     + """
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[5], ARGV[8], '1') end
 if not holds(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return 0 end
 if KEYS[5] ~= KEYS[3] and redis.call('HEXISTS', KEYS[5], 'recorded') == 1 then return 1 end
 if ARGV[6] ~= '' then redis.call('HSETNX', KEYS[3], 'created_at', ARGV[6]) end
@@ -109,8 +113,8 @@ if ARGV[7] ~= '' then
   redis.call('HSET', KEYS[3], 'upstream', ARGV[7])
   redis.call('HINCRBY', KEYS[3], 'turns', 1)
 end
-if #ARGV > 7 then
-  redis.call('HSET', KEYS[3], unpack(ARGV, 8))
+if #ARGV > 8 then
+  redis.call('HSET', KEYS[3], unpack(ARGV, 9))
 end
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
 if ARGV[5] ~= '' then
@@ -119,7 +123,7 @@ if ARGV[5] ~= '' then
   redis.call('PEXPIRE', KEYS[4], ARGV[3])
 end
 if KEYS[5] ~= KEYS[3] then
-  redis.call('HSET', KEYS[5], 'recorded', '1')
+  redis.call('HSET', KEYS[5], 'recorded', '1', 'complete', '1')
 end
 return 1
 """
@@ -545,13 +549,17 @@ class Sessions:
         entry_id: str | None = None,
         created_at: float | None = None,
         turn_of: str = "",
+        sent: int | None = None,
     ) -> bool:
         """Write session fields (and one history turn) if we still hold the lock. With
-        `entry_id`, this is the turn's record: its journal is marked recorded. With
+        `entry_id`, this is the turn's record: its journal is marked recorded and complete,
+        and `sent` (a piece confirmed since its journal write) marked sent. With
         `created_at`, the session's creation time unless it has one. With `turn_of` (an
         upstream's name), a turn of that upstream is counted; a conversation kept for
         another upstream is dropped (all read and written in the one script)."""
-        args: list[str | int | float] = [
+        if sent is not None and entry_id is None:
+            raise ValueError("a piece is confirmed in its turn's journal: no entry given")
+        args: list[EncodableT] = [
             lock_value,
             self.lock_ttl_ms,
             self.ttl_ms,
@@ -563,18 +571,19 @@ class Sessions:
             else "",
             "" if created_at is None else created_at,
             turn_of,
+            "" if sent is None else f"s:{sent}",
         ]
         for name, value in fields.items():
             args.extend((name, value))
         session_key = self.keys.session(chat_session_id)
-        keys = [
+        keys: list[KeyT] = [
             self.keys.lock(chat_session_id),
             self.keys.fence(chat_session_id),
             session_key,
             self.keys.history(chat_session_id),
             self.keys.journal(entry_id) if entry_id else session_key,
         ]
-        saved = await self._patient(lambda: self._save(keys=keys, args=args))
+        saved = await self._patient(lambda: self._hot.script(self._save, keys, args))
         return bool(saved)
 
     async def save_conversation(

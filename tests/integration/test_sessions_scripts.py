@@ -127,6 +127,31 @@ async def test_a_confirmation_rides_with_the_next_journal_write_even_when_fenced
     assert "complete" not in journal  # the fenced write was refused
 
 
+async def test_a_turns_record_completes_its_journal_and_confirms_its_last_piece(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """A finished turn's record is the journal write after its last piece: it marks the
+    journal complete (a replay adds no cut-off notice) and the last piece sent, in the same
+    round trip. Fenced out, only the confirmation holds, as in a journal write."""
+    entry = await _store(redis_client, keys)
+    lock = (await sessions.start(SESSION, entry, with_history=True)).lock
+    await sessions.journal_piece(SESSION, entry, _piece(0, "One. "), lock)
+
+    assert await sessions.save(SESSION, lock, {}, entry_id=entry, sent=0, turn_of="openai")
+    journal = await _journal(redis_client, keys, entry)
+    assert (journal["s:0"], journal["complete"], journal["recorded"]) == ("1", "1", "1")
+
+    other = await _store(redis_client, keys)
+    await redis_client.set(keys.lock(SESSION), "999:other")  # taken over
+    await redis_client.hset(keys.journal(other), "p:0", json.dumps({"text": "Two."}))
+    assert not await sessions.save(SESSION, lock, {}, entry_id=other, sent=0, turn_of="openai")
+    journal = await _journal(redis_client, keys, other)
+    assert journal["s:0"] == "1"  # it was shown: the confirmation holds
+    assert "complete" not in journal and "recorded" not in journal
+    with pytest.raises(ValueError, match="journal"):
+        await sessions.save(SESSION, lock, {}, sent=0)
+
+
 async def test_renew_all_reports_the_lost_lock_not_its_session(
     sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
 ) -> None:
