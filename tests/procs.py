@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,6 +227,7 @@ class BridgeProcess:
 
     env: Mapping[str, str]
     log_path: Path
+    wrapper: Sequence[str] = ()  # a command the bridge runs under (a profiler)
     process: subprocess.Popen[bytes] | None = None
     port: int = 0
     _log_offset: int = 0
@@ -243,7 +244,7 @@ class BridgeProcess:
         mark = len(self.events())
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "run"],
+                [*self.wrapper, sys.executable, "-m", "bridge", "run"],
                 env=env,
                 cwd=REPO,
                 stdin=subprocess.DEVNULL,

@@ -7,6 +7,7 @@ scale-out mode, and records into a file of the test's own; bench/RESULTS.md is n
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +20,11 @@ RESULTS = BENCH / "RESULTS.md"
 pytestmark = pytest.mark.slow
 
 
-def run_quick(script: str, results: Path, *extra: str) -> str:
+def run_quick(script: str, results: Path, *extra: str, timeout_s: float = 100) -> str:
     before = RESULTS.read_bytes() if RESULTS.exists() else None
     done = subprocess.run(
         [sys.executable, str(BENCH / script), "--quick", "--results", str(results), *extra],
-        capture_output=True, text=True, timeout=100, check=False,
+        capture_output=True, text=True, timeout=timeout_s, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert (RESULTS.read_bytes() if RESULTS.exists() else None) == before
@@ -51,6 +52,8 @@ def test_relay_quick(tmp_path: Path) -> None:
     # the floor relayed every token of its 4 turns (5 each), merged or not
     assert "| floor (the hops SPEC requires, nothing else) | 4 |" in out
     assert "the bridge above it" in out
+    assert re.search(r"CPU per piece sent, the turn's own work included: bridge \d+ µs, floor "
+                     r"\d+ µs", out), out[-1500:]
     assert "## Relay overhead" in results.read_text()
 
 
@@ -62,6 +65,21 @@ def test_concurrency_quick(tmp_path: Path) -> None:
     assert "reading the same 20 streams at once to their ends, nothing parsed, sent or stored " \
            "(20 of 20 ended)" in out
     assert "## Concurrency and cost" in results.read_text()
+
+
+@pytest.mark.skipif(not (shutil.which("valgrind") and shutil.which("callgrind_control")),
+                    reason="valgrind is not installed")
+def test_turn_cost_quick(tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    out = run_quick("bench_turn_cost.py", results, timeout_s=300)  # ~50× slower under valgrind
+    per_turn = re.search(r"instructions per one-token turn \(webhook to acknowledgement\): "
+                         r"([\d,]+)", out)
+    per_token = re.search(r"instructions per further token \(read, parsed, composed\): ([\d,]+)",
+                          out)
+    assert per_turn and per_token, out[-1500:]
+    # a turn is millions of instructions, a token far fewer: both were counted, not zero
+    assert int(per_turn[1].replace(",", "")) > 10 * int(per_token[1].replace(",", "")) > 0
+    assert "## Turn cost in instructions" in results.read_text()
 
 
 def test_compose_quick(tmp_path: Path) -> None:
