@@ -41,6 +41,7 @@ from bridge.metrics import Metrics
 from bridge.outbox import Outbox
 from bridge.sessions import JournalPiece, LockLost, Sessions, Start
 from bridge.surrogates import SurrogateJoiner
+from bridge.tasks import complete_shielded
 from bridge.think import ThinkSplitter
 
 __all__ = ["Outcome", "PrepareInput", "TurnRunner", "message_id"]
@@ -245,6 +246,10 @@ async def _closing(events: AsyncIterator[Event]) -> AsyncIterator[AsyncIterator[
             await aclose()
 
 
+def _finished_well(task: asyncio.Task[None]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None
+
+
 def _as_piece(piece: JournalPiece) -> Piece:
     return Piece(piece.text, piece.message_id, mention=piece.mention)
 
@@ -355,7 +360,7 @@ class TurnRunner:
                 await self.sessions.journal_sent(entry.entry_id, piece.index)
         if not await self.sessions.recorded(entry.entry_id):  # recorded, then not acked
             answer = "".join(p.text for p in pieces if p.message_id != cut_off_id)
-            await asyncio.shield(self._record(entry, lock, answer))
+            await complete_shielded(self._record(entry, lock, answer))
         return Outcome.REPLAYED
 
     async def _ask(
@@ -388,6 +393,11 @@ class TurnRunner:
         sender = asyncio.create_task(outgoing.run(), name=f"send-{entry.entry_id}")
         started = self.clock()
         failure: ErrorKind | None = None
+
+        async def record() -> None:
+            question, answer = prepared.text, composer.answer
+            await self._record(entry, lock, answer, question=question, sent=outgoing.unmarked)
+
         try:
             failure = await self._stream(
                 entry, lock, turn, composer, outgoing, sender, started, notice
@@ -401,17 +411,21 @@ class TurnRunner:
             outgoing.record_follows = failure is None
             outgoing.queue.put_nowait(None)
             await sender
+        except asyncio.CancelledError:
+            # Cancelled (a drain's deadline, `/stop`) once the whole answer had gone out: it
+            # is recorded all the same. The record is what marks the journal complete and
+            # the last piece sent; without it a replay would add a cut-off notice to a whole
+            # answer and send that piece again.
+            if failure is None and _finished_well(sender):
+                await complete_shielded(record())
+            raise
         finally:
             if not sender.done():
                 sender.cancel()
                 await asyncio.gather(sender, return_exceptions=True)
         self.metrics.turn_seconds.observe(self.clock() - started)
         if failure is None:
-            await asyncio.shield(
-                self._record(
-                    entry, lock, composer.answer, question=prepared.text, sent=outgoing.unmarked
-                )
-            )
+            await complete_shielded(record())
             return Outcome.COMPLETED
         return Outcome.FAILED
 

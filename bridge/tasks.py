@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-__all__ = ["TaskGroup", "cancel_and_wait", "cancel_requested"]
+__all__ = ["TaskGroup", "cancel_and_wait", "cancel_requested", "complete_shielded"]
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +36,25 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
         for task in pending:
             task.cancel()
         _done, pending = await asyncio.wait(pending, timeout=_RECANCEL_S)
+
+
+async def complete_shielded(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` to its end though the caller be cancelled meanwhile, and raise the caller's
+    cancellation only then. (`asyncio.shield` alone raises at once: what the caller does on
+    cancellation — give a session lock up — could overtake the work it shielded.)"""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
 
 
 class TaskGroup:
