@@ -39,7 +39,7 @@ from bridge.interfaces import HistoryTurn, ImageInput, Piece, ReplyTarget, Turn,
 from bridge.messages import Catalogue
 from bridge.metrics import Metrics
 from bridge.outbox import Outbox
-from bridge.sessions import JournalPiece, LockLost, Sessions, Start
+from bridge.sessions import Journal, JournalPiece, LockLost, Sessions, Start
 from bridge.surrogates import SurrogateJoiner
 from bridge.tasks import complete_shielded
 from bridge.think import ThinkSplitter
@@ -117,8 +117,10 @@ class _Outgoing:
             if text is None:  # the end came after the last piece had gone out
                 if self.record_follows:
                     self.unmarked = confirmed
-                elif self.index:
-                    await sessions.journal_complete(session, entry_id, self.lock, sent=confirmed)
+                elif self.index:  # a failed turn: its notice went last
+                    await sessions.journal_complete(
+                        session, entry_id, self.lock, failed=True, sent=confirmed
+                    )
                 break
             if not self.index:
                 await self.notice.before_first_message()
@@ -133,7 +135,13 @@ class _Outgoing:
             )
             # Journalled (fenced by the lock) before it is sent, marked once confirmed.
             await sessions.journal_piece(
-                session, entry_id, piece, self.lock, complete=last, sent=confirmed
+                session,
+                entry_id,
+                piece,
+                self.lock,
+                complete=last,
+                failed=last and not self.record_follows,
+                sent=confirmed,
             )
             await outbox.deliver(target, _as_piece(piece), budget_taken=True)
             self.index += 1
@@ -292,7 +300,7 @@ class TurnRunner:
         taking read (the lock, the journal, the session state and history)."""
         lock, journal = start.lock, start.journal
         if journal.pieces:
-            return await self._replay(entry, lock, journal.pieces, journal.complete)
+            return await self._replay(entry, lock, journal)
         notice = _ThinkingNotice(
             lambda: self._turn_notice(entry, lock, self.catalogue("thinking"), "thinking"),
             self.settings.thinking_notice_s,
@@ -318,18 +326,16 @@ class TurnRunner:
             raise LockLost(f"the session lock was taken over: no {label} notice")
         await self.notice(entry.message.target, entry.entry_id, text, label)
 
-    async def _replay(
-        self, entry: Entry, lock: str, pieces: list[JournalPiece], complete: bool
-    ) -> Outcome:
-        target = entry.message.target
+    async def _replay(self, entry: Entry, lock: str, journal: Journal) -> Outcome:
+        target, pieces = entry.message.target, journal.pieces
         log.info(
             "turn_replayed",
             pieces=len(pieces),
             unsent=sum(not p.sent for p in pieces),
-            complete=complete,
+            complete=journal.complete,
         )
         cut_off_id = message_id(entry.entry_id, "cut_off")
-        if not complete:
+        if not journal.complete:
             # The notice is journalled too, fenced by the lock like any piece: a turn that
             # lost its session (a stall) must not add it after the new holder went on, and
             # a later replay resends it under the same message_id instead of adding one.
@@ -358,7 +364,9 @@ class TurnRunner:
                     target, Piece(piece.text, piece.message_id, mention=piece.mention, kind=kind)
                 )
                 await self.sessions.journal_sent(entry.entry_id, piece.index)
-        if not await self.sessions.recorded(entry.entry_id):  # recorded, then not acked
+        # A failed turn is not recorded (its last piece is the failure's notice, not answer
+        # text), replayed or not.
+        if not journal.failed and not await self.sessions.recorded(entry.entry_id):
             answer = "".join(p.text for p in pieces if p.message_id != cut_off_id)
             await complete_shielded(self._record(entry, lock, answer))
         return Outcome.REPLAYED

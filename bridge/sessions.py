@@ -320,10 +320,12 @@ class JournalPiece:
 
 @dataclass(frozen=True, slots=True)
 class Journal:
-    """The pieces journalled for an entry, and whether the answer was complete."""
+    """The pieces journalled for an entry, whether the answer was complete, and whether the
+    turn failed (its last piece is the upstream failure's notice: nothing to record)."""
 
     pieces: list[JournalPiece]
     complete: bool
+    failed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +360,11 @@ def _state(raw: Mapping[str, str]) -> SessionState:
     )
 
 
+def _ended(failed: bool) -> list[str]:
+    """The journal fields of an answer's end."""
+    return ["complete", "1", "failed", "1"] if failed else ["complete", "1"]
+
+
 def _journal(raw: Mapping[str, str]) -> Journal:
     pieces = []
     for name, value in raw.items():
@@ -370,7 +377,7 @@ def _journal(raw: Mapping[str, str]) -> Journal:
                 )
             )
     pieces.sort(key=lambda piece: piece.index)
-    return Journal(pieces, complete=raw.get("complete") == "1")
+    return Journal(pieces, complete=raw.get("complete") == "1", failed=raw.get("failed") == "1")
 
 
 class Sessions:
@@ -690,22 +697,31 @@ class Sessions:
         lock_value: str,
         *,
         complete: bool = False,
+        failed: bool = False,
         sent: int | None = None,
     ) -> None:
         """Journal a piece before it is sent; raise `LockLost` if this turn no longer holds
         its session (then the piece must not be sent: a newer holder owns the answer).
+        `failed` (with `complete`): the turn failed, this piece is its notice.
         `sent`: a piece confirmed since, marked in the same round trip."""
         data = {"text": piece.text, "message_id": piece.message_id, "mention": piece.mention}
         fields = [f"p:{piece.index}", json.dumps(data, ensure_ascii=False)]
         if complete:
-            fields += ["complete", "1"]
+            fields += _ended(failed)
         await self._journal_fields(chat_session_id, entry_id, lock_value, fields, sent)
 
     async def journal_complete(
-        self, chat_session_id: str, entry_id: str, lock_value: str, *, sent: int | None = None
+        self,
+        chat_session_id: str,
+        entry_id: str,
+        lock_value: str,
+        *,
+        failed: bool = False,
+        sent: int | None = None,
     ) -> None:
-        """Every piece of the answer is journalled (and `sent` confirmed)."""
-        await self._journal_fields(chat_session_id, entry_id, lock_value, ["complete", "1"], sent)
+        """Every piece of the answer is journalled (and `sent` confirmed); `failed`: the
+        turn failed, its last piece is its notice."""
+        await self._journal_fields(chat_session_id, entry_id, lock_value, _ended(failed), sent)
 
     async def _journal_fields(
         self,

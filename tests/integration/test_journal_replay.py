@@ -130,3 +130,28 @@ async def test_an_answer_sent_whole_before_the_process_died_gets_no_cut_off_noti
 
     assert yach.texts() == shown and EN["cut_off"] not in shown
     assert len(upstream.bodies) == 1
+
+
+async def test_a_failed_turn_replayed_is_not_recorded_as_an_answer(
+    bridge: RunningBridge, redis_client: aioredis.Redis, bot_id: str, yach: FakeYach,
+    upstream: FakeOpenAI,
+) -> None:  # fmt: skip
+    """The upstream failed: its one notice is the turn's last piece, and the turn is not
+    recorded. Redelivered (no ack came), the replay sends nothing more and records nothing
+    either: the notice did not become the session's history (asked again next turn as if the
+    AI had said it), nor the failure a counted turn."""
+    keys = Keys(bot_id)
+    upstream.statuses = [503] * 5  # more than the retries
+    runner, sessions = _parts(bridge)
+    entry = await _entry(redis_client, keys)
+    first = await sessions.start(SESSION, entry.entry_id, with_history=False)
+    assert await runner.run(entry, first) is Outcome.FAILED
+    await sessions.release(SESSION, first.lock)
+
+    again = await sessions.start(SESSION, entry.entry_id, with_history=False)
+    assert again.journal.complete and again.journal.failed
+    assert await runner.run(entry, again) is Outcome.REPLAYED
+
+    assert yach.texts() == [EN["upstream_unavailable"]]
+    assert await redis_client.hget(keys.session(SESSION), "turns") is None
+    assert await redis_client.llen(keys.history(SESSION)) == 0
