@@ -266,10 +266,14 @@ class Inbox:
         while self._flushes:
             await asyncio.wait(set(self._flushes))
 
-    async def load_put_script(self) -> None:
-        """Load the put script ahead of the first webhook: a new script (a deploy, a Redis
-        restarted empty) otherwise costs the first put a NOSCRIPT round trip and a retry."""
-        await self.redis.script_load(_PUT)
+    async def load_scripts(self, *more: str) -> None:
+        """Load the put and ack scripts (and `more`) ahead of the first webhook, in one round
+        trip: a new script (a deploy, a Redis restarted empty) otherwise costs its first call
+        a NOSCRIPT, a SCRIPT LOAD and a retry, on the path of that turn's answer."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for script in (_PUT, _ACK, *more):
+                pipe.script_load(script)
+            await pipe.execute()
 
     async def ensure_group(self) -> None:
         try:

@@ -33,6 +33,7 @@ from bridge.store import HotPath, Keys, as_text, ride_out
 
 __all__ = [
     "START_TURN",
+    "TURN_SCRIPTS",
     "EntryGone",
     "Journal",
     "JournalPiece",
@@ -207,6 +208,9 @@ end
 """
 
 _START = START_TURN + "return start_turn(KEYS, ARGV)\n"
+# The scripts every turn runs (a start read or claimed later, its journal writes, the lock's
+# renewal before a notice, the record): loaded when the process starts (`Inbox.load_scripts`).
+TURN_SCRIPTS = (_START, _JOURNAL, _RENEW, _SAVE)
 
 # KEYS: lock, fence, session, history, stop, the command's journal, inbox. ARGV: journal ttl
 # s, the command's entry id.

@@ -36,7 +36,7 @@ from bridge.interfaces import SendError
 from bridge.messages import Catalogue
 from bridge.metrics import Metrics
 from bridge.relay import TurnRunner
-from bridge.sessions import EntryGone, LockLost, Sessions, Start
+from bridge.sessions import TURN_SCRIPTS, EntryGone, LockLost, Sessions, Start
 from bridge.store import Keys, as_text, redis_failure
 from bridge.tasks import cancel_and_wait, cancel_requested
 
@@ -215,7 +215,7 @@ class Worker:
     # Loops
 
     async def _read_loop(self) -> None:
-        await self.inbox.load_put_script()
+        await self.inbox.load_scripts(*TURN_SCRIPTS)
         self._went_well("_read_loop")
         block_ms: int | None = None  # the first read answers at once: /readyz waits for it
         while not self.draining:

@@ -1,9 +1,9 @@
-"""What a finished turn writes to Redis, read off the server's MONITOR: its one piece is
-journalled before it is sent; the turn's record then marks the journal complete and the
-piece sent in the same round trip; the ack drops the journal. No read of the session
-before the record, no separate journal write after the last piece, and no `wake` when
-nothing waits for the session (SPEC §6: every step of delivery costs a round trip on the
-path of every answer)."""
+"""What a process's first finished turn writes to Redis, read off the server's MONITOR: its
+one piece is journalled before it is sent; the turn's record then marks the journal complete
+and the piece sent in the same round trip; the ack drops the journal. No read of the session
+before the record, no separate journal write after the last piece, no `wake` when nothing
+waits for the session, and no script loaded on the way (they are loaded at start). Every
+step of delivery (SPEC §6) costs a round trip on the path of every answer."""
 
 from __future__ import annotations
 
@@ -43,14 +43,14 @@ async def test_a_finished_turn_journals_records_and_acknowledges_in_three_writes
     env = bridge_env(redis_url, bot_id, yach, **openai_env(upstream.base_url), **APP)
     seen: list[str] = []
     async with running_bridge(env) as bridge:
-        # A first turn loads the scripts (a process's first use of each costs a SCRIPT LOAD).
-        assert (await bridge.post(group_message("warm up", group="g0")))[0] == 200
-        await wait_until(lambda: len(yach.shown) == 1)
+        worker = bridge.bridge.worker
+        assert worker is not None
+        await wait_until(lambda: worker.healthy)  # started: its scripts loaded
         listening = asyncio.Event()
         watching = asyncio.create_task(_watch(redis_client, seen, listening))
         await asyncio.wait_for(listening.wait(), 5)
         assert (await bridge.post(group_message("hello")))[0] == 200
-        await wait_until(lambda: len(yach.shown) == 2)
+        await wait_until(lambda: len(yach.shown) == 1)
         await wait_until(lambda: any(keys.dead in command for command in seen))  # the ack
         await asyncio.sleep(0.3)  # time for a wake, were one published
         watching.cancel()
@@ -67,3 +67,5 @@ async def test_a_finished_turn_journals_records_and_acknowledges_in_three_writes
     session = keys.session("yach:g:g1:u:u1")
     assert not [c for c in seen if c.startswith("HGETALL") and session in c]
     assert not [c for c in seen if c.startswith("PUBLISH")]
+    # The process's first turn: its scripts were loaded at start, none is loaded now.
+    assert not [c for c in seen if c.startswith("SCRIPT")]
