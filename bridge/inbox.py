@@ -31,7 +31,16 @@ from bridge.interfaces import InboundMessage
 from bridge.sessions import START_TURN
 from bridge.store import GROUP, InOrder, Keys, as_text
 
-__all__ = ["Accepted", "Acked", "Duplicate", "Entry", "EntryKind", "Inbox", "TakeOnPut"]
+__all__ = [
+    "INBOX_SCRIPTS",
+    "Accepted",
+    "Acked",
+    "Duplicate",
+    "Entry",
+    "EntryKind",
+    "Inbox",
+    "TakeOnPut",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -161,6 +170,9 @@ end
 return lost
 """
 
+# The scripts of every message (its store, its acknowledgement): loaded at start.
+INBOX_SCRIPTS = (_PUT, _ACK)
+
 # Messages per put script: a larger burst is stored by several calls, one after the other, so
 # that no one script holds Redis for long.
 _MAX_PUT_BATCH = 256
@@ -265,15 +277,6 @@ class Inbox:
         then on, with no room given, no put takes anything (a drain lists what it holds)."""
         while self._flushes:
             await asyncio.wait(set(self._flushes))
-
-    async def load_scripts(self, *more: str) -> None:
-        """Load the put and ack scripts (and `more`) ahead of the first webhook, in one round
-        trip: a new script (a deploy, a Redis restarted empty) otherwise costs its first call
-        a NOSCRIPT, a SCRIPT LOAD and a retry, on the path of that turn's answer."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for script in (_PUT, _ACK, *more):
-                pipe.script_load(script)
-            await pipe.execute()
 
     async def ensure_group(self) -> None:
         try:

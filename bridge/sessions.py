@@ -209,7 +209,7 @@ end
 
 _START = START_TURN + "return start_turn(KEYS, ARGV)\n"
 # The scripts every turn runs (a start read or claimed later, its journal writes, the lock's
-# renewal before a notice, the record): loaded when the process starts (`Inbox.load_scripts`).
+# renewal before a notice, the record): loaded when the process starts (`store.load_scripts`).
 TURN_SCRIPTS = (_START, _JOURNAL, _RENEW, _SAVE)
 
 # KEYS: lock, fence, session, history, stop, the command's journal, inbox. ARGV: journal ttl

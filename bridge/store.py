@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TextIO, TypeVar
@@ -42,6 +42,7 @@ __all__ = [
     "as_text",
     "check_server",
     "connect",
+    "load_scripts",
     "redis_failure",
     "ride_out",
 ]
@@ -179,6 +180,16 @@ class MemoryKeyValue:
 
     async def set(self, name: str, value: str) -> None:
         self.values[name] = value
+
+
+async def load_scripts(redis: aioredis.Redis, scripts: Iterable[str]) -> None:
+    """Load scripts ahead of their first call, in one round trip: a new script (a deploy, a
+    Redis restarted empty) otherwise costs its first call a NOSCRIPT, a SCRIPT LOAD and a
+    retry, on the path of that call's answer."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for script in scripts:
+            pipe.script_load(script)
+        await pipe.execute()
 
 
 def connect(url: str, *, max_connections: int) -> aioredis.Redis:

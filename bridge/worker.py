@@ -30,14 +30,14 @@ from redis.exceptions import RedisError
 
 from bridge.commands import Commands, wake_message
 from bridge.config import Settings
-from bridge.inbox import Acked, Entry, EntryKind, Inbox, TakeOnPut
+from bridge.inbox import INBOX_SCRIPTS, Acked, Entry, EntryKind, Inbox, TakeOnPut
 from bridge.intake import judge
 from bridge.interfaces import SendError
 from bridge.messages import Catalogue
 from bridge.metrics import Metrics
 from bridge.relay import TurnRunner
 from bridge.sessions import TURN_SCRIPTS, EntryGone, LockLost, Sessions, Start
-from bridge.store import Keys, as_text, redis_failure
+from bridge.store import Keys, as_text, load_scripts, redis_failure
 from bridge.tasks import cancel_and_wait, cancel_requested
 
 __all__ = ["Worker"]
@@ -215,7 +215,7 @@ class Worker:
     # Loops
 
     async def _read_loop(self) -> None:
-        await self.inbox.load_scripts(*TURN_SCRIPTS)
+        await load_scripts(self.redis, (*INBOX_SCRIPTS, *TURN_SCRIPTS))
         self._went_well("_read_loop")
         block_ms: int | None = None  # the first read answers at once: /readyz waits for it
         while not self.draining:

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import asyncio
 
+import redis.asyncio as aioredis
+
 from bridge.app import STATE
 from bridge.messages import MESSAGES
+from bridge.store import Keys
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.yach import FakeYach
 from tests.harness import bridge_env, group_message, openai_env, running_bridge, wait_until
 
 
 async def test_a_turn_cancelled_once_its_answer_went_out_is_still_recorded(
-    redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI
+    redis_url: str,
+    bot_id: str,
+    redis_client: aioredis.Redis,
+    yach: FakeYach,
+    upstream: FakeOpenAI,
 ) -> None:
     upstream.first_byte_delay_s = 0.3  # time to find the turn's tasks before it answers
     env = bridge_env(redis_url, bot_id, yach, **openai_env(upstream.base_url))  # robot URL
@@ -35,8 +42,14 @@ async def test_a_turn_cancelled_once_its_answer_went_out_is_still_recorded(
         sender.add_done_callback(lambda _: turn.cancel())
 
         await wait_until(lambda: bool(yach.shown))
-        await asyncio.sleep(2.5)  # BRIDGE_CLAIM_IDLE_S (2 s): the entry is claimed again
-        await wait_until(lambda: worker.inbox is not None and not worker.held, timeout=10)
+        # Claimed again past BRIDGE_CLAIM_IDLE_S (2 s), replayed, acknowledged.
+        inbox = Keys(bot_id).inbox
+        for _ in range(500):
+            if not await redis_client.xlen(inbox):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the cancelled turn's entry was never acknowledged")
     texts = yach.texts()
     assert len(texts) == 1 and "hello" in texts[0], texts
     assert MESSAGES["zh"]["cut_off"] not in "".join(texts)

@@ -16,6 +16,7 @@ from bridge.inbox import Accepted, EntryKind, Inbox
 from bridge.interfaces import InboundMessage, Sender
 from bridge.messages import MESSAGES
 from bridge.store import GROUP, Keys
+from bridge.worker import Worker
 from tests.fakes.yach import FakeYach
 from tests.harness import bridge_env, group_message, openai_env, running_bridge, wait_until
 from tests.procs import PacedOpenAI
@@ -35,6 +36,24 @@ def _env(redis_url: str, bot_id: str, yach: FakeYach, upstream: PacedOpenAI,
 async def _only_entry(redis: aioredis.Redis, keys: Keys) -> str:
     [(entry_id, _)] = await redis.xrange(keys.inbox)
     return str(entry_id.decode())
+
+
+@contextlib.asynccontextmanager
+async def _turn_running(
+    redis_url: str, bot_id: str, yach: FakeYach, redis: aioredis.Redis, pace_s: float, text: str
+) -> AsyncIterator[tuple[Worker, str]]:
+    """A bridge whose worker runs the turn of `text`, its upstream answering after `pace_s`;
+    the worker and the turn's entry id."""
+    upstream = await PacedOpenAI(pace=lambda _q: pace_s).start()
+    try:
+        async with running_bridge(_env(redis_url, bot_id, yach, upstream)) as bridge:
+            worker = bridge.bridge.worker
+            assert worker is not None
+            assert (await bridge.post(group_message(text)))[0] == 200
+            await wait_until(lambda: len(upstream.started) == 1)
+            yield worker, await _only_entry(redis, Keys(bot_id))
+    finally:
+        await upstream.close()
 
 
 @contextlib.asynccontextmanager
@@ -86,26 +105,20 @@ async def test_a_turn_whose_entry_another_worker_claimed_is_given_up_unsent(
 ) -> None:
     """This worker stalled past BRIDGE_CLAIM_IDLE_S and another took its entry over: it
     stops the turn at once — no answer from it, no acknowledgement of the other's entry."""
-    upstream = await PacedOpenAI(pace=lambda _q: 1.5).start()
     keys = Keys(bot_id)
-    try:
-        async with running_bridge(_env(redis_url, bot_id, yach, upstream)) as bridge:
-            worker = bridge.bridge.worker
-            assert worker is not None
-            assert (await bridge.post(group_message("who answers?")))[0] == 200
-            await wait_until(lambda: len(upstream.started) == 1)
-            entry_id = await _only_entry(redis_client, keys)
-            other = Inbox(redis_client, keys, "other")
-            assert [e.entry_id for e in await other.claim(min_idle_ms=0, count=10)] == [entry_id]
-            async with _kept_alive(other, entry_id):
-                await wait_until(lambda: not worker.held)
-                assert yach.shown == []
-                rows = await redis_client.xpending_range(keys.inbox, GROUP, "-", "+", 10)
-                assert [(r["message_id"].decode(), r["consumer"].decode()) for r in rows] == [
-                    (entry_id, "other")
-                ]
-    finally:
-        await upstream.close()
+    async with _turn_running(redis_url, bot_id, yach, redis_client, 1.5, "who answers?") as (
+        worker,
+        entry_id,
+    ):
+        other = Inbox(redis_client, keys, "other")
+        assert [e.entry_id for e in await other.claim(min_idle_ms=0, count=10)] == [entry_id]
+        async with _kept_alive(other, entry_id):
+            await wait_until(lambda: not worker.held)
+            assert yach.shown == []
+            rows = await redis_client.xpending_range(keys.inbox, GROUP, "-", "+", 10)
+            assert [(r["message_id"].decode(), r["consumer"].decode()) for r in rows] == [
+                (entry_id, "other")
+            ]
 
 
 async def test_a_stop_whose_message_was_missed_is_found_in_its_key(
@@ -113,22 +126,16 @@ async def test_a_stop_whose_message_was_missed_is_found_in_its_key(
 ) -> None:
     """`/stop` was read by another process, which recorded it; its Pub/Sub message never
     reached this one. The running turn stops all the same, and is acknowledged."""
-    upstream = await PacedOpenAI(pace=lambda _q: 30.0).start()
     keys = Keys(bot_id)
-    try:
-        async with running_bridge(_env(redis_url, bot_id, yach, upstream)) as bridge:
-            worker = bridge.bridge.worker
-            assert worker is not None
-            assert (await bridge.post(group_message("a long one")))[0] == 200
-            await wait_until(lambda: len(upstream.started) == 1)
-            entry_id = await _only_entry(redis_client, keys)
-            await redis_client.set(keys.stop(SESSION), entry_id)  # no PUBLISH
+    async with _turn_running(redis_url, bot_id, yach, redis_client, 30.0, "a long one") as (
+        worker,
+        entry_id,
+    ):
+        await redis_client.set(keys.stop(SESSION), entry_id)  # no PUBLISH
 
-            await wait_until(lambda: not worker.held)
-            assert await redis_client.xlen(keys.inbox) == 0
-            assert not await redis_client.exists(keys.stop(SESSION), keys.lock(SESSION))
-    finally:
-        await upstream.close()
+        await wait_until(lambda: not worker.held)
+        assert await redis_client.xlen(keys.inbox) == 0
+        assert not await redis_client.exists(keys.stop(SESSION), keys.lock(SESSION))
     assert yach.shown == []
 
 
