@@ -1,5 +1,5 @@
 """`python -m bridge` is the `chatbridge` command."""
 
-from bridge.cli import main
+from bridge.launch import main
 
 raise SystemExit(main())
