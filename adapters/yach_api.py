@@ -19,7 +19,7 @@ from urllib.parse import quote, unquote
 
 import aiohttp
 
-from bridge.http import parse_retry_after
+from bridge.http import UpstreamProtocolError, parse_retry_after, read_text
 from bridge.logging import clip, register_issued_secret
 
 __all__ = ["YachAPI", "YachAPIError", "robot_sign", "signed_robot_url", "verify_sign"]
@@ -190,10 +190,12 @@ class YachAPI:
         url = path_or_url if "://" in path_or_url else self.api_base + path_or_url
         try:
             async with self.session.request(method, url, timeout=self._timeout, **kwargs) as resp:
-                text = await resp.text(errors="replace")
                 status, headers = resp.status, resp.headers
+                text = await read_text(resp)  # at most 1 MiB: Yach's answers are a few bytes
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise YachAPIError(f"cannot reach Yach: {type(exc).__name__}") from exc
+        except UpstreamProtocolError as exc:
+            raise YachAPIError(f"HTTP {status}: {exc}") from exc
         try:
             payload = json.loads(text) if text else {}
         except json.JSONDecodeError:

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from adapters.yach_api import YachAPI
+from adapters.yach_api import YachAPI, YachAPIError
 from tests.fakes.base import FakeServer
 from tests.fakes.yach import APP_KEY, APP_SECRET, FakeYach
 
@@ -151,3 +151,36 @@ async def test_an_http_401_is_an_invalid_token_answer(
         assert [request.query["access_token"] for request in sends] == ["t1", "t2"]
     finally:
         await server.close()
+
+
+async def test_an_answer_that_does_not_end_is_refused_after_a_mebibyte(
+    session: aiohttp.ClientSession,
+) -> None:
+    """An answer of the open API was read whole, however long: a proxy's error page that
+    never ends (here 64 MiB on offer) went into memory. It is refused once over 1 MiB, as an
+    answer of the API (a YachAPIError: sends retry, the token fetch fails), not read on."""
+    server = FakeServer(web.Application())
+    written = 0
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        nonlocal written
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        chunk = b" " * 65536
+        try:
+            for _ in range(1024):
+                await response.write(chunk)
+                written += len(chunk)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass
+        return response
+
+    server.app.router.add_get("/gettoken", endless)
+    await server.start()
+    try:
+        client = YachAPI(session, server.url, APP_KEY, APP_SECRET)
+        with pytest.raises(YachAPIError, match="over 1048576 bytes"):
+            await client.access_token()
+    finally:
+        await server.close()
+    assert written < 16 * 1048576, written  # the rest was never asked for
