@@ -133,22 +133,27 @@ return {ids, taken}
 # An entry another consumer claimed (this one's process stalled, or lost Redis, past
 # BRIDGE_CLAIM_IDLE_S) is left to it: 0. Acknowledged here under its replay, the entry was
 # given up there before its turn was recorded, and its session lock kept until it expired.
+# An entry no longer pending at all was acknowledged already, by that other consumer (or by
+# this call's earlier try, whose answer was lost): 3, and nothing but our lock is touched.
 # Acknowledged: 2 if entries still wait in the session's queue, else 1.
 _ACK = """
 local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)[1]
 if row and row[2] ~= ARGV[4] then return 0 end
-if #ARGV > 4 then
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', 10000, '*',
-             'm', ARGV[5], 'entry', ARGV[2], 'reason', ARGV[6])
+if row then
+  if #ARGV > 4 then
+    redis.call('XADD', KEYS[6], 'MAXLEN', '~', 10000, '*',
+               'm', ARGV[5], 'entry', ARGV[2], 'reason', ARGV[6])
+  end
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  redis.call('LREM', KEYS[2], 1, ARGV[2])
+  redis.call('DEL', KEYS[3])
 end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-redis.call('LREM', KEYS[2], 1, ARGV[2])
-redis.call('DEL', KEYS[3])
 if ARGV[3] ~= '' and redis.call('GET', KEYS[4]) == ARGV[3] then
   redis.call('DEL', KEYS[4])
   redis.call('INCR', KEYS[5])
 end
+if not row then return 3 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
 return 1
 """
@@ -195,6 +200,7 @@ class Acked(enum.IntEnum):
     NOT_OURS = 0  # another consumer claimed the entry meanwhile: left to that one
     QUEUE_EMPTY = 1  # acknowledged; no entry waits for its session
     OTHERS_WAIT = 2  # acknowledged; entries wait for its session (wake them)
+    ALREADY = 3  # acknowledged before: by the consumer that claimed it, or by a lost try
 
 
 class EntryKind(enum.StrEnum):
@@ -502,7 +508,8 @@ class Inbox:
 
     async def ack(self, entry: Entry, lock_token: str = "") -> Acked:
         """Done with an entry: acknowledge it, drop it from its queue, journal and lock.
-        `NOT_OURS` if another consumer claimed it meanwhile: it is left to that one."""
+        `NOT_OURS` if another consumer claimed it meanwhile: it is left to that one;
+        `ALREADY` if it was acknowledged before (our lock, if still held, is released)."""
         return await self._ack(entry, [GROUP, entry.entry_id, lock_token, self.consumer])
 
     async def dead_letter(self, entry: Entry, reason: str, lock_token: str = "") -> Acked:

@@ -557,11 +557,13 @@ class Worker:
     async def _ack(self, held: _Held, *, dead_reason: str = "") -> bool:
         """Acknowledge (releasing the session lock), retrying through a short Redis outage:
         an answer that was delivered should not be replayed for want of one XACK. False if
-        another worker claimed the entry meanwhile (it is left to that one)."""
+        another worker claimed the entry meanwhile, or has acknowledged it already: it is
+        that worker's (its turn is the one counted)."""
         entry = held.entry
         held.phase = _Phase.FINISHING  # from here on, nothing may interrupt it
         delay = _MIN_BACKOFF_S
         deadline = time.monotonic() + _ACK_PATIENCE_S
+        retried = False
         while True:
             try:
                 if dead_reason:
@@ -574,15 +576,22 @@ class Worker:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-        if acked is Acked.NOT_OURS:  # this process stalled or lost Redis: another worker has it
+                retried = True
+        if acked is Acked.ALREADY and retried:
+            # Most likely our own earlier try, whose answer was lost: acknowledged here.
+            # Whether entries wait for the session is unknown: they are woken.
+            acked = Acked.OTHERS_WAIT
+        if acked is Acked.NOT_OURS or acked is Acked.ALREADY:
+            # This process stalled or lost Redis: another worker has the entry, or is done.
             held.lost = True
             log.warning(
                 "entry_lost",
                 entry=entry.entry_id,
-                reason="claimed by another worker",
+                reason=("claimed by another worker" if acked is Acked.NOT_OURS
+                        else "acknowledged by another worker"),
                 phase=held.phase.value,
                 outcome="left to it, not acknowledged here",
-            )
+            )  # fmt: skip
             return False
         held.acked = True
         if acked is Acked.OTHERS_WAIT:  # (a wake for nobody would reach every process)

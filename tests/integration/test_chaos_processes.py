@@ -421,3 +421,63 @@ async def test_a_process_cut_from_redis_after_its_last_send_leaves_the_turn_to_t
         "You said: q1. (history: 2 messages)",  # q0 recorded, once
     ]
     assert upstream.started == ["q0", "q1"]
+
+
+async def test_a_process_cut_from_redis_after_its_last_send_counts_no_turn_the_other_finished(
+    bot_id: str, yach: FakeYach, spawn: Spawner, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """As above, but B's replay ends first: B resends the unconfirmed piece (shown once by
+    the app API), records the turn and acknowledges it. Then A learns its send went and
+    gets Redis back: its record is refused (the lock is gone), and its ack finds the entry
+    no longer pending. That ack used to succeed as if the entry were A's: A logged
+    `turn_done` and counted the turn in `turns_total` — one message counted by both
+    processes (B as `replayed`, A as `completed`). It is B's turn alone now."""
+    server = RedisServer(tmp_path / "redis").start()
+    proxy = await RedisProxy(server.socket).start()
+    client = aioredis.Redis(unix_socket_path=str(server.socket))
+    upstream = await PacedOpenAI().start()
+    keys = Keys(bot_id)
+    env = _env(server.url, bot_id, yach, upstream.base_url,
+               **{**_app_api(upstream.base_url), "BRIDGE_REPLY_MODE": "final"})  # fmt: skip
+    try:
+        a, b = spawn({**env, "BRIDGE_REDIS_URL": proxy.url}, "a"), spawn(env, "b")
+        await asyncio.gather(a.start(), b.start())
+        yach.hold_next()
+        assert await post_webhook(http, a.url, group_message("q0", msg_id="q0")) == 200
+        await wait_for(lambda: len(yach.held) == 1, 10, "A's answer sent, the 200 held")
+        assert _runner_of([a, b], "q0") is a
+        proxy.partition()
+        await wait_for(lambda: bool(b.events("turn_done")), 4 * CLAIM_IDLE_S + 5,
+                       "B replayed the turn")  # fmt: skip
+        await wait_acknowledged(client, keys.inbox)
+        yach.held[0].set()  # A learns the piece was sent, riding its outage out
+        proxy.heal()
+        await wait_for(lambda: bool(a.events("turn_done") or a.events("entry_lost")),
+                       15, "A went on")  # fmt: skip
+        counted = {name: await _turns_counted(http, bridge) for name, bridge in (("a", a),
+                                                                                  ("b", b))}
+    finally:
+        await upstream.close()
+        await proxy.close()
+        await client.aclose()
+        server.close()
+    assert [e["outcome"] for e in b.events("turn_done")] == ["replayed"]
+    assert not a.events("turn_done"), a.events("turn_done")
+    [lost] = a.events("entry_lost")
+    assert lost["reason"] == "acknowledged by another worker", lost
+    assert counted == {"a": {}, "b": {"replayed": 1.0}}, counted
+    assert yach.texts() == ["You said: q0. (history: 0 messages)"]
+    assert upstream.started == ["q0"]
+
+
+async def _turns_counted(http: aiohttp.ClientSession, bridge: BridgeProcess) -> dict[str, float]:
+    """`turns_total` of one process by outcome, the outcomes it counted any of."""
+    async with http.get(f"{bridge.url}/metrics") as response:
+        text = await response.text()
+    counted = {}
+    for line in text.splitlines():
+        if line.startswith("chatbridge_turns_total{"):
+            outcome = line.partition('outcome="')[2].partition('"')[0]
+            if float(line.rpartition(" ")[2]):
+                counted[outcome] = float(line.rpartition(" ")[2])
+    return counted

@@ -81,6 +81,30 @@ async def test_an_ack_says_whether_entries_still_wait_for_the_session(
     assert await inbox.ack(second, lock) is Acked.QUEUE_EMPTY
 
 
+async def test_an_ack_of_an_entry_acknowledged_elsewhere_says_so_and_touches_only_its_lock(
+    redis_client: aioredis.Redis, keys: Keys, sessions: Sessions
+) -> None:
+    """A stalled process acknowledging an entry that the worker which took it over has
+    already answered and acknowledged: the ack said QUEUE_EMPTY, so the stalled process
+    counted the turn as its own (`turns_total` twice for one message) and, dead-lettering,
+    would add a second dead letter. It says ALREADY and changes nothing but its own lock,
+    which it still releases."""
+    stalled = await consumer(redis_client, keys, "a")
+    first, second = await stored(stalled, "m1", "m2")
+    lock = (await sessions.start(SESSION, first.entry_id, with_history=False)).lock
+    taker = await consumer(redis_client, keys, "b")
+    await redis_client.xclaim(keys.inbox, GROUP, "b", 0, [first.entry_id])
+    assert await taker.ack(first) is Acked.OTHERS_WAIT  # (its own lock: none, here)
+
+    assert await stalled.ack(first, lock) is Acked.ALREADY
+    assert await stalled.dead_letter(first, "3 attempts") is Acked.ALREADY
+
+    assert not await redis_client.exists(keys.lock(SESSION))  # ours, released
+    assert await redis_client.xlen(keys.dead) == 0
+    assert await redis_client.lrange(keys.queue(SESSION), 0, -1) == [second.entry_id.encode()]
+    assert await owner(redis_client, keys, second.entry_id) == "a"
+
+
 async def test_an_ack_leaves_a_lock_that_another_turn_holds_now(
     redis_client: aioredis.Redis, keys: Keys, sessions: Sessions
 ) -> None:
