@@ -9,12 +9,13 @@ text and conversation references of one turn, and a URL where nothing listens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import random
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, Self, TypedDict, Unpack
 
 from aiohttp import web
@@ -255,3 +256,24 @@ def free_port() -> int:
 def refused_url() -> str:
     """A loopback URL where nothing listens."""
     return f"http://127.0.0.1:{free_port()}"
+
+
+@contextlib.contextmanager
+def unanswered_url() -> Iterator[str]:
+    """A loopback URL where connecting never completes, as to a host that drops packets:
+    a listener that accepts nothing, its accept queue filled, so that the kernel drops
+    every further SYN and the client waits for its connect timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(2)]
+        try:
+            for filler in fillers:
+                filler.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(("127.0.0.1", port))
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            for filler in fillers:
+                filler.close()

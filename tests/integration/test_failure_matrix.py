@@ -48,6 +48,7 @@ from tests.fakes.scripted import (
     sse_payloads,
     sse_reply,
     status,
+    unanswered_url,
 )
 from tests.fakes.yach import FakeYach
 from tests.harness import RunningBridge, bridge_env, group_message, running_bridge
@@ -94,7 +95,8 @@ class Case:
     empty: bytes  # a stream that ends well without answer text
     bad_json: bytes = _DATA_BAD_JSON  # one message of its framing whose JSON is torn
     auth_tries: int = 1  # 2 where refused credentials are fetched again once
-    refused: Callable[[Any], dict[str, str]] = lambda fake: fake.env(url=refused_url())
+    # Its settings with the upstream at `url` (where nothing answers).
+    unreachable: Callable[[Any, str], dict[str, str]] = lambda fake, url: fake.env(url=url)
     read_with: str = "POST"  # how the stream is read (from `path`, answered by `fake.script`)
 
     def asked(self, fake: Any) -> int:
@@ -176,9 +178,9 @@ CASES = {
         empty=sse_payloads([yach_agent.frame("markdown", "", finished=True, reason="stop")]),
         auth_tries=2,  # the token is fetched again once
         read_with="GET",
-        # Its base is the Yach platform the replies go to as well: the stream read is refused.
-        refused=lambda fake: fake.env(
-            BRIDGE_YACH_AGENT_STREAM_URL=refused_url() + "/s?stream_id={stream_id}"),
+        # Its base is the Yach platform the replies go to as well: the stream read fails.
+        unreachable=lambda fake, url: fake.env(
+            BRIDGE_YACH_AGENT_STREAM_URL=url + "/s?stream_id={stream_id}"),
     ),
     "chatgpt-web": Case(
         chatgpt_web.FakeChatGPT, chatgpt_web.CONVERSATION, lambda fake: fake.script,
@@ -395,14 +397,21 @@ async def test_failing_before_the_first_byte_shows_one_notice(
     assert_logged_well(bridge, fake, kind)
 
 
-async def test_connection_refused_shows_one_notice(
+@pytest.mark.parametrize("how", ["refused", "connect-timeout"])
+async def test_an_upstream_not_reached_shows_one_notice(
     case: Case, fake: Any, yach: FakeYach, redis_url: str, bot_id: str,
-    log_output: io.StringIO, redis_client: object,
+    log_output: io.StringIO, redis_client: object, how: str,
 ) -> None:
-    async with chat(fake, yach, redis_url, bot_id, log_output, case.refused(fake),
-                    BRIDGE_UPSTREAM_RETRIES="1") as bridge:
-        assert await bridge.ask() == [ZH["upstream_unavailable"]]
-        await assert_told(bridge, case_name(case), "unavailable")
+    """Nothing listens (the connection is refused at once), or the host drops the packets:
+    the connect times out (BRIDGE_UPSTREAM_CONNECT_TIMEOUT_S), is retried, and ends as
+    unreachable, not as a hang until the turn's total timeout."""
+    with contextlib.ExitStack() as stack:
+        url = refused_url() if how == "refused" else stack.enter_context(unanswered_url())
+        async with chat(fake, yach, redis_url, bot_id, log_output, case.unreachable(fake, url),
+                        BRIDGE_UPSTREAM_RETRIES="1",
+                        BRIDGE_UPSTREAM_CONNECT_TIMEOUT_S="0.3") as bridge:  # fmt: skip
+            assert await bridge.ask() == [ZH["upstream_unavailable"]]
+            await assert_told(bridge, case_name(case), "unavailable")
     assert_logged_well(bridge, fake, "unavailable")
 
 
