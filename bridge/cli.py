@@ -412,6 +412,8 @@ async def _check_upstream(settings: Settings, *, ask: bool) -> int:
 
 _PROBE_HINTS = {
     "auth": "; the credentials were refused: check the upstream's key or token variables",
+    "not_found": "; the upstream answered 404/410: check its BASE_URL variable and the agent, "
+    "bot or model the settings name",
     "unavailable": "; check the upstream's BASE_URL variable and the network",
     "timeout": "; the upstream did not answer in time",
 }

@@ -86,6 +86,7 @@ class ErrorKind(enum.StrEnum):
 
     UNAVAILABLE = "unavailable"  # connect error, 5xx after retries
     AUTH = "auth"  # 401/403: the operator must fix credentials
+    NOT_FOUND = "not_found"  # 404/410: what the settings name is not there (URL, agent, model)
     RATE_LIMITED = "rate_limited"  # 429 after retries
     TIMEOUT = "timeout"  # idle or total timeout
     BROKEN = "broken"  # the stream ended or broke midway

@@ -38,6 +38,7 @@ __all__ = [
     "UpstreamBroken",
     "UpstreamFailure",
     "UpstreamHTTP",
+    "UpstreamNotFound",
     "UpstreamProtocolError",
     "UpstreamRateLimited",
     "UpstreamRejected",
@@ -94,6 +95,13 @@ class UpstreamRejected(UpstreamFailure):
     kind = ErrorKind.REJECTED
 
 
+class UpstreamNotFound(UpstreamRejected):
+    """404/410: the operator must fix an address or an id; rephrasing cannot help. A
+    rejection still, for adapters that read a 404 of their own (Dify's gone conversation)."""
+
+    kind = ErrorKind.NOT_FOUND
+
+
 class UpstreamProtocolError(UpstreamFailure):
     kind = ErrorKind.PROTOCOL
 
@@ -136,6 +144,8 @@ def error_for_status(status: int, body: str, headers: Mapping[str, str]) -> Upst
         return UpstreamRateLimited(detail, retry_after=retry_after, status=status)
     if status >= 500 or status == 408:
         return UpstreamUnavailable(detail, retry_after=retry_after, status=status)
+    if status in (404, 410):
+        return UpstreamNotFound(detail, status=status)
     return UpstreamRejected(detail, status=status)
 
 

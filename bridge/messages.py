@@ -36,6 +36,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "broken_before_answer": "AI 服务的回答在开始前中断了，请稍后再试。",
         "upstream_unavailable": "AI 服务暂时无法访问，请稍后再试。",
         "upstream_auth": "AI 服务认证失败，已通知管理员处理。",
+        "upstream_not_found": "AI 服务配置有误（找不到所请求的服务或智能体），已通知管理员处理。",
         "upstream_timeout": "AI 服务响应超时，请稍后再试。",
         "upstream_rate_limited": "AI 服务繁忙，请稍后再试。",
         "upstream_rejected": "AI 服务无法处理这个问题，请换个问法再试。",
@@ -80,6 +81,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "try again later.",
         "upstream_unavailable": "The AI service is unreachable right now; please try again later.",
         "upstream_auth": "The AI service refused our credentials; the operator has been told.",
+        "upstream_not_found": "The AI service is not set up correctly (what we asked for was "
+        "not found); the operator has been told.",
         "upstream_timeout": "The AI service took too long to answer; please try again later.",
         "upstream_rate_limited": "The AI service is busy; please try again in a moment.",
         "upstream_rejected": "The AI service could not handle this request; try rephrasing it.",

@@ -51,6 +51,7 @@ log = structlog.get_logger(__name__)
 _FAILURE_MESSAGES = {
     ErrorKind.UNAVAILABLE: "upstream_unavailable",
     ErrorKind.AUTH: "upstream_auth",
+    ErrorKind.NOT_FOUND: "upstream_not_found",
     ErrorKind.RATE_LIMITED: "upstream_rate_limited",
     ErrorKind.TIMEOUT: "upstream_timeout",
     ErrorKind.BROKEN: "cut_off",
@@ -58,6 +59,7 @@ _FAILURE_MESSAGES = {
     ErrorKind.PROTOCOL: "upstream_rejected",
 }
 _GAVE_UP = (ErrorKind.REJECTED, ErrorKind.PROTOCOL)
+_OPERATORS_TO_FIX = (ErrorKind.AUTH, ErrorKind.NOT_FOUND)  # logged at error level
 _TICK_S = 0.25
 _TOKENS = (TextDelta, ReasoningDelta)
 _SHOWN = (TextDelta, TextReplace)
@@ -515,7 +517,7 @@ class TurnRunner:
 
     def _failed_upstream(self, kind: ErrorKind, detail: str) -> ErrorKind:
         self.metrics.upstream_errors.labels(upstream=self.upstream.name, kind=kind.value).inc()
-        level = log.error if kind is ErrorKind.AUTH else log.warning
+        level = log.error if kind in _OPERATORS_TO_FIX else log.warning
         level("upstream_failed", kind=kind.value, detail=detail)
         return kind
 

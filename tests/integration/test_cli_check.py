@@ -204,6 +204,18 @@ async def test_probe_with_a_refused_key_is_exit_1_and_says_so(tmp_path: Path,
     assert upstream.bodies == []  # the fake refused it before reading the question
 
 
+async def test_probe_of_a_wrong_base_url_is_exit_1_and_names_the_variable(
+    tmp_path: Path, upstream: FakeOpenAI
+) -> None:
+    """A BASE_URL missing its `/v1` (a 404 from the server): the probe says what to check."""
+    env = good_env(tmp_path, upstream.base_url.removesuffix("/v1") + "/wrong",
+                   BRIDGE_OPENAI_API_KEY="sk-test-placeholder")  # fmt: skip
+    result = await check(env, "--probe")
+    assert result.code == 1, result.out
+    line = [line for line in result.lines if line.startswith("upstream:")][-1]
+    assert "not_found" in line and "BASE_URL" in line, line
+
+
 async def test_the_upstream_adapter_is_built_as_run_builds_it(tmp_path: Path) -> None:
     """Settings only the adapter can judge are configuration errors too, without --probe."""
     recording = tmp_path / "answer.sse"

@@ -274,7 +274,7 @@ def assert_logged_well(
     for refused credentials; no credential, whether the bridge sent or the upstream echoed it."""
     lines = chat.lines()
     failed = [(line["level"], line["kind"]) for line in lines if line["event"] == "upstream_failed"]
-    expected_level = "error" if kind == "auth" else "warning"
+    expected_level = "error" if kind in ("auth", "not_found") else "warning"
     assert failed == ([(expected_level, kind)] if kind else [])
     errors = [line for line in lines if line["level"] in ("error", "critical")]
     assert all(line["event"] == "upstream_failed" for line in errors), errors
@@ -415,18 +415,25 @@ async def test_an_upstream_not_reached_shows_one_notice(
     assert_logged_well(bridge, fake, "unavailable")
 
 
-@pytest.mark.parametrize("code", [400, 404, 422])
+@pytest.mark.parametrize(("code", "notice", "kind"), [
+    (400, "upstream_rejected", "rejected"),
+    (422, "upstream_rejected", "rejected"),
+    # What the settings name (the address, the agent, the model) is not there: rephrasing
+    # cannot help, and the operator is told (at error level), as for refused credentials.
+    (404, "upstream_not_found", "not_found"),
+    (410, "upstream_not_found", "not_found"),
+])
 async def test_a_refused_question_shows_one_notice_and_logs_no_echoed_credential(
     case: Case, fake: Any, yach: FakeYach, redis_url: str, bot_id: str,
-    log_output: io.StringIO, redis_client: object, code: int,
+    log_output: io.StringIO, redis_client: object, code: int, notice: str, kind: str,
 ) -> None:
     echoed: list[str] = []
     case.start(fake).then(echoing(code, echoed))
     async with chat(fake, yach, redis_url, bot_id, log_output) as bridge:
-        assert await bridge.ask() == [ZH["upstream_rejected"]]
-        await assert_told(bridge, case_name(case), "rejected")
+        assert await bridge.ask() == [ZH[notice]]
+        await assert_told(bridge, case_name(case), kind)
     assert echoed  # the credential went by, and came back in the error
-    assert_logged_well(bridge, fake, "rejected", echoed=echoed)
+    assert_logged_well(bridge, fake, kind, echoed=echoed)
 
 
 @pytest.mark.parametrize("body", ["page", "endless"])

@@ -19,6 +19,7 @@ from bridge.http import (
     UpstreamBroken,
     UpstreamFailure,
     UpstreamHTTP,
+    UpstreamNotFound,
     UpstreamProtocolError,
     UpstreamRateLimited,
     UpstreamRejected,
@@ -57,7 +58,8 @@ def test_parse_retry_after_http_date() -> None:
     (502, UpstreamUnavailable, ErrorKind.UNAVAILABLE),
     (503, UpstreamUnavailable, ErrorKind.UNAVAILABLE),
     (400, UpstreamRejected, ErrorKind.REJECTED),
-    (404, UpstreamRejected, ErrorKind.REJECTED),
+    (404, UpstreamNotFound, ErrorKind.NOT_FOUND),
+    (410, UpstreamNotFound, ErrorKind.NOT_FOUND),
     (422, UpstreamRejected, ErrorKind.REJECTED),
 ])
 def test_error_for_status(status: int, error: type[UpstreamFailure], kind: ErrorKind) -> None:
