@@ -277,7 +277,9 @@ class Worker:
                 self._lose(entry_id, "entry claimed by another worker, or acknowledged")
             # By (session, lock value): a turn that took its session's lock while the renewal
             # of the previous turn's (released by its ack) was on its way is not the one lost.
-            holding = [h for h in self.held.values() if h.lock and not h.acked]
+            # Not the locks of entries just given up: renewed (an expired one taken back),
+            # they would hold off the worker that has the entry now for a whole lock time.
+            holding = [h for h in self.held.values() if h.lock and not h.acked and not h.lost]
             locks = [(h.entry.chat_session_id, h.lock) for h in holding]
             lost_locks = await self.sessions.renew_all(locks)
             for held, lock in zip(holding, locks, strict=True):
@@ -386,6 +388,7 @@ class Worker:
                 return
             if held.lost:
                 log.info("entry_given_up", outcome="another worker has it")
+                await asyncio.shield(self._let_go(held))  # its lock, for that worker to take
                 return
             log.info("turn_interrupted", outcome="will run again")
             await asyncio.shield(self._let_go(held))

@@ -104,7 +104,10 @@ async def test_a_turn_whose_entry_another_worker_claimed_is_given_up_unsent(
     redis_url: str, bot_id: str, redis_client: aioredis.Redis, yach: FakeYach
 ) -> None:
     """This worker stalled past BRIDGE_CLAIM_IDLE_S and another took its entry over: it
-    stops the turn at once — no answer from it, no acknowledgement of the other's entry."""
+    stops the turn at once — no answer from it, no acknowledgement of the other's entry —
+    and lets the session's lock go, for the other to take at once. It kept the lock (and
+    its keep loop could even renew it), and the other waited for it to expire: a whole
+    BRIDGE_CLAIM_IDLE_S, 60 s by default."""
     keys = Keys(bot_id)
     async with _turn_running(redis_url, bot_id, yach, redis_client, 1.5, "who answers?") as (
         worker,
@@ -114,6 +117,7 @@ async def test_a_turn_whose_entry_another_worker_claimed_is_given_up_unsent(
         assert [e.entry_id for e in await other.claim(min_idle_ms=0, count=10)] == [entry_id]
         async with _kept_alive(other, entry_id):
             await wait_until(lambda: not worker.held)
+            assert not await redis_client.exists(keys.lock(SESSION))
             assert yach.shown == []
             rows = await redis_client.xpending_range(keys.inbox, GROUP, "-", "+", 10)
             assert [(r["message_id"].decode(), r["consumer"].decode()) for r in rows] == [
