@@ -29,7 +29,7 @@ from redis.typing import EncodableT
 
 from bridge.interfaces import InboundMessage
 from bridge.sessions import START_TURN
-from bridge.store import GROUP, InOrder, Keys, as_text
+from bridge.store import GROUP, HotPath, InOrder, Keys, as_text
 
 __all__ = [
     "INBOX_SCRIPTS",
@@ -133,12 +133,20 @@ return {ids, taken}
 # An entry another consumer claimed (this one's process stalled, or lost Redis, past
 # BRIDGE_CLAIM_IDLE_S) is left to it: 0. Acknowledged here under its replay, the entry was
 # given up there before its turn was recorded, and its session lock kept until it expired.
-# An entry no longer pending at all was acknowledged already, by that other consumer (or by
-# this call's earlier try, whose answer was lost): 3, and nothing but our lock is touched.
+# An entry no longer pending at all was acknowledged already: by this ack's own earlier try,
+# whose answer was lost (then the lock is gone and the fence one past our token's: the
+# release's INCR), else by the worker that took it over: 3, and nothing but our lock, if
+# still held, is touched. (Without a lock, an entry that is gone counts as acknowledged here.)
 # Acknowledged: 2 if entries still wait in the session's queue, else 1.
 _ACK = """
 local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)[1]
 if row and row[2] ~= ARGV[4] then return 0 end
+local elsewhere = false
+if not row and ARGV[3] ~= '' then
+  local ours = tonumber(string.match(ARGV[3], '^(%d+):'))
+  local fence = tonumber(redis.call('GET', KEYS[5]) or '')
+  elsewhere = redis.call('EXISTS', KEYS[4]) == 1 or not ours or fence ~= ours + 1
+end
 if row then
   if #ARGV > 4 then
     redis.call('XADD', KEYS[6], 'MAXLEN', '~', 10000, '*',
@@ -153,7 +161,7 @@ if ARGV[3] ~= '' and redis.call('GET', KEYS[4]) == ARGV[3] then
   redis.call('DEL', KEYS[4])
   redis.call('INCR', KEYS[5])
 end
-if not row then return 3 end
+if elsewhere then return 3 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
 return 1
 """
@@ -200,7 +208,7 @@ class Acked(enum.IntEnum):
     NOT_OURS = 0  # another consumer claimed the entry meanwhile: left to that one
     QUEUE_EMPTY = 1  # acknowledged; no entry waits for its session
     OTHERS_WAIT = 2  # acknowledged; entries wait for its session (wake them)
-    ALREADY = 3  # acknowledged before: by the consumer that claimed it, or by a lost try
+    ALREADY = 3  # acknowledged before, by the consumer that took it over
 
 
 class EntryKind(enum.StrEnum):
@@ -265,6 +273,9 @@ class Inbox:
         self._flushes: set[asyncio.Task[None]] = set()
         self._flush_starting = False  # a flush task that has not taken its batch yet
         self._puts = InOrder(redis)
+        # Every answered entry's ack (a script that is safe to run twice: a try whose answer
+        # was lost and is sent again finds its own acknowledgement).
+        self._hot = HotPath(redis, keep=2)
         self._take_on_put: TakeOnPut | None = None
         self._put_calls = 0  # names the answers of the calls that take
         self._answers_read: list[str] = []  # their keys, for the next call to empty
@@ -509,7 +520,8 @@ class Inbox:
     async def ack(self, entry: Entry, lock_token: str = "") -> Acked:
         """Done with an entry: acknowledge it, drop it from its queue, journal and lock.
         `NOT_OURS` if another consumer claimed it meanwhile: it is left to that one;
-        `ALREADY` if it was acknowledged before (our lock, if still held, is released)."""
+        `ALREADY` if that one acknowledged it already (our lock, if still held, is released).
+        A try whose answer was lost may run again: it then finds its own acknowledgement."""
         return await self._ack(entry, [GROUP, entry.entry_id, lock_token, self.consumer])
 
     async def dead_letter(self, entry: Entry, reason: str, lock_token: str = "") -> Acked:
@@ -526,7 +538,7 @@ class Inbox:
             self.keys.fence(entry.chat_session_id),
             self.keys.dead,
         ]
-        return Acked(await self._with_group(self._ack_script, keys=keys, args=args))
+        return Acked(await self._with_group(self._hot.script, self._ack_script, keys, args))
 
     async def pending_count(self) -> int:
         """Entries stored and not yet acknowledged (acknowledged entries are deleted)."""

@@ -220,7 +220,7 @@ _MISSED: Final = _Missed()
 
 class HotPath:
     """The hot commands — a turn's start script, a relayed piece's journal write and its
-    sent mark — sent on a connection of the client's pool directly.
+    sent mark, the record, the ack — sent on a connection of the client's pool directly.
 
     `Redis.execute_command` wraps each command in a pool checkout and return (a condition,
     a timeout, observability hooks), a retry policy and response callbacks: ~25 µs of CPU
@@ -232,7 +232,8 @@ class HotPath:
     not handled here: the command is then sent again through the client, which reconnects,
     retries and loads the script as it always did. A command whose answer was lost may so
     run twice, as with the client's own retries: the journal writes and the mark are
-    idempotent; a start script's lost lock expires like any lock nobody renews."""
+    idempotent, an ack sent again finds its own acknowledgement; a start script's lost lock
+    expires like any lock nobody renews."""
 
     def __init__(self, redis: aioredis.Redis, *, keep: int = 4) -> None:
         self._redis = redis

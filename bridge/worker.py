@@ -566,7 +566,6 @@ class Worker:
         held.phase = _Phase.FINISHING  # from here on, nothing may interrupt it
         delay = _MIN_BACKOFF_S
         deadline = time.monotonic() + _ACK_PATIENCE_S
-        retried = False
         while True:
             try:
                 if dead_reason:
@@ -579,11 +578,6 @@ class Worker:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-                retried = True
-        if acked is Acked.ALREADY and retried:
-            # Most likely our own earlier try, whose answer was lost: acknowledged here.
-            # Whether entries wait for the session is unknown: they are woken.
-            acked = Acked.OTHERS_WAIT
         if acked is Acked.NOT_OURS or acked is Acked.ALREADY:
             # This process stalled or lost Redis: another worker has the entry, or is done.
             held.lost = True

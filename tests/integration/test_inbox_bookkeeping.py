@@ -96,13 +96,26 @@ async def test_an_ack_of_an_entry_acknowledged_elsewhere_says_so_and_touches_onl
     await redis_client.xclaim(keys.inbox, GROUP, "b", 0, [first.entry_id])
     assert await taker.ack(first) is Acked.OTHERS_WAIT  # (its own lock: none, here)
 
-    assert await stalled.ack(first, lock) is Acked.ALREADY
-    assert await stalled.dead_letter(first, "3 attempts") is Acked.ALREADY
+    assert await stalled.dead_letter(first, "3 attempts", lock) is Acked.ALREADY
 
     assert not await redis_client.exists(keys.lock(SESSION))  # ours, released
     assert await redis_client.xlen(keys.dead) == 0
     assert await redis_client.lrange(keys.queue(SESSION), 0, -1) == [second.entry_id.encode()]
     assert await owner(redis_client, keys, second.entry_id) == "a"
+
+
+async def test_an_ack_sent_again_after_its_answer_was_lost_finds_its_own_acknowledgement(
+    redis_client: aioredis.Redis, keys: Keys, sessions: Sessions
+) -> None:
+    """An ack whose answer was lost (a connection cut after Redis ran it) is sent again, by
+    the client's retries or the worker's: it must not take its own acknowledgement for
+    another worker's (the turn would go uncounted, logged as lost)."""
+    inbox = await consumer(redis_client, keys, "a")
+    first, _second = await stored(inbox, "m1", "m2")
+    lock = (await sessions.start(SESSION, first.entry_id, with_history=False)).lock
+    assert await inbox.ack(first, lock) is Acked.OTHERS_WAIT
+
+    assert await inbox.ack(first, lock) is Acked.OTHERS_WAIT
 
 
 async def test_an_ack_leaves_a_lock_that_another_turn_holds_now(
