@@ -240,6 +240,10 @@ class HotPath:
         self._pool = redis.connection_pool
         self._keep = keep
         self._idle: list[AbstractConnection] = []  # checked out, between two commands
+        # The pool's socket timeout, kept here for the command and its answer together: with
+        # it on the connection, redis-py sends each command under `asyncio.wait_for`, a task
+        # of its own per write (a fifth of what a command costs), and reads under another.
+        self._timeout_s: float | None = self._pool.connection_kwargs.get("socket_timeout")
 
     async def script(self, script: AsyncScript, keys: list[KeyT], args: list[EncodableT]) -> Any:
         reply = await self._once("EVALSHA", script.sha, len(keys), *keys, *args)
@@ -256,22 +260,30 @@ class HotPath:
 
     async def _once(self, *args: EncodableT) -> Any:
         try:
-            connection = self._idle.pop() if self._idle else await self._pool.get_connection()
+            connection = self._idle.pop() if self._idle else await self._checkout()
         except (RedisConnectionError, RedisTimeoutError):
             return _MISSED
         kept = False
         try:
-            await connection.send_command(*args)
-            reply = await connection.read_response()
+            # A timeout cancels the read: redis-py then drops the connection.
+            async with asyncio.timeout(self._timeout_s):
+                await connection.send_command(*args)
+                reply = await connection.read_response()
             if len(self._idle) < self._keep:
                 self._idle.append(connection)
                 kept = True
             return reply
-        except (NoScriptError, RedisConnectionError, RedisTimeoutError):
+        except (NoScriptError, RedisConnectionError, RedisTimeoutError, TimeoutError):
             return _MISSED
         finally:
             if not kept:
+                connection.socket_timeout = self._timeout_s  # as the pool's other connections
                 await self._pool.release(connection)
+
+    async def _checkout(self) -> AbstractConnection:
+        connection: AbstractConnection = await self._pool.get_connection()
+        connection.socket_timeout = None  # timed by `_once` instead
+        return connection
 
 
 @dataclass(eq=False)
