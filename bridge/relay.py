@@ -12,9 +12,9 @@ import contextlib
 import enum
 import hashlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 
@@ -184,36 +184,34 @@ class _ThinkingNotice:
     (the timer starts with the turn: image work and the connect count too). Once it is on
     its way (being sent, or retried), it shows before the turn's first message."""
 
-    def __init__(self, send: Callable[[], Awaitable[None]], delay_s: float) -> None:
-        self._not_needed = asyncio.Event()
-        self._sending = False
-        self._task = asyncio.create_task(self._run(send, delay_s))
+    def __init__(self, send: Callable[[], Coroutine[Any, Any, None]], delay_s: float) -> None:
+        self._send = send
+        self._sending: asyncio.Task[None] | None = None
+        # A timer, not a task waiting for its time: most turns never send the notice.
+        self._timer = (
+            asyncio.get_running_loop().call_later(delay_s, self._due) if delay_s > 0 else None
+        )
 
     def not_needed(self) -> None:
         """Answer text shows, or the stream has ended: no notice from now on."""
-        self._not_needed.set()
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _due(self) -> None:
+        self._sending = asyncio.create_task(self._send())
 
     async def before_first_message(self) -> None:
         """No notice from now on, and one on its way goes first. Without one, nothing to
         wait for: the first piece is on the first-token path."""
-        self._not_needed.set()
-        if self._sending:
-            await asyncio.wait([self._task])
+        self.not_needed()
+        if self._sending is not None:
+            await asyncio.wait([self._sending])
 
     async def aclose(self) -> None:
-        self._not_needed.set()
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _run(self, send: Callable[[], Awaitable[None]], delay_s: float) -> None:
-        if delay_s <= 0:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._not_needed.wait(), timeout=delay_s)
-        if self._not_needed.is_set():  # (also when the timeout fired as the text came)
-            return
-        self._sending = True
-        await send()
+        self.not_needed()
+        if self._sending is not None:
+            self._sending.cancel()
+            await asyncio.gather(self._sending, return_exceptions=True)
 
 
 class _Ticker:
