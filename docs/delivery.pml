@@ -81,7 +81,7 @@ byte fence;
 byte attempts[E];      /* turns started: counted when the lock is taken */
 byte journalled[E];
 byte journal_run[E];
-bool complete[E];      /* the answer's last piece is journalled */
+bool complete[E];      /* the journal is marked complete: by the record, after the last send */
 bool cut_journalled[E]; /* the cut-off notice is journalled (as the journal's last piece) */
 
 /* The world */
@@ -159,6 +159,16 @@ inline ack(e) {
 #else
 #define HOLDS (lock_token == token || (lock_token == 0 && fence == token))
 #endif
+
+/* The record script, after the answer's last piece was sent: the session saved and the
+ * journal marked complete, fenced by the lock like a journal write (refused, it does nothing:
+ * the turn is the new holder's; the worker goes on to its ack, which the owner check guards). */
+inline record(e) {
+  if
+  :: HOLDS -> retake(); complete[e] = true
+  :: else -> skip
+  fi
+}
 
 proctype Platform() {
   byte m = 0;
@@ -260,7 +270,8 @@ proctype Worker(byte w) {
 #endif
              atomic { notice_cut(e); critical[w] = false }
           :: else -> skip
-          fi
+          fi;
+          atomic { record(e) }               /* the replayed answer, recorded */
        :: else ->
 #endif
           atomic { runs++; answer_run = runs };   /* ask the upstream */
@@ -275,21 +286,23 @@ proctype Worker(byte w) {
                if
                :: HOLDS ->
                   retake(); critical[w] = true;
-                  journalled[e] = i + 1; journal_run[e] = answer_run; complete[e] = (i == P - 1)
+                  journalled[e] = i + 1; journal_run[e] = answer_run
                :: else -> goto gone          /* LockLost: another turn owns the answer */
                fi
              };
              atomic { display(e, i, answer_run); critical[w] = false };   /* sent (a crash replays it) */
              i++
           :: else -> break
-          od
+          od;
+          atomic { record(e) }               /* a crash before it: replayed, with the notice */
        fi;
-       atomic { ack(e) };                    /* save the session, then XACK: shielded */
+       atomic { ack(e) };                    /* record, then XACK: shielded */
        goto done;
 gone:
-       atomic {
+       atomic {                              /* given up: the lock let go, if still ours */
          critical[w] = false;
-         if :: owner_w[e] == w && owner_i[e] == me -> held[e] = false :: else -> skip fi
+         if :: owner_w[e] == w && owner_i[e] == me -> held[e] = false :: else -> skip fi;
+         if :: token != 0 && lock_token == token -> lock_token = 0; fence++ :: else -> skip fi
        };
 done:
        skip
