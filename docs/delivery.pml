@@ -81,7 +81,8 @@ byte fence;
 byte attempts[E];      /* turns started: counted when the lock is taken */
 byte journalled[E];
 byte journal_run[E];
-bool complete[E];      /* the journal is marked complete: by the record, after the last send */
+bool complete[E];      /* the journal is marked complete: by the last piece's journal write
+                          when the end is known by then, else by the record after its send */
 bool cut_journalled[E]; /* the cut-off notice is journalled (as the journal's last piece) */
 
 /* The world */
@@ -286,7 +287,11 @@ proctype Worker(byte w) {
                if
                :: HOLDS ->
                   retake(); critical[w] = true;
-                  journalled[e] = i + 1; journal_run[e] = answer_run
+                  journalled[e] = i + 1; journal_run[e] = answer_run;
+                  if
+                  :: i == P - 1 -> complete[e] = true   /* the end already queued behind it */
+                  :: true -> skip                       /* or not yet: the record marks it */
+                  fi
                :: else -> goto gone          /* LockLost: another turn owns the answer */
                fi
              };
