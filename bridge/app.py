@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 from adapters.im.yach import YachIM
 from adapters.upstream import create_upstream
 from adapters.yach_api import YachAPI
-from bridge import __version__
+from bridge import __version__, jsontext
 from bridge.commands import Commands
 from bridge.compose import FlushPolicy
 from bridge.config import ConfigError, Settings
@@ -143,6 +143,7 @@ async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
         headers={"User-Agent": f"chatbridge/{__version__}"},
+        json_serialize=jsontext.dumps,  # every request body: the upstream's, Yach's
     )
     bridge.http = UpstreamHTTP(
         session,

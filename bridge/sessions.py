@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.typing import EncodableT, KeyT
 
+from bridge import jsontext
 from bridge.config import Rate
 from bridge.interfaces import HistoryTurn
 from bridge.store import HotPath, Keys, as_text, ride_out
@@ -575,9 +576,7 @@ class Sessions:
             self.lock_ttl_ms,
             self.ttl_ms,
             max(self.history_turns, 1),
-            json.dumps(
-                {"question": exchange.question, "answer": exchange.answer}, ensure_ascii=False
-            )
+            jsontext.dumps({"question": exchange.question, "answer": exchange.answer})
             if exchange and self.history_turns
             else "",
             "" if created_at is None else created_at,
@@ -612,7 +611,7 @@ class Sessions:
             lock_value,
             {
                 "upstream": upstream,
-                "conversation": json.dumps(dict(conversation)),
+                "conversation": jsontext.dumps(dict(conversation)),
                 "last_active": now,
             },
             created_at=now,
@@ -709,7 +708,7 @@ class Sessions:
         `failed` (with `complete`): the turn failed, this piece is its notice.
         `sent`: a piece confirmed since, marked in the same round trip."""
         data = {"text": piece.text, "message_id": piece.message_id, "mention": piece.mention}
-        fields = [f"p:{piece.index}", json.dumps(data, ensure_ascii=False)]
+        fields = [f"p:{piece.index}", jsontext.dumps(data)]
         if complete:
             fields += _ended(failed)
         await self._journal_fields(chat_session_id, entry_id, lock_value, fields, sent)

@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl, urlsplit
 import orjson
 
 from adapters.yach_api import YachAPI, YachAPIError, signed_robot_url, verify_sign
+from bridge import jsontext
 from bridge.config import Settings
 from bridge.interfaces import InboundMessage, Piece, ReplyTarget, Sender, SendError, WebhookRejected
 
@@ -336,7 +337,7 @@ class YachIM:
     ) -> None:
         body = {
             **recipient,
-            "message": json.dumps(message, ensure_ascii=False),
+            "message": jsontext.dumps(message),
             "message_id": piece.message_id,
         }
         await self._api.call_with_token("POST", path, json=body)
