@@ -75,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("chat", help="talk to the configured upstream in this terminal")
     commands.add_parser("demo", help="zero configuration: replayed recordings, offline")
     args = parser.parse_args(argv)
+    if args.command != "run":
+        # The entry point's handler (`bridge.launch`: exit 0 while loading) is for `run`
+        # alone, which replaces it before it starts anything. A `check` stopped midway must
+        # not exit 0 ("the configuration is good"); `chat` and `demo` install their own.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if args.command == "check":
         return asyncio.run(_check(os.environ, probe=args.probe))
     if args.command == "demo":

@@ -127,27 +127,26 @@ return {ids, taken}
 """
 )
 
-# KEYS: inbox, session queue, journal, session lock, fence, dead letters.
+# KEYS: inbox, session queue, journal, session lock, fence, dead letters, acknowledged mark.
 # ARGV: group, entry id, lock value or '', our consumer, then (dead-lettering) message, reason.
-# Releasing the lock bumps the fence, so the released token can never write again.
+# Releasing the lock bumps the fence, so the released token can never write again; our lock
+# is released whatever else the ack finds.
 # An entry another consumer claimed (this one's process stalled, or lost Redis, past
 # BRIDGE_CLAIM_IDLE_S) is left to it: 0. Acknowledged here under its replay, the entry was
 # given up there before its turn was recorded, and its session lock kept until it expired.
-# An entry no longer pending at all was acknowledged already: by this ack's own earlier try,
-# whose answer was lost (then the lock is gone and the fence one past our token's: the
-# release's INCR), else by the worker that took it over: 3, and nothing but our lock, if
-# still held, is touched. (Without a lock, an entry that is gone counts as acknowledged here.)
-# Acknowledged: 2 if entries still wait in the session's queue, else 1.
+# Acknowledging marks who did, for a while: an entry no longer pending was acknowledged
+# already, by this consumer (an earlier try whose answer was lost, sent again) or not: 3.
+# Acknowledged here: 2 if entries still wait in the session's queue, else 1.
 _ACK = """
 local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)[1]
-if row and row[2] ~= ARGV[4] then return 0 end
-local elsewhere = false
-if not row and ARGV[3] ~= '' then
-  local ours = tonumber(string.match(ARGV[3], '^(%d+):'))
-  local fence = tonumber(redis.call('GET', KEYS[5]) or '')
-  elsewhere = redis.call('EXISTS', KEYS[4]) == 1 or not ours or fence ~= ours + 1
+if ARGV[3] ~= '' and redis.call('GET', KEYS[4]) == ARGV[3] then
+  redis.call('DEL', KEYS[4])
+  redis.call('INCR', KEYS[5])
 end
-if row then
+if row and row[2] ~= ARGV[4] then return 0 end
+if not row then
+  if redis.call('GET', KEYS[7]) ~= ARGV[4] then return 3 end
+else
   if #ARGV > 4 then
     redis.call('XADD', KEYS[6], 'MAXLEN', '~', 10000, '*',
                'm', ARGV[5], 'entry', ARGV[2], 'reason', ARGV[6])
@@ -156,12 +155,8 @@ if row then
   redis.call('XDEL', KEYS[1], ARGV[2])
   redis.call('LREM', KEYS[2], 1, ARGV[2])
   redis.call('DEL', KEYS[3])
+  redis.call('SET', KEYS[7], ARGV[4], 'EX', 120)
 end
-if ARGV[3] ~= '' and redis.call('GET', KEYS[4]) == ARGV[3] then
-  redis.call('DEL', KEYS[4])
-  redis.call('INCR', KEYS[5])
-end
-if elsewhere then return 3 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
 return 1
 """
@@ -520,8 +515,8 @@ class Inbox:
     async def ack(self, entry: Entry, lock_token: str = "") -> Acked:
         """Done with an entry: acknowledge it, drop it from its queue, journal and lock.
         `NOT_OURS` if another consumer claimed it meanwhile: it is left to that one;
-        `ALREADY` if that one acknowledged it already (our lock, if still held, is released).
-        A try whose answer was lost may run again: it then finds its own acknowledgement."""
+        `ALREADY` if that one acknowledged it already. Our lock is released either way. A
+        try whose answer was lost may run again: it finds its own acknowledgement."""
         return await self._ack(entry, [GROUP, entry.entry_id, lock_token, self.consumer])
 
     async def dead_letter(self, entry: Entry, reason: str, lock_token: str = "") -> Acked:
@@ -537,6 +532,7 @@ class Inbox:
             self.keys.lock(entry.chat_session_id),
             self.keys.fence(entry.chat_session_id),
             self.keys.dead,
+            self.keys.acked(entry.entry_id),
         ]
         return Acked(await self._with_group(self._hot.script, self._ack_script, keys, args))
 

@@ -5,7 +5,8 @@ redis-py, structlog …) takes about 0.2 s, and until `run` installs its own han
 took the signal's default action: killed, status 143, where SPEC §1 asks a clean SIGTERM to
 exit 0. Nothing has started while the program loads, so there is nothing to drain: the
 handler ends the process at once, with 0. `run` replaces it with its stop-and-drain handler
-before it starts anything; the other commands keep it.
+before it starts anything; the other commands put the default back once loaded (a `check`
+stopped midway must not exit 0).
 """
 
 from __future__ import annotations

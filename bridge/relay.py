@@ -186,6 +186,7 @@ class _ThinkingNotice:
 
     def __init__(self, send: Callable[[], Coroutine[Any, Any, None]], delay_s: float) -> None:
         self._send = send
+        self._needed = True
         self._sending: asyncio.Task[None] | None = None
         # A timer, not a task waiting for its time: most turns never send the notice.
         self._timer = (
@@ -194,11 +195,17 @@ class _ThinkingNotice:
 
     def not_needed(self) -> None:
         """Answer text shows, or the stream has ended: no notice from now on."""
+        self._needed = False
         if self._timer is not None:
             self._timer.cancel()
 
     def _due(self) -> None:
-        self._sending = asyncio.create_task(self._send())
+        self._sending = asyncio.create_task(self._send_if_needed())
+
+    async def _send_if_needed(self) -> None:
+        # After a stall the text may come in the very tick the timer fired: no notice then.
+        if self._needed:
+            await self._send()
 
     async def before_first_message(self) -> None:
         """No notice from now on, and one on its way goes first. Without one, nothing to

@@ -134,6 +134,11 @@ class Keys:
     def history(self, chat_session_id: str) -> str:
         return self.prefix + "history:" + chat_session_id
 
+    def acked(self, entry_id: str) -> str:
+        """Which consumer acknowledged the entry (for two minutes): an ack sent again after
+        its answer was lost tells its own acknowledgement from another worker's."""
+        return self.prefix + "acked:" + entry_id
+
     def put_answer(self, call: str) -> str:
         """What a put script that took entries answered (emptied once read, expiring later):
         sent again (its answer was lost), it answers the same instead of running again."""

@@ -632,7 +632,8 @@ class Worker:
             )
         except SendError as exc:  # the entry goes to the dead letters all the same
             log.error("dead_letter_notice_failed", reason=exc.reason)
-        await self._ack(held, dead_reason=f"{attempts} attempts")
+        if not await self._ack(held, dead_reason=f"{attempts} attempts"):
+            return  # another worker has it, or dead-lettered it: counted there
         self.metrics.dead_letters.inc()
         if entry.kind is EntryKind.TURN:  # a turn's outcome, as `busy` and `stopped` are
             self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome="dead").inc()

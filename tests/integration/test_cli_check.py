@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import socket
 import sys
 from dataclasses import dataclass, fields
@@ -18,6 +19,7 @@ from urllib.parse import quote
 
 from bridge.config import Settings, env_name
 from tests.fakes.openai import FakeOpenAI
+from tests.fakes.scripted import unanswered_url
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -214,6 +216,38 @@ async def test_probe_of_a_wrong_base_url_is_exit_1_and_names_the_variable(
     assert result.code == 1, result.out
     line = [line for line in result.lines if line.startswith("upstream:")][-1]
     assert "not_found" in line and "BASE_URL" in line, line
+
+
+async def test_a_check_stopped_by_sigterm_midway_does_not_exit_0(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """`check --probe` stopped while it waits on the upstream (a deploy step timing out, a
+    job cancelled) must not exit 0, "the configuration is good". The entry point's handler,
+    meant for the program's loading (`bridge.launch`), stayed installed for all of `check`
+    and made it exit 0 (found by review); it dies of the signal, as it did before."""
+    with unanswered_url() as url:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+        env.update(good_env(tmp_path, url + "/v1", BRIDGE_REDIS_URL=redis_url,
+                            BRIDGE_OPENAI_API_KEY="sk-test-placeholder",
+                            BRIDGE_UPSTREAM_CONNECT_TIMEOUT_S="30"))  # fmt: skip
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", "check", "--probe", env=env, cwd=REPO,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        assert process.stdout is not None
+        try:
+            async with asyncio.timeout(30):  # the probe starts once Redis has answered
+                while not (line := await process.stdout.readline()).startswith(b"redis:"):
+                    assert line, "check ended before probing"
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 10)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert process.returncode == -signal.SIGTERM
 
 
 async def test_the_upstream_adapter_is_built_as_run_builds_it(tmp_path: Path) -> None:

@@ -108,14 +108,38 @@ async def test_an_ack_sent_again_after_its_answer_was_lost_finds_its_own_acknowl
     redis_client: aioredis.Redis, keys: Keys, sessions: Sessions
 ) -> None:
     """An ack whose answer was lost (a connection cut after Redis ran it) is sent again, by
-    the client's retries or the worker's: it must not take its own acknowledgement for
-    another worker's (the turn would go uncounted, logged as lost)."""
+    the client's retries or the worker's, and meanwhile the session's next turn has taken
+    the lock the first try released: the ack must not take its own acknowledgement for
+    another worker's (the turn would go uncounted, logged as lost). Found by review: told
+    apart by the fence alone, it was."""
     inbox = await consumer(redis_client, keys, "a")
-    first, _second = await stored(inbox, "m1", "m2")
+    first, second = await stored(inbox, "m1", "m2")
     lock = (await sessions.start(SESSION, first.entry_id, with_history=False)).lock
-    assert await inbox.ack(first, lock) is Acked.OTHERS_WAIT
+    assert await inbox.ack(first, lock) is Acked.OTHERS_WAIT  # ran; its answer lost
+    newer = (await sessions.start(SESSION, second.entry_id, with_history=False)).lock
+    assert newer
 
-    assert await inbox.ack(first, lock) is Acked.OTHERS_WAIT
+    assert await inbox.ack(first, lock) is Acked.OTHERS_WAIT  # the same ack, sent again
+    assert (await redis_client.get(keys.lock(SESSION))).decode() == newer  # left alone
+    assert await owner(redis_client, keys, second.entry_id) == "a"
+
+
+async def test_an_ack_that_finds_its_entry_claimed_elsewhere_lets_its_own_lock_go(
+    redis_client: aioredis.Redis, keys: Keys, sessions: Sessions
+) -> None:
+    """A stalled turn whose record took its expired lock back just before the worker that
+    claimed its entry tried to start it: the ack leaves the entry to that worker, and
+    releases the lock, which that worker would otherwise wait a whole BRIDGE_CLAIM_IDLE_S
+    for (found by review)."""
+    stalled = await consumer(redis_client, keys, "a")
+    [entry] = await stored(stalled, "m1")
+    lock = (await sessions.start(SESSION, entry.entry_id, with_history=False)).lock
+    await redis_client.xclaim(keys.inbox, GROUP, "b", 0, [entry.entry_id])
+
+    assert await stalled.ack(entry, lock) is Acked.NOT_OURS
+
+    assert not await redis_client.exists(keys.lock(SESSION))
+    assert await owner(redis_client, keys, entry.entry_id) == "b"  # still pending, the other's
 
 
 async def test_an_ack_leaves_a_lock_that_another_turn_holds_now(
