@@ -10,6 +10,7 @@ deduplicate: a second answer to a message would show."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -378,22 +379,10 @@ async def test_a_process_cut_from_redis_after_its_last_send_leaves_the_turn_to_t
     turn was never recorded (the question behind it came without it in its history), and
     B's session lock stayed until it expired. (Frozen instead of cut off, A does not get
     that far: its keep loop, overdue, finds the entry claimed first.)"""
-    server = RedisServer(tmp_path / "redis").start()
-    proxy = await RedisProxy(server.socket).start()
-    client = aioredis.Redis(unix_socket_path=str(server.socket))
-    upstream = await PacedOpenAI().start()
     keys = Keys(bot_id)
-    env = _env(server.url, bot_id, yach, upstream.base_url,
-               **{**_app_api(upstream.base_url), "BRIDGE_REPLY_MODE": "final",
-                  "BRIDGE_CLAIM_IDLE_S": "6"})  # fmt: skip
-    try:
-        a, b = spawn({**env, "BRIDGE_REDIS_URL": proxy.url}, "a"), spawn(env, "b")
-        await asyncio.gather(a.start(), b.start())
-        yach.hold_next()
-        assert await post_webhook(http, a.url, group_message("q0", msg_id="q0")) == 200
-        await wait_for(lambda: len(yach.held) == 1, 10, "A's answer sent, the 200 held")
-        assert _runner_of([a, b], "q0") is a
-        proxy.partition()
+    async with _cut_after_last_send(bot_id, yach, spawn, http, tmp_path, claim_idle_s=6) as (
+        a, b, proxy, client, upstream
+    ):
         assert await post_webhook(http, b.url, group_message("q1", msg_id="q1")) == 200
         await asyncio.sleep(5.0)
         yach.hold_next()
@@ -410,11 +399,6 @@ async def test_a_process_cut_from_redis_after_its_last_send_leaves_the_turn_to_t
         yach.held[1].set()
         await wait_for(lambda: len(yach.shown) >= 2, 20, "q1 answered")
         await wait_acknowledged(client, keys.inbox)
-    finally:
-        await upstream.close()
-        await proxy.close()
-        await client.aclose()
-        server.close()
     assert not b.events("entry_lost"), b.events("entry_lost")
     assert yach.texts() == [
         "You said: q0. (history: 0 messages)",
@@ -432,21 +416,9 @@ async def test_a_process_cut_from_redis_after_its_last_send_counts_no_turn_the_o
     no longer pending. That ack used to succeed as if the entry were A's: A logged
     `turn_done` and counted the turn in `turns_total` — one message counted by both
     processes (B as `replayed`, A as `completed`). It is B's turn alone now."""
-    server = RedisServer(tmp_path / "redis").start()
-    proxy = await RedisProxy(server.socket).start()
-    client = aioredis.Redis(unix_socket_path=str(server.socket))
-    upstream = await PacedOpenAI().start()
     keys = Keys(bot_id)
-    env = _env(server.url, bot_id, yach, upstream.base_url,
-               **{**_app_api(upstream.base_url), "BRIDGE_REPLY_MODE": "final"})  # fmt: skip
-    try:
-        a, b = spawn({**env, "BRIDGE_REDIS_URL": proxy.url}, "a"), spawn(env, "b")
-        await asyncio.gather(a.start(), b.start())
-        yach.hold_next()
-        assert await post_webhook(http, a.url, group_message("q0", msg_id="q0")) == 200
-        await wait_for(lambda: len(yach.held) == 1, 10, "A's answer sent, the 200 held")
-        assert _runner_of([a, b], "q0") is a
-        proxy.partition()
+    async with _cut_after_last_send(bot_id, yach, spawn, http, tmp_path,
+                                    claim_idle_s=CLAIM_IDLE_S) as (a, b, proxy, client, upstream):
         await wait_for(lambda: bool(b.events("turn_done")), 4 * CLAIM_IDLE_S + 5,
                        "B replayed the turn")  # fmt: skip
         await wait_acknowledged(client, keys.inbox)
@@ -456,11 +428,6 @@ async def test_a_process_cut_from_redis_after_its_last_send_counts_no_turn_the_o
                        15, "A went on")  # fmt: skip
         counted = {name: await _turns_counted(http, bridge) for name, bridge in (("a", a),
                                                                                   ("b", b))}
-    finally:
-        await upstream.close()
-        await proxy.close()
-        await client.aclose()
-        server.close()
     assert [e["outcome"] for e in b.events("turn_done")] == ["replayed"]
     assert not a.events("turn_done"), a.events("turn_done")
     [lost] = a.events("entry_lost")
@@ -481,3 +448,34 @@ async def _turns_counted(http: aiohttp.ClientSession, bridge: BridgeProcess) -> 
             if float(line.rpartition(" ")[2]):
                 counted[outcome] = float(line.rpartition(" ")[2])
     return counted
+
+
+@contextlib.asynccontextmanager
+async def _cut_after_last_send(
+    bot_id: str, yach: FakeYach, spawn: Spawner, http: aiohttp.ClientSession, tmp_path: Path,
+    *, claim_idle_s: float,
+) -> AsyncIterator[tuple[BridgeProcess, BridgeProcess, RedisProxy, aioredis.Redis,
+                         PacedOpenAI]]:  # fmt: skip
+    """A (behind a proxy to a private Redis) and B; A has sent q0's whole answer (final
+    mode, app API), the platform holds its 200 (`yach.held[0]`), and A is cut from Redis."""
+    server = RedisServer(tmp_path / "redis").start()
+    proxy = await RedisProxy(server.socket).start()
+    client = aioredis.Redis(unix_socket_path=str(server.socket))
+    upstream = await PacedOpenAI().start()
+    env = _env(server.url, bot_id, yach, upstream.base_url,
+               **{**_app_api(upstream.base_url), "BRIDGE_REPLY_MODE": "final",
+                  "BRIDGE_CLAIM_IDLE_S": str(claim_idle_s)})  # fmt: skip
+    try:
+        a, b = spawn({**env, "BRIDGE_REDIS_URL": proxy.url}, "a"), spawn(env, "b")
+        await asyncio.gather(a.start(), b.start())
+        yach.hold_next()
+        assert await post_webhook(http, a.url, group_message("q0", msg_id="q0")) == 200
+        await wait_for(lambda: len(yach.held) == 1, 10, "A's answer sent, the 200 held")
+        assert _runner_of([a, b], "q0") is a
+        proxy.partition()
+        yield a, b, proxy, client, upstream
+    finally:
+        await upstream.close()
+        await proxy.close()
+        await client.aclose()
+        server.close()
