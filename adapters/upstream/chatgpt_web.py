@@ -55,6 +55,7 @@ from bridge.http import (
     UpstreamBroken,
     UpstreamFailure,
     UpstreamHTTP,
+    UpstreamNotFound,
     UpstreamProtocolError,
     UpstreamRejected,
     UpstreamTimeout,
@@ -316,6 +317,8 @@ class ChatGPTWebUpstream:
                 )
             except aiohttp.WSServerHandshakeError as exc:
                 failure = error_for_status(exc.status, exc.message, exc.headers or {})
+                if isinstance(failure, UpstreamNotFound):  # the answer's socket, not a setting
+                    failure = UpstreamUnavailable(f"the socket is gone: {failure.message}")
             except (TimeoutError, aiohttp.ClientError) as exc:
                 failure = UpstreamUnavailable(f"cannot reach the socket: {type(exc).__name__}")
             log.warning("chatgpt_socket_unreachable", error=failure.message)

@@ -82,8 +82,9 @@ class FakeChatGPT(ScriptedFake):
     close), `drop` (some frames, then the TCP connection is cut), `stall` (some frames, then
     silence until the client closes), `hub` (frames in the base64 `http.response.body`
     envelope). `wss_target`: `ok`, or `dead` (the `wss_url` refuses connections, only
-    `fallback_wss_url` works), `all_dead` (both refuse). `edit_frames`, when set, changes the
-    text frames the socket sends (after any envelope).
+    `fallback_wss_url` works), `all_dead` (both refuse), `all_gone` (both answer the
+    handshake 404). `edit_frames`, when set, changes the text frames the socket sends
+    (after any envelope).
     """
 
     def __init__(self, seed: int = 0) -> None:
@@ -138,9 +139,11 @@ class FakeChatGPT(ScriptedFake):
         self.payloads_by_request[request_id] = payloads
         good = f"{self.server.url.replace('http://', 'ws://')}{WS}?access_token=jwt&rid={request_id}"
         dead = f"ws://127.0.0.1:{free_port()}{WS}?access_token=jwt"
+        if self.wss_target == "all_gone":  # both answer the handshake 404: expired
+            dead = f"{self.server.url.replace('http://', 'ws://')}/expired-socket"
         return web.json_response({
             "wss_url": good if self.wss_target == "ok" else dead,
-            "fallback_wss_url": dead if self.wss_target == "all_dead" else good,
+            "fallback_wss_url": dead if self.wss_target.startswith("all_") else good,
             "expires_at": "2024-06-16T08:09:39.172404+00:00",
             "conversation_id": body.get("conversation_id") or CONVERSATION_ID,
             "response_id": "8948f9bac9347964-NRT",

@@ -120,10 +120,13 @@ async def test_websocket_answer_exact(
     assert len(fake.server.on(WS)) == 1
 
 
+@pytest.mark.parametrize("wss_target", ["all_dead", "all_gone"])
 async def test_no_socket_reachable_is_unavailable(
-    fake: FakeChatGPT, http: UpstreamHTTP
+    fake: FakeChatGPT, http: UpstreamHTTP, wss_target: str
 ) -> None:
-    fake.answer_mode, fake.wss_target = "ws", "all_dead"
+    """Refused, or gone (a 404 to the handshake): the sockets are the answer's, not a
+    setting's, so a 404 there is no misconfiguration to report (`not_found`)."""
+    fake.answer_mode, fake.wss_target = "ws", wss_target
     with pytest.raises(UpstreamUnavailable):
         await collect(connect(http, fake.env()), turn())
 
