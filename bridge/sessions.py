@@ -208,7 +208,24 @@ local function start_turn(k, a)
 end
 """
 
-_START = START_TURN + "return start_turn(KEYS, ARGV)\n"
+# `start_turn` on its own (an entry read or claimed later, a waiting turn's next try), with
+# KEYS[11], the key of this call's answer, and ARGV[8], its TTL. A try that changed something
+# (took the lock, counted the attempt; counted the sender's message) keeps its answer there:
+# the same call sent again because its answer was lost (a cut connection, a timeout, then
+# the client's resend) gets that answer, instead of finding the session locked by a token
+# it never learnt (it waited for the lock to expire) and counting the attempt again.
+_START = (
+    START_TURN
+    + """
+local answered = redis.call('GET', KEYS[11])
+if answered then return cjson.decode(answered) end
+local reply = start_turn(KEYS, ARGV)
+if #reply > 1 or tonumber(ARGV[5]) > 0 then
+  redis.call('SET', KEYS[11], cjson.encode(reply), 'EX', ARGV[8])
+end
+return reply
+"""
+)
 # The scripts every turn runs (a start read or claimed later, its journal writes, the lock's
 # renewal before a notice, the record): loaded when the process starts (`store.load_scripts`).
 TURN_SCRIPTS = (_START, _JOURNAL, _RENEW, _SAVE)
@@ -300,6 +317,7 @@ class EntryGone(Exception):
 
 
 JOURNAL_TTL_S = 7 * 86400
+_ANSWER_TTL_S = 60  # a start call's answer, for the same call sent again at once
 _OVER_RATE = -2  # what the start script answers for a sender over their limit
 
 T = TypeVar("T")
@@ -405,6 +423,8 @@ class Sessions:
         self.lock_ttl_ms = max(int(lock_ttl_s * 1000), 1000)
         self._hot = HotPath(redis)  # the start script, the journal writes, the sent marks
         self._start = redis.register_script(_START)
+        self._calls = f"{uuid.uuid4().hex[:12]}:"  # names each start call's answer
+        self._start_calls = 0
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
         self._attempt = redis.register_script(_ATTEMPT)
@@ -435,6 +455,8 @@ class Sessions:
         `count_attempt` False (the turn would wait for a turn slot), its attempt is counted
         once it has one (`count_attempt`): a crash meanwhile costs it none."""
         sender, rate = sender_rate or ("", Rate(0, 1.0))
+        self._start_calls += 1
+        answer = self.keys.start_answer(f"{self._calls}{self._start_calls}")
         reply = await self._hot.script(
             self._start,
             [
@@ -448,8 +470,9 @@ class Sessions:
                 self.keys.history(chat_session_id),
                 self.keys.user_rate(sender),
                 self.keys.resetting(chat_session_id),
+                answer,
             ],
-            [entry_id, *self._start_args(with_history, rate, count_attempt)],
+            [entry_id, *self._start_args(with_history, rate, count_attempt), _ANSWER_TTL_S],
         )
         start = self.parse_start(reply)
         return start if count_attempt else dataclasses.replace(start, counted=False)

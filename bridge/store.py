@@ -139,6 +139,11 @@ class Keys:
         its answer was lost tells its own acknowledgement from another worker's."""
         return self.prefix + "acked:" + entry_id
 
+    def start_answer(self, call: str) -> str:
+        """What a start script that changed something answered (a minute): the same call
+        sent again because its answer was lost gets it instead of running again."""
+        return self.prefix + "start:" + call
+
     def put_answer(self, call: str) -> str:
         """What a put script that took entries answered (emptied once read, expiring later):
         sent again (its answer was lost), it answers the same instead of running again."""

@@ -163,12 +163,15 @@ class RedisServer:
 class RedisProxy:
     """A TCP front to a redis-server's unix socket, given to one bridge process: `partition`
     cuts every connection through it and refuses new ones — that process alone loses Redis,
-    as behind a network partition, while the others keep it — and `heal` ends that."""
+    as behind a network partition, while the others keep it — and `heal` ends that;
+    `lose_answer` loses one command's answer."""
 
     target: Path
     server: asyncio.Server | None = None
     cut: bool = False
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    _losing: tuple[bytes, bytes] | None = None
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(self) -> RedisProxy:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -187,6 +190,12 @@ class RedisProxy:
     def heal(self) -> None:
         self.cut = False
 
+    def lose_answer(self, command: bytes, answer: bytes) -> None:
+        """The next command holding the bytes `command` whose answer starts with `answer`
+        reaches Redis and runs, and its answer is lost: the connection is cut as it comes
+        back, as a network failure at that moment would (`lost` is set)."""
+        self._losing, self.lost = (command, answer), asyncio.Event()
+
     async def close(self) -> None:
         self.partition()
         if self.server is not None:
@@ -204,15 +213,31 @@ class RedisProxy:
             return
         pair = {writer, up_writer}
         self._writers |= pair
+        asked = [False]  # the command to lose went up this connection: watch its answer
+
+        def up(data: bytes) -> bool:
+            asked[0] = self._losing is not None and self._losing[0] in data
+            return True
+
+        def down(data: bytes) -> bool:
+            if not asked[0] or self._losing is None or not data.startswith(self._losing[1]):
+                return True
+            self._losing = None
+            self.lost.set()
+            return False
+
         try:
-            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+            await asyncio.gather(_pump(reader, up_writer, up), _pump(up_reader, writer, down))
         finally:
             self._writers -= pair
 
 
-async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+async def _pump(
+    source: asyncio.StreamReader, sink: asyncio.StreamWriter, passes: Callable[[bytes], bool]
+) -> None:
+    """Copy `source` to `sink` until either ends, or `passes` stops some data (then cut)."""
     try:
-        while data := await source.read(65536):
+        while (data := await source.read(65536)) and passes(data):
             sink.write(data)
             await sink.drain()
     except (ConnectionError, OSError):

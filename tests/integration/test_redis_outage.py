@@ -8,15 +8,17 @@ does not deduplicate: an answer sent twice would show twice."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from bridge.sessions import _START  # its SHA: the command whose answer is lost
 from bridge.store import GROUP, Keys
 from tests.fakes.yach import FakeYach
 from tests.harness import RunningBridge, bridge_env, group_message, openai_env, running_bridge
-from tests.procs import PacedOpenAI, RedisServer, wait_for
+from tests.procs import PacedOpenAI, RedisProxy, RedisServer, wait_for
 
 QUESTIONS = [f"stored {n}" for n in range(6)]
 
@@ -152,3 +154,35 @@ async def test_redis_down_at_start_then_up_the_bridge_connects_and_answers(
         await upstream.close()
         server.close()
     assert yach.texts() == ["You said: are you up?. (history: 0 messages)"]
+
+
+async def test_a_start_whose_answer_is_lost_starts_its_turn_once_and_at_once(
+    bot_id: str, yach: FakeYach, redis_server: RedisServer
+) -> None:
+    """q2 waits behind q1 in one session. When q1 is done, q2's start takes the lock and
+    counts its attempt, and its answer is lost on the way back (the connection cut, by a
+    proxy in front of Redis); the client sends the call again. That call found the session
+    locked by a token it never learnt: q2 waited for the lock to expire
+    (BRIDGE_CLAIM_IDLE_S) and counted its attempt again, so with BRIDGE_MAX_ATTEMPTS=1 it
+    was dead-lettered instead of answered. The same call now gets the same answer."""
+    proxy = await RedisProxy(redis_server.socket).start()
+    upstream = await PacedOpenAI(pace=lambda q: 1.0 if q == "q1" else 0.0).start()
+    env = bridge_env(
+        proxy.url, bot_id, yach, **openai_env(upstream.base_url),
+        BRIDGE_CLAIM_IDLE_S="2", BRIDGE_MAX_ATTEMPTS="1",
+    )  # fmt: skip
+    start_script = hashlib.sha1(_START.encode()).hexdigest().encode()
+    try:
+        async with running_bridge(env) as bridge:
+            assert (await bridge.post(group_message("q1")))[0] == 200
+            await wait_for(lambda: upstream.started == ["q1"], 5, "q1 asked")
+            assert (await bridge.post(group_message("q2")))[0] == 200
+            proxy.lose_answer(start_script, b"*7\r\n")  # a start that took the lock
+            await wait_for(lambda: len(yach.shown) == 2, 10, "both answered")
+            started = await asyncio.wait_for(proxy.lost.wait(), 1)
+    finally:
+        await upstream.close()
+        await proxy.close()
+    assert started
+    assert [t.partition(".")[0] for t in yach.texts()] == ["You said: q1", "You said: q2"]
+    assert upstream.started == ["q1", "q2"]
