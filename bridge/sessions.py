@@ -182,6 +182,12 @@ local function place(k, id)
   redis.call('RPUSH', k[2], id)
   return #queued
 end
+-- What a started turn reads: its journal, the session, the history (as its fields 5 to 7).
+local function turn_reads(k, a)
+  local history = {}
+  if tonumber(a[4]) > 0 then history = redis.call('LRANGE', k[8], -tonumber(a[4]), -1) end
+  return redis.call('HGETALL', k[5]), redis.call('HGETALL', k[7]), history
+end
 local function start_turn(k, a)
   local ahead = place(k, a[1])
   if ahead >= 0 and tonumber(a[5]) > 0 then
@@ -201,26 +207,32 @@ local function start_turn(k, a)
     attempt = tonumber(redis.call('HGET', k[5], 'attempts') or '0')
   end
   local stopped = redis.call('GET', k[6]) == a[1] and 1 or 0
-  local history = {}
-  if tonumber(a[4]) > 0 then history = redis.call('LRANGE', k[8], -tonumber(a[4]), -1) end
-  return {0, value, attempt, stopped, redis.call('HGETALL', k[5]), redis.call('HGETALL', k[7]),
-          history}
+  return {0, value, attempt, stopped, turn_reads(k, a)}
 end
 """
 
 # `start_turn` on its own (an entry read or claimed later, a waiting turn's next try), with
 # KEYS[11], the key of this call's answer, and ARGV[8], its TTL. A try that changed something
-# (took the lock, counted the attempt; counted the sender's message) keeps its answer there:
-# the same call sent again because its answer was lost (a cut connection, a timeout, then
-# the client's resend) gets that answer, instead of finding the session locked by a token
-# it never learnt (it waited for the lock to expire) and counting the attempt again.
+# (took the lock and counted the attempt; counted the sender's message) keeps its answer
+# there: the same call made again because its answer was lost (a cut connection, a timeout;
+# the client's resend, the worker's next try) gets that answer, instead of finding the
+# session locked by a token it never learnt (it waited for the lock to expire) and counting
+# the attempt again. Kept short (the lock, the attempt, the stop): what the turn reads is
+# read again, the same (only the lock's holder writes it).
 _START = (
     START_TURN
     + """
 local answered = redis.call('GET', KEYS[11])
-if answered then return cjson.decode(answered) end
+if answered then
+  local kept = cjson.decode(answered)
+  if #kept == 1 then return kept end
+  return {kept[1], kept[2], kept[3], kept[4], turn_reads(KEYS, ARGV)}
+end
 local reply = start_turn(KEYS, ARGV)
-if #reply > 1 or tonumber(ARGV[5]) > 0 then
+if #reply > 1 then
+  redis.call('SET', KEYS[11], cjson.encode({reply[1], reply[2], reply[3], reply[4]}),
+             'EX', ARGV[8])
+elseif tonumber(ARGV[5]) > 0 then
   redis.call('SET', KEYS[11], cjson.encode(reply), 'EX', ARGV[8])
 end
 return reply
@@ -317,7 +329,7 @@ class EntryGone(Exception):
 
 
 JOURNAL_TTL_S = 7 * 86400
-_ANSWER_TTL_S = 60  # a start call's answer, for the same call sent again at once
+_ANSWER_TTL_S = 600  # a start call's answer, for the same call made again (as the put's)
 _OVER_RATE = -2  # what the start script answers for a sender over their limit
 
 T = TypeVar("T")
@@ -446,6 +458,7 @@ class Sessions:
         with_history: bool,
         sender_rate: tuple[str, Rate] | None = None,
         count_attempt: bool = True,
+        call: str | None = None,
     ) -> Start:
         """One try to start the turn of an entry: its place in the session queue and, at
         the head with the lock free, the lock with what the turn needs to begin (the
@@ -453,10 +466,11 @@ class Sessions:
         `sender_rate` (sender id, limit), the entry's message is counted against its
         sender's limit first, in the same round trip: over it, nothing is started. With
         `count_attempt` False (the turn would wait for a turn slot), its attempt is counted
-        once it has one (`count_attempt`): a crash meanwhile costs it none."""
+        once it has one (`count_attempt`): a crash meanwhile costs it none. `call`
+        (`new_call`) names the try: made again after a failure with the same name, a try
+        whose answer was lost gets that answer (a new name each time otherwise)."""
         sender, rate = sender_rate or ("", Rate(0, 1.0))
-        self._start_calls += 1
-        answer = self.keys.start_answer(f"{self._calls}{self._start_calls}")
+        answer = self.keys.start_answer(call or self.new_call())
         reply = await self._hot.script(
             self._start,
             [
@@ -476,6 +490,11 @@ class Sessions:
         )
         start = self.parse_start(reply)
         return start if count_attempt else dataclasses.replace(start, counted=False)
+
+    def new_call(self) -> str:
+        """A name for a try to start a turn, unique to this process (see `start`)."""
+        self._start_calls += 1
+        return f"{self._calls}{self._start_calls}"
 
     def start_on_put(self, *, with_history: bool, rate: Rate) -> list[EncodableT]:
         """What the inbox's put script needs to run `START_TURN` on the turns it stores and

@@ -81,6 +81,7 @@ class _Held:
     acked: bool = False
     started_on_put: Start | None = None  # the first try to start it, made by the put
     slot: bool = False  # holds a turn slot: taken before a try that counts its attempt
+    start_call: str = ""  # the try to start it whose answer has not come (`Sessions.start`)
 
 
 class Worker:
@@ -522,13 +523,18 @@ class Worker:
                         if not held.slot and not self._turn_slots.locked():
                             await self._turn_slots.acquire()  # free: returns at once
                             held.slot = True
+                        # Made again under its name until it is answered: a try whose answer
+                        # was lost (Redis out of reach a moment) gets the lock it took.
+                        held.start_call = held.start_call or self.sessions.new_call()
                         started = await self.sessions.start(
                             session,
                             entry.entry_id,
                             with_history=self._with_history,
                             sender_rate=sender_rate if arriving else None,
                             count_attempt=held.slot,
+                            call=held.start_call,
                         )
+                        held.start_call = ""
                 except RedisError:  # a waiting entry rides out a Redis outage
                     self._free_slot(held)
                     _raise_if_cancelled()

@@ -171,6 +171,7 @@ class RedisProxy:
     cut: bool = False
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
     _losing: tuple[bytes, bytes] | None = None
+    _partition_when_lost: bool = False
     lost: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(self) -> RedisProxy:
@@ -190,11 +191,13 @@ class RedisProxy:
     def heal(self) -> None:
         self.cut = False
 
-    def lose_answer(self, command: bytes, answer: bytes) -> None:
+    def lose_answer(self, command: bytes, answer: bytes, *, then_partition: bool = False) -> None:
         """The next command holding the bytes `command` whose answer starts with `answer`
         reaches Redis and runs, and its answer is lost: the connection is cut as it comes
-        back, as a network failure at that moment would (`lost` is set)."""
+        back, as a network failure at that moment would (`lost` is set); `then_partition`:
+        every connection with it, until `heal` (Redis out of reach for a moment)."""
         self._losing, self.lost = (command, answer), asyncio.Event()
+        self._partition_when_lost = then_partition
 
     async def close(self) -> None:
         self.partition()
@@ -224,6 +227,8 @@ class RedisProxy:
                 return True
             self._losing = None
             self.lost.set()
+            if self._partition_when_lost:
+                self.partition()
             return False
 
         try:

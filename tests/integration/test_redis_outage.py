@@ -156,15 +156,18 @@ async def test_redis_down_at_start_then_up_the_bridge_connects_and_answers(
     assert yach.texts() == ["You said: are you up?. (history: 0 messages)"]
 
 
+@pytest.mark.parametrize("outage_s", [0.0, 0.5], ids=["cut", "cut-and-out-of-reach"])
 async def test_a_start_whose_answer_is_lost_starts_its_turn_once_and_at_once(
-    bot_id: str, yach: FakeYach, redis_server: RedisServer
+    bot_id: str, yach: FakeYach, redis_server: RedisServer, outage_s: float
 ) -> None:
     """q2 waits behind q1 in one session. When q1 is done, q2's start takes the lock and
     counts its attempt, and its answer is lost on the way back (the connection cut, by a
-    proxy in front of Redis); the client sends the call again. That call found the session
-    locked by a token it never learnt: q2 waited for the lock to expire
-    (BRIDGE_CLAIM_IDLE_S) and counted its attempt again, so with BRIDGE_MAX_ATTEMPTS=1 it
-    was dead-lettered instead of answered. The same call now gets the same answer."""
+    proxy in front of Redis); the client sends the call again at once — or, with Redis out
+    of reach for a moment, that fails too and the worker tries again later. Those tries
+    found the session locked by a token they never learnt: q2 waited for the lock to expire
+    (BRIDGE_CLAIM_IDLE_S) and counted its attempt again, so with BRIDGE_MAX_ATTEMPTS=1 it was
+    dead-lettered instead of answered. Made again under the same name (`Sessions.start`'s
+    `call`), a try gets the answer it had (the second case found by review)."""
     proxy = await RedisProxy(redis_server.socket).start()
     upstream = await PacedOpenAI(pace=lambda q: 1.0 if q == "q1" else 0.0).start()
     env = bridge_env(
@@ -177,9 +180,12 @@ async def test_a_start_whose_answer_is_lost_starts_its_turn_once_and_at_once(
             assert (await bridge.post(group_message("q1")))[0] == 200
             await wait_for(lambda: upstream.started == ["q1"], 5, "q1 asked")
             assert (await bridge.post(group_message("q2")))[0] == 200
-            proxy.lose_answer(start_script, b"*7\r\n")  # a start that took the lock
+            # a start that took the lock
+            proxy.lose_answer(start_script, b"*7\r\n", then_partition=outage_s > 0)
+            started = await asyncio.wait_for(proxy.lost.wait(), 5)
+            await asyncio.sleep(outage_s)
+            proxy.heal()
             await wait_for(lambda: len(yach.shown) == 2, 10, "both answered")
-            started = await asyncio.wait_for(proxy.lost.wait(), 1)
     finally:
         await upstream.close()
         await proxy.close()

@@ -53,6 +53,26 @@ async def test_start_takes_the_lock_at_the_head_only(
     assert (held.ahead, held.lock) == (0, "")
 
 
+async def test_a_start_made_again_under_its_name_gets_what_it_took(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """A try whose answer was lost, made again under its name (`call`), gets the lock it
+    took and its attempt, counted once; what the turn reads is read again, as it is now. A
+    try under a new name finds the session locked."""
+    entry = await _store(redis_client, keys)
+    call = sessions.new_call()
+    first = await sessions.start(SESSION, entry, with_history=True, call=call)
+    await sessions.journal_piece(SESSION, entry, _piece(0, "Hello, \u4e16\u754c. "), first.lock)
+
+    again = await sessions.start(SESSION, entry, with_history=True, call=call)
+
+    assert (again.ahead, again.lock, again.attempt, again.stopped) == (0, first.lock, 1, False)
+    assert [p.text for p in again.journal.pieces] == ["Hello, \u4e16\u754c. "]
+    assert (await _journal(redis_client, keys, entry))["attempts"] == "1"
+    other = await sessions.start(SESSION, entry, with_history=True)
+    assert (other.ahead, other.lock) == (0, "")
+
+
 async def test_start_counts_attempts_and_reads_the_journal_and_the_stop_key(
     sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
 ) -> None:
