@@ -433,9 +433,9 @@ class Sessions:
         # tick as the claim, it outlives the claim, so no other turn of the session can
         # start while the entry's worker is alive.
         self.lock_ttl_ms = max(int(lock_ttl_s * 1000), 1000)
-        self._hot = HotPath(redis)  # the start script, the journal writes, the sent marks
+        self._hot = HotPath(redis)  # the start, the journal writes, the sent marks, the record
         self._start = redis.register_script(_START)
-        self._calls = f"{uuid.uuid4().hex[:12]}:"  # names each start call's answer
+        self._call_prefix = f"{uuid.uuid4().hex[:12]}:"  # names each start call's answer
         self._start_calls = 0
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
@@ -494,7 +494,7 @@ class Sessions:
     def new_call(self) -> str:
         """A name for a try to start a turn, unique to this process (see `start`)."""
         self._start_calls += 1
-        return f"{self._calls}{self._start_calls}"
+        return f"{self._call_prefix}{self._start_calls}"
 
     def start_on_put(self, *, with_history: bool, rate: Rate) -> list[EncodableT]:
         """What the inbox's put script needs to run `START_TURN` on the turns it stores and

@@ -140,8 +140,9 @@ class Keys:
         return self.prefix + "acked:" + entry_id
 
     def start_answer(self, call: str) -> str:
-        """What a start script that changed something answered (a minute): the same call
-        sent again because its answer was lost gets it instead of running again."""
+        """What a start script that took the lock (or counted the sender's message) found,
+        for ten minutes: the same call made again because its answer was lost gets it
+        instead of running again."""
         return self.prefix + "start:" + call
 
     def put_answer(self, call: str) -> str:
@@ -241,9 +242,9 @@ class HotPath:
     a cancellation. A connection error, a timeout or NOSCRIPT (a Redis restarted empty) is
     not handled here: the command is then sent again through the client, which reconnects,
     retries and loads the script as it always did. A command whose answer was lost may so
-    run twice, as with the client's own retries: the journal writes and the mark are
-    idempotent, an ack sent again finds its own acknowledgement; a start script's lost lock
-    expires like any lock nobody renews."""
+    run twice, as with the client's own retries: the journal writes, the mark and the record
+    are idempotent, an ack sent again finds its own acknowledgement, and a start sent again
+    gets the answer it kept (`Keys.start_answer`)."""
 
     def __init__(self, redis: aioredis.Redis, *, keep: int = 4) -> None:
         self._redis = redis
