@@ -50,6 +50,7 @@ __all__ = [
     "RESULTS",
     "BridgeSet",
     "Child",
+    "LoadGen",
     "MachineLoad",
     "ProcessMeter",
     "Step",
@@ -61,6 +62,8 @@ __all__ = [
     "answer_text",
     "apply_priority",
     "bench_env",
+    "callgrind_control",
+    "callgrind_total",
     "child",
     "command_line",
     "entry_head",
@@ -510,15 +513,17 @@ class Child:
 
 
 @contextlib.asynccontextmanager
-async def child(*args: str) -> AsyncIterator[Child]:
-    """Start `python bench/_common.py ARGS`, wait for its "PORT n" line, stop it on exit."""
+async def child(*args: str, wrapper: Sequence[str] = ()) -> AsyncIterator[Child]:
+    """Start `python bench/_common.py ARGS` (under `wrapper`, a profiler), wait for its
+    "PORT n" line, stop it on exit."""
     process = await asyncio.create_subprocess_exec(
-        PY, str(SELF), *args, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
-    )
+        *wrapper, PY, str(SELF), *args,
+        stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
     running = Child(process)
     try:
         assert process.stdout is not None
-        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        line = await asyncio.wait_for(process.stdout.readline(), 120 if wrapper else 30)
         if not line.startswith(b"PORT "):
             raise RuntimeError(f"{args[0]} did not start: {line!r}")
         running.port = int(line.split()[1])
@@ -528,6 +533,23 @@ async def child(*args: str) -> AsyncIterator[Child]:
 
 
 # -- measuring processes ----------------------------------------------------------------------
+
+
+def callgrind_control(flag: str, pid: int) -> None:
+    """`callgrind_control FLAG PID`: `-z` zeroes the counters of a process under callgrind,
+    `-d` dumps them to a file of their own."""
+    subprocess.run(["callgrind_control", flag, str(pid)], check=True, capture_output=True,
+                   timeout=60)  # fmt: skip
+
+
+def callgrind_total(out: Path) -> int:
+    """The instructions in the newest dump of `--callgrind-out-file=out`."""
+    dumps = sorted(out.parent.glob(f"{out.name}*"), key=lambda path: path.stat().st_mtime)
+    for line in dumps[-1].read_text().splitlines():
+        if line.startswith("summary:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no summary line in {dumps[-1]}")
+
 
 
 _TICK_S = 1 / os.sysconf("SC_CLK_TCK")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +43,8 @@ from _common import (
     TokenPlan,
     TokenUpstream,
     bench_env,
+    callgrind_control,
+    callgrind_total,
     command_line,
     entry_head,
     record,
@@ -90,32 +91,19 @@ async def instructions(work: Path, tokens: int, turns: int) -> tuple[int, float]
             for n in range(WARMUP_TURNS):
                 await turn(-1 - n)
             await asyncio.sleep(0.5)  # the last warm-up turn's record and ack
-            _control("-z", bridge.pid)
+            callgrind_control("-z", bridge.pid)
             started = time.monotonic()
             for n in range(turns):
                 await turn(n)
             await asyncio.sleep(0.5)
             seconds = time.monotonic() - started
-            _control("-d", bridge.pid)
+            callgrind_control("-d", bridge.pid)
         bridge.kill()
-        dumps = sorted(work.glob(f"{out.name}*"), key=lambda path: path.stat().st_mtime)
-        return _summary(dumps[-1]), seconds
+        return callgrind_total(out), seconds
     finally:
         services.close()
         await yach.close()
         await upstream.close()
-
-
-def _control(flag: str, pid: int) -> None:
-    subprocess.run(["callgrind_control", flag, str(pid)], check=True, capture_output=True,
-                   timeout=60)  # fmt: skip
-
-
-def _summary(dump: Path) -> int:
-    for line in dump.read_text().splitlines():
-        if line.startswith("summary:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no summary line in {dump}")
 
 
 async def run(turns: int, tokens: int) -> dict[str, float]:

@@ -34,8 +34,8 @@ from bridge.config import ConfigError, Settings
 from bridge.http import UpstreamHTTP
 from bridge.images import ImagePipeline
 from bridge.inbox import Accepted, Inbox
-from bridge.intake import judge
-from bridge.interfaces import IM, Upstream, WebhookRejected
+from bridge.intake import Verdict, judge
+from bridge.interfaces import IM, InboundMessage, Upstream, WebhookRejected
 from bridge.logging import debug_enabled, mask_text
 from bridge.messages import Catalogue
 from bridge.metrics import Metrics
@@ -273,23 +273,27 @@ async def handle_yach_webhook(request: web.Request) -> web.Response:
     if bridge.draining:  # SIGTERM: cannot store it here now (after the checks, as SPEC §4)
         return _json_error(503, "draining")
     verdict = judge(message, bridge.settings)
-    log_ctx = {"chat_session_id": verdict.chat_session_id, "msg_id": message.im_msg_id}
     if verdict.kind is None:
-        log.info("webhook_ignored", reason="not in the allow lists", **log_ctx)
+        log.info("webhook_ignored", reason="not in the allow lists", **_ids(verdict, message))
         return _ok()
     try:
         result = await bridge.inbox.put(message, verdict.kind, verdict.chat_session_id)
     except RedisError as exc:
-        log.warning("webhook_not_stored", error=type(exc).__name__, **log_ctx)
+        log.warning("webhook_not_stored", error=type(exc).__name__, **_ids(verdict, message))
         return _json_error(503, "cannot store the message now; retry later")
     # Stored is the usual case and the turn's own lines (info) say it again with the same
     # msg_id; at debug it costs nothing, at info it was a fifth of the webhook's CPU.
     if isinstance(result, Accepted):
         if debug_enabled():
-            log.debug("webhook_stored", kind=verdict.kind.value, **log_ctx)
+            log.debug("webhook_stored", kind=verdict.kind.value, **_ids(verdict, message))
     else:
-        log.info("webhook_duplicate", kind=verdict.kind.value, **log_ctx)
+        log.info("webhook_duplicate", kind=verdict.kind.value, **_ids(verdict, message))
     return _ok()
+
+
+def _ids(verdict: Verdict, message: InboundMessage) -> dict[str, str]:
+    """A webhook's log context, made only for a line that is written."""
+    return {"chat_session_id": verdict.chat_session_id, "msg_id": message.im_msg_id}
 
 
 def _ok() -> web.Response:

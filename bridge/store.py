@@ -229,7 +229,28 @@ class _Missed:
 _MISSED: Final = _Missed()
 
 
-class HotPath:
+class _Untimed:
+    """Connections checked out of a pool with their socket timeout off, for a caller that
+    times each command and answer itself with one `asyncio.timeout`: with the timeout on the
+    connection, redis-py sends each command under `asyncio.wait_for` (a task of its own per
+    write, in Python 3.11: a fifth of what a command costs) and reads under another timer.
+    A timeout cancels the send or read, and redis-py then drops the connection."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._pool = redis.connection_pool
+        self._timeout_s: float | None = self._pool.connection_kwargs.get("socket_timeout")
+
+    async def _checkout(self) -> AbstractConnection:
+        connection: AbstractConnection = await self._pool.get_connection()
+        connection.socket_timeout = None
+        return connection
+
+    async def _release(self, connection: AbstractConnection) -> None:
+        connection.socket_timeout = self._timeout_s  # as the pool's other connections
+        await self._pool.release(connection)
+
+
+class HotPath(_Untimed):
     """The hot commands — a turn's start script, a relayed piece's journal write and its
     sent mark, the record, the ack — sent on a connection of the client's pool directly.
 
@@ -247,14 +268,10 @@ class HotPath:
     gets the answer it kept (`Keys.start_answer`)."""
 
     def __init__(self, redis: aioredis.Redis, *, keep: int = 4) -> None:
+        super().__init__(redis)
         self._redis = redis
-        self._pool = redis.connection_pool
         self._keep = keep
         self._idle: list[AbstractConnection] = []  # checked out, between two commands
-        # The pool's socket timeout, kept here for the command and its answer together: with
-        # it on the connection, redis-py sends each command under `asyncio.wait_for`, a task
-        # of its own per write (a fifth of what a command costs), and reads under another.
-        self._timeout_s: float | None = self._pool.connection_kwargs.get("socket_timeout")
 
     async def script(self, script: AsyncScript, keys: list[KeyT], args: list[EncodableT]) -> Any:
         reply = await self._once("EVALSHA", script.sha, len(keys), *keys, *args)
@@ -276,7 +293,6 @@ class HotPath:
             return _MISSED
         kept = False
         try:
-            # A timeout cancels the read: redis-py then drops the connection.
             async with asyncio.timeout(self._timeout_s):
                 await connection.send_command(*args)
                 reply = await connection.read_response()
@@ -288,13 +304,7 @@ class HotPath:
             return _MISSED
         finally:
             if not kept:
-                connection.socket_timeout = self._timeout_s  # as the pool's other connections
-                await self._pool.release(connection)
-
-    async def _checkout(self) -> AbstractConnection:
-        connection: AbstractConnection = await self._pool.get_connection()
-        connection.socket_timeout = None  # timed by `_once` instead
-        return connection
+                await self._release(connection)
 
 
 @dataclass(eq=False)
@@ -328,7 +338,7 @@ class _Call:
             then()
 
 
-class InOrder:
+class InOrder(_Untimed):
     """Script calls that take effect in the order they are made, each written as soon as the
     call before it has been written — not answered — on the same connection. Redis runs one
     connection's commands in order, so a call waits for its own round trip, not for those of
@@ -351,7 +361,7 @@ class InOrder:
     to the pool once no call is left to read from it."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
-        self._pool = redis.connection_pool
+        super().__init__(redis)
         self._line: _Line | None = None
         self._last: _Call | None = None
 
@@ -392,14 +402,15 @@ class InOrder:
                 await ahead.done.wait()
         try:
             if self._line is None:
-                self._line = _Line(await self._pool.get_connection())
+                self._line = _Line(await self._checkout())
         except (RedisConnectionError, RedisTimeoutError):
             return _MISSED
         line = self._line
         line.users += 1
         call.line = line
         try:
-            await line.connection.send_command(*args, check_health=not following)
+            async with asyncio.timeout(self._timeout_s):
+                await line.connection.send_command(*args, check_health=not following)
         except Exception:
             # The failing read of a call ahead may have closed the connection under this
             # write (redis-py writes in a task of its own): sent again, in turn.
@@ -413,7 +424,8 @@ class InOrder:
         if ahead is not None:
             await ahead.done.wait()
         try:
-            reply = await line.connection.read_response()
+            async with asyncio.timeout(self._timeout_s):
+                reply = await line.connection.read_response()
         except NoScriptError:
             call.answered = True
             self._end(line)  # the calls behind it met NOSCRIPT too: none may overtake it
@@ -421,7 +433,7 @@ class InOrder:
         except ResponseError:
             call.answered = True
             raise
-        except (RedisConnectionError, RedisTimeoutError):
+        except (RedisConnectionError, RedisTimeoutError, TimeoutError):
             call.answered = True  # the connection is gone, and the answers with it
             self._end(line)
             return _MISSED
@@ -435,7 +447,8 @@ class InOrder:
         try:
             if ahead is not None:
                 await ahead.done.wait()
-            await line.connection.read_response()
+            async with asyncio.timeout(self._timeout_s):
+                await line.connection.read_response()
         except ResponseError:
             pass  # an answer all the same: read
         except BaseException:
@@ -450,7 +463,7 @@ class InOrder:
     async def _leave(self, line: _Line) -> None:
         line.users -= 1
         if line.broken and not line.users:
-            await self._pool.release(line.connection)
+            await self._release(line.connection)
 
 
 async def check_server(redis: aioredis.Redis, keys: Keys) -> str:

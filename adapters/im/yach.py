@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import re
@@ -143,7 +144,7 @@ def decode_body(body: bytes) -> dict[str, Any]:
     and whitespace around the body are no fields. A part without `=` (other than a lone
     JSON object) makes the body no form; the reason never quotes the body (it may be a
     megabyte, and it is logged)."""
-    text = body.decode("utf-8-sig").strip()
+    text = body.removeprefix(codecs.BOM_UTF8).decode().strip()  # the codec "utf-8-sig": 8× slower
     if text.startswith("{"):
         payload = _json_object(text)
         if payload is None:

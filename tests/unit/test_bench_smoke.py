@@ -82,6 +82,18 @@ def test_turn_cost_quick(tmp_path: Path) -> None:
     assert "## Turn cost in instructions" in results.read_text()
 
 
+def test_ingest_cost_quick(tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    out = run_quick("bench_ingest_cost.py", results, timeout_s=300)  # under valgrind
+    bridge = re.search(r"chatbridge: ([\d,]+) instructions per acknowledged webhook", out)
+    bare = re.search(r"bare aiohttp on uvloop: ([\d,]+) instructions per webhook", out)
+    assert bridge and bare, out[-1500:]
+    # both counted, and the bridge verifies, parses and stores: it costs more than answering
+    assert int(bridge[1].replace(",", "")) > int(bare[1].replace(",", "")) > 0
+    assert re.search(r"share of the bare app's rate per core: \d+%", out)
+    assert "## Ingest cost in instructions" in results.read_text()
+
+
 def test_compose_quick(tmp_path: Path) -> None:
     results = tmp_path / "RESULTS.md"
     out = run_quick("bench_compose.py", results)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hmac
 import json
 import re
 from collections.abc import Callable
@@ -30,6 +32,14 @@ BASE: dict[str, Any] = {
 
 def test_json_body() -> None:
     assert decode_body(json.dumps(BASE).encode()) == BASE
+
+
+def test_a_byte_order_mark_before_the_body_is_ignored_and_only_there() -> None:
+    bom = "\ufeff".encode()
+    assert decode_body(bom + json.dumps(BASE).encode()) == BASE
+    assert decode_body(bom + b"msgId=m1&senderId=u1") == {"msgId": "m1", "senderId": "u1"}
+    with pytest.raises(ValueError):  # a second one is no whitespace: the body is no JSON
+        decode_body(bom + bom + json.dumps(BASE).encode())
 
 
 def test_form_body() -> None:
@@ -305,6 +315,18 @@ def test_the_sign_is_the_hmac_of_the_timestamp_and_the_secret() -> None:
     assert robot_sign(secret, timestamp) == expected
     assert verify_sign(secret, timestamp, expected)
     assert not verify_sign(secret, "1700000000001", expected)
+
+
+@pytest.mark.parametrize("length", [0, 1, 63, 64, 65, 200])
+def test_the_sign_is_the_standard_hmac_for_a_secret_of_any_length(length: int) -> None:
+    """`robot_sign` keeps the key's hashes from one signature to the next (RFC 2104's
+    padded key fed in once); a secret longer than SHA-256's 64-byte block is hashed first.
+    Each length, in ASCII and in three-byte characters, against the standard library."""
+    for secret in ("k" * length, "密" * length):
+        for timestamp in ("1700000000000", "1700000000001"):  # the kept hashes copied, not spent
+            message = f"{timestamp}\n{secret}".encode()
+            digest = hmac.digest(secret.encode(), message, "sha256")
+            assert robot_sign(secret, timestamp) == base64.b64encode(digest).decode()
 
 
 @pytest.mark.parametrize("sign", ["é", "%C3%A9", "\udcff", "%zz"])
