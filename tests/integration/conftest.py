@@ -17,7 +17,7 @@ from bridge.sessions import Sessions
 from bridge.store import Keys, connect
 from tests.fakes.openai import FakeOpenAI, SilentMidway
 from tests.fakes.yach import FakeYach
-from tests.procs import Spawner
+from tests.procs import RedisServer, Spawner
 
 
 @pytest.fixture
@@ -106,3 +106,13 @@ def log_output() -> Iterator[io.StringIO]:
     root.setLevel(level)
     structlog.reset_defaults()
     structlog.contextvars.clear_contextvars()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, to stop, kill, freeze or restart."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.close()  # SIGKILL: it ends a frozen (SIGSTOPped) server too

@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -28,15 +27,6 @@ from tests.harness import bridge_env, group_message
 from tests.procs import RedisServer, Spawner, post_webhook, wait_for
 
 EN = MESSAGES["en"]
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture

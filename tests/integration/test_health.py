@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -56,17 +54,6 @@ def refused_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 async def get(bridge: RunningBridge, path: str) -> tuple[int, Any]:
@@ -132,29 +119,29 @@ async def test_readyz_is_503_while_the_workers_fail_on_a_redis_that_answers_ping
         await ready_within(bridge)  # the read loop makes the stream and its group again
 
 async def test_readyz_is_503_while_redis_is_down_and_200_once_it_is_back(
-    private_redis: RedisServer, bot_id: str, yach: FakeYach, upstream: FakeOpenAI
+    redis_server: RedisServer, bot_id: str, yach: FakeYach, upstream: FakeOpenAI
 ) -> None:
-    env = bridge_env(private_redis.url, bot_id, yach, **openai_env(upstream.base_url))
+    env = bridge_env(redis_server.url, bot_id, yach, **openai_env(upstream.base_url))
     async with running_bridge(env) as bridge:
         await ready_within(bridge)
-        private_redis.kill()
+        redis_server.kill()
         status, body = await get(bridge, "/readyz")
         assert status == 503
         assert body["status"] == "unavailable" and "redis" in body["reason"].lower(), body
         assert await get(bridge, "/healthz") == (200, {"status": "ok"})  # the loop still runs
-        private_redis.start()
+        redis_server.start()
         await ready_within(bridge)
 
 
 async def test_readyz_is_200_again_after_a_redis_outage_while_the_workers_are_full(
-    private_redis: RedisServer, bot_id: str, yach: FakeYach
+    redis_server: RedisServer, bot_id: str, yach: FakeYach
 ) -> None:
     """Redis back, the workers busy with as many entries as they hold (the read loop waits
     for room, so it reads nothing): ready again. Only a read cleared the failure the other
     loops had marked, so `/readyz` said "workers not running" — to a load balancer, a process
     to take out — until a long turn ended, while every loop was running again."""
     upstream = await PacedOpenAI(pace=lambda _question: 30.0).start()
-    env = bridge_env(private_redis.url, bot_id, yach, **openai_env(upstream.base_url),
+    env = bridge_env(redis_server.url, bot_id, yach, **openai_env(upstream.base_url),
                      BRIDGE_WORKERS="1", BRIDGE_SESSION_QUEUE_MAX="0",  # holds 2 entries
                      BRIDGE_DRAIN_TIMEOUT_S="0.5")
     try:
@@ -166,9 +153,9 @@ async def test_readyz_is_200_again_after_a_redis_outage_while_the_workers_are_fu
             assert worker is not None
             await wait_until(lambda: len(worker.held) == 2 and len(upstream.started) == 1)
             await asyncio.sleep(1.5)  # stored for good (appendfsync everysec)
-            private_redis.kill()
+            redis_server.kill()
             await wait_until(lambda: not worker.healthy, timeout=10)  # a loop failed
-            private_redis.start()
+            redis_server.start()
             await ready_within(bridge, timeout=10)  # the turn still runs (30 s)
             assert len(worker.held) == 2
     finally:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,16 +20,6 @@ from tests.harness import RunningBridge, bridge_env, group_message, openai_env, 
 from tests.procs import PacedOpenAI, RedisProxy, RedisServer, wait_for
 
 QUESTIONS = [f"stored {n}" for n in range(6)]
-
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 async def _readyz(bridge: RunningBridge) -> int:

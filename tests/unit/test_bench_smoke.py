@@ -88,8 +88,10 @@ def test_ingest_cost_quick(tmp_path: Path) -> None:
     bridge = re.search(r"chatbridge: ([\d,]+) instructions per acknowledged webhook", out)
     bare = re.search(r"bare aiohttp on uvloop: ([\d,]+) instructions per webhook", out)
     assert bridge and bare, out[-1500:]
-    # both counted, and the bridge verifies, parses and stores: it costs more than answering
-    assert int(bridge[1].replace(",", "")) > int(bare[1].replace(",", "")) > 0
+    # Both counted over the load (an aiohttp request is some 200,000 instructions, not the
+    # few thousand of the dump a process writes as it exits), and the bridge verifies,
+    # parses and stores: it costs more than answering.
+    assert int(bridge[1].replace(",", "")) > int(bare[1].replace(",", "")) > 100_000
     assert re.search(r"share of the bare app's rate per core: \d+%", out)
     assert "## Ingest cost in instructions" in results.read_text()
 
