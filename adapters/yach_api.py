@@ -153,13 +153,16 @@ class YachAPI:
         *,
         clock: Callable[[], float] = time.monotonic,
         timeout_s: float = 15.0,
+        connect_timeout_s: float = 5.0,
     ) -> None:
         self.session = session
         self.api_base = api_base.rstrip("/")
         self._app_key = app_key
         self._app_secret = app_secret
         self._clock = clock
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        # A host that drops packets fails a call after the connect timeout, not the total:
+        # a send is retried (or a token fetch fails) 10 s sooner.
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self._token: str | None = None
         self._token_expires_at = 0.0
         # Turns that find the token expired together wait for one fetch, not one each.

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from adapters.yach_api import YachAPI, YachAPIError
 from tests.fakes.base import FakeServer
+from tests.fakes.scripted import unanswered_url
 from tests.fakes.yach import APP_KEY, APP_SECRET, FakeYach
 
 CALLS = 20
@@ -184,3 +185,16 @@ async def test_an_answer_that_does_not_end_is_refused_after_a_mebibyte(
     finally:
         await server.close()
     assert written < 16 * 1048576, written  # the rest was never asked for
+
+
+async def test_a_host_that_drops_packets_fails_the_call_at_the_connect_timeout(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Connecting to an API host that answers nothing (its SYNs dropped) waited the whole
+    15 s of a call, then the send retried; now the connect gives up on its own timeout."""
+    with unanswered_url() as url:
+        client = YachAPI(session, url, APP_KEY, APP_SECRET, timeout_s=30, connect_timeout_s=0.5)
+        started = time.monotonic()
+        with pytest.raises(YachAPIError, match="cannot reach Yach"):
+            await client.access_token()
+        assert time.monotonic() - started < 5
