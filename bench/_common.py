@@ -537,7 +537,8 @@ async def child(*args: str, wrapper: Sequence[str] = ()) -> AsyncIterator[Child]
 
 def callgrind_control(flag: str, pid: int) -> None:
     """`callgrind_control FLAG PID`: `-z` zeroes the counters of a process under callgrind,
-    `-d` dumps them to a file of their own."""
+    `-d` dumps them to a file of their own, `--instr=on` starts counting in a process
+    started with `--instr-atstart=no`."""
     subprocess.run(["callgrind_control", flag, str(pid)], check=True, capture_output=True,
                    timeout=60)  # fmt: skip
 

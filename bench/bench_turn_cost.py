@@ -73,8 +73,9 @@ async def instructions(work: Path, tokens: int, turns: int) -> tuple[int, float]
     try:
         services.start_redis()
         env = bench_env(services.redis.url, yach, upstream.base_url, BRIDGE_REPLY_MODE="final")
+        # Counting nothing until told: the start-up runs several times faster uninstrumented.
         wrapper = ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                   "--dump-instr=no")  # fmt: skip
+                   "--dump-instr=no", "--instr-atstart=no")  # fmt: skip
         bridge = await BridgeProcess(env, work / f"bridge-{tokens}.log", wrapper).start(600)
         services.bridges.append(bridge)
         async with aiohttp.ClientSession() as session:
@@ -88,6 +89,7 @@ async def instructions(work: Path, tokens: int, turns: int) -> tuple[int, float]
                     assert response.status == 200, response.status
                 await asyncio.wait_for(answered[group].wait(), 120)
 
+            callgrind_control("--instr=on", bridge.pid)
             for n in range(WARMUP_TURNS):
                 await turn(-1 - n)
             await asyncio.sleep(0.5)  # the last warm-up turn's record and ack
