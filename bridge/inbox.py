@@ -29,7 +29,7 @@ from redis.typing import EncodableT
 
 from bridge.interfaces import InboundMessage
 from bridge.sessions import START_TURN
-from bridge.store import GROUP, HotPath, InOrder, Keys, as_text
+from bridge.store import ANSWER_TTL_S, GROUP, HotPath, InOrder, Keys, as_text
 
 __all__ = [
     "INBOX_SCRIPTS",
@@ -74,7 +74,7 @@ return removed
 # an older backlog before this batch), and runs `start_turn` on the turns it stored itself.
 # Returns {verdicts, taken}: per message its entry id or false; per entry taken {id, fields,
 # the start's reply or false}. The first error stops the script: what it did before stays.
-# A call that took entries keeps its answer under its own key (`_PUT_ANSWER_TTL_S`; emptied
+# A call that took entries keeps its answer under its own key (`ANSWER_TTL_S`; emptied
 # by a later call once its answer was read): the same call sent again because its answer
 # was lost (a connection cut) gets that answer, and its entries are handed over as if nothing
 # had happened — not left pending, their locks and counted attempts orphaned, until claimed.
@@ -184,10 +184,6 @@ INBOX_SCRIPTS = (_PUT, _ACK)
 # Messages per put script: a larger burst is stored by several calls, one after the other, so
 # that no one script holds Redis for long.
 _MAX_PUT_BATCH = 256
-# How long a put's answer is kept for the same call sent again: a retry comes after the calls
-# before it (each up to the socket timeout, then the client's retries), well within this. Once
-# read it is emptied by the next put (a few bytes until it expires).
-_PUT_ANSWER_TTL_S = 600
 # Put scripts on their way at once: the next batch goes out while the one before it runs in
 # Redis, instead of after its answer (the bridge would wait, idle, at high rates).
 _PUTS_IN_FLIGHT = 2
@@ -387,7 +383,7 @@ class Inbox:
         else:
             self._put_calls += 1
             answer = keys.put_answer(f"{self.consumer}:{self._put_calls}")
-            args += [GROUP, self.consumer, room, answer, *take.start_args, _PUT_ANSWER_TTL_S]
+            args += [GROUP, self.consumer, room, answer, *take.start_args, ANSWER_TTL_S]
         read, self._answers_read = self._answers_read, []
         verdicts, taken = await self._puts.script(self._put_script, [keys.inbox, *read], args)
         if answer and taken:

@@ -30,7 +30,7 @@ from redis.typing import EncodableT, KeyT
 from bridge import jsontext
 from bridge.config import Rate
 from bridge.interfaces import HistoryTurn
-from bridge.store import HotPath, Keys, as_text, ride_out
+from bridge.store import ANSWER_TTL_S, HotPath, Keys, as_text, ride_out
 
 __all__ = [
     "START_TURN",
@@ -329,7 +329,6 @@ class EntryGone(Exception):
 
 
 JOURNAL_TTL_S = 7 * 86400
-_ANSWER_TTL_S = 600  # a start call's answer, for the same call made again (as the put's)
 _OVER_RATE = -2  # what the start script answers for a sender over their limit
 
 T = TypeVar("T")
@@ -486,7 +485,7 @@ class Sessions:
                 self.keys.resetting(chat_session_id),
                 answer,
             ],
-            [entry_id, *self._start_args(with_history, rate, count_attempt), _ANSWER_TTL_S],
+            [entry_id, *self._start_args(with_history, rate, count_attempt), ANSWER_TTL_S],
         )
         start = self.parse_start(reply)
         return start if count_attempt else dataclasses.replace(start, counted=False)

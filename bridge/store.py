@@ -31,6 +31,7 @@ from bridge.config import Settings
 from bridge.tasks import cancel_requested
 
 __all__ = [
+    "ANSWER_TTL_S",
     "SCHEMA_VERSION",
     "EmbeddedRedis",
     "HotPath",
@@ -52,6 +53,10 @@ log = structlog.get_logger(__name__)
 SCHEMA_VERSION = 1
 MIN_REDIS_VERSION = (6, 2)
 GROUP = "workers"
+# How long a start's or a put's answer is kept for the same call made again
+# (`Keys.start_answer`, `Keys.put_answer`): a retry comes after the calls before it (each up
+# to the socket timeout, then the client's retries), well within this.
+ANSWER_TTL_S = 600
 _RETRY_FIRST_S = 0.1
 _RETRY_MAX_S = 1.0
 
