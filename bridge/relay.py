@@ -392,7 +392,8 @@ class TurnRunner:
             sender=message.sender,
             chat_session_id=entry.chat_session_id,
             conversation=state.conversation if same_upstream else None,
-            history=start.history,
+            # Another upstream's session: its history is no part of this conversation.
+            history=start.history if same_upstream else (),
             images=prepared.images,
             created_at_s=(message.created_at_ms or int(time.time() * 1000)) // 1000,
         )

@@ -100,8 +100,8 @@ return 0
 # field/value pairs for the session hash.
 # Marks the journal "recorded" and "complete" (a recorded answer is whole), so a replay (or a
 # retry) of the turn records it only once and adds no cut-off notice. A recorded turn is
-# counted, and it drops a conversation kept for another upstream. A confirmation holds
-# whoever sent the piece, as in a journal write.
+# counted, and it drops a conversation (and history) kept for another upstream. A
+# confirmation holds whoever sent the piece, as in a journal write.
 _SAVE = (
     _HOLDS
     + """
@@ -111,7 +111,10 @@ if KEYS[5] ~= KEYS[3] and redis.call('HEXISTS', KEYS[5], 'recorded') == 1 then r
 if ARGV[6] ~= '' then redis.call('HSETNX', KEYS[3], 'created_at', ARGV[6]) end
 if ARGV[7] ~= '' then
   local was = redis.call('HGET', KEYS[3], 'upstream')
-  if was and was ~= ARGV[7] then redis.call('HSET', KEYS[3], 'conversation', '') end
+  if was and was ~= ARGV[7] then
+    redis.call('HSET', KEYS[3], 'conversation', '')
+    redis.call('DEL', KEYS[4])  -- another upstream's history: not this conversation's
+  end
   redis.call('HSET', KEYS[3], 'upstream', ARGV[7])
   redis.call('HINCRBY', KEYS[3], 'turns', 1)
 end
