@@ -585,7 +585,14 @@ class Sessions:
         return None if value is None else as_text(value).partition(":")[2]
 
     async def queue_length(self, chat_session_id: str) -> int:
-        return int(await self.redis.llen(self.keys.queue(chat_session_id)))
+        """The messages waiting behind the session's running turn (`/status`): its queue
+        holds the running entry too, at its head, which is not waiting."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.lrange(self.keys.queue(chat_session_id), 0, -1)
+            pipe.get(self.keys.lock(chat_session_id))
+            queued, lock = await pipe.execute()
+        running = None if lock is None else as_text(lock).partition(":")[2]
+        return sum(as_text(entry) != running for entry in queued)
 
     # State
 
