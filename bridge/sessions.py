@@ -112,7 +112,7 @@ if ARGV[6] ~= '' then redis.call('HSETNX', KEYS[3], 'created_at', ARGV[6]) end
 if ARGV[7] ~= '' then
   local was = redis.call('HGET', KEYS[3], 'upstream')
   if was and was ~= ARGV[7] then
-    redis.call('HSET', KEYS[3], 'conversation', '')
+    redis.call('HSET', KEYS[3], 'conversation', '{}')
     redis.call('DEL', KEYS[4])  -- another upstream's history: not this conversation's
   end
   redis.call('HSET', KEYS[3], 'upstream', ARGV[7])
@@ -121,6 +121,10 @@ end
 if #ARGV > 8 then
   redis.call('HSET', KEYS[3], unpack(ARGV, 9))
 end
+-- Every field of SPEC §5 from the first write on: no reference yet (or none at all, as with
+-- OpenAI) is an empty object; no turn recorded yet is 0.
+redis.call('HSETNX', KEYS[3], 'conversation', '{}')
+redis.call('HSETNX', KEYS[3], 'turns', 0)
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
 if ARGV[5] ~= '' then
   redis.call('RPUSH', KEYS[4], ARGV[5])
@@ -387,7 +391,8 @@ def _pairs(flat: list[bytes]) -> dict[str, str]:
 
 
 def _state(raw: Mapping[str, str]) -> SessionState:
-    conversation = json.loads(raw["conversation"]) if raw.get("conversation") else None
+    # (`{}`: no reference yet)
+    conversation = (json.loads(raw["conversation"]) or None) if raw.get("conversation") else None
     return SessionState(
         upstream=raw.get("upstream"),
         conversation=conversation,

@@ -229,7 +229,7 @@ async def test_a_turns_record_counts_it_and_drops_another_upstreams_conversation
 
     assert await sessions.save(SESSION, lock, {"last_active": 60}, turn_of="openai")
     state = await redis_client.hgetall(keys.session(SESSION))
-    assert (state[b"upstream"], state[b"turns"], state[b"conversation"]) == (b"openai", b"5", b"")
+    assert (state[b"upstream"], state[b"turns"], state[b"conversation"]) == (b"openai", b"5", b"{}")
     assert state[b"last_active"] == b"60"
 
     assert not await sessions.save(SESSION, "not-the-lock", {}, turn_of="openai")
