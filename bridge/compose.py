@@ -25,9 +25,10 @@ MAX_SUGGESTIONS = 5
 
 # A fence line at any indentation: one inside a (nested) list item is indented as deep as the
 # item's content (CommonMark counts the 0-3 spaces from there). At the margin the indentation
-# is at most 3; only such a fence ends a list item.
-_FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})(.*)$", re.MULTILINE)
-_MARGIN_FENCE = re.compile(r"^ {0,3}(?:`{3,}|~{3,})")
+# is at most 3; only such a fence ends a list item. A backtick fence's info string holds no
+# backtick (CommonMark): a line opening with ```npm install``` is inline code.
+_FENCE = re.compile(r"^[ \t]*(`{3,}(?![^\n]*`)|~{3,})(.*)$", re.MULTILINE)
+_MARGIN_FENCE = re.compile(r"^ {0,3}(?:`{3,}(?![^\n]*`)|~{3,})")
 _FENCE_INDENT_SLACK = 3  # a closer may be indented this much deeper than its opener
 _MATH = re.compile(r"\$\$")
 _INLINE_CODE = re.compile(r"(`+)[^`\n]+?\1")

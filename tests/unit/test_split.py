@@ -92,6 +92,17 @@ def test_an_over_long_nested_fence_is_closed_where_it_was_opened() -> None:
     assert "".join(pieces).count("SELECT") == 600
 
 
+def test_a_line_opening_with_inline_code_in_triple_backticks_is_no_fence() -> None:
+    """CommonMark: a backtick fence's info string holds no backtick, so a line that opens
+    with ```npm install``` is inline code. Taken for a fence left open, it had the prose
+    after it closed and reopened as code, and that line said twice."""
+    text = ("```npm install``` is the command. Next steps follow.\n\n"
+            + ("Some prose sentence here. " * 60 + "\n\n") * 5)
+    pieces = split_text(text, LIMIT)
+    assert "".join(pieces) == text
+    assert all(len(piece) <= LIMIT for piece in pieces)
+
+
 def test_an_over_long_fence_is_closed_and_reopened() -> None:
     code = "~~~sql\n" + "".join(f"SELECT {i};\n" for i in range(1000)) + "~~~\n"
     pieces = split_text(code, LIMIT)
