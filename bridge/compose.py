@@ -103,9 +103,9 @@ def _inside(position: int, spans: Sequence[_Span]) -> bool:
     return any(span.start < position < span.end for span in spans)
 
 
-def _math(text: str, fences: Sequence[_Span]) -> list[_Span]:
+def _math(text: str, code: Sequence[_Span]) -> list[_Span]:
     """`$$ … $$` display math (the OCR pipelines' transcripts and math answers use it)."""
-    marks = [m.start() for m in _MATH.finditer(text) if not _inside(m.start(), fences)]
+    marks = [m.start() for m in _MATH.finditer(text) if not _inside(m.start(), code)]
     spans = [_Span(a, b + 2) for a, b in zip(marks[::2], marks[1::2], strict=False)]
     if len(marks) % 2:
         spans.append(_Span(marks[-1], len(text) + 1))
@@ -188,12 +188,13 @@ def _protected(text: str) -> list[_Span]:
     """Spans a cut must not fall strictly inside."""
     fences = _fences(text)
     outside = [line for line in _lines(text) if not _inside(line[0], fences)]
-    spans = [*fences, *_math(text, fences)]
-    spans += _tables(outside) + _list_items(outside) + _headings_and_quotes(text, outside)
-    spans += [_Span(m.start(), m.end()) for m in _INLINE_CODE.finditer(text)]
+    code = [*fences, *(_Span(m.start(), m.end()) for m in _INLINE_CODE.finditer(text))]
     opened = _open_code_span(text)
     if opened is not None:
-        spans.append(_Span(opened, len(text) + 1))
+        code.append(_Span(opened, len(text) + 1))
+    # `$$` in code (`echo $$`, the shell's PID) opens no display math
+    spans = [*code, *_math(text, code)]
+    spans += _tables(outside) + _list_items(outside) + _headings_and_quotes(text, outside)
     return spans
 
 
