@@ -59,7 +59,8 @@ log = structlog.get_logger(__name__)
 
 _OK = {"code": 200, "msg": "ok"}
 # Made once: json_response would encode the body, and content_type= build the header, per request.
-_OK_BODY = json.dumps(_OK).encode()
+# Compact, byte for byte the body SPEC §4 writes (`json.dumps` puts a space after `:` and `,`).
+_OK_BODY = json.dumps(_OK, separators=(",", ":")).encode()
 _OK_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
 
 

@@ -23,7 +23,13 @@ __all__ = ["Composer", "FlushPolicy", "Standalone", "quote_block", "split_text"]
 
 MAX_SUGGESTIONS = 5
 
-_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$", re.MULTILINE)
+# A fence line at any indentation: one inside a (nested) list item is indented as deep as the
+# item's content (CommonMark counts the 0-3 spaces from there). At the margin the indentation
+# is at most 3; only such a fence ends a list item. A backtick fence's info string holds no
+# backtick (CommonMark): a line opening with ```npm install``` is inline code.
+_FENCE = re.compile(r"^[ \t]*(`{3,}(?![^\n]*`)|~{3,})(.*)$", re.MULTILINE)
+_MARGIN_FENCE = re.compile(r"^ {0,3}(?:`{3,}(?![^\n]*`)|~{3,})")
+_FENCE_INDENT_SLACK = 3  # a closer may be indented this much deeper than its opener
 _MATH = re.compile(r"\$\$")
 _INLINE_CODE = re.compile(r"(`+)[^`\n]+?\1")
 _BACKTICKS = re.compile(r"`+")
@@ -61,6 +67,7 @@ class _Span:
     fence_opener: str = ""  # the opening line of a code fence, e.g. "```python"
     is_fence: bool = False
     is_table: bool = False
+    fence_indent: str = ""  # the indentation of the fence's opening line
 
 
 def _fences(text: str) -> list[_Span]:
@@ -73,21 +80,32 @@ def _fences(text: str) -> list[_Span]:
             match.group(1)[0] == opener.group(1)[0]
             and len(match.group(1)) >= len(opener.group(1))
             and not match.group(2).strip()
+            and _indent_width(match) <= _indent_width(opener) + _FENCE_INDENT_SLACK
         ):
-            spans.append(_Span(opener.start(), match.end(), opener.group(0).strip(), True))
+            spans.append(_fence_span(opener, match.end()))
             opener = None
     if opener is not None:  # still open: nothing after its start may be cut yet
-        spans.append(_Span(opener.start(), len(text) + 1, opener.group(0).strip(), True))
+        spans.append(_fence_span(opener, len(text) + 1))
     return spans
+
+
+def _indent_width(match: re.Match[str]) -> int:
+    return match.start(1) - match.start()
+
+
+def _fence_span(opener: re.Match[str], end: int) -> _Span:
+    line = opener.group(0)
+    indent = line[: _indent_width(opener)]
+    return _Span(opener.start(), end, line.strip(), is_fence=True, fence_indent=indent)
 
 
 def _inside(position: int, spans: Sequence[_Span]) -> bool:
     return any(span.start < position < span.end for span in spans)
 
 
-def _math(text: str, fences: Sequence[_Span]) -> list[_Span]:
+def _math(text: str, code: Sequence[_Span]) -> list[_Span]:
     """`$$ … $$` display math (the OCR pipelines' transcripts and math answers use it)."""
-    marks = [m.start() for m in _MATH.finditer(text) if not _inside(m.start(), fences)]
+    marks = [m.start() for m in _MATH.finditer(text) if not _inside(m.start(), code)]
     spans = [_Span(a, b + 2) for a, b in zip(marks[::2], marks[1::2], strict=False)]
     if len(marks) % 2:
         spans.append(_Span(marks[-1], len(text) + 1))
@@ -147,7 +165,7 @@ def _list_items(lines: Sequence[tuple[int, int, str]]) -> list[_Span]:
             nested = _LIST_MARKER.match(following)
             if not following.strip() or (nested is not None and len(nested.group(1)) <= indent):
                 break
-            if _FENCE.match(following) or _HEADING.match(following):
+            if _MARGIN_FENCE.match(following) or _HEADING.match(following):
                 break
             last_end = next_end
         spans.append(_Span(start, last_end))
@@ -170,12 +188,13 @@ def _protected(text: str) -> list[_Span]:
     """Spans a cut must not fall strictly inside."""
     fences = _fences(text)
     outside = [line for line in _lines(text) if not _inside(line[0], fences)]
-    spans = [*fences, *_math(text, fences)]
-    spans += _tables(outside) + _list_items(outside) + _headings_and_quotes(text, outside)
-    spans += [_Span(m.start(), m.end()) for m in _INLINE_CODE.finditer(text)]
+    code = [*fences, *(_Span(m.start(), m.end()) for m in _INLINE_CODE.finditer(text))]
     opened = _open_code_span(text)
     if opened is not None:
-        spans.append(_Span(opened, len(text) + 1))
+        code.append(_Span(opened, len(text) + 1))
+    # `$$` in code (`echo $$`, the shell's PID) opens no display math
+    spans = [*code, *_math(text, code)]
+    spans += _tables(outside) + _list_items(outside) + _headings_and_quotes(text, outside)
     return spans
 
 
@@ -291,7 +310,11 @@ def _split_fence(text: str, fence: _Span, max_chars: int) -> tuple[str, str]:
     """
     marker = re.match(r"\s*(`{3,}|~{3,})", fence.fence_opener)
     bare = marker.group(1) if marker else "```"
-    closer = "\n" + bare
+    # Closed where it was opened (inside its list item); reopened at the margin, where the
+    # next message begins (indented 4 spaces there it would be no fence but indented code).
+    closer = "\n" + fence.fence_indent + bare
+    if 2 * len(closer) > max_chars:  # an absurd indentation: room for the code comes first
+        closer = "\n" + bare
     limit = max_chars - len(closer)
     body = text.find("\n", fence.start) + 1 or len(text)  # where the code's first line starts
     cut = text.rfind("\n", body, limit) + 1

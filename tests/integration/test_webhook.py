@@ -49,6 +49,17 @@ async def test_signed_message_is_acknowledged_and_answered(bridge: RunningBridge
     assert yach.shown[0].message["at"] == {"atWorkCodes": ["W001"]}
 
 
+async def test_the_ok_answer_is_spec_s_body_byte_for_byte(bridge: RunningBridge) -> None:
+    """SPEC §4 writes the answer out: `200 {"code":200,"msg":"ok"}`. A platform (or a
+    black-box check) may compare the bytes, not the JSON they parse to."""
+    data = json.dumps(group_message("exact"))
+    headers = {"Content-Type": "application/json", **signed_headers()}
+    async with bridge.session.post(f"{bridge.url}/webhook/yach", data=data,
+                                   headers=headers) as response:
+        assert (response.status, await response.read()) == (200, b'{"code":200,"msg":"ok"}')
+        assert response.content_type == "application/json"
+
+
 def _tampered() -> dict[str, str]:
     headers = signed_headers()
     return {**headers, "sign": "AAAA" + headers["sign"][4:]}

@@ -155,6 +155,25 @@ def test_no_piece_ends_inside_a_code_fence(min_chars: int) -> None:
     assert any("```python" in piece and piece.rstrip().endswith("```") for piece in pieces)
 
 
+def test_a_line_opening_with_inline_code_in_triple_backticks_does_not_hold_the_stream() -> None:
+    """```npm install``` at the start of a line is inline code (a backtick fence's info
+    string holds no backtick): taken for a fence still open, it held every piece after it
+    until the end of the turn."""
+    text = "```npm install``` is the command. Next steps follow.\n\n" + "More prose. " * 20
+    pieces = compose(STREAM, chars(text))
+    assert "".join(pieces) == text
+    assert len(pieces) > 3
+
+
+def test_dollars_in_inline_code_open_no_display_math() -> None:
+    """`echo $$` (the shell's PID) is code, not the start of a `$$ … $$` block: taken for
+    one still open, it held every piece after it until the end of the turn."""
+    text = "In bash, `echo $$` prints the PID. Next steps follow.\n\n" + "More prose. " * 20
+    pieces = compose(STREAM, chars(text))
+    assert "".join(pieces) == text
+    assert len(pieces) > 3
+
+
 @pytest.mark.parametrize("min_chars", [0, 1, 10, 30])
 def test_no_piece_ends_inside_a_table(min_chars: int) -> None:
     pieces = compose(FlushPolicy(min_chars=min_chars, max_wait_s=1000), chars(TABLE))

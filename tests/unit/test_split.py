@@ -66,6 +66,43 @@ def test_a_fence_that_fits_is_never_split() -> None:
     assert all(len(re.findall(r"^```", piece, re.MULTILINE)) % 2 == 0 for piece in pieces)
 
 
+def test_a_fence_nested_in_a_list_item_that_fits_is_never_split() -> None:
+    """A fence inside a nested list item is indented four spaces or more (CommonMark counts
+    the indentation from the item's content): it is a code fence all the same, and one that
+    fits in a message is never cut, not at a blank line of its code either."""
+    code = "\n".join(f"    x{i} = compute({i})" for i in range(30))
+    fence = "    ```python\n" + code + "\n\n" + code + "\n    ```\n"
+    text = ("Intro sentence here. " * 200 + "\n\n- Install the tool first:\n"
+            "  - On Linux, run:\n" + fence + "\nDone. That is all.\n")
+    pieces = split_text(text, LIMIT)
+    assert "".join(pieces) == text
+    assert any(fence in piece for piece in pieces), [piece[-200:] for piece in pieces]
+
+
+def test_an_over_long_nested_fence_is_closed_where_it_was_opened() -> None:
+    """Closed at the opener's indentation (a closer at the margin would end the list item
+    and open a fence of its own); reopened at the margin, where the next message begins."""
+    code = "".join(f"    SELECT {i};\n" for i in range(600))
+    text = "- Query:\n  - run:\n    ```sql\n" + code + "    ```\n"
+    pieces = split_text(text, LIMIT)
+    assert len(pieces) >= 2 and all(len(piece) <= LIMIT for piece in pieces)
+    assert pieces[0].endswith("\n    ```")
+    assert all(piece.startswith("```sql\n") for piece in pieces[1:])
+    assert all(piece.rstrip("\n").endswith("```") for piece in pieces)
+    assert "".join(pieces).count("SELECT") == 600
+
+
+def test_a_line_opening_with_inline_code_in_triple_backticks_is_no_fence() -> None:
+    """CommonMark: a backtick fence's info string holds no backtick, so a line that opens
+    with ```npm install``` is inline code. Taken for a fence left open, it had the prose
+    after it closed and reopened as code, and that line said twice."""
+    text = ("```npm install``` is the command. Next steps follow.\n\n"
+            + ("Some prose sentence here. " * 60 + "\n\n") * 5)
+    pieces = split_text(text, LIMIT)
+    assert "".join(pieces) == text
+    assert all(len(piece) <= LIMIT for piece in pieces)
+
+
 def test_an_over_long_fence_is_closed_and_reopened() -> None:
     code = "~~~sql\n" + "".join(f"SELECT {i};\n" for i in range(1000)) + "~~~\n"
     pieces = split_text(code, LIMIT)
