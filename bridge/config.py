@@ -348,6 +348,14 @@ REQUIRED_BY_IMAGE_PIPELINE: dict[str, tuple[str, ...]] = {
     "ocr": ("ocr_base_url", "ocr_model"),
     "autocut+ocr": ("ocr_base_url", "ocr_model", "autocut_url"),
 }
+# The pipelines that hand the images themselves to the upstream, and the upstreams that read
+# them: `native` passes the URLs (yach-agent's `image_text`), `vision` adds the bytes as data
+# URLs (OpenAI's `image_url` parts; yach-agent is still passed the URLs). Another upstream
+# would get the text alone, the image dropped unseen.
+IMAGES_READ_BY: dict[str, tuple[str, ...]] = {
+    "native": ("yach-agent",),
+    "vision": ("openai", "yach-agent"),
+}
 
 
 def _read_raw(attr: str, env: Mapping[str, str], problems: list[str]) -> str | None:
@@ -413,6 +421,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, command: str = "run")
     if command in ("run", "check", "chat"):
         problems.extend(_missing(settings, command, invalid))
         problems.extend(_not_found(settings))
+        problems.extend(_images_unread(settings))
     if problems:
         raise ConfigError(problems)
     return settings
@@ -445,6 +454,19 @@ def _not_found(settings: Settings) -> list[str]:
     return [
         f"BRIDGE_REPLAY_FILE: no such file or folder {str(path)!r}; "
         f"example: BRIDGE_REPLAY_FILE={_example('replay_file')}"
+    ]
+
+
+def _images_unread(settings: Settings) -> list[str]:
+    """A pipeline that hands images to an upstream that does not read them."""
+    pipeline, upstream = settings.image_pipeline, settings.upstream
+    readers = IMAGES_READ_BY.get(pipeline or "")
+    if upstream is None or readers is None or upstream in readers:
+        return []
+    return [
+        f"BRIDGE_IMAGE_PIPELINE: {pipeline} hands images to the upstream, and {upstream} does "
+        f"not read them (only {' and '.join(readers)}: with {upstream} a question's image "
+        f"would be dropped unseen); example: BRIDGE_IMAGE_PIPELINE=ocr"
     ]
 
 

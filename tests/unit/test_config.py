@@ -76,6 +76,42 @@ def test_an_invalid_value_is_one_problem_not_also_a_missing_one() -> None:
     assert len(found) == 1 and found[0].startswith("BRIDGE_OCR_BASE_URL: invalid value")
 
 
+@pytest.mark.parametrize(
+    ("upstream", "pipeline"),
+    [("dify", "native"), ("coze", "vision"), ("openai", "native"), ("hiagent", "vision")],
+)
+def test_a_pipeline_handing_images_to_an_upstream_that_ignores_them_is_refused(
+    upstream: str, pipeline: str
+) -> None:
+    """`native` and `vision` pass the image itself on: to an upstream that does not read it
+    the question would arrive without it, and be answered as if none had been sent."""
+    env = {"BRIDGE_UPSTREAM": upstream, "BRIDGE_IMAGE_PIPELINE": pipeline,
+           "BRIDGE_YACH_SECRET": "s", "BRIDGE_PORT": "eighty"}
+    found = problems(env, command="check")
+    unread = [line for line in found if line.startswith("BRIDGE_IMAGE_PIPELINE:")]
+    assert unread == [
+        f"BRIDGE_IMAGE_PIPELINE: {pipeline} hands images to the upstream, and {upstream} does "
+        f"not read them (only {'yach-agent' if pipeline == 'native' else 'openai and yach-agent'}"
+        f": with {upstream} a question's image would be dropped unseen); example: "
+        f"BRIDGE_IMAGE_PIPELINE=ocr"
+    ]
+    assert any(line.startswith("BRIDGE_PORT:") for line in found)  # listed with the others
+
+
+@pytest.mark.parametrize(
+    ("upstream", "pipeline"),
+    [("yach-agent", "native"), ("openai", "vision"), ("yach-agent", "vision"), ("dify", "none"),
+     ("coze", "ocr"), ("dify", None), ("hiagent", None)],
+)
+def test_a_pipeline_the_upstream_can_use_is_accepted(upstream: str, pipeline: str | None) -> None:
+    env = {"BRIDGE_UPSTREAM": upstream, "BRIDGE_YACH_SECRET": "s", "BRIDGE_OCR_MODEL": "m",
+           "BRIDGE_OCR_BASE_URL": "https://ocr.example/v1"}
+    if pipeline is not None:
+        env["BRIDGE_IMAGE_PIPELINE"] = pipeline
+    found = problems(env)  # the upstream's own credentials are missing here, nothing else
+    assert not any(line.startswith("BRIDGE_IMAGE_PIPELINE") for line in found), found
+
+
 def test_a_replay_file_needs_its_format_listed_with_the_other_problems(tmp_path: Path) -> None:
     recording = tmp_path / "answer.sse"
     recording.write_text("data: [DONE]\n\n")
