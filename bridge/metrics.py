@@ -144,12 +144,14 @@ class Metrics:
         )
         self.info.labels(bot=bot, version=version).set(1)
         # Series that exist from the start, so rate() and alerts see a 0 before the first event.
-        # The webhook's children are kept: `labels()` costs more than the increment.
+        # The children counted per webhook and per send are kept: `labels()` (a lock, the label
+        # values checked and joined) costs more than the increment.
         self._webhook_by_status = {
             int(status): self.webhook_requests.labels(status=status) for status in WEBHOOK_STATUSES
         }
-        for outcome in IM_SEND_OUTCOMES:
-            self.im_sends.labels(outcome=outcome)
+        self._sends_by_outcome = {
+            outcome: self.im_sends.labels(outcome=outcome) for outcome in IM_SEND_OUTCOMES
+        }
 
     def count_webhook(self, status: int) -> None:
         """One webhook request answered with `status`."""
@@ -157,6 +159,10 @@ class Metrics:
         if child is None:  # a status outside the usual few (a 404, a 500)
             child = self._webhook_by_status[status] = self.webhook_requests.labels(status=status)
         child.inc()
+
+    def count_send(self, outcome: str) -> None:
+        """One send to the IM ended with `outcome`, one of `IM_SEND_OUTCOMES`."""
+        self._sends_by_outcome[outcome].inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type, for `GET /metrics`.

@@ -171,10 +171,10 @@ class Outbox:
             await self.im.send(target, piece)
         except SendError as exc:
             if exc.retry_after is not None:
-                self._metrics.im_sends.labels(outcome="rate_limited").inc()
+                self._metrics.count_send("rate_limited")
                 self._pause(exc.retry_after)
             else:
-                self._metrics.im_sends.labels(outcome="error").inc()
+                self._metrics.count_send("error")
             log.warning(
                 "im_send_failed",
                 reason=exc.reason,
@@ -182,7 +182,7 @@ class Outbox:
                 retry_after=exc.retry_after,
             )
             raise
-        self._metrics.im_sends.labels(outcome="ok").inc()
+        self._metrics.count_send("ok")
 
     def _pause(self, seconds: float) -> None:
         """Hold every send of this process until the platform's advised time has passed."""

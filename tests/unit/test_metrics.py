@@ -164,3 +164,16 @@ def test_webhook_statuses_are_counted_also_outside_the_usual_few() -> None:
         for sample in family.samples
     }
     assert counts == {"200": 2, "400": 0, "401": 0, "413": 0, "500": 1, "503": 1}
+
+
+def test_sends_are_counted_by_outcome() -> None:
+    metrics = Metrics("bot", "1.0")
+    for outcome in ("ok", "ok", "rate_limited", "ok"):
+        metrics.count_send(outcome)
+    counts = {
+        sample.labels["outcome"]: sample.value
+        for family in text_string_to_metric_families(metrics.render()[0].decode())
+        if family.name == "chatbridge_im_sends"
+        for sample in family.samples
+    }
+    assert counts == {"ok": 3, "error": 0, "rate_limited": 1}
