@@ -552,7 +552,6 @@ def callgrind_total(out: Path) -> int:
     raise RuntimeError(f"no summary line in {dumps[-1]}")
 
 
-
 _TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 

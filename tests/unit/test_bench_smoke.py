@@ -79,6 +79,17 @@ def test_turn_cost_quick(tmp_path: Path) -> None:
     assert per_turn and per_token, out[-1500:]
     # a turn is millions of instructions, a token far fewer: both were counted, not zero
     assert int(per_turn[1].replace(",", "")) > 10 * int(per_token[1].replace(",", "")) > 0
+    per_piece = re.search(r"instructions per piece in stream mode .*?: ([\d,]+); the floor's "
+                          r".*? ([\d,]+): the bridge [\d.]+× the floor \((\d+) and (\d+) "
+                          r"pieces", out)
+    assert per_piece, out[-1500:]
+    bridge, floor, bridge_pieces, floor_pieces = (
+        int(n.replace(",", "")) for n in per_piece.groups()
+    )
+    # A piece is a Redis write and an HTTP POST: hundreds of thousands of instructions. (On a
+    # loaded machine tokens may merge into fewer pieces: counted, not assumed.)
+    assert bridge > 100_000 and floor > 100_000
+    assert bridge_pieces > 0 and floor_pieces > 0
     assert "## Turn cost in instructions" in results.read_text()
 
 
