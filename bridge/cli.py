@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         # not exit 0 ("the configuration is good"); `chat` and `demo` install their own.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if args.command == "check":
+        # Ctrl-C ends a `check` as SIGTERM does, by the signal: it printed a traceback
+        # (KeyboardInterrupt out of asyncio.run), as if the check itself had failed.
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         return asyncio.run(_check(os.environ, probe=args.probe))
     if args.command == "demo":
         return _terminal(_demo_environment(os.environ), "demo")
