@@ -28,6 +28,7 @@ PREFIX = "BRIDGE_"
 PLACEHOLDER = "change-me"
 UPSTREAMS = ("openai", "hiagent", "coze", "dify", "aimaster", "yach-agent", "chatgpt-web", "replay")
 IMAGE_PIPELINES = ("none", "native", "vision", "ocr", "autocut+ocr")
+REPLAY_FORMATS = ("hiagent", "aimaster", "openai", "coze", "dify")
 
 
 class ConfigError(Exception):
@@ -294,7 +295,7 @@ class Settings:
     chatgpt_model: str = _var("auto", example="gpt-4o")
     replay_file: Path | None = _var(None, parse=Path, example="/path/to/recording.sse")
     replay_format: str | None = _var(
-        None, parse=_choice("hiagent", "aimaster", "openai", "coze", "dify"), example="hiagent"
+        None, parse=_choice(*REPLAY_FORMATS), example="hiagent"
     )
     replay_cps: float = _var(0.0, parse=_parse_nonneg_float, example="200")
 
@@ -440,12 +441,28 @@ def _not_found(settings: Settings) -> list[str]:
     """Paths the configuration names that do not exist: listed with the other problems, not
     by the one part that opens them once everything else is right."""
     path = settings.replay_file if settings.upstream == "replay" else None
-    if path is None or path.exists():
+    if path is None:
         return []
-    return [
-        f"BRIDGE_REPLAY_FILE: no such file or folder {str(path)!r}; "
-        f"example: BRIDGE_REPLAY_FILE={_example('replay_file')}"
-    ]
+    if not path.exists():
+        why = f"no such file or folder {str(path)!r}"
+    elif path.is_dir() and not _has_recordings(path):
+        why = (f"the folder {str(path)!r} holds no recordings (.sse files named after their "
+               f"format: {', '.join(f'{fmt}-….sse' for fmt in REPLAY_FORMATS)})")
+    else:
+        return []
+    return [f"BRIDGE_REPLAY_FILE: {why}; example: BRIDGE_REPLAY_FILE={_example('replay_file')}"]
+
+
+def _has_recordings(folder: Path) -> bool:
+    """Whether the replay upstream finds something to play in `folder` (as
+    `adapters.upstream.replay.recordings_in` picks its files)."""
+    try:
+        names = [entry.name for entry in folder.iterdir()]
+    except OSError:
+        return True  # unreadable: the adapter says why
+    return any(
+        name.endswith(".sse") and name.partition("-")[0] in REPLAY_FORMATS for name in names
+    )
 
 
 def _example(attr: str) -> str:

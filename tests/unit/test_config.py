@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from adapters.upstream.replay import FORMATS
 from bridge.config import (
+    REPLAY_FORMATS,
     ConfigError,
     Rate,
     Settings,
@@ -84,7 +86,23 @@ def test_a_replay_file_needs_its_format_listed_with_the_other_problems(tmp_path:
     assert {line.split(":")[0] for line in problems(env)} == {
         "BRIDGE_PORT", "BRIDGE_REPLAY_FORMAT",
     }
-    assert load_settings({**env, "BRIDGE_PORT": "0", "BRIDGE_REPLAY_FILE": str(tmp_path)})
+    folder = tmp_path / "recordings"  # a folder's files are named by their format
+    folder.mkdir()
+    (folder / "openai-answer.sse").write_text("data: [DONE]\n\n")
+    assert load_settings({**env, "BRIDGE_PORT": "0", "BRIDGE_REPLAY_FILE": str(folder)})
+
+
+def test_a_replay_folder_without_recordings_is_a_problem_of_its_variable(tmp_path: Path) -> None:
+    """A folder holding no `<format>-….sse` file: `run` and `check` said "BRIDGE_UPSTREAM=replay
+    cannot be set up: nothing to replay", naming another variable and giving no example
+    (SPEC §1: one line per problem naming the variable, what is wrong and an example)."""
+    (tmp_path / "answer.sse").write_text("data: [DONE]\n\n")  # no format in its name
+    env = {"BRIDGE_UPSTREAM": "replay", "BRIDGE_REPLAY_FILE": str(tmp_path),
+           "BRIDGE_YACH_SECRET": "s", "BRIDGE_PORT": "eighty"}
+    found = problems(env)
+    assert [line.split(":")[0] for line in found] == ["BRIDGE_PORT", "BRIDGE_REPLAY_FILE"]
+    assert "no recordings" in found[1] and "example: BRIDGE_REPLAY_FILE=" in found[1]
+    assert set(REPLAY_FORMATS) == set(FORMATS)  # the formats the adapter plays
 
 
 def test_a_replay_file_that_does_not_exist_is_listed_with_the_other_problems(
