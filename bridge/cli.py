@@ -37,7 +37,6 @@ from bridge.app import STATE, Bridge, build_app, drain
 from bridge.config import (
     ConfigError,
     Settings,
-    env_name,
     given_value,
     load_settings,
     masked_settings,
@@ -268,10 +267,13 @@ async def _check(env: Mapping[str, str], *, probe: bool) -> int:
     terminal, not even inside a URL (`redis://:password@…`) or an error message.
     """
     _register_given_secrets(env)
-    known = sorted({env_name(spec.name) for spec in fields(Settings)})
+    # Compared without the `BRIDGE_` all share: with it, unrelated names looked alike
+    # (BRIDGE_TIMEOUT: "did you mean BRIDGE_IM?").
+    known = sorted({spec.name.upper() for spec in fields(Settings)})
     for name in unknown_variables(env):
-        close = difflib.get_close_matches(name.removesuffix("_FILE"), known, n=1, cutoff=0.75)
-        hint = f"; did you mean {close[0]}?" if close else " (a typo?)"
+        bare = name.removeprefix("BRIDGE_").removesuffix("_FILE")
+        close = difflib.get_close_matches(bare, known, n=1, cutoff=0.75)
+        hint = f"; did you mean BRIDGE_{close[0]}?" if close else " (a typo?)"
         print(f"warning: {name} is not a chatbridge variable{hint}")
     try:
         settings = load_settings(env, command="check")

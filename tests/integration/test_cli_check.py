@@ -160,6 +160,18 @@ async def test_unknown_variables_are_warnings_not_errors(tmp_path: Path) -> None
     assert any("BRIDGE_WHATEVER" in w for w in warnings)
 
 
+async def test_an_unknown_variable_is_not_matched_to_an_unrelated_one(tmp_path: Path) -> None:
+    """The `BRIDGE_` every name shares made unrelated names look alike: BRIDGE_TIMEOUT
+    got "did you mean BRIDGE_IM?", BRIDGE_FOO "did you mean BRIDGE_PORT?"."""
+    env = good_env(tmp_path, BRIDGE_TIMEOUT="30", BRIDGE_FOO="1", BRIDGE_LOGLEVEL="debug")
+    result = await check(env)
+    assert result.code == 0, result.out
+    warnings = {line.split()[1]: line for line in result.lines if line.startswith("warning: ")}
+    assert "did you mean" not in warnings["BRIDGE_TIMEOUT"], warnings
+    assert "did you mean" not in warnings["BRIDGE_FOO"], warnings
+    assert "did you mean BRIDGE_LOG_LEVEL?" in warnings["BRIDGE_LOGLEVEL"], warnings
+
+
 async def test_a_redis_that_refuses_is_exit_1_without_its_password(tmp_path: Path) -> None:
     port = refused_port()
     url = f"redis://:hunter2-redis-password@127.0.0.1:{port}/0"
