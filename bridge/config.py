@@ -504,6 +504,8 @@ def masked_settings(settings: Settings) -> list[tuple[str, str]]:
         value = getattr(settings, spec.name)
         if value is None and spec.name in _DERIVED:
             text = f"{getattr(settings, _DERIVED[spec.name])} (default)"
+        elif value is None and spec.name == "yach_robot_secret" and settings.yach_sign_secret:
+            text = f"{_shown(settings.yach_sign_secret, True)} (default: BRIDGE_YACH_SECRET)"
         else:
             empty = "(none)" if spec.name in _EMPTY_ALLOWS_NONE else "(all)"
             text = _shown(value, spec.metadata["secret"], empty=empty)

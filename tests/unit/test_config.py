@@ -261,3 +261,16 @@ def test_a_value_that_is_no_number_is_said_so_in_plain_words(
     [line] = problems({**OPENAI, name: raw})
     assert line.startswith(f"{name}: invalid value {raw!r}: {said}")
     assert "literal" not in line and "convert" not in line and "int()" not in line
+
+
+def test_an_unset_robot_secret_is_shown_as_the_chat_robot_secret_it_resolves_to() -> None:
+    """BRIDGE_YACH_ROBOT_SECRET defaults to BRIDGE_YACH_SECRET (SPEC §2), and outbound robot
+    sends are signed with it: `check` showed "(unset)", as if they went unsigned."""
+    shown = dict(masked_settings(load_settings(OPENAI)))
+    assert shown["BRIDGE_YACH_ROBOT_SECRET"] != "(unset)"
+    assert "BRIDGE_YACH_SECRET" in shown["BRIDGE_YACH_ROBOT_SECRET"]
+    assert "SEC-yach-secret-456" not in shown["BRIDGE_YACH_ROBOT_SECRET"]
+    insecure = {"BRIDGE_UPSTREAM": "replay", "BRIDGE_REPLAY_FILE": ".", "BRIDGE_YACH_INSECURE": "1"}
+    assert dict(masked_settings(load_settings(insecure, command="demo")))[
+        "BRIDGE_YACH_ROBOT_SECRET"
+    ] == "(unset)"
