@@ -153,7 +153,10 @@ def _parse_url(raw: str) -> str:
 def _parse_redis_url(raw: str) -> str:
     if not raw.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must be a redis://, rediss:// or unix:// URL")
-    parse_url(raw)  # as the client will: a port that is no number, or out of range
+    parsed = parse_url(raw)  # as the client will: a port that is no number, or out of range
+    if raw.startswith("unix://") and not parsed.get("path"):
+        # Else a runtime failure, "Error 22 connecting to . Invalid argument." (exit 1)
+        raise ValueError("a unix:// URL needs the socket's path (unix:///path/to/redis.sock)")
     return raw
 
 

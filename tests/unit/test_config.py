@@ -198,7 +198,9 @@ def test_a_duration_or_rate_that_is_not_a_finite_number_is_refused(raw: str) -> 
     }
 
 
-@pytest.mark.parametrize("url", ["redis://localhost:notaport/0", "redis://h:99999", "http://h"])
+@pytest.mark.parametrize(
+    "url", ["redis://localhost:notaport/0", "redis://h:99999", "http://h", "unix://", "unix://?db=1"]
+)
 def test_a_redis_url_that_cannot_be_used_is_a_configuration_error(url: str) -> None:
     assert [line.split(":")[0] for line in problems({**OPENAI, "BRIDGE_REDIS_URL": url})] == [
         "BRIDGE_REDIS_URL"
