@@ -400,7 +400,10 @@ def load_settings(env: Mapping[str, str] | None = None, *, command: str = "run")
     values: dict[str, Any] = {}
     invalid: set[str] = set()  # reported as invalid: not reported missing as well
     for spec in fields(Settings):
+        known_problems = len(problems)
         raw = _read_raw(spec.name, env, problems)
+        if len(problems) > known_problems:
+            invalid.add(spec.name)  # its _FILE cannot be read: not also "required but not set"
         if raw is None:
             continue
         try:

@@ -276,3 +276,14 @@ def test_an_unset_robot_secret_is_shown_as_the_chat_robot_secret_it_resolves_to(
     assert dict(masked_settings(load_settings(insecure, command="demo")))[
         "BRIDGE_YACH_ROBOT_SECRET"
     ] == "(unset)"
+
+
+def test_an_unreadable_secret_file_is_one_problem_not_also_a_missing_secret(
+    tmp_path: Path,
+) -> None:
+    """One line per problem (SPEC §1): the file that cannot be read, not also "required but
+    not set" for a secret the operator did set, through that file."""
+    env = {**OPENAI, "BRIDGE_OPENAI_API_KEY": "change-me",
+           "BRIDGE_OPENAI_API_KEY_FILE": str(tmp_path / "missing")}  # fmt: skip
+    [line] = problems(env)
+    assert line.startswith("BRIDGE_OPENAI_API_KEY_FILE: cannot read"), line
