@@ -37,7 +37,6 @@ from bridge.app import STATE, Bridge, build_app, drain
 from bridge.config import (
     ConfigError,
     Settings,
-    env_name,
     given_value,
     load_settings,
     masked_settings,
@@ -81,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         # not exit 0 ("the configuration is good"); `chat` and `demo` install their own.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if args.command == "check":
+        # Ctrl-C ends a `check` as SIGTERM does, by the signal: it printed a traceback
+        # (KeyboardInterrupt out of asyncio.run), as if the check itself had failed.
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         return asyncio.run(_check(os.environ, probe=args.probe))
     if args.command == "demo":
         return _terminal(_demo_environment(os.environ), "demo")
@@ -100,6 +103,9 @@ def _run_on_loop(main: Coroutine[Any, Any, int]) -> int:
 
 
 def _settings_or_exit(env: Mapping[str, str], command: str) -> Settings | int:
+    # As `check` does: a secret pasted into another variable too is masked in that
+    # variable's problem line (printed in full by `run` and `chat`, masked by `check`).
+    _register_given_secrets(env)
     try:
         return load_settings(env, command=command)
     except ConfigError as exc:
@@ -260,11 +266,14 @@ async def _check(env: Mapping[str, str], *, probe: bool) -> int:
     `load_settings`, which leaves the examples readable): a secret never reaches the
     terminal, not even inside a URL (`redis://:password@…`) or an error message.
     """
-    register_secrets(env.get(env_name(spec.name)) for spec in fields(Settings) if _secret(spec))
-    known = sorted({env_name(spec.name) for spec in fields(Settings)})
+    _register_given_secrets(env)
+    # Compared without the `BRIDGE_` all share: with it, unrelated names looked alike
+    # (BRIDGE_TIMEOUT: "did you mean BRIDGE_IM?").
+    known = sorted({spec.name.upper() for spec in fields(Settings)})
     for name in unknown_variables(env):
-        close = difflib.get_close_matches(name.removesuffix("_FILE"), known, n=1, cutoff=0.75)
-        hint = f"; did you mean {close[0]}?" if close else " (a typo?)"
+        bare = name.removeprefix("BRIDGE_").removesuffix("_FILE")
+        close = difflib.get_close_matches(bare, known, n=1, cutoff=0.75)
+        hint = f"; did you mean BRIDGE_{close[0]}?" if close else " (a typo?)"
         print(f"warning: {name} is not a chatbridge variable{hint}")
     try:
         settings = load_settings(env, command="check")
@@ -288,6 +297,11 @@ async def _check(env: Mapping[str, str], *, probe: bool) -> int:
 
 def _secret(spec: Field[Any]) -> bool:
     return bool(spec.metadata.get("secret"))
+
+
+def _register_given_secrets(env: Mapping[str, str]) -> None:
+    """Mask every secret `env` gives (itself or its `_FILE`) before its problems are shown."""
+    register_secrets(given_value(spec.name, env) for spec in fields(Settings) if _secret(spec))
 
 
 def _plain_client(url: str) -> aioredis.Redis:

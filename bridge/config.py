@@ -28,6 +28,7 @@ PREFIX = "BRIDGE_"
 PLACEHOLDER = "change-me"
 UPSTREAMS = ("openai", "hiagent", "coze", "dify", "aimaster", "yach-agent", "chatgpt-web", "replay")
 IMAGE_PIPELINES = ("none", "native", "vision", "ocr", "autocut+ocr")
+REPLAY_FORMATS = ("hiagent", "aimaster", "openai", "coze", "dify")
 
 
 class ConfigError(Exception):
@@ -152,7 +153,10 @@ def _parse_url(raw: str) -> str:
 def _parse_redis_url(raw: str) -> str:
     if not raw.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must be a redis://, rediss:// or unix:// URL")
-    parse_url(raw)  # as the client will: a port that is no number, or out of range
+    parsed = parse_url(raw)  # as the client will: a port that is no number, or out of range
+    if raw.startswith("unix://") and not parsed.get("path"):
+        # Else a runtime failure, "Error 22 connecting to . Invalid argument." (exit 1)
+        raise ValueError("a unix:// URL needs the socket's path (unix:///path/to/redis.sock)")
     return raw
 
 
@@ -294,7 +298,7 @@ class Settings:
     chatgpt_model: str = _var("auto", example="gpt-4o")
     replay_file: Path | None = _var(None, parse=Path, example="/path/to/recording.sse")
     replay_format: str | None = _var(
-        None, parse=_choice("hiagent", "aimaster", "openai", "coze", "dify"), example="hiagent"
+        None, parse=_choice(*REPLAY_FORMATS), example="hiagent"
     )
     replay_cps: float = _var(0.0, parse=_parse_nonneg_float, example="200")
 
@@ -404,7 +408,10 @@ def load_settings(env: Mapping[str, str] | None = None, *, command: str = "run")
     values: dict[str, Any] = {}
     invalid: set[str] = set()  # reported as invalid: not reported missing as well
     for spec in fields(Settings):
+        known_problems = len(problems)
         raw = _read_raw(spec.name, env, problems)
+        if len(problems) > known_problems:
+            invalid.add(spec.name)  # its _FILE cannot be read: not also "required but not set"
         if raw is None:
             continue
         try:
@@ -449,12 +456,28 @@ def _not_found(settings: Settings) -> list[str]:
     """Paths the configuration names that do not exist: listed with the other problems, not
     by the one part that opens them once everything else is right."""
     path = settings.replay_file if settings.upstream == "replay" else None
-    if path is None or path.exists():
+    if path is None:
         return []
-    return [
-        f"BRIDGE_REPLAY_FILE: no such file or folder {str(path)!r}; "
-        f"example: BRIDGE_REPLAY_FILE={_example('replay_file')}"
-    ]
+    if not path.exists():
+        why = f"no such file or folder {str(path)!r}"
+    elif path.is_dir() and not _has_recordings(path):
+        why = (f"the folder {str(path)!r} holds no recordings (.sse files named after their "
+               f"format: {', '.join(f'{fmt}-….sse' for fmt in REPLAY_FORMATS)})")
+    else:
+        return []
+    return [f"BRIDGE_REPLAY_FILE: {why}; example: BRIDGE_REPLAY_FILE={_example('replay_file')}"]
+
+
+def _has_recordings(folder: Path) -> bool:
+    """Whether the replay upstream finds something to play in `folder` (as
+    `adapters.upstream.replay.recordings_in` picks its files)."""
+    try:
+        names = [entry.name for entry in folder.iterdir()]
+    except OSError:
+        return True  # unreadable: the adapter says why
+    return any(
+        name.endswith(".sse") and name.partition("-")[0] in REPLAY_FORMATS for name in names
+    )
 
 
 def _images_unread(settings: Settings) -> list[str]:
@@ -509,6 +532,8 @@ def masked_settings(settings: Settings) -> list[tuple[str, str]]:
         value = getattr(settings, spec.name)
         if value is None and spec.name in _DERIVED:
             text = f"{getattr(settings, _DERIVED[spec.name])} (default)"
+        elif value is None and spec.name == "yach_robot_secret" and settings.yach_sign_secret:
+            text = f"{_shown(settings.yach_sign_secret, True)} (default: BRIDGE_YACH_SECRET)"
         else:
             empty = "(none)" if spec.name in _EMPTY_ALLOWS_NONE else "(all)"
             text = _shown(value, spec.metadata["secret"], empty=empty)

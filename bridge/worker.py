@@ -255,9 +255,9 @@ class Worker:
                 if entry.entry_id not in self.held:
                     log.info(
                         "entry_claimed",
-                        msg_id=entry.message.im_msg_id,
                         entry=entry.entry_id,
                         deliveries=entry.deliveries,
+                        **self._turn_fields(entry),
                     )
                     self._take(entry)
             await self.inbox.set_aside_unreadable()
@@ -327,7 +327,13 @@ class Worker:
         held = self.held.get(entry_id)
         if held is None or held.phase is _Phase.FINISHING or held.lost or held.stop_requested:
             return
-        log.warning("entry_lost", entry=entry_id, reason=reason, phase=held.phase.value)
+        log.warning(
+            "entry_lost",
+            entry=entry_id,
+            reason=reason,
+            phase=held.phase.value,
+            **self._turn_fields(held.entry),
+        )
         held.lost = True
         if held.task is not None:
             held.task.cancel()
@@ -371,15 +377,19 @@ class Worker:
         self.held[entry.entry_id] = held
         held.task = asyncio.create_task(self._handle(held), name=f"entry-{entry.entry_id}")
 
+    def _turn_fields(self, entry: Entry) -> dict[str, str]:
+        """What every log line about the turn of `entry` carries (SPEC §9); bound in its
+        task, given explicitly by the loops that log about it from outside that task."""
+        return {
+            "bot": self.settings.bot_id,
+            "chat_session_id": entry.chat_session_id,
+            "msg_id": entry.message.im_msg_id or entry.entry_id,
+            "upstream": self.runner.upstream.name,
+        }
+
     async def _handle(self, held: _Held) -> None:
         entry = held.entry
-        message = entry.message
-        structlog.contextvars.bind_contextvars(
-            bot=self.settings.bot_id,
-            chat_session_id=entry.chat_session_id,
-            msg_id=message.im_msg_id or entry.entry_id,
-            upstream=self.runner.upstream.name,
-        )
+        structlog.contextvars.bind_contextvars(**self._turn_fields(entry))
         try:
             await self._dispatch(held)
             self.completed += 1

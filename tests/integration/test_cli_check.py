@@ -160,6 +160,18 @@ async def test_unknown_variables_are_warnings_not_errors(tmp_path: Path) -> None
     assert any("BRIDGE_WHATEVER" in w for w in warnings)
 
 
+async def test_an_unknown_variable_is_not_matched_to_an_unrelated_one(tmp_path: Path) -> None:
+    """The `BRIDGE_` every name shares made unrelated names look alike: BRIDGE_TIMEOUT
+    got "did you mean BRIDGE_IM?", BRIDGE_FOO "did you mean BRIDGE_PORT?"."""
+    env = good_env(tmp_path, BRIDGE_TIMEOUT="30", BRIDGE_FOO="1", BRIDGE_LOGLEVEL="debug")
+    result = await check(env)
+    assert result.code == 0, result.out
+    warnings = {line.split()[1]: line for line in result.lines if line.startswith("warning: ")}
+    assert "did you mean" not in warnings["BRIDGE_TIMEOUT"], warnings
+    assert "did you mean" not in warnings["BRIDGE_FOO"], warnings
+    assert "did you mean BRIDGE_LOG_LEVEL?" in warnings["BRIDGE_LOGLEVEL"], warnings
+
+
 async def test_a_redis_that_refuses_is_exit_1_without_its_password(tmp_path: Path) -> None:
     port = refused_port()
     url = f"redis://:hunter2-redis-password@127.0.0.1:{port}/0"
@@ -263,3 +275,42 @@ async def test_the_upstream_adapter_is_built_as_run_builds_it(tmp_path: Path) ->
     fixed = await check({**env, "BRIDGE_REPLAY_FORMAT": "openai"})
     assert fixed.code == 0, fixed.out
     assert any(line.startswith("upstream: replay") for line in fixed.lines), fixed.out
+
+
+def _sigint_default() -> None:
+    """In the child: Ctrl-C as a terminal delivers it (a background job's SIGINT is ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+async def test_a_check_interrupted_by_ctrl_c_prints_no_traceback(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Ctrl-C while `check --probe` waits on the upstream: the operator stopped it, nothing
+    failed. It printed a Python traceback (KeyboardInterrupt out of asyncio.run); it ends
+    as the SIGTERM case does, by the signal, without exiting 0."""
+    with unanswered_url() as url:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+        env.update(good_env(tmp_path, url + "/v1", BRIDGE_REDIS_URL=redis_url,
+                            BRIDGE_OPENAI_API_KEY="sk-test-placeholder",
+                            BRIDGE_UPSTREAM_CONNECT_TIMEOUT_S="30"))  # fmt: skip
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", "check", "--probe", env=env, cwd=REPO,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, preexec_fn=_sigint_default,
+        )
+        assert process.stdout is not None and process.stderr is not None
+        try:
+            async with asyncio.timeout(30):
+                while not (line := await process.stdout.readline()).startswith(b"redis:"):
+                    assert line, "check ended before probing"
+            await asyncio.sleep(0.2)  # into the probe's wait
+            process.send_signal(signal.SIGINT)
+            err = await asyncio.wait_for(process.stderr.read(), 10)
+            await asyncio.wait_for(process.wait(), 10)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert b"Traceback" not in err, err.decode()
+    assert process.returncode != 0

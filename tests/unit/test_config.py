@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from adapters.upstream.replay import FORMATS
 from bridge.config import (
+    REPLAY_FORMATS,
     ConfigError,
     Rate,
     Settings,
@@ -120,7 +122,23 @@ def test_a_replay_file_needs_its_format_listed_with_the_other_problems(tmp_path:
     assert {line.split(":")[0] for line in problems(env)} == {
         "BRIDGE_PORT", "BRIDGE_REPLAY_FORMAT",
     }
-    assert load_settings({**env, "BRIDGE_PORT": "0", "BRIDGE_REPLAY_FILE": str(tmp_path)})
+    folder = tmp_path / "recordings"  # a folder's files are named by their format
+    folder.mkdir()
+    (folder / "openai-answer.sse").write_text("data: [DONE]\n\n")
+    assert load_settings({**env, "BRIDGE_PORT": "0", "BRIDGE_REPLAY_FILE": str(folder)})
+
+
+def test_a_replay_folder_without_recordings_is_a_problem_of_its_variable(tmp_path: Path) -> None:
+    """A folder holding no `<format>-….sse` file: `run` and `check` said "BRIDGE_UPSTREAM=replay
+    cannot be set up: nothing to replay", naming another variable and giving no example
+    (SPEC §1: one line per problem naming the variable, what is wrong and an example)."""
+    (tmp_path / "answer.sse").write_text("data: [DONE]\n\n")  # no format in its name
+    env = {"BRIDGE_UPSTREAM": "replay", "BRIDGE_REPLAY_FILE": str(tmp_path),
+           "BRIDGE_YACH_SECRET": "s", "BRIDGE_PORT": "eighty"}
+    found = problems(env)
+    assert [line.split(":")[0] for line in found] == ["BRIDGE_PORT", "BRIDGE_REPLAY_FILE"]
+    assert "no recordings" in found[1] and "example: BRIDGE_REPLAY_FILE=" in found[1]
+    assert set(REPLAY_FORMATS) == set(FORMATS)  # the formats the adapter plays
 
 
 def test_a_replay_file_that_does_not_exist_is_listed_with_the_other_problems(
@@ -216,7 +234,9 @@ def test_a_duration_or_rate_that_is_not_a_finite_number_is_refused(raw: str) -> 
     }
 
 
-@pytest.mark.parametrize("url", ["redis://localhost:notaport/0", "redis://h:99999", "http://h"])
+@pytest.mark.parametrize(
+    "url", ["redis://localhost:notaport/0", "redis://h:99999", "http://h", "unix://", "unix://?db=1"]
+)
 def test_a_redis_url_that_cannot_be_used_is_a_configuration_error(url: str) -> None:
     assert [line.split(":")[0] for line in problems({**OPENAI, "BRIDGE_REDIS_URL": url})] == [
         "BRIDGE_REDIS_URL"
@@ -279,3 +299,27 @@ def test_a_value_that_is_no_number_is_said_so_in_plain_words(
     [line] = problems({**OPENAI, name: raw})
     assert line.startswith(f"{name}: invalid value {raw!r}: {said}")
     assert "literal" not in line and "convert" not in line and "int()" not in line
+
+
+def test_an_unset_robot_secret_is_shown_as_the_chat_robot_secret_it_resolves_to() -> None:
+    """BRIDGE_YACH_ROBOT_SECRET defaults to BRIDGE_YACH_SECRET (SPEC §2), and outbound robot
+    sends are signed with it: `check` showed "(unset)", as if they went unsigned."""
+    shown = dict(masked_settings(load_settings(OPENAI)))
+    assert shown["BRIDGE_YACH_ROBOT_SECRET"] != "(unset)"
+    assert "BRIDGE_YACH_SECRET" in shown["BRIDGE_YACH_ROBOT_SECRET"]
+    assert "SEC-yach-secret-456" not in shown["BRIDGE_YACH_ROBOT_SECRET"]
+    insecure = {"BRIDGE_UPSTREAM": "replay", "BRIDGE_REPLAY_FILE": ".", "BRIDGE_YACH_INSECURE": "1"}
+    assert dict(masked_settings(load_settings(insecure, command="demo")))[
+        "BRIDGE_YACH_ROBOT_SECRET"
+    ] == "(unset)"
+
+
+def test_an_unreadable_secret_file_is_one_problem_not_also_a_missing_secret(
+    tmp_path: Path,
+) -> None:
+    """One line per problem (SPEC §1): the file that cannot be read, not also "required but
+    not set" for a secret the operator did set, through that file."""
+    env = {**OPENAI, "BRIDGE_OPENAI_API_KEY": "change-me",
+           "BRIDGE_OPENAI_API_KEY_FILE": str(tmp_path / "missing")}  # fmt: skip
+    [line] = problems(env)
+    assert line.startswith("BRIDGE_OPENAI_API_KEY_FILE: cannot read"), line
