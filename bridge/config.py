@@ -22,6 +22,7 @@ __all__ = [
     "given_value",
     "load_settings",
     "masked_settings",
+    "recording_format",
 ]
 
 PREFIX = "BRIDGE_"
@@ -469,15 +470,18 @@ def _not_found(settings: Settings) -> list[str]:
 
 
 def _has_recordings(folder: Path) -> bool:
-    """Whether the replay upstream finds something to play in `folder` (as
-    `adapters.upstream.replay.recordings_in` picks its files)."""
+    """Whether the replay upstream finds something to play in `folder`."""
     try:
-        names = [entry.name for entry in folder.iterdir()]
+        return any(recording_format(entry.name) for entry in folder.iterdir())
     except OSError:
         return True  # unreadable: the adapter says why
-    return any(
-        name.endswith(".sse") and name.partition("-")[0] in REPLAY_FORMATS for name in names
-    )
+
+
+def recording_format(file_name: str) -> str | None:
+    """The format a recording in a replay folder is named for (`aimaster-scenario.sse` →
+    `aimaster`); None for a file of no known format, which the replay upstream leaves out."""
+    fmt = file_name.partition("-")[0]
+    return fmt if file_name.endswith(".sse") and fmt in REPLAY_FORMATS else None
 
 
 def _images_unread(settings: Settings) -> list[str]:

@@ -27,7 +27,7 @@ from adapters.upstream.coze import CozeParser
 from adapters.upstream.dify import DifyParser
 from adapters.upstream.hiagent import HiAgentParser
 from adapters.upstream.openai import OpenAIParser
-from bridge.config import Settings
+from bridge.config import Settings, recording_format
 from bridge.events import (
     ConversationRef,
     Event,
@@ -99,8 +99,8 @@ def recordings_in(folder: Traversable) -> list[Recording]:
     with (`aimaster-scenario.sse` → `aimaster`); files of no known format are left out."""
     recordings = []
     for entry in sorted(folder.iterdir(), key=lambda item: item.name):
-        fmt = entry.name.partition("-")[0]
-        if entry.name.endswith(".sse") and fmt in FORMATS:
+        fmt = recording_format(entry.name)
+        if fmt is not None:
             recordings.append(Recording(entry.name, fmt, entry.read_bytes()))
     return recordings
 

@@ -16,7 +16,7 @@ from adapters.upstream.replay import (
     demo_recordings,
     parser_for,
 )
-from bridge.config import load_settings
+from bridge.config import REPLAY_FORMATS, load_settings
 from bridge.events import (
     AgentSwitch,
     ConversationRef,
@@ -189,7 +189,8 @@ def test_unknown_format() -> None:
 
 
 def test_registry_has_a_parser_per_replay_format() -> None:
-    assert set(FORMATS) == {"openai", "aimaster", "hiagent", "coze", "dify"}
+    # the formats BRIDGE_REPLAY_FORMAT accepts and recordings are named for, each playable
+    assert set(FORMATS) == set(REPLAY_FORMATS) == {"openai", "aimaster", "hiagent", "coze", "dify"}
 
 
 def test_demo_plays_every_shipped_recording() -> None:
