@@ -24,7 +24,7 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from adapters.im.yach import YachIM
+from adapters.im.yach import YachIM, reply_gaps
 from adapters.upstream import create_upstream
 from adapters.yach_api import YachAPI
 from bridge import __version__, jsontext
@@ -236,6 +236,8 @@ async def _worker_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def _yach_im(bridge: Bridge) -> IM:
     assert bridge.yach_api is not None
+    for gap in reply_gaps(bridge.settings):
+        log.warning("reply_route_missing", detail=gap)
     return YachIM(bridge.settings, bridge.yach_api)
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "extract_images",
     "parse_payload",
     "render",
+    "reply_gaps",
     "strip_mention",
 ]
 
@@ -246,6 +247,32 @@ def render(piece: Piece, target: ReplyTarget, msg_format: str) -> dict[str, Any]
     if piece.mention and target.sender.work_code:
         message["at"] = {"atWorkCodes": [target.sender.work_code]}
     return message
+
+
+def reply_gaps(settings: Settings) -> list[str]:
+    """The chats this configuration has no reply route to of its own (SPEC §4), for the
+    operator to hear at start and from `check`: such a chat is answered only through the
+    `sessionWebhook` Yach may send with its message, else its answer fails at every delivery
+    and is dead-lettered."""
+    if settings.yach_app_key and settings.yach_app_secret:
+        return []  # the app API reaches every group the robot is in, and direct chats
+    gaps = [
+        "BRIDGE_YACH_APP_KEY/BRIDGE_YACH_APP_SECRET are not set: direct (one-to-one) chats "
+        "are answered only through the sessionWebhook Yach sends with a message"
+    ]
+    if not settings.yach_robot_url:
+        gaps.append(
+            "neither the app credentials nor BRIDGE_YACH_ROBOT_URL are set: group chats are "
+            "answered only through the sessionWebhook Yach sends with a message"
+        )
+    elif len(settings.allow_groups) != 1:
+        gaps.append(
+            "without the app credentials group answers go to BRIDGE_YACH_ROBOT_URL, whose "
+            "robot posts into the one group it belongs to: a question from another group "
+            "(without a sessionWebhook) is answered there; set BRIDGE_YACH_APP_KEY/_SECRET, "
+            "or BRIDGE_ALLOW_GROUPS to that one group"
+        )
+    return gaps
 
 
 class YachIM:

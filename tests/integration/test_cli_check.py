@@ -160,6 +160,19 @@ async def test_unknown_variables_are_warnings_not_errors(tmp_path: Path) -> None
     assert any("BRIDGE_WHATEVER" in w for w in warnings)
 
 
+async def test_chats_without_a_reply_route_are_warnings(tmp_path: Path) -> None:
+    """Without the app credentials a robot URL answers into its one group: said, not refused
+    (a sessionWebhook may still come with every message)."""
+    env = good_env(tmp_path, BRIDGE_YACH_APP_KEY="", BRIDGE_YACH_APP_SECRET="")
+    result = await check(env)
+    assert result.code == 0, result.out + result.err
+    warnings = [line for line in result.lines if line.startswith("warning: ")]
+    assert [w.split(":")[1].split()[0] for w in warnings] == [
+        "BRIDGE_YACH_APP_KEY/BRIDGE_YACH_APP_SECRET", "without",
+    ], warnings
+    assert "s3cret" not in result.out
+
+
 async def test_an_unknown_variable_is_not_matched_to_an_unrelated_one(tmp_path: Path) -> None:
     """The `BRIDGE_` every name shares made unrelated names look alike: BRIDGE_TIMEOUT
     got "did you mean BRIDGE_IM?", BRIDGE_FOO "did you mean BRIDGE_PORT?"."""

@@ -1,0 +1,42 @@
+"""Which chats a Yach configuration cannot answer by a route of its own (SPEC §4), as the
+operator is told at start and by `check`."""
+
+from __future__ import annotations
+
+from adapters.im.yach import reply_gaps
+from bridge.config import load_settings
+
+BASE = {"BRIDGE_UPSTREAM": "openai", "BRIDGE_OPENAI_API_KEY": "sk-x", "BRIDGE_OPENAI_MODEL": "m",
+        "BRIDGE_YACH_SECRET": "SEC-x"}  # fmt: skip
+APP = {"BRIDGE_YACH_APP_KEY": "key", "BRIDGE_YACH_APP_SECRET": "secret"}
+ROBOT = {"BRIDGE_YACH_ROBOT_URL": "https://yach.example/robot/send?access_token=t"}
+
+
+def gaps(**env: str) -> list[str]:
+    return reply_gaps(load_settings({**BASE, **env}))
+
+
+def test_the_app_credentials_reach_every_chat() -> None:
+    assert gaps(**APP) == []
+    assert gaps(**APP, **ROBOT) == []
+
+
+def test_without_any_route_only_a_session_webhook_answers() -> None:
+    found = gaps()
+    assert len(found) == 2
+    assert found[0].startswith("BRIDGE_YACH_APP_KEY/BRIDGE_YACH_APP_SECRET are not set: direct")
+    assert found[1].startswith("neither the app credentials nor BRIDGE_YACH_ROBOT_URL are set")
+
+
+def test_a_robot_url_answers_into_its_one_group_whoever_asked() -> None:
+    found = gaps(**ROBOT)
+    assert len(found) == 2 and "answered there" in found[1]
+    assert "BRIDGE_ALLOW_GROUPS" in found[1]
+    assert "access_token" not in " ".join(found)
+    # limited to the robot's own group: only direct chats are left without a route
+    assert gaps(**ROBOT, BRIDGE_ALLOW_GROUPS="cid-1") == found[:1]
+    assert len(gaps(**ROBOT, BRIDGE_ALLOW_GROUPS="cid-1,cid-2")) == 2
+
+
+def test_half_the_app_credentials_are_none() -> None:
+    assert len(gaps(BRIDGE_YACH_APP_KEY="key", **ROBOT)) == 2
