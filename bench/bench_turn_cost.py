@@ -66,7 +66,7 @@ from tests.procs import BridgeProcess
 
 TOKEN_INTERVAL_S = 0.005
 PIECE_INTERVAL_S = 0.08
-WARMUP_TURNS = 10  # two in a smoke run
+WARMUP_TURNS = 10
 # the relay bench's flush policy: every token (a sentence each) a piece as soon as it is read
 FINAL = {"BRIDGE_REPLY_MODE": "final"}
 EVERY_PIECE = {"BRIDGE_REPLY_MODE": "stream", "BRIDGE_FLUSH_MIN_CHARS": "0",
@@ -84,14 +84,13 @@ async def instructions(
     work: Path,
     phases: Sequence[tuple[int, int]],
     *,
-    warmup: int,
     interval_s: float = TOKEN_INTERVAL_S,
     settings: Mapping[str, str] = FINAL,
     floor: bool = False,
 ) -> list[Counted]:
     """One process, under callgrind: the bridge with `settings`, or the floor. Per phase
-    (answers of `tokens` tokens, `turns` turns one at a time, after `warmup` turns not
-    counted): the instructions it spent, the seconds they took (under callgrind) and the
+    (answers of `tokens` tokens, `turns` turns one at a time, after WARMUP_TURNS turns
+    not counted): the instructions it spent, the seconds they took (under callgrind) and the
     pieces the fake Yach received."""
     name = f"{'floor' if floor else 'bridge'}-{settings.get('BRIDGE_REPLY_MODE')}"
     answered: dict[str, asyncio.Event] = {}
@@ -130,7 +129,7 @@ async def instructions(
             callgrind_control("--instr=on", pid)
             for tokens, turns in phases:
                 upstream.plan.tokens = tokens
-                for n in range(warmup):
+                for n in range(WARMUP_TURNS):
                     await turn(f"w{tokens}-{n}")
                 await asyncio.sleep(0.5)  # the last warm-up turn's record and ack
                 callgrind_control("-z", pid)
@@ -173,16 +172,16 @@ async def _counted(
         bridge.kill()
 
 
-async def count_all(args: argparse.Namespace, warmup: int) -> dict[str, list[Counted]]:
+async def count_all(args: argparse.Namespace) -> dict[str, list[Counted]]:
     final_phases = [(1, args.turns), (args.tokens, args.turns)]
     piece_phases = [(1, args.piece_turns), (args.piece_tokens, args.piece_turns)]
     with tempfile.TemporaryDirectory(prefix="bench-turn-cost-") as tmp:
         work = Path(tmp)
         return {
-            "final": await instructions(work, final_phases, warmup=warmup),
-            "stream": await instructions(work, piece_phases, warmup=warmup,
+            "final": await instructions(work, final_phases),
+            "stream": await instructions(work, piece_phases,
                                          interval_s=PIECE_INTERVAL_S, settings=EVERY_PIECE),
-            "floor": await instructions(work, piece_phases, warmup=warmup,
+            "floor": await instructions(work, piece_phases,
                                         interval_s=PIECE_INTERVAL_S, floor=True),
         }  # fmt: skip
 
@@ -214,8 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         print("valgrind (with callgrind_control) is not installed: nothing measured")
         return 0
-    warmup = 2 if args.quick else WARMUP_TURNS
-    found = asyncio.run(count_all(args, warmup))
+    found = asyncio.run(count_all(args))
     (one, many), (stream_one, stream_many) = found["final"], found["stream"]
     floor_one, floor_many = found["floor"]
     per_turn = one.instructions / args.turns
@@ -238,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if results is not None:
         head = entry_head("Turn cost in instructions", command_line("bench_turn_cost.py", argv))
         load = (f"- load: {args.turns} turns one at a time, answers of 1 and of {args.tokens} "
-                f"tokens ({TOKEN_INTERVAL_S * 1000:g} ms apart), {warmup} warm-up turns "
+                f"tokens ({TOKEN_INTERVAL_S * 1000:g} ms apart), {WARMUP_TURNS} warm-up turns "
                 f"first; BRIDGE_REPLY_MODE=final, app-API route; then {args.piece_turns} turns "
                 f"of 1 and of {args.piece_tokens} tokens ({PIECE_INTERVAL_S * 1000:g} ms "
                 f"apart) in stream mode, every token a piece, through the bridge and through "

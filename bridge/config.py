@@ -472,7 +472,7 @@ def _not_found(settings: Settings) -> list[str]:
 def _has_recordings(folder: Path) -> bool:
     """Whether the replay upstream finds something to play in `folder`."""
     try:
-        return any(recording_format(entry.name) for entry in folder.iterdir())
+        return any(recording_format(entry.name) and entry.is_file() for entry in folder.iterdir())
     except OSError:
         return True  # unreadable: the adapter says why
 

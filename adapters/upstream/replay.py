@@ -96,11 +96,12 @@ class Recording:
 
 def recordings_in(folder: Traversable) -> list[Recording]:
     """The `.sse` recordings of a folder, in name order, each in the format its name starts
-    with (`aimaster-scenario.sse` → `aimaster`); files of no known format are left out."""
+    with (`aimaster-scenario.sse` → `aimaster`); files of no known format (and folders) are
+    left out."""
     recordings = []
     for entry in sorted(folder.iterdir(), key=lambda item: item.name):
         fmt = recording_format(entry.name)
-        if fmt is not None:
+        if fmt is not None and entry.is_file():
             recordings.append(Recording(entry.name, fmt, entry.read_bytes()))
     return recordings
 

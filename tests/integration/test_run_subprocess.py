@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -98,17 +99,20 @@ async def test_configuration_error_exits_2_naming_the_variable(tmp_path: Path) -
 async def test_an_upstream_that_cannot_be_set_up_exits_2_without_a_traceback(
     tmp_path: Path,
 ) -> None:
-    """What only the adapter can tell (here: a folder with no recording in it) is a
-    configuration error of `run` as of `check`: exit 2, one line naming the variable."""
-    empty = tmp_path / "recordings"
-    empty.mkdir()
-    code, output, lines = await _run_to_exit(
-        BRIDGE_UPSTREAM="replay", BRIDGE_REPLAY_FILE=str(empty),
-        BRIDGE_YACH_INSECURE="1", BRIDGE_PORT="0", BRIDGE_STATE_DIR=str(tmp_path),
-    )
+    """What only the adapter can tell (here: a recording that exists but cannot be read, a
+    socket) is a configuration error of `run` as of `check`: exit 2, one line naming the
+    variable."""
+    unreadable = tmp_path / "answer.sse"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(unreadable))
+        code, output, lines = await _run_to_exit(
+            BRIDGE_UPSTREAM="replay", BRIDGE_REPLAY_FILE=str(unreadable),
+            BRIDGE_REPLAY_FORMAT="openai", BRIDGE_YACH_INSECURE="1", BRIDGE_PORT="0",
+            BRIDGE_STATE_DIR=str(tmp_path),
+        )
     assert code == 2
-    assert any(line.startswith("chatbridge: BRIDGE_UPSTREAM=replay") and "nothing to replay"
-               in line for line in lines), lines
+    assert any(line.startswith("chatbridge: BRIDGE_UPSTREAM=replay cannot be set up: cannot "
+                               "read replay file") for line in lines), lines
     assert "Traceback" not in output
 
 

@@ -133,6 +133,7 @@ def test_a_replay_folder_without_recordings_is_a_problem_of_its_variable(tmp_pat
     cannot be set up: nothing to replay", naming another variable and giving no example
     (SPEC §1: one line per problem naming the variable, what is wrong and an example)."""
     (tmp_path / "answer.sse").write_text("data: [DONE]\n\n")  # no format in its name
+    (tmp_path / "openai-folder.sse").mkdir()  # named as one, and no file
     env = {"BRIDGE_UPSTREAM": "replay", "BRIDGE_REPLAY_FILE": str(tmp_path),
            "BRIDGE_YACH_SECRET": "s", "BRIDGE_PORT": "eighty"}
     found = problems(env)
