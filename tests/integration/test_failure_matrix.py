@@ -625,3 +625,43 @@ async def test_a_message_of_an_unexpected_shape_is_unreadable_not_a_crash(
     arrived = answer_and_notice(shown, "rejected_midway")
     assert arrived.strip() and clean.startswith(arrived.rstrip())
     assert_logged_well(bridge, fake, "protocol")
+
+
+# -- an error of the retried kinds reported in a 200 JSON body, before the first byte ---------
+
+# Answers that are no stream but a JSON body the adapter reads as an overload or an outage:
+# AI Master's RuoYi-style codes (read like HTTP statuses), Coze's rate-limit code.
+BODY_LEVEL_RETRYABLE = [
+    pytest.param("aimaster", {"code": 500, "msg": "系统繁忙"}, "upstream_unavailable",
+                 "unavailable", id="aimaster-500"),
+    pytest.param("aimaster", {"code": 503, "msg": "服务不可用"}, "upstream_unavailable",
+                 "unavailable", id="aimaster-503"),
+    pytest.param("aimaster", {"code": 429, "msg": "请求过于频繁"}, "upstream_rate_limited",
+                 "rate_limited", id="aimaster-429"),
+    pytest.param("coze", {"code": 4013, "msg": "Request rate exceeded"}, "upstream_rate_limited",
+                 "rate_limited", id="coze-4013"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "notice", "kind"), BODY_LEVEL_RETRYABLE,
+                         indirect=["case"])
+async def test_a_retryable_error_in_a_json_body_is_retried_like_its_status(
+    case: Case, fake: Any, yach: FakeYach, redis_url: str, bot_id: str,
+    log_output: io.StringIO, redis_client: object, body: dict[str, Any], notice: str, kind: str,
+) -> None:
+    """SPEC §2: 429 and 5xx are retried before the first byte. An adapter that reads a 200
+    JSON body as one of them (and tells the user so) retries it the same way: invisible
+    when a retry succeeds, the notice only once the retries are spent."""
+    async with chat(fake, yach, redis_url, bot_id, log_output,
+                    BRIDGE_UPSTREAM_RETRIES="2") as bridge:  # fmt: skip
+        clean = await bridge.ask()
+        case.start(fake).then(status(200, body))
+        again = await bridge.ask()
+        await assert_told(bridge, case_name(case), None)
+        asked = case.asked(fake)
+        case.start(fake).then(*[status(200, body)] * 3)
+        assert await bridge.ask() == [ZH[notice]]
+        await assert_told(bridge, case_name(case), kind)
+    assert again == clean and clean and not set(clean) & set(ZH.values())
+    assert asked == 3 and case.asked(fake) == asked + 3  # the retry, then every retry spent
+    assert_logged_well(bridge, fake, kind)
