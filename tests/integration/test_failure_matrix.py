@@ -527,6 +527,35 @@ async def test_an_unreadable_stream_shows_what_arrived_then_one_notice(
     assert_logged_well(bridge, fake, "protocol")
 
 
+async def test_an_event_that_never_ends_is_refused_not_taken_in(
+    case: Case, fake: Any, yach: FakeYach, redis_url: str, bot_id: str,
+    log_output: io.StringIO, redis_client: object,
+) -> None:
+    """Data lines of 1 KB with never a blank line to end their event: no line is over 1 MiB,
+    but the event grows for as long as they come. Refused once over the limit a line has
+    (SPEC §7: "not a memory blow-up"), not held until the total timeout."""
+    sent = [0]
+    lines = (b"data: " + b"x" * 1017 + b"\n") * 64
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):  # until the bridge hangs up …
+            while sent[0] < 64 << 20:  # (… or, refused never, 64 MiB: then silence)
+                await response.write(lines)
+                sent[0] += len(lines)
+            await fake.release.wait()
+        return response
+
+    fake.script.then(endless)
+    async with chat(fake, yach, redis_url, bot_id, log_output,
+                    BRIDGE_UPSTREAM_IDLE_TIMEOUT_S="1") as bridge:  # fmt: skip
+        assert await bridge.ask() == [ZH["upstream_rejected"]]
+        await assert_told(bridge, case_name(case), "protocol")
+    assert sent[0] < 16 << 20  # (1 MiB read, and what the sockets buffer)
+    assert_logged_well(bridge, fake, "protocol")
+
+
 async def test_an_empty_answer_says_so_once(
     case: Case, fake: Any, yach: FakeYach, redis_url: str, bot_id: str,
     log_output: io.StringIO, redis_client: object,
