@@ -11,7 +11,7 @@ import asyncio
 import email.utils
 import json
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -50,6 +50,11 @@ __all__ = [
     "parse_retry_after",
     "read_text",
 ]
+
+# What an answer that should have been an event stream and is not says: the typed error of
+# its status and body (`{"code": …, "msg": …}` in place of a stream). Called before the first
+# streamed byte, so an error of the retried kinds is retried as its status would be.
+NotAStream = Callable[[int, str], "UpstreamFailure"]
 
 MAX_RETRY_AFTER_S = 60.0
 MAX_BODY_BYTES = 1 << 20  # a JSON answer longer than this is no answer an API gives
@@ -333,13 +338,24 @@ class UpstreamHTTP:
 
     @asynccontextmanager
     async def open(
-        self, method: str, url: str, *, expect_sse: bool = False, **kwargs: Any
+        self,
+        method: str,
+        url: str,
+        *,
+        expect_sse: bool = False,
+        not_a_stream: NotAStream | None = None,
+        **kwargs: Any,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """A response with a good status, retried before its first byte. On exit its
         connection goes back to the pool once the body has ended (`_Tails`), unless the
-        reader failed or was cancelled (`/stop`): then it is closed at once."""
+        reader failed or was cancelled (`/stop`): then it is closed at once.
+
+        With `expect_sse`, an answer that is not an event stream is a protocol error, or
+        what `not_a_stream` makes of it (given, it implies `expect_sse`): an upstream that
+        reports an overload or an outage in a 200 JSON body is retried as for its status."""
         response, deadline = await self._open_retried(
-            method, url, expect_sse=expect_sse, **kwargs
+            method, url, expect_sse=expect_sse or not_a_stream is not None,
+            not_a_stream=not_a_stream, **kwargs
         )
         reader_done = False
         try:
@@ -366,13 +382,21 @@ class UpstreamHTTP:
                 _release(response)
 
     async def _open_retried(
-        self, method: str, url: str, *, expect_sse: bool, **kwargs: Any
+        self,
+        method: str,
+        url: str,
+        *,
+        expect_sse: bool,
+        not_a_stream: NotAStream | None = None,
+        **kwargs: Any,
     ) -> tuple[aiohttp.ClientResponse, float]:
         """`_open_once` under the retry policy. The first attempt goes out at once: setting
         the policy up costs about as much as a loopback request, so it is set up only once that
         attempt failed with a retryable error, which it then counts as its own first attempt."""
         try:
-            return await self._open_once(method, url, expect_sse=expect_sse, **kwargs)
+            return await self._open_once(
+                method, url, expect_sse=expect_sse, not_a_stream=not_a_stream, **kwargs
+            )
         except RETRYABLE as exc:
             first_failure: UpstreamFailure | None = exc
         opened: tuple[aiohttp.ClientResponse, float] | None = None
@@ -381,12 +405,20 @@ class UpstreamHTTP:
                 if first_failure is not None:
                     failed, first_failure = first_failure, None
                     raise failed
-                opened = await self._open_once(method, url, expect_sse=expect_sse, **kwargs)
+                opened = await self._open_once(
+                    method, url, expect_sse=expect_sse, not_a_stream=not_a_stream, **kwargs
+                )
         assert opened is not None
         return opened
 
     async def _open_once(
-        self, method: str, url: str, *, expect_sse: bool, **kwargs: Any
+        self,
+        method: str,
+        url: str,
+        *,
+        expect_sse: bool,
+        not_a_stream: NotAStream | None = None,
+        **kwargs: Any,
     ) -> tuple[aiohttp.ClientResponse, float]:
         """A response with a good status, and when its answer must have ended."""
         deadline = self._watch.deadline()
@@ -409,6 +441,8 @@ class UpstreamHTTP:
         if expect_sse and not response.content_type.startswith("text/event-stream"):
             body = await _read_text_quietly(response)
             response.close()
+            if not_a_stream is not None:
+                raise not_a_stream(response.status, body)
             raise UpstreamProtocolError(
                 f"expected text/event-stream, got {response.content_type}: "
                 f"{clip(body, _ERROR_BODY_CHARS)}"

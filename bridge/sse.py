@@ -66,7 +66,8 @@ _new_event = tuple.__new__  # SSEEvent(...) without its Python-level __new__
 
 
 class SSELineTooLong(Exception):
-    """A line exceeded the decoder's limit; the stream cannot be trusted any further."""
+    """A line, or the data of one event (its data lines joined), exceeded the decoder's
+    limit; the stream cannot be trusted any further."""
 
 
 def _text(raw: bytes) -> str:
@@ -93,6 +94,7 @@ class SSEDecoder:
 
     __slots__ = (
         "_data",
+        "_data_size",
         "_event_names",
         "_event_type",
         "_last_id",
@@ -113,6 +115,9 @@ class SSEDecoder:
         self._skip_lf = False  # the last read ended in CR: a leading LF belongs to it
         self._started = False  # a leading BOM is stripped once
         self._data: list[bytes] = []  # the data buffer, one item per `data` line
+        # Its size as last measured (joined, with its line ends): kept up to date only where
+        # the buffer is carried from one read to the next (`_hold_data`).
+        self._data_size = 0
         self._event_type = b""
         self._last_id = ""
         self._retry: int | None = None
@@ -249,6 +254,7 @@ class SSEDecoder:
             # many lines still waiting for their blank line: the next read would copy them
             # all again, so they are interpreted now
             self._lines(text[end : cut - 1].split(b"\n"), events)
+            self._hold_data(0)
             end = cut
         self._pending = text[end:]
 
@@ -259,9 +265,14 @@ class SSEDecoder:
         if text[0] != _LF:
             lines_end = text.find(b"\n\n")
             if lines_end < 0:
+                held = len(self._data)
                 self._lines(text[:-1].split(b"\n"), events)
+                self._hold_data(held)
                 return b""
+            held = len(self._data)
             self._lines(text[:lines_end].split(b"\n"), events)
+            if held:  # (carried from earlier reads: held to the limit up to its end)
+                self._hold_data(held)
             text = text[lines_end + 1 :]
         self._dispatch(events)
         return text.lstrip(b"\n")  # more blank lines dispatch nothing more
@@ -407,6 +418,21 @@ class SSEDecoder:
                     self._last_id = _text(value)
             elif name == b"retry" and value.isdigit():  # bytes.isdigit: ASCII digits only
                 self._retry = int(value)
+
+    def _hold_data(self, measured: int) -> None:
+        """The data buffer is carried to the next read (its event's blank line has not come):
+        held to the limit as a line is. Lines of a few bytes each that no blank line ends
+        would grow it without bound, none of them too long. `measured`: how many of its items
+        `_data_size` counts already (the buffer had none of the new lines, no blank line came
+        among them: they are appended)."""
+        data = self._data
+        if not measured:
+            self._data_size = 0
+        new = data[measured:] if measured else data
+        self._data_size += sum(map(len, new)) + len(new)  # (each with its joining line end)
+        if self._data_size - 1 > self._max_line_bytes:
+            self._data, self._event_type, self._pending = [], b"", b""
+            raise SSELineTooLong(f"event data longer than {self._max_line_bytes} bytes")
 
     def _dispatch(self, events: list[SSEEvent]) -> None:
         data, event_type = self._data, self._event_type

@@ -14,7 +14,8 @@ Decisions the notes leave open:
   sum of each agent's last report, sent once just before `Done`.
 - The backend is RuoYi-style: an error may come as HTTP 200 with a JSON body
   `{"code": 401, "msg": …}` instead of a stream, or as such an object inside the stream;
-  the `code` is mapped like an HTTP status, and an in-stream one becomes an `UpstreamError`.
+  the `code` is mapped (and, a 429 or 5xx, retried) like an HTTP status, and an in-stream
+  one becomes an `UpstreamError`.
 """
 
 from __future__ import annotations
@@ -38,12 +39,12 @@ from bridge.events import (
     Usage,
 )
 from bridge.http import (
+    UpstreamFailure,
     UpstreamHTTP,
     UpstreamProtocolError,
     UpstreamRejected,
     error_for_status,
     iter_sse,
-    read_text,
 )
 from bridge.interfaces import KeyValue, Turn
 from bridge.logging import clip
@@ -144,9 +145,9 @@ class AimasterUpstream:
             "latestMessageContent": turn.text,
             "params": self._params,
         }
-        async with self._http.open("POST", self._url, json=body, headers=self._headers) as resp:
-            if not resp.content_type.startswith("text/event-stream"):
-                raise error_from_body(resp.status, await read_text(resp))
+        async with self._http.open(
+            "POST", self._url, json=body, headers=self._headers, not_a_stream=error_from_body
+        ) as resp:
             events = relay(iter_sse(resp), AimasterParser(), upstream=self.name)
             async with aclosing(events):
                 async for event in events:
@@ -159,8 +160,9 @@ class AimasterUpstream:
         """The shared HTTP session is closed by its owner."""
 
 
-def error_from_body(status: int, text: str) -> Exception:
-    """A typed error for a non-stream answer (RuoYi's `{"code", "msg"}` on HTTP 200)."""
+def error_from_body(status: int, text: str) -> UpstreamFailure:
+    """A typed error for a non-stream answer (RuoYi's `{"code", "msg"}` on HTTP 200); read
+    before the first streamed byte, a 429 or 5xx `code` is retried as that status is."""
     try:
         payload = json.loads(text)
     except json.JSONDecodeError:

@@ -36,7 +36,6 @@ from bridge.http import (
     UpstreamRateLimited,
     UpstreamRejected,
     iter_sse,
-    read_text,
 )
 from bridge.interfaces import KeyValue, Turn
 from bridge.logging import clip
@@ -158,6 +157,14 @@ def api_error(data: Mapping[str, Any]) -> UpstreamFailure:
     return UpstreamRejected(detail)
 
 
+def _not_a_stream(status: int, text: str) -> UpstreamFailure:
+    """A JSON answer in place of the stream: the error it reports (a rate limit is retried)."""
+    try:
+        return api_error(json_object(text, upstream=NAME))
+    except UpstreamProtocolError as exc:
+        return exc
+
+
 class CozeUpstream:
     name = NAME
     keeps_history = True
@@ -185,10 +192,8 @@ class CozeUpstream:
         params = {"conversation_id": conversation_id} if conversation_id else None
         async with self._http.open(
             "POST", f"{self._base_url}/v3/chat", params=params, json=self._body(turn),
-            headers=self._headers,
+            headers=self._headers, not_a_stream=_not_a_stream,
         ) as response:
-            if not response.content_type.startswith("text/event-stream"):
-                raise api_error(json_object(await read_text(response), upstream=NAME))
             parsed = relay(iter_sse(response), CozeParser(ids), upstream=NAME)
             async with aclosing(parsed) as events:
                 async for event in events:

@@ -527,6 +527,35 @@ async def test_an_unreadable_stream_shows_what_arrived_then_one_notice(
     assert_logged_well(bridge, fake, "protocol")
 
 
+async def test_an_event_that_never_ends_is_refused_not_taken_in(
+    case: Case, fake: Any, yach: FakeYach, redis_url: str, bot_id: str,
+    log_output: io.StringIO, redis_client: object,
+) -> None:
+    """Data lines of 1 KB with never a blank line to end their event: no line is over 1 MiB,
+    but the event grows for as long as they come. Refused once over the limit a line has
+    (SPEC §7: "not a memory blow-up"), not held until the total timeout."""
+    sent = [0]
+    lines = (b"data: " + b"x" * 1017 + b"\n") * 64
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):  # until the bridge hangs up …
+            while sent[0] < 64 << 20:  # (… or, refused never, 64 MiB: then silence)
+                await response.write(lines)
+                sent[0] += len(lines)
+            await fake.release.wait()
+        return response
+
+    fake.script.then(endless)
+    async with chat(fake, yach, redis_url, bot_id, log_output,
+                    BRIDGE_UPSTREAM_IDLE_TIMEOUT_S="1") as bridge:  # fmt: skip
+        assert await bridge.ask() == [ZH["upstream_rejected"]]
+        await assert_told(bridge, case_name(case), "protocol")
+    assert sent[0] < 16 << 20  # (1 MiB read, and what the sockets buffer)
+    assert_logged_well(bridge, fake, "protocol")
+
+
 async def test_an_empty_answer_says_so_once(
     case: Case, fake: Any, yach: FakeYach, redis_url: str, bot_id: str,
     log_output: io.StringIO, redis_client: object,
@@ -625,3 +654,43 @@ async def test_a_message_of_an_unexpected_shape_is_unreadable_not_a_crash(
     arrived = answer_and_notice(shown, "rejected_midway")
     assert arrived.strip() and clean.startswith(arrived.rstrip())
     assert_logged_well(bridge, fake, "protocol")
+
+
+# -- an error of the retried kinds reported in a 200 JSON body, before the first byte ---------
+
+# Answers that are no stream but a JSON body the adapter reads as an overload or an outage:
+# AI Master's RuoYi-style codes (read like HTTP statuses), Coze's rate-limit code.
+BODY_LEVEL_RETRYABLE = [
+    pytest.param("aimaster", {"code": 500, "msg": "系统繁忙"}, "upstream_unavailable",
+                 "unavailable", id="aimaster-500"),
+    pytest.param("aimaster", {"code": 503, "msg": "服务不可用"}, "upstream_unavailable",
+                 "unavailable", id="aimaster-503"),
+    pytest.param("aimaster", {"code": 429, "msg": "请求过于频繁"}, "upstream_rate_limited",
+                 "rate_limited", id="aimaster-429"),
+    pytest.param("coze", {"code": 4013, "msg": "Request rate exceeded"}, "upstream_rate_limited",
+                 "rate_limited", id="coze-4013"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "notice", "kind"), BODY_LEVEL_RETRYABLE,
+                         indirect=["case"])
+async def test_a_retryable_error_in_a_json_body_is_retried_like_its_status(
+    case: Case, fake: Any, yach: FakeYach, redis_url: str, bot_id: str,
+    log_output: io.StringIO, redis_client: object, body: dict[str, Any], notice: str, kind: str,
+) -> None:
+    """SPEC §2: 429 and 5xx are retried before the first byte. An adapter that reads a 200
+    JSON body as one of them (and tells the user so) retries it the same way: invisible
+    when a retry succeeds, the notice only once the retries are spent."""
+    async with chat(fake, yach, redis_url, bot_id, log_output,
+                    BRIDGE_UPSTREAM_RETRIES="2") as bridge:  # fmt: skip
+        clean = await bridge.ask()
+        case.start(fake).then(status(200, body))
+        again = await bridge.ask()
+        await assert_told(bridge, case_name(case), None)
+        asked = case.asked(fake)
+        case.start(fake).then(*[status(200, body)] * 3)
+        assert await bridge.ask() == [ZH[notice]]
+        await assert_told(bridge, case_name(case), kind)
+    assert again == clean and clean and not set(clean) & set(ZH.values())
+    assert asked == 3 and case.asked(fake) == asked + 3  # the retry, then every retry spent
+    assert_logged_well(bridge, fake, kind)

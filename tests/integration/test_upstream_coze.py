@@ -117,9 +117,12 @@ async def test_bad_token_is_an_auth_error(fake: CozeFake, http: UpstreamHTTP) ->
 ])
 async def test_json_error_instead_of_a_stream(fake: CozeFake, http: UpstreamHTTP,
                                               code: int, error: type[Exception]) -> None:
-    fake.script.then(json_reply({"code": code, "msg": "something is wrong"}))
+    fake.script.then(*[json_reply({"code": code, "msg": "something is wrong"})] * 3)
     with pytest.raises(error, match=f"coze error {code}"):
         await collect(coze(http, fake), turn())
+
+    # A rate limit is retried as a 429 is (the fixture's two retries); the others are not.
+    assert len(chats(fake)) == (3 if error is UpstreamRateLimited else 1)
 
 
 @pytest.mark.parametrize(("frames", "text", "detail"), [

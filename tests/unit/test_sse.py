@@ -526,8 +526,25 @@ def test_unfinished_block_interpreted_when_its_blank_line_comes() -> None:
     assert decoder.feed(b"data:x\n\n") == [SSEEvent("x", "text", "7", 5)]
 
 
+@pytest.mark.parametrize("line", [b"data: " + b"x" * 100 + b"\n", b"data:\n", b"data: \r\n"])
+def test_endless_event_of_short_lines_is_refused_without_memory_growth(line: bytes) -> None:
+    """Short data lines that no blank line ever ends (a proxy that drops blank lines, a
+    server gone wrong): no line is over the limit, but the event's data is held whole until
+    it ends. Past the limit it is refused too, not taken in until memory runs out."""
+    limit = 1 << 14
+    chunk = line * ((128 << 10) // len(line))
+    decoder = SSEDecoder(max_line_bytes=limit)
+    fed_bytes = 0
+    with pytest.raises(SSELineTooLong, match="event data longer than"):
+        for _ in range(100):  # 12.5 MiB, if it were all taken in
+            fed_bytes += len(chunk)
+            decoder.feed(chunk)
+    assert fed_bytes <= 2 * len(chunk) + 8 * limit  # (a line of "data:" adds one byte)
+
+
 def test_long_unfinished_block_is_interpreted_as_it_comes() -> None:
     # more than the kept-raw bound: its lines are interpreted read by read, not copied again
+    # (and its data, just under the limit, is taken)
     line = b"data: " + b"x" * 100 + b"\n"
     decoder = SSEDecoder()
     events = []
