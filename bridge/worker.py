@@ -47,6 +47,8 @@ log = structlog.get_logger(__name__)
 _READ_BLOCK_MS = 1000
 _WAIT_POLL_S = 1.0
 _LISTEN_POLL_S = 1.0
+_FULL_POLL_S = 0.25  # with no room for turns, how often the read loop looks for commands
+_UNQUEUED_SCAN = 64  # how far past the entries delivered it looks for one
 _MIN_BACKOFF_S = 0.1
 _MAX_BACKOFF_S = 5.0
 _PRUNE_IDLE_MS = 3_600_000  # a consumer idle an hour with nothing pending has ended
@@ -228,10 +230,19 @@ class Worker:
         while not self.draining:
             room = self._max_held - self._active()
             if room <= 0:
-                self._room.clear()
-                await self._room.wait()
-                continue
-            entries = await self.inbox.read(count=min(room, 64), block_ms=block_ms)
+                # No room for more turns; commands and notices are read all the same (with
+                # the turns stored before them, which wait here for a turn slot): a `/stop`
+                # must not wait for the turn it stops to end.
+                count = await self.inbox.reach_unqueued(_UNQUEUED_SCAN)
+                self._went_well("_read_loop")
+                if not count:
+                    self._room.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._room.wait(), _FULL_POLL_S)
+                    continue
+                entries = await self.inbox.read(count=count, block_ms=None)
+            else:
+                entries = await self.inbox.read(count=min(room, 64), block_ms=block_ms)
             block_ms = _READ_BLOCK_MS
             self._reading = True
             self._went_well("_read_loop")
