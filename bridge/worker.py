@@ -372,7 +372,9 @@ class Worker:
         at once (BRIDGE_WORKERS less what it holds). Beyond that they stay in the stream, for
         the read loops of every process — a process that alone receives the webhooks would
         otherwise hold a burst's turns waiting for its own slots while the others idle."""
-        return 0 if self.draining else max(self.settings.workers - self._active(), 0)
+        # (Entries queued behind their session count here: one may take a turn slot at any
+        # moment, and a put starts what it takes with its attempt counted.)
+        return 0 if self.draining else max(self.settings.workers - len(self.held), 0)
 
     def _active(self) -> int:
         """The entries held that do not wait behind their own session."""
