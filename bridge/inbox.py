@@ -417,6 +417,22 @@ class Inbox:
             if fields
         )
 
+    async def reach_unqueued(self, scan: int) -> int:
+        """How many new entries a read must take to reach the first command or notice among
+        the next `scan` not yet delivered to any consumer (0: none there). A process with no
+        room for more turns still reads those: they never wait behind turns (SPEC §4, §5)."""
+        groups = await self._with_group(self.redis.xinfo_groups, self.keys.inbox)
+        last = next(
+            (g["last-delivered-id"] for g in groups if as_text(g["name"]) == GROUP), None
+        )
+        if last is None:
+            return 0
+        rows = await self.redis.xrange(self.keys.inbox, min=f"({as_text(last)}", count=scan)
+        for position, (_entry_id, fields) in enumerate(rows or []):
+            if fields and fields.get(b"k", b"turn") != b"turn":
+                return position + 1
+        return 0
+
     def _entries(self, rows: Iterable[tuple[bytes | str, dict[bytes, bytes], int]]) -> list[Entry]:
         """Entries from stream rows; a row that cannot be read is set aside as poison."""
         entries: list[Entry] = []

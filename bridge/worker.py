@@ -47,6 +47,8 @@ log = structlog.get_logger(__name__)
 _READ_BLOCK_MS = 1000
 _WAIT_POLL_S = 1.0
 _LISTEN_POLL_S = 1.0
+_FULL_POLL_S = 0.25  # with no room for turns, how often the read loop looks for commands
+_UNQUEUED_SCAN = 64  # how far past the entries delivered it looks for one
 _MIN_BACKOFF_S = 0.1
 _MAX_BACKOFF_S = 5.0
 _PRUNE_IDLE_MS = 3_600_000  # a consumer idle an hour with nothing pending has ended
@@ -82,6 +84,7 @@ class _Held:
     started_on_put: Start | None = None  # the first try to start it, made by the put
     slot: bool = False  # holds a turn slot: taken before a try that counts its attempt
     start_call: str = ""  # the try to start it whose answer has not come (`Sessions.start`)
+    queued: bool = False  # waits behind another entry of its session (holds no turn slot)
 
 
 class Worker:
@@ -113,7 +116,12 @@ class Worker:
         self._reading = False  # the read loop has read once: the workers have started
         self._failing: set[str] = set()  # the loops whose last try failed on Redis
         self._turn_slots = asyncio.Semaphore(settings.workers)
+        # What this process holds besides the entries queued behind a turn of their own
+        # session: those wait for that turn, not for a worker, and must not keep the other
+        # sessions' messages unread while turn slots are free. (They are bounded without
+        # this: a session holds at most BRIDGE_SESSION_QUEUE_MAX waiting, the rest "busy".)
         self._max_held = settings.workers * 2 + settings.session_queue_max
+        self._queued = 0  # held entries waiting behind their session (`_Held.queued`)
         self._room = asyncio.Event()
         self._wakers: dict[str, asyncio.Event] = {}
         self._loops: set[asyncio.Task[None]] = set()
@@ -220,12 +228,21 @@ class Worker:
         self._went_well("_read_loop")
         block_ms: int | None = None  # the first read answers at once: /readyz waits for it
         while not self.draining:
-            room = self._max_held - len(self.held)
+            room = self._max_held - self._active()
             if room <= 0:
-                self._room.clear()
-                await self._room.wait()
-                continue
-            entries = await self.inbox.read(count=min(room, 64), block_ms=block_ms)
+                # No room for more turns; commands and notices are read all the same (with
+                # the turns stored before them, which wait here for a turn slot): a `/stop`
+                # must not wait for the turn it stops to end.
+                count = await self.inbox.reach_unqueued(_UNQUEUED_SCAN)
+                self._went_well("_read_loop")
+                if not count:
+                    self._room.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._room.wait(), _FULL_POLL_S)
+                    continue
+                entries = await self.inbox.read(count=count, block_ms=None)
+            else:
+                entries = await self.inbox.read(count=min(room, 64), block_ms=block_ms)
             block_ms = _READ_BLOCK_MS
             self._reading = True
             self._went_well("_read_loop")
@@ -361,7 +378,21 @@ class Worker:
         at once (BRIDGE_WORKERS less what it holds). Beyond that they stay in the stream, for
         the read loops of every process — a process that alone receives the webhooks would
         otherwise hold a burst's turns waiting for its own slots while the others idle."""
+        # (Entries queued behind their session count here: one may take a turn slot at any
+        # moment, and a put starts what it takes with its attempt counted.)
         return 0 if self.draining else max(self.settings.workers - len(self.held), 0)
+
+    def _active(self) -> int:
+        """The entries held that do not wait behind their own session."""
+        return len(self.held) - self._queued
+
+    def _set_queued(self, held: _Held, queued: bool) -> None:
+        if held.queued is queued:
+            return
+        held.queued = queued
+        self._queued += 1 if queued else -1
+        if queued:
+            self._room.set()  # the read loop may take more: this one waits for its session
 
     def _take_stored(self, entry: Entry, start_reply: list[Any] | None) -> None:
         """An entry a put took for us; for a turn it stored, with its first try to start."""
@@ -559,10 +590,12 @@ class Worker:
                     self._free_slot(held)  # it waits for its session: others may run
                     if arriving and started.ahead > self.settings.session_queue_max:
                         return started
+                    self._set_queued(held, True)
                 arriving = False
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(waker.wait(), timeout=pause)
         finally:
+            self._set_queued(held, False)
             if not any(
                 h.entry.chat_session_id == session and h is not held for h in self.held.values()
             ):

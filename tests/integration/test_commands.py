@@ -128,6 +128,26 @@ async def test_stop_closes_the_upstream_stream_and_sends_nothing_more(
     assert "word399" not in stopped_answer
 
 
+async def test_stop_reaches_the_turn_while_the_process_has_no_room_for_more_turns(
+    redis_url: str, bot_id: str, yach: FakeYach, slow: SlowOpenAI, echo: FakeOpenAI,
+    redis_client: object
+) -> None:
+    """BRIDGE_WORKERS=1: the one turn slot runs a long answer and seven other sessions'
+    questions wait for it, more than the process reads ahead. `/stop` is not a turn: it is
+    read and carried out at once, not after the answer it was sent to stop."""
+    extra = {"BRIDGE_WORKERS": "1", "BRIDGE_SESSION_QUEUE_MAX": "5", "BRIDGE_DRAIN_TIMEOUT_S": "1"}
+    async with running_bridge(env(redis_url, bot_id, yach, slow.base_url, **extra)) as bridge:
+        await say(bridge, "tell me a long story")
+        await wait_until(lambda: len(yach.shown) >= 1)  # the answer is flowing
+        for n in range(7):
+            await say(bridge, f"question {n}", sender=f"other{n}")
+        await asyncio.sleep(0.3)
+        await say(bridge, "/stop")
+        await wait_until(lambda: ZH["stopped"] in yach.texts(), timeout=3)
+        await asyncio.wait_for(slow.closed_early.wait(), timeout=3)
+        assert ZH["nothing_to_stop"] not in yach.texts()
+
+
 async def test_stop_with_nothing_running(redis_url: str, bot_id: str, yach: FakeYach,
                                          echo: FakeOpenAI, redis_client: object) -> None:
     async with running_bridge(env(redis_url, bot_id, yach, echo.base_url)) as bridge:
