@@ -368,8 +368,11 @@ class _Stuck:
     @classmethod
     def at_end(cls, text: str, spans: Sequence[_Span], floor: int) -> _Stuck | None:
         end, last_line = len(text), text.rfind("\n") + 1
-        if any(span.is_fence and span.end > end for span in spans):
-            return cls(text, floor, False, last_line)
+        open_fence = next((span for span in spans if span.is_fence and span.end > end), None)
+        if open_fence is not None:
+            # An opening line still being written may yet be no fence (a backtick after its
+            # ``` makes it inline code): no shortcut before that line has ended.
+            return None if open_fence.start >= last_line else cls(text, floor, False, last_line)
         # A table with two rows before the last line: the one before the last is a row by
         # following a row, whatever the last line becomes (a row's status can hang on the
         # next line being a delimiter row), and so is every row added after it.

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bridge import compose as compose_module
@@ -501,6 +501,8 @@ _BLOCKS = st.sampled_from(
     min_chars=st.integers(0, 40),
     max_chars=st.integers(30, 200),
 )
+# an opening line that a later backtick turns into inline code: no fence after all
+@example(parts=["```", ". ", "`", "\n```\n"], sizes=[1], min_chars=0, max_chars=30)
 def test_the_shortcuts_cut_where_a_full_search_cuts(
     parts: list[str], sizes: list[int], min_chars: int, max_chars: int
 ) -> None:
