@@ -66,7 +66,8 @@ from tests.procs import BridgeProcess
 
 TOKEN_INTERVAL_S = 0.005
 PIECE_INTERVAL_S = 0.08
-WARMUP_TURNS = 10
+WARMUP_TURNS = 10  # before a process's first phase; later phases find it warm
+RESETTLE_TURNS = 2  # before each later phase (answers of the new length)
 # the relay bench's flush policy: every token (a sentence each) a piece as soon as it is read
 FINAL = {"BRIDGE_REPLY_MODE": "final"}
 EVERY_PIECE = {"BRIDGE_REPLY_MODE": "stream", "BRIDGE_FLUSH_MIN_CHARS": "0",
@@ -89,8 +90,8 @@ async def instructions(
     floor: bool = False,
 ) -> list[Counted]:
     """One process, under callgrind: the bridge with `settings`, or the floor. Per phase
-    (answers of `tokens` tokens, `turns` turns one at a time, after WARMUP_TURNS turns
-    not counted): the instructions it spent, the seconds they took (under callgrind) and the
+    (answers of `tokens` tokens, `turns` turns one at a time, after warm-up turns not
+    counted): the instructions it spent, the seconds they took (under callgrind) and the
     pieces the fake Yach received."""
     name = f"{'floor' if floor else 'bridge'}-{settings.get('BRIDGE_REPLY_MODE')}"
     answered: dict[str, asyncio.Event] = {}
@@ -127,9 +128,9 @@ async def instructions(
                 await asyncio.wait_for(answered[group].wait(), 120)
 
             callgrind_control("--instr=on", pid)
-            for tokens, turns in phases:
+            for phase, (tokens, turns) in enumerate(phases):
                 upstream.plan.tokens = tokens
-                for n in range(WARMUP_TURNS):
+                for n in range(RESETTLE_TURNS if phase else WARMUP_TURNS):
                     await turn(f"w{tokens}-{n}")
                 await asyncio.sleep(0.5)  # the last warm-up turn's record and ack
                 callgrind_control("-z", pid)
@@ -237,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         head = entry_head("Turn cost in instructions", command_line("bench_turn_cost.py", argv))
         load = (f"- load: {args.turns} turns one at a time, answers of 1 and of {args.tokens} "
                 f"tokens ({TOKEN_INTERVAL_S * 1000:g} ms apart), {WARMUP_TURNS} warm-up turns "
-                f"first; BRIDGE_REPLY_MODE=final, app-API route; then {args.piece_turns} turns "
+                f"first ({RESETTLE_TURNS} before the second length); BRIDGE_REPLY_MODE=final, "
+                f"app-API route; then {args.piece_turns} turns "
                 f"of 1 and of {args.piece_tokens} tokens ({PIECE_INTERVAL_S * 1000:g} ms "
                 f"apart) in stream mode, every token a piece, through the bridge and through "
                 f"the floor; valgrind --tool=callgrind")
