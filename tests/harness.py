@@ -149,6 +149,17 @@ async def wait_until(
         await asyncio.sleep(interval)
 
 
+async def wait_recorded(client: redis.asyncio.Redis, session_key: str, turns: int) -> None:
+    """Wait until the session hash at `session_key` counts `turns` recorded turns (the
+    record follows the last piece's send: a test that reads the session after seeing the
+    answer waits for it)."""
+    for _ in range(500):
+        if await client.hget(session_key, "turns") == str(turns).encode():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{session_key} never counted {turns} turns")
+
+
 async def stop_after_first(
     events: AsyncIterator[Any], is_first: Callable[[Any], bool] = lambda _: True
 ) -> None:

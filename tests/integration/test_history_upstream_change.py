@@ -4,24 +4,22 @@ to `openai` must not be given the turns of its earlier `openai` conversation."""
 
 from __future__ import annotations
 
-import asyncio
-
 import redis.asyncio as aioredis
 
 from tests.fakes.dify import DifyFake
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.yach import FakeYach
-from tests.harness import bridge_env, group_message, openai_env, running_bridge, wait_until
+from tests.harness import (
+    bridge_env,
+    group_message,
+    openai_env,
+    running_bridge,
+    wait_recorded,
+    wait_until,
+)
 
 SESSION_KEY = "chatbridge:{{{bot}}}:session:yach:g:g1:u:u1"
 
-
-async def _recorded(redis: aioredis.Redis, key: str, turns: int) -> None:
-    for _ in range(500):
-        if await redis.hget(key, "turns") == str(turns).encode():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{key} never counted {turns} turns")
 
 
 async def test_back_to_openai_after_another_upstream_starts_a_fresh_history(
@@ -40,7 +38,7 @@ async def test_back_to_openai_after_another_upstream_starts_a_fresh_history(
             async with running_bridge(env) as bridge:
                 assert (await bridge.post(group_message(f"turn {turn}")))[0] == 200
                 await wait_until(lambda count=turn: len(yach.shown) == count)
-                await _recorded(redis_client, key, turn)
+                await wait_recorded(redis_client, key, turn)
     finally:
         await dify.close()
     # The first openai conversation is not continued after the change to dify and back.

@@ -14,7 +14,14 @@ import redis.asyncio as aioredis
 from tests.fakes.dify import CONVERSATION_ID, DifyFake, failing, render
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.yach import FakeYach
-from tests.harness import bridge_env, group_message, openai_env, running_bridge, wait_until
+from tests.harness import (
+    bridge_env,
+    group_message,
+    openai_env,
+    running_bridge,
+    wait_recorded,
+    wait_until,
+)
 
 FIELDS = {"upstream", "conversation", "created_at", "last_active", "turns"}
 
@@ -28,13 +35,6 @@ async def _session(redis: aioredis.Redis, key: str) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
-async def _recorded(redis: aioredis.Redis, key: str, turns: int) -> None:
-    for _ in range(500):
-        if await redis.hget(key, "turns") == str(turns).encode():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{key} never counted {turns} turns")
-
 
 async def test_an_openai_session_holds_every_field(
     redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI,
@@ -45,7 +45,7 @@ async def test_an_openai_session_holds_every_field(
                               ) as bridge:
         assert (await bridge.post(group_message("hello")))[0] == 200
         await wait_until(lambda: len(yach.shown) == 1)
-        await _recorded(redis_client, key, 1)
+        await wait_recorded(redis_client, key, 1)
     state = await _session(redis_client, key)
     assert set(state) >= FIELDS
     assert state["upstream"] == "openai"
@@ -64,7 +64,7 @@ async def test_a_change_of_upstream_leaves_an_empty_reference_not_an_empty_strin
                               ) as bridge:
         assert (await bridge.post(group_message("hello")))[0] == 200
         await wait_until(lambda: len(yach.shown) == 1)
-        await _recorded(redis_client, key, 3)
+        await wait_recorded(redis_client, key, 3)
     state = await _session(redis_client, key)
     assert state["upstream"] == "openai"
     assert json.loads(state["conversation"]) == {}
