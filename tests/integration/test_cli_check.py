@@ -250,6 +250,18 @@ async def test_a_check_stopped_by_sigterm_midway_does_not_exit_0(
     job cancelled) must not exit 0, "the configuration is good". The entry point's handler,
     meant for the program's loading (`bridge.launch`), stayed installed for all of `check`
     and made it exit 0 (found by review); it dies of the signal, as it did before."""
+    code, _ = await _probe_stopped(tmp_path, redis_url, signal.SIGTERM)
+    assert code == -signal.SIGTERM
+
+
+def _sigint_default() -> None:
+    """In the child: Ctrl-C as a terminal delivers it (a background job's SIGINT is ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+async def _probe_stopped(tmp_path: Path, redis_url: str, signum: int) -> tuple[int, str]:
+    """`check --probe` against an upstream that never answers, sent `signum` while it waits
+    for the probe's answer: its exit status and what it wrote to stderr."""
     with unanswered_url() as url:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
         env.update(good_env(tmp_path, url + "/v1", BRIDGE_REDIS_URL=redis_url,
@@ -259,20 +271,23 @@ async def test_a_check_stopped_by_sigterm_midway_does_not_exit_0(
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bridge", "check", "--probe", env=env, cwd=REPO,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE, preexec_fn=_sigint_default,
         )
-        assert process.stdout is not None
+        assert process.stdout is not None and process.stderr is not None
         try:
             async with asyncio.timeout(30):  # the probe starts once Redis has answered
                 while not (line := await process.stdout.readline()).startswith(b"redis:"):
                     assert line, "check ended before probing"
-            process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)  # into the probe's wait
+            process.send_signal(signum)
+            err = await asyncio.wait_for(process.stderr.read(), 10)
             await asyncio.wait_for(process.wait(), 10)
         finally:
             if process.returncode is None:
                 process.kill()
                 await process.wait()
-    assert process.returncode == -signal.SIGTERM
+    assert process.returncode is not None
+    return process.returncode, err.decode()
 
 
 async def test_the_upstream_adapter_is_built_as_run_builds_it(tmp_path: Path) -> None:
@@ -290,40 +305,12 @@ async def test_the_upstream_adapter_is_built_as_run_builds_it(tmp_path: Path) ->
     assert any(line.startswith("upstream: replay") for line in fixed.lines), fixed.out
 
 
-def _sigint_default() -> None:
-    """In the child: Ctrl-C as a terminal delivers it (a background job's SIGINT is ignored)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 async def test_a_check_interrupted_by_ctrl_c_prints_no_traceback(
     tmp_path: Path, redis_url: str
 ) -> None:
     """Ctrl-C while `check --probe` waits on the upstream: the operator stopped it, nothing
     failed. It printed a Python traceback (KeyboardInterrupt out of asyncio.run); it ends
     as the SIGTERM case does, by the signal, without exiting 0."""
-    with unanswered_url() as url:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
-        env.update(good_env(tmp_path, url + "/v1", BRIDGE_REDIS_URL=redis_url,
-                            BRIDGE_OPENAI_API_KEY="sk-test-placeholder",
-                            BRIDGE_UPSTREAM_CONNECT_TIMEOUT_S="30"))  # fmt: skip
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bridge", "check", "--probe", env=env, cwd=REPO,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, preexec_fn=_sigint_default,
-        )
-        assert process.stdout is not None and process.stderr is not None
-        try:
-            async with asyncio.timeout(30):
-                while not (line := await process.stdout.readline()).startswith(b"redis:"):
-                    assert line, "check ended before probing"
-            await asyncio.sleep(0.2)  # into the probe's wait
-            process.send_signal(signal.SIGINT)
-            err = await asyncio.wait_for(process.stderr.read(), 10)
-            await asyncio.wait_for(process.wait(), 10)
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-    assert b"Traceback" not in err, err.decode()
-    assert process.returncode != 0
+    code, err = await _probe_stopped(tmp_path, redis_url, signal.SIGINT)
+    assert "Traceback" not in err, err
+    assert code != 0

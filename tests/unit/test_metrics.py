@@ -157,23 +157,25 @@ def test_webhook_statuses_are_counted_also_outside_the_usual_few() -> None:
     metrics = Metrics("bot", "1.0")
     for status in (200, 200, 503, 500):
         metrics.count_webhook(status)
-    counts = {
-        sample.labels["status"]: sample.value
-        for family in text_string_to_metric_families(metrics.render()[0].decode())
-        if family.name == "chatbridge_webhook_requests"
-        for sample in family.samples
-    }
-    assert counts == {"200": 2, "400": 0, "401": 0, "413": 0, "500": 1, "503": 1}
+    assert _counts(metrics, "chatbridge_webhook_requests", "status") == {
+        "200": 2, "400": 0, "401": 0, "413": 0, "500": 1, "503": 1,
+    }  # fmt: skip
 
 
 def test_sends_are_counted_by_outcome() -> None:
     metrics = Metrics("bot", "1.0")
     for outcome in ("ok", "ok", "rate_limited", "ok"):
         metrics.count_send(outcome)
-    counts = {
-        sample.labels["outcome"]: sample.value
+    assert _counts(metrics, "chatbridge_im_sends", "outcome") == {
+        "ok": 3, "error": 0, "rate_limited": 1,
+    }  # fmt: skip
+
+
+def _counts(metrics: Metrics, family_name: str, label: str) -> dict[str, float]:
+    """The exposed value of each series of a counter, by the value of its one label."""
+    return {
+        sample.labels[label]: sample.value
         for family in text_string_to_metric_families(metrics.render()[0].decode())
-        if family.name == "chatbridge_im_sends"
+        if family.name == family_name
         for sample in family.samples
     }
-    assert counts == {"ok": 3, "error": 0, "rate_limited": 1}
