@@ -178,6 +178,28 @@ end
 return lost
 """
 
+# How many new entries a read must take to reach the first command or notice among the next
+# ARGV[2] not yet delivered to the group ARGV[1] (0: none there). KEYS: inbox. Judged in Redis:
+# only a number comes back, not the entries (a full process asks four times a second).
+_REACH_UNQUEUED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local last
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+  if info['name'] == ARGV[1] then last = info['last-delivered-id'] end
+end
+if not last then return 0 end
+local rows = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', ARGV[2])
+for position, row in ipairs(rows) do
+  local fields = row[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'k' and fields[i + 1] ~= 'turn' then return position end
+  end
+end
+return 0
+"""
+
 # The scripts of every message (its store, its acknowledgement): loaded at start.
 INBOX_SCRIPTS = (_PUT, _ACK)
 
@@ -256,6 +278,7 @@ class Inbox:
         self._ack_script = redis.register_script(_ACK)
         self._keep_script = redis.register_script(_KEEP)
         self._prune_script = redis.register_script(_PRUNE)
+        self._reach_unqueued = redis.register_script(_REACH_UNQUEUED)
         self._batch: list[_Pending] = []
         # Up to `_PUTS_IN_FLIGHT` put scripts are on their way; what arrives meanwhile waits
         # for the next. Under load the batches grow instead of the calls (a call costs the
@@ -421,17 +444,7 @@ class Inbox:
         """How many new entries a read must take to reach the first command or notice among
         the next `scan` not yet delivered to any consumer (0: none there). A process with no
         room for more turns still reads those: they never wait behind turns (SPEC §4, §5)."""
-        groups = await self._with_group(self.redis.xinfo_groups, self.keys.inbox)
-        last = next(
-            (g["last-delivered-id"] for g in groups if as_text(g["name"]) == GROUP), None
-        )
-        if last is None:
-            return 0
-        rows = await self.redis.xrange(self.keys.inbox, min=f"({as_text(last)}", count=scan)
-        for position, (_entry_id, fields) in enumerate(rows or []):
-            if fields and fields.get(b"k", b"turn") != b"turn":
-                return position + 1
-        return 0
+        return int(await self._reach_unqueued(keys=[self.keys.inbox], args=[GROUP, scan]))
 
     def _entries(self, rows: Iterable[tuple[bytes | str, dict[bytes, bytes], int]]) -> list[Entry]:
         """Entries from stream rows; a row that cannot be read is set aside as poison."""
