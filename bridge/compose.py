@@ -80,7 +80,7 @@ def _fences(text: str) -> list[_Span]:
             match.group(1)[0] == opener.group(1)[0]
             and len(match.group(1)) >= len(opener.group(1))
             and not match.group(2).strip()
-            and _indent_width(match) <= _indent_width(opener) + _FENCE_INDENT_SLACK
+            and _indent_width(match) <= _code_indent(text, opener, match) + _FENCE_INDENT_SLACK
         ):
             spans.append(_fence_span(opener, match.end()))
             opener = None
@@ -91,6 +91,20 @@ def _fences(text: str) -> list[_Span]:
 
 def _indent_width(match: re.Match[str]) -> int:
     return match.start(1) - match.start()
+
+
+def _code_indent(text: str, opener: re.Match[str], closer: re.Match[str]) -> int:
+    """How deep the fence sits: its opener's indentation, or deeper if every line of its code
+    is. A fence `_split_fence` reopened at the margin keeps its code, and its closer still to
+    come, as deep as its list item has them; closed only by a line as shallow as its opener,
+    it would hold the rest of the answer as code."""
+    indent = _indent_width(opener)
+    if _indent_width(closer) <= indent + _FENCE_INDENT_SLACK:
+        return indent  # (nearly always: no need to look at the code)
+    lines = [line for line in text[opener.end() : closer.start()].split("\n") if line.strip()]
+    if not lines:
+        return indent
+    return max(indent, min(len(line) - len(line.lstrip(" \t")) for line in lines))
 
 
 def _fence_span(opener: re.Match[str], end: int) -> _Span:

@@ -232,8 +232,12 @@ class Worker:
             if room <= 0:
                 # No room for more turns; commands and notices are read all the same (with
                 # the turns stored before them, which wait here for a turn slot): a `/stop`
-                # must not wait for the turn it stops to end.
-                count = await self.inbox.reach_unqueued(_UNQUEUED_SCAN)
+                # must not wait for the turn it stops to end. Those turns are taken in up to
+                # one scan past the room, all told: else a command after every question of a
+                # burst would take the whole burst in here (and its session locks, while the
+                # other processes idle), without bound.
+                scan = _UNQUEUED_SCAN + room
+                count = await self.inbox.reach_unqueued(scan) if scan > 0 else 0
                 self._went_well("_read_loop")
                 if not count:
                     self._room.clear()

@@ -165,6 +165,21 @@ def test_a_line_opening_with_inline_code_in_triple_backticks_does_not_hold_the_s
     assert len(pieces) > 3
 
 
+def test_an_over_long_nested_fence_split_in_the_stream_still_ends_at_its_closer() -> None:
+    """A fence of a nested list item (indented 6) longer than a message is closed and
+    reopened at the margin; its closer, indented 6 as its code is, still ends it. Else the
+    rest of the answer stayed an open fence: held until a message's worth had come, then
+    sent as code, cut inside its words."""
+    code = "".join(f"      print({i})  # line {i}\n" for i in range(12))
+    prose = "After the code, some prose. More prose sentence here. " * 12
+    text = "1. Step one\n   - nested item:\n\n      ```python\n" + code + "      ```\n\n" + prose
+    policy = FlushPolicy(mode="stream", min_chars=40, max_wait_s=1000.0, max_chars=200)
+    pieces = compose(policy, [TextDelta(text[i : i + 5]) for i in range(0, len(text), 5)])
+    after = pieces[next(i for i, piece in enumerate(pieces) if "print(11)" in piece) + 1 :]
+    assert len(after) > 3 and "```" not in "".join(after)
+    assert all(piece.rstrip().endswith((".", "```")) for piece in after)
+
+
 def test_dollars_in_inline_code_open_no_display_math() -> None:
     """`echo $$` (the shell's PID) is code, not the start of a `$$ … $$` block: taken for
     one still open, it held every piece after it until the end of the turn."""

@@ -92,6 +92,20 @@ def test_an_over_long_nested_fence_is_closed_where_it_was_opened() -> None:
     assert "".join(pieces).count("SELECT") == 600
 
 
+def test_prose_after_an_over_long_nested_fence_is_no_code() -> None:
+    """The fence, reopened at the margin, keeps its code and its closer as deep as its list
+    item has them: that closer still ends it. Taken for code, the prose after it was closed
+    and reopened as code, message after message, and cut inside its words."""
+    code = "".join(f"      print({i})  # line {i}\n" for i in range(12))
+    prose = "After the code, some prose. More prose sentence here. " * 12
+    text = "1. Step one\n   - nested item:\n\n      ```python\n" + code + "      ```\n\n" + prose
+    pieces = split_text(text, 200)
+    assert all(len(piece) <= 200 for piece in pieces)
+    after = pieces[next(i for i, piece in enumerate(pieces) if "print(11)" in piece) + 1 :]
+    assert after and "```" not in "".join(after)
+    assert all(piece.rstrip().endswith((".", "```")) for piece in after)
+
+
 def test_a_line_opening_with_inline_code_in_triple_backticks_is_no_fence() -> None:
     """CommonMark: a backtick fence's info string holds no backtick, so a line that opens
     with ```npm install``` is inline code. Taken for a fence left open, it had the prose
