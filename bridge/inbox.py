@@ -62,8 +62,9 @@ end
 return removed
 """
 
-# One group-commit batch in one command. KEYS: inbox, then the answers of earlier calls that
-# were read (emptied: no longer needed). ARGV: dedupe TTL, the dedupe and the
+# One group-commit batch in one command. KEYS: inbox, the commands and notices waiting
+# (`Keys.unqueued`), then the answers of earlier calls that were read (emptied: no longer
+# needed). ARGV: dedupe TTL, the dedupe and the
 # queue key prefixes, and the batch as one JSON array of [dedupe key or '', kind, session,
 # message, sender]: one argument, not five per message, because redis-py packs every argument
 # in Python. (The keys built here share the inbox's {bot} hash tag, as every key does.) Then
@@ -83,7 +84,7 @@ _PUT = (
     + """
 -- emptied, not deleted: a late copy of that call (written on a connection since given up,
 -- still on its way) then finds an answer and does nothing
-for i = 2, #KEYS do redis.call('SET', KEYS[i], '[[],[]]', 'XX', 'KEEPTTL') end
+for i = 3, #KEYS do redis.call('SET', KEYS[i], '[[],[]]', 'XX', 'KEEPTTL') end
 if ARGV[8] ~= '' then
   local answered = redis.call('GET', ARGV[8])
   if answered then return cjson.decode(answered) end
@@ -98,6 +99,8 @@ for i, item in ipairs(cjson.decode(ARGV[4])) do
     if kind == 'turn' then
       redis.call('RPUSH', ARGV[3] .. session, id)
       stored[id] = item
+    else
+      redis.call('ZADD', KEYS[2], tonumber(string.match(id, '^%d+')), id)
     end
     ids[i] = id
   end
@@ -179,10 +182,12 @@ return lost
 """
 
 # How many new entries a read must take to reach the first command or notice among the next
-# ARGV[2] not yet delivered to the group ARGV[1] (0: none there). KEYS: inbox. Judged in Redis:
-# only a number comes back, not the entries (a full process asks four times a second).
+# ARGV[2] not yet delivered to the group ARGV[1] (0: none there). KEYS: inbox, the commands
+# and notices stored (`Keys.unqueued`), from which those delivered are dropped here. Judged in
+# Redis: only a number comes back. A full process asks four times a second; while no command
+# waits (nearly always) that costs one ZCARD, not a look at the entries.
 _REACH_UNQUEUED = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('ZCARD', KEYS[2]) == 0 or redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local last
 for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local info = {}
@@ -190,6 +195,14 @@ for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   if info['name'] == ARGV[1] then last = info['last-delivered-id'] end
 end
 if not last then return 0 end
+local last_ms, last_seq = string.match(last, '^(%d+)-(%d+)$')
+last_ms, last_seq = tonumber(last_ms), tonumber(last_seq)
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', last_ms)) do
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  ms, seq = tonumber(ms), tonumber(seq)
+  if ms < last_ms or (ms == last_ms and seq <= last_seq) then redis.call('ZREM', KEYS[2], id) end
+end
+if redis.call('ZCARD', KEYS[2]) == 0 then return 0 end
 local rows = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', ARGV[2])
 for position, row in ipairs(rows) do
   local fields = row[2]
@@ -408,7 +421,9 @@ class Inbox:
             answer = keys.put_answer(f"{self.consumer}:{self._put_calls}")
             args += [GROUP, self.consumer, room, answer, *take.start_args, ANSWER_TTL_S]
         read, self._answers_read = self._answers_read, []
-        verdicts, taken = await self._puts.script(self._put_script, [keys.inbox, *read], args)
+        verdicts, taken = await self._puts.script(
+            self._put_script, [keys.inbox, keys.unqueued, *read], args
+        )
         if answer and taken:
             self._answers_read.append(answer)
         return list(verdicts), list(taken)
@@ -444,7 +459,8 @@ class Inbox:
         """How many new entries a read must take to reach the first command or notice among
         the next `scan` not yet delivered to any consumer (0: none there). A process with no
         room for more turns still reads those: they never wait behind turns (SPEC §4, §5)."""
-        return int(await self._reach_unqueued(keys=[self.keys.inbox], args=[GROUP, scan]))
+        keys = [self.keys.inbox, self.keys.unqueued]
+        return int(await self._reach_unqueued(keys=keys, args=[GROUP, scan]))
 
     def _entries(self, rows: Iterable[tuple[bytes | str, dict[bytes, bytes], int]]) -> list[Entry]:
         """Entries from stream rows; a row that cannot be read is set aside as poison."""

@@ -98,6 +98,12 @@ class Keys:
         return self.prefix + "dead"
 
     @property
+    def unqueued(self) -> str:
+        """The ids of the commands and notices stored in the inbox (a sorted set, scored by
+        the id's milliseconds), dropped once read: whether a full process has one to read."""
+        return self.prefix + "unqueued"
+
+    @property
     def schema(self) -> str:
         return self.prefix + "schema"
 

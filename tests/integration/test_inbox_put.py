@@ -201,3 +201,24 @@ async def test_a_batch_made_while_the_first_put_retries_after_noscript_is_stored
         assert await queue(redis_client, keys, "s1") == [one.entry_id, two.entry_id]
     finally:
         await client.aclose()
+
+
+async def test_a_full_process_finds_the_next_command_past_the_turns(
+    inbox: Inbox, redis_client: aioredis.Redis, bot_id: str
+) -> None:
+    """`reach_unqueued`: how many new entries to read to reach the first command or notice
+    (0: none undelivered). Commands are noted at the put and forgotten once delivered, so a
+    full process that finds none has looked at no entry."""
+    keys = Keys(bot_id)
+    for n in range(3):
+        await inbox.put(message(f"t{n}"), EntryKind.TURN, "s1")
+    assert await inbox.reach_unqueued(64) == 0
+    await inbox.put(message("c", "/stop"), EntryKind.COMMAND, "s1")
+    await inbox.put(message("t3"), EntryKind.TURN, "s1")
+    assert await inbox.reach_unqueued(64) == 4
+    assert await inbox.reach_unqueued(3) == 0  # not within the look
+    assert len(await inbox.read(count=2, block_ms=None)) == 2
+    assert await inbox.reach_unqueued(64) == 2
+    assert len(await inbox.read(count=2, block_ms=None)) == 2  # the command delivered
+    assert await inbox.reach_unqueued(64) == 0
+    assert await redis_client.zcard(keys.unqueued) == 0  # forgotten
