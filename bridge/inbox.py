@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.typing import EncodableT
 
 from bridge.interfaces import InboundMessage
@@ -33,6 +33,7 @@ from bridge.store import ANSWER_TTL_S, GROUP, HotPath, InOrder, Keys, as_text
 
 __all__ = [
     "INBOX_SCRIPTS",
+    "UNQUEUED_MESSAGE",
     "Accepted",
     "Acked",
     "Duplicate",
@@ -213,6 +214,9 @@ end
 return 0
 """
 
+# Published on the control channel when a command or notice is stored (`Inbox.put`).
+UNQUEUED_MESSAGE = json.dumps({"type": "unqueued"})
+
 # The scripts of every message (its store, its acknowledgement): loaded at start.
 INBOX_SCRIPTS = (_PUT, _ACK)
 
@@ -352,7 +356,19 @@ class Inbox:
         future: asyncio.Future[Accepted | Duplicate] = asyncio.get_running_loop().create_future()
         self._batch.append(_Pending(item, future))
         self._start_flush()
-        return await future
+        verdict = await future
+        if kind is not EntryKind.TURN and isinstance(verdict, Accepted):
+            await self._announce_unqueued()
+        return verdict
+
+    async def _announce_unqueued(self) -> None:
+        """Tell every process of the bot that a command or notice is stored: one that has no
+        room for more turns reads it now, not at its next look (`reach_unqueued`). Stored, it
+        is answered either way: a failure here is only logged."""
+        try:
+            await self.redis.publish(self.keys.control, UNQUEUED_MESSAGE)
+        except RedisError as exc:
+            log.warning("unqueued_not_announced", error=type(exc).__name__)
 
     def _start_flush(self) -> None:
         """Unless one is about to start, or enough are on their way, a task of its own

@@ -47,7 +47,9 @@ log = structlog.get_logger(__name__)
 _READ_BLOCK_MS = 1000
 _WAIT_POLL_S = 1.0
 _LISTEN_POLL_S = 1.0
-_FULL_POLL_S = 0.25  # with no room for turns, how often the read loop looks for commands
+# With no room for turns, the read loop looks for commands when one is announced on the
+# control channel (`Inbox.put`), and at least this often (a Pub/Sub message may be missed).
+_FULL_POLL_S = 5.0
 _UNQUEUED_SCAN = 64  # how far past the entries delivered it looks for one
 _MIN_BACKOFF_S = 0.1
 _MAX_BACKOFF_S = 5.0
@@ -237,10 +239,10 @@ class Worker:
                 # burst would take the whole burst in here (and its session locks, while the
                 # other processes idle), without bound.
                 scan = _UNQUEUED_SCAN + room
+                self._room.clear()  # (set again by room freed, or a command announced, meanwhile)
                 count = await self.inbox.reach_unqueued(scan) if scan > 0 else 0
                 self._went_well("_read_loop")
                 if not count:
-                    self._room.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._room.wait(), _FULL_POLL_S)
                     continue
@@ -331,6 +333,8 @@ class Worker:
                 waker.set()
         elif command.get("type") == "stop":
             self._stop_local(session, command.get("entry", ""))
+        elif command.get("type") == "unqueued":
+            self._room.set()  # a full read loop looks for the command now
 
     def _stop_local(self, session: str, entry_id: str) -> None:
         """Stop the turn of `entry_id` if it runs here (or holds its session, about to run)."""
