@@ -21,7 +21,6 @@ from tests.harness import (
 SESSION_KEY = "chatbridge:{{{bot}}}:session:yach:g:g1:u:u1"
 
 
-
 async def test_back_to_openai_after_another_upstream_starts_a_fresh_history(
     redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI,
     redis_client: aioredis.Redis,
