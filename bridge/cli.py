@@ -41,6 +41,7 @@ from bridge.config import (
     given_value,
     load_settings,
     masked_settings,
+    shadowed_files,
     unknown_variables,
 )
 from bridge.inbox import Accepted, Entry, EntryKind
@@ -276,6 +277,8 @@ async def _check(env: Mapping[str, str], *, probe: bool) -> int:
         close = difflib.get_close_matches(bare, known, n=1, cutoff=0.75)
         hint = f"; did you mean BRIDGE_{close[0]}?" if close else " (a typo?)"
         print(f"warning: {name} is not a chatbridge variable{hint}")
+    for name in shadowed_files(env):
+        print(f"warning: {name} is not read: {name.removesuffix('_FILE')} is set too, and wins")
     try:
         settings = load_settings(env, command="check")
     except ConfigError as exc:

@@ -23,6 +23,7 @@ __all__ = [
     "load_settings",
     "masked_settings",
     "recording_format",
+    "shadowed_files",
 ]
 
 PREFIX = "BRIDGE_"
@@ -368,10 +369,15 @@ def _read_raw(attr: str, env: Mapping[str, str], problems: list[str]) -> str | N
     value = env.get(name, "")
     file_path = env.get(name + "_FILE", "")
     if value.strip() in ("", PLACEHOLDER) and file_path:
-        try:
-            value = Path(file_path).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        path, why = Path(file_path), ""
+        if path.exists() and not path.is_file():  # a FIFO or a device: a read that never ends
+            why = "not a regular file"
+        else:
+            try:
+                value = path.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                why = (exc.strerror or str(exc)) if isinstance(exc, OSError) else "not UTF-8 text"
+        if why:
             problems.append(
                 f"{name}_FILE: cannot read {file_path!r} ({why}); example: "
                 f"{name}_FILE=/etc/chatbridge/credentials/{attr}"
@@ -392,6 +398,17 @@ def given_value(attr: str, env: Mapping[str, str]) -> str | None:
 def _known_names() -> set[str]:
     names = {env_name(f.name) for f in fields(Settings)}
     return names | {name + "_FILE" for name in names}
+
+
+def shadowed_files(env: Mapping[str, str]) -> list[str]:
+    """The `X_FILE` variables left unread because `X` itself is set too (X wins)."""
+    names = (env_name(spec.name) for spec in fields(Settings))
+    return sorted(
+        f"{name}_FILE"
+        for name in names
+        if env.get(f"{name}_FILE", "").strip()
+        and env.get(name, "").strip() not in ("", PLACEHOLDER)
+    )
 
 
 def unknown_variables(env: Mapping[str, str]) -> list[str]:

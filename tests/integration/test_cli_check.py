@@ -173,6 +173,14 @@ async def test_chats_without_a_reply_route_are_warnings(tmp_path: Path) -> None:
     assert "s3cret" not in result.out
 
 
+async def test_a_secret_file_beside_its_set_variable_is_a_warning(tmp_path: Path) -> None:
+    env = good_env(tmp_path, BRIDGE_OPENAI_API_KEY_FILE=str(tmp_path / "key"))
+    result = await check(env)
+    assert result.code == 0, result.out + result.err
+    assert ("warning: BRIDGE_OPENAI_API_KEY_FILE is not read: BRIDGE_OPENAI_API_KEY is set "
+            "too, and wins") in result.lines, result.out
+
+
 async def test_an_unknown_variable_is_not_matched_to_an_unrelated_one(tmp_path: Path) -> None:
     """The `BRIDGE_` every name shares made unrelated names look alike: BRIDGE_TIMEOUT
     got "did you mean BRIDGE_IM?", BRIDGE_FOO "did you mean BRIDGE_PORT?"."""

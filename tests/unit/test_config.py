@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -13,8 +14,10 @@ from bridge.config import (
     ConfigError,
     Rate,
     Settings,
+    given_value,
     load_settings,
     masked_settings,
+    shadowed_files,
     unknown_variables,
 )
 
@@ -177,6 +180,28 @@ def test_secret_from_file(tmp_path: Path) -> None:
     (tmp_path / "binary").write_bytes(b"\xff\xfe\x00")
     binary = {**env, "BRIDGE_OPENAI_API_KEY_FILE": str(tmp_path / "binary")}
     assert "BRIDGE_OPENAI_API_KEY_FILE" in [line.split(":")[0] for line in problems(binary)]
+
+
+def test_a_secret_file_that_is_no_regular_file_is_a_problem_not_a_hang(tmp_path: Path) -> None:
+    """A FIFO (or a device) named as a secret's file: reading it would wait for a writer that
+    never comes (or never end), and `check` and `run` with it."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    env = {**OPENAI, "BRIDGE_OPENAI_API_KEY": "", "BRIDGE_OPENAI_API_KEY_FILE": str(fifo)}
+    [line] = problems(env)
+    assert line.startswith("BRIDGE_OPENAI_API_KEY_FILE: cannot read")
+    assert "not a regular file" in line
+    assert given_value("openai_api_key", env) is None
+
+
+def test_a_file_beside_its_variable_is_left_unread_and_said() -> None:
+    env = {**OPENAI, "BRIDGE_OPENAI_API_KEY_FILE": "/run/credentials/key",
+           "BRIDGE_YACH_SECRET_FILE": "/run/credentials/yach", "BRIDGE_YACH_SECRET": "change-me",
+           "BRIDGE_DIFY_API_KEY_FILE": "/run/credentials/dify",
+           "BRIDGE_DIFY_API_KEY": ""}  # fmt: skip
+    # the variable wins (it is set); a placeholder or an empty one leaves the file to be read
+    assert shadowed_files(env) == ["BRIDGE_OPENAI_API_KEY_FILE"]
+    assert shadowed_files(OPENAI) == []
 
 
 def test_a_bad_secret_value_is_not_echoed() -> None:
