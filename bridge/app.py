@@ -338,6 +338,10 @@ async def handle_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
+async def _webhook_method_not_allowed(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPMethodNotAllowed(request.method, ["POST"])
+
+
 def counted(
     handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -379,6 +383,9 @@ def build_app(
     )
     app.cleanup_ctx.extend([_redis_ctx, _http_ctx, _upstream_ctx, _worker_ctx])
     app.router.add_post("/webhook/yach", counted(handle_yach_webhook))
+    # Any other method is answered 405 as aiohttp would, and counted like every webhook
+    # request (a probe or a misrouted check shows in `webhook_requests_total{status="405"}`).
+    app.router.add_route("*", "/webhook/yach", counted(_webhook_method_not_allowed))
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
     app.router.add_get("/metrics", handle_metrics)

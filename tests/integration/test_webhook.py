@@ -363,3 +363,16 @@ async def test_insecure_mode_skips_only_a_missing_secret(
         unsigned = (await running.post(group_message("unsigned"), headers={}))[0]
         assert unsigned == (200 if not secret else 401)
         assert (await running.post(group_message("signed")))[0] == 200
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT"])
+async def test_another_method_is_405_and_counted(bridge: RunningBridge, method: str) -> None:
+    """A probe or a misrouted check GETs the webhook: answered 405 (`Allow: POST`), nothing
+    stored, and counted like every webhook request, so it shows in the metrics."""
+    registry = bridge.bridge.metrics.registry
+    sample = ("chatbridge_webhook_requests_total", {"status": "405"})
+    async with bridge.session.request(method, f"{bridge.url}/webhook/yach") as response:
+        assert response.status == 405
+        assert response.headers["Allow"] == "POST"
+    assert registry.get_sample_value(*sample) == 1
+    assert await inbox_length(bridge) == 0
