@@ -185,8 +185,9 @@ return lost
 # How many new entries a read must take to reach the first command or notice among the next
 # ARGV[2] not yet delivered to the group ARGV[1] (0: none there). KEYS: inbox, the commands
 # and notices stored (`Keys.unqueued`), from which those delivered are dropped here. Judged in
-# Redis: only a number comes back. A full process asks four times a second; while no command
-# waits (nearly always) that costs one ZCARD, not a look at the entries.
+# Redis: only a number comes back. A full process asks whenever it may have room or a command
+# was announced, and every 5 s; while no command waits (nearly always) that costs one ZCARD,
+# not a look at the entries.
 _REACH_UNQUEUED = """
 if redis.call('ZCARD', KEYS[2]) == 0 or redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local last

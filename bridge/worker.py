@@ -123,7 +123,6 @@ class Worker:
         # sessions' messages unread while turn slots are free. (They are bounded without
         # this: a session holds at most BRIDGE_SESSION_QUEUE_MAX waiting, the rest "busy".)
         self._max_held = settings.workers * 2 + settings.session_queue_max
-        self._queued = 0  # held entries waiting behind their session (`_Held.queued`)
         self._room = asyncio.Event()
         self._wakers: dict[str, asyncio.Event] = {}
         self._loops: set[asyncio.Task[None]] = set()
@@ -392,13 +391,12 @@ class Worker:
 
     def _active(self) -> int:
         """The entries held that do not wait behind their own session."""
-        return len(self.held) - self._queued
+        return sum(not held.queued for held in self.held.values())
 
     def _set_queued(self, held: _Held, queued: bool) -> None:
         if held.queued is queued:
             return
         held.queued = queued
-        self._queued += 1 if queued else -1
         if queued:
             self._room.set()  # the read loop may take more: this one waits for its session
 
