@@ -8,6 +8,7 @@ the answer was not complete (SPEC §6). Pieces are journalled before they are se
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import hashlib
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import structlog
+from redis.exceptions import RedisError
 
 from bridge.compose import Composer, FlushPolicy, Standalone
 from bridge.config import Settings
@@ -61,6 +63,7 @@ _FAILURE_MESSAGES = {
 _GAVE_UP = (ErrorKind.REJECTED, ErrorKind.PROTOCOL)
 _OPERATORS_TO_FIX = (ErrorKind.AUTH, ErrorKind.NOT_FOUND)  # logged at error level
 _TICK_S = 0.25
+_REST_JOURNAL_S = 2.0  # an interrupted turn's last journal writes, at most
 _TOKENS = (TextDelta, ReasoningDelta)
 _SHOWN = (TextDelta, TextReplace)
 _COMPOSED = (TextDelta, ReasoningDelta, TextReplace, AgentSwitch, Suggestions)  # the rest: _handle
@@ -91,69 +94,139 @@ def message_id(entry_id: str, label: str | int) -> str:
 
 @dataclass
 class _Outgoing:
-    """The pieces of one turn on their way out, in order, merged while they wait."""
+    """The pieces of one turn on their way out, in order, merged while they wait.
+
+    Interrupted (a drain's deadline, `/stop`, the session lost), it journals what it had
+    not journalled yet — pieces waiting for the send budget, and the answer's end — so
+    that the replay sends them instead of dropping them (SPEC §4: excess is queued, never
+    dropped). The writes are fenced by the lock as always; a stopped entry is never
+    replayed (its stop key says so)."""
 
     runner: TurnRunner
     entry: Entry
     lock: str  # the session lock: only its holder may journal (and so send) a piece
     notice: _ThinkingNotice  # on its way, it goes out before the first piece
     queue: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
-    index: int = 0
+    index: int = 0  # of the next piece to journal
     # Set before the end (None) is queued: the turn's record follows, and its one write marks
     # the journal complete and `unmarked` sent (no journal write of the end's own).
     record_follows: bool = False
     unmarked: int | None = None  # the piece sent and not yet marked, left to the record
-    _carried: list[str] = field(default_factory=list)  # taken while merging, not merged
+    # Taken from the queue and not journalled yet, in order: held back while merging, or
+    # put back when interrupted before its journal write.
+    _carried: collections.deque[str] = field(default_factory=collections.deque)
+    _ended: bool = False  # the end (None) was taken from the queue
+    _end_journalled: bool = False
+    _confirmed: int | None = None  # sent; marked with the next journal write
 
     async def run(self) -> None:
+        try:
+            await self._send_all()
+        except asyncio.CancelledError:
+            with contextlib.suppress(TimeoutError, LockLost, RedisError):
+                await complete_shielded(self._journal_rest())
+            raise
+
+    async def _send_all(self) -> None:
         target = self.entry.message.target
-        outbox, sessions = self.runner.outbox, self.runner.sessions
-        session, entry_id = self.entry.chat_session_id, self.entry.entry_id
-        confirmed: int | None = None  # sent; marked with the next journal write
+        outbox = self.runner.outbox
         # Where the IM shows a message_id once, a confirmation always waits for the next
         # journal write: a replay that resends the piece shows nothing twice.
         deferred = outbox.dedupes(target)
-        last = False
-        while not last:
-            text = self._carried.pop() if self._carried else await self.queue.get()
-            if text is None:  # the end came after the last piece had gone out
-                if self.record_follows:
-                    self.unmarked = confirmed
-                elif self.index:  # a failed turn: its notice went last
-                    await sessions.journal_complete(
-                        session, entry_id, self.lock, failed=True, sent=confirmed
-                    )
-                break
-            if not self.index:
-                await self.notice.before_first_message()
-            await outbox.acquire(target)
-            text, last = self._merge_waiting(text)
-            piece = JournalPiece(
-                self.index,
-                text,
-                message_id(self.entry.entry_id, self.index),
-                mention=self.index == 0 and not target.is_direct,
-                sent=False,
-            )
-            # Journalled (fenced by the lock) before it is sent, marked once confirmed.
-            await sessions.journal_piece(
-                session,
-                entry_id,
+        while (text := await self._next()) is not None:
+            try:
+                if not self.index:
+                    await self.notice.before_first_message()
+                await outbox.acquire(target)
+            except asyncio.CancelledError:
+                self._carried.appendleft(text)
+                raise
+            piece, last = await self._journal(text)
+            await outbox.deliver(target, _as_piece(piece), budget_taken=True)
+            if last and self.record_follows:
+                self.unmarked = piece.index
+                return
+            if not last and (deferred or self._next_is_ready(target)):
+                self._confirmed = piece.index
+            else:
+                self._confirmed = None
+                await self.runner.sessions.journal_sent(self.entry.entry_id, piece.index)
+            if last:
+                return
+        # The end came after the last piece had gone out.
+        if self.record_follows:
+            self.unmarked = self._confirmed
+        elif self.index:  # a failed turn: its notice went last
+            await self._journal_failed_end()
+
+    async def _journal_rest(self) -> None:
+        """Journal, without sending, what waits: for the replay to send (bounded: a drain
+        must end; past the bound the replay sends what was journalled, and its notice)."""
+        async with asyncio.timeout(_REST_JOURNAL_S):
+            while (text := self._take_waiting()) is not None:
+                await self._journal(text)
+            failed_end = self._ended and not self.record_follows
+            if failed_end and self.index and not self._end_journalled:
+                await self._journal_failed_end()
+
+    async def _journal(self, text: str) -> tuple[JournalPiece, bool]:
+        """Journal the next piece — `text` and what waits behind it, merged — fenced by the
+        lock; whether it is the last."""
+        text = self._merge_waiting(text)
+        last = self._ended and not self._carried
+        target = self.entry.message.target
+        piece = JournalPiece(
+            self.index,
+            text,
+            message_id(self.entry.entry_id, self.index),
+            mention=self.index == 0 and not target.is_direct,
+            sent=False,
+        )
+        try:
+            await self.runner.sessions.journal_piece(
+                self.entry.chat_session_id,
+                self.entry.entry_id,
                 piece,
                 self.lock,
                 complete=last,
                 failed=last and not self.record_follows,
-                sent=confirmed,
+                sent=self._confirmed,
             )
-            await outbox.deliver(target, _as_piece(piece), budget_taken=True)
-            self.index += 1
-            if last and self.record_follows:
-                self.unmarked = piece.index
-            elif not last and (deferred or self._next_is_ready(target)):
-                confirmed = piece.index
-            else:
-                confirmed = None
-                await sessions.journal_sent(entry_id, piece.index)
+        except asyncio.CancelledError:
+            # Written or not: journalled again under the same index, which is harmless.
+            self._carried.appendleft(text)
+            raise
+        self.index += 1
+        self._end_journalled = last
+        return piece, last
+
+    async def _journal_failed_end(self) -> None:
+        await self.runner.sessions.journal_complete(
+            self.entry.chat_session_id,
+            self.entry.entry_id,
+            self.lock,
+            failed=True,
+            sent=self._confirmed,
+        )
+        self._end_journalled = True
+
+    async def _next(self) -> str | None:
+        """The next text to go out, waiting for one; None at the end."""
+        text = self._take_waiting()
+        if text is None and not self._ended:
+            text = await self.queue.get()
+            self._ended = text is None
+        return text
+
+    def _take_waiting(self) -> str | None:
+        """The next text already waiting (carried, or queued); None if there is none."""
+        if self._carried:
+            return self._carried.popleft()
+        if self._ended or self.queue.empty():
+            return None
+        text = self.queue.get_nowait()
+        self._ended = text is None
+        return text
 
     def _next_is_ready(self, target: ReplyTarget) -> bool:
         """Whether the next write can follow at once: something waits to go out and its
@@ -161,22 +234,19 @@ class _Outgoing:
         waiting = bool(self._carried) or not self.queue.empty()
         return waiting and self.runner.outbox.budget_free(target)
 
-    def _merge_waiting(self, text: str) -> tuple[str, bool]:
+    def _merge_waiting(self, text: str) -> str:
         """Join the pieces that queued up behind the budget, up to the message limit."""
         limit = self.runner.max_chars
-        while not self.queue.empty():
-            following = self.queue.get_nowait()
-            if following is None:
-                return text, True
+        while (following := self._take_waiting()) is not None:
             if (
                 len(text) + len(following) > limit
                 or isinstance(following, Standalone)
                 or isinstance(text, Standalone)
             ):
-                self._carried.append(following)
+                self._carried.appendleft(following)
                 break
             text += following
-        return text, False
+        return text
 
 
 class _ThinkingNotice:
@@ -415,9 +485,16 @@ class TurnRunner:
             await self._record(entry, lock, answer, question=question, sent=outgoing.unmarked)
 
         try:
-            failure = await self._stream(
-                entry, lock, turn, composer, outgoing, sender, started, notice
-            )
+            try:
+                failure = await self._stream(
+                    entry, lock, turn, composer, outgoing, sender, started, notice
+                )
+            except asyncio.CancelledError:
+                # Interrupted midway: what arrived is journalled with the rest (the sender's
+                # own cancellation does that) for the replay to send, before its notice.
+                for text in composer.finish():
+                    outgoing.queue.put_nowait(text)
+                raise
             for text in composer.finish():
                 outgoing.queue.put_nowait(text)
             if failure is not None:
@@ -438,7 +515,10 @@ class TurnRunner:
         finally:
             if not sender.done():
                 sender.cancel()
-                await asyncio.gather(sender, return_exceptions=True)
+                # Its last journal writes are not cut short by this turn's own cancellation,
+                # which may come again (a drain cancels until the turn has ended): they must
+                # land before the caller lets the session lock go.
+                await complete_shielded(asyncio.wait([sender]))
         self.metrics.turn_seconds.observe(self.clock() - started)
         if failure is None:
             await complete_shielded(record())
