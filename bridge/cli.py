@@ -105,9 +105,6 @@ def _run_on_loop(main: Coroutine[Any, Any, int]) -> int:
 
 
 def _settings_or_exit(env: Mapping[str, str], command: str) -> Settings | int:
-    # As `check` does: a secret pasted into another variable too is masked in that
-    # variable's problem line (printed in full by `run` and `chat`, masked by `check`).
-    _register_given_secrets(env)
     try:
         return load_settings(env, command=command)
     except ConfigError as exc:
@@ -268,7 +265,6 @@ async def _check(env: Mapping[str, str], *, probe: bool) -> int:
     `load_settings`, which leaves the examples readable): a secret never reaches the
     terminal, not even inside a URL (`redis://:password@…`) or an error message.
     """
-    _register_given_secrets(env)
     # Compared without the `BRIDGE_` all share: with it, unrelated names looked alike
     # (BRIDGE_TIMEOUT: "did you mean BRIDGE_IM?").
     known = sorted({spec.name.upper() for spec in fields(Settings)})
@@ -303,11 +299,6 @@ async def _check(env: Mapping[str, str], *, probe: bool) -> int:
 
 def _secret(spec: Field[Any]) -> bool:
     return bool(spec.metadata.get("secret"))
-
-
-def _register_given_secrets(env: Mapping[str, str]) -> None:
-    """Mask every secret `env` gives (itself or its `_FILE`) before its problems are shown."""
-    register_secrets(given_value(spec.name, env) for spec in fields(Settings) if _secret(spec))
 
 
 def _plain_client(url: str) -> aioredis.Redis:

@@ -13,7 +13,7 @@ from typing import Any
 
 from redis.connection import parse_url
 
-from bridge.logging import mask_text
+from bridge.logging import mask_with
 
 __all__ = [
     "ConfigError",
@@ -425,11 +425,18 @@ def load_settings(env: Mapping[str, str] | None = None, *, command: str = "run")
     problems: list[str] = []
     values: dict[str, Any] = {}
     invalid: set[str] = set()  # reported as invalid: not reported missing as well
+    raws: dict[str, str | None] = {}
     for spec in fields(Settings):
         known_problems = len(problems)
-        raw = _read_raw(spec.name, env, problems)
+        raws[spec.name] = _read_raw(spec.name, env, problems)
         if len(problems) > known_problems:
             invalid.add(spec.name)  # its _FILE cannot be read: not also "required but not set"
+    # A secret pasted into another variable too is hidden in that variable's problem line.
+    given_secrets = [
+        raw for spec in fields(Settings) if spec.metadata["secret"] and (raw := raws[spec.name])
+    ]
+    for spec in fields(Settings):
+        raw = raws[spec.name]
         if raw is None:
             continue
         try:
@@ -437,7 +444,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, command: str = "run")
         except (ValueError, json.JSONDecodeError) as exc:
             invalid.add(spec.name)
             example = spec.metadata["example"]
-            shown = "(hidden)" if spec.metadata["secret"] else repr(mask_text(raw))
+            shown = "(hidden)" if spec.metadata["secret"] else repr(mask_with(raw, given_secrets))
             problems.append(
                 f"{env_name(spec.name)}: invalid value {shown}: {exc}; example: "
                 f"{env_name(spec.name)}={example}"

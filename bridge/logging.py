@@ -41,6 +41,7 @@ __all__ = [
     "debug_enabled",
     "mask_secrets",
     "mask_text",
+    "mask_with",
     "register_issued_secret",
     "register_secrets",
 ]
@@ -206,6 +207,16 @@ def mask_text(text: str) -> str:
     if len(lowered) == len(text):  # offsets in `lowered` are offsets in `text`
         return _mask_patterns(text, lowered, _PATTERNS)
     return _mask_patterns(text, text, _SLOW_PATTERNS)  # rare: a letter that lowers to two
+
+
+def mask_with(text: str, values: Iterable[str]) -> str:
+    """`mask_text`, and these values masked too (their forms, as registered ones are),
+    without registering them: for text shown before the process knows its secrets."""
+    forms = {form for value in values if len(value.strip()) >= MIN_SECRET_LEN
+             for form in _forms(value.strip())}
+    for form in sorted(forms, key=len, reverse=True):  # a secret containing another: whole
+        text = text.replace(form, MASK)
+    return mask_text(text)
 
 
 def clip(text: str, limit: int) -> str:

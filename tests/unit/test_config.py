@@ -20,6 +20,7 @@ from bridge.config import (
     shadowed_files,
     unknown_variables,
 )
+from bridge.logging import mask_text
 
 OPENAI = {
     "BRIDGE_UPSTREAM": "openai",
@@ -349,3 +350,21 @@ def test_an_unreadable_secret_file_is_one_problem_not_also_a_missing_secret(
            "BRIDGE_OPENAI_API_KEY_FILE": str(tmp_path / "missing")}  # fmt: skip
     [line] = problems(env)
     assert line.startswith("BRIDGE_OPENAI_API_KEY_FILE: cannot read"), line
+
+
+def test_a_secret_given_in_a_file_and_pasted_elsewhere_is_hidden_without_being_registered(
+    tmp_path: Path,
+) -> None:
+    """The secrets given are read once, before any value is parsed: a secret (here from its
+    `_FILE`) pasted into another variable is hidden in that variable's problem line, also in
+    its URL-encoded form, and `load_settings` leaves the process's masking as it was (tests
+    and `check` call it many times; the commands register the secrets they run with)."""
+    key = "sk-file-key-with/slash-9f3e"
+    (tmp_path / "key").write_text(key + "\n")
+    env = {"BRIDGE_UPSTREAM": "openai", "BRIDGE_OPENAI_API_KEY_FILE": str(tmp_path / "key"),
+           "BRIDGE_OPENAI_MODEL": "m", "BRIDGE_YACH_SECRET": "s",
+           "BRIDGE_OPENAI_TEMPERATURE": key, "BRIDGE_PORT": "sk-file-key-with%2Fslash-9f3e"}
+    found = problems(env)
+    assert [line.split(":")[0] for line in found] == ["BRIDGE_PORT", "BRIDGE_OPENAI_TEMPERATURE"]
+    assert not any(key in line or "%2Fslash" in line for line in found), found
+    assert mask_text(key) == key
