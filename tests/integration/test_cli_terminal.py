@@ -345,6 +345,34 @@ async def test_chat_without_an_upstream_is_a_configuration_error(tmp_path: Path)
     assert "BRIDGE_UPSTREAM" in err.decode() and "example" in err.decode()
 
 
+async def test_ctrl_c_while_chat_waits_for_a_silent_redis_quits_at_once(tmp_path: Path) -> None:
+    """A Redis that accepts and never answers held the start for its timeouts (~20 s, then
+    exit 1), Ctrl-C included: Ctrl-C before the banner now quits at once, exit 0."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # every command, never an answer, until the client has gone
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    env = clean_env(
+        HOME=str(tmp_path), BRIDGE_UPSTREAM="openai", BRIDGE_OPENAI_BASE_URL="http://127.0.0.1:9/v1",
+        BRIDGE_OPENAI_API_KEY="sk-test-placeholder", BRIDGE_OPENAI_MODEL="fake-model",
+        BRIDGE_REDIS_URL=f"redis://127.0.0.1:{port}",
+    )
+    try:
+        async with terminal("chat", env, tmp_path) as chat:
+            await asyncio.sleep(1.5)  # started, waiting for Redis's answer
+            assert chat.process.poll() is None
+            pressed = time.monotonic()
+            chat.type("\x03")
+            assert await chat.wait(timeout=10) == 0
+            assert time.monotonic() - pressed < 3
+            assert PROMPT not in chat.output and "Traceback" not in chat.stderr, chat.stderr
+    finally:
+        server.close()
+
+
 # tmux: the same, through a real terminal emulator
 
 
