@@ -531,14 +531,9 @@ async def _converse(
             installed.append(signum)
     runner = web.AppRunner(app, handle_signals=False)
     try:
-        try:
-            await runner.setup()
-            await conversation.connected()
-        except ConfigError as exc:
-            return _print_problems(exc)
-        except (SchemaError, RedisError, OSError, RuntimeError, ValueError) as exc:
-            print(f"chatbridge: cannot start: {mask_text(str(exc))}", file=sys.stderr)
-            return EXIT_RUNTIME
+        started = await conversation.start(runner)
+        if started is not None:
+            return started
         terminal.write(_banner(settings, demo))
         await conversation.run(_LineReader(stdin, loop, conversation.lines))
         return EXIT_OK
@@ -573,12 +568,37 @@ class _Conversation:
         self._turn_running = False
         self._stop_sent = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._starting: asyncio.Future[None] | None = None
 
     @property
     def bridge(self) -> Bridge:
         return self.app[STATE]
 
-    async def connected(self) -> None:
+    async def start(self, runner: web.AppRunner) -> int | None:
+        """Start the pipeline: None once it runs, else the exit code (a problem printed).
+        Ctrl-C (or SIGTERM) meanwhile quits at once, not after Redis's answer or timeout."""
+        self._starting = asyncio.ensure_future(self._start(runner))
+        await asyncio.wait([self._starting])
+        try:
+            self._starting.result()
+        except asyncio.CancelledError:
+            self.abandoned = True  # nothing ran: nothing to wait for
+            return EXIT_OK
+        except ConfigError as exc:
+            return _print_problems(exc)
+        except (SchemaError, RedisError, OSError, RuntimeError, ValueError) as exc:
+            print(f"chatbridge: cannot start: {mask_text(str(exc))}", file=sys.stderr)
+            self.abandoned = True
+            return EXIT_RUNTIME
+        finally:
+            self._starting = None
+        return None
+
+    async def _start(self, runner: web.AppRunner) -> None:
+        await runner.setup()
+        await self._connected()
+
+    async def _connected(self) -> None:
         """Fail at start (not at the first question) when Redis does not answer."""
         bridge = self.bridge
         assert bridge.redis is not None and bridge.worker is not None
@@ -660,6 +680,8 @@ class _Conversation:
         without waiting for anything."""
         now = now or self.quitting
         self.quitting = True
+        if self._starting is not None:
+            self._starting.cancel()
         if self._turn_running and not self._stop_sent:
             self._send_stop()
         if now and self._outstanding - self._finished:
