@@ -2,32 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing
 from typing import Any
 from urllib.parse import quote
-
-import aiohttp
-import structlog
 
 from adapters.upstream._common import (
     ConversationIds,
     bearer,
     json_object,
+    recover_gone_conversation,
     rejected,
     relay,
     require,
     usage_from,
 )
 from bridge.config import Settings
-from bridge.events import Done, Event, TextDelta, TextReplace
-from bridge.http import UpstreamHTTP, UpstreamRejected, iter_sse
+from bridge.events import Done, Event, TextDelta, TextReplace, UpstreamError
+from bridge.http import UpstreamFailure, UpstreamHTTP, iter_sse
 from bridge.interfaces import KeyValue, Turn
 from bridge.sse import SSEEvent
 
 __all__ = ["DifyParser", "DifyUpstream", "create"]
-
-log = structlog.get_logger(__name__)
 
 NAME = "dify"
 # `message` in chat apps, `agent_message` in agent apps. Everything else (`ping`, `tts_*`,
@@ -66,9 +62,14 @@ class DifyParser:
         return []
 
 
-def _conversation_gone(exc: UpstreamRejected) -> bool:
-    """Dify's `404 {"code": "not_found", "message": "Conversation Not Exists."}`."""
-    return exc.status == 404 and "conversation not exist" in exc.message.lower()
+def _conversation_gone(failure: UpstreamFailure | UpstreamError) -> bool:
+    """Dify's `404 {"code": "not_found", "message": "Conversation Not Exists."}` (deleted in
+    the console, or the API key now names another app)."""
+    return (
+        isinstance(failure, UpstreamFailure)
+        and failure.status == 404
+        and "conversation not exist" in failure.message.lower()
+    )
 
 
 def _usage(payload: Mapping[str, Any]) -> list[Event]:
@@ -109,29 +110,20 @@ class DifyUpstream:
             "user": turn.chat_session_id,
         }
 
-    async def stream(self, turn: Turn) -> AsyncIterator[Event]:
-        ids = ConversationIds(turn.conversation)
-        async with AsyncExitStack() as stack:
-            try:
-                response = await stack.enter_async_context(self._ask(turn, ids))
-            except UpstreamRejected as exc:
-                if not (ids.get("conversation_id") and _conversation_gone(exc)):
-                    raise
-                # The kept conversation is gone upstream (deleted, or the key now names
-                # another app): nothing was asked in it, so the question starts a new one.
-                log.warning("dify_conversation_gone", error=exc.message)
-                ids = ConversationIds()
-                response = await stack.enter_async_context(self._ask(turn, ids))
-            messages = iter_sse(response)
-            async with aclosing(relay(messages, DifyParser(ids), upstream=NAME)) as events:
-                async for event in events:
-                    yield event
+    def stream(self, turn: Turn) -> AsyncIterator[Event]:
+        return recover_gone_conversation(turn, self._answer, _conversation_gone, upstream=NAME)
 
-    def _ask(
-        self, turn: Turn, ids: ConversationIds
-    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+    async def _answer(self, turn: Turn) -> AsyncGenerator[Event, None]:
+        ids = ConversationIds(turn.conversation)
         body = self._body(turn, ids)
-        return self._http.open("POST", self._url, json=body, headers=self._headers, expect_sse=True)
+        async with (
+            self._http.open(
+                "POST", self._url, json=body, headers=self._headers, expect_sse=True
+            ) as response,
+            aclosing(relay(iter_sse(response), DifyParser(ids), upstream=NAME)) as events,
+        ):
+            async for event in events:
+                yield event
 
     async def reset(self, conversation: Mapping[str, str], chat_session_id: str) -> None:
         """Delete the conversation upstream: `DELETE /conversations/{id}` for the `user` the
