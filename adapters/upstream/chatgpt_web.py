@@ -23,6 +23,11 @@ Decisions the notes leave open:
   `websocket_request_id`, as the notes show, when the request was accepted but the turn did
   not finish; it is best-effort (5 s, failures logged).
 - `reset` is a no-op: the notes show no call that deletes or hides a conversation.
+- A stored conversation the server no longer has (deleted in the web UI, or another
+  account's token) answers `404 {"detail": {"message": "Conversation not found", "code":
+  "conversation_not_found"}}` (older servers: `{"detail": "Conversation not found"}`), as
+  reported by users of other clients of this protocol (xtekky/gpt4free#1767,
+  RockChinQ/revLibs#15): the question is asked again in a new conversation.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from adapters.upstream._common import is_done, relay, require
+from adapters.upstream._common import is_done, recover_gone_conversation, relay, require
 from bridge.config import Settings
 from bridge.events import (
     ConversationRef,
@@ -245,7 +250,10 @@ class ChatGPTWebUpstream:
             body["conversation_id"] = conversation["conversation_id"]
         return body
 
-    async def stream(self, turn: Turn) -> AsyncIterator[Event]:
+    def stream(self, turn: Turn) -> AsyncIterator[Event]:
+        return recover_gone_conversation(turn, self._answer, _conversation_gone, upstream=self.name)
+
+    async def _answer(self, turn: Turn) -> AsyncGenerator[Event, None]:
         message_id, request_id = self._new_id(), self._new_id()
         parser = ChatGPTParser(message_id, (turn.conversation or {}).get("conversation_id"))
         accepted = False
@@ -349,6 +357,15 @@ class ChatGPTWebUpstream:
 
     async def aclose(self) -> None:
         """The shared HTTP session is closed by its owner."""
+
+
+def _conversation_gone(failure: UpstreamFailure | UpstreamError) -> bool:
+    """The 404 for a `conversation_id` the server does not have (not that of a wrong URL)."""
+    return (
+        isinstance(failure, UpstreamFailure)
+        and failure.status == 404
+        and "conversation not found" in failure.message.lower().replace("_", " ")
+    )
 
 
 def _hub_answer(text: str) -> dict[str, Any]:
