@@ -52,7 +52,8 @@ ANSWER_SEPARATOR = "\n\n"  # several answer messages of one chat are joined with
 _AUTH_CODES = frozenset({4100, 4101})
 _RATE_LIMIT_CODES = frozenset({4013})
 # "Requested resource … does not exist" (the same table), naming what is missing: a stored
-# conversation deleted or not the bot's, or the bot itself (`bot_id=…`).
+# conversation deleted or not the bot's, or the bot itself (`Requested resource
+# bot_id=7496… does not exist.`, as coze-dev/coze-java#92 quotes it).
 _MISSING_RESOURCE = re.compile(r"\b4200\b")
 _TEXT_CONTENT = frozenset({"", "text"})  # not `card`, `object_string`, `audio`
 
