@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing
@@ -12,7 +13,7 @@ import structlog
 
 from bridge.config import ConfigError, Settings, env_name
 from bridge.events import ConversationRef, Done, ErrorKind, Event, UpstreamError, Usage
-from bridge.http import UpstreamBroken, UpstreamFailure, UpstreamProtocolError
+from bridge.http import UpstreamBroken, UpstreamFailure, UpstreamHTTP, UpstreamProtocolError
 from bridge.interfaces import Turn
 from bridge.logging import clip
 from bridge.sse import SSEEvent
@@ -29,12 +30,14 @@ __all__ = [
     "recover_gone_conversation",
     "rejected",
     "relay",
+    "request_stop",
     "require",
     "usage_from",
 ]
 
 log = structlog.get_logger(__name__)
 
+STOP_TIMEOUT_S = 5.0  # how long a stop request may hold up the end of a stopped turn
 _SHOWN_CHARS = 300  # how much of an upstream's payload goes into a log message
 _ENDS = (Done, UpstreamError)
 # What a parser raises on a message whose JSON holds other types than it reads.
@@ -242,6 +245,15 @@ async def recover_gone_conversation(
     async with aclosing(ask(replace(turn, conversation=None))) as events:
         async for event in events:
             yield event
+
+
+async def request_stop(http: UpstreamHTTP, url: str, *, upstream: str, **kwargs: Any) -> None:
+    """Ask the upstream to stop generating an answer no longer read (`/stop`, a broken
+    stream), where closing the request does not stop it: best-effort, a failure only logged."""
+    try:
+        await asyncio.wait_for(http.json("POST", url, **kwargs), STOP_TIMEOUT_S)
+    except (TimeoutError, UpstreamFailure) as exc:
+        log.warning("upstream_stop_failed", upstream=upstream, error=str(exc))
 
 
 def bearer(token: str) -> dict[str, str]:

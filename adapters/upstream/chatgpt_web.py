@@ -45,7 +45,13 @@ from typing import Any
 import aiohttp
 import structlog
 
-from adapters.upstream._common import is_done, recover_gone_conversation, relay, require
+from adapters.upstream._common import (
+    is_done,
+    recover_gone_conversation,
+    relay,
+    request_stop,
+    require,
+)
 from bridge.config import Settings
 from bridge.events import (
     ConversationRef,
@@ -78,7 +84,6 @@ __all__ = ["ChatGPTParser", "ChatGPTWebUpstream", "create", "frame_payloads"]
 
 log = structlog.get_logger(__name__)
 
-STOP_TIMEOUT_S = 5.0
 SOCKET_CLOSE_TIMEOUT_S = 2.0
 _TEXT_CONTENT_TYPES = ("text", "multimodal_text")
 _NORMAL_CLOSE_CODES = (aiohttp.WSCloseCode.OK, aiohttp.WSCloseCode.GOING_AWAY)
@@ -343,14 +348,11 @@ class ChatGPTWebUpstream:
             raise UpstreamTimeout(f"no data for {min(idle, remaining):g} s") from exc
 
     async def _stop(self, request_id: str) -> None:
-        url = f"{self._base}/stop_conversation"
         body = {"websocket_request_id": request_id}
-        try:
-            await asyncio.wait_for(
-                self._http.json("POST", url, json=body, headers=self._auth), STOP_TIMEOUT_S
-            )
-        except (TimeoutError, UpstreamFailure) as exc:
-            log.warning("chatgpt_stop_failed", error=str(exc))
+        await request_stop(
+            self._http, f"{self._base}/stop_conversation", upstream=self.name, json=body,
+            headers=self._auth,
+        )
 
     async def reset(self, conversation: Mapping[str, str], chat_session_id: str) -> None:
         """A no-op: the notes show no call that deletes or hides a conversation."""

@@ -1,4 +1,9 @@
-"""Dify chat apps: `POST /chat-messages` streamed (`response_mode: streaming`); `/reset` deletes."""
+"""Dify chat apps: `POST /chat-messages` streamed (`response_mode: streaming`); `/reset` deletes.
+
+An answer left unfinished (`/stop`, a broken stream) is stopped with
+`POST /chat-messages/{task_id}/stop`: Dify generates in a worker of its own, which goes on
+(and spends tokens) when the request that asked is closed.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,13 @@ from urllib.parse import quote
 
 from adapters.upstream._common import (
     ConversationIds,
+    as_id,
     bearer,
     json_object,
     recover_gone_conversation,
     rejected,
     relay,
+    request_stop,
     require,
     usage_from,
 )
@@ -37,16 +44,20 @@ class DifyParser:
 
     def __init__(self, ids: ConversationIds | None = None) -> None:
         self._ids = ids if ids is not None else ConversationIds()
+        self.task_id = ""  # the generation to stop, should the answer be left unfinished
+        self.finished = False
 
     def feed(self, message: SSEEvent) -> list[Event]:
         if not message.data.strip():  # `event: ping` comes without data
             return []
         payload = json_object(message.data, upstream=NAME)
+        self.task_id = self.task_id or as_id(payload.get("task_id"))
         events: list[Event] = []
         ref = self._ids.update(conversation_id=payload.get("conversation_id"))
         if ref is not None:
             events.append(ref)
         events.extend(self._on(str(payload.get("event") or message.event), payload))
+        self.finished = self.finished or any(isinstance(e, Done | UpstreamError) for e in events)
         return events
 
     def _on(self, kind: str, payload: Mapping[str, Any]) -> list[Event]:
@@ -116,14 +127,25 @@ class DifyUpstream:
     async def _answer(self, turn: Turn) -> AsyncGenerator[Event, None]:
         ids = ConversationIds(turn.conversation)
         body = self._body(turn, ids)
-        async with (
-            self._http.open(
-                "POST", self._url, json=body, headers=self._headers, expect_sse=True
-            ) as response,
-            aclosing(relay(iter_sse(response), DifyParser(ids), upstream=NAME)) as events,
-        ):
-            async for event in events:
-                yield event
+        parser = DifyParser(ids)
+        try:
+            async with (
+                self._http.open(
+                    "POST", self._url, json=body, headers=self._headers, expect_sse=True
+                ) as response,
+                aclosing(relay(iter_sse(response), parser, upstream=NAME)) as events,
+            ):
+                async for event in events:
+                    yield event
+        finally:
+            if parser.task_id and not parser.finished:
+                await self._stop(parser.task_id, turn.chat_session_id)
+
+    async def _stop(self, task_id: str, chat_session_id: str) -> None:
+        url = f"{self._url}/{quote(task_id, safe='')}/stop"
+        await request_stop(
+            self._http, url, upstream=NAME, json={"user": chat_session_id}, headers=self._auth
+        )
 
     async def reset(self, conversation: Mapping[str, str], chat_session_id: str) -> None:
         """Delete the conversation upstream: `DELETE /conversations/{id}` for the `user` the
