@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import replace
 from typing import Any, Protocol
+
+import structlog
 
 from bridge.config import ConfigError, Settings, env_name
 from bridge.events import ConversationRef, Done, ErrorKind, Event, UpstreamError, Usage
-from bridge.http import UpstreamBroken, UpstreamProtocolError
+from bridge.http import UpstreamBroken, UpstreamFailure, UpstreamHTTP, UpstreamProtocolError
+from bridge.interfaces import Turn
 from bridge.logging import clip
 from bridge.sse import SSEEvent
 
 __all__ = [
+    "ConversationGone",
     "ConversationIds",
     "StreamParser",
     "as_id",
@@ -20,12 +27,17 @@ __all__ = [
     "bearer",
     "is_done",
     "json_object",
+    "recover_gone_conversation",
     "rejected",
     "relay",
+    "request_stop",
     "require",
     "usage_from",
 ]
 
+log = structlog.get_logger(__name__)
+
+STOP_TIMEOUT_S = 5.0  # how long a stop request may hold up the end of a stopped turn
 _SHOWN_CHARS = 300  # how much of an upstream's payload goes into a log message
 _ENDS = (Done, UpstreamError)
 # What a parser raises on a message whose JSON holds other types than it reads.
@@ -195,6 +207,53 @@ class ConversationIds:
             return None
         self._ref = merged
         return ConversationRef(ref=dict(merged))
+
+
+ConversationGone = Callable[[UpstreamFailure | UpstreamError], bool]
+"""Whether a failure is the upstream's answer to a conversation it no longer has (deleted,
+expired, another app's), as opposed to any other refusal."""
+
+
+async def recover_gone_conversation(
+    turn: Turn,
+    ask: Callable[[Turn], AsyncGenerator[Event, None]],
+    gone: ConversationGone,
+    *,
+    upstream: str,
+) -> AsyncGenerator[Event, None]:
+    """The events of `ask(turn)`; but when the upstream refuses the stored conversation as
+    `gone` says, before anything of the answer came, the question is asked once more without
+    it: the upstream starts a new conversation, saved as any first turn's is. Else every
+    later turn of the session would fail the same way until a `/reset`."""
+    refusal: str | None = None
+    answered = not turn.conversation  # a first turn: nothing stale to drop
+    async with aclosing(ask(turn)) as events:
+        try:
+            async for event in events:
+                if not answered and isinstance(event, UpstreamError) and gone(event):
+                    refusal = event.message
+                    break
+                answered = answered or not isinstance(event, ConversationRef)
+                yield event
+        except UpstreamFailure as exc:
+            if answered or not gone(exc):
+                raise
+            refusal = exc.message
+    if refusal is None:
+        return
+    log.warning("upstream_conversation_gone", upstream=upstream, error=refusal)
+    async with aclosing(ask(replace(turn, conversation=None))) as events:
+        async for event in events:
+            yield event
+
+
+async def request_stop(http: UpstreamHTTP, url: str, *, upstream: str, **kwargs: Any) -> None:
+    """Ask the upstream to stop generating an answer no longer read (`/stop`, a broken
+    stream), where closing the request does not stop it: best-effort, a failure only logged."""
+    try:
+        await asyncio.wait_for(http.json("POST", url, **kwargs), STOP_TIMEOUT_S)
+    except (TimeoutError, UpstreamFailure) as exc:
+        log.warning("upstream_stop_failed", upstream=upstream, error=str(exc))
 
 
 def bearer(token: str) -> dict[str, str]:

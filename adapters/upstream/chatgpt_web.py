@@ -23,6 +23,11 @@ Decisions the notes leave open:
   `websocket_request_id`, as the notes show, when the request was accepted but the turn did
   not finish; it is best-effort (5 s, failures logged).
 - `reset` is a no-op: the notes show no call that deletes or hides a conversation.
+- A stored conversation the server no longer has (deleted in the web UI, or another
+  account's token) answers `404 {"detail": {"message": "Conversation not found", "code":
+  "conversation_not_found"}}` (older servers: `{"detail": "Conversation not found"}`), as
+  reported by users of other clients of this protocol (xtekky/gpt4free#1767,
+  RockChinQ/revLibs#15): the question is asked again in a new conversation.
 """
 
 from __future__ import annotations
@@ -40,7 +45,13 @@ from typing import Any
 import aiohttp
 import structlog
 
-from adapters.upstream._common import is_done, relay, require
+from adapters.upstream._common import (
+    is_done,
+    recover_gone_conversation,
+    relay,
+    request_stop,
+    require,
+)
 from bridge.config import Settings
 from bridge.events import (
     ConversationRef,
@@ -73,7 +84,6 @@ __all__ = ["ChatGPTParser", "ChatGPTWebUpstream", "create", "frame_payloads"]
 
 log = structlog.get_logger(__name__)
 
-STOP_TIMEOUT_S = 5.0
 SOCKET_CLOSE_TIMEOUT_S = 2.0
 _TEXT_CONTENT_TYPES = ("text", "multimodal_text")
 _NORMAL_CLOSE_CODES = (aiohttp.WSCloseCode.OK, aiohttp.WSCloseCode.GOING_AWAY)
@@ -245,7 +255,10 @@ class ChatGPTWebUpstream:
             body["conversation_id"] = conversation["conversation_id"]
         return body
 
-    async def stream(self, turn: Turn) -> AsyncIterator[Event]:
+    def stream(self, turn: Turn) -> AsyncIterator[Event]:
+        return recover_gone_conversation(turn, self._answer, _conversation_gone, upstream=self.name)
+
+    async def _answer(self, turn: Turn) -> AsyncGenerator[Event, None]:
         message_id, request_id = self._new_id(), self._new_id()
         parser = ChatGPTParser(message_id, (turn.conversation or {}).get("conversation_id"))
         accepted = False
@@ -335,20 +348,26 @@ class ChatGPTWebUpstream:
             raise UpstreamTimeout(f"no data for {min(idle, remaining):g} s") from exc
 
     async def _stop(self, request_id: str) -> None:
-        url = f"{self._base}/stop_conversation"
         body = {"websocket_request_id": request_id}
-        try:
-            await asyncio.wait_for(
-                self._http.json("POST", url, json=body, headers=self._auth), STOP_TIMEOUT_S
-            )
-        except (TimeoutError, UpstreamFailure) as exc:
-            log.warning("chatgpt_stop_failed", error=str(exc))
+        await request_stop(
+            self._http, f"{self._base}/stop_conversation", upstream=self.name, json=body,
+            headers=self._auth,
+        )
 
     async def reset(self, conversation: Mapping[str, str], chat_session_id: str) -> None:
         """A no-op: the notes show no call that deletes or hides a conversation."""
 
     async def aclose(self) -> None:
         """The shared HTTP session is closed by its owner."""
+
+
+def _conversation_gone(failure: UpstreamFailure | UpstreamError) -> bool:
+    """The 404 for a `conversation_id` the server does not have (not that of a wrong URL)."""
+    return (
+        isinstance(failure, UpstreamFailure)
+        and failure.status == 404
+        and "conversation not found" in failure.message.lower().replace("_", " ")
+    )
 
 
 def _hub_answer(text: str) -> dict[str, Any]:

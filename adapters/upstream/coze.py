@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from typing import Any
 from urllib.parse import quote
@@ -13,6 +14,7 @@ from adapters.upstream._common import (
     as_int,
     bearer,
     json_object,
+    recover_gone_conversation,
     rejected,
     relay,
     require,
@@ -49,6 +51,10 @@ ANSWER_SEPARATOR = "\n\n"  # several answer messages of one chat are joined with
 # and request rate exceeded.
 _AUTH_CODES = frozenset({4100, 4101})
 _RATE_LIMIT_CODES = frozenset({4013})
+# "Requested resource … does not exist" (the same table), naming what is missing: a stored
+# conversation deleted or not the bot's, or the bot itself (`Requested resource
+# bot_id=7496… does not exist.`, as coze-dev/coze-java#92 quotes it).
+_MISSING_RESOURCE = re.compile(r"\b4200\b")
 _TEXT_CONTENT = frozenset({"", "text"})  # not `card`, `object_string`, `audio`
 
 _Handler = Callable[[Mapping[str, Any]], list[Event]]
@@ -157,6 +163,13 @@ def api_error(data: Mapping[str, Any]) -> UpstreamFailure:
     return UpstreamRejected(detail)
 
 
+def _conversation_gone(failure: UpstreamFailure | UpstreamError) -> bool:
+    """Coze's missing-resource error naming the conversation: in place of the stream, or as
+    the `conversation.chat.failed` that ends it."""
+    message = failure.message
+    return bool(_MISSING_RESOURCE.search(message)) and "conversation" in message.lower()
+
+
 def _not_a_stream(status: int, text: str) -> UpstreamFailure:
     """A JSON answer in place of the stream: the error it reports (a rate limit is retried)."""
     try:
@@ -185,7 +198,10 @@ class CozeUpstream:
             "additional_messages": [{"role": "user", "content": turn.text, "content_type": "text"}],
         }
 
-    async def stream(self, turn: Turn) -> AsyncIterator[Event]:
+    def stream(self, turn: Turn) -> AsyncIterator[Event]:
+        return recover_gone_conversation(turn, self._answer, _conversation_gone, upstream=NAME)
+
+    async def _answer(self, turn: Turn) -> AsyncGenerator[Event, None]:
         ids = ConversationIds(turn.conversation)
         conversation_id = ids.get("conversation_id")
         # A stored conversation is continued through the query string, not the body (SPEC §7).

@@ -1,33 +1,36 @@
-"""Dify chat apps: `POST /chat-messages` streamed (`response_mode: streaming`); `/reset` deletes."""
+"""Dify chat apps: `POST /chat-messages` streamed (`response_mode: streaming`); `/reset` deletes.
+
+An answer left unfinished (`/stop`, a broken stream) is stopped with
+`POST /chat-messages/{task_id}/stop`: Dify generates in a worker of its own, which goes on
+(and spends tokens) when the request that asked is closed.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
-import structlog
-
 from adapters.upstream._common import (
     ConversationIds,
+    as_id,
     bearer,
     json_object,
+    recover_gone_conversation,
     rejected,
     relay,
+    request_stop,
     require,
     usage_from,
 )
 from bridge.config import Settings
-from bridge.events import Done, Event, TextDelta, TextReplace
-from bridge.http import UpstreamHTTP, UpstreamRejected, iter_sse
+from bridge.events import Done, Event, TextDelta, TextReplace, UpstreamError
+from bridge.http import UpstreamFailure, UpstreamHTTP, iter_sse
 from bridge.interfaces import KeyValue, Turn
 from bridge.sse import SSEEvent
 
 __all__ = ["DifyParser", "DifyUpstream", "create"]
-
-log = structlog.get_logger(__name__)
 
 NAME = "dify"
 # `message` in chat apps, `agent_message` in agent apps. Everything else (`ping`, `tts_*`,
@@ -41,16 +44,20 @@ class DifyParser:
 
     def __init__(self, ids: ConversationIds | None = None) -> None:
         self._ids = ids if ids is not None else ConversationIds()
+        self.task_id = ""  # the generation to stop, should the answer be left unfinished
+        self.finished = False
 
     def feed(self, message: SSEEvent) -> list[Event]:
         if not message.data.strip():  # `event: ping` comes without data
             return []
         payload = json_object(message.data, upstream=NAME)
+        self.task_id = self.task_id or as_id(payload.get("task_id"))
         events: list[Event] = []
         ref = self._ids.update(conversation_id=payload.get("conversation_id"))
         if ref is not None:
             events.append(ref)
         events.extend(self._on(str(payload.get("event") or message.event), payload))
+        self.finished = self.finished or any(isinstance(e, Done | UpstreamError) for e in events)
         return events
 
     def _on(self, kind: str, payload: Mapping[str, Any]) -> list[Event]:
@@ -66,9 +73,14 @@ class DifyParser:
         return []
 
 
-def _conversation_gone(exc: UpstreamRejected) -> bool:
-    """Dify's `404 {"code": "not_found", "message": "Conversation Not Exists."}`."""
-    return exc.status == 404 and "conversation not exist" in exc.message.lower()
+def _conversation_gone(failure: UpstreamFailure | UpstreamError) -> bool:
+    """Dify's `404 {"code": "not_found", "message": "Conversation Not Exists."}` (deleted in
+    the console, or the API key now names another app)."""
+    return (
+        isinstance(failure, UpstreamFailure)
+        and failure.status == 404
+        and "conversation not exist" in failure.message.lower()
+    )
 
 
 def _usage(payload: Mapping[str, Any]) -> list[Event]:
@@ -109,29 +121,31 @@ class DifyUpstream:
             "user": turn.chat_session_id,
         }
 
-    async def stream(self, turn: Turn) -> AsyncIterator[Event]:
+    def stream(self, turn: Turn) -> AsyncIterator[Event]:
+        return recover_gone_conversation(turn, self._answer, _conversation_gone, upstream=NAME)
+
+    async def _answer(self, turn: Turn) -> AsyncGenerator[Event, None]:
         ids = ConversationIds(turn.conversation)
-        async with AsyncExitStack() as stack:
-            try:
-                response = await stack.enter_async_context(self._ask(turn, ids))
-            except UpstreamRejected as exc:
-                if not (ids.get("conversation_id") and _conversation_gone(exc)):
-                    raise
-                # The kept conversation is gone upstream (deleted, or the key now names
-                # another app): nothing was asked in it, so the question starts a new one.
-                log.warning("dify_conversation_gone", error=exc.message)
-                ids = ConversationIds()
-                response = await stack.enter_async_context(self._ask(turn, ids))
-            messages = iter_sse(response)
-            async with aclosing(relay(messages, DifyParser(ids), upstream=NAME)) as events:
+        body = self._body(turn, ids)
+        parser = DifyParser(ids)
+        try:
+            async with (
+                self._http.open(
+                    "POST", self._url, json=body, headers=self._headers, expect_sse=True
+                ) as response,
+                aclosing(relay(iter_sse(response), parser, upstream=NAME)) as events,
+            ):
                 async for event in events:
                     yield event
+        finally:
+            if parser.task_id and not parser.finished:
+                await self._stop(parser.task_id, turn.chat_session_id)
 
-    def _ask(
-        self, turn: Turn, ids: ConversationIds
-    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
-        body = self._body(turn, ids)
-        return self._http.open("POST", self._url, json=body, headers=self._headers, expect_sse=True)
+    async def _stop(self, task_id: str, chat_session_id: str) -> None:
+        url = f"{self._url}/{quote(task_id, safe='')}/stop"
+        await request_stop(
+            self._http, url, upstream=NAME, json={"user": chat_session_id}, headers=self._auth
+        )
 
     async def reset(self, conversation: Mapping[str, str], chat_session_id: str) -> None:
         """Delete the conversation upstream: `DELETE /conversations/{id}` for the `user` the

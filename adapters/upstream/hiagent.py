@@ -29,7 +29,7 @@ from adapters.upstream._common import (
     usage_from,
 )
 from bridge.config import Settings
-from bridge.events import Done, Event, TextDelta
+from bridge.events import Done, Event, ReasoningDelta, Suggestions, TextDelta
 from bridge.http import (
     UpstreamAuthError,
     UpstreamHTTP,
@@ -77,11 +77,14 @@ def inner_payloads(data: str) -> list[str]:
 
 
 class HiAgentParser:
-    """The inner events: `message` (text), `message_cost` (usage), `message_end`, and the
-    failures `message_failed` (HiAgent's own, with its `error` text) and `error`.
+    """The inner events: `message` (text), `think_message` (reasoning, in its `answer`),
+    `suggestion` (follow-up questions, in `suggested_questions`), `message_cost` (usage),
+    `message_end`, and the failures `message_failed` (HiAgent's own, with its `error` text)
+    and `error`.
 
-    `message_start`, `message_output_start`/`_end` and unknown events only reveal the
-    conversation id.
+    `message_start`, `message_output_start`/`_end`, `think_message_output_start`/`_end`,
+    `suggestion_cost` and unknown events only reveal the conversation id. (Event names and
+    fields: HiAgent's open-API chat_query, the same engine behind the web proxy.)
     """
 
     def __init__(self, ids: ConversationIds | None = None) -> None:
@@ -102,6 +105,10 @@ class HiAgentParser:
         answer = inner.get("answer")
         if kind == "message" and isinstance(answer, str) and answer:
             events.append(TextDelta(answer))
+        elif kind == "think_message" and isinstance(answer, str) and answer:
+            events.append(ReasoningDelta(answer))
+        elif kind == "suggestion":
+            events.extend(_suggestions(inner.get("suggested_questions")))
         elif kind == "message_cost":
             events.append(_usage(inner))
         elif kind == "message_end":
@@ -109,6 +116,14 @@ class HiAgentParser:
         elif kind in _FAILURES:
             events.append(rejected(NAME, inner))
         return events
+
+
+def _suggestions(questions: object) -> list[Event]:
+    """The non-blank questions of a `suggestion` event, as one `Suggestions` (none: nothing)."""
+    if not isinstance(questions, list):
+        return []
+    items = tuple(q.strip() for q in questions if isinstance(q, str) and q.strip())
+    return [Suggestions(items)] if items else []
 
 
 def _usage(cost: Mapping[str, Any]) -> Event:

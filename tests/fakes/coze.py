@@ -98,6 +98,23 @@ def failed_frames(conversation_id: str = CONVERSATION_ID) -> list[str]:
     ]
 
 
+def missing(resource: str) -> dict[str, Any]:
+    """Coze's error for an id it does not have (code 4200, the resource named in `msg`)."""
+    return {"code": 4200, "msg": f"Requested resource {resource} does not exist. "
+                                 "Ensure you are the correct resource identifier."}
+
+
+def gone_frames(conversation_id: str) -> list[str]:
+    """The chat fails at once: the conversation it was asked in is not there (any more)."""
+    last_error = missing(f"conversation_id={conversation_id}")
+    failed = chat("failed", conversation_id, last_error=last_error)
+    return [
+        frame("conversation.chat.created", chat("created", conversation_id)),
+        frame("conversation.chat.failed", failed),
+        'event:done\ndata:"[DONE]"\n\n',
+    ]
+
+
 class CozeFake(ScriptedFake):
     """`POST /v3/chat` streams `stream` (`chat_frames()`) to the right token; `deleted` holds
     the conversations deleted."""

@@ -26,11 +26,13 @@ USAGE = {"prompt_tokens": 1, "prompt_unit_price": "0", "completion_tokens": 44,
          "latency": 2.9540078879799694}
 PING = "event: ping\n\n"
 PATH = "/v1/chat-messages"
+TASK_ID = "438214f6-e4a7-4020-84ae-ec5b0c3bd511"  # of every answer the fake streams
+STOP = f"{PATH}/{TASK_ID}/stop"
 
 
 def event(kind: str, conversation_id: str = CONVERSATION_ID, **fields: Any) -> dict[str, Any]:
     return {"event": kind, "conversation_id": conversation_id, "message_id": MESSAGE_ID,
-            "created_at": 1718523378, "task_id": "438214f6-e4a7-4020-84ae-ec5b0c3bd511",
+            "created_at": 1718523378, "task_id": TASK_ID,
             "id": MESSAGE_ID, **fields}
 
 
@@ -100,7 +102,8 @@ def failing() -> list[dict[str, Any] | str]:
 
 class DifyFake(ScriptedFake):
     """`POST /v1/chat-messages` streams `stream` (a `chatflow()` answer) to the right key;
-    `DELETE /v1/conversations/{id}` answers 204 and `deleted` holds (id, user) pairs."""
+    `DELETE /v1/conversations/{id}` answers 204 and `deleted` holds (id, user) pairs;
+    `POST /v1/chat-messages/{task_id}/stop` answers `{"result": "success"}`."""
 
     max_size = 64
 
@@ -112,6 +115,7 @@ class DifyFake(ScriptedFake):
         self.app.router.add_post(PATH, guarded(self.script.handle, self._refusal))
         self.app.router.add_delete("/v1/conversations/{conversation_id}",
                                    guarded(self._delete, self._refusal))
+        self.app.router.add_post(PATH + "/{task_id}/stop", guarded(self._stop, self._refusal))
 
     @classmethod
     async def start(cls, seed: int = 0) -> DifyFake:
@@ -140,3 +144,6 @@ class DifyFake(ScriptedFake):
                                       "status": 400}, status=400)
         self.deleted.append((request.match_info["conversation_id"], body["user"]))
         return web.Response(status=204)
+
+    async def _stop(self, request: web.Request) -> web.Response:
+        return web.json_response({"result": "success"})

@@ -19,6 +19,7 @@ from bridge.http import (
     UpstreamBroken,
     UpstreamHTTP,
     UpstreamProtocolError,
+    UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -213,6 +214,40 @@ async def test_error_message_in_the_stream(
         {"conversation_id": CONVERSATION_ID,
          "parent_message_id": fake.server.on(CONVERSATION)[0].json()["messages"][0]["id"]}
     ]
+
+
+STALE = {"conversation_id": "6f1c0d2e-0000-4000-8000-000000000000",
+         "parent_message_id": "a5515fa1-0000-4000-8000-999999999999"}
+
+
+@pytest.mark.parametrize("detail", [
+    {"message": "Conversation not found", "code": "conversation_not_found"},
+    "Conversation not found",  # older servers
+])
+async def test_a_conversation_the_server_no_longer_has_is_started_afresh(
+    detail: object, fake: FakeChatGPT, http: UpstreamHTTP
+) -> None:
+    # Deleted in the web UI, or the access token is now another account's.
+    fake.script.then(status(404, {"detail": detail}))
+    events = await collect(connect(http, fake.env()), turn(conversation=STALE))
+
+    first, again = (request.json() for request in fake.server.on(CONVERSATION))
+    assert (first["conversation_id"], first["parent_message_id"]) == tuple(STALE.values())
+    assert "conversation_id" not in again
+    assert again["parent_message_id"] != STALE["parent_message_id"]
+    assert answer_text(events) == ANSWER
+    assert {ref["conversation_id"] for ref in refs(events)} == {CONVERSATION_ID}
+    assert events[-1] == Done()
+    assert not fake.server.on(STOP)
+
+
+async def test_another_404_is_reported_and_not_asked_again(
+    fake: FakeChatGPT, http: UpstreamHTTP
+) -> None:
+    fake.script.then(status(404, "404: Not Found"))  # a base URL missing its path
+    with pytest.raises(UpstreamRejected):
+        await collect(connect(http, fake.env()), turn(conversation=STALE))
+    assert len(fake.server.on(CONVERSATION)) == 1
 
 
 @pytest.mark.parametrize("code", [401, 403])

@@ -22,10 +22,15 @@ from tests.fakes.coze import (
     FOLLOW_UPS,
     TOKEN,
     CozeFake,
+    chat,
+    chat_frames,
     error_frames,
     failed_frames,
+    frame,
+    gone_frames,
+    missing,
 )
-from tests.fakes.scripted import answer_text, collect, connect, json_reply
+from tests.fakes.scripted import Reply, answer_text, collect, connect, json_reply, refs
 
 SESSION_ID = "yach:g:group-1:u:user-1"
 
@@ -139,6 +144,65 @@ async def test_error_events_end_the_turn(fake: CozeFake, http: UpstreamHTTP,
     assert events[-1].kind is ErrorKind.REJECTED
     assert detail in events[-1].message
     assert Done() not in events
+
+
+STALE = "7366503630755300000"
+FRESH = "7366503630755399999"
+
+
+def gone_reply(fake: CozeFake, how: str) -> Reply:
+    """Coze refusing the stored conversation: in place of the stream, or as its failed chat."""
+    if how == "json":
+        return json_reply(missing(f"conversation_id={STALE}"))
+    return fake.sse("".join(gone_frames(STALE)).encode())
+
+
+@pytest.mark.parametrize("how", ["json", "chat-failed"])
+async def test_a_conversation_coze_no_longer_has_is_started_afresh(
+    fake: CozeFake, http: UpstreamHTTP, how: str
+) -> None:
+    # Deleted (a `/reset` elsewhere, the console) or not this bot's: the question is asked
+    # again without it, and the conversation Coze starts is the one kept from now on.
+    fake.script.then(gone_reply(fake, how), fake.sse("".join(chat_frames(FRESH)).encode()))
+
+    events = await collect(coze(http, fake), turn(conversation={"conversation_id": STALE}))
+
+    assert [request.query.get("conversation_id") for request in chats(fake)] == [STALE, None]
+    assert answer_text(events) == ANSWER
+    assert refs(events) == [{"conversation_id": FRESH}]
+    assert not any(isinstance(e, UpstreamError) for e in events)
+    assert events[-1] == Done()
+
+
+@pytest.mark.parametrize(("conversation", "body"), [
+    (None, missing(f"conversation_id={STALE}")),  # a first turn: nothing stale to drop
+    ({"conversation_id": STALE}, missing(f"bot_id={BOT_ID}")),  # the bot is gone, not the chat
+])
+async def test_other_missing_resources_are_reported_and_not_asked_again(
+    fake: CozeFake, http: UpstreamHTTP, conversation: dict[str, str] | None,
+    body: dict[str, Any],
+) -> None:
+    fake.script.then(json_reply(body))
+
+    with pytest.raises(UpstreamRejected, match="coze error 4200"):
+        await collect(coze(http, fake), turn(conversation=conversation))
+    assert len(chats(fake)) == 1
+
+
+async def test_a_refusal_after_the_answer_began_is_not_asked_again(
+    fake: CozeFake, http: UpstreamHTTP
+) -> None:
+    last_error = missing(f"conversation_id={STALE}")
+    fake.stream = "".join([
+        *chat_frames(STALE)[:4],
+        frame("conversation.chat.failed", chat("failed", STALE, last_error=last_error)),
+    ]).encode()
+
+    events = await collect(coze(http, fake), turn(conversation={"conversation_id": STALE}))
+
+    assert answer_text(events) == "当然"
+    assert isinstance(events[-1], UpstreamError)
+    assert len(chats(fake)) == 1
 
 
 async def test_official_sdk_reads_the_fake(fake: CozeFake) -> None:

@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from bridge.events import ConversationRef, Done, ErrorKind, TextReplace, UpstreamError, Usage
+from bridge.events import (
+    ConversationRef,
+    Done,
+    ErrorKind,
+    TextDelta,
+    TextReplace,
+    UpstreamError,
+    Usage,
+)
 from bridge.http import UpstreamAuthError, UpstreamHTTP, UpstreamRejected
 from bridge.interfaces import Sender, Turn
 from tests.fakes.dify import (
@@ -19,6 +27,7 @@ from tests.fakes.dify import (
     CONVERSATION_ID,
     PARTS,
     PATH,
+    STOP,
     DifyFake,
     agent,
     chatflow,
@@ -27,6 +36,7 @@ from tests.fakes.dify import (
     replaced,
 )
 from tests.fakes.scripted import answer_text, collect, connect, status
+from tests.harness import stop_after_first
 
 SESSION_ID = "yach:g:group-1:u:user-1"
 USAGE = Usage(prompt_tokens=1, completion_tokens=44, total_tokens=45,
@@ -169,3 +179,23 @@ async def test_error_event_ends_the_turn(fake: DifyFake, http: UpstreamHTTP) -> 
     assert events[-1].kind is ErrorKind.REJECTED
     assert "completion_request_error" in events[-1].message
     assert Done() not in events
+
+
+async def test_stop_stops_the_generation_upstream(fake: DifyFake, http: UpstreamHTTP) -> None:
+    # Dify goes on generating (and billing) when the request is closed: `/stop` tells it.
+    fake.script.then(fake.answer(stall_after=10**6))
+    events = connect(http, fake.env()).stream(turn())
+    await stop_after_first(events, lambda event: isinstance(event, TextDelta))
+
+    (request,) = await fake.server.wait_for_requests(1, STOP, timeout=5)
+    assert request.json() == {"user": SESSION_ID}
+    assert request.headers["Authorization"] == f"Bearer {API_KEY}"
+
+
+async def test_an_answer_read_to_its_end_is_not_stopped(fake: DifyFake,
+                                                         http: UpstreamHTTP) -> None:
+    await collect(connect(http, fake.env()), turn())  # ends at message_end
+    fake.stream = render(failing())  # ends at an error event
+    await collect(connect(http, fake.env()), turn())
+
+    assert not fake.server.on(STOP)

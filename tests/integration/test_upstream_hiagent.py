@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from bridge.events import ConversationRef, Done, ErrorKind, UpstreamError, Usage
+from bridge.events import (
+    ConversationRef,
+    Done,
+    ErrorKind,
+    ReasoningDelta,
+    Suggestions,
+    UpstreamError,
+    Usage,
+)
 from bridge.http import UpstreamAuthError, UpstreamHTTP
 from bridge.interfaces import KeyValue, Sender, Turn, Upstream
 from tests.fakes.hiagent import (
@@ -169,6 +177,35 @@ async def test_error_event_ends_the_turn(fake: HiAgentFake, http: UpstreamHTTP) 
     assert isinstance(events[-1], UpstreamError)
     assert events[-1].kind is ErrorKind.REJECTED
     assert "model overloaded" in events[-1].message
+
+
+async def test_reasoning_and_suggestions_reach_the_core(fake: HiAgentFake,
+                                                        http: UpstreamHTTP) -> None:
+    # A reasoning model's thinking before the answer, the app's follow-up questions after it,
+    # each in the proxy's nested framing, as the web page receives them.
+    def event(kind: str, **fields: Any) -> dict[str, Any]:
+        return {"event": kind, "task_id": "t1", "id": "t1",
+                "conversation_id": FIXTURE_CONVERSATION_ID, **fields}
+
+    fake.stream = nested_stream([
+        event("message_start"), event("think_message_output_start"),
+        event("think_message", answer="用户问 OVS，"), event("think_message", answer="先给定义。"),
+        event("think_message_output_end"), event("message_output_start"),
+        message("Open"), message("vSwitch"), event("message_output_end"),
+        event("message_cost", input_tokens=10, output_tokens=5, latency=1.5),
+        event("suggestion", suggested_questions=["OVS 和 OVN 有什么区别？", "如何安装 OVS？"]),
+        event("suggestion_cost", input_tokens=30, output_tokens=12, latency=0.4),
+        event("message_end"),
+    ])
+    events = await collect(hiagent(http, fake), turn())
+
+    reasoning = [e.text for e in events if isinstance(e, ReasoningDelta)]
+    assert reasoning == ["用户问 OVS，", "先给定义。"]
+    assert answer_text(events) == "OpenvSwitch"
+    assert [e for e in events if isinstance(e, Suggestions)] == [
+        Suggestions(("OVS 和 OVN 有什么区别？", "如何安装 OVS？"))
+    ]
+    assert events[-1] == Done()
 
 
 async def test_unicode_line_separators_inside_the_answer_are_text(

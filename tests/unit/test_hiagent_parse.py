@@ -10,7 +10,17 @@ import pytest
 
 from adapters.upstream._common import ConversationIds
 from adapters.upstream.hiagent import HiAgentParser, inner_payloads
-from bridge.events import ConversationRef, Done, ErrorKind, Event, TextDelta, UpstreamError, Usage
+from bridge.events import (
+    ConversationRef,
+    Done,
+    ErrorKind,
+    Event,
+    ReasoningDelta,
+    Suggestions,
+    TextDelta,
+    UpstreamError,
+    Usage,
+)
 from bridge.http import UpstreamProtocolError
 from bridge.sse import SSEDecoder, SSEEvent
 from tests.fakes.base import rechunk
@@ -50,6 +60,27 @@ def test_events_of_one_answer() -> None:
         Usage(prompt_tokens=686, completion_tokens=126, total_tokens=812, latency_s=8.636)
     ]
     assert parser.feed(outer({"event": "message_end", **base})) == [Done()]
+
+
+def test_reasoning_and_suggestions() -> None:
+    # HiAgent's `think_message` (a reasoning model's thinking, its own start/end events around
+    # it) and `suggestion` (the app's follow-up questions, with their own cost event).
+    parser = HiAgentParser()
+    base = {"task_id": "t", "id": "t", "conversation_id": "c-1"}
+    parser.feed(outer({"event": "message_start", **base}))
+
+    assert parser.feed(outer({"event": "think_message_output_start", **base})) == []
+    assert parser.feed(outer({"event": "think_message", "answer": "先想", **base})) == [
+        ReasoningDelta("先想")
+    ]
+    assert parser.feed(outer({"event": "think_message", "answer": "", **base})) == []
+    assert parser.feed(outer({"event": "think_message_output_end", **base})) == []
+    questions = ["OVN 是什么？", " ", "OVS 怎么装？", 7]
+    suggestion = {"event": "suggestion", "suggested_questions": questions, **base}
+    assert parser.feed(outer(suggestion)) == [Suggestions(("OVN 是什么？", "OVS 怎么装？"))]
+    assert parser.feed(outer({"event": "suggestion", "suggested_questions": [], **base})) == []
+    cost = {"event": "suggestion_cost", "input_tokens": 50, "output_tokens": 20, "latency": 0.5}
+    assert parser.feed(outer({**cost, **base})) == []
 
 
 def test_error_event() -> None:
