@@ -8,7 +8,8 @@ max wait, 5,000 per message), as a streaming turn feeds it. While the buffer wai
 place to cut, each delta looks for one: a code block, where no cut may fall, is where that
 look costs most, and so is a table, and text with no boundary at all (CJK without
 punctuation, a long URL), which waits for the 5,000-character split. Prose of about the same
-length is the baseline.
+length is the baseline. A long answer (25× as long; in stream mode, and in final mode, where
+the whole answer is held to the end) shows whether a delta's cost grows with the answer.
 """
 
 from __future__ import annotations
@@ -55,12 +56,14 @@ def prose_answer(chars: int) -> str:
     return text
 
 
-def cpu_per_token(text: str, repeat: int) -> tuple[float, int]:
+def cpu_per_token(
+    text: str, repeat: int, policy: FlushPolicy | None = None
+) -> tuple[float, int]:
     """The best CPU µs per delta over `repeat` turns, and the pieces one turn sends."""
     deltas = [TextDelta(text[i : i + DELTA_CHARS]) for i in range(0, len(text), DELTA_CHARS)]
     best, pieces = float("inf"), 0
     for _ in range(repeat):
-        composer = Composer(FlushPolicy())
+        composer = Composer(policy or FlushPolicy())
         started = time.process_time()
         sent = [piece for delta in deltas for piece in composer.feed(delta, 0.0)]
         sent += composer.finish()
@@ -80,11 +83,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines, repeat = (20, 1) if args.quick else (120, 5)  # the block fits one message
     code = code_answer(lines)
     prose = prose_answer(len(code))
+    long_prose = prose_answer(25 * len(code))
     rows = []
-    answers = [("prose", prose), ("one code block", code), ("one table", table_answer(lines)),
-               ("no boundary", boundless_answer(len(code)))]
-    for name, text in answers:
-        micros, pieces = cpu_per_token(text, repeat)
+    answers = [("prose", prose, None), ("one code block", code, None),
+               ("one table", table_answer(lines), None),
+               ("no boundary", boundless_answer(len(code)), None),
+               ("long prose", long_prose, None),
+               ("long prose, final mode", long_prose, FlushPolicy(mode="final"))]
+    for name, text, policy in answers:
+        micros, pieces = cpu_per_token(text, repeat, policy)
         rows.append((name, len(text), micros, pieces))
     table = [
         "| answer | characters | CPU µs per delta | pieces |",
