@@ -476,7 +476,7 @@ class Worker:
         if entry.kind is EntryKind.TURN:
             await self._turn(held)
         elif entry.deliveries > self.settings.max_attempts:
-            await self._dead_letter(held, entry.deliveries - 1)
+            await self._dead_letter(held)
         elif entry.kind is EntryKind.COMMAND:
             reply = await self.commands.answer(entry)
             await self.runner.notice(entry.message.target, entry.entry_id, reply, "reply")
@@ -507,7 +507,7 @@ class Worker:
             await asyncio.shield(self._stopped(held))
             return
         if started.counted and started.attempt > self.settings.max_attempts:
-            await self._dead_letter(held, started.attempt - 1)
+            await self._dead_letter(held)
             return
         if not held.slot:
             await self._turn_slots.acquire()
@@ -521,7 +521,7 @@ class Worker:
                     entry.chat_session_id, entry.entry_id, held.lock
                 )
                 if attempt > self.settings.max_attempts:
-                    await self._dead_letter(held, attempt - 1)
+                    await self._dead_letter(held)
                     return
             held.phase = _Phase.RUNNING
             self.metrics.inflight_turns.inc()
@@ -676,19 +676,22 @@ class Worker:
         )
         await self._ack(held)
 
-    async def _dead_letter(self, held: _Held, attempts: int) -> None:
-        """`attempts` failed already: tell the user (once: the notice has a fixed
-        message_id), then move the entry to the dead letters and acknowledge it, in one step."""
-        log.error("dead_lettered", attempts=attempts, deliveries=held.entry.deliveries)
+    async def _dead_letter(self, held: _Held) -> None:
+        """BRIDGE_MAX_ATTEMPTS attempts failed already: tell the user, then move the entry to
+        the dead letters and acknowledge it, in one step. A notice the IM refuses (after the
+        outbox's retries) raises `SendError`: the entry is left pending, and its next
+        delivery, over the limit still, sends the notice again — under the same message_id,
+        without running anything — until it gets through."""
         entry = held.entry
-        try:
-            await self.runner.notice(
-                entry.message.target, entry.entry_id, self.catalogue("dead_letter"), "dead"
-            )
-        except SendError as exc:  # the entry goes to the dead letters all the same
-            log.error("dead_letter_notice_failed", reason=exc.reason)
+        await self.runner.notice(
+            entry.message.target, entry.entry_id, self.catalogue("dead_letter"), "dead"
+        )
+        # Attempts are counted up to the limit only: each delivery past it (a notice sent
+        # again) runs nothing.
+        attempts = self.settings.max_attempts
         if not await self._ack(held, dead_reason=f"{attempts} attempts"):
             return  # another worker has it, or dead-lettered it: counted there
+        log.error("dead_lettered", attempts=attempts, deliveries=entry.deliveries)
         self.metrics.dead_letters.inc()
         if entry.kind is EntryKind.TURN:  # a turn's outcome, as `busy` and `stopped` are
             self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome="dead").inc()
