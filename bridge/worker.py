@@ -35,7 +35,7 @@ from bridge.intake import judge
 from bridge.interfaces import SendError
 from bridge.messages import Catalogue
 from bridge.metrics import Metrics
-from bridge.relay import TurnRunner
+from bridge.relay import Outcome, TurnRunner
 from bridge.sessions import TURN_SCRIPTS, EntryGone, LockLost, Sessions, Start
 from bridge.store import Keys, as_text, load_scripts, redis_failure
 from bridge.tasks import cancel_and_wait, cancel_requested
@@ -532,12 +532,28 @@ class Worker:
                 self.metrics.inflight_turns.dec()
         finally:
             self._free_slot(held)
+        if outcome is Outcome.FAILED or started.journal.failed:  # not recorded: no save in run()
+            await self._refresh_session(held)
         held.phase = _Phase.FINISHING
         await asyncio.shield(self._finish(held))  # "save, then XACK": the save was in run()
         if held.lost:  # claimed by another worker meanwhile: its turn now, not done here
             return
         self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome=outcome.value).inc()
         log.info("turn_done", outcome=outcome.value)
+
+    async def _refresh_session(self, held: _Held) -> None:
+        """A failed turn keeps its session alive as a recorded one does (SPEC §5: TTL
+        refreshed each turn). Best effort: its one message was sent, and a redelivery for
+        want of this would send a refusal again."""
+        try:
+            refreshed = await self.sessions.refresh(
+                held.entry.chat_session_id, held.lock, now=time.time()
+            )
+        except RedisError as exc:
+            log.warning("session_not_refreshed", error=type(exc).__name__)
+            return
+        if not refreshed:
+            log.warning("session_not_refreshed", reason="session lock lost")
 
     async def _wait_for_turn(self, held: _Held) -> Start:
         """Wait for the head of the session queue and its lock; returned without the lock
