@@ -385,6 +385,11 @@ class Journal:
     complete: bool
     failed: bool = False
 
+    @property
+    def delivered(self) -> bool:
+        """The whole answer was journalled and every piece of it confirmed sent."""
+        return self.complete and bool(self.pieces) and all(p.sent for p in self.pieces)
+
 
 @dataclass(frozen=True, slots=True)
 class Start:

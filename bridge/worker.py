@@ -55,7 +55,8 @@ _MIN_BACKOFF_S = 0.1
 _MAX_BACKOFF_S = 5.0
 _PRUNE_IDLE_MS = 3_600_000  # a consumer idle an hour with nothing pending has ended
 _HEALTHY_RUN_S = 10.0  # a loop that ran this long without failing starts its backoff over
-_ACK_PATIENCE_S = 10.0  # how long "save, then XACK" keeps trying through a Redis blip
+# The least an ack keeps trying through a Redis outage; else as long as the entry's lock lives.
+_MIN_ACK_PATIENCE_S = 10.0
 
 
 def _raise_if_cancelled() -> None:
@@ -506,7 +507,7 @@ class Worker:
         if started.stopped:  # stopped before it ran (or before a crash)
             await asyncio.shield(self._stopped(held))
             return
-        if started.counted and started.attempt > self.settings.max_attempts:
+        if started.counted and self._out_of_attempts(started.attempt, started):
             await self._dead_letter(held)
             return
         if not held.slot:
@@ -520,7 +521,7 @@ class Worker:
                 attempt = await self.sessions.count_attempt(
                     entry.chat_session_id, entry.entry_id, held.lock
                 )
-                if attempt > self.settings.max_attempts:
+                if self._out_of_attempts(attempt, started):
                     await self._dead_letter(held)
                     return
             held.phase = _Phase.RUNNING
@@ -540,6 +541,13 @@ class Worker:
             return
         self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome=outcome.value).inc()
         log.info("turn_done", outcome=outcome.value)
+
+    def _out_of_attempts(self, attempt: int, started: Start) -> bool:
+        """Whether the turn's attempt is past BRIDGE_MAX_ATTEMPTS, and its answer was not
+        delivered already. One whose journal says it was, in full (its ack failed: Redis
+        out of reach longer than its lock), is no failure: its replay shows nothing and
+        acknowledges it, where a dead letter would tell the user it failed."""
+        return attempt > self.settings.max_attempts and not started.journal.delivered
 
     async def _refresh_session(self, held: _Held) -> None:
         """A failed turn keeps its session alive as a recorded one does (SPEC §5: TTL
@@ -629,14 +637,18 @@ class Worker:
             self._turn_slots.release()
 
     async def _ack(self, held: _Held, *, dead_reason: str = "") -> bool:
-        """Acknowledge (releasing the session lock), retrying through a short Redis outage:
-        an answer that was delivered should not be replayed for want of one XACK. False if
+        """Acknowledge (releasing the session lock), retrying through a Redis outage for as
+        long as the entry's lock lives, as the turn's other writes do: an answer that was
+        delivered should not be redelivered for want of one XACK (a command's reply, which
+        no journal records, would be sent again). Meanwhile the keep loop keeps the entry
+        claimed; past that, it may be another worker's, which the ack script tells. False if
         another worker claimed the entry meanwhile, or has acknowledged it already: it is
         that worker's (its turn is the one counted)."""
         entry = held.entry
         held.phase = _Phase.FINISHING  # from here on, nothing may interrupt it
         delay = _MIN_BACKOFF_S
-        deadline = time.monotonic() + _ACK_PATIENCE_S
+        patience_s = max(self.sessions.lock_ttl_ms / 1000, _MIN_ACK_PATIENCE_S)
+        deadline = time.monotonic() + patience_s
         while True:
             try:
                 if dead_reason:
