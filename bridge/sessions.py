@@ -138,6 +138,23 @@ return 1
 """
 )
 
+# KEYS: lock, fence, session, history. ARGV: lock value, lock ttl ms, ttl ms, now.
+# A turn that is not recorded (it failed: the user got its one message) refreshes the session
+# all the same: its TTL, its history's, and `last_active`. It counts no turn (`turns` counts
+# answered turns) and makes no session where there is none (nothing to keep alive).
+_REFRESH = (
+    _HOLDS
+    + """
+if not holds(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('HSET', KEYS[3], 'last_active', ARGV[4])
+  redis.call('PEXPIRE', KEYS[3], ARGV[3])
+  redis.call('PEXPIRE', KEYS[4], ARGV[3])
+end
+return 1
+"""
+)
+
 # KEYS: lock, fence, journal. ARGV: lock value, lock ttl ms, journal ttl s, the field of a
 # piece confirmed sent or '', then field/value pairs. A piece is journalled (and so may be
 # sent) only by the lock's holder; a confirmation holds whoever sent the piece.
@@ -368,6 +385,11 @@ class Journal:
     complete: bool
     failed: bool = False
 
+    @property
+    def delivered(self) -> bool:
+        """The whole answer was journalled and every piece of it confirmed sent."""
+        return self.complete and bool(self.pieces) and all(p.sent for p in self.pieces)
+
 
 @dataclass(frozen=True, slots=True)
 class Start:
@@ -448,6 +470,7 @@ class Sessions:
         self._release = redis.register_script(_RELEASE)
         self._attempt = redis.register_script(_ATTEMPT)
         self._save = redis.register_script(_SAVE)
+        self._refresh = redis.register_script(_REFRESH)
         self._journal = redis.register_script(_JOURNAL)
         self._forget = redis.register_script(_FORGET)
         self._stop = redis.register_script(_STOP)
@@ -651,6 +674,18 @@ class Sessions:
         ]
         saved = await self._patient(lambda: self._hot.script(self._save, keys, args))
         return bool(saved)
+
+    async def refresh(self, chat_session_id: str, lock_value: str, *, now: float) -> bool:
+        """Refresh the session of a turn that was not recorded (`_REFRESH`), if we still
+        hold the lock; rides out a Redis outage."""
+        keys: list[KeyT] = [
+            self.keys.lock(chat_session_id),
+            self.keys.fence(chat_session_id),
+            self.keys.session(chat_session_id),
+            self.keys.history(chat_session_id),
+        ]
+        args: list[EncodableT] = [lock_value, self.lock_ttl_ms, self.ttl_ms, now]
+        return bool(await self._patient(lambda: self._refresh(keys=keys, args=args)))
 
     async def save_conversation(
         self,

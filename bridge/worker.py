@@ -35,7 +35,7 @@ from bridge.intake import judge
 from bridge.interfaces import SendError
 from bridge.messages import Catalogue
 from bridge.metrics import Metrics
-from bridge.relay import TurnRunner
+from bridge.relay import Outcome, TurnRunner
 from bridge.sessions import TURN_SCRIPTS, EntryGone, LockLost, Sessions, Start
 from bridge.store import Keys, as_text, load_scripts, redis_failure
 from bridge.tasks import cancel_and_wait, cancel_requested
@@ -55,7 +55,8 @@ _MIN_BACKOFF_S = 0.1
 _MAX_BACKOFF_S = 5.0
 _PRUNE_IDLE_MS = 3_600_000  # a consumer idle an hour with nothing pending has ended
 _HEALTHY_RUN_S = 10.0  # a loop that ran this long without failing starts its backoff over
-_ACK_PATIENCE_S = 10.0  # how long "save, then XACK" keeps trying through a Redis blip
+# The least an ack keeps trying through a Redis outage; else as long as the entry's lock lives.
+_MIN_ACK_PATIENCE_S = 10.0
 
 
 def _raise_if_cancelled() -> None:
@@ -476,7 +477,7 @@ class Worker:
         if entry.kind is EntryKind.TURN:
             await self._turn(held)
         elif entry.deliveries > self.settings.max_attempts:
-            await self._dead_letter(held, entry.deliveries - 1)
+            await self._dead_letter(held)
         elif entry.kind is EntryKind.COMMAND:
             reply = await self.commands.answer(entry)
             await self.runner.notice(entry.message.target, entry.entry_id, reply, "reply")
@@ -506,8 +507,8 @@ class Worker:
         if started.stopped:  # stopped before it ran (or before a crash)
             await asyncio.shield(self._stopped(held))
             return
-        if started.counted and started.attempt > self.settings.max_attempts:
-            await self._dead_letter(held, started.attempt - 1)
+        if started.counted and self._out_of_attempts(started.attempt, started):
+            await self._dead_letter(held)
             return
         if not held.slot:
             await self._turn_slots.acquire()
@@ -520,8 +521,8 @@ class Worker:
                 attempt = await self.sessions.count_attempt(
                     entry.chat_session_id, entry.entry_id, held.lock
                 )
-                if attempt > self.settings.max_attempts:
-                    await self._dead_letter(held, attempt - 1)
+                if self._out_of_attempts(attempt, started):
+                    await self._dead_letter(held)
                     return
             held.phase = _Phase.RUNNING
             self.metrics.inflight_turns.inc()
@@ -532,12 +533,35 @@ class Worker:
                 self.metrics.inflight_turns.dec()
         finally:
             self._free_slot(held)
+        if outcome is Outcome.FAILED or started.journal.failed:  # not recorded: no save in run()
+            await self._refresh_session(held)
         held.phase = _Phase.FINISHING
         await asyncio.shield(self._finish(held))  # "save, then XACK": the save was in run()
         if held.lost:  # claimed by another worker meanwhile: its turn now, not done here
             return
         self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome=outcome.value).inc()
         log.info("turn_done", outcome=outcome.value)
+
+    def _out_of_attempts(self, attempt: int, started: Start) -> bool:
+        """Whether the turn's attempt is past BRIDGE_MAX_ATTEMPTS, and its answer was not
+        delivered already. One whose journal says it was, in full (its ack failed: Redis
+        out of reach longer than its lock), is no failure: its replay shows nothing and
+        acknowledges it, where a dead letter would tell the user it failed."""
+        return attempt > self.settings.max_attempts and not started.journal.delivered
+
+    async def _refresh_session(self, held: _Held) -> None:
+        """A failed turn keeps its session alive as a recorded one does (SPEC §5: TTL
+        refreshed each turn). Best effort: its one message was sent, and a redelivery for
+        want of this would send a refusal again."""
+        try:
+            refreshed = await self.sessions.refresh(
+                held.entry.chat_session_id, held.lock, now=time.time()
+            )
+        except RedisError as exc:
+            log.warning("session_not_refreshed", error=type(exc).__name__)
+            return
+        if not refreshed:
+            log.warning("session_not_refreshed", reason="session lock lost")
 
     async def _wait_for_turn(self, held: _Held) -> Start:
         """Wait for the head of the session queue and its lock; returned without the lock
@@ -613,14 +637,18 @@ class Worker:
             self._turn_slots.release()
 
     async def _ack(self, held: _Held, *, dead_reason: str = "") -> bool:
-        """Acknowledge (releasing the session lock), retrying through a short Redis outage:
-        an answer that was delivered should not be replayed for want of one XACK. False if
+        """Acknowledge (releasing the session lock), retrying through a Redis outage for as
+        long as the entry's lock lives, as the turn's other writes do: an answer that was
+        delivered should not be redelivered for want of one XACK (a command's reply, which
+        no journal records, would be sent again). Meanwhile the keep loop keeps the entry
+        claimed; past that, it may be another worker's, which the ack script tells. False if
         another worker claimed the entry meanwhile, or has acknowledged it already: it is
         that worker's (its turn is the one counted)."""
         entry = held.entry
         held.phase = _Phase.FINISHING  # from here on, nothing may interrupt it
         delay = _MIN_BACKOFF_S
-        deadline = time.monotonic() + _ACK_PATIENCE_S
+        patience_s = max(self.sessions.lock_ttl_ms / 1000, _MIN_ACK_PATIENCE_S)
+        deadline = time.monotonic() + patience_s
         while True:
             try:
                 if dead_reason:
@@ -676,19 +704,22 @@ class Worker:
         )
         await self._ack(held)
 
-    async def _dead_letter(self, held: _Held, attempts: int) -> None:
-        """`attempts` failed already: tell the user (once: the notice has a fixed
-        message_id), then move the entry to the dead letters and acknowledge it, in one step."""
-        log.error("dead_lettered", attempts=attempts, deliveries=held.entry.deliveries)
+    async def _dead_letter(self, held: _Held) -> None:
+        """BRIDGE_MAX_ATTEMPTS attempts failed already: tell the user, then move the entry to
+        the dead letters and acknowledge it, in one step. A notice the IM refuses (after the
+        outbox's retries) raises `SendError`: the entry is left pending, and its next
+        delivery, over the limit still, sends the notice again — under the same message_id,
+        without running anything — until it gets through."""
         entry = held.entry
-        try:
-            await self.runner.notice(
-                entry.message.target, entry.entry_id, self.catalogue("dead_letter"), "dead"
-            )
-        except SendError as exc:  # the entry goes to the dead letters all the same
-            log.error("dead_letter_notice_failed", reason=exc.reason)
+        await self.runner.notice(
+            entry.message.target, entry.entry_id, self.catalogue("dead_letter"), "dead"
+        )
+        # Attempts are counted up to the limit only: each delivery past it (a notice sent
+        # again) runs nothing.
+        attempts = self.settings.max_attempts
         if not await self._ack(held, dead_reason=f"{attempts} attempts"):
             return  # another worker has it, or dead-lettered it: counted there
+        log.error("dead_lettered", attempts=attempts, deliveries=entry.deliveries)
         self.metrics.dead_letters.inc()
         if entry.kind is EntryKind.TURN:  # a turn's outcome, as `busy` and `stopped` are
             self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome="dead").inc()

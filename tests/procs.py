@@ -164,13 +164,14 @@ class RedisProxy:
     """A TCP front to a redis-server's unix socket, given to one bridge process: `partition`
     cuts every connection through it and refuses new ones — that process alone loses Redis,
     as behind a network partition, while the others keep it — and `heal` ends that;
-    `lose_answer` loses one command's answer."""
+    `lose_answer` loses one command's answer, `cut_before` partitions as one is sent."""
 
     target: Path
     server: asyncio.Server | None = None
     cut: bool = False
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
     _losing: tuple[bytes, bytes] | None = None
+    _cutting: bytes | None = None
     _partition_when_lost: bool = False
     lost: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -199,6 +200,12 @@ class RedisProxy:
         self._losing, self.lost = (command, answer), asyncio.Event()
         self._partition_when_lost = then_partition
 
+    def cut_before(self, command: bytes) -> None:
+        """The next command holding the bytes `command` does not reach Redis: as it is sent,
+        every connection is cut and new ones refused (`lost` is set), until `heal` — Redis
+        out of reach from that very moment."""
+        self._cutting, self.lost = command, asyncio.Event()
+
     async def close(self) -> None:
         self.partition()
         if self.server is not None:
@@ -219,6 +226,11 @@ class RedisProxy:
         asked = [False]  # the command to lose went up this connection: watch its answer
 
         def up(data: bytes) -> bool:
+            if self._cutting is not None and self._cutting in data:
+                self._cutting = None
+                self.lost.set()
+                self.partition()
+                return False
             asked[0] = self._losing is not None and self._losing[0] in data
             return True
 

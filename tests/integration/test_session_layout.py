@@ -14,14 +14,17 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from bridge.messages import MESSAGES
 from tests.fakes import dify as fake_dify
 from tests.fakes.coze import CozeFake
 from tests.fakes.dify import DifyFake
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.yach import APP_KEY, APP_SECRET, FakeYach
 from tests.harness import bridge_env, group_message, openai_env, running_bridge, wait_until
+from tests.procs import wait_acknowledged
 
 TTL_S = 3600
+EN = MESSAGES["en"]
 
 
 def direct(text: str) -> dict[str, Any]:
@@ -115,3 +118,64 @@ async def test_changing_the_upstream_starts_fresh_conversations(
     [coze_request] = coze.server.on("/v3/chat")
     assert "conversation_id" not in coze_request.query
     assert "conversation_id" not in coze_request.json()
+
+
+@pytest.mark.parametrize("failure", ["upstream", "refusal"])
+async def test_a_failed_turn_refreshes_the_sessions_ttl(
+    redis_url: str, bot_id: str, yach: FakeYach, redis_client: aioredis.Redis, failure: str,
+) -> None:
+    """SPEC §5 "TTL refreshed each turn": also a turn that ends in a failure message (the
+    upstream failed after its retries; an image refused before asking). It refreshes the
+    TTL of the session and of its history and sets `last_active`; `turns` counts answered
+    turns, and the conversation and history stay as they were."""
+    upstream = await FakeOpenAI(statuses=[503, 503]).start()
+    key = f"chatbridge:{{{bot_id}}}:session:yach:g:g1:u:u1"
+    history_key = f"chatbridge:{{{bot_id}}}:history:yach:g:g1:u:u1"
+    earlier = {"upstream": "openai", "conversation": "{}", "created_at": "1", "last_active": "1",
+               "turns": "2"}  # fmt: skip
+    await redis_client.hset(key, mapping=earlier)
+    await redis_client.rpush(history_key, '{"question": "q", "answer": "a"}')
+    for each in (key, history_key):
+        await redis_client.expire(each, 60)  # about to end, were it not refreshed
+    env = bridge_env(redis_url, bot_id, yach, **openai_env(upstream.base_url),
+                     BRIDGE_SESSION_TTL_S=str(TTL_S), BRIDGE_UPSTREAM_RETRIES="1",
+                     BRIDGE_IMAGE_PIPELINE="none", BRIDGE_LANG="en")  # fmt: skip
+    payload = (group_message("will it fail?") if failure == "upstream"
+               else group_message("", msgtype="image", picUrl="https://images.example/a.png"))
+    before = time.time()
+    try:
+        async with running_bridge(env) as bridge:
+            assert (await bridge.post(payload))[0] == 200
+            await wait_until(lambda: len(yach.shown) == 1)
+            # the session is refreshed before the acknowledgement
+            await wait_acknowledged(redis_client, f"chatbridge:{{{bot_id}}}:inbox")
+    finally:
+        await upstream.close()
+    state = {k.decode(): v.decode() for k, v in (await redis_client.hgetall(key)).items()}
+    notice = "upstream_unavailable" if failure == "upstream" else "image_refused"
+    assert yach.texts() == [EN[notice]]
+    assert {k: v for k, v in state.items() if k != "last_active"} == {
+        k: v for k, v in earlier.items() if k != "last_active"
+    }
+    assert before - 1 <= float(state["last_active"]) <= time.time() + 1
+    assert TTL_S - 60 <= await redis_client.ttl(key) <= TTL_S
+    assert TTL_S - 60 <= await redis_client.ttl(history_key) <= TTL_S
+    assert await redis_client.llen(history_key) == 1
+
+
+async def test_a_failed_first_turn_leaves_no_session(
+    redis_url: str, bot_id: str, yach: FakeYach, redis_client: aioredis.Redis,
+) -> None:
+    """A failed turn refreshes a session; it makes none: with no answer and no reference
+    from the upstream, /status still says there is no conversation yet."""
+    upstream = await FakeOpenAI(statuses=[503, 503]).start()
+    env = bridge_env(redis_url, bot_id, yach, **openai_env(upstream.base_url),
+                     BRIDGE_UPSTREAM_RETRIES="1")  # fmt: skip
+    try:
+        async with running_bridge(env) as bridge:
+            assert (await bridge.post(group_message("will it fail?")))[0] == 200
+            await wait_until(lambda: len(yach.shown) == 1)
+            await wait_acknowledged(redis_client, f"chatbridge:{{{bot_id}}}:inbox")
+    finally:
+        await upstream.close()
+    assert not await redis_client.exists(f"chatbridge:{{{bot_id}}}:session:yach:g:g1:u:u1")

@@ -255,6 +255,25 @@ async def test_a_conversation_saved_under_a_lost_lock_leaves_no_session_behind(
     assert 0 < await redis_client.ttl(keys.session(SESSION)) <= 3600
 
 
+async def test_a_refresh_is_fenced_and_makes_no_session(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """The refresh of a failed turn: refused under a lost lock; on no session, nothing."""
+    entry = await _store(redis_client, keys)
+    lock = (await sessions.start(SESSION, entry, with_history=True)).lock
+    assert await sessions.refresh(SESSION, lock, now=5)
+    assert not await redis_client.exists(keys.session(SESSION))
+
+    await redis_client.hset(keys.session(SESSION), mapping={"last_active": "1", "turns": "2"})
+    await redis_client.expire(keys.session(SESSION), 10)
+    assert not await sessions.refresh(SESSION, "not-the-lock", now=5)
+    assert await redis_client.hget(keys.session(SESSION), "last_active") == b"1"
+    assert await sessions.refresh(SESSION, lock, now=5)
+    state = await redis_client.hgetall(keys.session(SESSION))
+    assert state == {b"last_active": b"5", b"turns": b"2"}
+    assert 3590 <= await redis_client.ttl(keys.session(SESSION)) <= 3600
+
+
 async def test_a_session_ttl_in_decimal_seconds_is_kept_exactly(
     redis_client: aioredis.Redis, keys: Keys
 ) -> None:
