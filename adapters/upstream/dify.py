@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, aclosing
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -13,9 +14,10 @@ import structlog
 from adapters.upstream._common import (
     ConversationIds,
     bearer,
+    body_failure,
     json_object,
-    rejected,
     relay,
+    reported_error,
     require,
     usage_from,
 )
@@ -62,7 +64,7 @@ class DifyParser:
         if kind == "message_end":
             return [*_usage(payload), Done()]
         if kind == "error":
-            return [rejected(NAME, payload)]
+            return [reported_error(NAME, payload)]
         return []
 
 
@@ -131,7 +133,10 @@ class DifyUpstream:
         self, turn: Turn, ids: ConversationIds
     ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
         body = self._body(turn, ids)
-        return self._http.open("POST", self._url, json=body, headers=self._headers, expect_sse=True)
+        return self._http.open(
+            "POST", self._url, json=body, headers=self._headers,
+            not_a_stream=partial(body_failure, NAME),
+        )
 
     async def reset(self, conversation: Mapping[str, str], chat_session_id: str) -> None:
         """Delete the conversation upstream: `DELETE /conversations/{id}` for the `user` the
