@@ -11,11 +11,11 @@ import asyncio
 import email.utils
 import json
 import math
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from tenacity import (
@@ -45,10 +45,13 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "error_for_status",
+    "failure_of",
     "feed_sse",
+    "http_status",
     "iter_sse",
     "parse_retry_after",
     "read_text",
+    "reported_kind",
 ]
 
 # What an answer that should have been an event stream and is not says: the typed error of
@@ -112,6 +115,29 @@ class UpstreamProtocolError(UpstreamFailure):
 
 
 RETRYABLE = (UpstreamUnavailable, UpstreamRateLimited)
+_RETRIED_KINDS = frozenset(failure.kind for failure in RETRYABLE)
+_FAILURE_OF_KIND: dict[ErrorKind, type[UpstreamFailure]] = {
+    failure.kind: failure
+    for failure in (UpstreamUnavailable, UpstreamRateLimited, UpstreamAuthError, UpstreamTimeout,
+                    UpstreamBroken, UpstreamRejected, UpstreamNotFound, UpstreamProtocolError)
+}
+# What an upstream's own error report (a JSON body in place of the stream, an error event in
+# it) says in words, in its code, type or message: the first kind whose words occur wins.
+# Checked before any status the report states, because upstreams wrap every failure of the
+# model behind them in one generic status (Dify: 400 "completion_request_error" with
+# "[openai] Rate Limit Error, …"; RuoYi: 500 for every exception).
+_KIND_WORDS: tuple[tuple[ErrorKind, tuple[str, ...]], ...] = (
+    (ErrorKind.AUTH, ("invalid_api_key", "invalid api key", "incorrect api key", "unauthorized",
+                      "unauthenticated", "authentication", "permission", "credential",
+                      "token_expired", "认证失败")),
+    (ErrorKind.RATE_LIMITED, ("rate limit", "rate_limit", "ratelimit", "too many requests",
+                              "too_many_requests", "频繁", "限流", "overload", "busy", "繁忙",
+                              "过载")),
+    (ErrorKind.UNAVAILABLE, ("server_error", "server error", "internal error", "internal_error",
+                             "unavailable", "bad gateway", "connection error", "不可用")),
+    (ErrorKind.TIMEOUT, ("timeout", "timed out", "超时")),
+)
+_Result = TypeVar("_Result")
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -142,16 +168,48 @@ def _seconds_until(http_date: str) -> float | None:
 def error_for_status(status: int, body: str, headers: Mapping[str, str]) -> UpstreamFailure:
     """The one place where an HTTP status becomes a typed upstream error."""
     detail = f"HTTP {status}: {clip(body, _ERROR_BODY_CHARS)}"
+    kind = _kind_of_status(status)
+    retry_after = parse_retry_after(headers.get("Retry-After")) if kind in _RETRIED_KINDS else None
+    return failure_of(kind, detail, retry_after=retry_after, status=status)
+
+
+def _kind_of_status(status: int) -> ErrorKind:
     if status in (401, 403):
-        return UpstreamAuthError(detail, status=status)
-    retry_after = parse_retry_after(headers.get("Retry-After"))
+        return ErrorKind.AUTH
     if status == 429:
-        return UpstreamRateLimited(detail, retry_after=retry_after, status=status)
+        return ErrorKind.RATE_LIMITED
     if status >= 500 or status == 408:
-        return UpstreamUnavailable(detail, retry_after=retry_after, status=status)
+        return ErrorKind.UNAVAILABLE
     if status in (404, 410):
-        return UpstreamNotFound(detail, status=status)
-    return UpstreamRejected(detail, status=status)
+        return ErrorKind.NOT_FOUND
+    return ErrorKind.REJECTED
+
+
+def failure_of(
+    kind: ErrorKind, detail: str, *, retry_after: float | None = None, status: int | None = None
+) -> UpstreamFailure:
+    """The typed error of `kind`: retried when its kind is, before the first streamed byte."""
+    return _FAILURE_OF_KIND[kind](detail, retry_after=retry_after, status=status)
+
+
+def http_status(value: object) -> int | None:
+    """A status an upstream states in a body (`"status": 429`, LiteLLM's `"code": "429"`),
+    when it is an HTTP error status; None for anything else (Coze's `4013`, Yach's `40014`)."""
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599:
+        return value
+    return None
+
+
+def reported_kind(status: int | None, *texts: object) -> ErrorKind:
+    """What an error an upstream reports itself means, from its words (its code, type and
+    message, in `texts`), else from the HTTP status it states, else: a rejection."""
+    words = " ".join(str(text) for text in texts if text).lower()
+    for kind, markers in _KIND_WORDS:
+        if any(marker in words for marker in markers):
+            return kind
+    return ErrorKind.REJECTED if status is None else _kind_of_status(status)
 
 
 def _wait_for_retry(base: wait_random_exponential) -> Any:
@@ -327,6 +385,26 @@ class UpstreamHTTP:
             reraise=True,
         )
 
+    async def retried(self, call: Callable[[], Awaitable[_Result]]) -> _Result:
+        """`call` under the retry policy. The first attempt goes out at once: setting the
+        policy up costs about as much as a loopback request, so it is set up only once that
+        attempt failed with a retryable error, which it then counts as its own first attempt.
+
+        For a call whose good answer is JSON that may report an error of the retried kinds
+        (an overload in a 200 body): its requests are opened with `retry=False`, so that
+        each is tried as often as any request is, not that many times over."""
+        try:
+            return await call()
+        except RETRYABLE as exc:
+            first_failure: UpstreamFailure | None = exc
+        async for attempt in self.retrying():
+            with attempt:
+                if first_failure is not None:
+                    failed, first_failure = first_failure, None
+                    raise failed
+                return await call()
+        raise AssertionError("unreachable")  # (the policy re-raises the last failure)
+
     @property
     def timeout(self) -> aiohttp.ClientTimeout:
         """aiohttp's part of the timeouts; the total one is kept by `_Watch` and `_open_once`."""
@@ -344,19 +422,25 @@ class UpstreamHTTP:
         *,
         expect_sse: bool = False,
         not_a_stream: NotAStream | None = None,
+        retry: bool = True,
         **kwargs: Any,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """A response with a good status, retried before its first byte. On exit its
-        connection goes back to the pool once the body has ended (`_Tails`), unless the
-        reader failed or was cancelled (`/stop`): then it is closed at once.
+        """A response with a good status, retried before its first byte (unless not to
+        `retry`: the caller's `retried` does). On exit its connection goes back to the pool
+        once the body has ended (`_Tails`), unless the reader failed or was cancelled
+        (`/stop`): then it is closed at once.
 
         With `expect_sse`, an answer that is not an event stream is a protocol error, or
         what `not_a_stream` makes of it (given, it implies `expect_sse`): an upstream that
         reports an overload or an outage in a 200 JSON body is retried as for its status."""
-        response, deadline = await self._open_retried(
-            method, url, expect_sse=expect_sse or not_a_stream is not None,
-            not_a_stream=not_a_stream, **kwargs
-        )
+
+        async def open_once() -> tuple[aiohttp.ClientResponse, float]:
+            return await self._open_once(
+                method, url, expect_sse=expect_sse or not_a_stream is not None,
+                not_a_stream=not_a_stream, **kwargs
+            )
+
+        response, deadline = await (self.retried(open_once) if retry else open_once())
         reader_done = False
         try:
             self._watch.add(response, deadline)
@@ -380,36 +464,6 @@ class UpstreamHTTP:
                 self._tails.finish(response)
             else:
                 _release(response)
-
-    async def _open_retried(
-        self,
-        method: str,
-        url: str,
-        *,
-        expect_sse: bool,
-        not_a_stream: NotAStream | None = None,
-        **kwargs: Any,
-    ) -> tuple[aiohttp.ClientResponse, float]:
-        """`_open_once` under the retry policy. The first attempt goes out at once: setting
-        the policy up costs about as much as a loopback request, so it is set up only once that
-        attempt failed with a retryable error, which it then counts as its own first attempt."""
-        try:
-            return await self._open_once(
-                method, url, expect_sse=expect_sse, not_a_stream=not_a_stream, **kwargs
-            )
-        except RETRYABLE as exc:
-            first_failure: UpstreamFailure | None = exc
-        opened: tuple[aiohttp.ClientResponse, float] | None = None
-        async for attempt in self.retrying():
-            with attempt:
-                if first_failure is not None:
-                    failed, first_failure = first_failure, None
-                    raise failed
-                opened = await self._open_once(
-                    method, url, expect_sse=expect_sse, not_a_stream=not_a_stream, **kwargs
-                )
-        assert opened is not None
-        return opened
 
     async def _open_once(
         self,

@@ -42,6 +42,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "upstream_rejected": "AI 服务无法处理这个问题，请换个问法再试。",
         "rejected_midway": "（回答中断，以上内容可能不完整：AI 服务无法继续处理这个问题，"
         "请换个问法再试。）",
+        "rate_limited_midway": "（回答中断，以上内容可能不完整：AI 服务繁忙，请稍后再试。）",
+        "unavailable_midway": "（回答中断，以上内容可能不完整：AI 服务暂时不可用，请稍后再试。）",
         "empty_answer": "AI 服务没有给出回答，请换个问法再试。",
         "dead_letter": "抱歉，这条消息多次处理失败，已放弃。请稍后重新发送。",
         "agent_switch": "→ 转由「{agent}」回答",
@@ -88,6 +90,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "upstream_rejected": "The AI service could not handle this request; try rephrasing it.",
         "rejected_midway": "(The answer was cut off; the text above may be incomplete: the AI "
         "service could not go on with this request. Try rephrasing it.)",
+        "rate_limited_midway": "(The answer was cut off; the text above may be incomplete: the "
+        "AI service is busy. Please try again in a moment.)",
+        "unavailable_midway": "(The answer was cut off; the text above may be incomplete: the "
+        "AI service is unavailable right now. Please try again later.)",
         "empty_answer": "The AI service gave no answer; try rephrasing the question.",
         "dead_letter": "Sorry, this message failed repeatedly and was dropped; please resend it.",
         "agent_switch": "→ {agent} takes over",

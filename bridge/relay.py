@@ -60,7 +60,14 @@ _FAILURE_MESSAGES = {
     ErrorKind.REJECTED: "upstream_rejected",
     ErrorKind.PROTOCOL: "upstream_rejected",
 }
-_GAVE_UP = (ErrorKind.REJECTED, ErrorKind.PROTOCOL)
+# After text has shown, the notice says it is incomplete, and why: an answer the upstream
+# gave up on (its own error, a stream we cannot read), or an overload or outage it reported.
+_MIDWAY_MESSAGES = {
+    ErrorKind.REJECTED: "rejected_midway",
+    ErrorKind.PROTOCOL: "rejected_midway",
+    ErrorKind.RATE_LIMITED: "rate_limited_midway",
+    ErrorKind.UNAVAILABLE: "unavailable_midway",
+}
 _OPERATORS_TO_FIX = (ErrorKind.AUTH, ErrorKind.NOT_FOUND)  # logged at error level
 _TICK_S = 0.25
 _REST_JOURNAL_S = 2.0  # an interrupted turn's last journal writes, at most
@@ -574,13 +581,13 @@ class TurnRunner:
         return self._failed_upstream(ErrorKind.BROKEN, "stream ended without an end marker")
 
     def _failure_message(self, failure: ErrorKind, composer: Composer) -> str:
-        """A broken stream's notice speaks of "the text above": with none, it says so. An
-        answer the upstream gave up on (its own error, or a stream we cannot read) after
-        text had shown says that text is incomplete, not only "rephrase"."""
+        """A broken stream's notice speaks of "the text above": with none, it says so. A
+        failure the upstream reported after text had shown says that text is incomplete,
+        not only "rephrase" or "try again later"."""
         if failure is ErrorKind.BROKEN and not composer.rendered:
             return self.catalogue("broken_before_answer")
-        if failure in _GAVE_UP and composer.rendered:
-            return self.catalogue("rejected_midway")
+        if failure in _MIDWAY_MESSAGES and composer.rendered:
+            return self.catalogue(_MIDWAY_MESSAGES[failure])
         return self.catalogue(_FAILURE_MESSAGES[failure])
 
     async def _handle(self, entry: Entry, lock: str, event: Event) -> ErrorKind | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Container, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import replace
 from typing import Any, Protocol
@@ -12,8 +12,16 @@ from typing import Any, Protocol
 import structlog
 
 from bridge.config import ConfigError, Settings, env_name
-from bridge.events import ConversationRef, Done, ErrorKind, Event, UpstreamError, Usage
-from bridge.http import UpstreamBroken, UpstreamFailure, UpstreamHTTP, UpstreamProtocolError
+from bridge.events import ConversationRef, Done, Event, UpstreamError, Usage
+from bridge.http import (
+    UpstreamBroken,
+    UpstreamFailure,
+    UpstreamHTTP,
+    UpstreamProtocolError,
+    failure_of,
+    http_status,
+    reported_kind,
+)
 from bridge.interfaces import Turn
 from bridge.logging import clip
 from bridge.sse import SSEEvent
@@ -22,14 +30,17 @@ __all__ = [
     "ConversationGone",
     "ConversationIds",
     "StreamParser",
+    "as_failure",
     "as_id",
     "as_int",
     "bearer",
+    "body_failure",
     "is_done",
+    "is_error_report",
     "json_object",
     "recover_gone_conversation",
-    "rejected",
     "relay",
+    "reported_error",
     "request_stop",
     "require",
     "usage_from",
@@ -40,6 +51,7 @@ log = structlog.get_logger(__name__)
 STOP_TIMEOUT_S = 5.0  # how long a stop request may hold up the end of a stopped turn
 _SHOWN_CHARS = 300  # how much of an upstream's payload goes into a log message
 _ENDS = (Done, UpstreamError)
+_SUCCESS_CODES = (0, 200, "0", "200", "", None, "success")
 # What a parser raises on a message whose JSON holds other types than it reads.
 _UNEXPECTED_SHAPE = (AttributeError, LookupError, TypeError, ValueError)
 
@@ -176,13 +188,59 @@ def usage_from(
     )
 
 
-def rejected(upstream: str, data: Mapping[str, Any] | None) -> UpstreamError:
-    """An error the upstream reported itself, from its `code`/`status` and `message`/`msg`."""
+def reported_error(
+    upstream: str, data: Mapping[str, Any] | None, *, plain_statuses: Container[int] = ()
+) -> UpstreamError:
+    """An error the upstream reported itself (`{"code"|"status", "type", "message"|"msg"}`,
+    or OpenAI's `{"error": {…}}`), of the kind its words say, else the HTTP status it states
+    (`status`, or a `code` that is one; those in `plain_statuses` say only "an error"), else
+    a rejection of the question."""
     data = data or {}
-    code = data.get("code", data.get("status", ""))
+    inner = data.get("error")
+    if isinstance(inner, Mapping):
+        data = inner
+    code = data.get("code", data.get("status"))
     text = data.get("message") or data.get("msg") or data.get("error") or "no message"
+    status = http_status(data.get("status")) or http_status(data.get("code"))
+    if status in plain_statuses:
+        status = None
+    label = f"{upstream} error" if code in (None, "") else f"{upstream} error {code}"
     return UpstreamError(
-        kind=ErrorKind.REJECTED, message=f"{upstream} error {code}: {clip(str(text), _SHOWN_CHARS)}"
+        kind=reported_kind(status, code, data.get("type"), text),
+        message=f"{label}: {clip(str(text), _SHOWN_CHARS)}",
+    )
+
+
+def as_failure(error: UpstreamError) -> UpstreamFailure:
+    """An error event of the upstream's, as the typed error it is before the first byte."""
+    return failure_of(error.kind, error.message)
+
+
+def body_failure(
+    upstream: str, status: int, text: str, *, plain_statuses: Container[int] = ()
+) -> UpstreamFailure:
+    """What a JSON answer in place of the stream reports (`http.NotAStream`): its error, of
+    its kind (an overload is retried, refused credentials are an auth error); a body that
+    reports none is a protocol error."""
+    try:
+        data = json_object(text, upstream=upstream)
+    except UpstreamProtocolError:
+        data = {}
+    if not is_error_report(data):
+        return UpstreamProtocolError(
+            f"{upstream}: expected text/event-stream, got HTTP {status}: "
+            f"{clip(text, _SHOWN_CHARS)}"
+        )
+    return as_failure(reported_error(upstream, data, plain_statuses=plain_statuses))
+
+
+def is_error_report(data: Mapping[str, Any]) -> bool:
+    """Whether a JSON object reports an error: an `error`, an error `status`, or a `code`
+    other than the usual ones of success."""
+    return (
+        bool(data.get("error"))
+        or http_status(data.get("status")) is not None
+        or data.get("code", 0) not in _SUCCESS_CODES
     )
 
 

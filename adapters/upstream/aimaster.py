@@ -12,61 +12,61 @@ Decisions the notes leave open:
   agent included; the renderer decides which to show.
 - Each agent reports its own *cumulative* `usage` on every chunk, so the turn's usage is the
   sum of each agent's last report, sent once just before `Done`.
-- The backend is RuoYi-style: an error may come as HTTP 200 with a JSON body
-  `{"code": 401, "msg": …}` instead of a stream, or as such an object inside the stream;
-  the `code` is mapped (and, a 429 or 5xx, retried) like an HTTP status, and an in-stream
-  one becomes an `UpstreamError`.
+- The backend is RuoYi-style (the notes' `/dev-api/` prefix is RuoYi-Vue's): an error may
+  come as HTTP 200 with a JSON body `{"code": 401, "msg": …}` instead of a stream, or as
+  such an object inside the stream; the `code` is read like an HTTP status (and, a 429 or
+  another 5xx, retried), and an in-stream one becomes an `UpstreamError`. But `code: 500`
+  is RuoYi's answer to every exception of the app (a wrong scenario id, a failed check, a
+  model call that failed): asking again gets the same answer, after the whole retry
+  schedule. So it is read only for its words ("系统繁忙" is an overload, and retried), and
+  is a rejection of the question otherwise.
 """
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from typing import Any
 
-from adapters.upstream._common import is_done, json_object, relay, require
+from adapters.upstream._common import (
+    body_failure,
+    is_done,
+    is_error_report,
+    json_object,
+    relay,
+    reported_error,
+    require,
+)
 from adapters.upstream.openai import parse_chunk
 from bridge.config import Settings
 from bridge.events import (
     AgentSwitch,
     ConversationRef,
     Done,
-    ErrorKind,
     Event,
     UpstreamError,
     Usage,
 )
-from bridge.http import (
-    UpstreamFailure,
-    UpstreamHTTP,
-    UpstreamProtocolError,
-    UpstreamRejected,
-    error_for_status,
-    iter_sse,
-)
+from bridge.http import UpstreamFailure, UpstreamHTTP, iter_sse
 from bridge.interfaces import KeyValue, Turn
-from bridge.logging import clip
 from bridge.sse import SSEEvent
 
 __all__ = ["AimasterParser", "AimasterUpstream", "create", "error_of"]
 
+NAME = "aimaster"
 API_PATH = "/aimaster/scenario/open/api"
+_RUOYI_ERROR = frozenset({500})  # `AjaxResult.error()`: "an error", whatever went wrong
 _USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
-def error_of(payload: Mapping[str, Any]) -> str | None:
+def error_of(payload: Mapping[str, Any]) -> UpstreamError | None:
     """The error an answer object reports instead of a chunk, if any."""
-    error = payload.get("error")
-    if error:
-        if isinstance(error, Mapping):
-            return str(error.get("message") or error)
-        return str(error)
-    code = payload.get("code")
-    if "choices" not in payload and code is not None and code not in (0, 200, "0", "200"):
-        return f"code {code}: {payload.get('msg') or payload.get('message') or ''}"
-    return None
+    if "choices" in payload and not payload.get("error"):
+        return None
+    if not is_error_report(payload):
+        return None
+    return reported_error(NAME, payload, plain_statuses=_RUOYI_ERROR)
 
 
 class AimasterParser:
@@ -82,13 +82,13 @@ class AimasterParser:
             self.finished = True
             usage = self.usage()
             return [usage, Done()] if usage is not None else [Done()]
-        return self.feed_chunk(json_object(message.data, upstream="aimaster"))
+        return self.feed_chunk(json_object(message.data, upstream=NAME))
 
     def feed_chunk(self, chunk: Mapping[str, Any]) -> list[Event]:
         error = error_of(chunk)
         if error is not None:
             self.finished = True
-            return [UpstreamError(ErrorKind.REJECTED, error)]
+            return [error]
         events: list[Event] = []
         agent_key = chunk.get("agent_id") or chunk.get("agent_name")
         if isinstance(agent_key, str) and agent_key and agent_key != self._agent:
@@ -114,7 +114,7 @@ class AimasterParser:
 
 
 class AimasterUpstream:
-    name = "aimaster"
+    name = NAME
     keeps_history = True
 
     def __init__(
@@ -162,19 +162,9 @@ class AimasterUpstream:
 
 def error_from_body(status: int, text: str) -> UpstreamFailure:
     """A typed error for a non-stream answer (RuoYi's `{"code", "msg"}` on HTTP 200); read
-    before the first streamed byte, a 429 or 5xx `code` is retried as that status is."""
-    try:
-        payload = json.loads(text)
-    except json.JSONDecodeError:
-        payload = None
-    if isinstance(payload, dict):
-        code = payload.get("code")
-        message = str(payload.get("msg") or payload.get("message") or text)
-        if isinstance(code, int) and 400 <= code < 600:
-            return error_for_status(code, message, {})
-        if error_of(payload) is not None:
-            return UpstreamRejected(f"HTTP {status}: {clip(text, 300)}")
-    return UpstreamProtocolError(f"expected text/event-stream, got: {clip(text, 300)}")
+    before the first streamed byte, a 429 or 5xx `code` (but 500) is retried as that status
+    is."""
+    return body_failure(NAME, status, text, plain_statuses=_RUOYI_ERROR)
 
 
 def create(settings: Settings, http: UpstreamHTTP, kv: KeyValue) -> AimasterUpstream:

@@ -39,16 +39,19 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
-from contextlib import aclosing
+from contextlib import AsyncExitStack, aclosing
+from functools import partial
 from typing import Any
 
 import aiohttp
 import structlog
 
 from adapters.upstream._common import (
+    as_failure,
     is_done,
     recover_gone_conversation,
     relay,
+    reported_error,
     request_stop,
     require,
 )
@@ -56,7 +59,6 @@ from bridge.config import Settings
 from bridge.events import (
     ConversationRef,
     Done,
-    ErrorKind,
     Event,
     TextDelta,
     TextReplace,
@@ -68,7 +70,6 @@ from bridge.http import (
     UpstreamHTTP,
     UpstreamNotFound,
     UpstreamProtocolError,
-    UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
     error_for_status,
@@ -84,6 +85,7 @@ __all__ = ["ChatGPTParser", "ChatGPTWebUpstream", "create", "frame_payloads"]
 
 log = structlog.get_logger(__name__)
 
+NAME = "chatgpt-web"
 SOCKET_CLOSE_TIMEOUT_S = 2.0
 _TEXT_CONTENT_TYPES = ("text", "multimodal_text")
 _NORMAL_CLOSE_CODES = (aiohttp.WSCloseCode.OK, aiohttp.WSCloseCode.GOING_AWAY)
@@ -123,10 +125,9 @@ class ChatGPTParser:
         if isinstance(conversation_id, str) and conversation_id:
             self.conversation_id = conversation_id
         message = payload.get("message")
-        error = payload.get("error")
-        if error and not isinstance(message, Mapping):
+        if payload.get("error") and not isinstance(message, Mapping):
             self.finished = True
-            return [*self._ref(), UpstreamError(ErrorKind.REJECTED, _error_text(error))]
+            return [*self._ref(), reported_error(NAME, payload)]
         if isinstance(message, Mapping) and _is_answer(message):
             events.extend(self._message(message))
         events[:0] = self._ref()
@@ -183,12 +184,6 @@ def _text_of(message: Mapping[str, Any]) -> str:
     return "".join(part for part in parts if isinstance(part, str))
 
 
-def _error_text(error: Any) -> str:
-    if isinstance(error, Mapping):
-        return str(error.get("message") or error.get("code") or error)
-    return str(error)
-
-
 def frame_payloads(frame: str, decoder: SSEDecoder, websocket_request_id: str) -> list[str]:
     """The `data` payloads of one WebSocket text frame.
 
@@ -213,7 +208,7 @@ def frame_payloads(frame: str, decoder: SSEDecoder, websocket_request_id: str) -
 
 
 class ChatGPTWebUpstream:
-    name = "chatgpt-web"
+    name = NAME
     keeps_history = True
 
     def __init__(
@@ -262,18 +257,18 @@ class ChatGPTWebUpstream:
         message_id, request_id = self._new_id(), self._new_id()
         parser = ChatGPTParser(message_id, (turn.conversation or {}).get("conversation_id"))
         accepted = False
-        url = f"{self._base}/conversation"
         body = self._body(turn, message_id, request_id)
         try:
-            async with self._http.open("POST", url, json=body, headers=self._headers) as resp:
+            async with AsyncExitStack() as stack:
+                answer = await self._http.retried(partial(self._ask, stack, body))
                 accepted = True
-                if resp.content_type.startswith("text/event-stream"):
-                    events = relay(iter_sse(resp), parser, upstream=self.name)
+                if isinstance(answer, aiohttp.ClientResponse):
+                    events = relay(iter_sse(answer), parser, upstream=self.name)
                     async with aclosing(events):
                         async for event in events:
                             yield event
                     return
-                hub = _hub_answer(await read_text(resp))
+            hub = answer
             for event in parser.feed_payload(hub):
                 yield event
             async with aclosing(self._read_socket(hub, parser, request_id)) as events:
@@ -282,6 +277,23 @@ class ChatGPTWebUpstream:
         finally:
             if accepted and not parser.finished:
                 await self._stop(request_id)
+
+    async def _ask(
+        self, stack: AsyncExitStack, body: Mapping[str, Any]
+    ) -> aiohttp.ClientResponse | dict[str, Any]:
+        """One try of the question: its event stream (left open on `stack`), or the JSON
+        answer naming the socket. An error that answer reports is raised: the caller retries
+        those of the retried kinds (an overload), as it does the statuses."""
+        url = f"{self._base}/conversation"
+        async with AsyncExitStack() as attempt:
+            response = await attempt.enter_async_context(
+                self._http.open("POST", url, json=body, headers=self._headers, retry=False)
+            )
+            if response.content_type.startswith("text/event-stream"):
+                stack.push_async_exit(attempt.pop_all())
+                return response
+            text = await read_text(response)
+        return _hub_answer(text)
 
     async def _read_socket(
         self, hub: Mapping[str, Any], parser: ChatGPTParser, request_id: str
@@ -380,8 +392,9 @@ def _hub_answer(text: str) -> dict[str, Any]:
         raise UpstreamProtocolError(f"unexpected answer: {clip(text, 300)}")
     if not payload.get("wss_url") and not payload.get("fallback_wss_url"):
         detail = payload.get("detail") or payload.get("error")
-        if detail:
-            raise UpstreamRejected(f"rejected: {clip(str(detail), 300)}")
+        if detail:  # `{"detail": "Too many requests…"}`, `{"detail": {"code": "token_expired"…}}`
+            report = detail if isinstance(detail, Mapping) else {"message": detail}
+            raise as_failure(reported_error(NAME, report))
         raise UpstreamProtocolError(f"answer names no wss_url: {clip(text, 300)}")
     return payload
 

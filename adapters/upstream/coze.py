@@ -10,13 +10,14 @@ from urllib.parse import quote
 
 from adapters.upstream._common import (
     ConversationIds,
+    as_failure,
     as_id,
     as_int,
     bearer,
     json_object,
     recover_gone_conversation,
-    rejected,
     relay,
+    reported_error,
     require,
     usage_from,
 )
@@ -30,27 +31,22 @@ from bridge.events import (
     TextDelta,
     UpstreamError,
 )
-from bridge.http import (
-    UpstreamAuthError,
-    UpstreamFailure,
-    UpstreamHTTP,
-    UpstreamProtocolError,
-    UpstreamRateLimited,
-    UpstreamRejected,
-    iter_sse,
-)
+from bridge.http import UpstreamFailure, UpstreamHTTP, UpstreamProtocolError, iter_sse
 from bridge.interfaces import KeyValue, Turn
-from bridge.logging import clip
 from bridge.sse import SSEEvent
 
-__all__ = ["CozeParser", "CozeUpstream", "api_error", "create"]
+__all__ = ["CozeParser", "CozeUpstream", "api_error", "coze_error", "create"]
 
 NAME = "coze"
 ANSWER_SEPARATOR = "\n\n"  # several answer messages of one chat are joined with a blank line
 # Coze's own error codes (its public error-code table): token invalid / lacking permission,
-# and request rate exceeded.
-_AUTH_CODES = frozenset({4100, 4101})
-_RATE_LIMIT_CODES = frozenset({4013})
+# request rate exceeded, internal server error. Other codes: what the message says.
+_KIND_OF_CODE = {
+    4100: ErrorKind.AUTH,
+    4101: ErrorKind.AUTH,
+    4013: ErrorKind.RATE_LIMITED,
+    5000: ErrorKind.UNAVAILABLE,
+}
 # "Requested resource … does not exist" (the same table), naming what is missing: a stored
 # conversation deleted or not the bot's, or the bot itself (`Requested resource
 # bot_id=7496… does not exist.`, as coze-dev/coze-java#92 quotes it).
@@ -80,7 +76,7 @@ class CozeParser:
             "conversation.chat.completed": _on_chat_completed,
             "conversation.chat.failed": _on_chat_failed,
             "conversation.chat.requires_action": _on_requires_action,
-            "error": lambda payload: [rejected(NAME, payload)],
+            "error": lambda payload: [coze_error(payload)],
         }
 
     def feed(self, message: SSEEvent) -> list[Event]:
@@ -142,7 +138,7 @@ def _on_chat_completed(chat: Mapping[str, Any]) -> list[Event]:
 
 def _on_chat_failed(chat: Mapping[str, Any]) -> list[Event]:
     last_error = chat.get("last_error")
-    return [rejected(NAME, last_error if isinstance(last_error, Mapping) else None)]
+    return [coze_error(last_error if isinstance(last_error, Mapping) else None)]
 
 
 def _on_requires_action(chat: Mapping[str, Any]) -> list[Event]:
@@ -150,17 +146,23 @@ def _on_requires_action(chat: Mapping[str, Any]) -> list[Event]:
     return [UpstreamError(kind=ErrorKind.REJECTED, message=message)]
 
 
+def coze_error(data: Mapping[str, Any] | None) -> UpstreamError:
+    """An error Coze reports (`{"code", "msg"}`: an `error` event, a failed chat's
+    `last_error`, a body): of the kind its message says, as for every upstream (a 5000
+    saying "model is overloaded" is an overload), else of its code's kind where the code is
+    known, else a rejection."""
+    error = reported_error(NAME, data)
+    kind = _KIND_OF_CODE.get(as_int((data or {}).get("code")) or 0)
+    if kind is None or error.kind is not ErrorKind.REJECTED:
+        return error
+    return UpstreamError(kind, error.message)
+
+
 def api_error(data: Mapping[str, Any]) -> UpstreamFailure:
     """The failure in a `{"code": …, "msg": …}` body, which Coze sends instead of a stream."""
-    code = as_int(data.get("code"))
-    if not code:
+    if not as_int(data.get("code")):
         return UpstreamProtocolError("coze answered JSON without an error code, not a stream")
-    detail = f"coze error {code}: {clip(str(data.get('msg', '')), 300)}"
-    if code in _AUTH_CODES:
-        return UpstreamAuthError(detail)
-    if code in _RATE_LIMIT_CODES:
-        return UpstreamRateLimited(detail)
-    return UpstreamRejected(detail)
+    return as_failure(coze_error(data))
 
 
 def _conversation_gone(failure: UpstreamFailure | UpstreamError) -> bool:

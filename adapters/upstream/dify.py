@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -16,10 +17,11 @@ from adapters.upstream._common import (
     ConversationIds,
     as_id,
     bearer,
+    body_failure,
     json_object,
     recover_gone_conversation,
-    rejected,
     relay,
+    reported_error,
     request_stop,
     require,
     usage_from,
@@ -69,7 +71,7 @@ class DifyParser:
         if kind == "message_end":
             return [*_usage(payload), Done()]
         if kind == "error":
-            return [rejected(NAME, payload)]
+            return [reported_error(NAME, payload)]
         return []
 
 
@@ -131,7 +133,8 @@ class DifyUpstream:
         try:
             async with (
                 self._http.open(
-                    "POST", self._url, json=body, headers=self._headers, expect_sse=True
+                    "POST", self._url, json=body, headers=self._headers,
+                    not_a_stream=partial(body_failure, NAME),
                 ) as response,
                 aclosing(relay(iter_sse(response), parser, upstream=NAME)) as events,
             ):

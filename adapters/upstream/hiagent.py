@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from http.cookies import Morsel
 from typing import Any
 
@@ -22,9 +23,10 @@ from yarl import URL
 
 from adapters.upstream._common import (
     ConversationIds,
+    body_failure,
     json_object,
-    rejected,
     relay,
+    reported_error,
     require,
     usage_from,
 )
@@ -114,7 +116,7 @@ class HiAgentParser:
         elif kind == "message_end":
             events.append(Done())
         elif kind in _FAILURES:
-            events.append(rejected(NAME, inner))
+            events.append(reported_error(NAME, inner))
         return events
 
 
@@ -254,9 +256,10 @@ class HiAgentUpstream:
             "Origin": self._origin,
             "Referer": self._page_url,
         }
+        not_a_stream = partial(body_failure, NAME) if stream else None
         request = self._http.open(
             "POST", f"{self._api_url}/{path}", json=body, headers=headers,
-            cookies=dict(csrf.cookies), expect_sse=stream,
+            cookies=dict(csrf.cookies), not_a_stream=not_a_stream,
         )
         return await stack.enter_async_context(request)
 

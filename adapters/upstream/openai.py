@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from functools import partial
 from typing import Any
 
 import orjson
 
-from adapters.upstream._common import bearer, is_done, json_object, relay, require
+from adapters.upstream._common import (
+    bearer,
+    body_failure,
+    is_done,
+    json_object,
+    relay,
+    reported_error,
+    require,
+)
 from bridge.config import Settings
-from bridge.events import Done, ErrorKind, Event, ReasoningDelta, TextDelta, UpstreamError, Usage
+from bridge.events import Done, Event, ReasoningDelta, TextDelta, UpstreamError, Usage
 from bridge.http import UpstreamHTTP
 from bridge.interfaces import KeyValue, Turn
-from bridge.logging import clip
 from bridge.sse import SSEEvent
 
 __all__ = [
@@ -23,6 +31,8 @@ __all__ = [
     "parse_chunk",
     "stream_error",
 ]
+
+NAME = "openai"
 
 
 def parse_chunk(chunk: Mapping[str, Any]) -> list[Event]:
@@ -61,18 +71,17 @@ def chunk_object(data: str) -> dict[str, Any]:
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return json_object(data, upstream="openai")
-    return value if isinstance(value, dict) else json_object(data, upstream="openai")
+        return json_object(data, upstream=NAME)
+    return value if isinstance(value, dict) else json_object(data, upstream=NAME)
 
 
 def stream_error(chunk: Mapping[str, Any]) -> UpstreamError | None:
     """The failure a server reports inside a 200 stream, as `{"error": {...}}` in place of a
-    chunk (OpenAI, vLLM, LiteLLM; vLLM still ends the stream with `[DONE]` after it)."""
-    error = chunk.get("error")
-    if not error:  # (absent, or `null` alongside a chunk)
+    chunk (OpenAI, vLLM, LiteLLM; vLLM still ends the stream with `[DONE]` after it), of the
+    kind its `type`, `code` and message say (an overload is no rejection of the question)."""
+    if not chunk.get("error"):  # (absent, or `null` alongside a chunk)
         return None
-    text = (error.get("message") or error) if isinstance(error, Mapping) else error
-    return UpstreamError(ErrorKind.REJECTED, f"openai error in stream: {clip(str(text), 300)}")
+    return reported_error(NAME, chunk)
 
 
 class OpenAIParser:
@@ -101,7 +110,7 @@ def user_content(turn: Turn) -> str | list[dict[str, Any]]:
 
 
 class OpenAIUpstream:
-    name = "openai"
+    name = NAME
     keeps_history = False
 
     def __init__(self, settings: Settings, http: UpstreamHTTP) -> None:
@@ -132,7 +141,10 @@ class OpenAIUpstream:
         return body
 
     def stream(self, turn: Turn) -> AsyncIterator[Event]:
-        sse = self._http.sse("POST", self._url, json=self._body(turn), headers=self._headers)
+        sse = self._http.sse(
+            "POST", self._url, json=self._body(turn), headers=self._headers,
+            not_a_stream=partial(body_failure, NAME),
+        )
         return relay(sse, OpenAIParser(), upstream=self.name)
 
     async def reset(self, conversation: Mapping[str, str], chat_session_id: str) -> None:

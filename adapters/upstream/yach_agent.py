@@ -18,11 +18,14 @@ Decisions the notes leave open:
   stream end the turn as an upstream error; media/tool frames (`image`, `file`, `card`, …)
   are not answer text; every other type with string content is answer text.
 - An invalid token is refreshed once: on the POST when it answers HTTP 401/403 or a
-  `code`/`msg` saying the token is invalid, on the stream read when it answers such a JSON
-  object instead of a stream (an HTTP 401/403 there, just after the POST accepted the same
-  token, is reported as it is). The token comes from `YachAPI`; the calls themselves go
-  through the shared `UpstreamHTTP`, so they get its retries and typed errors. A rate-limit
-  `code` in an answer body is reported, not retried.
+  `code`/`msg` saying the token is invalid (a `code` 401 or 403 does), on the stream read
+  when it answers such a JSON object instead of a stream (an HTTP 401/403 there, just after
+  the POST accepted the same token, is reported as it is). The token comes from `YachAPI`;
+  the calls themselves go through the shared `UpstreamHTTP`, so they get its retries and
+  typed errors.
+- The notes call any `code` but 200 unsuccessful and list none. One that is an HTTP status
+  (429, 5xx) is read as that status, and retried as it is, before the first byte; one that
+  is the platform's own (`40014`, `50010`) by what its `msg` says, else it is a rejection.
 """
 
 from __future__ import annotations
@@ -31,17 +34,19 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import aclosing
+from contextlib import AsyncExitStack, aclosing
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
-from adapters.upstream._common import is_done, json_object, relay, require
+import aiohttp
+
+from adapters.upstream._common import is_done, json_object, relay, reported_error, require
 from adapters.yach_api import YachAPI, YachAPIError, check_answer
 from bridge.config import Settings
 from bridge.events import (
     ConversationRef,
     Done,
-    ErrorKind,
     Event,
     ReasoningDelta,
     TextDelta,
@@ -53,10 +58,11 @@ from bridge.http import (
     UpstreamHTTP,
     UpstreamProtocolError,
     UpstreamRateLimited,
-    UpstreamRejected,
     UpstreamUnavailable,
+    failure_of,
+    http_status,
     iter_sse,
-    read_text,
+    reported_kind,
 )
 from bridge.interfaces import KeyValue, Turn
 from bridge.logging import clip
@@ -64,6 +70,7 @@ from bridge.sse import SSEEvent
 
 __all__ = ["YachAgentParser", "YachAgentUpstream", "create", "image_text_query"]
 
+NAME = "yach-agent"
 CHAT_PATH = "/openapi/v2/agent/chat"
 DEFAULT_STREAM_PATH = CHAT_PATH + "?stream_id={stream_id}&stream_version=v2"
 _REASONING_TYPES = frozenset({"think", "thinking", "reasoning"})
@@ -72,6 +79,7 @@ _NON_TEXT_TYPES = frozenset(
 )
 _ERROR_FINISH_REASONS = frozenset({"error", "failed", "fail"})
 _TRUE = (True, "true", 1)
+_STREAM_HEADERS = {"Accept": "text/event-stream"}
 
 
 def image_text_query(text: str, image_urls: list[str]) -> str:
@@ -90,7 +98,7 @@ class YachAgentParser:
         if is_done(message.data):
             self.finished = True
             return [Done()]
-        return self.feed_frame(json_object(message.data, upstream="yach-agent"))
+        return self.feed_frame(json_object(message.data, upstream=NAME))
 
     def feed_frame(self, frame: Mapping[str, Any]) -> list[Event]:
         content = frame.get("content")
@@ -103,7 +111,8 @@ class YachAgentParser:
         error = _frame_error(frame, kind, text)
         if error is not None:
             self.finished = True
-            return [UpstreamError(ErrorKind.REJECTED, error)]
+            status = http_status(frame.get("code"))
+            return [UpstreamError(reported_kind(status, error), error)]
         events: list[Event] = []
         if text and kind in _REASONING_TYPES:
             events.append(ReasoningDelta(text))
@@ -136,17 +145,31 @@ def _token_failure(exc: YachAPIError) -> UpstreamFailure:
     return UpstreamAuthError(f"gettoken: {exc.reason}")
 
 
-def _answer_failure(exc: YachAPIError) -> UpstreamFailure:
+def _answer_failure(exc: YachAPIError, payload: object) -> UpstreamFailure:
     """What an unsuccessful `{"code", "msg"}` answer means for the turn."""
     if exc.rate_limited:
         return UpstreamRateLimited(exc.reason, retry_after=exc.retry_after)
     if exc.invalid_token:
         return UpstreamAuthError(exc.reason)
-    return UpstreamRejected(exc.reason)
+    report = payload if isinstance(payload, Mapping) else None
+    return failure_of(reported_error(NAME, report).kind, exc.reason)
+
+
+def _not_a_stream(status: int, text: str) -> UpstreamFailure:
+    """Why the stream read answered something other than a stream: the failure its JSON
+    reports (an invalid token, an overload: retried), else a protocol error."""
+    try:
+        payload = json.loads(text)
+        check_answer(status, payload, {})
+    except json.JSONDecodeError:
+        pass
+    except YachAPIError as exc:
+        return _answer_failure(exc, payload)
+    return UpstreamProtocolError(f"expected text/event-stream, got: {clip(text, 300)}")
 
 
 class YachAgentUpstream:
-    name = "yach-agent"
+    name = NAME
     keeps_history = True
 
     def __init__(
@@ -186,20 +209,12 @@ class YachAgentUpstream:
         if chat_session_id:
             yield ConversationRef({"chat_session_id": str(chat_session_id)})
         url, params = self._stream_location(str(started["stream_id"]))
-        headers = {"Accept": "text/event-stream"}
-        for fresh in (False, True):
-            params["access_token"] = await self._token(refused=params.get("access_token"))
-            async with self._http.open("GET", url, params=params, headers=headers) as resp:
-                if not resp.content_type.startswith("text/event-stream"):
-                    failure = _body_failure(resp.status, await read_text(resp))
-                    if isinstance(failure, YachAPIError) and failure.invalid_token and not fresh:
-                        continue
-                    raise _as_upstream_failure(failure)
-                events = relay(iter_sse(resp), YachAgentParser(), upstream=self.name)
-                async with aclosing(events):
-                    async for event in events:
-                        yield event
-                return
+        async with AsyncExitStack() as stack:
+            response = await self._read(stack, url, params)
+            events = relay(iter_sse(response), YachAgentParser(), upstream=self.name)
+            async with aclosing(events):
+                async for event in events:
+                    yield event
 
     async def _start(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
         """POST the question; the answer's `obj` (`stream_id`, `chat_session_id`)."""
@@ -207,22 +222,45 @@ class YachAgentUpstream:
         for fresh in (False, True):
             token = await self._token(refused=token)
             try:
-                payload = await self._http.json(
-                    "POST", self._chat_url, json={"access_token": token, **body}
-                )
-                answer = check_answer(200, payload, {})
+                answer = await self._http.retried(partial(self._ask, token, body))
             except UpstreamAuthError:
                 if fresh:
                     raise
                 continue
-            except YachAPIError as exc:
-                if exc.invalid_token and not fresh:
-                    continue
-                raise _answer_failure(exc) from exc
             obj = answer.get("obj")
             if not isinstance(obj, dict) or not obj.get("stream_id"):
                 raise UpstreamProtocolError(f"answer without stream_id: {clip(str(answer), 300)}")
             return obj
+        raise AssertionError("unreachable")
+
+    async def _ask(self, token: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        """One try of the POST: its successful answer, else the failure it reports, raised
+        (the caller retries those of the retried kinds, as it does the statuses)."""
+        payload = await self._http.json(
+            "POST", self._chat_url, json={"access_token": token, **body}, retry=False
+        )
+        try:
+            answer: Mapping[str, Any] = check_answer(200, payload, {})
+        except YachAPIError as exc:
+            raise _answer_failure(exc, payload) from exc
+        return answer
+
+    async def _read(
+        self, stack: AsyncExitStack, url: str, params: dict[str, str]
+    ) -> aiohttp.ClientResponse:
+        """The answer's event stream, left open on `stack`; a token the read's JSON answer
+        calls invalid is replaced once (an HTTP 401/403 there, just after the POST accepted
+        the same token, is reported as it is)."""
+        for fresh in (False, True):
+            params["access_token"] = await self._token(refused=params.get("access_token"))
+            read = self._http.open(
+                "GET", url, params=params, headers=_STREAM_HEADERS, not_a_stream=_not_a_stream
+            )
+            try:
+                return await stack.enter_async_context(read)
+            except UpstreamAuthError as exc:
+                if fresh or exc.status is not None:
+                    raise
         raise AssertionError("unreachable")
 
     async def _token(self, *, refused: str | None) -> str:
@@ -247,23 +285,6 @@ class YachAgentUpstream:
 
     async def aclose(self) -> None:
         """The shared HTTP session is closed by its owner."""
-
-
-def _body_failure(status: int, text: str) -> YachAPIError | UpstreamFailure:
-    """Why the stream read answered something other than a stream."""
-    try:
-        payload = json.loads(text)
-    except json.JSONDecodeError:
-        return UpstreamProtocolError(f"expected text/event-stream, got: {clip(text, 300)}")
-    try:
-        check_answer(status, payload, {})
-    except YachAPIError as exc:
-        return exc
-    return UpstreamProtocolError(f"expected text/event-stream, got: {clip(text, 300)}")
-
-
-def _as_upstream_failure(failure: YachAPIError | UpstreamFailure) -> UpstreamFailure:
-    return _answer_failure(failure) if isinstance(failure, YachAPIError) else failure
 
 
 def create(settings: Settings, http: UpstreamHTTP, kv: KeyValue) -> YachAgentUpstream:

@@ -90,8 +90,9 @@ class Case:
     fake: Callable[[], ScriptedFake]
     path: str  # where the request a turn starts with goes (POST) …
     start: Callable[[Any], Script]  # … and its script: statuses go there
-    # Its own ways of failing inside a 200 stream: name → (stream, the text shown before it).
-    failing: dict[str, tuple[bytes, str]]
+    # Its own ways of failing inside a 200 stream: name → (stream, the text shown before it,
+    # the kind of failure it reports).
+    failing: dict[str, tuple[bytes, str, str]]
     empty: bytes  # a stream that ends well without answer text
     bad_json: bytes = _DATA_BAD_JSON  # one message of its framing whose JSON is torn
     auth_tries: int = 1  # 2 where refused credentials are fetched again once
@@ -122,11 +123,22 @@ class Case:
 CASES = {
     "openai": Case(
         openai.ScriptedOpenAI, "/v1/chat/completions", lambda fake: fake.script,
-        failing={"error-object": (sse_payloads([
-            _openai_chunk("Partial answer."),
-            {"error": {"message": "The server had an error", "type": "server_error"}},
-            "[DONE]",
-        ]), "Partial answer.")},
+        failing={
+            "error-object": (sse_payloads([
+                _openai_chunk("Partial answer."),
+                {"error": {"message": "The server had an error", "type": "server_error"}},
+                "[DONE]",
+            ]), "Partial answer.", "unavailable"),
+            "rate-limit": (sse_payloads([
+                {"error": {"message": "Rate limit reached for gpt-4o", "type": "requests",
+                           "code": "rate_limit_exceeded"}},
+                "[DONE]",
+            ]), "", "rate_limited"),
+            "invalid": (sse_payloads([
+                _openai_chunk("Partial answer."),
+                {"error": {"message": "Invalid prompt", "type": "invalid_request_error"}},
+            ]), "Partial answer.", "rejected"),
+        },
         empty=openai.chunks_for(""),
     ),
     "hiagent": Case(
@@ -136,12 +148,18 @@ CASES = {
                 hiagent.message("Open"), hiagent.message("Stack"),
                 {"event": "error", "code": 500, "message": "model overloaded",
                  "conversation_id": hiagent.FIXTURE_CONVERSATION_ID},
-            ]), "OpenStack"),
+            ]), "OpenStack", "rate_limited"),
             "message_failed": (hiagent.nested_stream([
                 hiagent.message("Open"),
                 {"event": "message_failed", "task_id": "t1", "id": "t1", "error": "LLM timeout",
                  "conversation_id": hiagent.FIXTURE_CONVERSATION_ID},
-            ]), "Open"),
+            ]), "Open", "timeout"),
+            "message_failed-plain": (hiagent.nested_stream([
+                hiagent.message("Open"),
+                {"event": "message_failed", "task_id": "t1", "id": "t1",
+                 "error": "content violates the policy",
+                 "conversation_id": hiagent.FIXTURE_CONVERSATION_ID},
+            ]), "Open", "rejected"),
         },
         empty=hiagent.nested_stream([{"event": "message_end",
                                       "conversation_id": hiagent.FIXTURE_CONVERSATION_ID}]),
@@ -151,22 +169,27 @@ CASES = {
     "coze": Case(
         coze.CozeFake, "/v3/chat", lambda fake: fake.script,
         failing={
-            "error": ("".join(coze.error_frames()).encode(), "当然知道，"),
-            "chat.failed": ("".join(coze.failed_frames()).encode(), "当然"),
+            "error": ("".join(coze.error_frames()).encode(), "当然知道，", "rejected"),
+            "chat.failed": ("".join(coze.failed_frames()).encode(), "当然", "rate_limited"),
         },
         empty="".join([*coze.chat_frames()[:2], *coze.chat_frames()[-2:]]).encode(),
         bad_json=b'event:conversation.message.delta\ndata:{"type": "answer", "content": "cut\n\n',
     ),
     "dify": Case(
         dify.DifyFake, dify.PATH, lambda fake: fake.script,
-        failing={"error": (dify.render(dify.failing()), dify.PARTS[0])},
+        failing={
+            "error": (dify.render(dify.failing()), dify.PARTS[0], "unavailable"),
+            "error-rate-limit": (dify.render([dify.event(
+                "error", status=400, code="completion_request_error",
+                message="[openai] Rate Limit Error, Error code: 429")]), "", "rate_limited"),
+        },
         empty=dify.render([dify.PING, dify.end()]),
     ),
     "aimaster": Case(
         aimaster.FakeAimaster, aimaster.PATH, lambda fake: fake.script,
         failing={"code": (sse_payloads([
             _aimaster_chunk("部分回答。"), {"code": 500, "msg": "模型调用失败"}, "[DONE]",
-        ]), "部分回答。")},
+        ]), "部分回答。", "rejected")},
         empty=b"data: [DONE]\n\n",
     ),
     "yach-agent": Case(
@@ -174,7 +197,7 @@ CASES = {
         failing={"error-frame": (sse_payloads([
             *yach_agent.answer_frames()[:7],
             yach_agent.frame("error", "智能体调用失败", finished=True, reason="error"),
-        ]), "我是知音楼数字伙伴")},
+        ]), "我是知音楼数字伙伴", "rejected")},
         empty=sse_payloads([yach_agent.frame("markdown", "", finished=True, reason="stop")]),
         auth_tries=2,  # the token is fetched again once
         read_with="GET",
@@ -188,7 +211,7 @@ CASES = {
             _chatgpt_message("当然可以"),
             {"message": None, "conversation_id": chatgpt_web.CONVERSATION_ID,
              "error": "Something went wrong while generating the response."},
-        ]), "当然可以")},
+        ]), "当然可以", "rejected")},
         empty=sse_payloads([_chatgpt_message("", final=True), "[DONE]"]),
     ),
 }
@@ -499,15 +522,24 @@ async def test_the_upstreams_own_error_inside_a_200_stream(
     case: Case, fake: Any, yach: FakeYach, redis_url: str, bot_id: str,
     log_output: io.StringIO, redis_client: object, shape: str,
 ) -> None:
-    data, before = case.failing[shape]
+    """Of the kind it reports: "rephrase" only for a rejection of the question, "busy" or
+    "unavailable, try later" for an overload or an outage. Never asked again (SPEC §6)."""
+    data, before, kind = case.failing[shape]
     fake.script.then(case.serve(fake, data))
     async with chat(fake, yach, redis_url, bot_id, log_output) as bridge:
         shown = await bridge.ask()
-        await assert_told(bridge, case_name(case), "rejected")
+        await assert_told(bridge, case_name(case), kind)
+    assert case.asked(fake) == 1
     # With text shown, the notice also says it is incomplete.
-    notice = "rejected_midway" if before.strip() else "upstream_rejected"
+    notice = (IN_STREAM_MIDWAY if before.strip() else IN_STREAM_NOTICE)[kind]
     assert answer_and_notice(shown, notice).strip() == before.strip()
-    assert_logged_well(bridge, fake, "rejected")
+    assert_logged_well(bridge, fake, kind)
+
+
+IN_STREAM_NOTICE = {"rejected": "upstream_rejected", "rate_limited": "upstream_rate_limited",
+                    "unavailable": "upstream_unavailable", "timeout": "upstream_timeout"}
+IN_STREAM_MIDWAY = {"rejected": "rejected_midway", "rate_limited": "rate_limited_midway",
+                    "unavailable": "unavailable_midway", "timeout": "upstream_timeout"}
 
 
 @pytest.mark.parametrize("what", ["bad-json", "long-line"])
@@ -659,16 +691,30 @@ async def test_a_message_of_an_unexpected_shape_is_unreadable_not_a_crash(
 # -- an error of the retried kinds reported in a 200 JSON body, before the first byte ---------
 
 # Answers that are no stream but a JSON body the adapter reads as an overload or an outage:
-# AI Master's RuoYi-style codes (read like HTTP statuses), Coze's rate-limit code.
+# AI Master's RuoYi-style codes (read like HTTP statuses, but 500: by its words), Coze's
+# rate-limit code, the Yach agent's codes, the error objects of the others.
 BODY_LEVEL_RETRYABLE = [
-    pytest.param("aimaster", {"code": 500, "msg": "系统繁忙"}, "upstream_unavailable",
-                 "unavailable", id="aimaster-500"),
+    pytest.param("aimaster", {"code": 500, "msg": "系统繁忙"}, "upstream_rate_limited",
+                 "rate_limited", id="aimaster-500-busy"),
     pytest.param("aimaster", {"code": 503, "msg": "服务不可用"}, "upstream_unavailable",
                  "unavailable", id="aimaster-503"),
     pytest.param("aimaster", {"code": 429, "msg": "请求过于频繁"}, "upstream_rate_limited",
                  "rate_limited", id="aimaster-429"),
     pytest.param("coze", {"code": 4013, "msg": "Request rate exceeded"}, "upstream_rate_limited",
                  "rate_limited", id="coze-4013"),
+    pytest.param("yach-agent", {"code": 429, "msg": "", "obj": None}, "upstream_rate_limited",
+                 "rate_limited", id="yach-agent-429"),
+    pytest.param("yach-agent", {"code": 503, "msg": "", "obj": None}, "upstream_unavailable",
+                 "unavailable", id="yach-agent-503"),
+    pytest.param("openai", {"error": {"message": "The server had an error",
+                                      "type": "server_error"}},
+                 "upstream_unavailable", "unavailable", id="openai-server-error"),
+    pytest.param("dify", {"code": "too_many_requests", "message": "Too many requests",
+                          "status": 429}, "upstream_rate_limited", "rate_limited", id="dify-429"),
+    pytest.param("hiagent", {"code": 502, "message": "bad gateway"}, "upstream_unavailable",
+                 "unavailable", id="hiagent-502"),
+    pytest.param("chatgpt-web", {"detail": "Too many requests in 1 hour. Try again later."},
+                 "upstream_rate_limited", "rate_limited", id="chatgpt-web-too-many"),
 ]
 
 
@@ -694,3 +740,49 @@ async def test_a_retryable_error_in_a_json_body_is_retried_like_its_status(
     assert again == clean and clean and not set(clean) & set(ZH.values())
     assert asked == 3 and case.asked(fake) == asked + 3  # the retry, then every retry spent
     assert_logged_well(bridge, fake, kind)
+
+
+# -- refused credentials and permanent errors reported in a 200 JSON body -----------------------
+
+REFUSED_IN_BODY = {
+    "openai": {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
+                         "code": "invalid_api_key"}},
+    "hiagent": {"code": 401, "message": "unauthorized"},
+    "coze": {"code": 4100, "msg": "authentication is invalid"},
+    "dify": {"code": "unauthorized", "message": "Access token is invalid", "status": 401},
+    "aimaster": {"code": 401, "msg": "认证失败,无法访问系统资源"},
+    "yach-agent": {"code": 403, "msg": "forbidden", "obj": None},
+    "chatgpt-web": {"detail": {"message": "Your authentication token has expired.",
+                               "code": "token_expired"}},
+}
+
+
+async def test_refused_credentials_in_a_json_body_tell_the_operator_not_to_rephrase(
+    case: Case, fake: Any, yach: FakeYach, redis_url: str, bot_id: str,
+    log_output: io.StringIO, redis_client: object,
+) -> None:
+    """SPEC §8: upstream 401/403 — said in the body of a 200 as well — is the operator's to
+    fix: the auth notice, logged at error level; never retried but for a fresh credential."""
+    body = REFUSED_IN_BODY[case_name(case)]
+    case.start(fake).then(*[status(200, body)] * case.auth_tries)
+    async with chat(fake, yach, redis_url, bot_id, log_output) as bridge:
+        assert await bridge.ask() == [ZH["upstream_auth"]]
+        await assert_told(bridge, case_name(case), "auth")
+    assert case.asked(fake) == case.auth_tries
+    assert_logged_well(bridge, fake, "auth")
+
+
+@pytest.mark.parametrize("case", ["aimaster"], indirect=True)
+async def test_a_permanent_ruoyi_error_is_told_at_once_not_retried(
+    case: Case, fake: Any, yach: FakeYach, redis_url: str, bot_id: str,
+    log_output: io.StringIO, redis_client: object,
+) -> None:
+    """RuoYi's `code: 500` is every exception of the app (here: a scenario that is not
+    there): asking again gets the same, so the notice comes at once, not after the whole
+    retry schedule."""
+    case.start(fake).then(*[status(200, {"code": 500, "msg": "场景不存在"})] * 4)
+    async with chat(fake, yach, redis_url, bot_id, log_output) as bridge:
+        assert await bridge.ask() == [ZH["upstream_rejected"]]
+        await assert_told(bridge, "aimaster", "rejected")
+    assert case.asked(fake) == 1
+    assert_logged_well(bridge, fake, "rejected")

@@ -19,7 +19,7 @@ from bridge.events import (
     UpstreamError,
     Usage,
 )
-from bridge.http import UpstreamAuthError, UpstreamBroken, UpstreamHTTP
+from bridge.http import UpstreamAuthError, UpstreamBroken, UpstreamHTTP, UpstreamRejected
 from bridge.interfaces import Sender, Turn
 from tests.fakes.aimaster import FIXTURE, PARAMS, PATH, SCENARIO, TOKEN, FakeAimaster, recorded
 from tests.fakes.scripted import answer_text, collect, connect, sse_payloads, status
@@ -98,6 +98,26 @@ async def test_ruoyi_style_auth_error_in_a_json_body(
         await collect(connect(http, fake.env()), turn())
 
 
+async def test_ruoyi_error_code_500_is_permanent_not_retried(
+    fake: FakeAimaster, http: UpstreamHTTP
+) -> None:
+    """RuoYi answers every exception of the app (a wrong scenario id, a failed check) as
+    `code: 500`: asking again gets the same answer, after the whole retry schedule."""
+    fake.script.then(*[status(200, {"code": 500, "msg": "场景不存在"})] * 3)
+    with pytest.raises(UpstreamRejected, match="场景不存在"):
+        await collect(connect(http, fake.env()), turn())
+    assert len(fake.server.on(PATH)) == 1
+
+
+async def test_ruoyi_error_code_500_saying_busy_is_retried(
+    fake: FakeAimaster, http: UpstreamHTTP
+) -> None:
+    fake.script.then(status(200, {"code": 500, "msg": "系统繁忙,请稍后再试"}))
+    events = await collect(connect(http, fake.env()), turn())
+    assert answer_text(events) == RECORDED.text
+    assert len(fake.server.on(PATH)) == 2
+
+
 async def test_clean_eof_without_done_is_broken(fake: FakeAimaster, http: UpstreamHTTP) -> None:
     fake.stream = FIXTURE.read_bytes().replace(b"data: [DONE]", b": bye")
     events: list[Event] = []
@@ -113,4 +133,4 @@ async def test_error_object_in_the_stream_ends_the_turn(
     fake.stream = sse_payloads([first_chunk, {"code": 500, "msg": "模型调用失败"}, "[DONE]"])
     events = await collect(connect(http, fake.env()), turn())
     assert answer_text(events) == "@"
-    assert events[-1] == UpstreamError(ErrorKind.REJECTED, "code 500: 模型调用失败")
+    assert events[-1] == UpstreamError(ErrorKind.REJECTED, "aimaster error 500: 模型调用失败")

@@ -208,7 +208,7 @@ async def test_error_message_in_the_stream(
     fake.script.then(fake.sse(data))
     events = await collect(connect(http, fake.env()), turn())
     assert events[-1] == UpstreamError(
-        ErrorKind.REJECTED, "Something went wrong while generating the response."
+        ErrorKind.REJECTED, "chatgpt-web error: Something went wrong while generating the response."
     )
     assert refs(events) == [
         {"conversation_id": CONVERSATION_ID,

@@ -130,18 +130,18 @@ async def test_json_error_instead_of_a_stream(fake: CozeFake, http: UpstreamHTTP
     assert len(chats(fake)) == (3 if error is UpstreamRateLimited else 1)
 
 
-@pytest.mark.parametrize(("frames", "text", "detail"), [
-    (error_frames(), "当然知道，", "Request parameter error"),
-    (failed_frames(), "当然", "model is overloaded"),
+@pytest.mark.parametrize(("frames", "text", "detail", "kind"), [
+    (error_frames(), "当然知道，", "Request parameter error", ErrorKind.REJECTED),
+    (failed_frames(), "当然", "model is overloaded", ErrorKind.RATE_LIMITED),
 ])
-async def test_error_events_end_the_turn(fake: CozeFake, http: UpstreamHTTP,
-                                         frames: list[str], text: str, detail: str) -> None:
+async def test_error_events_end_the_turn(fake: CozeFake, http: UpstreamHTTP, frames: list[str],
+                                         text: str, detail: str, kind: ErrorKind) -> None:
     fake.stream = "".join(frames).encode()
     events = await collect(coze(http, fake), turn())
 
     assert answer_text(events) == text
     assert isinstance(events[-1], UpstreamError)
-    assert events[-1].kind is ErrorKind.REJECTED
+    assert events[-1].kind is kind
     assert detail in events[-1].message
     assert Done() not in events
 

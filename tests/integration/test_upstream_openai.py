@@ -46,17 +46,26 @@ def chunk(content: str) -> dict[str, object]:
 
 # vLLM, LiteLLM and OpenAI itself report a failure after the headers as an `error` object in
 # the stream; vLLM then still ends it with `[DONE]`.
+# Its kind is what its type, code and message say: an outage or an overload is no rejection
+# of the question.
 @pytest.mark.parametrize(
-    "error",
+    ("error", "kind"),
     [
-        {"error": {"message": "CUDA out of memory", "type": "InternalServerError", "code": 500}},
-        {"error": {"message": "The server had an error", "type": "server_error"}},
-        {"error": "upstream overloaded"},
+        ({"error": {"message": "CUDA out of memory", "type": "InternalServerError", "code": 500}},
+         ErrorKind.UNAVAILABLE),
+        ({"error": {"message": "The server had an error", "type": "server_error"}},
+         ErrorKind.UNAVAILABLE),
+        ({"error": "upstream overloaded"}, ErrorKind.RATE_LIMITED),
+        ({"error": {"message": "Rate limit reached", "type": "requests",
+                    "code": "rate_limit_exceeded"}}, ErrorKind.RATE_LIMITED),
+        ({"error": {"message": "Invalid prompt", "type": "invalid_request_error"}},
+         ErrorKind.REJECTED),
     ],
 )
 @pytest.mark.parametrize("then_done", [True, False], ids=["then-DONE", "then-EOF"])
 async def test_error_object_inside_the_stream_ends_the_turn_as_an_error(
-    fake: OpenAIStreams, http: UpstreamHTTP, error: dict[str, object], then_done: bool
+    fake: OpenAIStreams, http: UpstreamHTTP, error: dict[str, object], kind: ErrorKind,
+    then_done: bool,
 ) -> None:
     payloads: list[object] = [chunk("Half an"), chunk(" answer"), error]
     if then_done:
@@ -68,7 +77,7 @@ async def test_error_object_inside_the_stream_ends_the_turn_as_an_error(
     assert answer_text(events) == "Half an answer"  # what arrived is kept
     assert not any(isinstance(event, Done) for event in events)  # not a finished answer
     assert isinstance(events[-1], UpstreamError)
-    assert events[-1].kind is ErrorKind.REJECTED
+    assert events[-1].kind is kind
 
 
 async def test_error_null_in_a_chunk_is_no_error(fake: OpenAIStreams, http: UpstreamHTTP) -> None:

@@ -205,6 +205,37 @@ async def test_rejected_question(fake: FakeYachAgent, http: UpstreamHTTP) -> Non
         await collect(connect(http, fake.env()), turn())
 
 
+async def test_server_error_code_of_the_post_is_retried_then_unavailable(
+    fake: FakeYachAgent, http: UpstreamHTTP
+) -> None:
+    """A 5xx `code` in the POST's 200 answer is the platform's outage, as HTTP 5xx would be."""
+    fake.chat.then(json_reply({"code": 502, "msg": "", "obj": None}))
+    assert answer_text(await collect(connect(http, fake.env()), turn())) == ANSWER
+    fake.chat.then(*[json_reply({"code": 503, "msg": "", "obj": None})] * 3)
+    with pytest.raises(UpstreamUnavailable):
+        await collect(connect(http, fake.env()), turn())
+    assert len(posts(fake)) == 2 + 3  # the first try and retries=2
+
+
+async def test_forbidden_code_of_the_post_is_an_auth_error_after_one_fresh_token(
+    fake: FakeYachAgent, http: UpstreamHTTP
+) -> None:
+    fake.chat.then(*[json_reply({"code": 403, "msg": "forbidden", "obj": None})] * 2)
+    with pytest.raises(UpstreamAuthError):
+        await collect(connect(http, fake.env()), turn())
+    assert [p["access_token"] for p in posts(fake)] == ["tok-1", "tok-2"]
+
+
+async def test_rate_limit_code_of_the_stream_read_is_retried(
+    fake: FakeYachAgent, http: UpstreamHTTP
+) -> None:
+    fake.script.then(json_reply({"code": 429, "msg": "", "obj": None}))
+    events = await collect(connect(http, fake.env()), turn())
+    assert answer_text(events) == ANSWER
+    assert [q["access_token"] for q in stream_reads(fake)] == ["tok-1", "tok-1"]
+    assert len(posts(fake)) == 1  # the question was asked once
+
+
 async def test_configured_stream_url(fake: FakeYachAgent, http: UpstreamHTTP) -> None:
     stream_url = f"{fake.url}{CUSTOM_STREAM}?id={{stream_id}}&v=2"
     events = await collect(

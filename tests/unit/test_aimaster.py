@@ -80,18 +80,22 @@ def test_done_without_usage() -> None:
 def test_error_object_in_the_stream() -> None:
     parser = AimasterParser()
     events = parser.feed(SSEEvent('{"code": 500, "msg": "模型调用失败"}'))
-    assert events == [UpstreamError(ErrorKind.REJECTED, "code 500: 模型调用失败")]
+    assert events == [UpstreamError(ErrorKind.REJECTED, "aimaster error 500: 模型调用失败")]
     assert parser.finished
 
 
 @pytest.mark.parametrize(("payload", "expected"), [
-    ({"error": {"message": "quota"}}, "quota"),
-    ({"error": "boom"}, "boom"),
+    ({"error": {"message": "quota"}}, UpstreamError(ErrorKind.REJECTED, "aimaster error: quota")),
+    ({"error": "boom"}, UpstreamError(ErrorKind.REJECTED, "aimaster error: boom")),
+    ({"code": 503, "msg": "服务不可用"},
+     UpstreamError(ErrorKind.UNAVAILABLE, "aimaster error 503: 服务不可用")),
+    ({"code": 500, "msg": "系统繁忙"},
+     UpstreamError(ErrorKind.RATE_LIMITED, "aimaster error 500: 系统繁忙")),
     ({"code": 200, "msg": "ok"}, None),
     ({"code": 0}, None),
     ({"choices": [], "code": 1}, None),
 ])
-def test_error_of(payload: dict[str, Any], expected: str | None) -> None:
+def test_error_of(payload: dict[str, Any], expected: UpstreamError | None) -> None:
     assert error_of(payload) == expected
 
 

@@ -113,7 +113,8 @@ def test_error_payload() -> None:
     parser = ChatGPTParser("u")
     events = feed(parser, json.dumps({"message": None, "conversation_id": CID,
                                      "error": {"message": "Too many requests", "code": 429}}))
-    assert events[-1] == UpstreamError(ErrorKind.REJECTED, "Too many requests")
+    assert events[-1] == UpstreamError(ErrorKind.RATE_LIMITED,
+                                       "chatgpt-web error 429: Too many requests")
     assert parser.finished
 
 

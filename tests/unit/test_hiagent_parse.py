@@ -84,9 +84,9 @@ def test_reasoning_and_suggestions() -> None:
 
 
 def test_error_event() -> None:
-    [error] = HiAgentParser().feed(outer({"event": "error", "code": 1001, "message": "busy"}))
+    [error] = HiAgentParser().feed(outer({"event": "error", "code": 1001, "message": "bad"}))
 
-    assert error == UpstreamError(kind=ErrorKind.REJECTED, message="hiagent error 1001: busy")
+    assert error == UpstreamError(kind=ErrorKind.REJECTED, message="hiagent error 1001: bad")
 
 
 def test_unreadable_inner_payload_is_a_protocol_error() -> None:

@@ -26,7 +26,9 @@ from bridge.http import (
     UpstreamTimeout,
     UpstreamUnavailable,
     error_for_status,
+    http_status,
     parse_retry_after,
+    reported_kind,
 )
 from bridge.logging import mask_text, register_secrets
 
@@ -67,6 +69,35 @@ def test_error_for_status(status: int, error: type[UpstreamFailure], kind: Error
     assert type(failure) is error
     assert failure.kind is kind
     assert failure.message.startswith(f"HTTP {status}: body text")
+
+
+@pytest.mark.parametrize(("value", "status"), [
+    (429, 429), ("503", 503), (400, 400), (599, 599),
+    (200, None), (0, None), (4013, None), (40014, None), ("unauthorized", None), (True, None),
+    (None, None), (429.0, None),
+])
+def test_http_status_of_a_body(value: object, status: int | None) -> None:
+    assert http_status(value) == status
+
+
+@pytest.mark.parametrize(("status", "texts", "kind"), [
+    (None, ("invalid_api_key",), ErrorKind.AUTH),
+    (None, ("Too Many Requests",), ErrorKind.RATE_LIMITED),
+    (None, ("The model is overloaded",), ErrorKind.RATE_LIMITED),
+    (None, ("系统繁忙",), ErrorKind.RATE_LIMITED),
+    (None, ("server_error", "The server had an error"), ErrorKind.UNAVAILABLE),
+    (None, ("LLM request timed out",), ErrorKind.TIMEOUT),
+    (None, ("something else",), ErrorKind.REJECTED),
+    (None, (None, ""), ErrorKind.REJECTED),
+    (400, ("Rate Limit Error",), ErrorKind.RATE_LIMITED),  # the words before a generic status
+    (401, ("",), ErrorKind.AUTH),
+    (429, ("",), ErrorKind.RATE_LIMITED),
+    (503, ("",), ErrorKind.UNAVAILABLE),
+    (404, ("",), ErrorKind.NOT_FOUND),
+    (422, ("",), ErrorKind.REJECTED),
+])
+def test_reported_kind(status: int | None, texts: tuple[object, ...], kind: ErrorKind) -> None:
+    assert reported_kind(status, *texts) is kind
 
 
 def test_error_for_status_keeps_retry_after_and_truncates_the_body() -> None:

@@ -10,9 +10,10 @@ import pytest
 from adapters.upstream._common import (
     ConversationIds,
     as_int,
+    body_failure,
     json_object,
-    rejected,
     relay,
+    reported_error,
     require,
     usage_from,
 )
@@ -20,7 +21,15 @@ from adapters.upstream.coze import api_error
 from adapters.upstream.openai import stream_error
 from bridge.config import ConfigError, load_settings
 from bridge.events import ConversationRef, Done, ErrorKind, Event, TextDelta, UpstreamError, Usage
-from bridge.http import UpstreamBroken, UpstreamProtocolError
+from bridge.http import (
+    UpstreamAuthError,
+    UpstreamBroken,
+    UpstreamFailure,
+    UpstreamProtocolError,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
 from bridge.logging import mask_text, register_secrets
 from bridge.sse import SSEEvent
 
@@ -136,13 +145,86 @@ def test_usage_total_is_the_sum_when_not_given() -> None:
     assert usage_from({"in": 3}, prompt="in", completion="out") == Usage(3, None, None, None)
 
 
-def test_rejected_message_is_short() -> None:
-    error = rejected("dify", {"code": "x", "message": "m" * 1000})
+def test_reported_error_message_is_short() -> None:
+    error = reported_error("dify", {"code": "x", "message": "m" * 1000})
 
     assert error.kind is ErrorKind.REJECTED
     assert error.message.startswith("dify error x: mmm")
     assert len(error.message) < 400
-    assert rejected("coze", None).message == "coze error : no message"
+    assert reported_error("coze", None).message == "coze error: no message"
+
+
+@pytest.mark.parametrize(("data", "kind"), [
+    # OpenAI (and what serves its API: vLLM's numeric code, LiteLLM's as a string)
+    ({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
+                "code": "invalid_api_key"}}, ErrorKind.AUTH),
+    ({"error": {"message": "Rate limit reached for gpt-4o", "type": "requests",
+                "code": "rate_limit_exceeded"}}, ErrorKind.RATE_LIMITED),
+    ({"error": {"message": "The engine is currently overloaded", "type": "server_error"}},
+     ErrorKind.RATE_LIMITED),
+    ({"error": {"message": "The server had an error", "type": "server_error"}},
+     ErrorKind.UNAVAILABLE),
+    ({"error": {"message": "CUDA out of memory", "type": "InternalServerError", "code": 500}},
+     ErrorKind.UNAVAILABLE),
+    ({"error": {"message": "slow down", "type": "None", "code": "429"}}, ErrorKind.RATE_LIMITED),
+    ({"error": {"message": "This model's maximum context length is 4096 tokens",
+                "type": "invalid_request_error", "code": "context_length_exceeded"}},
+     ErrorKind.REJECTED),
+    ({"error": "upstream overloaded"}, ErrorKind.RATE_LIMITED),
+    # Dify: its `status` and `code`, and the model provider's failure in its message
+    ({"status": 401, "code": "unauthorized", "message": "Access token is invalid"},
+     ErrorKind.AUTH),
+    ({"status": 400, "code": "completion_request_error",
+      "message": "[openai] Rate Limit Error, Error code: 429"}, ErrorKind.RATE_LIMITED),
+    ({"status": 400, "code": "completion_request_error",
+      "message": "[openai_api_compatible] Server Unavailable Error, Connection refused"},
+     ErrorKind.UNAVAILABLE),
+    ({"status": 400, "code": "completion_request_error",
+      "message": "[openai] Incorrect model credentials provided"}, ErrorKind.AUTH),
+    ({"status": 400, "code": "invalid_param", "message": "query is required"},
+     ErrorKind.REJECTED),
+    ({"status": 404, "code": "not_found", "message": "Conversation Not Exists."},
+     ErrorKind.NOT_FOUND),
+    ({"status": 500, "code": "internal_server_error",
+      "message": "Internal Server Error, please contact support."}, ErrorKind.UNAVAILABLE),
+    # HiAgent, RuoYi, Yach: a numeric `code` that is an HTTP status, or the platform's own
+    ({"code": 503, "message": "no healthy upstream"}, ErrorKind.UNAVAILABLE),
+    ({"code": 401, "msg": "认证失败,无法访问系统资源"}, ErrorKind.AUTH),
+    ({"code": 429, "msg": "请求过于频繁"}, ErrorKind.RATE_LIMITED),
+    ({"code": 1001, "message": "busy"}, ErrorKind.RATE_LIMITED),
+    ({"code": 50010, "msg": "智能体不存在"}, ErrorKind.REJECTED),
+    ({"error": "LLM request timeout"}, ErrorKind.TIMEOUT),
+])
+def test_reported_error_is_of_the_kind_its_words_else_its_status_say(
+    data: dict[str, object], kind: ErrorKind
+) -> None:
+    assert reported_error("x", data).kind is kind
+
+
+def test_a_plain_status_says_only_that_there_was_an_error() -> None:
+    """RuoYi's `code: 500` is every exception of the app: its words decide, else rejected."""
+    ruoyi_error = frozenset({500})
+    assert reported_error("x", {"code": 500, "msg": "场景不存在"},
+                          plain_statuses=ruoyi_error).kind is ErrorKind.REJECTED
+    assert reported_error("x", {"code": 500, "msg": "系统繁忙"},
+                          plain_statuses=ruoyi_error).kind is ErrorKind.RATE_LIMITED
+    assert reported_error("x", {"code": 503, "msg": ""},
+                          plain_statuses=ruoyi_error).kind is ErrorKind.UNAVAILABLE
+
+
+@pytest.mark.parametrize(("text", "failure"), [
+    ('{"error": {"message": "bad key", "code": "invalid_api_key"}}', UpstreamAuthError),
+    ('{"code": "too_many_requests", "status": 429, "message": "slow"}', UpstreamRateLimited),
+    ('{"code": 502, "message": "bad gateway"}', UpstreamUnavailable),
+    ('{"code": "invalid_param", "status": 400, "message": "no"}', UpstreamRejected),
+    ('{"id": "chatcmpl-1", "choices": []}', UpstreamProtocolError),  # no error in it
+    ('{"code": 0, "data": {}}', UpstreamProtocolError),
+    ("<html>maintenance</html>", UpstreamProtocolError),
+])
+def test_body_failure_is_what_a_json_answer_in_place_of_the_stream_reports(
+    text: str, failure: type[UpstreamFailure]
+) -> None:
+    assert type(body_failure("x", 200, text)) is failure
 
 
 @pytest.mark.parametrize("data", ["[1, 2]", "nope", '"[DONE]"'])
@@ -171,5 +253,5 @@ def test_an_echoed_key_across_the_cut_of_an_upstream_error_is_masked(upstream: s
     elif upstream == "coze":
         error = api_error({"code": 4100, "msg": message})
     else:
-        error = rejected("dify", {"code": "invalid_param", "message": message})
+        error = reported_error("dify", {"code": "invalid_param", "message": message})
     assert key[:8] not in mask_text(str(error))

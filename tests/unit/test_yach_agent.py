@@ -51,15 +51,20 @@ def test_media_frames_and_empty_content_are_not_text() -> None:
     assert not parser.finished
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    (frame("error", "智能体调用失败", finished=True), "智能体调用失败"),
-    (frame("text", "", finished=True, reason="error"), "finish_reason error: "),
+@pytest.mark.parametrize(("data", "message", "kind"), [
+    (frame("error", "智能体调用失败", finished=True), "智能体调用失败", ErrorKind.REJECTED),
+    (frame("text", "", finished=True, reason="error"), "finish_reason error: ",
+     ErrorKind.REJECTED),
     (SSEEvent(json.dumps({"code": 40014, "msg": "access_token无效"})),
-     "code 40014: access_token无效"),
+     "code 40014: access_token无效", ErrorKind.REJECTED),
+    # an overload or an outage is no rejection of the question
+    (frame("error", "模型服务繁忙", finished=True), "模型服务繁忙", ErrorKind.RATE_LIMITED),
+    (SSEEvent(json.dumps({"code": 429, "msg": ""})), "code 429: ", ErrorKind.RATE_LIMITED),
+    (SSEEvent(json.dumps({"code": 502, "msg": ""})), "code 502: ", ErrorKind.UNAVAILABLE),
 ])
-def test_errors_end_the_turn(data: SSEEvent, message: str) -> None:
+def test_errors_end_the_turn(data: SSEEvent, message: str, kind: ErrorKind) -> None:
     parser = YachAgentParser()
-    assert parser.feed(data) == [UpstreamError(ErrorKind.REJECTED, message)]
+    assert parser.feed(data) == [UpstreamError(kind, message)]
     assert parser.finished
 
 
