@@ -219,10 +219,12 @@ class _Outgoing:
 
     async def _next(self) -> str | None:
         """The next text to go out, waiting for one; None at the end."""
-        text = self._take_waiting()
-        if text is None and not self._ended:
-            text = await self.queue.get()
-            self._ended = text is None
+        if self._carried:
+            return self._carried.popleft()
+        if self._ended:
+            return None
+        text = await self.queue.get()
+        self._ended = text is None
         return text
 
     def _take_waiting(self) -> str | None:
@@ -243,6 +245,8 @@ class _Outgoing:
 
     def _merge_waiting(self, text: str) -> str:
         """Join the pieces that queued up behind the budget, up to the message limit."""
+        if not self._carried and self.queue.empty():  # (nearly always, at one piece a token)
+            return text
         limit = self.runner.max_chars
         while (following := self._take_waiting()) is not None:
             if (
