@@ -14,6 +14,7 @@ import hmac
 import json
 import math
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote, unquote
@@ -141,8 +142,35 @@ def check_answer(status: int, payload: Any, headers: Mapping[str, str]) -> Any:
     )
 
 
+_Credentials = tuple[str, str | None, str | None]
+# The clients made by `YachAPI.shared`, per HTTP session: one token cache per app and process.
+_SHARED: weakref.WeakKeyDictionary[aiohttp.ClientSession, dict[_Credentials, YachAPI]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class YachAPI:
     """Calls to `{api_base}` with the app access token."""
+
+    @classmethod
+    def shared(
+        cls,
+        session: aiohttp.ClientSession,
+        api_base: str,
+        app_key: str | None,
+        app_secret: str | None,
+    ) -> YachAPI:
+        """The one client of these credentials on this HTTP session, made on first use.
+
+        The IM adapter's sends and the yach-agent upstream take the same app token (SPEC §2):
+        through one client they share its cache, its single fetch and its refresh, so a
+        process asks `/gettoken` once for both, not once for each."""
+        clients = _SHARED.setdefault(session, {})
+        key = (api_base.rstrip("/"), app_key, app_secret)
+        client = clients.get(key)
+        if client is None:
+            client = clients[key] = cls(session, api_base, app_key, app_secret)
+        return client
 
     def __init__(
         self,

@@ -153,7 +153,7 @@ async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
         total_timeout_s=settings.upstream_total_timeout_s,
         retries=settings.upstream_retries,
     )
-    bridge.yach_api = YachAPI(
+    bridge.yach_api = YachAPI.shared(
         session, settings.yach_api_base, settings.yach_app_key, settings.yach_app_secret
     )
     yield

@@ -289,5 +289,5 @@ class YachAgentUpstream:
 
 def create(settings: Settings, http: UpstreamHTTP, kv: KeyValue) -> YachAgentUpstream:
     app_key, app_secret = require(settings, "yach_app_key", "yach_app_secret")
-    api = YachAPI(http.session, settings.yach_api_base, app_key, app_secret)
+    api = YachAPI.shared(http.session, settings.yach_api_base, app_key, app_secret)
     return YachAgentUpstream(settings, http, api)

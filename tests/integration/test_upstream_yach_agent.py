@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
 
 from bridge.events import ConversationRef, Done, ErrorKind, Event, ReasoningDelta, UpstreamError
@@ -175,8 +176,12 @@ async def test_gettoken_5xx_is_unavailable(
     events = await collect(connect(http, fake.env()), turn())  # retried, then fine
     assert answer_text(events) == ANSWER
     fake.gettoken.then(*[status(500, {"code": 500, "msg": "busy"})] * 3)
-    with pytest.raises(UpstreamUnavailable):
-        await collect(connect(http, fake.env()), turn())
+    # Another process (its own HTTP session: one token cache per process) has no token yet.
+    async with aiohttp.ClientSession() as session:
+        other = UpstreamHTTP(session, retries=2, backoff_s=0.01)
+        with pytest.raises(UpstreamUnavailable):
+            await collect(connect(other, fake.env()), turn())
+        await other.aclose()
 
 
 async def test_clean_eof_without_is_finished_is_broken(
