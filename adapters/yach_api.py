@@ -128,7 +128,9 @@ def check_answer(status: int, payload: Any, headers: Mapping[str, str]) -> Any:
         )
     if not isinstance(payload, dict):
         raise YachAPIError(f"HTTP {status}: not a JSON object")
-    ok = payload.get("code") == 200 or payload.get("errcode") == 0
+    # A code written as a string ("200") is the same answer: retried as a failure, it would
+    # be sent again until its attempts ran out.
+    ok = payload.get("code") in (200, "200") or payload.get("errcode") in (0, "0")
     if status == 200 and ok:
         return payload
     message = str(payload.get("msg") or payload.get("errmsg") or payload.get("message") or "")
