@@ -62,6 +62,9 @@ _OK = {"code": 200, "msg": "ok"}
 # Compact, byte for byte the body SPEC §4 writes (`json.dumps` puts a space after `:` and `,`).
 _OK_BODY = json.dumps(_OK, separators=(",", ":")).encode()
 _OK_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
+# `/healthz` and `/readyz` as SPEC §3 writes them, `{"status":"ok"}`: a probe comparing text
+# (a load balancer's expected body) saw `{"status": "ok"}`, the spacing of `json.dumps`.
+_STATUS_OK_BODY = b'{"status":"ok"}'
 
 
 @dataclass
@@ -308,15 +311,20 @@ def _json_error(status: int, reason: str) -> web.Response:
 
 
 async def handle_healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return web.Response(body=_STATUS_OK_BODY, headers=_OK_HEADERS)
 
 
 async def handle_readyz(request: web.Request) -> web.Response:
     bridge = request.app[STATE]
     reason = await _not_ready(bridge)
     if reason:
-        return web.json_response({"status": "unavailable", "reason": reason}, status=503)
-    return web.json_response({"status": "ok"})
+        body = {"status": "unavailable", "reason": reason}
+        return web.Response(body=_compact(body), status=503, headers=_OK_HEADERS)
+    return web.Response(body=_STATUS_OK_BODY, headers=_OK_HEADERS)
+
+
+def _compact(body: dict[str, str]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 async def _not_ready(bridge: Bridge) -> str:

@@ -47,7 +47,7 @@ from bridge.config import (
 from bridge.inbox import Accepted, Entry, EntryKind
 from bridge.intake import judge
 from bridge.interfaces import InboundMessage
-from bridge.logging import configure_logging, mask_text, register_secrets
+from bridge.logging import configure_logging, discard_output, mask_text, register_secrets
 from bridge.store import (
     MIN_REDIS_VERSION,
     SCHEMA_VERSION,
@@ -489,10 +489,7 @@ def _let_go_of_a_closed_stdout() -> None:
     try:
         sys.stdout.flush()
     except (BrokenPipeError, ValueError):
-        with contextlib.suppress(OSError, ValueError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
+        discard_output(sys.stdout)
 
 
 def _banner(settings: Settings, demo: bool) -> str:

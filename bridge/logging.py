@@ -19,15 +19,17 @@ value of any event or dict key of those names.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
 import re
 import sys
 import threading
 from collections import deque
 from collections.abc import Iterable, Mapping
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 from urllib.parse import quote, quote_plus
 
 import orjson
@@ -39,6 +41,7 @@ __all__ = [
     "clip",
     "configure_logging",
     "debug_enabled",
+    "discard_output",
     "mask_secrets",
     "mask_text",
     "mask_with",
@@ -302,6 +305,43 @@ def _renderer(fmt: str, stream: TextIO) -> Processor:
     raise ValueError(f"unknown log format {fmt!r}: expected json or console")
 
 
+def discard_output(stream: TextIO) -> None:
+    """Point `stream`'s file descriptor at /dev/null: its reader has gone, and what is still
+    buffered, or written later, must not fail (the interpreter's last flush of a broken
+    stdout printed "Exception ignored … BrokenPipeError" and made the exit status 120)."""
+    with contextlib.suppress(OSError, ValueError):  # no descriptor (a StringIO), closed
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+
+
+class _Unread:
+    """The stream log lines go to, lines dropped once nobody reads them.
+
+    `chatbridge run | tee run.log` with tee gone, or a journal stream cut under a unit: each
+    line met EPIPE, and the BrokenPipeError came out of every `log.info` in the daemon. Each
+    turn died on its first line (messages taken, none answered, /readyz still 200) and a
+    SIGTERM ended in a traceback, exit 1. The process goes on without its log."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except ConnectionError:  # EPIPE, ECONNRESET: the reader has gone
+            discard_output(self._stream)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except ConnectionError:
+            discard_output(self._stream)
+
+
 class _BridgeHandler(logging.StreamHandler[TextIO]):
     """The root handler this module installs; replaced, not duplicated, on reconfiguration."""
 
@@ -321,6 +361,7 @@ def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> Non
     _level = numeric_level
     stream = sys.stdout if stream is None else stream
     renderer = _renderer(fmt, stream)
+    lines = cast(TextIO, _Unread(stream))
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -334,10 +375,10 @@ def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> Non
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        logger_factory=structlog.WriteLoggerFactory(file=lines),
         cache_logger_on_first_use=False,
     )
-    _route_stdlib(numeric_level, stream, shared, renderer)
+    _route_stdlib(numeric_level, lines, shared, renderer)
 
 
 def debug_enabled() -> bool:

@@ -85,6 +85,25 @@ async def test_healthz_and_readyz_when_all_is_well(redis_url: str, bot_id: str, 
         assert await get(bridge, "/readyz") == (200, {"status": "ok"})
 
 
+async def test_health_bodies_are_the_bytes_spec_writes(redis_url: str, bot_id: str,
+                                                      yach: FakeYach, upstream: FakeOpenAI,
+                                                      redis_client: object) -> None:
+    """SPEC §3 writes `200 {"status":"ok"}`: a probe that compares the body as text (a
+    `grep -qx`, a load balancer's expected-body check) sees exactly that, and the 503 is the
+    same compact JSON."""
+    env = bridge_env(redis_url, bot_id, yach, **openai_env(upstream.base_url))
+    async with running_bridge(env) as bridge:
+        await ready_within(bridge)
+        for path in ("/healthz", "/readyz"):
+            async with bridge.session.get(bridge.url + path) as response:
+                assert (response.status, await response.read()) == (200, b'{"status":"ok"}')
+                assert response.headers["Content-Type"] == "application/json; charset=utf-8"
+        await drain(bridge.server.app)
+        async with bridge.session.get(bridge.url + "/readyz") as response:
+            assert response.status == 503
+            assert await response.read() == b'{"status":"unavailable","reason":"draining"}'
+
+
 async def test_readyz_does_not_wait_for_a_first_message(
     redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI, redis_client: object,
     monkeypatch: pytest.MonkeyPatch,

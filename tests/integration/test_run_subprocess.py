@@ -7,9 +7,11 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import IO
 
 import aiohttp
 import pytest
@@ -297,3 +299,51 @@ async def test_a_listen_address_that_cannot_be_used_is_named(tmp_path: Path) -> 
     assert failed["host"] == "no-such-host.invalid" and failed["port"] == 0, failed
     assert "BRIDGE_HOST" in failed["error"], failed
     assert "Traceback" not in output
+
+
+async def test_a_log_reader_that_goes_away_stops_neither_answers_nor_a_clean_exit(
+    fakes: tuple[FakeYach, FakeOpenAI], redis_url: str, bot_id: str
+) -> None:
+    """`chatbridge run | tee run.log`, and tee is gone (killed, or journald restarted under
+    a unit): every log line met a broken pipe. The bridge took messages (200) and answered
+    none, each turn died on its first log line while /readyz still said ok, and a SIGTERM
+    ended in a traceback with exit 1. Log lines without a reader are dropped instead."""
+    yach, upstream = fakes
+    env = bridge_env(redis_url, bot_id, yach, BRIDGE_LOG_FORMAT="json", BRIDGE_LOG_LEVEL="info",
+                     **openai_env(upstream.base_url))  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "run"],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}, **env},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    try:
+        port = await _listening_port(process.stdout)
+        process.stdout.close()  # the reader of the log goes away
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as session:
+            for question in ("first", "second"):
+                body = json.dumps(group_message(question))
+                headers = {**signed_headers(), "Content-Type": "application/json"}
+                async with session.post(f"{base}/webhook/yach", data=body,
+                                        headers=headers) as response:  # fmt: skip
+                    assert response.status == 200
+            await wait_until(lambda: len(yach.shown) == 2, timeout=10)
+            async with session.get(f"{base}/readyz") as response:
+                assert response.status == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(process.wait, 30)
+    errors = process.stderr.read().decode()
+    process.stderr.close()
+    assert code == 0, errors
+    assert "Traceback" not in errors and "Logging error" not in errors, errors
+
+
+async def _listening_port(stdout: IO[bytes]) -> int:
+    while True:
+        line = await asyncio.to_thread(stdout.readline)
+        assert line, "the bridge exited before listening"
+        event = json.loads(line)
+        if event["event"] == "listening":
+            return int(event["port"])
