@@ -144,7 +144,7 @@ async def _run(settings: Settings) -> int:
     # no drain, the worker's entries left claimed for BRIDGE_CLAIM_IDLE_S, and a status of
     # "killed by SIGTERM" (-15 / 143) instead of 0.
     stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in _stop_signals():
         loop.add_signal_handler(signum, stop.set)
     try:
         await _unless_stopped(runner.setup(), stop)
@@ -174,6 +174,16 @@ async def _run(settings: Settings) -> int:
     code = await _stop(app, runner)
     await watchdog
     return code
+
+
+def _stop_signals() -> list[signal.Signals]:
+    """SIGTERM, Ctrl-C, and SIGHUP (the terminal of a `run` in the foreground closed): each
+    drains and exits 0. SIGHUP killed the process, no drain (there is no reload: settings
+    are read at start). Under `nohup`, which ignores SIGHUP, it stays ignored."""
+    stops = [signal.SIGTERM, signal.SIGINT]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        stops.append(signal.SIGHUP)
+    return stops
 
 
 class _ListenError(Exception):

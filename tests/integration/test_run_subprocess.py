@@ -347,3 +347,41 @@ async def _listening_port(stdout: IO[bytes]) -> int:
         event = json.loads(line)
         if event["event"] == "listening":
             return int(event["port"])
+
+
+def _ignore_sighup() -> None:  # in the child, before exec: as `nohup` starts a program
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("nohup", [False, True])
+async def test_sighup_stops_as_sigterm_does_unless_ignored_as_by_nohup(
+    redis_url: str, bot_id: str, fakes: tuple[FakeYach, FakeOpenAI], nohup: bool
+) -> None:
+    """SIGHUP (the terminal of a `run` in the foreground closed) killed the daemon by the
+    signal: no drain, its claims left to expire, status -1. It now stops as SIGTERM does,
+    exit 0 after the drain; started under `nohup` (SIGHUP ignored), it keeps running."""
+    yach, upstream = fakes
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")},
+           **bridge_env(redis_url, bot_id, yach, BRIDGE_LOG_FORMAT="json",
+                        BRIDGE_LOG_LEVEL="info", **openai_env(upstream.base_url))}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "run", env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, preexec_fn=_ignore_sighup if nohup else None,
+    )
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(30):
+            while b'"listening"' not in await process.stdout.readline():
+                pass
+        process.send_signal(signal.SIGHUP)
+        if nohup:
+            await asyncio.sleep(1.0)
+            assert process.returncode is None
+            process.send_signal(signal.SIGTERM)
+        rest = await asyncio.wait_for(process.stdout.read(), 30)
+        assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert b'"drained"' in rest and b"Traceback" not in rest, rest.decode()[-2000:]
