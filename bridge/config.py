@@ -172,6 +172,12 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def _parse_path(raw: str) -> Path:
+    """A path, `~` expanded as a shell would (an EnvironmentFile, or a quoted value, does
+    not: `~/state` made a folder named `~` in the working directory)."""
+    return Path(raw).expanduser()
+
+
 def _var(
     default: Any = None,
     *,
@@ -194,7 +200,7 @@ class Settings:
     port: int = _var(8080, parse=_parse_port, example="8080")
     bot_id: str = _var("default", example="support")
     redis_url: str | None = _var(None, parse=_parse_redis_url, example="redis://127.0.0.1:6379/0")
-    state_dir: Path | None = _var(None, parse=Path, example="/var/lib/chatbridge/support")
+    state_dir: Path | None = _var(None, parse=_parse_path, example="/var/lib/chatbridge/support")
     im: str = _var("yach", parse=_choice("yach"), example="yach")
     upstream: str | None = _var(None, parse=_choice(*UPSTREAMS), example="openai")
     log_format: str | None = _var(None, parse=_choice("json", "console"), example="json")
@@ -298,7 +304,7 @@ class Settings:
     )
     chatgpt_access_token: str | None = _var(None, secret=True, example="eyJ...")
     chatgpt_model: str = _var("auto", example="gpt-4o")
-    replay_file: Path | None = _var(None, parse=Path, example="/path/to/recording.sse")
+    replay_file: Path | None = _var(None, parse=_parse_path, example="/path/to/recording.sse")
     replay_format: str | None = _var(
         None, parse=_choice(*REPLAY_FORMATS), example="hiagent"
     )
@@ -369,7 +375,7 @@ def _read_raw(attr: str, env: Mapping[str, str], problems: list[str]) -> str | N
     value = env.get(name, "")
     file_path = env.get(name + "_FILE", "")
     if value.strip() in ("", PLACEHOLDER) and file_path:
-        path, why = Path(file_path), ""
+        path, why = _parse_path(file_path), ""
         if path.exists() and not path.is_file():  # a FIFO or a device: a read that never ends
             why = "not a regular file"
         else:

@@ -368,3 +368,18 @@ def test_a_secret_given_in_a_file_and_pasted_elsewhere_is_hidden_without_being_r
     assert [line.split(":")[0] for line in found] == ["BRIDGE_PORT", "BRIDGE_OPENAI_TEMPERATURE"]
     assert not any(key in line or "%2Fslash" in line for line in found), found
     assert mask_text(key) == key
+
+
+def test_a_leading_tilde_is_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An EnvironmentFile (or a quoted shell value) leaves `~` as it is: `~/state` was a
+    folder named `~` in the working directory, and `~/key` a file that was not found."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "key").write_text("sk-from-home-file\n")
+    settings = load_settings({
+        "BRIDGE_UPSTREAM": "openai", "BRIDGE_OPENAI_API_KEY_FILE": "~/key",
+        "BRIDGE_OPENAI_MODEL": "m", "BRIDGE_YACH_SECRET": "s", "BRIDGE_STATE_DIR": "~/state",
+    })  # fmt: skip
+    assert settings.resolved_state_dir == tmp_path / "state"
+    assert settings.openai_api_key == "sk-from-home-file"
