@@ -15,7 +15,7 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -307,7 +307,10 @@ def _ok() -> web.Response:
 
 
 def _json_error(status: int, reason: str) -> web.Response:
-    return web.json_response({"code": status, "msg": reason}, status=status)
+    """`{"code":…,"msg":…}`, compact as the 200 body is."""
+    return web.Response(
+        body=_compact({"code": status, "msg": reason}), status=status, headers=_OK_HEADERS
+    )
 
 
 async def handle_healthz(request: web.Request) -> web.Response:
@@ -323,7 +326,7 @@ async def handle_readyz(request: web.Request) -> web.Response:
     return web.Response(body=_STATUS_OK_BODY, headers=_OK_HEADERS)
 
 
-def _compact(body: dict[str, str]) -> bytes:
+def _compact(body: Mapping[str, object]) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 

@@ -89,6 +89,18 @@ async def test_bad_or_stale_signature_is_401_and_nothing_is_stored(
     assert await inbox_length(bridge) == 0
 
 
+async def test_refusals_are_compact_json_as_the_200_body_is(bridge: RunningBridge) -> None:
+    """`{"code":401,"msg":…}` without the spaces `json.dumps` puts in, as SPEC writes the 200
+    body: a client comparing or grepping the text sees one format."""
+    async with bridge.session.post(
+        f"{bridge.url}/webhook/yach", data=b"{}",
+        headers={**signed_headers("SEC-wrong"), "Content-Type": "application/json"},
+    ) as response:  # fmt: skip
+        body = await response.read()
+    assert response.status == 401
+    assert body.startswith(b'{"code":401,"msg":"') and b'": ' not in body, body
+
+
 async def test_url_encoded_sign_is_accepted(bridge: RunningBridge, yach: FakeYach) -> None:
     headers = signed_headers()
     headers["sign"] = quote(headers["sign"], safe="")
