@@ -53,3 +53,31 @@ async def test_a_turn_taken_over_from_a_stalled_process_is_logged_with_its_field
         missing = [name for name in TURN_FIELDS if name not in line]
         assert not missing, (missing, line)
         assert line["msg_id"] == "m-fields-1" and line["upstream"] == "openai", line
+
+
+async def test_the_webhooks_own_lines_about_a_message_carry_the_turns_fields(
+    redis_url: str, bot_id: str, yach: FakeYach, spawn: Spawner, http: aiohttp.ClientSession
+) -> None:
+    """A duplicate delivery and a message from a group outside the allow list are logged by
+    the webhook, with the fields of a turn's lines (`upstream` was missing)."""
+    upstream = await PacedOpenAI().start()
+    env = bridge_env(redis_url, bot_id, yach, **openai_env(upstream.base_url),
+                     BRIDGE_ALLOW_GROUPS="g1")  # fmt: skip
+    try:
+        bridge = await spawn(env).start()
+        message = group_message("once", msg_id="m-fields-dup")
+        for _ in range(2):
+            assert await post_webhook(http, bridge.url, message) == 200
+        outside = group_message("elsewhere", group="g-other", msg_id="m-fields-out")
+        assert await post_webhook(http, bridge.url, outside) == 200
+        await wait_for(
+            lambda: bridge.events("webhook_duplicate") and bridge.events("webhook_ignored"),
+            10, "both lines",
+        )  # fmt: skip
+        lines = bridge.events("webhook_duplicate") + bridge.events("webhook_ignored")
+    finally:
+        await upstream.close()
+    for line in lines:
+        missing = [name for name in TURN_FIELDS if name not in line]
+        assert not missing, (missing, line)
+        assert line["upstream"] == "openai", line
