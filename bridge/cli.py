@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "chat":
         return _terminal(os.environ, "chat")
     setup_logging(settings, sys.stdout)
+    for warning in variable_warnings(os.environ):  # as `check` prints them
+        log.warning("variable_not_read", detail=warning)
     return _run_on_loop(_run(settings))
 
 
@@ -275,16 +277,8 @@ async def _check(env: Mapping[str, str], *, probe: bool) -> int:
     `load_settings`, which leaves the examples readable): a secret never reaches the
     terminal, not even inside a URL (`redis://:password@…`) or an error message.
     """
-    # Compared without the `BRIDGE_` all share: with it, unrelated names looked alike
-    # (BRIDGE_TIMEOUT: "did you mean BRIDGE_IM?").
-    known = sorted({spec.name.upper() for spec in fields(Settings)})
-    for name in unknown_variables(env):
-        bare = name.removeprefix("BRIDGE_").removesuffix("_FILE")
-        close = difflib.get_close_matches(bare, known, n=1, cutoff=0.75)
-        hint = f"; did you mean BRIDGE_{close[0]}?" if close else " (a typo?)"
-        print(f"warning: {name} is not a chatbridge variable{hint}")
-    for name in shadowed_files(env):
-        print(f"warning: {name} is not read: {name.removesuffix('_FILE')} is set too, and wins")
+    for warning in variable_warnings(env):
+        print(f"warning: {warning}")
     try:
         settings = load_settings(env, command="check")
     except ConfigError as exc:
@@ -305,6 +299,23 @@ async def _check(env: Mapping[str, str], *, probe: bool) -> int:
     if code == EXIT_OK and probe:
         code = await _check_upstream(settings, ask=True)
     return code
+
+
+def variable_warnings(env: Mapping[str, str]) -> list[str]:
+    """What `env` sets that is never read: unknown `BRIDGE_` names (a typo, with the name
+    meant where one is close), and `X_FILE` beside `X`."""
+    # Compared without the `BRIDGE_` all share: with it, unrelated names looked alike
+    # (BRIDGE_TIMEOUT: "did you mean BRIDGE_IM?").
+    known = sorted({spec.name.upper() for spec in fields(Settings)})
+    warnings = []
+    for name in unknown_variables(env):
+        bare = name.removeprefix("BRIDGE_").removesuffix("_FILE")
+        close = difflib.get_close_matches(bare, known, n=1, cutoff=0.75)
+        hint = f"; did you mean BRIDGE_{close[0]}?" if close else " (a typo?)"
+        warnings.append(f"{name} is not a chatbridge variable{hint}")
+    for name in shadowed_files(env):
+        warnings.append(f"{name} is not read: {name.removesuffix('_FILE')} is set too, and wins")
+    return warnings
 
 
 def _secret(spec: Field[Any]) -> bool:

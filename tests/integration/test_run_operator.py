@@ -9,7 +9,7 @@ import pytest
 
 from tests.fakes.yach import FakeYach
 from tests.harness import bridge_env, openai_env
-from tests.procs import BridgeProcess, RedisServer, closing_all, wait_for
+from tests.procs import BridgeProcess, RedisServer, Spawner, closing_all, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -37,3 +37,18 @@ async def test_a_redis_that_wants_a_password_is_named_as_the_reason(
                 assert "refused the credentials" in event.get("reason", ""), event
         log = (tmp_path / f"bridge{n}.log").read_text()
         assert "wrong-pw-9c1e" not in log and REDIS_PASSWORD not in log
+
+
+async def test_variables_never_read_are_logged_at_start_as_check_prints_them(
+    redis_url: str, bot_id: str, yach: FakeYach, spawn: Spawner
+) -> None:
+    """A typo in the unit's EnvironmentFile (BRIDGE_DRAIN_TIMEOUT instead of …_S) was silent
+    under `run`: the setting kept its default and only `check` said why."""
+    env = bridge_env(redis_url, bot_id, yach, **openai_env("http://127.0.0.1:9/v1"),
+                     BRIDGE_DRAIN_TIMEOUT="5")  # fmt: skip
+    bridge = await spawn(env).start()
+    [line] = bridge.events("variable_not_read")
+    assert line["level"] == "warning"
+    assert line["detail"] == (
+        "BRIDGE_DRAIN_TIMEOUT is not a chatbridge variable; did you mean BRIDGE_DRAIN_TIMEOUT_S?"
+    )
