@@ -71,6 +71,7 @@ _MIDWAY_MESSAGES = {
 _OPERATORS_TO_FIX = (ErrorKind.AUTH, ErrorKind.NOT_FOUND)  # logged at error level
 _TICK_S = 0.25
 _REST_JOURNAL_S = 2.0  # an interrupted turn's last journal writes, at most
+_CUT_SHORT_WAIT_S = 15.0  # for a cancelled turn to cancel its sender (its upstream closing)
 _TOKENS = (TextDelta, ReasoningDelta)
 _SHOWN = (TextDelta, TextReplace)
 _COMPOSED = (TextDelta, ReasoningDelta, TextReplace, AgentSwitch, Suggestions)  # the rest: _handle
@@ -125,6 +126,13 @@ class _Outgoing:
     _ended: bool = False  # the end (None) was taken from the queue
     _end_journalled: bool = False
     _confirmed: int | None = None  # sent; marked with the next journal write
+    # The turn's task, and how many cancellations it had been asked when this one began.
+    _turn: asyncio.Task[Any] | None = None
+    _cancels: int = 0
+
+    def __post_init__(self) -> None:
+        self._turn = asyncio.current_task()
+        self._cancels = self._turn.cancelling() if self._turn is not None else 0
 
     async def run(self) -> None:
         try:
@@ -145,10 +153,12 @@ class _Outgoing:
                 if not self.index:
                     await self.notice.before_first_message()
                 await outbox.acquire(target)
+                await self._unless_cut_short()
             except asyncio.CancelledError:
                 self._carried.appendleft(text)
                 raise
             piece, last = await self._journal(text)
+            await self._unless_cut_short()
             await outbox.deliver(target, _as_piece(piece), budget_taken=True)
             if last and self.record_follows:
                 self.unmarked = piece.index
@@ -165,6 +175,18 @@ class _Outgoing:
             self.unmarked = self._confirmed
         elif self.index:  # a failed turn: its notice went last
             await self._journal_failed_end()
+
+    async def _unless_cut_short(self) -> None:
+        """Once the turn is being cancelled (`/stop`, a drain's deadline, the session lost),
+        nothing more goes out: this waits for the turn to cancel the sender in turn, which
+        journals what waits, the composer's leftovers included. (The cancellation may take
+        seconds to reach the turn: an upstream's generator on its way out first asks the
+        upstream to stop generating — Dify, ChatGPT — and may wait `STOP_TIMEOUT_S` for it.)
+        Bounded all the same: past the bound, it journals what waits and ends."""
+        turn = self._turn
+        if turn is not None and turn.cancelling() > self._cancels:
+            await asyncio.sleep(_CUT_SHORT_WAIT_S)  # until cancelled: the turn's end does
+            raise asyncio.CancelledError
 
     async def _journal_rest(self) -> None:
         """Journal, without sending, what waits: for the replay to send (bounded: a drain
