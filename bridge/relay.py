@@ -108,7 +108,8 @@ class _Outgoing:
     not journalled yet — pieces waiting for the send budget, and the answer's end — so
     that the replay sends them instead of dropping them (SPEC §4: excess is queued, never
     dropped). The writes are fenced by the lock as always; a stopped entry is never
-    replayed (its stop key says so)."""
+    replayed (its stop key says so). It sends nothing more from the moment the turn is
+    asked to stop, before that reaches the turn (`_unless_cut_short`)."""
 
     runner: TurnRunner
     entry: Entry
