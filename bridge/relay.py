@@ -175,7 +175,7 @@ class _Outgoing:
         if self.record_follows:
             self.unmarked = self._confirmed
         elif self.index:  # a failed turn: its notice went last
-            await self._journal_failed_end()
+            await self._journal_end()
 
     async def _unless_cut_short(self) -> None:
         """Once the turn is being cancelled (`/stop`, a drain's deadline, the session lost),
@@ -195,9 +195,10 @@ class _Outgoing:
         async with asyncio.timeout(_REST_JOURNAL_S):
             while (text := self._take_waiting()) is not None:
                 await self._journal(text)
-            failed_end = self._ended and not self.record_follows
-            if failed_end and self.index and not self._end_journalled:
-                await self._journal_failed_end()
+            # The end taken (here, or before a send cut short): the journal says the answer
+            # is whole — else the replay would add a cut-off notice to a whole answer.
+            if self._ended and self.index and not self._end_journalled:
+                await self._journal_end()
 
     async def _journal(self, text: str) -> tuple[JournalPiece, bool]:
         """Journal the next piece — `text` and what waits behind it, merged — fenced by the
@@ -230,12 +231,14 @@ class _Outgoing:
         self._end_journalled = last
         return piece, last
 
-    async def _journal_failed_end(self) -> None:
+    async def _journal_end(self) -> None:
+        """The journal complete (the record's write does it for an answered turn that is not
+        cut short), a failed turn's marked `failed`."""
         await self.runner.sessions.journal_complete(
             self.entry.chat_session_id,
             self.entry.entry_id,
             self.lock,
-            failed=True,
+            failed=not self.record_follows,
             sent=self._confirmed,
         )
         self._end_journalled = True
