@@ -71,6 +71,7 @@ _MIDWAY_MESSAGES = {
 _OPERATORS_TO_FIX = (ErrorKind.AUTH, ErrorKind.NOT_FOUND)  # logged at error level
 _TICK_S = 0.25
 _REST_JOURNAL_S = 2.0  # an interrupted turn's last journal writes, at most
+_CUT_SHORT_WAIT_S = 15.0  # for a cancelled turn to cancel its sender (its upstream closing)
 _TOKENS = (TextDelta, ReasoningDelta)
 _SHOWN = (TextDelta, TextReplace)
 _COMPOSED = (TextDelta, ReasoningDelta, TextReplace, AgentSwitch, Suggestions)  # the rest: _handle
@@ -107,7 +108,8 @@ class _Outgoing:
     not journalled yet — pieces waiting for the send budget, and the answer's end — so
     that the replay sends them instead of dropping them (SPEC §4: excess is queued, never
     dropped). The writes are fenced by the lock as always; a stopped entry is never
-    replayed (its stop key says so)."""
+    replayed (its stop key says so). It sends nothing more from the moment the turn is
+    asked to stop, before that reaches the turn (`_unless_cut_short`)."""
 
     runner: TurnRunner
     entry: Entry
@@ -125,6 +127,13 @@ class _Outgoing:
     _ended: bool = False  # the end (None) was taken from the queue
     _end_journalled: bool = False
     _confirmed: int | None = None  # sent; marked with the next journal write
+    # The turn's task, and how many cancellations it had been asked when this one began.
+    _turn: asyncio.Task[Any] | None = None
+    _cancels: int = 0
+
+    def __post_init__(self) -> None:
+        self._turn = asyncio.current_task()
+        self._cancels = self._turn.cancelling() if self._turn is not None else 0
 
     async def run(self) -> None:
         try:
@@ -145,10 +154,12 @@ class _Outgoing:
                 if not self.index:
                     await self.notice.before_first_message()
                 await outbox.acquire(target)
+                await self._unless_cut_short()
             except asyncio.CancelledError:
                 self._carried.appendleft(text)
                 raise
             piece, last = await self._journal(text)
+            await self._unless_cut_short()
             await outbox.deliver(target, _as_piece(piece), budget_taken=True)
             if last and self.record_follows:
                 self.unmarked = piece.index
@@ -164,7 +175,19 @@ class _Outgoing:
         if self.record_follows:
             self.unmarked = self._confirmed
         elif self.index:  # a failed turn: its notice went last
-            await self._journal_failed_end()
+            await self._journal_end()
+
+    async def _unless_cut_short(self) -> None:
+        """Once the turn is being cancelled (`/stop`, a drain's deadline, the session lost),
+        nothing more goes out: this waits for the turn to cancel the sender in turn, which
+        journals what waits, the composer's leftovers included. (The cancellation may take
+        seconds to reach the turn: an upstream's generator on its way out first asks the
+        upstream to stop generating — Dify, ChatGPT — and may wait `STOP_TIMEOUT_S` for it.)
+        Bounded all the same: past the bound, it journals what waits and ends."""
+        turn = self._turn
+        if turn is not None and turn.cancelling() > self._cancels:
+            await asyncio.sleep(_CUT_SHORT_WAIT_S)  # until cancelled: the turn's end does
+            raise asyncio.CancelledError
 
     async def _journal_rest(self) -> None:
         """Journal, without sending, what waits: for the replay to send (bounded: a drain
@@ -172,9 +195,10 @@ class _Outgoing:
         async with asyncio.timeout(_REST_JOURNAL_S):
             while (text := self._take_waiting()) is not None:
                 await self._journal(text)
-            failed_end = self._ended and not self.record_follows
-            if failed_end and self.index and not self._end_journalled:
-                await self._journal_failed_end()
+            # The end taken (here, or before a send cut short): the journal says the answer
+            # is whole — else the replay would add a cut-off notice to a whole answer.
+            if self._ended and self.index and not self._end_journalled:
+                await self._journal_end()
 
     async def _journal(self, text: str) -> tuple[JournalPiece, bool]:
         """Journal the next piece — `text` and what waits behind it, merged — fenced by the
@@ -207,12 +231,14 @@ class _Outgoing:
         self._end_journalled = last
         return piece, last
 
-    async def _journal_failed_end(self) -> None:
+    async def _journal_end(self) -> None:
+        """The journal complete (the record's write does it for an answered turn that is not
+        cut short), a failed turn's marked `failed`."""
         await self.runner.sessions.journal_complete(
             self.entry.chat_session_id,
             self.entry.entry_id,
             self.lock,
-            failed=True,
+            failed=not self.record_follows,
             sent=self._confirmed,
         )
         self._end_journalled = True

@@ -57,6 +57,7 @@ _PRUNE_IDLE_MS = 3_600_000  # a consumer idle an hour with nothing pending has e
 _HEALTHY_RUN_S = 10.0  # a loop that ran this long without failing starts its backoff over
 # The least an ack keeps trying through a Redis outage; else as long as the entry's lock lives.
 _MIN_ACK_PATIENCE_S = 10.0
+_MIN_NOTICE_TRIES = 3  # deliveries past BRIDGE_MAX_ATTEMPTS that try the dead-letter notice
 
 
 def _raise_if_cancelled() -> None:
@@ -477,7 +478,7 @@ class Worker:
         if entry.kind is EntryKind.TURN:
             await self._turn(held)
         elif entry.deliveries > self.settings.max_attempts:
-            await self._dead_letter(held)
+            await self._dead_letter(held, entry.deliveries)
         elif entry.kind is EntryKind.COMMAND:
             reply = await self.commands.answer(entry)
             await self.runner.notice(entry.message.target, entry.entry_id, reply, "reply")
@@ -508,7 +509,7 @@ class Worker:
             await asyncio.shield(self._stopped(held))
             return
         if started.counted and self._out_of_attempts(started.attempt, started):
-            await self._dead_letter(held)
+            await self._dead_letter(held, started.attempt)
             return
         if not held.slot:
             await self._turn_slots.acquire()
@@ -522,7 +523,7 @@ class Worker:
                     entry.chat_session_id, entry.entry_id, held.lock
                 )
                 if self._out_of_attempts(attempt, started):
-                    await self._dead_letter(held)
+                    await self._dead_letter(held, attempt)
                     return
             held.phase = _Phase.RUNNING
             self.metrics.inflight_turns.inc()
@@ -541,6 +542,12 @@ class Worker:
             return
         self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome=outcome.value).inc()
         log.info("turn_done", outcome=outcome.value)
+
+    @property
+    def _notice_tries(self) -> int:
+        """On how many deliveries past the limit the dead-letter notice is tried at most:
+        BRIDGE_MAX_ATTEMPTS, and 3 at least."""
+        return max(self.settings.max_attempts, _MIN_NOTICE_TRIES)
 
     def _out_of_attempts(self, attempt: int, started: Start) -> bool:
         """Whether the turn's attempt is past BRIDGE_MAX_ATTEMPTS, and its answer was not
@@ -704,16 +711,29 @@ class Worker:
         )
         await self._ack(held)
 
-    async def _dead_letter(self, held: _Held) -> None:
+    async def _dead_letter(self, held: _Held, delivery: int) -> None:
         """BRIDGE_MAX_ATTEMPTS attempts failed already: tell the user, then move the entry to
         the dead letters and acknowledge it, in one step. A notice the IM refuses (after the
         outbox's retries) raises `SendError`: the entry is left pending, and its next
         delivery, over the limit still, sends the notice again — under the same message_id,
-        without running anything — until it gets through."""
+        without running anything — until it gets through, on `_notice_tries` deliveries past
+        the limit at most (`delivery` is this one's number): an IM that refuses the group for
+        good (the robot removed) must not keep the entry, and the session's later questions
+        behind it, for ever. Then it is dead-lettered all the same (SPEC §6), logged."""
         entry = held.entry
-        await self.runner.notice(
-            entry.message.target, entry.entry_id, self.catalogue("dead_letter"), "dead"
-        )
+        try:
+            await self.runner.notice(
+                entry.message.target, entry.entry_id, self.catalogue("dead_letter"), "dead"
+            )
+        except SendError as exc:
+            if delivery < self.settings.max_attempts + self._notice_tries:
+                raise
+            log.error(
+                "dead_letter_notice_failed",
+                reason=exc.reason,
+                tries=delivery - self.settings.max_attempts,
+                outcome="dead-lettered without the notice",
+            )
         # Attempts are counted up to the limit only: each delivery past it (a notice sent
         # again) runs nothing.
         attempts = self.settings.max_attempts

@@ -8,6 +8,7 @@ agent thoughts and TTS that repeat or surround the answer, `message_end` with us
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -103,7 +104,8 @@ def failing() -> list[dict[str, Any] | str]:
 class DifyFake(ScriptedFake):
     """`POST /v1/chat-messages` streams `stream` (a `chatflow()` answer) to the right key;
     `DELETE /v1/conversations/{id}` answers 204 and `deleted` holds (id, user) pairs;
-    `POST /v1/chat-messages/{task_id}/stop` answers `{"result": "success"}`."""
+    `POST /v1/chat-messages/{task_id}/stop` answers `{"result": "success"}`, after
+    `stop_delay_s` (a slow Dify)."""
 
     max_size = 64
 
@@ -111,6 +113,7 @@ class DifyFake(ScriptedFake):
         super().__init__(seed)
         self.stream = render(chatflow())
         self.deleted: list[tuple[str, str]] = []
+        self.stop_delay_s = 0.0
         self.script = Script(self.answer())
         self.app.router.add_post(PATH, guarded(self.script.handle, self._refusal))
         self.app.router.add_delete("/v1/conversations/{conversation_id}",
@@ -146,4 +149,5 @@ class DifyFake(ScriptedFake):
         return web.Response(status=204)
 
     async def _stop(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(self.stop_delay_s)
         return web.json_response({"result": "success"})

@@ -84,3 +84,35 @@ async def test_a_commands_dead_letter_notice_the_im_refused_is_sent_once_it_is_b
         await upstream.close()
     assert yach.texts() == [EN["dead_letter"]]
     assert await redis_client.xlen(keys.dead) == 1
+
+
+@pytest.mark.parametrize("kind", ["turn", "command"])
+async def test_a_dead_letter_notice_the_im_never_takes_does_not_hold_the_entry_for_ever(
+    redis_url: str, bot_id: str, redis_client: aioredis.Redis, yach: FakeYach, kind: str
+) -> None:
+    """An IM that refuses every send to the group for good (the robot removed, its token
+    revoked): the notice is tried again on BRIDGE_MAX_ATTEMPTS more deliveries, then the
+    entry goes to the dead letters all the same (SPEC §6), logged at error level, instead of
+    being redelivered for ever with the session's later questions stuck behind it."""
+    upstream = await FakeOpenAI().start()
+    keys = Keys(bot_id)
+    yach.fail_next(500, times=10**6)
+    env = _env(redis_url, bot_id, yach, upstream)
+    try:
+        async with running_bridge(env, send_backoff_s=SEND_BACKOFF_S) as bridge:
+            text = "never delivered" if kind == "turn" else "/help"
+            assert (await bridge.post(group_message(text)))[0] == 200
+            for _ in range(100):  # 20 s
+                if await redis_client.xlen(keys.dead):
+                    break
+                await asyncio.sleep(0.2)
+            assert await redis_client.xlen(keys.dead) == 1
+            assert await redis_client.xlen(keys.inbox) == 0
+            yach.failures.clear()  # the IM is back: the session goes on
+            assert (await bridge.post(group_message("and now?")))[0] == 200
+            await wait_until(lambda: len(yach.shown) >= 1, timeout=10)
+    finally:
+        await upstream.close()
+    assert yach.texts() == ["You said: and now?. (history: 0 messages)"]
+    dead = await redis_client.xrange(keys.dead)
+    assert [fields[b"reason"] for _, fields in dead] == [b"1 attempts"]

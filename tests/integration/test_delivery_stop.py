@@ -10,6 +10,8 @@ import redis.asyncio as aioredis
 
 from bridge.messages import MESSAGES
 from bridge.store import Keys
+from tests.fakes.dify import STOP, DifyFake, render
+from tests.fakes.dify import event as dify_event
 from tests.fakes.yach import FakeYach
 from tests.harness import bridge_env, group_message, openai_env, running_bridge, wait_until
 from tests.procs import PacedOpenAI
@@ -114,3 +116,33 @@ async def test_stop_reaches_a_turn_waiting_for_redelivery_after_its_send_failed(
         await upstream.close()
     assert yach.texts() == [EN["stopped"]]
     assert upstream.started == ["unlucky"]
+
+
+async def test_nothing_more_is_sent_while_a_stopped_upstream_is_told_to_stop(
+    redis_url: str, bot_id: str, redis_client: aioredis.Redis, yach: FakeYach
+) -> None:
+    """Dify is told to stop generating (`POST …/stop`) while the stopped turn closes its
+    stream; that request may take seconds. Pieces of the answer still waiting for the send
+    budget then must not go out after the "stopped" confirmation: the sender stops first."""
+    sentences = [f"Sentence number {n} of a long answer. " for n in range(1, 13)]
+    async with DifyFake() as dify:
+        dify.stream = render([dify_event("message", answer=s) for s in sentences])
+        dify.delay_s = 0.02  # sentences keep coming while pieces wait for the budget
+        dify.script.then(dify.answer(stall_after=10**6))
+        dify.stop_delay_s = 3.0
+        env = bridge_env(
+            redis_url, bot_id, yach, **dify.env(), BRIDGE_LANG="en",
+            BRIDGE_REPLY_MODE="stream", BRIDGE_FLUSH_MIN_CHARS="0", BRIDGE_FLUSH_MAX_WAIT_S="0",
+            BRIDGE_YACH_SEND_RATE="1/3",
+        )  # fmt: skip
+        async with running_bridge(env) as bridge:
+            assert (await bridge.post(group_message("talk for a long time")))[0] == 200
+            await wait_until(lambda: len(yach.shown) >= 1, timeout=10)
+            await asyncio.sleep(1.5)  # the next piece waits for the budget (3 s)
+            shown_before_stop = yach.texts()
+            assert (await bridge.post(group_message("/stop")))[0] == 200
+            await wait_until(lambda: EN["stopped"] in yach.texts(), timeout=5)
+            await dify.server.wait_for_requests(1, STOP, timeout=5)
+            await asyncio.sleep(3.5)  # the stop request's 3 s; the budget freed meanwhile
+            assert yach.texts() == [*shown_before_stop, EN["stopped"]]
+            assert await redis_client.xlen(Keys(bot_id).inbox) == 0

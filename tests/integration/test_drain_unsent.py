@@ -5,12 +5,14 @@ never dropped). A turn whose upstream had answered in full gets no cut-off notic
 
 from __future__ import annotations
 
+import asyncio
+
 import redis.asyncio as aioredis
 
 from bridge.messages import Catalogue
 from bridge.store import Keys
 from tests.fakes.openai import SCRIPTED_ANSWER, ScriptedOpenAI, chunks_for
-from tests.fakes.yach import FakeYach
+from tests.fakes.yach import APP_KEY, APP_SECRET, FakeYach
 from tests.harness import bridge_env, group_message, running_bridge, wait_until
 from tests.procs import wait_acknowledged
 
@@ -76,3 +78,27 @@ async def test_text_still_streaming_at_the_drain_is_sent_by_the_next_process_wit
     texts = yach.texts()
     assert shown_before == 1 and texts[-1] == CUT_OFF
     assert _words(texts[:-1]) == HEAD
+
+
+async def test_a_whole_answer_whose_last_send_the_drain_cuts_gets_no_notice(
+    redis_url: str, bot_id: str, redis_client: aioredis.Redis, yach: FakeYach
+) -> None:
+    """The answer's last piece had left (at its sentence's end) when the upstream's end
+    came; its send is still on the wire at the drain's deadline. The answer was whole: the
+    next process sends that piece again (same message_id), with no cut-off notice."""
+    answer = "Only one sentence here. "
+    async with ScriptedOpenAI() as upstream:
+        upstream.delay_s = 0.03  # the end comes after the piece has gone to be sent
+        upstream.script.then(upstream.sse(chunks_for(answer)))
+        env = _env(redis_url, bot_id, yach, upstream, send_rate="0")
+        env.update(BRIDGE_YACH_APP_KEY=APP_KEY, BRIDGE_YACH_APP_SECRET=APP_SECRET)
+        yach.hold_next()  # the piece's send: it never answers
+        async with running_bridge(env) as bridge:
+            assert (await bridge.post(group_message("q")))[0] == 200
+            await wait_until(lambda: len(yach.held) == 1, timeout=10)
+            await asyncio.sleep(3)  # the upstream's end has come (~1 s)
+        async with running_bridge(env):
+            await wait_acknowledged(redis_client, Keys(bot_id).inbox)
+    texts = yach.texts()
+    assert CUT_OFF not in texts, texts
+    assert _words(texts) == answer.strip()
