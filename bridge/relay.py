@@ -109,7 +109,7 @@ class _Outgoing:
     that the replay sends them instead of dropping them (SPEC §4: excess is queued, never
     dropped). The writes are fenced by the lock as always; a stopped entry is never
     replayed (its stop key says so). It sends nothing more from the moment the turn is
-    asked to stop, before that reaches the turn (`_unless_cut_short`)."""
+    asked to stop, before that reaches the turn (`_cut_short`)."""
 
     runner: TurnRunner
     entry: Entry
@@ -154,12 +154,14 @@ class _Outgoing:
                 if not self.index:
                     await self.notice.before_first_message()
                 await outbox.acquire(target)
-                await self._unless_cut_short()
+                if self._cut_short():
+                    await self._until_cancelled()
             except asyncio.CancelledError:
                 self._carried.appendleft(text)
                 raise
             piece, last = await self._journal(text)
-            await self._unless_cut_short()
+            if self._cut_short():
+                await self._until_cancelled()
             await outbox.deliver(target, _as_piece(piece), budget_taken=True)
             if last and self.record_follows:
                 self.unmarked = piece.index
@@ -177,17 +179,20 @@ class _Outgoing:
         elif self.index:  # a failed turn: its notice went last
             await self._journal_end()
 
-    async def _unless_cut_short(self) -> None:
-        """Once the turn is being cancelled (`/stop`, a drain's deadline, the session lost),
-        nothing more goes out: this waits for the turn to cancel the sender in turn, which
-        journals what waits, the composer's leftovers included. (The cancellation may take
-        seconds to reach the turn: an upstream's generator on its way out first asks the
-        upstream to stop generating — Dify, ChatGPT — and may wait `STOP_TIMEOUT_S` for it.)
-        Bounded all the same: past the bound, it journals what waits and ends."""
+    def _cut_short(self) -> bool:
+        """Whether the turn is being cancelled (`/stop`, a drain's deadline, the session
+        lost): then nothing more goes out (a plain check: it comes twice in every piece)."""
         turn = self._turn
-        if turn is not None and turn.cancelling() > self._cancels:
-            await asyncio.sleep(_CUT_SHORT_WAIT_S)  # until cancelled: the turn's end does
-            raise asyncio.CancelledError
+        return turn is not None and turn.cancelling() > self._cancels
+
+    async def _until_cancelled(self) -> None:
+        """Wait for the turn to cancel the sender in turn, which journals what waits, the
+        composer's leftovers included. (The cancellation may take seconds to reach the turn:
+        an upstream's generator on its way out first asks the upstream to stop generating —
+        Dify, ChatGPT — and may wait `STOP_TIMEOUT_S` for it.) Bounded all the same: past
+        the bound, it journals what waits and ends."""
+        await asyncio.sleep(_CUT_SHORT_WAIT_S)  # until cancelled: the turn's end does
+        raise asyncio.CancelledError
 
     async def _journal_rest(self) -> None:
         """Journal, without sending, what waits: for the replay to send (bounded: a drain
