@@ -696,7 +696,11 @@ class Worker:
     async def _stopped(self, held: _Held) -> None:
         """A stopped turn is acknowledged and never retried; nothing more of it is sent.
         Its stop key stays while the entry is another worker's: that one acknowledges it
-        unrun when its turn starts, instead of running it."""
+        unrun when its turn starts, instead of running it. A stopped turn is a turn of its
+        session (SPEC §5: TTL refreshed each turn): the session is refreshed, under the lock,
+        before the ack lets the lock go (and so before a `/reset` that stopped it forgets)."""
+        if held.lock and not held.lost:
+            await self._refresh_session(held)
         if not await self._ack(held):
             return
         with contextlib.suppress(RedisError):

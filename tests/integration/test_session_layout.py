@@ -179,3 +179,43 @@ async def test_a_failed_first_turn_leaves_no_session(
     finally:
         await upstream.close()
     assert not await redis_client.exists(f"chatbridge:{{{bot_id}}}:session:yach:g:g1:u:u1")
+
+
+async def test_a_stopped_turn_refreshes_the_sessions_ttl(
+    redis_url: str, bot_id: str, yach: FakeYach, redis_client: aioredis.Redis,
+) -> None:
+    """SPEC §5 "TTL refreshed each turn", §2 "idle time after which a session's mapping
+    expires": a turn the user stopped with `/stop` was a turn (the question reached the
+    upstream), so the session is no longer idle. Its TTL, its history's and `last_active`
+    are refreshed; `turns` (answered turns) and the history stay as they were."""
+    from tests.integration.test_commands import EchoUnlessSlow
+
+    fake = await EchoUnlessSlow().start()
+    key = f"chatbridge:{{{bot_id}}}:session:yach:g:g1:u:u1"
+    history_key = f"chatbridge:{{{bot_id}}}:history:yach:g:g1:u:u1"
+    earlier = {"upstream": "openai", "conversation": "{}", "created_at": "1", "last_active": "1",
+               "turns": "2"}  # fmt: skip
+    await redis_client.hset(key, mapping=earlier)
+    await redis_client.rpush(history_key, '{"question": "q", "answer": "a"}')
+    for each in (key, history_key):
+        await redis_client.expire(each, 60)  # about to end, were it not refreshed
+    env = bridge_env(redis_url, bot_id, yach, **openai_env(fake.base_url),
+                     BRIDGE_SESSION_TTL_S=str(TTL_S), BRIDGE_LANG="en")  # fmt: skip
+    before = time.time()
+    try:
+        async with running_bridge(env) as bridge:
+            assert (await bridge.post(group_message("slow one")))[0] == 200
+            await asyncio.wait_for(fake.holding.wait(), timeout=5)
+            assert (await bridge.post(group_message("/stop")))[0] == 200
+            await wait_until(lambda: EN["stopped"] in yach.texts())
+            await wait_acknowledged(redis_client, f"chatbridge:{{{bot_id}}}:inbox")
+    finally:
+        await fake.close()
+    state = {k.decode(): v.decode() for k, v in (await redis_client.hgetall(key)).items()}
+    assert {k: v for k, v in state.items() if k != "last_active"} == {
+        k: v for k, v in earlier.items() if k != "last_active"
+    }
+    assert before - 1 <= float(state["last_active"]) <= time.time() + 1
+    assert TTL_S - 60 <= await redis_client.ttl(key) <= TTL_S
+    assert TTL_S - 60 <= await redis_client.ttl(history_key) <= TTL_S
+    assert await redis_client.llen(history_key) == 1
