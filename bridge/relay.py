@@ -43,7 +43,7 @@ from bridge.metrics import Metrics
 from bridge.outbox import Outbox
 from bridge.sessions import Journal, JournalPiece, LockLost, Sessions, Start
 from bridge.surrogates import SurrogateJoiner
-from bridge.tasks import complete_shielded
+from bridge.tasks import cancel_and_wait, complete_shielded
 from bridge.think import ThinkSplitter
 
 __all__ = ["Outcome", "PrepareInput", "TurnRunner", "message_id"]
@@ -125,6 +125,7 @@ class _Outgoing:
     # put back when interrupted before its journal write.
     _carried: collections.deque[str] = field(default_factory=collections.deque)
     _ended: bool = False  # the end (None) was taken from the queue
+    _took_text: bool = False  # a text was taken from the queue (maybe not journalled yet)
     _end_journalled: bool = False
     _confirmed: int | None = None  # sent; marked with the next journal write
     # The turn's task, and how many cancellations it had been asked when this one began.
@@ -248,15 +249,19 @@ class _Outgoing:
         )
         self._end_journalled = True
 
+    @property
+    def has_text(self) -> bool:
+        """Whether a text is on its way out: queued, or taken by the sender — journalled, or
+        held while it waits for the send budget (the queue's state alone misses that one)."""
+        return self._took_text or not self.queue.empty()
+
     async def _next(self) -> str | None:
         """The next text to go out, waiting for one; None at the end."""
         if self._carried:
             return self._carried.popleft()
         if self._ended:
             return None
-        text = await self.queue.get()
-        self._ended = text is None
-        return text
+        return self._taken(await self.queue.get())
 
     def _take_waiting(self) -> str | None:
         """The next text already waiting (carried, or queued); None if there is none."""
@@ -264,8 +269,11 @@ class _Outgoing:
             return self._carried.popleft()
         if self._ended or self.queue.empty():
             return None
-        text = self.queue.get_nowait()
+        return self._taken(self.queue.get_nowait())
+
+    def _taken(self, text: str | None) -> str | None:
         self._ended = text is None
+        self._took_text = self._took_text or text is not None
         return text
 
     def _next_is_ready(self, target: ReplyTarget) -> bool:
@@ -541,7 +549,7 @@ class TurnRunner:
                 outgoing.queue.put_nowait(text)
             if failure is not None:
                 outgoing.queue.put_nowait(Standalone(self._failure_message(failure, composer)))
-            elif not composer.answer.strip() and outgoing.index == 0 and outgoing.queue.empty():
+            elif not composer.answer.strip() and not outgoing.has_text:
                 outgoing.queue.put_nowait(Standalone(self.catalogue("empty_answer")))
             outgoing.record_follows = failure is None
             outgoing.queue.put_nowait(None)
@@ -556,11 +564,12 @@ class TurnRunner:
             raise
         finally:
             if not sender.done():
-                sender.cancel()
                 # Its last journal writes are not cut short by this turn's own cancellation,
                 # which may come again (a drain cancels until the turn has ended): they must
-                # land before the caller lets the session lock go.
-                await complete_shielded(asyncio.wait([sender]))
+                # land before the caller lets the session lock go. Cancelled again until it
+                # ends: a cancellation swallowed in redis-py would leave it waiting for the
+                # queue's end, which never comes, and this turn with it.
+                await complete_shielded(cancel_and_wait([sender]))
         self.metrics.turn_seconds.observe(self.clock() - started)
         if failure is None:
             await complete_shielded(record())

@@ -38,7 +38,7 @@ from bridge.metrics import Metrics
 from bridge.relay import Outcome, TurnRunner
 from bridge.sessions import TURN_SCRIPTS, EntryGone, LockLost, Sessions, Start
 from bridge.store import Keys, as_text, load_scripts, redis_failure
-from bridge.tasks import cancel_and_wait, cancel_requested
+from bridge.tasks import cancel_and_wait, cancel_requested, complete_shielded
 
 __all__ = ["Worker"]
 
@@ -440,6 +440,8 @@ class Worker:
                 log.info("entry_given_up", outcome="another worker has it")
                 await asyncio.shield(self._let_go(held))  # its lock, for that worker to take
                 return
+            if held.acked:  # its finishing step ended first: done, it will not run again
+                raise
             log.info("turn_interrupted", outcome="will run again")
             await asyncio.shield(self._let_go(held))
             raise
@@ -534,10 +536,12 @@ class Worker:
                 self.metrics.inflight_turns.dec()
         finally:
             self._free_slot(held)
-        if outcome is Outcome.FAILED or started.journal.failed:  # not recorded: no save in run()
-            await self._refresh_session(held)
+        # Not recorded (no save in run()): the refresh is this entry's save. Part of the
+        # finishing step, which a drain's deadline waits for: its refusal notice was sent
+        # and is not journalled, so a redelivery would send it again.
+        refresh = outcome is Outcome.FAILED or started.journal.failed
         held.phase = _Phase.FINISHING
-        await asyncio.shield(self._finish(held))  # "save, then XACK": the save was in run()
+        await complete_shielded(self._finish(held, refresh=refresh))
         if held.lost:  # claimed by another worker meanwhile: its turn now, not done here
             return
         self.metrics.turns.labels(upstream=self.runner.upstream.name, outcome=outcome.value).inc()
@@ -686,8 +690,11 @@ class Worker:
                 await self._wake(entry.chat_session_id)
         return True
 
-    async def _finish(self, held: _Held) -> None:
-        """Acknowledge (which releases the session), then wake the session's next turn."""
+    async def _finish(self, held: _Held, *, refresh: bool = False) -> None:
+        """Refresh the session of a turn that was not recorded, then acknowledge (which
+        releases the session) and wake the session's next turn."""
+        if refresh:
+            await self._refresh_session(held)
         await self._ack(held)
 
     async def _wake(self, session: str) -> None:
