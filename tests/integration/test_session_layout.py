@@ -9,6 +9,7 @@ import asyncio
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -120,6 +121,40 @@ async def test_changing_the_upstream_starts_fresh_conversations(
     assert "conversation_id" not in coze_request.json()
 
 
+@dataclass(frozen=True)
+class _ExpiringSession:
+    """A session of two answered turns, with its history, a minute from expiring."""
+
+    key: str
+    history_key: str
+    fields: dict[str, str]
+
+    async def assert_refreshed(self, redis_client: aioredis.Redis, *, since: float) -> None:
+        """Its TTL, its history's and `last_active` refreshed; nothing else changed."""
+        raw = await redis_client.hgetall(self.key)
+        state = {k.decode(): v.decode() for k, v in raw.items()}
+        last_active = state.pop("last_active")
+        assert state == {k: v for k, v in self.fields.items() if k != "last_active"}
+        assert since - 1 <= float(last_active) <= time.time() + 1
+        assert TTL_S - 60 <= await redis_client.ttl(self.key) <= TTL_S
+        assert TTL_S - 60 <= await redis_client.ttl(self.history_key) <= TTL_S
+        assert await redis_client.llen(self.history_key) == 1
+
+
+async def _expiring_session(redis_client: aioredis.Redis, bot_id: str) -> _ExpiringSession:
+    session = _ExpiringSession(
+        f"chatbridge:{{{bot_id}}}:session:yach:g:g1:u:u1",
+        f"chatbridge:{{{bot_id}}}:history:yach:g:g1:u:u1",
+        {"upstream": "openai", "conversation": "{}", "created_at": "1", "last_active": "1",
+         "turns": "2"},
+    )  # fmt: skip
+    await redis_client.hset(session.key, mapping=session.fields)
+    await redis_client.rpush(session.history_key, '{"question": "q", "answer": "a"}')
+    for each in (session.key, session.history_key):
+        await redis_client.expire(each, 60)  # about to end, were it not refreshed
+    return session
+
+
 @pytest.mark.parametrize("failure", ["upstream", "refusal"])
 async def test_a_failed_turn_refreshes_the_sessions_ttl(
     redis_url: str, bot_id: str, yach: FakeYach, redis_client: aioredis.Redis, failure: str,
@@ -129,14 +164,7 @@ async def test_a_failed_turn_refreshes_the_sessions_ttl(
     TTL of the session and of its history and sets `last_active`; `turns` counts answered
     turns, and the conversation and history stay as they were."""
     upstream = await FakeOpenAI(statuses=[503, 503]).start()
-    key = f"chatbridge:{{{bot_id}}}:session:yach:g:g1:u:u1"
-    history_key = f"chatbridge:{{{bot_id}}}:history:yach:g:g1:u:u1"
-    earlier = {"upstream": "openai", "conversation": "{}", "created_at": "1", "last_active": "1",
-               "turns": "2"}  # fmt: skip
-    await redis_client.hset(key, mapping=earlier)
-    await redis_client.rpush(history_key, '{"question": "q", "answer": "a"}')
-    for each in (key, history_key):
-        await redis_client.expire(each, 60)  # about to end, were it not refreshed
+    expiring = await _expiring_session(redis_client, bot_id)
     env = bridge_env(redis_url, bot_id, yach, **openai_env(upstream.base_url),
                      BRIDGE_SESSION_TTL_S=str(TTL_S), BRIDGE_UPSTREAM_RETRIES="1",
                      BRIDGE_IMAGE_PIPELINE="none", BRIDGE_LANG="en")  # fmt: skip
@@ -151,16 +179,9 @@ async def test_a_failed_turn_refreshes_the_sessions_ttl(
             await wait_acknowledged(redis_client, f"chatbridge:{{{bot_id}}}:inbox")
     finally:
         await upstream.close()
-    state = {k.decode(): v.decode() for k, v in (await redis_client.hgetall(key)).items()}
     notice = "upstream_unavailable" if failure == "upstream" else "image_refused"
     assert yach.texts() == [EN[notice]]
-    assert {k: v for k, v in state.items() if k != "last_active"} == {
-        k: v for k, v in earlier.items() if k != "last_active"
-    }
-    assert before - 1 <= float(state["last_active"]) <= time.time() + 1
-    assert TTL_S - 60 <= await redis_client.ttl(key) <= TTL_S
-    assert TTL_S - 60 <= await redis_client.ttl(history_key) <= TTL_S
-    assert await redis_client.llen(history_key) == 1
+    await expiring.assert_refreshed(redis_client, since=before)
 
 
 async def test_a_failed_first_turn_leaves_no_session(
@@ -191,14 +212,7 @@ async def test_a_stopped_turn_refreshes_the_sessions_ttl(
     from tests.integration.test_commands import EchoUnlessSlow
 
     fake = await EchoUnlessSlow().start()
-    key = f"chatbridge:{{{bot_id}}}:session:yach:g:g1:u:u1"
-    history_key = f"chatbridge:{{{bot_id}}}:history:yach:g:g1:u:u1"
-    earlier = {"upstream": "openai", "conversation": "{}", "created_at": "1", "last_active": "1",
-               "turns": "2"}  # fmt: skip
-    await redis_client.hset(key, mapping=earlier)
-    await redis_client.rpush(history_key, '{"question": "q", "answer": "a"}')
-    for each in (key, history_key):
-        await redis_client.expire(each, 60)  # about to end, were it not refreshed
+    expiring = await _expiring_session(redis_client, bot_id)
     env = bridge_env(redis_url, bot_id, yach, **openai_env(fake.base_url),
                      BRIDGE_SESSION_TTL_S=str(TTL_S), BRIDGE_LANG="en")  # fmt: skip
     before = time.time()
@@ -211,11 +225,4 @@ async def test_a_stopped_turn_refreshes_the_sessions_ttl(
             await wait_acknowledged(redis_client, f"chatbridge:{{{bot_id}}}:inbox")
     finally:
         await fake.close()
-    state = {k.decode(): v.decode() for k, v in (await redis_client.hgetall(key)).items()}
-    assert {k: v for k, v in state.items() if k != "last_active"} == {
-        k: v for k, v in earlier.items() if k != "last_active"
-    }
-    assert before - 1 <= float(state["last_active"]) <= time.time() + 1
-    assert TTL_S - 60 <= await redis_client.ttl(key) <= TTL_S
-    assert TTL_S - 60 <= await redis_client.ttl(history_key) <= TTL_S
-    assert await redis_client.llen(history_key) == 1
+    await expiring.assert_refreshed(redis_client, since=before)
