@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import aiohttp
 import structlog
 from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
 
 __all__ = [
     "FetchError",
@@ -187,12 +189,19 @@ class ImageFetcher:
             except aiohttp.ClientError as exc:
                 raise FetchFailed(f"cannot fetch: {type(exc).__name__}") from exc
 
-    async def check(self, url: str) -> tuple[str, list[str]]:
+    async def check(self, url: str | URL) -> tuple[str, list[str]]:
         """The URL's host and the addresses it may be reached at; FetchRefused if none."""
+        # Parsed by yarl, as aiohttp parses it to connect: the host checked is the host
+        # connected to. `urlsplit` keeps a Unicode host that yarl maps by UTS 46 (a host
+        # `1\U0001fbf27.0.0.1`, with a "segmented digit", is the IP literal 127.0.0.1 to
+        # yarl, which aiohttp connects to without asking the resolver, but a name to
+        # `urlsplit`, which the system resolver turned into `xn--17-3e23a.0.0.1`: a DNS
+        # server answering every name let a loopback connection through).
         try:
-            parts = urlsplit(url)
-            hostname = parts.hostname
-        except ValueError as exc:  # `https://[::1`, `https://[not-an-ip]/`
+            parts = url if isinstance(url, URL) else URL(url)
+            hostname = parts.raw_host
+            port = parts.port
+        except (ValueError, UnicodeError) as exc:  # `https://[::1`, `https://[not-an-ip]/`
             raise FetchRefused("malformed URL") from exc
         host = _normal_host(hostname or "")
         if not host:
@@ -202,10 +211,7 @@ class ImageFetcher:
             raise FetchRefused(f"http to {host} (only https, or http to allow-listed hosts)")
         if parts.scheme not in ("http", "https"):
             raise FetchRefused(f"scheme {parts.scheme or '(none)'} is not fetched")
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError as exc:
-            raise FetchRefused("bad port") from exc
+        port = port or (443 if parts.scheme == "https" else 80)
         addresses = [host] if _is_ip(host) else await self._addresses(host, port)
         if not allowed:
             inside = [a for a in addresses if not address_is_public(a)]
@@ -228,9 +234,10 @@ class ImageFetcher:
         self, session: aiohttp.ClientSession, resolver: _PinnedResolver, url: str
     ) -> Fetched:
         for _ in range(self.max_redirects + 1):
-            host, addresses = await self.check(url)
+            target = _parse(url)  # one parse, for the check and the connection alike
+            host, addresses = await self.check(target)
             resolver.pins[host] = addresses
-            async with session.get(url, allow_redirects=False) as response:
+            async with session.get(target, allow_redirects=False) as response:
                 if response.status in _REDIRECTS:
                     location = response.headers.get("Location")
                     if not location:
@@ -267,8 +274,25 @@ def _image_type(declared: str, data: bytes) -> str:
     raise FetchFailed(f"not an image ({declared or 'no content type'})")
 
 
+def _parse(url: str) -> URL:
+    try:
+        return URL(url)
+    except (ValueError, UnicodeError) as exc:
+        raise FetchRefused("malformed URL") from exc
+
+
 def _normal_host(host: str) -> str:
-    return host.strip().strip("[]").lower().rstrip(".")
+    """`host` as yarl (and so aiohttp) spells it: lower case, IDNA-encoded (`bücher.de` is
+    `xn--bcher-kva.de`), an IPv6 address compressed, without brackets or a trailing dot;
+    as given if yarl refuses it."""
+    host = host.strip().strip("[]").rstrip(".")
+    address, zone = host.partition("%")[::2]
+    if _is_ip(address):
+        host = str(ipaddress.ip_address(address)) + (f"%{zone}" if zone else "")
+    elif host:
+        with contextlib.suppress(ValueError, UnicodeError):
+            host = URL.build(scheme="http", host=host).raw_host or host
+    return host.lower().rstrip(".")
 
 
 def _is_ip(host: str) -> bool:

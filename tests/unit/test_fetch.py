@@ -6,6 +6,7 @@ allow-list the same URLs must be refused.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator
 
@@ -224,3 +225,48 @@ async def test_a_malformed_url_is_refused_not_raised(url: str) -> None:
 async def test_a_redirect_to_a_malformed_url_fails(images: FakeImages) -> None:
     with pytest.raises(FetchFailed, match="malformed"):
         await loopback_ok().fetch(f"{images.url}/redirect?to=https://%5B::1/a.png")
+
+
+async def test_a_host_that_is_an_ip_literal_only_to_the_connection_is_refused() -> None:
+    """`1\\U0001fbf27.0.0.1` (a Unicode "segmented digit 2") is 127.0.0.1 to yarl, which
+    aiohttp connects to without any resolver; `urlsplit` saw a name that the system resolver
+    asks for as `xn--17-3e23a.0.0.1`. A DNS server that answers every name (a wildcard,
+    NXDOMAIN rewriting) gave a public address, the check passed and the bridge connected to
+    loopback. The host checked must be the host connected to."""
+    accepted: list[object] = []
+
+    def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        writer.close()
+
+    inside = await asyncio.start_server(connected, "127.0.0.1", 0)
+    port = inside.sockets[0].getsockname()[1]
+
+    async def answers_everything(host: str, port_: int) -> list[str]:
+        return ["93.184.216.34"]
+
+    fetcher = ImageFetcher(resolve=answers_everything, timeout_s=2, connect_timeout_s=1)
+    try:
+        with pytest.raises(FetchRefused, match=r"127\.0\.0\.1"):
+            await fetcher.fetch(f"https://1\U0001fbf27.0.0.1:{port}/a.png")
+    finally:
+        inside.close()
+        await inside.wait_closed()
+    assert accepted == []
+
+
+async def test_an_internationalised_host_name_is_fetched(images: FakeImages) -> None:
+    """Allow-listed and checked in the IDNA form aiohttp connects to (it was checked and
+    pinned in Unicode, and the connection, asking for `xn--bcher-kva.test`, always failed)."""
+    port = images.url.rsplit(":", 1)[1]
+    asked: list[str] = []
+
+    async def resolve(host: str, port_: int) -> list[str]:
+        asked.append(host)
+        return ["127.0.0.1"]
+
+    images.add("book")
+    fetcher = ImageFetcher(allow_hosts={"Bücher.test"}, resolve=resolve, timeout_s=5)
+    fetched = await fetcher.fetch(f"http://bücher.test:{port}/img/book")
+    assert fetched.data == png("book")
+    assert asked == ["xn--bcher-kva.test"]
