@@ -88,8 +88,10 @@ _PATTERNS = re.compile(
             r"cookie[\"']?\s*:\s*[\"']?(?P<cookie>[^\"'\r\n]+)",
             # Bearer … anywhere else.
             r"bearer\s+(?P<bearer>[a-z0-9\-._~+/]+=*)",
-            # scheme://user:password@host
-            r"://[^\s:/@]*:(?P<userinfo>[^\s@/]+)(?=@)",
+            # scheme://user:password@host, to the last `@` of the authority as redis-py and
+            # urllib read it: `redis://:p@ss@host` has the password `p@ss` (stopping at the
+            # first `@` left `ss` showing). Not past a quote, `<` or `>`: the end of the URL.
+            r"://[^\s:/@]*:(?P<userinfo>[^\s/\"'<>]+)(?=@)",
             # X-Api-Key: … (a header line: the name starts the line or ends a dashed header
             # name, not `token: str` in a traceback's source line; after the Authorization
             # and Cookie branches).

@@ -430,3 +430,19 @@ def test_camel_case_keys_are_masked() -> None:
     (line,) = _json_lines(stream)
     assert line["session"] == {"accessToken": "***", "user": {"name": "n"}, "expires": "2026-12-01"}
     assert line["appSecret"] == "***"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        # redis-py reads the password to the last `@`: this one is `p@ssw0rd`.
+        ("redis://:p@ssw0rd@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        ("redis://user:a@b@c@redis.internal/0", "redis://user:***@redis.internal/0"),
+        (  # not past the end of the URL to another `@`
+            '{"url": "redis://:pw@h", "to": "a@b.example"}',
+            '{"url": "redis://:***@h", "to": "a@b.example"}',
+        ),
+    ],
+)
+def test_a_url_password_holding_an_at_sign_is_masked_whole(text: str, shown: str) -> None:
+    assert mask_text(text) == shown
