@@ -586,7 +586,7 @@ class _Conversation:
         self._turn_running = False
         self._stop_sent = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._starting: asyncio.Future[None] | None = None
+        self._quit_asked = asyncio.Event()
 
     @property
     def bridge(self) -> Bridge:
@@ -595,21 +595,17 @@ class _Conversation:
     async def start(self, runner: web.AppRunner) -> int | None:
         """Start the pipeline: None once it runs, else the exit code (a problem printed).
         Ctrl-C (or SIGTERM) meanwhile quits at once, not after Redis's answer or timeout."""
-        self._starting = asyncio.ensure_future(self._start(runner))
-        await asyncio.wait([self._starting])
         try:
-            self._starting.result()
-        except asyncio.CancelledError:
-            self.abandoned = True  # nothing ran: nothing to wait for
-            return EXIT_OK
+            await _unless_stopped(self._start(runner), self._quit_asked)
         except ConfigError as exc:
             return _print_problems(exc)
         except (SchemaError, RedisError, OSError, RuntimeError, ValueError) as exc:
             print(f"chatbridge: cannot start: {mask_text(str(exc))}", file=sys.stderr)
             self.abandoned = True
             return EXIT_RUNTIME
-        finally:
-            self._starting = None
+        if self._quit_asked.is_set():
+            self.abandoned = True  # nothing ran: nothing to wait for
+            return EXIT_OK
         return None
 
     async def _start(self, runner: web.AppRunner) -> None:
@@ -698,8 +694,7 @@ class _Conversation:
         without waiting for anything."""
         now = now or self.quitting
         self.quitting = True
-        if self._starting is not None:
-            self._starting.cancel()
+        self._quit_asked.set()
         if self._turn_running and not self._stop_sent:
             self._send_stop()
         if now and self._outstanding - self._finished:

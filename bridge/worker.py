@@ -690,12 +690,13 @@ class Worker:
                 await self._wake(entry.chat_session_id)
         return True
 
-    async def _finish(self, held: _Held, *, refresh: bool = False) -> None:
+    async def _finish(self, held: _Held, *, refresh: bool = False) -> bool:
         """Refresh the session of a turn that was not recorded, then acknowledge (which
-        releases the session) and wake the session's next turn."""
+        releases the session) and wake the session's next turn; False if the entry is
+        another worker's (`_ack`)."""
         if refresh:
             await self._refresh_session(held)
-        await self._ack(held)
+        return await self._ack(held)
 
     async def _wake(self, session: str) -> None:
         await self.redis.publish(self.keys.control, wake_message(session))
@@ -706,9 +707,7 @@ class Worker:
         unrun when its turn starts, instead of running it. A stopped turn is a turn of its
         session (SPEC §5: TTL refreshed each turn): the session is refreshed, under the lock,
         before the ack lets the lock go (and so before a `/reset` that stopped it forgets)."""
-        if held.lock and not held.lost:
-            await self._refresh_session(held)
-        if not await self._ack(held):
+        if not await self._finish(held, refresh=bool(held.lock) and not held.lost):
             return
         with contextlib.suppress(RedisError):
             await self.sessions.clear_stop(held.entry.chat_session_id, held.entry.entry_id)
