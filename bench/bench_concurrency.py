@@ -260,8 +260,8 @@ async def run_all(
             baseline = Baseline(args.turns, args.turns * args.tokens, int(read["ended"]),
                                 read["cpu_s"])
             if args.profile:
-                _, profile = await one_config(args, services, upstream, 1, "prof",
-                                              profile_to=work / "concurrency.pyspy")
+                raw = args.profile_raw or work / "concurrency.pyspy"
+                _, profile = await one_config(args, services, upstream, 1, "prof", profile_to=raw)
     finally:
         services.close()
     return runs, baseline, profile
@@ -335,11 +335,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="how long the turns may take before the run gives up")
     parser.add_argument("--profile", action="store_true",
                         help="one more one-process run while py-spy samples the bridge")
+    parser.add_argument("--profile-raw", type=Path, default=None,
+                        help="keep py-spy's collapsed stacks in this file (implies --profile)")
     add_priority_option(parser)
     parser.add_argument("--results", type=Path, default=None,
                         help="where to append the entry (default bench/RESULTS.md; "
                              "--quick records only when this is given)")
     args = parser.parse_args(None if argv is None else list(argv))
+    args.profile = args.profile or args.profile_raw is not None
     if args.quick:
         args.turns, args.tokens, args.interval_ms, args.workers, args.warmup = 20, 10, 10, 50, 2
         args.timeout = 30.0
