@@ -8,6 +8,7 @@ which would otherwise leave a loop or a stopped turn running for ever.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
@@ -29,13 +30,22 @@ def cancel_requested() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
-    """Cancel tasks and wait until every one has finished, cancelling again as needed."""
+async def cancel_and_wait(
+    tasks: Iterable[asyncio.Task[Any]], *, within_s: float | None = None
+) -> set[asyncio.Task[Any]]:
+    """Cancel tasks and wait until every one has finished, cancelling again as needed; with
+    `within_s`, for that long at most. The tasks still running then are returned (work they
+    shield from cancellation, `complete_shielded`, may outlast any number of cancels)."""
     pending = {task for task in tasks if not task.done()}
+    give_up = None if within_s is None else time.monotonic() + within_s
     while pending:
         for task in pending:
             task.cancel()
-        _done, pending = await asyncio.wait(pending, timeout=_RECANCEL_S)
+        wait_s = _RECANCEL_S if give_up is None else min(_RECANCEL_S, give_up - time.monotonic())
+        if wait_s <= 0:
+            break
+        _done, pending = await asyncio.wait(pending, timeout=wait_s)
+    return pending
 
 
 async def complete_shielded(coro: Coroutine[Any, Any, T]) -> T:

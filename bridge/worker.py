@@ -40,7 +40,7 @@ from bridge.sessions import TURN_SCRIPTS, EntryGone, LockLost, Sessions, Start
 from bridge.store import Keys, as_text, load_scripts, redis_failure
 from bridge.tasks import cancel_and_wait, cancel_requested, complete_shielded
 
-__all__ = ["Worker"]
+__all__ = ["DRAIN_GRACE_S", "Worker"]
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +57,11 @@ _PRUNE_IDLE_MS = 3_600_000  # a consumer idle an hour with nothing pending has e
 _HEALTHY_RUN_S = 10.0  # a loop that ran this long without failing starts its backoff over
 # The least an ack keeps trying through a Redis outage; else as long as the entry's lock lives.
 _MIN_ACK_PATIENCE_S = 10.0
+# After BRIDGE_DRAIN_TIMEOUT_S, for interrupted turns' last writes: an upstream told to stop
+# (`STOP_TIMEOUT_S`, 5 s), then the sender journalling what it holds (2 s). The unit's
+# TimeoutStopSec (45 s) stays above the default drain (25 s) and this.
+DRAIN_GRACE_S = 10.0
+_RELEASE_TIMEOUT_S = 1.0  # letting go of the claims left, if the grace is spent
 _MIN_NOTICE_TRIES = 3  # deliveries past BRIDGE_MAX_ATTEMPTS that try the dead-letter notice
 
 
@@ -175,12 +180,20 @@ class Worker:
         if tasks:
             await asyncio.wait(tasks, timeout=max(deadline - time.monotonic(), 0.0))
         interrupted = [h for h in held if h.task is not None and not h.task.done()]
-        await cancel_and_wait(h.task for h in interrupted if h.task is not None)
+        # An interrupted turn's last writes (what it composed and had not sent; a finished
+        # turn's ack, which rides a Redis outage as long as its lock lives) get a grace, not
+        # the lock's life: past it, what is unacknowledged stays pending for the next process.
+        hard_stop = deadline + DRAIN_GRACE_S
+        abandoned = await cancel_and_wait(
+            (h.task for h in interrupted if h.task is not None),
+            within_s=max(hard_stop - time.monotonic(), 0.0),
+        )
         left = [h for h in held if not h.acked and not h.lost]
-        with contextlib.suppress(RedisError):
-            await self.inbox.release(
-                [h.entry.entry_id for h in left], int(self.settings.claim_idle_s * 1000) + 1
-            )
+        with contextlib.suppress(RedisError, TimeoutError):
+            async with asyncio.timeout(max(hard_stop - time.monotonic(), _RELEASE_TIMEOUT_S)):
+                await self.inbox.release(
+                    [h.entry.entry_id for h in left], int(self.settings.claim_idle_s * 1000) + 1
+                )
         self.closed = True
         await cancel_and_wait(self._loops)
         log.info(
@@ -188,6 +201,7 @@ class Worker:
             completed=self.completed - completed_before,
             left_pending=len(left),
             interrupted=len(interrupted),
+            abandoned=len(abandoned),
             seconds=round(time.monotonic() - started, 3),
         )
 
