@@ -124,6 +124,7 @@ class Worker:
         self.completed = 0
         self._reading = False  # the read loop has read once: the workers have started
         self._failing: set[str] = set()  # the loops whose last try failed on Redis
+        self._failing_since = 0.0  # when the first of them failed (monotonic)
         self._turn_slots = asyncio.Semaphore(settings.workers)
         # What this process holds besides the entries queued behind a turn of their own
         # session: those wait for that turn, not for a worker, and must not keep the other
@@ -144,8 +145,14 @@ class Worker:
     def _went_well(self, loop: str) -> None:
         """`loop` reached Redis: a failure it had marked is over. (Each loop clears its own:
         cleared by the read loop alone, a failure of another one lasted while the read loop
-        read nothing, e.g. waiting for room while its turns ran, and /readyz said 503.)"""
+        read nothing, e.g. waiting for room while its turns ran, and /readyz said 503.)
+        The last one back logs it: else the `redis_unavailable` warnings only stopped."""
+        if loop not in self._failing:
+            return
         self._failing.discard(loop)
+        if not self._failing:
+            down_s = round(time.monotonic() - self._failing_since, 1)
+            log.info("redis_reconnected", down_s=down_s)
 
     # Lifecycle
 
@@ -220,6 +227,8 @@ class Worker:
                 return
             except RedisError as exc:
                 _raise_if_cancelled()  # a cancelled command may surface as a RedisError
+                if not self._failing:
+                    self._failing_since = time.monotonic()
                 self._failing.add(loop.__name__)
                 log.warning(
                     "redis_unavailable",

@@ -12,6 +12,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from bridge.sessions import _START  # its SHA: the command whose answer is lost
 from bridge.store import GROUP, Keys
@@ -118,31 +119,45 @@ async def test_redis_down_at_start_then_up_the_bridge_connects_and_answers(
     bot_id: str, yach: FakeYach, tmp_path: Path
 ) -> None:
     """Started before its Redis: webhooks are refused (503, nothing stored, the platform
-    retries) until Redis answers; then the workers connect and the retry is answered once."""
+    retries) until Redis answers; then the workers connect and the retry is answered once.
+    The log says so: after the `redis_unavailable` warnings, one `redis_reconnected` line
+    (before, the warnings only stopped, and the journal never said Redis was back)."""
     upstream = await PacedOpenAI().start()
     server = RedisServer(tmp_path / "late-redis")
     env = bridge_env(server.url, bot_id, yach, **openai_env(upstream.base_url))
     message = group_message("are you up?")
     try:
-        async with running_bridge(env) as bridge:
-            assert (await bridge.post(message))[0] == 503
-            assert await _readyz(bridge) == 503
-            server.start()
-            status = 0
-            for _ in range(100):  # the platform's retries, until one is stored
-                status = (await bridge.post(message))[0]
-                if status == 200:
-                    break
-                await asyncio.sleep(0.05)
-            assert status == 200
-            await wait_for(lambda: len(yach.shown) >= 1, 10, "the answer")
-            await wait_for(lambda: _ready_now(bridge), 10, "ready")
-            assert await _readyz(bridge) == 200
-            await asyncio.sleep(0.5)
+        with capture_logs() as logs:
+            await _answer_once_redis_is_up(env, server, message, yach)
     finally:
         await upstream.close()
         server.close()
     assert yach.texts() == ["You said: are you up?. (history: 0 messages)"]
+    events = [log["event"] for log in logs]
+    assert "redis_unavailable" in events
+    [back] = [log for log in logs if log["event"] == "redis_reconnected"]
+    assert events.index("redis_unavailable") < events.index("redis_reconnected")
+    assert back["down_s"] > 0
+
+
+async def _answer_once_redis_is_up(
+    env: dict[str, str], server: RedisServer, message: dict[str, object], yach: FakeYach
+) -> None:
+    async with running_bridge(env) as bridge:
+        assert (await bridge.post(message))[0] == 503
+        assert await _readyz(bridge) == 503
+        server.start()
+        status = 0
+        for _ in range(100):  # the platform's retries, until one is stored
+            status = (await bridge.post(message))[0]
+            if status == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert status == 200
+        await wait_for(lambda: len(yach.shown) >= 1, 10, "the answer")
+        await wait_for(lambda: _ready_now(bridge), 10, "ready")
+        assert await _readyz(bridge) == 200
+        await asyncio.sleep(0.5)
 
 
 @pytest.mark.parametrize("outage_s", [0.0, 0.5], ids=["cut", "cut-and-out-of-reach"])

@@ -205,3 +205,80 @@ def test_systemd_analyze_verify_would_catch_a_broken_unit(tmp_path: Path) -> Non
     result = _verify(_verifiable_copy(tmp_path, broken + "Bogus=1\n"))
     assert "WatchdogSec" in result.stderr or "thirty" in result.stderr
     assert "Bogus" in result.stderr
+
+
+SPEC = Path(__file__).resolve().parents[3] / "shared" / "SPEC.md"
+TICKED = re.compile(r"`([^`]*)`")
+
+
+def _spec_names(cell: str) -> list[str]:
+    """`BRIDGE_A` / `_B_S`: names, a shorthand taking the first name's leading parts."""
+    names: list[str] = []
+    for name in TICKED.findall(cell):
+        if name.startswith("_") and names:
+            parts = names[0].split("_")
+            name = "_".join(parts[: len(parts) - name.count("_")]) + name
+        names.append(name)
+    return names
+
+
+def _spec_default(cell: str) -> str | None:
+    """A default cell's literal value; None where SPEC names none or derives it."""
+    if cell.startswith("empty"):
+        return ""
+    literals = TICKED.findall(cell)
+    if len(literals) != 1 or cell != f"`{literals[0]}`" or literals[0].startswith("BRIDGE_"):
+        return None
+    return literals[0]
+
+
+def _spec_variables() -> dict[str, str | None]:
+    """SPEC §2: every variable → its default as SPEC writes it (None: required, derived)."""
+    section = SPEC.read_text(encoding="utf-8").split("\n## 2.")[1].split("\n## 3.")[0]
+    found: dict[str, str | None] = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`BRIDGE_"):
+            names = _spec_names(cells[0])
+            defaults = cells[1].split(" / ")
+            if len(defaults) != len(names):
+                defaults = [cells[1]] * len(names)
+            found.update(zip(names, map(_spec_default, defaults), strict=True))
+        elif len(cells) == 2 and "`BRIDGE_" in cells[1]:  # the upstreams' table
+            for name in re.findall(r"`(BRIDGE_[A-Z0-9_]+)`", cells[1]):
+                found.setdefault(name, None)
+            # `BRIDGE_X` (…; default `value`…): the first default named in its parentheses
+            pattern = r"`(BRIDGE_[A-Z0-9_]+)` \((?:[^()`]|`[^`]*`)*?default `([^`]*)`"
+            found.update(re.findall(pattern, cells[1]))
+    return found
+
+
+def _documented_defaults() -> dict[str, str]:
+    """variable → the example's comment above it, joined."""
+    comments: dict[str, str] = {}
+    block: list[str] = []
+    for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines():
+        match = ASSIGNMENT.match(line)
+        if match:
+            comments[match["name"]] = " ".join(text.lstrip("# ") for text in block)
+        block = [*block, line] if line.startswith("# ") and not match else []
+    return comments
+
+
+@pytest.mark.skipif(not SPEC.is_file(), reason="no ../shared/SPEC.md beside this clone")
+def test_env_example_gives_every_spec_variable_with_specs_default() -> None:
+    spec = _spec_variables()
+    assert len(spec) > 60, "SPEC §2 no longer parses"
+    assignments, comments = _assignments(), _documented_defaults()
+    for name, default in spec.items():
+        assert name in assignments, f"{name} (SPEC §2) is not in the example"
+        comment = comments[name]
+        if default is None:
+            continue
+        commented, value = assignments[name]
+        says = comment.partition("Default: ")[2]
+        assert says.split(" ")[0].rstrip(".") == (default or "empty") or f"= {default}" in says, (
+            f"{name}: SPEC's default is {default!r}, the example says {says!r}"
+        )
+        if not says.startswith("unset ="):  # not computed from other settings
+            assert commented and value == default, f"{name}={value}: SPEC says {default!r}"
