@@ -509,12 +509,28 @@ class Worker:
             await self.runner.notice(entry.message.target, entry.entry_id, reply, "reply")
             await self._ack(held)
         else:
-            verdict = judge(entry.message, self.settings)
+            await self._notice(held)
+
+    async def _notice(self, held: _Held) -> None:
+        """Answer a notice entry as the configuration of now judges its message: a process
+        restarted with other allow lists or another BRIDGE_MAX_INPUT_CHARS may take over one
+        left pending (its send had failed). Outside the allow lists now, it is ignored, as a
+        new message would be; a question that fits a raised limit now is stored again as the
+        turn it is (once, however often this entry is delivered) and answered in its turn."""
+        entry = held.entry
+        verdict = judge(entry.message, self.settings)
+        if verdict.kind is EntryKind.NOTICE:
             text = self.catalogue(
                 verdict.notice, length=len(entry.message.text), limit=self.settings.max_input_chars
             )
             await self.runner.notice(entry.message.target, entry.entry_id, text, "notice")
-            await self._ack(held)
+        elif verdict.kind is None:
+            log.info("entry_ignored", reason="not in the allow lists")
+        else:
+            again = entry.message._replace(dedupe_key=f"restored:{entry.entry_id}")
+            await self.inbox.put(again, verdict.kind, verdict.chat_session_id)
+            log.info("entry_restored", kind=verdict.kind.value, reason="no notice now")
+        await self._ack(held)
 
     async def _turn(self, held: _Held) -> None:
         entry = held.entry

@@ -141,6 +141,42 @@ async def test_input_too_long(redis_url: str, bot_id: str, yach: FakeYach,
     assert len(upstream.bodies) == 1
 
 
+@pytest.mark.parametrize(
+    ("changed", "shown"),
+    [({"BRIDGE_ALLOW_GROUPS": "g-other"}, []),
+     ({"BRIDGE_MAX_INPUT_CHARS": "100"}, ["You said: 一二三. (history: 0 messages)"])],
+    ids=["group-no-longer-allowed", "limit-raised"],
+)  # fmt: skip
+async def test_a_notice_left_pending_is_answered_under_a_changed_configuration(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI, redis_client: object,
+    changed: dict[str, str], shown: list[str],
+) -> None:
+    """A notice whose send failed (the platform out of reach), taken over by a bridge
+    restarted with other allow lists or a higher input limit: ignored silently if its group
+    is no longer allowed; a question that fits the limit now is answered. Judged again as no
+    notice, it raised a KeyError (a traceback at every delivery) and was dead-lettered with
+    "failed repeatedly", also to a group no longer allowed."""
+    first = {"BRIDGE_MAX_INPUT_CHARS": "2", "BRIDGE_CLAIM_IDLE_S": "1"}
+    yach.fail_next(500, times=5)  # every try of the outbox: the notice is left pending
+    async with running_bridge(env(redis_url, bot_id, yach, upstream, **first),
+                              send_backoff_s=0.01) as bridge:  # fmt: skip
+        worker = bridge.bridge.worker
+        assert worker is not None
+        await bridge.post(group_message("一二三"))
+        await wait_until(lambda: not yach.failures and not worker.held)
+    async with running_bridge(env(redis_url, bot_id, yach, upstream,
+                                  **{**first, **changed})) as bridge:  # fmt: skip
+        assert bridge.bridge.redis is not None
+        for _ in range(200):  # claimed once idle BRIDGE_CLAIM_IDLE_S, then acknowledged
+            if not await inbox_length(bridge):
+                break
+            await asyncio.sleep(0.02)
+        assert await inbox_length(bridge) == 0
+        await wait_until(lambda: len(yach.shown) == len(shown))
+        assert await bridge.bridge.redis.xlen(bridge.bridge.keys.dead) == 0
+    assert yach.texts() == shown
+
+
 @pytest.mark.parametrize("workers", ["32", "1"])
 async def test_busy_session_is_told_at_once(redis_url: str, bot_id: str, yach: FakeYach,
                                             upstream: FakeOpenAI, redis_client: object,
