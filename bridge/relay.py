@@ -95,9 +95,12 @@ class PreparedInput:
     refusal_values: dict[str, object] = field(default_factory=dict)
 
 
-def message_id(entry_id: str, label: str | int) -> str:
-    """A stable id for a piece of an entry's answer: the same on every resend."""
-    return hashlib.sha1(f"{entry_id}/{label}".encode(), usedforsecurity=False).hexdigest()[:32]
+def message_id(bot_id: str, entry_id: str, label: str | int) -> str:
+    """A stable id for a piece of an entry's answer: the same on every resend. The bot's id
+    is part of it: bots sending through one Yach app number their inbox entries each for
+    itself, and the platform shows a message_id once."""
+    key = f"{bot_id}/{entry_id}/{label}"
+    return hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()[:32]
 
 
 @dataclass
@@ -215,7 +218,7 @@ class _Outgoing:
         piece = JournalPiece(
             self.index,
             text,
-            message_id(self.entry.entry_id, self.index),
+            message_id(self.runner.settings.bot_id, self.entry.entry_id, self.index),
             mention=self.index == 0 and not target.is_direct,
             sent=False,
         )
@@ -418,7 +421,10 @@ class TurnRunner:
     async def notice(self, target: ReplyTarget, entry_id: str, text: str, label: str) -> None:
         """One of the bot's own messages: sent at once, never journalled."""
         piece = Piece(
-            text, message_id(entry_id, label), mention=not target.is_direct, kind="notice"
+            text,
+            message_id(self.settings.bot_id, entry_id, label),
+            mention=not target.is_direct,
+            kind="notice",
         )
         await self.outbox.deliver(target, piece)
 
@@ -461,7 +467,7 @@ class TurnRunner:
             unsent=sum(not p.sent for p in pieces),
             complete=journal.complete,
         )
-        cut_off_id = message_id(entry.entry_id, "cut_off")
+        cut_off_id = message_id(self.settings.bot_id, entry.entry_id, "cut_off")
         if not journal.complete:
             # The notice is journalled too, fenced by the lock like any piece: a turn that
             # lost its session (a stall) must not add it after the new holder went on, and

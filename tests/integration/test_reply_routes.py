@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
+import redis.asyncio as aioredis
 
+from bridge.store import Keys
 from tests.fakes import yach as fake_yach
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.yach import FakeYach
@@ -85,3 +88,31 @@ async def test_the_app_api_request_is_as_spec_writes_it(
                      "text": "You said: shape. (history: 0 messages)"},
         "at": {"atWorkCodes": ["W001"]},
     }
+
+
+async def test_two_bots_sending_through_one_app_never_share_a_message_id(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI,
+    redis_client: aioredis.Redis,
+) -> None:  # fmt: skip
+    """Two bots (two service instances, each its own BRIDGE_BOT_ID) may send through one Yach
+    app, and each bot's inbox numbers its entries itself: the same entry id comes up in both
+    (here forced; by chance, two messages in the same millisecond). The platform shows a
+    message_id once, so an id made of the entry id alone had one bot's answer dropped."""
+    other = f"{bot_id}-b"
+    same_next_id = f"{int(time.time() * 1000) + 60_000}-0"  # each stream's next: …-1
+    for bot in (bot_id, other):
+        inbox = Keys(bot).inbox
+        await redis_client.xadd(inbox, {"placeholder": "1"}, id=same_next_id)
+        await redis_client.xdel(inbox, same_next_id)
+    envs = [bridge_env(redis_url, bot, yach, **openai_env(upstream.base_url), **APP)
+            for bot in (bot_id, other)]  # fmt: skip
+    try:
+        async with running_bridge(envs[0]) as first, running_bridge(envs[1]) as second:
+            for bridge, group in ((first, "g-first"), (second, "g-second")):
+                assert (await bridge.post(group_message("same", group=group)))[0] == 200
+            await wait_until(lambda: len(yach.shown) == 2)
+    finally:
+        keys = [key async for key in redis_client.scan_iter(match=f"chatbridge:{{{other}}}:*")]
+        if keys:
+            await redis_client.delete(*keys)
+    assert sorted(shown.to for shown in yach.shown) == ["g-first", "g-second"]
