@@ -117,6 +117,8 @@ class Catalogue:
         return self._messages[key].format(**values)
 
     def age(self, seconds: float) -> str:
+        # A session made by a host whose clock runs ahead looks made in the future: just now.
+        seconds = max(seconds, 0.0)
         if seconds < 3600:
             return self("age_minutes", minutes=int(seconds // 60))
         if seconds < 86400:
