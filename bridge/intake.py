@@ -29,6 +29,8 @@ _ALIASES = {
     "/stop": Command.STOP, "停止": Command.STOP,
     "/status": Command.STATUS, "状态": Command.STATUS,
 }  # fmt: skip
+# The help text puts each alias beside its slash form (`/reset（重置…）`): `/重置` is meant too.
+_ALIASES |= {f"/{alias}": command for alias, command in _ALIASES.items() if alias[0] != "/"}
 # After NFKC, which makes fullwidth forms plain (`！？～` `／ｈｅｌｐ`); `。` has no plain form.
 _TRAILING_PUNCTUATION = re.compile(r"[\s。.!?~]+$")
 # What a command's first character can be (before lower-casing and the fullwidth slash).

@@ -56,6 +56,9 @@ def settings(**env: str):  # type: ignore[no-untyped-def]
         ("／ＳＴＯＰ！", Command.STOP),
         ("/status?", Command.STATUS),
         ("新对话～", Command.RESET),
+        ("/重置", Command.RESET),  # the help text writes `/reset（重置、新对话）`
+        ("／停止", Command.STOP),
+        ("/帮助", Command.HELP),
     ],
 )
 def test_commands_and_their_chinese_aliases(text: str, command: Command) -> None:
