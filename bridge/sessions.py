@@ -395,6 +395,7 @@ class Journal:
     pieces: list[JournalPiece]
     complete: bool
     failed: bool = False
+    send_refused: bool = False  # the IM refused a piece (after the outbox's retries)
 
     @property
     def delivered(self) -> bool:
@@ -452,7 +453,12 @@ def _journal(raw: Mapping[str, str]) -> Journal:
                 )
             )
     pieces.sort(key=lambda piece: piece.index)
-    return Journal(pieces, complete=raw.get("complete") == "1", failed=raw.get("failed") == "1")
+    return Journal(
+        pieces,
+        complete=raw.get("complete") == "1",
+        failed=raw.get("failed") == "1",
+        send_refused=raw.get("send_refused") == "1",
+    )
 
 
 class Sessions:
@@ -859,6 +865,15 @@ class Sessions:
     async def journal_sent(self, entry_id: str, index: int) -> None:
         key = self.keys.journal(entry_id)
         await self._patient(lambda: self._hot.command("HSET", key, f"s:{index}", "1"))
+
+    async def journal_send_refused(self, entry_id: str) -> None:
+        """The IM refused a send of this turn: its unconfirmed pieces are not merely
+        unconfirmed for want of a mark (a crash right after the send)."""
+        key = self.keys.journal(entry_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, "send_refused", "1")
+            pipe.expire(key, JOURNAL_TTL_S)
+            await pipe.execute()
 
     async def _patient(self, command: Callable[[], Awaitable[T]]) -> T:
         """Run a Redis step of a running turn (idempotent, or harmless again), riding out a
