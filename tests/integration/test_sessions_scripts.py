@@ -341,28 +341,28 @@ async def test_overlapping_resets_hold_the_session_until_the_last_one_ends(
 async def test_a_reset_done_ends_the_holds_its_dead_deliveries_left(
     sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
 ) -> None:
-    """A `/reset` delivery whose process died mid-way leaves its hold of the session. The
-    delivery that forgets the session after it ends that hold with its own — and so does a
-    delivery that finds the session forgotten (the dead one died after its forget) — so the
-    session's turns start once the reset is confirmed; another command's hold stays."""
+    """A `/reset` delivery whose process died mid-way leaves its hold of the session (its
+    token, `<command entry>:…`). The delivery that forgets the session after it ends that
+    hold with its own — and so does a delivery that finds the session forgotten (the dead
+    one died after its forget) — so the session's turns start once the reset is confirmed;
+    another command's hold stays."""
     entry = await _store(redis_client, keys)
     command = await _store(redis_client, keys, queued=False)
     other = await _store(redis_client, keys, queued=False)
-    other_hold = sessions.resetting(SESSION, other, hold_s=30)
-    await other_hold.__aenter__()
-    await sessions.resetting(SESSION, command, hold_s=30).__aenter__()  # and dies
-    assert not await sessions.was_reset(SESSION, command)
-    async with sessions.resetting(SESSION, command, hold_s=30):  # its redelivery
-        await sessions.forget(SESSION, command)
-    [left] = await redis_client.smembers(keys.resetting(SESSION))
-    assert left.decode().startswith(f"{other}:")  # still resetting: no turn starts
-    assert (await sessions.start(SESSION, entry, with_history=True)).lock == ""
-    await other_hold.__aexit__(None, None, None)
+    mark = keys.resetting(SESSION)
+    async with sessions.resetting(SESSION, other, hold_s=30):  # another reset runs
+        await redis_client.sadd(mark, f"{command}:a delivery that died")
+        assert not await sessions.was_reset(SESSION, command)
+        async with sessions.resetting(SESSION, command, hold_s=30):  # its redelivery
+            await sessions.forget(SESSION, command)
+        [left] = await redis_client.smembers(mark)
+        assert left.decode().startswith(f"{other}:")  # still resetting: no turn starts
+        assert (await sessions.start(SESSION, entry, with_history=True)).lock == ""
 
-    await sessions.resetting(SESSION, other, hold_s=30).__aenter__()
-    await sessions.forget(SESSION, other)  # and dies before its hold ends
+    await redis_client.sadd(mark, f"{other}:a delivery that died")
+    await sessions.forget(SESSION, other)  # its last step before it died
     assert await sessions.was_reset(SESSION, other)  # its redelivery finds it done
-    assert await redis_client.exists(keys.resetting(SESSION)) == 0
+    assert await redis_client.exists(mark) == 0
     assert (await sessions.start(SESSION, entry, with_history=True)).lock.endswith(entry)
 
 
