@@ -89,10 +89,10 @@ class Commands:
         (the turns after it may have begun the new conversation), and so does a delivery
         that stalled while another carried it out (`EntryGone` once that one acknowledged
         it): the session it read and forgot is the only one deleted upstream."""
-        if await self.sessions.was_reset(command_entry_id):
+        if await self.sessions.was_reset(chat_session_id, command_entry_id):
             return
         hold_s = self.claim_idle_s + _RESET_MARGIN_S
-        async with self.sessions.resetting(chat_session_id, hold_s=hold_s):
+        async with self.sessions.resetting(chat_session_id, command_entry_id, hold_s=hold_s):
             stopped = await self.stop(chat_session_id, command_entry_id)
             if stopped is not None:
                 deadline = time.monotonic() + self.claim_idle_s

@@ -338,8 +338,19 @@ redis.call('SADD', KEYS[1], ARGV[1])
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 1
 """
+# KEYS: the reset mark, the command's journal. ARGV: this delivery's token or '', the prefix
+# of every token of the command (`<entry id>:`). A delivery's hold ends with it; once the
+# command has forgotten the session ('reset' in its journal), so do the holds of its other
+# deliveries: one whose process died mid-way would otherwise keep the session's turns from
+# starting until its hold expired, after the redelivery had confirmed the reset. 1 if the
+# command's reset is done.
 _END_RESET = """
-return redis.call('SREM', KEYS[1], ARGV[1])
+if ARGV[1] ~= '' then redis.call('SREM', KEYS[1], ARGV[1]) end
+if redis.call('HEXISTS', KEYS[2], 'reset') == 0 then return 0 end
+for _, token in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if string.sub(token, 1, #ARGV[2]) == ARGV[2] then redis.call('SREM', KEYS[1], token) end
+end
+return 1
 """
 
 
@@ -384,6 +395,7 @@ class Journal:
     pieces: list[JournalPiece]
     complete: bool
     failed: bool = False
+    send_refused: bool = False  # the IM refused a piece (after the outbox's retries)
 
     @property
     def delivered(self) -> bool:
@@ -441,7 +453,12 @@ def _journal(raw: Mapping[str, str]) -> Journal:
                 )
             )
     pieces.sort(key=lambda piece: piece.index)
-    return Journal(pieces, complete=raw.get("complete") == "1", failed=raw.get("failed") == "1")
+    return Journal(
+        pieces,
+        complete=raw.get("complete") == "1",
+        failed=raw.get("failed") == "1",
+        send_refused=raw.get("send_refused") == "1",
+    )
 
 
 class Sessions:
@@ -709,18 +726,25 @@ class Sessions:
         )
 
     @contextlib.asynccontextmanager
-    async def resetting(self, chat_session_id: str, *, hold_s: float) -> AsyncIterator[None]:
+    async def resetting(
+        self, chat_session_id: str, command_entry_id: str, *, hold_s: float
+    ) -> AsyncIterator[None]:
         """While a `/reset` stops the running turn and forgets the session, no turn of the
         session starts: one queued behind the stopped turn would otherwise start as soon as
         that let go, read the old conversation, and write it back after the forget. Held
-        `hold_s` at most: the sessions of a reset whose process died are not blocked long."""
+        `hold_s` at most: the sessions of a reset whose process died are not blocked long,
+        and no longer than the delivery of the command that forgets (`_END_RESET`)."""
         key = self.keys.resetting(chat_session_id)
-        token = uuid.uuid4().hex
+        token = f"{command_entry_id}:{uuid.uuid4().hex}"
         await self._begin_reset(keys=[key], args=[token, max(int(hold_s * 1000), 1)])
         try:
             yield
         finally:
-            await self._end_reset(keys=[key], args=[token])
+            await self._end_reset_of(chat_session_id, command_entry_id, token)
+
+    async def _end_reset_of(self, chat_session_id: str, command_entry_id: str, token: str) -> bool:
+        keys = [self.keys.resetting(chat_session_id), self.keys.journal(command_entry_id)]
+        return bool(await self._end_reset(keys=keys, args=[token, f"{command_entry_id}:"]))
 
     async def stop(self, chat_session_id: str, command_entry_id: str, *, ttl_s: int) -> str | None:
         """Record a stop of the turn that holds the session, or that started and let go
@@ -748,9 +772,11 @@ class Sessions:
         any chance to stop that turn, should its Pub/Sub message be missed too)."""
         await self._clear_stop(keys=[self.keys.stop(chat_session_id)], args=[entry_id])
 
-    async def was_reset(self, command_entry_id: str) -> bool:
-        """Whether the `/reset` of this command entry has forgotten its session already."""
-        return bool(await self.redis.hexists(self.keys.journal(command_entry_id), "reset"))
+    async def was_reset(self, chat_session_id: str, command_entry_id: str) -> bool:
+        """Whether the `/reset` of this command entry has forgotten its session already;
+        if so, what is left of its holds of the session ends (a delivery that died after
+        the forget)."""
+        return await self._end_reset_of(chat_session_id, command_entry_id, "")
 
     async def forget(self, chat_session_id: str, command_entry_id: str) -> SessionState | None:
         """Drop the conversation mapping and history (the `/reset` command); a stopped turn
@@ -839,6 +865,15 @@ class Sessions:
     async def journal_sent(self, entry_id: str, index: int) -> None:
         key = self.keys.journal(entry_id)
         await self._patient(lambda: self._hot.command("HSET", key, f"s:{index}", "1"))
+
+    async def journal_send_refused(self, entry_id: str) -> None:
+        """The IM refused a send of this turn: its unconfirmed pieces are not merely
+        unconfirmed for want of a mark (a crash right after the send)."""
+        key = self.keys.journal(entry_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, "send_refused", "1")
+            pipe.expire(key, JOURNAL_TTL_S)
+            await pipe.execute()
 
     async def _patient(self, command: Callable[[], Awaitable[T]]) -> T:
         """Run a Redis step of a running turn (idempotent, or harmless again), riding out a

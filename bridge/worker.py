@@ -477,6 +477,9 @@ class Worker:
             log.warning("entry_gone", reason=str(exc), outcome="acknowledged by another worker")
         except SendError as exc:
             log.error("send_failed", reason=exc.reason, outcome="left pending for redelivery")
+            if entry.kind is EntryKind.TURN:
+                with contextlib.suppress(RedisError):
+                    await self.sessions.journal_send_refused(entry.entry_id)
             await self._let_go(held)
         except RedisError as exc:
             log.warning("redis_error", error=type(exc).__name__, outcome="left pending")
@@ -596,8 +599,17 @@ class Worker:
         """Whether the turn's attempt is past BRIDGE_MAX_ATTEMPTS, and its answer was not
         delivered already. One whose journal says it was, in full (its ack failed: Redis
         out of reach longer than its lock), is no failure: its replay shows nothing and
-        acknowledges it, where a dead letter would tell the user it failed."""
-        return attempt > self.settings.max_attempts and not started.journal.delivered
+        acknowledges it, where a dead letter would tell the user it failed. Nor is one
+        whose answer was journalled whole and never refused by the IM: its process died
+        before it learnt the last sends had gone through (the platform may show them
+        already), so it is resent without a notice (SPEC §6), as often as a dead-letter
+        notice would be tried; a dead letter would tell the user under the answer that
+        the message was dropped."""
+        journal, limit = started.journal, self.settings.max_attempts
+        if attempt <= limit or journal.delivered:
+            return False
+        resendable = journal.complete and not journal.send_refused
+        return not resendable or attempt > limit + self._notice_tries
 
     async def _refresh_session(self, held: _Held) -> None:
         """A failed turn keeps its session alive as a recorded one does (SPEC §5: TTL

@@ -176,3 +176,38 @@ async def test_a_stopped_turn_whose_process_dies_before_acknowledging_is_never_r
         await upstream.close()
     assert yach.texts() == [EN["stopped"], "You said: second. (history: 0 messages)"]
     assert upstream.started == ["stop me", "second"]  # the stopped one never ran again
+
+
+async def test_an_answer_sent_whole_on_the_last_attempt_is_not_dead_lettered_after_a_sigkill(
+    redis_url: str, bot_id: str, redis_client: aioredis.Redis, yach: FakeYach,
+    spawn: Spawner, http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    """BRIDGE_MAX_ATTEMPTS=1, app API. The answer, journalled whole, reaches the platform
+    (it shows) and the process is SIGKILLed before it learns so (the send's answer held).
+    The redelivery is past the limit, but the answer exists in full (SPEC §6: a complete
+    answer never confirmed sent is resent, without a notice): it is sent again under its
+    message_id, which shows nothing more, and acknowledged. It used to be dead-lettered,
+    the user told "failed repeatedly and was dropped; please resend" under the answer."""
+    upstream = await PacedOpenAI().start()
+    keys = Keys(bot_id)
+    env = _env(
+        redis_url, bot_id, yach, upstream, BRIDGE_MAX_ATTEMPTS="1",
+        BRIDGE_YACH_APP_KEY=fake_yach.APP_KEY, BRIDGE_YACH_APP_SECRET=fake_yach.APP_SECRET,
+    )  # fmt: skip
+    try:
+        yach.hold_next(1)
+        bridge = await spawn(env).start()
+        assert await post_webhook(http, bridge.url, group_message("hello")) == 200
+        await wait_for(lambda: len(yach.held) == 1, 10, "the answer shown, its send held")
+        bridge.kill()
+        yach.held[0].set()
+        bridge = await spawn(env).start()
+        await wait_for(lambda: bridge.events("turn_replayed"), 10, "the answer sent again")
+        await wait_acknowledged(redis_client, keys.inbox)
+        await asyncio.sleep(0.5)
+    finally:
+        await upstream.close()
+    assert yach.texts() == ["You said: hello. (history: 0 messages)"]
+    assert len(yach.server.on("/group/robot/message/send")) == 2  # the same message_id
+    assert len(upstream.started) == 1
+    assert await redis_client.xlen(keys.dead) == 0

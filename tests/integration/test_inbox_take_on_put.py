@@ -299,7 +299,7 @@ async def test_no_turn_starts_while_its_session_is_being_reset(
     """`/reset` holds its session: neither a put nor a later try starts a turn of it until
     the reset is over (other sessions start as ever)."""
     taker = taking(inbox, sessions, Taker())
-    async with sessions.resetting("s1", hold_s=30):
+    async with sessions.resetting("s1", "8-0", hold_s=30):
         await put_at_once(
             inbox, (message("r1"), EntryKind.TURN, "s1"), (message("o1"), EntryKind.TURN, "s2")
         )
@@ -318,9 +318,9 @@ async def test_a_reset_ends_only_its_own_hold(
     sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
 ) -> None:
     """A reset that outlived its hold leaves the hold of the reset after it in place."""
-    async with sessions.resetting("s1", hold_s=0.05):
+    async with sessions.resetting("s1", "8-0", hold_s=0.05):
         await asyncio.sleep(0.15)  # expired
-        async with sessions.resetting("s1", hold_s=30):
+        async with sessions.resetting("s1", "9-0", hold_s=30):
             pass
         await redis_client.sadd(keys.resetting("s1"), "a later reset's")
         await redis_client.pexpire(keys.resetting("s1"), 30_000)

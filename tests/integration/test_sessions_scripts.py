@@ -329,13 +329,41 @@ async def test_overlapping_resets_hold_the_session_until_the_last_one_ends(
     """Two `/reset`s of one session (two command entries, two workers) overlap: the one that
     ends first must not let turns start while the other still waits to forget."""
     entry = await _store(redis_client, keys)
-    async with sessions.resetting(SESSION, hold_s=30):
-        async with sessions.resetting(SESSION, hold_s=30):
+    async with sessions.resetting(SESSION, "8-0", hold_s=30):
+        async with sessions.resetting(SESSION, "9-0", hold_s=30):
             pass
         blocked = await sessions.start(SESSION, entry, with_history=True)
         assert (blocked.ahead, blocked.lock) == (0, "")
     started = await sessions.start(SESSION, entry, with_history=True)
     assert started.lock.endswith(f":{entry}")
+
+
+async def test_a_reset_done_ends_the_holds_its_dead_deliveries_left(
+    sessions: Sessions, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """A `/reset` delivery whose process died mid-way leaves its hold of the session (its
+    token, `<command entry>:…`). The delivery that forgets the session after it ends that
+    hold with its own — and so does a delivery that finds the session forgotten (the dead
+    one died after its forget) — so the session's turns start once the reset is confirmed;
+    another command's hold stays."""
+    entry = await _store(redis_client, keys)
+    command = await _store(redis_client, keys, queued=False)
+    other = await _store(redis_client, keys, queued=False)
+    mark = keys.resetting(SESSION)
+    async with sessions.resetting(SESSION, other, hold_s=30):  # another reset runs
+        await redis_client.sadd(mark, f"{command}:a delivery that died")
+        assert not await sessions.was_reset(SESSION, command)
+        async with sessions.resetting(SESSION, command, hold_s=30):  # its redelivery
+            await sessions.forget(SESSION, command)
+        [left] = await redis_client.smembers(mark)
+        assert left.decode().startswith(f"{other}:")  # still resetting: no turn starts
+        assert (await sessions.start(SESSION, entry, with_history=True)).lock == ""
+
+    await redis_client.sadd(mark, f"{other}:a delivery that died")
+    await sessions.forget(SESSION, other)  # its last step before it died
+    assert await sessions.was_reset(SESSION, other)  # its redelivery finds it done
+    assert await redis_client.exists(mark) == 0
+    assert (await sessions.start(SESSION, entry, with_history=True)).lock.endswith(entry)
 
 
 async def test_a_stopped_turn_clears_only_its_own_stop_key(
