@@ -349,7 +349,10 @@ async def test_ctrl_c_while_chat_waits_for_a_silent_redis_quits_at_once(tmp_path
     """A Redis that accepts and never answers held the start for its timeouts (~20 s, then
     exit 1), Ctrl-C included: Ctrl-C before the banner now quits at once, exit 0."""
 
+    asked = asyncio.Event()
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asked.set()
         await reader.read()  # every command, never an answer, until the client has gone
         writer.close()
 
@@ -362,7 +365,9 @@ async def test_ctrl_c_while_chat_waits_for_a_silent_redis_quits_at_once(tmp_path
     )
     try:
         async with terminal("chat", env, tmp_path) as chat:
-            await asyncio.sleep(1.5)  # started, waiting for Redis's answer
+            # Started (its Ctrl-C handler installed), waiting for Redis's answer: a fixed
+            # sleep could end before a loaded machine had got that far (exit -2).
+            await asyncio.wait_for(asked.wait(), 30)
             assert chat.process.poll() is None
             pressed = time.monotonic()
             chat.type("\x03")
