@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bridge.messages import MESSAGES
-from bridge.store import Keys
+from bridge.store import GROUP, Keys
 from tests.fakes.yach import FakeYach
 from tests.harness import bridge_env, group_message, openai_env
 from tests.procs import PacedOpenAI, Spawner, post_webhook, wait_acknowledged, wait_for
@@ -95,7 +95,6 @@ async def test_a_reset_whose_process_died_midway_holds_the_session_no_longer_tha
     full = {**env, "BRIDGE_WORKERS": "1", "BRIDGE_SESSION_QUEUE_MAX": "0"}
     try:
         frozen = await spawn(full, "frozen").start()
-        resetter = await spawn(env, "resetter").start()
         assert await post_webhook(http, frozen.url, group_message("before")) == 200
         await wait_for(lambda: len(yach.shown) == 1, 10, "the first answer")
         await wait_acknowledged(redis_client, keys.inbox)
@@ -103,7 +102,10 @@ async def test_a_reset_whose_process_died_midway_holds_the_session_no_longer_tha
         await wait_for(lambda: "stopped" in upstream.started, 10, "the turn to stop started")
         other = group_message("elsewhere", sender="u2", group="g2")
         assert await post_webhook(http, frozen.url, other) == 200
-        await asyncio.sleep(0.3)  # the frozen process reads it, and is full
+        # The frozen process reads it, and is full; the resetter, started only then, cannot
+        # read it first (it did, now and then, and started that turn itself).
+        await _wait_pending(redis_client, keys.inbox, 2)
+        resetter = await spawn(env, "resetter").start()
         frozen.signal(signal.SIGSTOP)
         assert await post_webhook(http, resetter.url, group_message("/reset")) == 200
         assert await post_webhook(http, resetter.url, group_message("after")) == 200
@@ -127,3 +129,14 @@ async def test_a_reset_whose_process_died_midway_holds_the_session_no_longer_tha
         "You said: after. (history: 0 messages)", "You said: elsewhere. (history: 0 messages)",
     ])  # fmt: skip
     assert upstream.started.count("stopped") == 1
+
+
+async def _wait_pending(
+    client: aioredis.Redis, inbox: str, count: int, timeout: float = 10
+) -> None:
+    """Poll until `count` entries of the inbox have been read by a consumer (pending)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (await client.xpending(inbox, GROUP))["pending"] < count:
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not within {timeout} s: {count} entries read")
+        await asyncio.sleep(0.05)
