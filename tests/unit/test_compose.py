@@ -197,6 +197,21 @@ def test_no_piece_ends_inside_a_table(min_chars: int) -> None:
     assert len(table) == 1 and "| c | 3 |" in table[0] and "| name |" in table[0]
 
 
+PIPELESS_TABLE = "name | value\n--- | ---\na | 1. x\nb | 2. y\nc | 3. z\n"
+
+
+@pytest.mark.parametrize("min_chars", [0, 1, 10, 30])
+def test_no_piece_ends_inside_a_table_written_without_outer_pipes(min_chars: int) -> None:
+    """GFM tables need no outer pipes (`a | b` over `--- | ---`): the next row is not known
+    to be one before its `|` arrives. A cut before it broke the table in two, and the rows
+    after it, read without their header, were then cut at any sentence end inside them."""
+    head, rows = "Intro line here.\n" + PIPELESS_TABLE[:23], PIPELESS_TABLE[23:]
+    pieces = compose(FlushPolicy(min_chars=min_chars, max_wait_s=1000),
+                     [TextDelta(head), *chars(rows + "\nAfter the table.")])
+    assert "".join(pieces) == head + rows + "\nAfter the table."
+    assert [p for p in pieces if PIPELESS_TABLE in p]
+
+
 @pytest.mark.parametrize("min_chars", [0, 1, 10, 30])
 def test_no_piece_ends_inside_a_list_item(min_chars: int) -> None:
     pieces = compose(FlushPolicy(min_chars=min_chars, max_wait_s=1000), chars(LISTED))
