@@ -98,6 +98,14 @@ def test_no_cut_without_knowing_the_next_character() -> None:
     assert composer.feed(TextDelta("Next"), 0.0) == ["A sentence that is long.\n"]
 
 
+def test_a_sentence_end_whose_space_has_come_leaves_without_waiting_for_more() -> None:
+    """A cut after ". " depends on nothing still to come: the piece leaves with that delta."""
+    composer = Composer(FlushPolicy(min_chars=10, max_wait_s=1000))
+    assert composer.feed(TextDelta("A sentence that is long. "), 0.0) == [
+        "A sentence that is long. "
+    ]
+
+
 # Max wait
 
 
@@ -220,6 +228,13 @@ def test_no_piece_ends_inside_a_list_item(min_chars: int) -> None:
         # every piece ends with a whole item: never after "It has two sentences." alone
         assert not piece.endswith("sentences.\n")
         assert not piece.endswith("another. ")
+    # every cut inside the list falls where an item (or what follows the list) begins
+    list_start, list_end = LISTED.index("- first"), LISTED.index("\n\nAfter")
+    cut = 0
+    for piece in pieces[:-1]:
+        cut += len(piece)
+        if list_start < cut <= list_end:
+            assert LISTED[cut:].lstrip(" ").startswith("- "), piece
         assert not piece.endswith("step: another. One more.\n")  # the nested item belongs
 
 
@@ -426,6 +441,22 @@ def test_a_different_replacement_after_a_piece_left_is_one_correction() -> None:
     assert composer.feed(TextReplace("内容已更正。"), 0.0) == []  # the same one again
     assert composer.finish() == []
     assert composer.answer == "内容已更正。"
+
+
+def test_a_replacement_after_an_over_long_piece_was_cut_hard_is_a_correction() -> None:
+    """Text with no boundary longer than a message leaves cut at the limit: it was sent,
+    so a replacement that contradicts it must come as a correction, not replace in place."""
+    composer = Composer(FlushPolicy(min_chars=5, max_wait_s=1000, max_chars=30))
+    assert composer.feed(TextDelta("x" * 40), 0.0) == ["x" * 30]
+    assert composer.feed(TextReplace("Other."), 0.0) == ["Correction:\nOther."]
+
+
+def test_only_text_that_is_not_blank_counts_as_rendered() -> None:
+    composer = Composer(STREAM)
+    composer.feed(TextDelta(" \n\n "), 0.0)
+    assert not composer.rendered
+    composer.feed(TextDelta("Hi"), 0.0)
+    assert composer.rendered
 
 
 def test_a_replacement_that_extends_what_was_sent_is_just_more_text() -> None:

@@ -138,6 +138,9 @@ def test_a_table_longer_than_a_message_is_cut_between_rows() -> None:
 def test_no_piece_is_blank() -> None:
     text = "a" * 30 + "\n" + "b" * 29
     assert split_text(text, 30) == ["a" * 30, "\n" + "b" * 29]
+    # a text that begins blank is not cut right after its blank head
+    assert split_text("  " + "y" * 30, 20) == ["  " + "y" * 18, "y" * 12]
+    assert split_text("\n\n" + "y" * 30, 20) == ["\n\n" + "y" * 18, "y" * 12]
 
 
 @settings(max_examples=200, deadline=None)
