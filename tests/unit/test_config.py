@@ -53,6 +53,27 @@ def test_defaults_match_the_spec() -> None:
     assert settings.resolved_image_pipeline == "vision"
     assert settings.yach_api_base == "https://yach-oapi.zhiyinlou.com"
     assert settings.key_prefix == "chatbridge:{default}:"
+    assert (settings.im, settings.log_level, settings.lang) == ("yach", "info", "zh")
+    assert (settings.show_reasoning, settings.yach_msg_format) == ("off", "markdown")
+    assert (settings.upstream_retries, settings.max_image_bytes) == (3, 10485760)
+    assert settings.openai_base_url == "https://api.openai.com/v1"
+    assert settings.coze_base_url == "https://api.coze.cn"
+    assert settings.chatgpt_base_url == "https://chatgpt.com/backend-api"
+    assert settings.hiagent_page_path == "/product/llm/chat/{app_key}"
+    assert settings.resolved_log_format == "json"  # (stdout is no TTY under pytest)
+    assert load_settings({**OPENAI, "BRIDGE_UPSTREAM": "coze", "BRIDGE_COZE_TOKEN": "t",
+                          "BRIDGE_COZE_BOT_ID": "b"}).resolved_image_pipeline == "none"
+
+
+def test_derived_settings_follow_what_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/chatbridge/a:/var/lib/other")
+    settings = load_settings({**OPENAI, "BRIDGE_LOG_FORMAT": "console",
+                              "BRIDGE_YACH_ROBOT_SECRET": "SEC-robot"})
+    assert settings.resolved_state_dir == Path("/var/lib/chatbridge/a")
+    assert settings.resolved_log_format == "console"
+    assert settings.yach_sign_secret == "SEC-robot"
+    shown = dict(masked_settings(load_settings({**OPENAI, "BRIDGE_ALLOW_GROUPS": "g2,g1"})))
+    assert shown["BRIDGE_ALLOW_GROUPS"] == "g1,g2"
 
 
 def test_every_problem_is_listed_with_the_variable_and_an_example() -> None:
@@ -219,6 +240,24 @@ def test_masked_settings_hide_every_secret() -> None:
         assert secret not in text
     assert shown["BRIDGE_OPENAI_MODEL"] == "m"
     assert len(shown) == len(fields(Settings))
+
+
+SECRETS = [  # every credential SPEC §2 names
+    "BRIDGE_YACH_SECRET", "BRIDGE_YACH_ROBOT_SECRET", "BRIDGE_YACH_APP_KEY",
+    "BRIDGE_YACH_APP_SECRET", "BRIDGE_OPENAI_API_KEY", "BRIDGE_OCR_API_KEY",
+    "BRIDGE_AUTOCUT_TOKEN", "BRIDGE_HIAGENT_APP_KEY", "BRIDGE_HIAGENT_VISITOR_KEY",
+    "BRIDGE_COZE_TOKEN", "BRIDGE_DIFY_API_KEY", "BRIDGE_AIMASTER_TOKEN",
+    "BRIDGE_CHATGPT_ACCESS_TOKEN",
+]
+
+
+def test_check_shows_no_credential_of_any_upstream() -> None:
+    env = {**OPENAI, **{name: f"secret-{i}-of-{name.lower()}" for i, name in enumerate(SECRETS)}}
+    shown = dict(masked_settings(load_settings(env)))
+    text = "\n".join(shown.values())
+    for name in SECRETS:
+        assert env[name] not in text, name
+        assert shown[name] == "****** (set)", name
 
 
 def test_unknown_variables_are_reported_as_typos() -> None:
@@ -396,6 +435,8 @@ def test_a_leading_tilde_is_the_home_directory(
     ("BRIDGE_YACH_INSECURE", "1", "yach_insecure", True),
     ("BRIDGE_YACH_INSECURE", " Off ", "yach_insecure", False),
     ("BRIDGE_YACH_INSECURE", "false", "yach_insecure", False),
+    *[("BRIDGE_YACH_INSECURE", raw, "yach_insecure", True) for raw in ("true", "yes", "on")],
+    *[("BRIDGE_YACH_INSECURE", raw, "yach_insecure", False) for raw in ("0", "no")],
     ("BRIDGE_ALLOW_GROUPS", " cid1, ,cid2,", "allow_groups", frozenset({"cid1", "cid2"})),
     ("BRIDGE_DIFY_INPUTS", '{"k": "v"}', "dify_inputs", {"k": "v"}),
     ("BRIDGE_REDIS_URL", "redis://127.0.0.1:6379/0", "redis_url", "redis://127.0.0.1:6379/0"),
