@@ -451,6 +451,37 @@ def test_a_replacement_after_an_over_long_piece_was_cut_hard_is_a_correction() -
     assert composer.feed(TextReplace("Other."), 0.0) == ["Correction:\nOther."]
 
 
+def test_a_replacement_that_comes_first_is_the_answer() -> None:
+    assert compose(STREAM, [TextReplace("Full answer.")]) == ["Full answer."]
+
+
+def test_reasoning_after_the_answer_stays_hidden_without_quote() -> None:
+    assert compose(FINAL, [TextDelta("Answer."), ReasoningDelta("late thought")]) == ["Answer."]
+
+
+def test_a_second_agent_before_any_text_gets_its_line() -> None:
+    assert compose(FINAL, [AgentSwitch("A"), AgentSwitch("B"), TextDelta("hi")]) == ["→ B\n\nhi"]
+
+
+def test_one_blank_line_before_suggestions_after_an_answer_ending_in_one() -> None:
+    events = [*chars("Answer.\n\n"), Suggestions(("Q?",))]
+    assert compose(FINAL, events) == ["Answer.\n\nYou could also ask:\n- Q?"]
+
+
+def test_no_piece_ends_inside_a_list_item_after_other_lines_in_the_buffer() -> None:
+    text = "Intro line here.\n- item one is long. Still item one.\n- two.\n\nEnd."
+    pieces = compose(FlushPolicy(min_chars=25, max_wait_s=1000), chars(text))
+    assert pieces[0] == "Intro line here.\n- item one is long. Still item one.\n"
+
+
+def test_no_piece_ends_inside_a_quoted_line_or_inline_code() -> None:
+    policy = FlushPolicy(min_chars=5, max_wait_s=1000)
+    quoted = "> First sentence. Second sentence.\n> more\n\nAfter. Done"
+    assert compose(policy, chars(quoted))[0] == "> First sentence. Second sentence.\n"
+    code = "Use `a. b. c` here. More text. End"
+    assert compose(policy, chars(code))[0] == "Use `a. b. c` here. "
+
+
 def test_only_text_that_is_not_blank_counts_as_rendered() -> None:
     composer = Composer(STREAM)
     composer.feed(TextDelta(" \n\n "), 0.0)
