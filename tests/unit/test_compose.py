@@ -474,6 +474,14 @@ def test_no_piece_ends_inside_a_list_item_after_other_lines_in_the_buffer() -> N
     assert pieces[0] == "Intro line here.\n- item one is long. Still item one.\n"
 
 
+def test_only_a_closer_of_the_same_kind_and_at_least_the_length_ends_a_fence() -> None:
+    """CommonMark: a shorter run, the other marker, or a run with an info string is code."""
+    fence = "````\na. b\n```\nc. d\n~~~~~\ne. f\n```` x\ng. h\n````\n"
+    pieces = compose(FlushPolicy(min_chars=1, max_wait_s=1000),
+                     chars("Intro.\n\n" + fence + "\nAfter. Done"))
+    assert pieces[1] == fence + "\n"
+
+
 def test_no_piece_ends_inside_a_quoted_line_or_inline_code() -> None:
     policy = FlushPolicy(min_chars=5, max_wait_s=1000)
     quoted = "> First sentence. Second sentence.\n> more\n\nAfter. Done"
