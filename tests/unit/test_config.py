@@ -524,3 +524,27 @@ def test_a_variable_set_beside_its_file_wins(tmp_path: Path) -> None:
 def test_an_image_pipeline_without_an_upstream_is_only_the_upstream_missing() -> None:
     env = {"BRIDGE_IMAGE_PIPELINE": "vision", "BRIDGE_YACH_SECRET": "s"}
     assert [line.split(":")[0] for line in problems(env)] == ["BRIDGE_UPSTREAM"]
+
+
+@pytest.mark.parametrize(("name", "values"), [
+    ("BRIDGE_LOG_LEVEL", ["debug", "info", "warning", "error"]),
+    ("BRIDGE_LOG_FORMAT", ["json", "console"]),
+    ("BRIDGE_LANG", ["zh", "en"]),
+    ("BRIDGE_SESSION_SCOPE", ["group", "user", "group_user"]),
+    ("BRIDGE_REPLY_MODE", ["stream", "final"]),
+    ("BRIDGE_SHOW_REASONING", ["off", "quote"]),
+    ("BRIDGE_YACH_MSG_FORMAT", ["markdown", "text"]),
+    ("BRIDGE_IM", ["yach"]),
+])
+def test_every_choice_the_spec_names_is_accepted(name: str, values: list[str]) -> None:
+    attr = name.removeprefix("BRIDGE_").lower()
+    for value in values:
+        assert getattr(load_settings({**OPENAI, name: value.upper()}), attr) == value
+
+
+def test_chat_needs_an_upstream_and_the_state_dir_defaults_under_home(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert [line.split(":")[0] for line in problems({}, command="chat")] == ["BRIDGE_UPSTREAM"]
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    assert load_settings(OPENAI).resolved_state_dir == Path.home() / ".local/state/chatbridge"
