@@ -142,9 +142,14 @@ def _is_table_line(lines: Sequence[tuple[int, int, str]], i: int, previous: bool
     line = lines[i][2]
     if _TABLE_ROW.match(line):
         return True
-    if "|" not in line or not line.strip():
+    if not line.strip():
         return False
-    following = lines[i + 1][2] if i + 1 < len(lines) else ""
+    last = len(lines) - 1
+    if "|" not in line:
+        # A row without outer pipes shows no `|` before its first cell ends: the last line
+        # (a stream's, still to come) after a row is taken for one until it says otherwise.
+        return previous and i == last
+    following = lines[i + 1][2] if i < last else ""
     return previous or bool(_TABLE_DELIMITER.match(following)) or bool(_TABLE_DELIMITER.match(line))
 
 

@@ -94,6 +94,8 @@ def test_error_object_in_the_stream() -> None:
     ({"code": 200, "msg": "ok"}, None),
     ({"code": 0}, None),
     ({"choices": [], "code": 1}, None),
+    ({"choices": [], "error": {"message": "quota"}},
+     UpstreamError(ErrorKind.REJECTED, "aimaster error: quota")),
 ])
 def test_error_of(payload: dict[str, Any], expected: UpstreamError | None) -> None:
     assert error_of(payload) == expected
@@ -103,3 +105,17 @@ def test_error_of(payload: dict[str, Any], expected: UpstreamError | None) -> No
 def test_unreadable_chunk(data: str) -> None:
     with pytest.raises(UpstreamProtocolError):
         AimasterParser().feed(SSEEvent(data))
+
+
+def test_an_agent_is_known_by_its_id_else_its_name_and_shown_by_its_name_else_its_id() -> None:
+    parser = AimasterParser()
+    events = [event for payload in [
+        {"agent_name": "路由", "choices": []},
+        {"agent_name": "路由", "agent_id": "", "choices": []},
+        {"agent_id": "a2", "choices": []},
+        {"agent_id": "a2", "agent_name": "推理", "choices": []},
+        {"agent_id": "", "agent_name": "", "choices": []},
+    ] for event in parser.feed(SSEEvent(json.dumps(payload, ensure_ascii=False)))]
+
+    assert events == [AgentSwitch("路由"), AgentSwitch("a2")]
+    assert not parser.finished

@@ -147,3 +147,69 @@ def test_hub_envelope_split_inside_an_event() -> None:
     )
     assert frame_payloads(first, decoder, "r1") == []
     assert frame_payloads(second, decoder, "r1") == ['{"x": "分"}']
+
+
+def raw_message(message_id: str, content: object, **fields: Any) -> str:
+    return json.dumps({"message": {"id": message_id, "author": {"role": "assistant"},
+                                   "content": content, "status": "in_progress", **fields},
+                       "conversation_id": CID, "error": None}, ensure_ascii=False)
+
+
+def test_the_turn_ends_at_a_finished_message_that_ends_the_turn_only() -> None:
+    parser = ChatGPTParser("u")
+    events = feed_all(parser, [
+        message("a1", "先查", status="finished_successfully", end_turn=False),
+        message("a2", "答", end_turn=True),
+    ])
+    assert Done() not in events
+    assert not parser.finished
+    assert feed(parser, message("a2", "答案", status="finished_successfully", end_turn=True))[-1] \
+        == Done()
+    assert parser.finished
+
+
+def test_messages_to_a_tool_and_content_that_is_not_text_are_no_answer() -> None:
+    parser = ChatGPTParser("u", CID)
+    events = feed_all(parser, [
+        message("a1", "search('x')", recipient="browser"),
+        message("a2", "print(1)", content_type="code"),
+        raw_message("a3", "plain string content"),
+        raw_message("a4", {"content_type": "reasoning_recap", "content": "Thought for 2s"}),
+    ])
+    assert text_events(events) == []
+
+
+def test_text_parts_are_joined_and_other_parts_skipped() -> None:
+    parser = ChatGPTParser("u", CID)
+    parts = ["Hello", {"content_type": "image_asset_pointer"}, " world"]
+    events = feed_all(parser, [
+        raw_message("a1", {"content_type": "multimodal_text", "parts": parts}),
+        raw_message("a1", {"parts": ["Hello world!"]}),  # (no content type: text)
+        raw_message("a1", {"content_type": "text"}),  # (no parts yet)
+    ])
+    assert text_events(events) == [TextDelta("Hello world"), TextDelta("!")]
+
+
+def test_an_empty_conversation_id_keeps_the_known_one() -> None:
+    parser = ChatGPTParser("u")
+    assert feed(parser, json.dumps({"type": "title_generation"})) == []  # nothing known yet
+    feed(parser, message("a1", "x"))
+    feed(parser, json.dumps({"message": None, "conversation_id": "", "error": None}))
+    assert parser.conversation_id == CID
+
+
+def test_a_frame_that_is_no_envelope_is_the_payload() -> None:
+    assert frame_payloads('"v1"', SSEDecoder(), "r1") == ['"v1"']
+    assert frame_payloads('{"type": "other"}', SSEDecoder(), "r1") == ['{"type": "other"}']
+
+
+def test_a_hub_envelope_without_a_body_holds_nothing() -> None:
+    decoder = SSEDecoder()
+    assert frame_payloads(json.dumps({"type": "http.response.body"}), decoder, "r1") == []
+    assert frame_payloads(hub('{"a": 1}'), decoder, "r1") == ['{"a": 1}']
+
+
+def test_a_hub_body_that_is_not_base64_is_a_protocol_error() -> None:
+    envelope = json.dumps({"type": "http.response.body", "body": "ZGF0YTog!!!"})
+    with pytest.raises(UpstreamProtocolError):
+        frame_payloads(envelope, SSEDecoder(), "r1")

@@ -98,6 +98,14 @@ def test_no_cut_without_knowing_the_next_character() -> None:
     assert composer.feed(TextDelta("Next"), 0.0) == ["A sentence that is long.\n"]
 
 
+def test_a_sentence_end_whose_space_has_come_leaves_without_waiting_for_more() -> None:
+    """A cut after ". " depends on nothing still to come: the piece leaves with that delta."""
+    composer = Composer(FlushPolicy(min_chars=10, max_wait_s=1000))
+    assert composer.feed(TextDelta("A sentence that is long. "), 0.0) == [
+        "A sentence that is long. "
+    ]
+
+
 # Max wait
 
 
@@ -197,6 +205,21 @@ def test_no_piece_ends_inside_a_table(min_chars: int) -> None:
     assert len(table) == 1 and "| c | 3 |" in table[0] and "| name |" in table[0]
 
 
+PIPELESS_TABLE = "name | value\n--- | ---\na | 1. x\nb | 2. y\nc | 3. z\n"
+
+
+@pytest.mark.parametrize("min_chars", [0, 1, 10, 30])
+def test_no_piece_ends_inside_a_table_written_without_outer_pipes(min_chars: int) -> None:
+    """GFM tables need no outer pipes (`a | b` over `--- | ---`): the next row is not known
+    to be one before its `|` arrives. A cut before it broke the table in two, and the rows
+    after it, read without their header, were then cut at any sentence end inside them."""
+    head, rows = "Intro line here.\n" + PIPELESS_TABLE[:23], PIPELESS_TABLE[23:]
+    pieces = compose(FlushPolicy(min_chars=min_chars, max_wait_s=1000),
+                     [TextDelta(head), *chars(rows + "\nAfter the table.")])
+    assert "".join(pieces) == head + rows + "\nAfter the table."
+    assert [p for p in pieces if PIPELESS_TABLE in p]
+
+
 @pytest.mark.parametrize("min_chars", [0, 1, 10, 30])
 def test_no_piece_ends_inside_a_list_item(min_chars: int) -> None:
     pieces = compose(FlushPolicy(min_chars=min_chars, max_wait_s=1000), chars(LISTED))
@@ -205,6 +228,13 @@ def test_no_piece_ends_inside_a_list_item(min_chars: int) -> None:
         # every piece ends with a whole item: never after "It has two sentences." alone
         assert not piece.endswith("sentences.\n")
         assert not piece.endswith("another. ")
+    # every cut inside the list falls where an item (or what follows the list) begins
+    list_start, list_end = LISTED.index("- first"), LISTED.index("\n\nAfter")
+    cut = 0
+    for piece in pieces[:-1]:
+        cut += len(piece)
+        if list_start < cut <= list_end:
+            assert LISTED[cut:].lstrip(" ").startswith("- "), piece
         assert not piece.endswith("step: another. One more.\n")  # the nested item belongs
 
 
@@ -411,6 +441,61 @@ def test_a_different_replacement_after_a_piece_left_is_one_correction() -> None:
     assert composer.feed(TextReplace("内容已更正。"), 0.0) == []  # the same one again
     assert composer.finish() == []
     assert composer.answer == "内容已更正。"
+
+
+def test_a_replacement_after_an_over_long_piece_was_cut_hard_is_a_correction() -> None:
+    """Text with no boundary longer than a message leaves cut at the limit: it was sent,
+    so a replacement that contradicts it must come as a correction, not replace in place."""
+    composer = Composer(FlushPolicy(min_chars=5, max_wait_s=1000, max_chars=30))
+    assert composer.feed(TextDelta("x" * 40), 0.0) == ["x" * 30]
+    assert composer.feed(TextReplace("Other."), 0.0) == ["Correction:\nOther."]
+
+
+def test_a_replacement_that_comes_first_is_the_answer() -> None:
+    assert compose(STREAM, [TextReplace("Full answer.")]) == ["Full answer."]
+
+
+def test_reasoning_after_the_answer_stays_hidden_without_quote() -> None:
+    assert compose(FINAL, [TextDelta("Answer."), ReasoningDelta("late thought")]) == ["Answer."]
+
+
+def test_a_second_agent_before_any_text_gets_its_line() -> None:
+    assert compose(FINAL, [AgentSwitch("A"), AgentSwitch("B"), TextDelta("hi")]) == ["→ B\n\nhi"]
+
+
+def test_one_blank_line_before_suggestions_after_an_answer_ending_in_one() -> None:
+    events = [*chars("Answer.\n\n"), Suggestions(("Q?",))]
+    assert compose(FINAL, events) == ["Answer.\n\nYou could also ask:\n- Q?"]
+
+
+def test_no_piece_ends_inside_a_list_item_after_other_lines_in_the_buffer() -> None:
+    text = "Intro line here.\n- item one is long. Still item one.\n- two.\n\nEnd."
+    pieces = compose(FlushPolicy(min_chars=25, max_wait_s=1000), chars(text))
+    assert pieces[0] == "Intro line here.\n- item one is long. Still item one.\n"
+
+
+def test_only_a_closer_of_the_same_kind_and_at_least_the_length_ends_a_fence() -> None:
+    """CommonMark: a shorter run, the other marker, or a run with an info string is code."""
+    fence = "````\na. b\n```\nc. d\n~~~~~\ne. f\n```` x\ng. h\n````\n"
+    pieces = compose(FlushPolicy(min_chars=1, max_wait_s=1000),
+                     chars("Intro.\n\n" + fence + "\nAfter. Done"))
+    assert pieces[1] == fence + "\n"
+
+
+def test_no_piece_ends_inside_a_quoted_line_or_inline_code() -> None:
+    policy = FlushPolicy(min_chars=5, max_wait_s=1000)
+    quoted = "> First sentence. Second sentence.\n> more\n\nAfter. Done"
+    assert compose(policy, chars(quoted))[0] == "> First sentence. Second sentence.\n"
+    code = "Use `a. b. c` here. More text. End"
+    assert compose(policy, chars(code))[0] == "Use `a. b. c` here. "
+
+
+def test_only_text_that_is_not_blank_counts_as_rendered() -> None:
+    composer = Composer(STREAM)
+    composer.feed(TextDelta(" \n\n "), 0.0)
+    assert not composer.rendered
+    composer.feed(TextDelta("Hi"), 0.0)
+    assert composer.rendered
 
 
 def test_a_replacement_that_extends_what_was_sent_is_just_more_text() -> None:

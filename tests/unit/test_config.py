@@ -53,6 +53,27 @@ def test_defaults_match_the_spec() -> None:
     assert settings.resolved_image_pipeline == "vision"
     assert settings.yach_api_base == "https://yach-oapi.zhiyinlou.com"
     assert settings.key_prefix == "chatbridge:{default}:"
+    assert (settings.im, settings.log_level, settings.lang) == ("yach", "info", "zh")
+    assert (settings.show_reasoning, settings.yach_msg_format) == ("off", "markdown")
+    assert (settings.upstream_retries, settings.max_image_bytes) == (3, 10485760)
+    assert settings.openai_base_url == "https://api.openai.com/v1"
+    assert settings.coze_base_url == "https://api.coze.cn"
+    assert settings.chatgpt_base_url == "https://chatgpt.com/backend-api"
+    assert settings.hiagent_page_path == "/product/llm/chat/{app_key}"
+    assert settings.resolved_log_format == "json"  # (stdout is no TTY under pytest)
+    assert load_settings({**OPENAI, "BRIDGE_UPSTREAM": "coze", "BRIDGE_COZE_TOKEN": "t",
+                          "BRIDGE_COZE_BOT_ID": "b"}).resolved_image_pipeline == "none"
+
+
+def test_derived_settings_follow_what_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/chatbridge/a:/var/lib/other")
+    settings = load_settings({**OPENAI, "BRIDGE_LOG_FORMAT": "console",
+                              "BRIDGE_YACH_ROBOT_SECRET": "SEC-robot"})
+    assert settings.resolved_state_dir == Path("/var/lib/chatbridge/a")
+    assert settings.resolved_log_format == "console"
+    assert settings.yach_sign_secret == "SEC-robot"
+    shown = dict(masked_settings(load_settings({**OPENAI, "BRIDGE_ALLOW_GROUPS": "g2,g1"})))
+    assert shown["BRIDGE_ALLOW_GROUPS"] == "g1,g2"
 
 
 def test_every_problem_is_listed_with_the_variable_and_an_example() -> None:
@@ -221,13 +242,32 @@ def test_masked_settings_hide_every_secret() -> None:
     assert len(shown) == len(fields(Settings))
 
 
+SECRETS = [  # every credential SPEC §2 names
+    "BRIDGE_YACH_SECRET", "BRIDGE_YACH_ROBOT_SECRET", "BRIDGE_YACH_APP_KEY",
+    "BRIDGE_YACH_APP_SECRET", "BRIDGE_OPENAI_API_KEY", "BRIDGE_OCR_API_KEY",
+    "BRIDGE_AUTOCUT_TOKEN", "BRIDGE_HIAGENT_APP_KEY", "BRIDGE_HIAGENT_VISITOR_KEY",
+    "BRIDGE_COZE_TOKEN", "BRIDGE_DIFY_API_KEY", "BRIDGE_AIMASTER_TOKEN",
+    "BRIDGE_CHATGPT_ACCESS_TOKEN",
+]
+
+
+def test_check_shows_no_credential_of_any_upstream() -> None:
+    env = {**OPENAI, **{name: f"secret-{i}-of-{name.lower()}" for i, name in enumerate(SECRETS)}}
+    shown = dict(masked_settings(load_settings(env)))
+    text = "\n".join(shown.values())
+    for name in SECRETS:
+        assert env[name] not in text, name
+        assert shown[name] == "****** (set)", name
+
+
 def test_unknown_variables_are_reported_as_typos() -> None:
     env = {**OPENAI, "BRIDGE_OPENAI_MODLE": "x", "BRIDGE_YACH_SECRET_FILE": "/x", "HOME": "/"}
     assert unknown_variables(env) == ["BRIDGE_OPENAI_MODLE"]
 
 
 @pytest.mark.parametrize(
-    ("raw", "rate"), [("0", Rate(0, 0)), ("20/60", Rate(20, 60)), ("5/0.5", Rate(5, 0.5))]
+    ("raw", "rate"),
+    [("0", Rate(0, 0)), ("20/60", Rate(20, 60)), ("5/0.5", Rate(5, 0.5)), ("0/60", Rate(0, 60))],
 )
 def test_rates(raw: str, rate: Rate) -> None:
     assert load_settings({**OPENAI, "BRIDGE_USER_RATE": raw}).user_rate == rate
@@ -383,3 +423,128 @@ def test_a_leading_tilde_is_the_home_directory(
     })  # fmt: skip
     assert settings.resolved_state_dir == tmp_path / "state"
     assert settings.openai_api_key == "sk-from-home-file"
+
+
+@pytest.mark.parametrize(("name", "raw", "attr", "value"), [
+    ("BRIDGE_PORT", "0", "port", 0),
+    ("BRIDGE_PORT", "65535", "port", 65535),
+    ("BRIDGE_SESSION_TTL_S", "0", "session_ttl_s", 0.0),
+    ("BRIDGE_FLUSH_MAX_WAIT_S", "2.5", "flush_max_wait_s", 2.5),
+    ("BRIDGE_HISTORY_TURNS", "0", "history_turns", 0),
+    ("BRIDGE_WORKERS", "1", "workers", 1),
+    ("BRIDGE_YACH_INSECURE", "1", "yach_insecure", True),
+    ("BRIDGE_YACH_INSECURE", " Off ", "yach_insecure", False),
+    ("BRIDGE_YACH_INSECURE", "false", "yach_insecure", False),
+    *[("BRIDGE_YACH_INSECURE", raw, "yach_insecure", True) for raw in ("true", "yes", "on")],
+    *[("BRIDGE_YACH_INSECURE", raw, "yach_insecure", False) for raw in ("0", "no")],
+    ("BRIDGE_ALLOW_GROUPS", " cid1, ,cid2,", "allow_groups", frozenset({"cid1", "cid2"})),
+    ("BRIDGE_DIFY_INPUTS", '{"k": "v"}', "dify_inputs", {"k": "v"}),
+    ("BRIDGE_REDIS_URL", "redis://127.0.0.1:6379/0", "redis_url", "redis://127.0.0.1:6379/0"),
+    ("BRIDGE_REDIS_URL", "unix:///run/redis.sock", "redis_url", "unix:///run/redis.sock"),
+    ("BRIDGE_OPENAI_BASE_URL", "https://llm.example/v1/", "openai_base_url",
+     "https://llm.example/v1"),
+])
+def test_a_valid_value_is_read_as_spec_says(name: str, raw: str, attr: str, value: object) -> None:
+    assert getattr(load_settings({**OPENAI, name: raw}), attr) == value
+
+
+@pytest.mark.parametrize(("name", "raw"), [
+    ("BRIDGE_PORT", "65536"), ("BRIDGE_PORT", "-1"),
+    ("BRIDGE_SESSION_TTL_S", "-0.5"), ("BRIDGE_HISTORY_TURNS", "-1"), ("BRIDGE_WORKERS", "0"),
+    ("BRIDGE_YACH_INSECURE", "maybe"), ("BRIDGE_USER_RATE", "-1/60"),
+    ("BRIDGE_USER_RATE", "5/0"), ("BRIDGE_USER_RATE", "5"),
+    ("BRIDGE_REDIS_URL", "http://127.0.0.1:6379"), ("BRIDGE_REDIS_URL", "unix://"),
+])
+def test_an_invalid_value_is_a_problem_of_its_variable(name: str, raw: str) -> None:
+    assert [line.split(":")[0] for line in problems({**OPENAI, name: raw})] == [name]
+
+
+@pytest.mark.parametrize("upstream", [
+    "openai", "hiagent", "coze", "dify", "aimaster", "yach-agent", "chatgpt-web", "replay",
+])
+def test_every_upstream_the_spec_names_is_accepted(upstream: str) -> None:
+    assert load_settings({"BRIDGE_UPSTREAM": upstream}, command="demo").upstream == upstream
+
+
+@pytest.mark.parametrize("pipeline", ["none", "native", "vision", "ocr", "autocut+ocr"])
+def test_every_image_pipeline_the_spec_names_is_accepted(pipeline: str) -> None:
+    env = {"BRIDGE_IMAGE_PIPELINE": pipeline}
+    assert load_settings(env, command="demo").resolved_image_pipeline == pipeline
+
+
+def test_an_ocr_pipeline_needs_its_model_and_the_autocut_its_url() -> None:
+    ocr = {name.split(":")[0] for name in problems({**OPENAI, "BRIDGE_IMAGE_PIPELINE": "ocr"})}
+    assert ocr == {"BRIDGE_OCR_BASE_URL", "BRIDGE_OCR_MODEL"}
+    env = {**OPENAI, "BRIDGE_IMAGE_PIPELINE": "autocut+ocr"}
+    assert {name.split(":")[0] for name in problems(env)} == {
+        "BRIDGE_OCR_BASE_URL", "BRIDGE_OCR_MODEL", "BRIDGE_AUTOCUT_URL",
+    }
+
+
+def test_the_error_reads_one_problem_a_line_and_an_unlimited_rate_is_zero() -> None:
+    assert str(ConfigError(["A: bad", "B: worse"])) == "A: bad\nB: worse"
+    assert Rate(0, 0).unlimited and not Rate(1, 60).unlimited
+    assert str(Rate(0, 0)) == "0" and str(Rate(20, 60)) == "20/60"
+    assert given_value("openai_model", {"BRIDGE_OPENAI_MODEL": "  gpt  "}) == "gpt"
+    assert given_value("openai_model", {"BRIDGE_OPENAI_MODEL": "change-me"}) is None
+
+
+@pytest.mark.parametrize(("upstream", "required"), [
+    ("openai", {"BRIDGE_OPENAI_API_KEY", "BRIDGE_OPENAI_MODEL"}),
+    ("hiagent", {"BRIDGE_HIAGENT_BASE_URL", "BRIDGE_HIAGENT_APP_KEY"}),
+    ("dify", {"BRIDGE_DIFY_BASE_URL", "BRIDGE_DIFY_API_KEY"}),
+    ("aimaster", {"BRIDGE_AIMASTER_BASE_URL", "BRIDGE_AIMASTER_TOKEN",
+                  "BRIDGE_AIMASTER_SCENARIO_ID"}),
+    ("yach-agent", {"BRIDGE_YACH_APP_KEY", "BRIDGE_YACH_APP_SECRET"}),
+    ("chatgpt-web", {"BRIDGE_CHATGPT_ACCESS_TOKEN"}),
+    ("replay", {"BRIDGE_REPLAY_FILE"}),
+])
+def test_each_upstream_names_what_it_cannot_start_without(
+    upstream: str, required: set[str]
+) -> None:
+    """`run` is the default command; each missing variable is one line with its own
+    example, not another variable's."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"BRIDGE_UPSTREAM": upstream, "BRIDGE_YACH_SECRET": "s"})
+    lines = caught.value.problems
+    assert {line.split(":")[0] for line in lines} == required
+    for line in lines:
+        name = line.split(":")[0]
+        assert f"example: {name}=" in line
+        assert f"example: {name}=0.0.0.0" not in line
+
+
+def test_a_variable_set_beside_its_file_wins(tmp_path: Path) -> None:
+    secret_file = tmp_path / "key"
+    secret_file.write_text("sk-from-file\n")
+    env = {**OPENAI, "BRIDGE_OPENAI_API_KEY_FILE": str(secret_file)}
+    assert load_settings(env).openai_api_key == OPENAI["BRIDGE_OPENAI_API_KEY"]
+
+
+def test_an_image_pipeline_without_an_upstream_is_only_the_upstream_missing() -> None:
+    env = {"BRIDGE_IMAGE_PIPELINE": "vision", "BRIDGE_YACH_SECRET": "s"}
+    assert [line.split(":")[0] for line in problems(env)] == ["BRIDGE_UPSTREAM"]
+
+
+@pytest.mark.parametrize(("name", "values"), [
+    ("BRIDGE_LOG_LEVEL", ["debug", "info", "warning", "error"]),
+    ("BRIDGE_LOG_FORMAT", ["json", "console"]),
+    ("BRIDGE_LANG", ["zh", "en"]),
+    ("BRIDGE_SESSION_SCOPE", ["group", "user", "group_user"]),
+    ("BRIDGE_REPLY_MODE", ["stream", "final"]),
+    ("BRIDGE_SHOW_REASONING", ["off", "quote"]),
+    ("BRIDGE_YACH_MSG_FORMAT", ["markdown", "text"]),
+    ("BRIDGE_IM", ["yach"]),
+])
+def test_every_choice_the_spec_names_is_accepted(name: str, values: list[str]) -> None:
+    attr = name.removeprefix("BRIDGE_").lower()
+    for value in values:
+        assert getattr(load_settings({**OPENAI, name: value.upper()}), attr) == value
+
+
+def test_chat_needs_an_upstream_and_the_state_dir_defaults_under_home(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert [line.split(":")[0] for line in problems({}, command="chat")] == ["BRIDGE_UPSTREAM"]
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    assert load_settings(OPENAI).resolved_state_dir == Path.home() / ".local/state/chatbridge"

@@ -137,3 +137,43 @@ def test_unknown_events_are_not_parsed() -> None:
 ])
 def test_api_error(code: int, error: type[Exception]) -> None:
     assert type(api_error({"code": code, "msg": "m"})) is error
+
+
+def test_empty_reasoning_beside_the_answer_is_no_reasoning() -> None:
+    assert parser().feed(delta("Hi", reasoning_content="")) == [TextDelta("Hi")]
+
+
+def test_only_follow_ups_become_suggestions() -> None:
+    """A completed answer (or verbose) message repeats the answer: it is no suggestion, and
+    a blank follow-up is none either."""
+    p = parser()
+    for message in (delta("full answer"), completed("full answer", "answer"),
+                    completed('{"msg_type":"generate_answer_finish"}', "verbose"),
+                    completed("  ", "follow_up", "f1"), completed("Next?", "follow_up", "f2")):
+        p.feed(message)
+
+    assert p.feed(DONE) == [Suggestions(("Next?",)), Done()]
+
+
+def test_chat_completed_without_usage_is_nothing() -> None:
+    chat = {"id": "chat", "conversation_id": CONVERSATION, "status": "completed"}
+
+    assert parser().feed(sse("conversation.chat.completed", chat)) == []
+
+
+@pytest.mark.parametrize(("msg", "kind"), [
+    ("model is overloaded", ErrorKind.RATE_LIMITED), ("oops", ErrorKind.UNAVAILABLE),
+])
+def test_an_error_is_of_the_kind_its_words_say_before_its_code(msg: str, kind: ErrorKind) -> None:
+    """Coze's 5000 is an internal error, but one saying the model is overloaded is an
+    overload (a rate limit, SPEC §8); a 5000 that says nothing more is unavailable."""
+    [error] = parser().feed(sse("error", {"code": 5000, "msg": msg}))
+
+    assert isinstance(error, UpstreamError)
+    assert error.kind is kind
+
+
+def test_an_answer_delta_without_a_content_type_is_text() -> None:
+    message = {"id": "m1", "conversation_id": CONVERSATION, "type": "answer", "content": "Hi"}
+
+    assert parser().feed(sse("conversation.message.delta", message)) == [TextDelta("Hi")]

@@ -96,3 +96,23 @@ def test_error_event() -> None:
     [error] = parser().feed(sse("error", status=400, code="invalid_param", message="bad"))
 
     assert error == UpstreamError(ErrorKind.REJECTED, "dify error invalid_param: bad")
+
+
+def test_the_generation_to_stop_is_the_first_task_named_until_the_answer_ends() -> None:
+    """An answer left unfinished is stopped by its `task_id`: the first one the stream names,
+    and only until `message_end` or `error` has ended it (then nothing runs to stop)."""
+    p = parser()
+    assert (p.task_id, p.finished) == ("", False)
+
+    p.feed(sse("ping"))
+    p.feed(sse("message", answer="Hi", task_id="task-1"))
+    p.feed(sse("message", answer="!", task_id="task-2"))
+    assert (p.task_id, p.finished) == ("task-1", False)
+
+    p.feed(sse("message_end", task_id="task-1"))
+    p.feed(sse("tts_message_end", task_id="task-1"))
+    assert (p.task_id, p.finished) == ("task-1", True)
+
+    failed = parser()
+    failed.feed(sse("error", task_id="task-3", status=500, message="boom"))
+    assert (failed.task_id, failed.finished) == ("task-3", True)

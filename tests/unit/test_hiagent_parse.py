@@ -106,3 +106,10 @@ def test_recording_in_any_chunking_gives_the_whole_answer(seed: int) -> None:
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == recorded_answer()
     assert events[-1] == Done()
     assert events[0] == ConversationRef({"conversation_id": "01JN17DFETEKT0B0HJWR9V2GZ2"})
+
+
+@pytest.mark.parametrize("questions", [None, "OVN 是什么？", {"q": "OVN"}])
+def test_suggestions_that_are_not_a_list_are_none(questions: object) -> None:
+    suggestion = {"event": "suggestion", "suggested_questions": questions, "conversation_id": "c"}
+
+    assert HiAgentParser(ConversationIds({"conversation_id": "c"})).feed(outer(suggestion)) == []

@@ -138,6 +138,9 @@ def test_a_table_longer_than_a_message_is_cut_between_rows() -> None:
 def test_no_piece_is_blank() -> None:
     text = "a" * 30 + "\n" + "b" * 29
     assert split_text(text, 30) == ["a" * 30, "\n" + "b" * 29]
+    # a text that begins blank is not cut right after its blank head
+    assert split_text("  " + "y" * 30, 20) == ["  " + "y" * 18, "y" * 12]
+    assert split_text("\n\n" + "y" * 30, 20) == ["\n\n" + "y" * 18, "y" * 12]
 
 
 @settings(max_examples=200, deadline=None)
@@ -160,3 +163,21 @@ def test_pieces_fit_and_join_to_the_text_without_fences(text: str, limit: int) -
 def test_pieces_never_exceed_the_limit_with_fences(limit: int) -> None:
     text = ("Words and more words. " * 30 + "\n```\n" + "code line\n" * 80 + "```\n") * 5
     assert all(len(piece) <= limit for piece in split_text(text, limit))
+
+
+def test_text_without_a_boundary_is_cut_before_a_word_not_inside_it() -> None:
+    assert split_text("x" * 30 + "-" + "y" * 30, 40) == ["x" * 30 + "-", "y" * 30]
+
+
+def test_a_paragraph_end_in_the_first_half_gives_way_to_a_later_boundary() -> None:
+    """Pieces of at least half the limit are preferred to an early paragraph end."""
+    pieces = split_text("Short.\n\n" + "word " * 20, 40)
+    assert pieces[0] == "Short.\n\n" + "word " * 6
+    assert "".join(pieces) == "Short.\n\n" + "word " * 20
+
+
+def test_an_over_long_fence_keeps_every_code_line_once() -> None:
+    code = "".join(f"line {i}\n" for i in range(10))
+    pieces = split_text("```py\n" + code + "```", 40)
+    assert all(piece.startswith("```py\n") and piece.endswith("\n```") for piece in pieces)
+    assert "".join(piece[len("```py\n") : -len("```")] for piece in pieces) == code

@@ -270,6 +270,12 @@ def test_bom_is_stripped_once_only() -> None:
     assert fed(b"data: a\n\n" + BOM + b"data: b\n\n") == ([SSEEvent("a")], [])
 
 
+def test_bom_is_stripped_once_only_also_when_a_later_read_begins_with_one() -> None:
+    # U+FEFF inside data (a zero-width no-break space), at the start of a read
+    assert fed(b"data: a\n\n", BOM + b"data: b\n\n") == ([SSEEvent("a")], [])
+    assert fed(b"data: a", BOM + b"b\n\n") == ([SSEEvent("a\ufeffb")], [])
+
+
 def test_bom_at_end_of_stream() -> None:
     assert fed(BOM) == ([], [])
     assert fed(BOM + b"data: x") == ([], [SSEEvent("x")])
@@ -552,6 +558,24 @@ def test_long_unfinished_block_is_interpreted_as_it_comes() -> None:
         events += decoder.feed(line * 5)
     assert events == []
     assert decoder.feed(b"\n") == [SSEEvent("\n".join(["x" * 100] * 10000))]
+
+
+def test_a_long_unfinished_block_goes_on_in_a_read_that_begins_with_data() -> None:
+    # its event type and data lines, interpreted already, are not dropped by the token path
+    decoder = SSEDecoder()
+    assert decoder.feed(b"event: big\n" + b"data: " + b"x" * 100 + b"\n" * 1) == []
+    for _ in range(700):  # more than the kept-raw bound, in one block
+        assert decoder.feed(b"data: " + b"x" * 100 + b"\n") == []
+    [event] = decoder.feed(b"data: end\n\n")
+    assert event.event == "big"
+    assert event.data == "\n".join(["x" * 100] * 701 + ["end"])
+
+
+def test_the_lines_kept_for_their_block_are_no_part_of_the_unfinished_line() -> None:
+    decoder = SSEDecoder(max_line_bytes=12)
+    assert decoder.feed(b"data: 123456\n") == []
+    assert decoder.feed(b"data") == []  # 18 bytes held, but no line of them is too long
+    assert decoder.feed(b": 7\n\n") == [SSEEvent("123456\n7")]
 
 
 def test_invalid_utf8_in_fast_paths() -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from adapters.upstream._common import (
     ConversationIds,
+    as_id,
     as_int,
     body_failure,
     json_object,
@@ -133,7 +134,7 @@ def test_conversation_ids_announce_the_whole_reference_when_it_changes() -> None
 
 @pytest.mark.parametrize(("value", "number"), [
     (3, 3), ("2618", 2618), (" 12 ", 12), (3.0, 3), ("", None), (None, None), (True, None),
-    ("1.5", None),
+    ("1.5", None), (1.5, None),
 ])
 def test_as_int(value: object, number: int | None) -> None:
     assert as_int(value) == number
@@ -143,6 +144,31 @@ def test_usage_total_is_the_sum_when_not_given() -> None:
     assert usage_from({"in": "3", "out": 4, "t": 1.5}, prompt="in", completion="out",
                       latency="t") == Usage(3, 4, 7, 1.5)
     assert usage_from({"in": 3}, prompt="in", completion="out") == Usage(3, None, None, None)
+    assert usage_from({"out": 3}, prompt="in", completion="out") == Usage(None, 3, None, None)
+
+
+def test_usage_total_and_latency_as_given() -> None:
+    """A total the upstream gives is its own (cached or tool tokens make it more than the
+    sum); a latency that is no number is none."""
+    data = {"in": 3, "out": 4, "all": 10, "t": "2.5"}
+    assert usage_from(data, prompt="in", completion="out", total="all", latency="t") == Usage(
+        3, 4, 10, 2.5
+    )
+    for latency in (True, "slow", [1.0], None):
+        usage = usage_from({"t": latency}, prompt="in", completion="out", latency="t")
+        assert usage.latency_s is None
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    ("m1", "m1"), (7, "7"), (True, ""), (None, ""), (1.5, ""), ({"id": 1}, ""),
+])
+def test_as_id(value: object, text: str) -> None:
+    assert as_id(value) == text
+
+
+def test_reported_error_labels_the_code_else_the_status() -> None:
+    assert reported_error("x", {"status": 503, "message": "m"}).message == "x error 503: m"
+    assert reported_error("x", {"code": "", "message": "m"}).message == "x error: m"
 
 
 def test_reported_error_message_is_short() -> None:
@@ -219,6 +245,7 @@ def test_a_plain_status_says_only_that_there_was_an_error() -> None:
     ('{"code": "invalid_param", "status": 400, "message": "no"}', UpstreamRejected),
     ('{"id": "chatcmpl-1", "choices": []}', UpstreamProtocolError),  # no error in it
     ('{"code": 0, "data": {}}', UpstreamProtocolError),
+    ('{"status": 503, "message": "down"}', UpstreamUnavailable),  # an error status alone
     ("<html>maintenance</html>", UpstreamProtocolError),
 ])
 def test_body_failure_is_what_a_json_answer_in_place_of_the_stream_reports(

@@ -61,6 +61,9 @@ def test_media_frames_and_empty_content_are_not_text() -> None:
     (frame("error", "模型服务繁忙", finished=True), "模型服务繁忙", ErrorKind.RATE_LIMITED),
     (SSEEvent(json.dumps({"code": 429, "msg": ""})), "code 429: ", ErrorKind.RATE_LIMITED),
     (SSEEvent(json.dumps({"code": 502, "msg": ""})), "code 502: ", ErrorKind.UNAVAILABLE),
+    (SSEEvent(json.dumps({"code": 40014, "message": "bad token"})), "code 40014: bad token",
+     ErrorKind.REJECTED),
+    (frame("error", "", finished=True), "error frame", ErrorKind.REJECTED),
 ])
 def test_errors_end_the_turn(data: SSEEvent, message: str, kind: ErrorKind) -> None:
     parser = YachAgentParser()
@@ -78,3 +81,27 @@ def test_image_text_query() -> None:
     urls = ["https://a/1.png", "https://a/2.png"]
     assert image_text_query("看图", urls) == "看图 image::https://a/1.png:: image::https://a/2.png::"
     assert image_text_query("", urls[:1]) == "image::https://a/1.png::"
+
+
+def test_frames_that_end_or_say_success_are_no_error() -> None:
+    parser = YachAgentParser()
+    assert parser.feed(frame("think", "")) == []
+    assert parser.feed(SSEEvent(json.dumps({"code": 200, "msg": "success"}))) == []
+    assert parser.feed(SSEEvent(json.dumps({"code": 0, "msg": ""}))) == []
+    assert not parser.finished
+    assert parser.feed(SSEEvent(json.dumps({"msg_id": MSG_ID, "is_finished": True}))) == [Done()]
+    assert parser.finished
+
+
+def test_the_end_marker_ends_the_turn() -> None:
+    parser = YachAgentParser()
+    assert parser.feed(SSEEvent("[DONE]")) == [Done()]
+    assert parser.finished
+
+
+def test_content_as_plain_text_is_typed_by_the_frame() -> None:
+    parser = YachAgentParser()
+    assert parser.feed(SSEEvent(json.dumps({"type": "think", "content": "嗯"}))) == [
+        ReasoningDelta("嗯")
+    ]
+    assert parser.feed(SSEEvent(json.dumps({"type": "text", "content": "好"}))) == [TextDelta("好")]

@@ -66,6 +66,7 @@ def test_a_single_form_field_or_a_nested_brace_that_is_no_json_stays_text() -> N
         b"[1, 2]",
         b'{"msgId": "m1", "text": {"content": "a lone \\udc00 surrogate"}}',  # Redis: no UTF-8
         urlencode({"data": '{"content": "\\uD800"}'}).encode(),
+        b"msgId=m1&senderId=u1&stray",  # a part that is no field: no form
     ],
 )
 def test_undecodable_bodies(body: bytes) -> None:
@@ -116,6 +117,8 @@ def test_json_bodies_are_read_as_the_standard_library_reads_them(
 
 
 def test_a_creation_time_beyond_milliseconds_is_no_time() -> None:
+    assert parse_payload({**BASE, "createAt": "1" * 19}).created_at_ms is None
+    assert parse_payload({**BASE, "createAt": "１７６４４０００００"}).created_at_ms is None
     message = parse_payload({**BASE, "createAt": "9" * 30})
     assert message.created_at_ms is None
     assert message.to_json()  # storable
@@ -124,8 +127,10 @@ def test_a_creation_time_beyond_milliseconds_is_no_time() -> None:
 @pytest.mark.parametrize(
     ("created", "ms"),
     [("1764400000123", 1764400000123), (1764400000123, 1764400000123),
-     ("1764400000", 1764400000000), (1764400000, 1764400000000)],
-    ids=["ms-text", "ms-number", "seconds-text", "seconds-number"],
+     ("1764400000", 1764400000000), (1764400000, 1764400000000),
+     ("99999999999", 99999999999000), ("100000000000", 100000000000), ("9" * 18, int("9" * 18))],
+    ids=["ms-text", "ms-number", "seconds-text", "seconds-number", "seconds-last",
+         "ms-first", "ms-longest"],
 )
 def test_the_creation_time_in_milliseconds_or_seconds(created: object, ms: int) -> None:
     assert parse_payload({**BASE, "createAt": created}).created_at_ms == ms
@@ -332,3 +337,46 @@ def test_the_sign_is_the_standard_hmac_for_a_secret_of_any_length(length: int) -
 @pytest.mark.parametrize("sign", ["é", "%C3%A9", "\udcff", "%zz"])
 def test_a_sign_that_is_not_base64_is_refused_not_an_error(sign: str) -> None:
     assert not verify_sign("SEC-x", "1700000000000", sign)
+
+
+def test_an_empty_field_gives_way_to_the_next_alias() -> None:
+    payload = {**BASE, "msgId": "", "msg_id": "m2", "senderId": "", "sender_id": "u2"}
+    message = parse_payload(payload)
+    assert (message.im_msg_id, message.sender.id) == ("m2", "u2")
+
+
+def test_an_object_where_text_was_expected_is_no_text() -> None:
+    """An image message may carry an empty (or unknown) `text` object: its text is empty,
+    not the object's Python repr sent on to the upstream."""
+    payload = {**BASE, "msgtype": "image", "text": {}, "picUrl": "https://img.example/a.png"}
+    message = parse_payload(payload)
+    assert message.text == ""
+    assert parse_payload({**BASE, "text": ["a"], "markdown": {"text": "@bot hi"}}).text == "hi"
+
+
+def test_a_form_that_is_the_json_alone_is_unpacked() -> None:
+    """The JSON URL-encoded as the whole form (a field name with no `=` and no value)."""
+    assert decode_body(quote(json.dumps(BASE)).encode()) == BASE
+
+
+def test_a_message_id_beyond_64_bits_alone_in_the_body_is_read_exactly() -> None:
+    number = "123456789012345678901234567890"
+    assert decode_body(f'{{"msgId": {number}}}'.encode()) == {"msgId": int(number)}
+    assert repr(decode_body(f'{{"ids": [{number}, 1.5]}}'.encode())) == repr(
+        {"ids": [int(number), 1.5]}
+    )
+    assert decode_body(f'{{"m": "x", "text": {{"id": {number}}}}}'.encode()) == {
+        "m": "x", "text": {"id": int(number)}
+    }
+
+
+def test_a_form_field_holding_a_json_object_is_read_inside() -> None:
+    """A form cannot nest: the platform's form sends `text` as the JSON of its object."""
+    body = urlencode({"msgId": "m1", "text": json.dumps({"content": "@bot 你好"}),
+                      "senderId": "u1", "conversationId": "g1"}).encode()
+    assert parse_payload(decode_body(body)).text == "你好"
+
+
+def test_a_message_without_a_type_is_text() -> None:
+    payload = {key: value for key, value in BASE.items() if key != "msgtype"}
+    assert parse_payload(payload).msg_type == "text"
