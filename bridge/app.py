@@ -50,6 +50,7 @@ from bridge.store import (
     redis_failure,
     redis_url_for,
 )
+from bridge.tasks import complete_shielded
 from bridge.worker import Worker
 
 __all__ = ["STATE", "Bridge", "build_app", "drain"]
@@ -122,9 +123,15 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
             )
         yield
     finally:  # also when the start is given up here (a SIGTERM, a schema it refuses)
-        await bridge.redis.aclose()
-        if embedded is not None:
-            await asyncio.to_thread(embedded.stop)
+        # Shielded: a stopped start is cancelled again until it ends, and a cancel landing
+        # here would leave the embedded server running after the process had gone.
+        await complete_shielded(_disconnect(bridge.redis, embedded))
+
+
+async def _disconnect(redis: aioredis.Redis, embedded: EmbeddedRedis | None) -> None:
+    await redis.aclose()
+    if embedded is not None:
+        await asyncio.to_thread(embedded.stop)
 
 
 async def _redis_url(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
@@ -132,16 +139,20 @@ async def _redis_url(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
     too). A cancel (a SIGTERM while starting) cannot stop that thread: it went on to start
     the embedded server, whose handle nobody had, and the bridge exited leaving it running.
     So a cancelled start waits for the thread (the process would wait for it to exit anyway)
-    and stops the server it started."""
+    and stops the server it started, whatever cancels follow."""
     starting = asyncio.ensure_future(asyncio.to_thread(redis_url_for, settings))
     try:
         return await asyncio.shield(starting)
     except asyncio.CancelledError:
-        with contextlib.suppress(Exception):  # its own failure: moot, the start is given up
-            _, embedded = await starting
-            if embedded is not None:
-                await asyncio.to_thread(embedded.stop)
+        await complete_shielded(_stop_started(starting))
         raise
+
+
+async def _stop_started(starting: asyncio.Future[tuple[str, EmbeddedRedis | None]]) -> None:
+    with contextlib.suppress(Exception):  # its own failure: moot, the start is given up
+        _, embedded = await starting
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
 
 
 async def _http_ctx(app: web.Application) -> AsyncIterator[None]:

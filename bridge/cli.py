@@ -57,6 +57,7 @@ from bridge.store import (
     SchemaError,
     redis_failure,
 )
+from bridge.tasks import cancel_and_wait
 
 __all__ = ["YOUNG_COLLECTION_THRESHOLD", "collect_less_often", "main", "setup_logging"]
 
@@ -216,9 +217,13 @@ async def _unless_stopped(start: Coroutine[Any, Any, None], stop: asyncio.Event)
     if starting.done():
         starting.result()  # its failure, if it failed
         return
-    starting.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await starting
+    # Cancelled until it takes: a single cancel landing as one of redis-py's writes completes
+    # is swallowed by Python 3.11's `wait_for`, and the start went on through the Redis
+    # client's timeouts and retries (40 s and more against a Redis that accepts and never
+    # answers).
+    await cancel_and_wait([starting])
+    if not starting.cancelled():
+        starting.exception()  # how it ended is moot: it was stopped; retrieved, not logged
 
 
 async def _stop(app: web.Application, runner: web.AppRunner) -> int:

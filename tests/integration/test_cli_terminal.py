@@ -345,14 +345,11 @@ async def test_chat_without_an_upstream_is_a_configuration_error(tmp_path: Path)
     assert "BRIDGE_UPSTREAM" in err.decode() and "example" in err.decode()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open: in 2 of 6 full-suite runs on 2026-12-01's VM chat was still running 10 s "
-    "after this Ctrl-C (it passes alone); not yet understood",
-)
 async def test_ctrl_c_while_chat_waits_for_a_silent_redis_quits_at_once(tmp_path: Path) -> None:
     """A Redis that accepts and never answers held the start for its timeouts (~20 s, then
-    exit 1), Ctrl-C included: Ctrl-C before the banner now quits at once, exit 0."""
+    exit 1), Ctrl-C included: Ctrl-C before the banner now quits at once, exit 0. (One run in
+    three or four under load, the start swallowed the cancel (Python 3.11's `wait_for`
+    around a redis-py write) and went on for 40 s and more: it is cancelled until it ends.)"""
 
     asked = asyncio.Event()
     accepted: list[asyncio.StreamWriter] = []
