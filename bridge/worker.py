@@ -686,6 +686,9 @@ class Worker:
                 arriving = False
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(waker.wait(), timeout=pause)
+                # Given up (lost) in the tick the wake came, the cancel was swallowed by
+                # Python 3.11's `wait_for`, whose wait had just completed.
+                _raise_if_cancelled()
         finally:
             self._set_queued(held, False)
             if not any(

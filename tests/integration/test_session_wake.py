@@ -4,6 +4,7 @@ session, and only then."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -62,3 +63,27 @@ async def test_a_turn_wakes_the_next_one_of_its_session_and_only_when_one_waits(
     assert [("first" in text, "second" in text, "third" in text) for text in yach.texts()] == [
         (True, False, False), (False, True, False), (False, False, True)
     ]
+
+
+async def test_a_waiting_turn_given_up_in_the_tick_its_wake_comes_stops_there(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI
+) -> None:
+    """A turn waiting for its session is given up (its entry claimed by another process) with
+    one cancel. Landing in the very tick its wake completed the wait, that cancel was
+    swallowed by Python 3.11's `wait_for`: the lost turn went on waiting, and then ran."""
+    upstream.first_byte_delay_s = 3.0  # the first turn holds the session meanwhile
+    env = bridge_env(redis_url, bot_id, yach, **openai_env(upstream.base_url))
+    async with running_bridge(env) as bridge:
+        worker = bridge.bridge.worker
+        assert worker is not None
+        assert (await bridge.post(group_message("first")))[0] == 200
+        await wait_until(lambda: len(upstream.bodies) == 1)
+        assert (await bridge.post(group_message("second")))[0] == 200
+        await wait_until(lambda: any(h.queued for h in worker.held.values()))
+        second = next(h for h in worker.held.values() if h.queued)
+        assert second.task is not None
+        # The wake's wait completes first (its task runs in the next tick), then the cancel:
+        worker._wakers[second.entry.chat_session_id].set()
+        asyncio.get_running_loop().call_soon(worker._lose, second.entry.entry_id, "test")
+        await wait_until(second.task.done, timeout=1.5)
+        assert len(upstream.bodies) == 1
