@@ -23,7 +23,7 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from adapters.im.yach import YachIM, reply_gaps
+from adapters.im.yach import YachIM, reply_gaps, skew_gaps
 from adapters.upstream import create_upstream
 from adapters.yach_api import YachAPI
 from bridge import __version__, jsontext
@@ -255,6 +255,8 @@ def _yach_im(bridge: Bridge) -> IM:
     assert bridge.yach_api is not None
     for gap in reply_gaps(bridge.settings):
         log.warning("reply_route_missing", detail=gap)
+    for gap in skew_gaps(bridge.settings):
+        log.warning("webhook_skew_too_small", detail=gap)
     return YachIM(bridge.settings, bridge.yach_api)
 
 

@@ -26,10 +26,13 @@ __all__ = [
     "parse_payload",
     "render",
     "reply_gaps",
+    "skew_gaps",
     "strip_mention",
 ]
 
 MAX_CHARS = 5000
+# Below this a timestamp check refuses real messages: delivery delay and clock drift alone.
+MIN_USEFUL_SKEW_S = 5.0
 DEFAULT_RATE_LIMIT_BACKOFF_S = 2.0
 _IMAGE_MARKER = re.compile(r"image::(\S+?)::")
 _LEADING_MENTION = re.compile(r"^\s*@[^\s\u2005]+[\s\u2005]*")
@@ -273,6 +276,19 @@ def reply_gaps(settings: Settings) -> list[str]:
             "or BRIDGE_ALLOW_GROUPS to that one group"
         )
     return gaps
+
+
+def skew_gaps(settings: Settings) -> list[str]:
+    """A timestamp window too narrow to pass real messages, as the operator hears it at
+    start and from `check` (0 reads like "no check" and refuses every webhook instead)."""
+    skew = settings.yach_max_skew_s
+    if not settings.yach_secret or skew >= MIN_USEFUL_SKEW_S:
+        return []
+    return [
+        f"BRIDGE_YACH_MAX_SKEW_S={skew:g} refuses (401) every webhook whose timestamp is more "
+        f"than {skew:g} s from this host's clock: delivery delay and clock drift alone exceed "
+        f"that, so real messages are refused; the default is 300"
+    ]
 
 
 class YachIM:

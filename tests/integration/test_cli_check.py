@@ -173,6 +173,13 @@ async def test_chats_without_a_reply_route_are_warnings(tmp_path: Path) -> None:
     assert "s3cret" not in result.out
 
 
+async def test_a_timestamp_window_that_refuses_every_webhook_is_a_warning(tmp_path: Path) -> None:
+    result = await check(good_env(tmp_path, BRIDGE_YACH_MAX_SKEW_S="0"))
+    assert result.code == 0, result.out + result.err
+    warnings = [line for line in result.lines if line.startswith("warning: ")]
+    assert [w.split()[1] for w in warnings] == ["BRIDGE_YACH_MAX_SKEW_S=0"], warnings
+
+
 async def test_a_secret_file_beside_its_set_variable_is_a_warning(tmp_path: Path) -> None:
     env = good_env(tmp_path, BRIDGE_OPENAI_API_KEY_FILE=str(tmp_path / "key"))
     result = await check(env)

@@ -1,9 +1,9 @@
-"""Which chats a Yach configuration cannot answer by a route of its own (SPEC §4), as the
-operator is told at start and by `check`."""
+"""Which chats a Yach configuration cannot answer by a route of its own (SPEC §4), and a
+timestamp window that refuses real messages, as the operator is told at start and by `check`."""
 
 from __future__ import annotations
 
-from adapters.im.yach import reply_gaps
+from adapters.im.yach import reply_gaps, skew_gaps
 from bridge.config import load_settings
 
 BASE = {"BRIDGE_UPSTREAM": "openai", "BRIDGE_OPENAI_API_KEY": "sk-x", "BRIDGE_OPENAI_MODEL": "m",
@@ -40,3 +40,13 @@ def test_a_robot_url_answers_into_its_one_group_whoever_asked() -> None:
 
 def test_half_the_app_credentials_are_none() -> None:
     assert len(gaps(BRIDGE_YACH_APP_KEY="key", **ROBOT)) == 2
+
+
+def test_a_timestamp_window_under_5_s_is_reported_and_the_default_is_not() -> None:
+    assert skew_gaps(load_settings(BASE)) == []
+    assert skew_gaps(load_settings({**BASE, "BRIDGE_YACH_MAX_SKEW_S": "5"})) == []
+    (gap,) = skew_gaps(load_settings({**BASE, "BRIDGE_YACH_MAX_SKEW_S": "0"}))
+    assert gap.startswith("BRIDGE_YACH_MAX_SKEW_S=0 refuses (401) every webhook")
+    # no secret, no timestamp check (BRIDGE_YACH_INSECURE): nothing to warn about
+    insecure = {**BASE, "BRIDGE_YACH_SECRET": "", "BRIDGE_YACH_INSECURE": "1"}
+    assert skew_gaps(load_settings({**insecure, "BRIDGE_YACH_MAX_SKEW_S": "0"})) == []
