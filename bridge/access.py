@@ -133,11 +133,17 @@ async def missing_permissions(redis: aioredis.Redis, keys: Keys) -> list[str]:
     try:
         # EXEC outside a transaction answers an error, or NOPERM: nothing runs either way.
         await connection.send_packed_command(connection.pack_commands([("EXEC",), ("MULTI",)]))
-        for name in ("EXEC", "MULTI"):
-            said = await _said(connection)
-            if said is not None:
-                refused.add(name, said)
-        if "MULTI" in refused.commands:  # without it the calls would run: not checked
+        said = await _said(connection)
+        if said is not None:
+            refused.add("EXEC", said)
+        # Any error opening the transaction, NOPERM or not (a proxy without transactions):
+        # outside one the calls would run, so none is sent.
+        try:
+            await connection.read_response()
+        except ResponseError as exc:
+            if not _is_noperm(exc):
+                return [f"cannot open a transaction ({exc}), which the bridge uses"]
+            refused.add("MULTI", str(exc))
             return refused.lines(keys, 0, unchecked=" (so nothing else was checked)")
         await connection.send_packed_command(connection.pack_commands(calls))
         for call in calls:
@@ -158,9 +164,13 @@ async def _said(connection: AbstractConnection) -> str | None:
     except ResponseError as exc:
         # An error answer other than NOPERM is an answer all the same: allowed (EXEC
         # outside a transaction). EXEC refused is said as EXECABORT, "because of: NOPERM".
-        if isinstance(exc, NoPermissionError) or "NOPERM" in str(exc):
+        if _is_noperm(exc):
             return str(exc)
     return None
+
+
+def _is_noperm(exc: ResponseError) -> bool:
+    return isinstance(exc, NoPermissionError) or "NOPERM" in str(exc)
 
 
 async def require_permissions(redis: aioredis.Redis, keys: Keys) -> None:
