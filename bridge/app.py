@@ -27,6 +27,7 @@ from adapters.im.yach import YachIM, reply_gaps, skew_gaps
 from adapters.upstream import create_upstream
 from adapters.yach_api import YachAPI
 from bridge import __version__, jsontext
+from bridge.access import Refusals, require_permissions
 from bridge.commands import Commands
 from bridge.compose import FlushPolicy
 from bridge.config import ConfigError, Settings
@@ -88,6 +89,7 @@ class Bridge:
     inbox: Inbox | None = None
     worker: Worker | None = None
     draining: bool = False
+    refusals: Refusals = field(default_factory=Refusals)  # Redis refusing it while it runs
     consumer: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     )
@@ -112,6 +114,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     bridge.redis = connect(url, max_connections=bridge.settings.workers * 2 + 32)
     try:
         try:
+            await require_permissions(bridge.redis, bridge.keys)
             version = await check_server(bridge.redis, bridge.keys)
             log.info("redis_connected", redis_version=version, embedded=embedded is not None)
         except RedisError as exc:
@@ -244,6 +247,7 @@ async def _worker_ctx(app: web.Application) -> AsyncIterator[None]:
         commands,
         catalogue,
         bridge.metrics,
+        bridge.refusals,
     )
     bridge.worker.start()
     yield
@@ -302,6 +306,7 @@ async def handle_yach_webhook(request: web.Request) -> web.Response:
     try:
         result = await bridge.inbox.put(message, verdict.kind, verdict.chat_session_id)
     except RedisError as exc:
+        bridge.refusals.note(exc, "webhook")
         ids = _ids(bridge, verdict, message)
         log.warning("webhook_not_stored", error=type(exc).__name__, **ids)
         return _json_error(503, "cannot store the message now; retry later")

@@ -34,6 +34,7 @@ from redis.retry import Retry
 from adapters.im.terminal import TERMINAL_USER, TerminalIM
 from adapters.im.yach import reply_gaps, skew_gaps
 from bridge import __version__, systemd
+from bridge.access import AccessDenied, acl_rules, missing_permissions, refused
 from bridge.app import STATE, Bridge, build_app, drain
 from bridge.config import (
     ConfigError,
@@ -160,7 +161,7 @@ async def _run(settings: Settings) -> int:
         log.error("startup_failed", error=str(exc), host=settings.host, port=settings.port)
         await runner.cleanup()
         return EXIT_RUNTIME
-    except (SchemaError, OSError, RuntimeError) as exc:
+    except (SchemaError, AccessDenied, OSError, RuntimeError) as exc:
         log.error("startup_failed", error=str(exc))
         await runner.cleanup()
         return EXIT_RUNTIME
@@ -335,18 +336,27 @@ def _plain_client(url: str) -> aioredis.Redis:
 
 
 async def _check_redis(settings: Settings) -> int:
-    """Read-only: the server answers, is recent enough, and holds no newer schema."""
+    """Read-only: the server answers, lets the user do what the bridge does, is recent
+    enough, and holds no newer schema."""
     if settings.redis_url is None:
         return await _check_embedded(settings)
     where = mask_text(settings.redis_url)
+    keys = Keys(settings.bot_id)
     client = _plain_client(settings.redis_url)
     try:
         async with asyncio.timeout(10):
+            missing = await missing_permissions(client, keys)
+            if missing:
+                for line in missing:
+                    print(f"redis: the user of {where} {mask_text(line)}")
+                print(f"redis: all a user of its own needs: {mask_text(acl_rules(keys))}")
+                return EXIT_RUNTIME
             info = await client.info("server")
-            stored = await client.get(Keys(settings.bot_id).schema)
+            stored = await client.get(keys.schema)
     except (RedisError, OSError, TimeoutError) as exc:
         why = mask_text(redis_failure(exc))
-        print(f"redis: {where} does not answer ({type(exc).__name__}: {why})")
+        says = "refuses its user" if refused(exc) else "does not answer"
+        print(f"redis: {where} {says} ({type(exc).__name__}: {why})")
         return EXIT_RUNTIME
     finally:
         await client.aclose()
@@ -604,7 +614,7 @@ class _Conversation:
             await _unless_stopped(self._start(runner), self._quit_asked)
         except ConfigError as exc:
             return _print_problems(exc)
-        except (SchemaError, RedisError, OSError, RuntimeError, ValueError) as exc:
+        except (SchemaError, AccessDenied, RedisError, OSError, RuntimeError, ValueError) as exc:
             print(f"chatbridge: cannot start: {mask_text(str(exc))}", file=sys.stderr)
             self.abandoned = True
             return EXIT_RUNTIME

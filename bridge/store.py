@@ -21,8 +21,14 @@ from redis.asyncio.connection import AbstractConnection
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.driver_info import DriverInfo
+from redis.exceptions import (
+    AuthenticationError,
+    NoPermissionError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from redis.typing import EncodableT, KeyT
@@ -45,6 +51,7 @@ __all__ = [
     "connect",
     "load_scripts",
     "redis_failure",
+    "refused_credentials",
     "ride_out",
 ]
 
@@ -106,6 +113,12 @@ class Keys:
     @property
     def schema(self) -> str:
         return self.prefix + "schema"
+
+    @property
+    def probe(self) -> str:
+        """The key `check` and the start name to learn whether the user may use the keys
+        (`bridge.access`): never written."""
+        return self.prefix + "check"
 
     @property
     def control(self) -> str:
@@ -623,11 +636,21 @@ def as_text(value: bytes | str) -> str:
 _AUTH_REFUSALS = ("noauth", "wrongpass", "authenticat", "username-password", "password")
 
 
+def refused_credentials(exc: BaseException) -> bool:
+    """Whether Redis refused the credentials, or wants some (redis-py says so with a plain
+    `ConnectionError` when it connects: only the words tell)."""
+    said = str(exc).lower()
+    return isinstance(exc, AuthenticationError) or any(word in said for word in _AUTH_REFUSALS)
+
+
 def redis_failure(exc: BaseException) -> str:
     """Why Redis failed, for a log line: what it answered (`type(exc).__name__` alone was
     `ConnectionError` for a server that is down and for one that refuses the password alike),
-    and what to fix when it refused the credentials. The logger masks any password in it."""
+    and what to fix when it refused the credentials or the command (the user's ACL). The logger
+    masks any password in it."""
     said = str(exc) or type(exc).__name__
-    if any(word in said.lower() for word in _AUTH_REFUSALS):
+    if isinstance(exc, NoPermissionError):
+        return f"the Redis user's ACL refuses it ({said}): `chatbridge check` says what to grant"
+    if refused_credentials(exc):
         return f"Redis refused the credentials: check the password in BRIDGE_REDIS_URL ({said})"
     return said

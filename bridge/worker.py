@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
+from bridge.access import Refusals
 from bridge.commands import Commands, wake_message
 from bridge.config import Settings
 from bridge.inbox import INBOX_SCRIPTS, Acked, Entry, EntryKind, Inbox, TakeOnPut
@@ -108,6 +109,7 @@ class Worker:
         commands: Commands,
         catalogue: Catalogue,
         metrics: Metrics,
+        refusals: Refusals,
     ) -> None:
         self.settings = settings
         self.redis = redis
@@ -116,6 +118,7 @@ class Worker:
         self.sessions = sessions
         self.runner = runner
         self.commands = commands
+        self.refusals = refusals
         self.catalogue = catalogue
         self.metrics = metrics
         self.held: dict[str, _Held] = {}
@@ -230,12 +233,13 @@ class Worker:
                 if not self._failing:
                     self._failing_since = time.monotonic()
                 self._failing.add(loop.__name__)
-                log.warning(
-                    "redis_unavailable",
-                    loop=loop.__name__,
-                    error=type(exc).__name__,
-                    reason=redis_failure(exc),
-                )
+                if not self.refusals.note(exc, loop.__name__):
+                    log.warning(
+                        "redis_unavailable",
+                        loop=loop.__name__,
+                        error=type(exc).__name__,
+                        reason=redis_failure(exc),
+                    )
             except Exception:  # a loop must never die: log it, and run it again
                 _raise_if_cancelled()
                 log.exception("loop_failed", loop=loop.__name__)
@@ -482,6 +486,7 @@ class Worker:
                     await self.sessions.journal_send_refused(entry.entry_id)
             await self._let_go(held)
         except RedisError as exc:
+            self.refusals.note(exc, "turn")
             log.warning("redis_error", error=type(exc).__name__, outcome="left pending")
             await self._let_go(held)
         except Exception:

@@ -9,7 +9,7 @@ import pytest
 
 from tests.fakes.yach import FakeYach
 from tests.harness import bridge_env, openai_env
-from tests.procs import BridgeProcess, RedisServer, Spawner, closing_all, wait_for
+from tests.procs import BridgeProcess, RedisServer, Spawner, closing_all
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,9 @@ async def test_a_redis_that_wants_a_password_is_named_as_the_reason(
     """A Redis that refuses the bridge (no password, or a wrong one) was logged as
     `redis_unavailable` with `error: ConnectionError` and nothing else, again and again: the
     same words as a Redis that is down, so the operator could not tell a missing password
-    from a dead server. The line now says what Redis answered (and never the password)."""
+    from a dead server. Then it said what Redis answered, still again and again, the bridge
+    serving 503 meanwhile; a refusal is no outage: the start is given up, exit 1, with one
+    `startup_failed` line that says what Redis answered (and never the password)."""
     server = RedisServer(tmp_path / "redis")
     wrong = server.url.replace("unix://", "unix://:wrong-pw-9c1e@")
     for n, url in enumerate((server.url, wrong)):
@@ -30,11 +32,12 @@ async def test_a_redis_that_wants_a_password_is_named_as_the_reason(
         env = bridge_env(url, bot_id, yach, **openai_env("http://127.0.0.1:9/v1"))
         bridge = BridgeProcess(env, tmp_path / f"bridge{n}.log")
         with closing_all(bridge, server):
-            await bridge.start()
-            await wait_for(lambda b=bridge: len(b.events("redis_unavailable")) >= 2, 10,
-                           "redis_unavailable lines")  # fmt: skip
-            for event in bridge.events("redis_unavailable"):
-                assert "refused the credentials" in event.get("reason", ""), event
+            with pytest.raises(AssertionError, match="exited at start"):
+                await bridge.start()
+            assert await bridge.wait(10) == 1
+            [failed] = bridge.events("startup_failed")
+            assert "refused the credentials" in failed["error"], failed
+            assert not bridge.events("redis_unavailable")
         log = (tmp_path / f"bridge{n}.log").read_text()
         assert "wrong-pw-9c1e" not in log and REDIS_PASSWORD not in log
 

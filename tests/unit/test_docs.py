@@ -9,8 +9,10 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from bridge.access import acl_rules
 from bridge.events import ErrorKind
 from bridge.metrics import IM_SEND_OUTCOMES, TURN_OUTCOMES, WEBHOOK_STATUSES, Metrics
+from bridge.store import Keys
 
 REPO = Path(__file__).resolve().parents[2]
 GUIDE = REPO / "deploy" / "README.md"
@@ -182,3 +184,12 @@ def test_ci_runs_the_readme_test_command() -> None:
     tests = next(block for block in blocks if "pytest" in block)
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     assert tests in ci
+
+
+def test_the_guide_grants_a_redis_user_what_check_verifies() -> None:
+    """The ACL the guide tells to set is what `check` and the start verify (`acl_rules`):
+    a command the bridge starts to send is missing from neither."""
+    guide = GUIDE.read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```sh\n(.*?)\n```", guide, re.DOTALL) if "SETUSER" in b)
+    command = " ".join(block.replace("\\\n", " ").replace("'", "").splitlines()[0].split())
+    assert command.endswith(acl_rules(Keys("support"))), command
