@@ -37,7 +37,15 @@ from bridge.events import (
 )
 from bridge.http import UpstreamFailure
 from bridge.inbox import Entry
-from bridge.interfaces import HistoryTurn, ImageInput, Piece, ReplyTarget, Turn, Upstream
+from bridge.interfaces import (
+    HistoryTurn,
+    ImageInput,
+    Piece,
+    ReplyTarget,
+    SendError,
+    Turn,
+    Upstream,
+)
 from bridge.messages import Catalogue
 from bridge.metrics import Metrics
 from bridge.outbox import Outbox
@@ -166,7 +174,11 @@ class _Outgoing:
             piece, last = await self._journal(text)
             if self._cut_short():
                 await self._until_cancelled()
-            await outbox.deliver(target, _as_piece(piece), budget_taken=True)
+            try:
+                await outbox.deliver(target, _as_piece(piece), budget_taken=True)
+            except SendError:
+                await self._refused()
+                raise
             if last and self.record_follows:
                 self.unmarked = piece.index
                 return
@@ -182,6 +194,15 @@ class _Outgoing:
             self.unmarked = self._confirmed
         elif self.index:  # a failed turn: its notice went last
             await self._journal_end()
+
+    async def _refused(self) -> None:
+        """The IM refused a piece's first send: the journal says so (best effort), for that
+        piece did not show. (A replay's resend proves nothing: an earlier try may have shown
+        the piece, its process dying before the mark.)"""
+        with contextlib.suppress(LockLost, RedisError):
+            await self.runner.sessions.journal_send_refused(
+                self.entry.chat_session_id, self.entry.entry_id, self.lock
+            )
 
     def _cut_short(self) -> bool:
         """Whether the turn is being cancelled (`/stop`, a drain's deadline, the session
@@ -468,6 +489,10 @@ class TurnRunner:
             complete=journal.complete,
         )
         cut_off_id = message_id(self.settings.bot_id, entry.entry_id, "cut_off")
+        if journal.send_refused:  # the pieces go out again: they may show this time
+            await self.sessions.journal_send_refused(
+                entry.chat_session_id, entry.entry_id, lock, refused=False
+            )
         if not journal.complete:
             # The notice is journalled too, fenced by the lock like any piece: a turn that
             # lost its session (a stall) must not add it after the new holder went on, and

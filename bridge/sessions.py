@@ -866,14 +866,15 @@ class Sessions:
         key = self.keys.journal(entry_id)
         await self._patient(lambda: self._hot.command("HSET", key, f"s:{index}", "1"))
 
-    async def journal_send_refused(self, entry_id: str) -> None:
-        """The IM refused a send of this turn: its unconfirmed pieces are not merely
-        unconfirmed for want of a mark (a crash right after the send)."""
-        key = self.keys.journal(entry_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, "send_refused", "1")
-            pipe.expire(key, JOURNAL_TTL_S)
-            await pipe.execute()
+    async def journal_send_refused(
+        self, chat_session_id: str, entry_id: str, lock_value: str, *, refused: bool = True
+    ) -> None:
+        """The IM refused the first send of a piece of this turn: that piece did not show, it
+        is not merely unconfirmed for want of a mark (a crash right after the send). Not
+        `refused`: a replay is about to send the pieces again, after which that no longer
+        holds. Fenced like a journal write (`LockLost`)."""
+        fields = ["send_refused", "1" if refused else "0"]
+        await self._journal_fields(chat_session_id, entry_id, lock_value, fields, None)
 
     async def _patient(self, command: Callable[[], Awaitable[T]]) -> T:
         """Run a Redis step of a running turn (idempotent, or harmless again), riding out a

@@ -481,9 +481,6 @@ class Worker:
             log.warning("entry_gone", reason=str(exc), outcome="acknowledged by another worker")
         except SendError as exc:
             log.error("send_failed", reason=exc.reason, outcome="left pending for redelivery")
-            if entry.kind is EntryKind.TURN:
-                with contextlib.suppress(RedisError):
-                    await self.sessions.journal_send_refused(entry.entry_id)
             await self._let_go(held)
         except RedisError as exc:
             self.refusals.note(exc, "turn")

@@ -9,8 +9,15 @@
  * any step (it comes back as a new consumer with an empty memory: its claims and lock are
  * released by expiry), and up to STALLS stalls (a live worker paused past
  * BRIDGE_CLAIM_IDLE_S: its entries may be claimed and its lock may expire while it goes
- * on, unaware, until its keep loop or a fenced write tells it). Time is abstracted: an
- * expiry or an idle claim may happen at any moment the protocol allows it.
+ * on, unaware, until its keep loop or a fenced write tells it), and up to REFUSALS sends the
+ * IM refuses (after the outbox's retries: nothing shows, the worker lets the entry go). Time is
+ * abstracted: an expiry or an idle claim may happen at any moment the protocol allows it.
+ *
+ * Past MAX_ATTEMPTS (Worker._out_of_attempts) an entry is dead-lettered with its notice,
+ * unless its journal says the answer was delivered (complete, every piece confirmed: its ack
+ * was lost), or is complete and was never refused by the IM (`send_refused`, set when the IM
+ * refuses a piece's first send, cleared when a replay sends the pieces again): those are
+ * replayed, without a notice, the latter on NOTICE_TRIES deliveries past the limit at most.
  *
  * Each step on Redis is one atomic Lua script or command in the implementation, and one
  * atomic block here. (The webhook's put script may also make the first read and the start
@@ -31,20 +38,27 @@
  *              notice never follows a complete answer;
  *   ANSWERED   at the end every stored message is acknowledged, and was answered: its
  *              whole answer, or what was sent of it and the cut-off notice, or the
- *              dead-letter notice after MAX_ATTEMPTS started turns;
+ *              dead-letter notice after MAX_ATTEMPTS started turns; the dead-letter notice
+ *              never comes under a whole answer whose journal is complete (before the
+ *              notice's tries are spent), nor anything of the answer after it;
  *   and no deadlock (spin's invalid end states).
  *
  *   spin -a delivery.pml && gcc -O2 -DSAFETY -DCOLLAPSE -o pan pan.c && ./pan -m100000
+ *   (and with `spin -DREFUSALS=1 -DCRASHES=0 -a …`: a refusal and a stall)
  *
  * Variants that must FAIL (the model has teeth): -DNO_FENCE (a piece is journalled without
  * checking the lock), -DNO_JOURNAL (a redelivered turn asks the upstream again), -DNO_HEAD
  * (any queued message may take the lock), -DACK_FIRST (acknowledge before the pieces),
  * -DNOTICE_UNFENCED (a replay sends its cut-off notice without journalling it under the
- * lock: the race this model found in the implementation, now fixed).
+ * lock: the race this model found in the implementation, now fixed), -DDEAD_LETTER_COMPLETE
+ * (past the limit, a complete journal is dead-lettered too), -DSTICKY_REFUSAL with
+ * -DREFUSALS=1 -DCRASHES=0 (every refused send marks the journal, and nothing clears the
+ * mark: the code as this model found it).
  */
 
 /* Bounds. The defaults are checked by tests/unit/test_delivery_model.py in seconds (a crash
- * makes a replay, a crash and a stall a dead letter); -DCRASHES=2 takes minutes
+ * makes a replay, a crash and a stall a dead letter, or a replay past the limit), and so are
+ * -DREFUSALS=1 -DCRASHES=0; -DCRASHES=2, or a refusal with the crash, take minutes
  * (docs/delivery.md gives the numbers). */
 #define W 2
 #define E 2
@@ -61,6 +75,12 @@
 #ifndef DELIVERIES
 #define DELIVERIES 2
 #endif
+#ifndef REFUSALS
+#define REFUSALS 0
+#endif
+/* `_notice_tries`: on how many deliveries past the limit a dead-letter notice is tried, and so
+ * a complete journal that the IM never refused is replayed: MAX_ATTEMPTS, 3 at least */
+#define NOTICE_TRIES (MAX_ATTEMPTS > 3 -> MAX_ATTEMPTS : 3)
 
 /* The platform: dedupe keys, and what the group sees. */
 bool dedupe[E];
@@ -84,6 +104,9 @@ byte journal_run[E];
 bool complete[E];      /* the journal is marked complete: by the last piece's journal write
                           when the end is known by then, else by the record after its send */
 bool cut_journalled[E]; /* the cut-off notice is journalled (as the journal's last piece) */
+bool confirmed[E * P]; /* s:i — the platform confirmed the send of piece (e, i) */
+bool send_refused[E];  /* the IM refused the first send of a piece (after the outbox's retries) */
+byte refusals;
 
 /* The world */
 byte inc[W + 2];       /* one spare: gcc cannot see that owner_w is never 0 there */
@@ -111,16 +134,63 @@ byte runs;
 #define ONE_RUN(e)  (shown[e * P] == 0 || shown[e * P + 1] == 0 || shown[e * P] == shown[e * P + 1])
 #define FULL(e)     (shown[e * P] != 0 && shown[e * P + 1] != 0)
 #define SOME(e)     (shown[e * P] != 0 || shown[e * P + 1] != 0)
+/* The journal's `complete` field: the record or the last piece's journal write sets it, and
+ * so does journalling the cut-off notice (the journal's last piece). */
+#define JCOMPLETE(e) (complete[e] || cut_journalled[e])
+/* Journal.delivered: complete, and every journalled piece confirmed sent (the cut-off
+ * notice's own mark is not modelled: a journal that holds it never counts as delivered, and
+ * its replay sends it again, under its message_id) */
+#define DELIVERED(e) (complete[e] && !cut_journalled[e] && confirmed[e * P] && confirmed[e * P + 1])
+/* Past the limit, a complete journal the IM never refused is replayed without a notice (its
+ * process may have died as its last sends showed), on NOTICE_TRIES deliveries at most. */
+#ifdef DEAD_LETTER_COMPLETE
+#define RESENDABLE(e) (false)
+#else
+#define RESENDABLE(e) (JCOMPLETE(e) && !send_refused[e] && attempts[e] <= MAX_ATTEMPTS + NOTICE_TRIES)
+#endif
+/* Worker._out_of_attempts */
+#define OUT_OF_ATTEMPTS(e) (attempts[e] > MAX_ATTEMPTS && !DELIVERED(e) && !RESENDABLE(e))
+
+/* The lock is ours: the same token, or it expired and nobody took the session since. */
+#ifdef NO_FENCE
+#define HOLDS (true)
+#define NOTICE_UNFENCED
+#else
+#define HOLDS (lock_token == token || (lock_token == 0 && fence == token))
+#endif
 
 /* The platform shows a piece under its message_id (entry, index): once. */
 inline display(e, i, r) {
   if
   :: shown[e * P + i] == 0 ->
      assert(!LATER_SHOWN(e));   /* ORDER */
+     assert(!dead_notice[e]);   /* ANSWERED: nothing of an answer after its dead letter */
      shown[e * P + i] = r
   :: else -> skip
   fi;
   assert(ONE_RUN(e))            /* ONE_ANSWER */
+}
+
+/* Hand a piece to the platform: it shows it, or (REFUSALS times at most) refuses it after the
+ * outbox's retries — nothing shows, and the worker lets the entry go (SendError). `fresh`: the
+ * piece's first send, by the run that journalled it: its refusal marks the journal
+ * `send_refused` (fenced, as a journal write), for the piece did not show. A replay's resend
+ * may be of a piece an earlier try showed (its process died before the mark): its refusal
+ * proves nothing, and marks nothing. */
+inline send(e, i, r, fresh) {
+  if
+  :: atomic { display(e, i, r); critical[w] = false }
+  :: atomic { refusals < REFUSALS -> refusals++; critical[w] = false };
+#ifdef STICKY_REFUSAL
+     atomic { send_refused[e] = true };
+#else
+     if
+     :: fresh -> atomic { if :: HOLDS -> retake(); send_refused[e] = true :: else -> skip fi }
+     :: else -> skip
+     fi;
+#endif
+     goto gone
+  fi
 }
 
 inline notice_cut(e) {
@@ -152,14 +222,6 @@ inline ack(e) {
   :: else -> skip
   fi
 }
-
-/* The lock is ours: the same token, or it expired and nobody took the session since. */
-#ifdef NO_FENCE
-#define HOLDS (true)
-#define NOTICE_UNFENCED
-#else
-#define HOLDS (lock_token == token || (lock_token == 0 && fence == token))
-#endif
 
 /* The record script, after the answer's last piece was sent: the session saved and the
  * journal marked complete, fenced by the lock like a journal write (refused, it does nothing:
@@ -225,10 +287,18 @@ proctype Worker(byte w) {
        :: LOST -> goto gone    /* the keep loop: claimed elsewhere, or acknowledged */
        od;
        if
-       :: attempts[e] > MAX_ATTEMPTS ->
+       :: OUT_OF_ATTEMPTS(e) ->
           atomic {
             if
-            :: !dead_notice[e] -> assert(!LATER_SHOWN(e)); dead_notice[e] = true
+            :: !dead_notice[e] ->
+               assert(!LATER_SHOWN(e));
+               /* ANSWERED: no "dropped, please resend" under a whole answer that the journal
+                * says complete — before the notice's tries are spent (a replay that never ends
+                * is cut short there). A whole answer whose journal is not complete (its worker
+                * gone between the last send and the record) cannot be told from one cut
+                * short: past the limit it may get this notice, as within it the cut-off one. */
+               assert(!(FULL(e) && JCOMPLETE(e)) || attempts[e] > MAX_ATTEMPTS + NOTICE_TRIES);
+               dead_notice[e] = true
             :: else -> skip
             fi;
             ack(e)             /* XADD …:dead and the acknowledgement: one script */
@@ -244,17 +314,26 @@ proctype Worker(byte w) {
 #else
        if
        :: journalled[e] > 0 ->
-          /* replay: the journalled pieces under their message_ids, then the notice */
+          /* replay: the unconfirmed journalled pieces under their message_ids, then the notice */
+#ifndef STICKY_REFUSAL
+          if
+          :: send_refused[e] ->                 /* from here on the pieces may show: unmarked */
+             atomic { if :: HOLDS -> retake(); send_refused[e] = false :: else -> goto gone fi }
+          :: else -> skip
+          fi;
+#endif
           i = 0;
           do
-          :: i < journalled[e] ->
+          :: i < journalled[e] && confirmed[e * P + i] -> i++
+          :: i < journalled[e] && !confirmed[e * P + i] ->
              atomic {                                        /* the lock, checked… */
                if
                :: HOLDS -> retake(); critical[w] = true
                :: else -> goto gone
                fi
              };
-             atomic { display(e, i, journal_run[e]); critical[w] = false };   /* …then sent */
+             send(e, i, journal_run[e], false);              /* …then sent */
+             atomic { confirmed[e * P + i] = true };         /* s:i, unfenced */
              i++
           :: else -> break
           od;
@@ -283,7 +362,11 @@ proctype Worker(byte w) {
              :: LOST -> goto gone            /* the keep loop noticed, at some point… */
              :: true -> skip                 /* …or not yet */
              fi;
-             atomic {                        /* journal the piece, fenced by the lock */
+             atomic {                        /* journal the piece, fenced by the lock… */
+               if                            /* …confirming the previous one (unfenced, as the app API) */
+               :: i > 0 -> confirmed[e * P + i - 1] = true
+               :: else -> skip
+               fi;
                if
                :: HOLDS ->
                   retake(); critical[w] = true;
@@ -295,11 +378,13 @@ proctype Worker(byte w) {
                :: else -> goto gone          /* LockLost: another turn owns the answer */
                fi
              };
-             atomic { display(e, i, answer_run); critical[w] = false };   /* sent (a crash replays it) */
+             send(e, i, answer_run, true);   /* a crash replays it */
              i++
           :: else -> break
           od;
-          atomic { record(e) }               /* a crash before it: replayed, with the notice */
+          atomic { confirmed[e * P + P - 1] = true; record(e) }   /* the last piece's mark
+                                               rides with the record, unfenced; a crash before
+                                               it: replayed, with the notice unless complete */
        fi;
        atomic { ack(e) };                    /* record, then XACK: shielded */
        goto done;

@@ -23,6 +23,7 @@ from tests.procs import PacedOpenAI, Spawner, post_webhook, wait_acknowledged, w
 
 EN = MESSAGES["en"]
 LONG_ANSWER = " ".join(f"Sentence number {n} of a long answer." for n in range(1, 41))
+SEND_TRIES = 5  # of one message by the outbox, before the entry is left pending
 
 
 
@@ -209,5 +210,42 @@ async def test_an_answer_sent_whole_on_the_last_attempt_is_not_dead_lettered_aft
         await upstream.close()
     assert yach.texts() == ["You said: hello. (history: 0 messages)"]
     assert len(yach.server.on("/group/robot/message/send")) == 2  # the same message_id
+    assert len(upstream.started) == 1
+    assert await redis_client.xlen(keys.dead) == 0
+
+
+async def test_an_answer_a_replay_showed_whole_after_a_refused_send_is_not_dead_lettered(
+    redis_url: str, bot_id: str, redis_client: aioredis.Redis, yach: FakeYach,
+    spawn: Spawner, http: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    """BRIDGE_MAX_ATTEMPTS=2, app API. The IM refuses every try of the answer's send on the
+    first attempt; the second replays it: it shows, and the process is SIGKILLed before it
+    learns so. The third delivery is past the limit, and the answer exists whole: it is sent
+    again under its message_id (nothing more shows) and acknowledged. The first attempt's
+    refusal used to stay in the journal, and it was dead-lettered: the user read "failed
+    repeatedly and was dropped; please resend" under the whole answer."""
+    upstream = await PacedOpenAI().start()
+    keys = Keys(bot_id)
+    env = _env(
+        redis_url, bot_id, yach, upstream, BRIDGE_MAX_ATTEMPTS="2",
+        BRIDGE_YACH_APP_KEY=fake_yach.APP_KEY, BRIDGE_YACH_APP_SECRET=fake_yach.APP_SECRET,
+    )  # fmt: skip
+    try:
+        yach.fail_next(500, times=SEND_TRIES)  # every try of the first attempt
+        async with running_bridge(env, send_backoff_s=0.01) as first:
+            assert (await first.post(group_message("hello")))[0] == 200
+            await wait_for(lambda: not yach.failures, 10, "the answer's sends refused")
+            await asyncio.sleep(0.3)  # the turn lets the entry go
+        yach.hold_next(1)
+        bridge = await spawn(env).start()
+        await wait_for(lambda: len(yach.held) == 1, 10, "the replay shown, its send held")
+        bridge.kill()
+        yach.held[0].set()
+        await spawn(env).start()
+        await wait_acknowledged(redis_client, keys.inbox)
+        await asyncio.sleep(0.5)
+    finally:
+        await upstream.close()
+    assert yach.texts() == ["You said: hello. (history: 0 messages)"]
     assert len(upstream.started) == 1
     assert await redis_client.xlen(keys.dead) == 0

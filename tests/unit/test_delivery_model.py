@@ -1,7 +1,9 @@
 """The Promela model of the delivery protocol (docs/delivery.pml), checked exhaustively by
-spin: no assertion fails (order per session, one answer per message, every stored message
-answered) and no invalid end state; and each variant that drops one safeguard is caught.
-Skipped when spin or a C compiler is not installed (Debian/Ubuntu: `apt-get install spin`).
+spin, under crashes and stalls and, in a second search, under the IM's refusal of a send and
+stalls: no assertion fails (order per session, one answer per message, every stored message
+answered, never "dropped" under a whole answer the journal knew complete) and no invalid end
+state; and each variant that drops one safeguard is caught. Skipped when spin or a C
+compiler is not installed (Debian/Ubuntu: `apt-get install spin`).
 """
 
 from __future__ import annotations
@@ -35,19 +37,40 @@ def _check(directory: Path, *defines: str, timeout: float = 100) -> str:
     return result.stdout + result.stderr
 
 
-def test_the_protocol_holds_its_safety_properties_exhaustively(tmp_path: Path) -> None:
-    report = _check(tmp_path)
+# One crash and one stall (the defaults); one refusal and one stall (both with a crash: 240
+# million states, minutes).
+BOUNDS = [(), ("REFUSALS=1", "CRASHES=0")]
+
+
+@pytest.mark.parametrize("bounds", BOUNDS, ids=["crash", "refusal"])
+def test_the_protocol_holds_its_safety_properties_exhaustively(
+    tmp_path: Path, bounds: tuple[str, ...]
+) -> None:
+    report = _check(tmp_path, *bounds)
     assert "errors: 0" in report, report
     assert "Search not completed" not in report, report
     assert "assertion violations\t+" in report and "invalid end states\t+" in report, report
 
 
 @pytest.mark.parametrize(
-    "variant", ["NO_FENCE", "NO_JOURNAL", "NO_HEAD", "ACK_FIRST", "NOTICE_UNFENCED"]
+    "variant",
+    [
+        ("NO_FENCE",),
+        ("NO_JOURNAL",),
+        ("NO_HEAD",),
+        ("ACK_FIRST",),
+        ("NOTICE_UNFENCED",),
+        ("DEAD_LETTER_COMPLETE",),
+        ("STICKY_REFUSAL", *BOUNDS[1]),
+    ],
+    ids=lambda variant: variant[0],
 )
-def test_dropping_a_safeguard_is_caught(tmp_path: Path, variant: str) -> None:
+def test_dropping_a_safeguard_is_caught(tmp_path: Path, variant: tuple[str, ...]) -> None:
     """The model has teeth: without the lock's fence on the journal, without the journal,
-    without the queue's head rule, acknowledging first, or sending the cut-off notice of a
-    replay without journalling it under the lock, spin finds a violation."""
-    report = _check(tmp_path, variant)
+    without the queue's head rule, acknowledging first, sending the cut-off notice of a
+    replay without journalling it under the lock, dead-lettering a complete journal past the
+    limit, or keeping every refused send in the journal for good (the code before the
+    refusal was made the first send's and a replay's resend cleared it), spin finds a
+    violation."""
+    report = _check(tmp_path, *variant)
     assert "assertion violated" in report, report
