@@ -36,6 +36,7 @@ _BACKTICKS = re.compile(r"`+")
 _LIST_MARKER = re.compile(r"^( {0,12})(?:[-*+]|\d{1,9}[.)])(?:[ \t]|$)")
 _TABLE_ROW = re.compile(r"^ {0,3}\|")
 _TABLE_DELIMITER = re.compile(r"^ {0,3}\|?[ \t]*:?-+:?[ \t]*(?:\|[ \t]*:?-+:?[ \t]*)+\|?[ \t]*$")
+_DELIMITER_CHARS = re.compile(r"[-|: \t]*")  # what a delimiter row still arriving can hold
 _HEADING = re.compile(r"^ {0,3}#{1,6}(?:[ \t]|$)")
 _QUOTE = re.compile(r"^ {0,3}>")
 
@@ -139,7 +140,7 @@ def _lines(text: str) -> list[tuple[int, int, str]]:
 
 
 def _is_table_line(lines: Sequence[tuple[int, int, str]], i: int, previous: bool) -> bool:
-    line = lines[i][2]
+    _, end, line = lines[i]
     if _TABLE_ROW.match(line):
         return True
     if not line.strip():
@@ -149,8 +150,21 @@ def _is_table_line(lines: Sequence[tuple[int, int, str]], i: int, previous: bool
         # A row without outer pipes shows no `|` before its first cell ends: the last line
         # (a stream's, still to come) after a row is taken for one until it says otherwise.
         return previous and i == last
-    following = lines[i + 1][2] if i < last else ""
-    return previous or bool(_TABLE_DELIMITER.match(following)) or bool(_TABLE_DELIMITER.match(line))
+    if previous or _TABLE_DELIMITER.match(line):
+        return True
+    # The next line of `lines` may lie past a fence (its lines are left out): no delimiter row.
+    if i == last or lines[i + 1][0] != end + 1:
+        return False
+    following = lines[i + 1][2]
+    # A header row over a delimiter row still arriving (`a | b` over `--`, or over nothing
+    # yet) is one until that last line holds something no delimiter row can, or ends without
+    # being one. (Such a line opens no fence: it is the text's last.) The line still being
+    # written is not held: a `|` in a paragraph (`|x|`, a pipe in inline code) would hold it
+    # whole, and a cut at a sentence end in a header's first cell, before its `|`, cannot
+    # be avoided anyway.
+    return bool(_TABLE_DELIMITER.match(following)) or (
+        i + 1 == last and _DELIMITER_CHARS.fullmatch(following) is not None
+    )
 
 
 def _tables(lines: Sequence[tuple[int, int, str]]) -> list[_Span]:

@@ -33,18 +33,31 @@ _ALIASES = {
 _ALIASES |= {f"/{alias}": command for alias, command in _ALIASES.items() if alias[0] != "/"}
 # After NFKC, which makes fullwidth forms plain (`！？～` `／ｈｅｌｐ`); `。` has no plain form.
 _TRAILING_PUNCTUATION = re.compile(r"[\s。.!?~]+$")
-# What a command's first character can be (before lower-casing and the fullwidth slash).
-_COMMAND_STARTS = frozenset({alias[0] for alias in _ALIASES} | {"／"})
+# What a command's first character can be (before lower-casing and the fullwidth slash), or
+# a mention's before it (`@张三 /stop`: the adapter strips only the first, the bot's).
+_COMMAND_STARTS = frozenset({alias[0] for alias in _ALIASES} | {"／", "@", "＠"})
+# A mention, after NFKC (`＠` is `@`; U+3000, NBSP and U+2005 are spaces): `@` and a name up
+# to the next space. People type the command and pick the bot's mention after it
+# (`/stop @小助手`, `/stop@小助手`), so mentions around a command word leave the command.
+# A name with a space (`@My Bot`) is not one mention: its second word is text, and
+# `/stop @My Bot` a question. The bot's name is not known (SPEC gives no field for it), and
+# reading every word after a mention as part of a name would make `/reset @张三 看看这个` a
+# reset (the conversation lost) instead of a question; the leading mention is read the same.
+_MENTION = re.compile(r"@\S*")
 # Message types that carry neither text nor an image we can read, whatever their fields say.
 UNSUPPORTED_TYPES = frozenset({"voice", "audio", "file", "video", "location", "sticker"})
 
 
 def parse_command(text: str) -> Command | None:
-    """The command a message is, if it is one (`/stop`, `停止？`, ` ／Reset ` …)."""
+    """The command a message is, if it is one (`/stop`, `停止？`, ` ／Reset `, `/stop @小助手` …);
+    a command word with any other text (`/stop the music`) is a question."""
     stripped = text.strip()
     if stripped[:1] not in _COMMAND_STARTS:  # most messages: no regex to run
         return None
-    word = _TRAILING_PUNCTUATION.sub("", unicodedata.normalize("NFKC", stripped)).lower()
+    plain = unicodedata.normalize("NFKC", stripped)
+    if "@" in plain:
+        plain = _MENTION.sub(" ", plain).strip()
+    word = _TRAILING_PUNCTUATION.sub("", plain).lower()
     return _ALIASES.get(word)
 
 

@@ -103,7 +103,8 @@ async def test_help_in_the_configured_language(redis_url: str, bot_id: str, yach
     assert echo.bodies == []  # a command never reaches the upstream
 
 
-@pytest.mark.parametrize("command", ["/stop", "停止"])
+# `@bot /stop　@小助手`: the bot's mention picked after the command too, past a fullwidth space
+@pytest.mark.parametrize("command", ["/stop", "停止", "/stop\u3000@小助手"])
 async def test_stop_closes_the_upstream_stream_and_sends_nothing_more(
     redis_url: str, bot_id: str, yach: FakeYach, slow: SlowOpenAI, redis_client: object,
     command: str

@@ -220,6 +220,45 @@ def test_no_piece_ends_inside_a_table_written_without_outer_pipes(min_chars: int
     assert [p for p in pieces if PIPELESS_TABLE in p]
 
 
+def _cuts(pieces: Sequence[str]) -> list[int]:
+    """Where each piece but the last ends, in the joined text."""
+    ends, position = [], 0
+    for piece in pieces[:-1]:
+        position += len(piece)
+        ends.append(position)
+    return ends
+
+
+@pytest.mark.parametrize("table", [
+    "name | value ok\n--- | :---:\na | 1. x\nb | 2. y\n",
+    "name | value\n|:-- | --:|\na | 1. x\n",
+], ids=["pipeless", "pipes-below-only"])  # fmt: skip
+def test_a_pipeless_header_is_not_cut_from_its_delimiter_row_still_arriving(table: str) -> None:
+    """`a | b` is a header only once its delimiter row shows: while that row arrives
+    (`a | b` over `--`, or over nothing yet) the header stays with it, whatever the floor.
+    (A cut at a sentence end in the row being written cannot wait: a first cell shows no
+    `|` before it ends. Such a header is not used here.)"""
+    intro, after = "Intro line here.\n", "\nAfter the table. More."
+    text = intro + table + after
+    for min_chars in range(len(intro) + len(table)):
+        pieces = compose(FlushPolicy(min_chars=min_chars, max_wait_s=1000), chars(text))
+        assert "".join(pieces) == text
+        inside = [cut for cut in _cuts(pieces) if len(intro) < cut < len(intro) + len(table)]
+        assert inside == [], (min_chars, pieces)
+
+
+@pytest.mark.parametrize("following", ["Then more words.", "- item one.", "--| so on."])
+def test_a_line_with_a_pipe_goes_out_once_the_next_line_is_no_delimiter_row(following: str) -> None:
+    """Prose with a `|` is held while the next line may still become a delimiter row, and
+    goes out at the first character that shows it will not."""
+    line = "cat x | grep y\n"
+    composer = Composer(FlushPolicy(min_chars=1, max_wait_s=1000))
+    sent = [(i, piece) for i, ch in enumerate(line + following)
+            for piece in composer.feed(TextDelta(ch), 0.0)]  # fmt: skip
+    shown = len(line) + next(i for i, ch in enumerate(following) if ch not in "-|: \t")
+    assert sent[0] == (shown, line)
+
+
 @pytest.mark.parametrize("min_chars", [0, 1, 10, 30])
 def test_no_piece_ends_inside_a_list_item(min_chars: int) -> None:
     pieces = compose(FlushPolicy(min_chars=min_chars, max_wait_s=1000), chars(LISTED))
@@ -603,6 +642,9 @@ _BLOCKS = st.sampled_from(
 )
 # an opening line that a later backtick turns into inline code: no fence after all
 @example(parts=["```", ". ", "`", "\n```\n"], sizes=[1], min_chars=0, max_chars=30)
+# a fence's opening line with a `|` is no header over the line after its fence (read across
+# the fence, it was one while that line could still become a delimiter row: the look stood)
+@example(parts=["```|", "\n```\n", "| a |"], sizes=[1], min_chars=0, max_chars=30)
 def test_the_shortcuts_cut_where_a_full_search_cuts(
     parts: list[str], sizes: list[int], min_chars: int, max_chars: int
 ) -> None:

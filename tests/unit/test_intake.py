@@ -71,6 +71,44 @@ def test_other_text_is_not_a_command(text: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "command"),
+    [
+        ("/stop @小助手", Command.STOP),  # the command typed first, the bot picked after
+        ("/stop@小助手\u2005", Command.STOP),  # the picker writes right after the cursor
+        ("/reset\u3000@小助手", Command.RESET),
+        ("停止\xa0@小助手", Command.STOP),
+        ("/help ＠小助手", Command.HELP),
+        ("/status @小助手 @张三", Command.STATUS),
+        ("@张三 /stop @小助手", Command.STOP),  # the bot's leading mention already stripped
+        ("@张三\u2005停止？", Command.STOP),
+        ("/stop! @小助手", Command.STOP),
+        ("\u3000／ＳＴＯＰ\u3000＠小助手\u3000", Command.STOP),
+    ],
+)
+def test_a_command_with_only_mentions_around_it_is_the_command(text: str, command: Command) -> None:
+    assert parse_command(text) is command
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "/reset please",  # other text after a command: a question, as without a mention
+        "/reset @小助手 please",
+        "/reset @张三 看看这个",
+        "/stop @小助手 /reset",
+        "@张三 你好",
+        "@小助手",
+        # A name with a space is not known to be one: its second word is text. Guessing
+        # it is a name would make `/reset @张三 看看` a reset, the conversation lost.
+        "/stop @My Bot",
+        "/stop a@小助手",
+    ],
+)
+def test_mentions_with_other_text_are_not_a_command(text: str) -> None:
+    assert parse_command(text) is None
+
+
+@pytest.mark.parametrize(
     ("scope", "expected"),
     [("group", "yach:g:g1"), ("user", "yach:u:u1"), ("group_user", "yach:g:g1:u:u1")],
 )
