@@ -339,7 +339,8 @@ def _split_fence(text: str, fence: _Span, max_chars: int) -> tuple[str, str]:
 
     The cut falls after a line of the code, else (a code line longer than a message) inside
     the line at the limit; the rest must come out shorter than the text, or splitting would
-    never end: an opening line about as long as a message is reopened with its marker alone.
+    never end: an opening line about as long as a message is reopened with its marker alone,
+    and a marker too long for that is not reopened at all.
     """
     marker = re.match(r"\s*(`{3,}|~{3,})", fence.fence_opener)
     bare = marker.group(1) if marker else "```"
@@ -350,13 +351,21 @@ def _split_fence(text: str, fence: _Span, max_chars: int) -> tuple[str, str]:
         closer = "\n" + bare
     limit = max_chars - len(closer)
     body = text.find("\n", fence.start) + 1 or len(text)  # where the code's first line starts
-    cut = text.rfind("\n", body, limit) + 1
+    cut = text.rfind("\n", body, max(limit, 0)) + 1  # (a negative end counts from the end)
     if cut <= body:
         cut = limit
     opener = fence.fence_opener or bare
     if len(opener) + 1 >= cut:
         opener = bare
-    return text[:cut].rstrip("\n") + closer, opener + "\n" + text[cut:]
+    rest = opener + "\n" + text[cut:]
+    if cut < 1 or len(rest) >= len(text):
+        # A marker too long to close and reopen within one message (thousands of backticks;
+        # or a limit hardly longer than the marker lines): reopened, the rest came out
+        # longer than the text, for ever. Cut before the fence, or, the text's first,
+        # through it as plain text.
+        cut = fence.start or _word_safe_cut(text, max_chars)
+        return text[:cut], text[cut:]
+    return text[:cut].rstrip("\n") + closer, rest
 
 
 def quote_block(text: str) -> str:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from bridge.compose import split_text
+from bridge.compose import _split_once, split_text
 
 LIMIT = 5000
 
@@ -181,3 +181,35 @@ def test_an_over_long_fence_keeps_every_code_line_once() -> None:
     pieces = split_text("```py\n" + code + "```", 40)
     assert all(piece.startswith("```py\n") and piece.endswith("\n```") for piece in pieces)
     assert "".join(piece[len("```py\n") : -len("```")] for piece in pieces) == code
+
+
+def test_a_fence_whose_opening_line_is_longer_than_a_message_ends_the_split() -> None:
+    """Cut inside an opening line that did not fit (here 3,000 backticks, after a table row)
+    and reopened, the rest came out longer than the text: splitting never ended, and the
+    event loop hung with it."""
+    text = "| a | b |\n" + "`" * 3000 + "x\n" + "code\n" * 400
+    head, rest = _split_once(text, LIMIT)
+    assert (head, len(rest)) == ("| a | b |\n", len(text) - len(head))  # cut before the fence
+    assert "".join(split_text(text, LIMIT)) == text
+    assert "".join(split_text("`" * 6000, LIMIT)) == "`" * 6000  # the fence first: plain cuts
+
+
+_FRAGMENTS = ["| a | b |\n", "|-|-|\n", "`" * 3, "`" * 12, "~" * 4, "- item", "> ", "x", "y. ",
+              " ", "\n", "code\n"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.lists(st.sampled_from(_FRAGMENTS), min_size=1, max_size=60).map("".join),
+    limit=st.integers(6, 80),
+)
+@example(text="```\n" + "x" * 100, limit=8)  # the fence's marker lines as long as a message
+@example(text="`" * 12 + "| a | b |\n" * 3, limit=6)  # its closer alone longer than a message
+def test_every_split_leaves_less_to_split(text: str, limit: int) -> None:
+    """Termination: each cut's head fits, and what is left is shorter than what was cut
+    (fences closed and reopened included); else `split_text` loops for ever."""
+    if len(text) <= limit:
+        return
+    head, rest = _split_once(text, limit)
+    assert 0 < len(head) <= limit
+    assert len(rest) < len(text)
