@@ -33,6 +33,10 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+# Sends through the app API: each under its message_id, which the platform shows once.
+APP_API = {"BRIDGE_YACH_APP_KEY": fake_yach.APP_KEY, "BRIDGE_YACH_APP_SECRET": fake_yach.APP_SECRET}
+
+
 def _env(
     redis_url: str, bot_id: str, yach: FakeYach, upstream: PacedOpenAI, **extra: str
 ) -> dict[str, str]:
@@ -74,7 +78,7 @@ async def test_sigkill_after_two_pieces_replays_the_journal_without_asking_again
     env = _env(
         redis_url, bot_id, yach, upstream,
         BRIDGE_REPLY_MODE="stream", BRIDGE_FLUSH_MIN_CHARS="40", BRIDGE_FLUSH_MAX_WAIT_S="30",
-        BRIDGE_YACH_APP_KEY=fake_yach.APP_KEY, BRIDGE_YACH_APP_SECRET=fake_yach.APP_SECRET,
+        **APP_API,
     )  # fmt: skip
     try:
         bridge = await spawn(env).start()
@@ -191,10 +195,7 @@ async def test_an_answer_sent_whole_on_the_last_attempt_is_not_dead_lettered_aft
     the user told "failed repeatedly and was dropped; please resend" under the answer."""
     upstream = await PacedOpenAI().start()
     keys = Keys(bot_id)
-    env = _env(
-        redis_url, bot_id, yach, upstream, BRIDGE_MAX_ATTEMPTS="1",
-        BRIDGE_YACH_APP_KEY=fake_yach.APP_KEY, BRIDGE_YACH_APP_SECRET=fake_yach.APP_SECRET,
-    )  # fmt: skip
+    env = _env(redis_url, bot_id, yach, upstream, BRIDGE_MAX_ATTEMPTS="1", **APP_API)
     try:
         yach.hold_next(1)
         bridge = await spawn(env).start()
@@ -226,10 +227,7 @@ async def test_an_answer_a_replay_showed_whole_after_a_refused_send_is_not_dead_
     repeatedly and was dropped; please resend" under the whole answer."""
     upstream = await PacedOpenAI().start()
     keys = Keys(bot_id)
-    env = _env(
-        redis_url, bot_id, yach, upstream, BRIDGE_MAX_ATTEMPTS="2",
-        BRIDGE_YACH_APP_KEY=fake_yach.APP_KEY, BRIDGE_YACH_APP_SECRET=fake_yach.APP_SECRET,
-    )  # fmt: skip
+    env = _env(redis_url, bot_id, yach, upstream, BRIDGE_MAX_ATTEMPTS="2", **APP_API)
     try:
         yach.fail_next(500, times=SEND_TRIES)  # every try of the first attempt
         async with running_bridge(env, send_backoff_s=0.01) as first:
