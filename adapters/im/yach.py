@@ -9,9 +9,10 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 import orjson
+from yarl import URL
 
 from adapters.yach_api import YachAPI, YachAPIError, signed_robot_url, verify_sign
 from bridge import jsontext
@@ -23,6 +24,7 @@ __all__ = [
     "YachIM",
     "decode_body",
     "extract_images",
+    "on_origin",
     "parse_payload",
     "render",
     "reply_gaps",
@@ -239,6 +241,24 @@ def _is_time_ms(text: str) -> bool:
     return text.isascii() and text.isdigit() and len(text) <= _MAX_MS_DIGITS
 
 
+def _origin(url: str) -> tuple[str, str, int | None] | None:
+    """(scheme, host, port) of an absolute URL, as yarl (and so aiohttp) reads it to
+    connect; None when it is not one."""
+    try:
+        parts = URL(url)
+    except (ValueError, UnicodeError):
+        return None
+    return (parts.scheme, parts.host, parts.port) if parts.absolute and parts.host else None
+
+
+def on_origin(url: str, base: str) -> bool:
+    """Whether `url` is on `base`'s origin: the same scheme, host and port. Not only the
+    same host name: `http://` would send the answer in clear, another port to whatever
+    listens there."""
+    origin = _origin(url)
+    return origin is not None and origin == _origin(base)
+
+
 def render(piece: Piece, target: ReplyTarget, msg_format: str) -> dict[str, Any]:
     """The Yach message JSON of one piece."""
     message: dict[str, Any]
@@ -307,7 +327,6 @@ class YachIM:
         self._robot_secret = settings.yach_sign_secret
         self._msg_format = settings.yach_msg_format
         self._api = api
-        self._api_host = urlsplit(api.api_base).hostname
         self._clock = clock
 
     def verify(self, headers: Mapping[str, str]) -> None:
@@ -372,9 +391,9 @@ class YachIM:
             )
 
     def _on_api_host(self, target: ReplyTarget) -> bool:
-        """A `sessionWebhook` is used only on the platform's own host (never a URL that a
+        """A `sessionWebhook` is used only on the platform's own origin (never a URL that a
         forged body could point anywhere)."""
-        return bool(target.reply_url) and urlsplit(target.reply_url).hostname == self._api_host
+        return bool(target.reply_url) and on_origin(target.reply_url, self._api.api_base)
 
     async def _send_app(
         self, path: str, recipient: dict[str, str], message: dict[str, Any], piece: Piece
