@@ -18,7 +18,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Coroutine, Mapping
-from dataclasses import Field, fields
+from dataclasses import fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
@@ -42,6 +42,7 @@ from bridge.config import (
     given_value,
     load_settings,
     masked_settings,
+    secret_values,
     shadowed_files,
     unknown_variables,
 )
@@ -129,9 +130,7 @@ def setup_logging(settings: Settings, stream: TextIO, *, level: str | None = Non
     isatty = getattr(stream, "isatty", None)
     fmt = settings.log_format or ("console" if isatty is not None and isatty() else "json")
     configure_logging(level or settings.log_level, fmt, stream)
-    register_secrets(
-        getattr(settings, spec.name) for spec in fields(Settings) if spec.metadata["secret"]
-    )
+    register_secrets(secret_values(settings))
     structlog.contextvars.bind_contextvars(bot=settings.bot_id)
 
 
@@ -292,7 +291,7 @@ async def _check(env: Mapping[str, str], *, probe: bool) -> int:
             print(f"error: {problem}")
         print(f"{len(exc.problems)} configuration problem(s); nothing was started.")
         return EXIT_CONFIG
-    register_secrets(getattr(settings, spec.name) for spec in fields(Settings) if _secret(spec))
+    register_secrets(secret_values(settings))
     for gap in [*reply_gaps(settings), *skew_gaps(settings)]:
         print(f"warning: {mask_text(gap)}")
     shown = masked_settings(settings)
@@ -322,10 +321,6 @@ def variable_warnings(env: Mapping[str, str]) -> list[str]:
     for name in shadowed_files(env):
         warnings.append(f"{name} is not read: {name.removesuffix('_FILE')} is set too, and wins")
     return warnings
-
-
-def _secret(spec: Field[Any]) -> bool:
-    return bool(spec.metadata.get("secret"))
 
 
 def _plain_client(url: str) -> aioredis.Redis:
