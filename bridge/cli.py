@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from adapters.im.terminal import TERMINAL_USER, TerminalIM
-from adapters.im.yach import reply_gaps, skew_gaps
+from adapters.im.yach import reply_gaps, skew_gaps, unverified_gaps
 from bridge import __version__, systemd
 from bridge.access import AccessDenied, acl_rules, missing_permissions, refused
 from bridge.app import STATE, Bridge, build_app, drain
@@ -292,7 +292,7 @@ async def _check(env: Mapping[str, str], *, probe: bool) -> int:
         print(f"{len(exc.problems)} configuration problem(s); nothing was started.")
         return EXIT_CONFIG
     register_secrets(secret_values(settings))
-    for gap in [*reply_gaps(settings), *skew_gaps(settings)]:
+    for gap in [*reply_gaps(settings), *skew_gaps(settings), *unverified_gaps(settings)]:
         print(f"warning: {mask_text(gap)}")
     shown = masked_settings(settings)
     width = max(len(name) for name, _ in shown)

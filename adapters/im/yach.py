@@ -30,6 +30,7 @@ __all__ = [
     "reply_gaps",
     "skew_gaps",
     "strip_mention",
+    "unverified_gaps",
 ]
 
 MAX_CHARS = 5000
@@ -309,6 +310,21 @@ def skew_gaps(settings: Settings) -> list[str]:
         f"than {skew:g} s from this host's clock: delivery delay and clock drift alone exceed "
         f"that, so real messages are refused; the default is 300"
     ]
+
+
+def unverified_gaps(settings: Settings) -> list[str]:
+    """BRIDGE_YACH_INSECURE without a secret: every webhook is taken unsigned, so whoever
+    reaches the port chooses the group (and, through the app API, any group of the robot)
+    the bot answers in, and spends the upstream's quota. Meant for tests; said at start and
+    by `check` so that it is not deployed unnoticed."""
+    if settings.yach_secret or not settings.yach_insecure:
+        return []
+    return [
+        "BRIDGE_YACH_INSECURE=1 without BRIDGE_YACH_SECRET: webhooks are not verified, and "
+        f"anyone who can reach {settings.host}:{settings.port} can make the bot answer; "
+        "set BRIDGE_YACH_SECRET outside tests"
+    ]
+
 
 
 class YachIM:

@@ -318,6 +318,9 @@ async def test_the_upstream_adapter_is_built_as_run_builds_it(tmp_path: Path) ->
     fixed = await check({**env, "BRIDGE_REPLAY_FORMAT": "openai"})
     assert fixed.code == 0, fixed.out
     assert any(line.startswith("upstream: replay") for line in fixed.lines), fixed.out
+    # without a secret, unsigned webhooks are taken: said, as it must not go unnoticed
+    assert any(line.startswith("warning: BRIDGE_YACH_INSECURE=1 without BRIDGE_YACH_SECRET")
+               for line in fixed.lines), fixed.out
 
 
 async def test_a_check_interrupted_by_ctrl_c_prints_no_traceback(

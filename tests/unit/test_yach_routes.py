@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.im.yach import on_origin, reply_gaps, skew_gaps
+from adapters.im.yach import on_origin, reply_gaps, skew_gaps, unverified_gaps
 from bridge.config import load_settings
 
 BASE = {"BRIDGE_UPSTREAM": "openai", "BRIDGE_OPENAI_API_KEY": "sk-x", "BRIDGE_OPENAI_MODEL": "m",
@@ -53,6 +53,17 @@ def test_a_timestamp_window_under_5_s_is_reported_and_the_default_is_not() -> No
     # no secret, no timestamp check (BRIDGE_YACH_INSECURE): nothing to warn about
     insecure = {**BASE, "BRIDGE_YACH_SECRET": "", "BRIDGE_YACH_INSECURE": "1"}
     assert skew_gaps(load_settings({**insecure, "BRIDGE_YACH_MAX_SKEW_S": "0"})) == []
+
+
+def test_webhooks_taken_unsigned_are_reported() -> None:
+    """BRIDGE_YACH_INSECURE=1 without a secret: anyone who reaches the port makes the bot
+    answer. With a secret, the secret is checked and INSECURE changes nothing."""
+    insecure = {**BASE, "BRIDGE_YACH_SECRET": "", "BRIDGE_YACH_INSECURE": "1"}
+    (gap,) = unverified_gaps(load_settings(insecure))
+    assert gap.startswith("BRIDGE_YACH_INSECURE=1 without BRIDGE_YACH_SECRET")
+    assert "127.0.0.1:8080" in gap
+    assert unverified_gaps(load_settings({**insecure, "BRIDGE_YACH_SECRET": "SEC-x"})) == []
+    assert unverified_gaps(load_settings(BASE)) == []
 
 
 API = "https://yach-oapi.zhiyinlou.com"
