@@ -280,7 +280,9 @@ async def _check(env: Mapping[str, str], *, probe: bool) -> int:
 
     Everything printed goes through `mask_text` (configuration problems already did, in
     `load_settings`, which leaves the examples readable): a secret never reaches the
-    terminal, not even inside a URL (`redis://:password@…`) or an error message.
+    terminal, not even inside a URL (`redis://:password@…`) or an error message. What the
+    adapters log while they are built and probed goes to stderr, masked as `run` logs
+    (warnings and up unless BRIDGE_LOG_LEVEL says otherwise), not unmasked into the report.
     """
     for warning in variable_warnings(env):
         print(f"warning: {warning}")
@@ -291,7 +293,7 @@ async def _check(env: Mapping[str, str], *, probe: bool) -> int:
             print(f"error: {problem}")
         print(f"{len(exc.problems)} configuration problem(s); nothing was started.")
         return EXIT_CONFIG
-    register_secrets(secret_values(settings))
+    setup_logging(settings, sys.stderr, level=_quiet_level(settings, env))
     for gap in [*reply_gaps(settings), *skew_gaps(settings), *unverified_gaps(settings)]:
         print(f"warning: {mask_text(gap)}")
     shown = masked_settings(settings)
@@ -492,6 +494,12 @@ def _demo_environment(env: Mapping[str, str]) -> dict[str, str]:
     return demo
 
 
+def _quiet_level(settings: Settings, env: Mapping[str, str]) -> str:
+    """The log level of a command whose output is for a person (`chat`, `demo`, `check`):
+    `warning` unless BRIDGE_LOG_LEVEL is given, then as validated (stripped, any case)."""
+    return settings.log_level if given_value("log_level", env) else "warning"
+
+
 def _terminal(env: Mapping[str, str], command: str) -> int:
     with tempfile.TemporaryDirectory(prefix="chatbridge-demo-") as tmp:
         if command == "demo":
@@ -499,9 +507,7 @@ def _terminal(env: Mapping[str, str], command: str) -> int:
         settings = _settings_or_exit(env, command)
         if isinstance(settings, int):
             return settings
-        # `warning` unless BRIDGE_LOG_LEVEL is given: then as validated (stripped, any case)
-        level = settings.log_level if given_value("log_level", env) else "warning"
-        setup_logging(settings, sys.stderr, level=level)
+        setup_logging(settings, sys.stderr, level=_quiet_level(settings, env))
         try:
             return _run_on_loop(
                 _converse(settings, sys.stdin, sys.stdout, demo=command == "demo")
