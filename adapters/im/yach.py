@@ -24,7 +24,7 @@ __all__ = [
     "YachIM",
     "decode_body",
     "extract_images",
-    "on_origin",
+    "on_api_host",
     "parse_payload",
     "render",
     "reply_gaps",
@@ -242,22 +242,21 @@ def _is_time_ms(text: str) -> bool:
     return text.isascii() and text.isdigit() and len(text) <= _MAX_MS_DIGITS
 
 
-def _origin(url: str) -> tuple[str, str, int | None] | None:
-    """(scheme, host, port) of an absolute URL, as yarl (and so aiohttp) reads it to
-    connect; None when it is not one."""
+def _scheme_and_host(url: str) -> tuple[str, str] | None:
+    """(scheme, host) of an absolute URL, as yarl (and so aiohttp) reads it to connect (not
+    as `urlsplit` does: `https://evil\\@api/` is evil's); None when it is not one."""
     try:
         parts = URL(url)
     except (ValueError, UnicodeError):
         return None
-    return (parts.scheme, parts.host, parts.port) if parts.absolute and parts.host else None
+    return (parts.scheme, parts.host) if parts.absolute and parts.host else None
 
 
-def on_origin(url: str, base: str) -> bool:
-    """Whether `url` is on `base`'s origin: the same scheme, host and port. Not only the
-    same host name: `http://` would send the answer in clear, another port to whatever
-    listens there."""
-    origin = _origin(url)
-    return origin is not None and origin == _origin(base)
+def on_api_host(url: str, base: str) -> bool:
+    """Whether `url` is on `base`'s host (SPEC §4), with its scheme: `http://` would send the
+    answer in clear. The port is free, as SPEC names only the host."""
+    where = _scheme_and_host(url)
+    return where is not None and where == _scheme_and_host(base)
 
 
 def render(piece: Piece, target: ReplyTarget, msg_format: str) -> dict[str, Any]:
@@ -324,7 +323,6 @@ def unverified_gaps(settings: Settings) -> list[str]:
         f"anyone who can reach {settings.host}:{settings.port} can make the bot answer; "
         "set BRIDGE_YACH_SECRET outside tests"
     ]
-
 
 
 class YachIM:
@@ -407,9 +405,9 @@ class YachIM:
             )
 
     def _on_api_host(self, target: ReplyTarget) -> bool:
-        """A `sessionWebhook` is used only on the platform's own origin (never a URL that a
+        """A `sessionWebhook` is used only on the platform's own host (never a URL that a
         forged body could point anywhere)."""
-        return bool(target.reply_url) and on_origin(target.reply_url, self._api.api_base)
+        return bool(target.reply_url) and on_api_host(target.reply_url, self._api.api_base)
 
     async def _send_app(
         self, path: str, recipient: dict[str, str], message: dict[str, Any], piece: Piece

@@ -50,25 +50,6 @@ async def test_a_group_reply_takes_the_preferred_route(
         assert shown.to == "s-1" and shown.message["msgtype"] == "markdown"
 
 
-async def test_a_session_webhook_on_another_port_of_the_api_host_is_not_used(
-    redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI, redis_client: object,
-) -> None:
-    """The `sessionWebhook` must be on the API's origin, not only its host name: whatever
-    listens on another port of that host (here a second server) is never sent the answer,
-    which goes to the robot URL instead."""
-    elsewhere = await FakeYach().start()
-    try:
-        env = bridge_env(redis_url, bot_id, yach, **openai_env(upstream.base_url))
-        async with running_bridge(env) as bridge:
-            message = group_message("where to?", sessionWebhook=elsewhere.session_webhook())
-            assert (await bridge.post(message))[0] == 200
-            await wait_until(lambda: len(yach.shown) + len(elsewhere.shown) == 1)
-    finally:
-        await elsewhere.close()
-    assert elsewhere.shown == []
-    assert [shown.route for shown in yach.shown] == ["robot"]
-
-
 async def test_the_robot_url_is_signed_with_the_webhook_secret_by_default(
     redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI, redis_client: object,
 ) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.im.yach import on_origin, reply_gaps, skew_gaps, unverified_gaps
+from adapters.im.yach import on_api_host, reply_gaps, skew_gaps, unverified_gaps
 from bridge.config import load_settings
 
 BASE = {"BRIDGE_UPSTREAM": "openai", "BRIDGE_OPENAI_API_KEY": "sk-x", "BRIDGE_OPENAI_MODEL": "m",
@@ -74,7 +74,7 @@ API = "https://yach-oapi.zhiyinlou.com"
     ("HTTPS://YACH-OAPI.ZhiYinLou.com/x", True),
     ("https://yach-oapi.zhiyinlou.com:443/x", True),
     ("http://yach-oapi.zhiyinlou.com/x", False),  # the answer in clear
-    ("https://yach-oapi.zhiyinlou.com:8443/x", False),  # whatever listens there
+    ("https://yach-oapi.zhiyinlou.com:8443/x", True),  # SPEC: on the API host
     ("https://yach-oapi.zhiyinlou.com.evil.com/x", False),
     ("https://yach-oapi.zhiyinlou.com@evil.com/x", False),
     ("https://evil.com/?u=https://yach-oapi.zhiyinlou.com/", False),
@@ -85,5 +85,5 @@ API = "https://yach-oapi.zhiyinlou.com"
     ("", False),
     ("https://[::1/", False),
 ])  # fmt: skip
-def test_a_session_webhook_is_on_the_api_host_only_on_its_origin(url: str, on_api: bool) -> None:
-    assert on_origin(url, API) is on_api
+def test_a_session_webhook_is_on_the_api_host_as_aiohttp_reads_it(url: str, on_api: bool) -> None:
+    assert on_api_host(url, API) is on_api
