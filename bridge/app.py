@@ -23,7 +23,7 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from adapters.im.yach import YachIM, reply_gaps, skew_gaps
+from adapters.im.yach import YachIM, reply_gaps, skew_gaps, unverified_gaps
 from adapters.upstream import create_upstream
 from adapters.yach_api import YachAPI
 from bridge import __version__, jsontext
@@ -261,6 +261,8 @@ def _yach_im(bridge: Bridge) -> IM:
         log.warning("reply_route_missing", detail=gap)
     for gap in skew_gaps(bridge.settings):
         log.warning("webhook_skew_too_small", detail=gap)
+    for gap in unverified_gaps(bridge.settings):
+        log.warning("webhook_unverified", detail=gap)
     return YachIM(bridge.settings, bridge.yach_api)
 
 

@@ -18,7 +18,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Coroutine, Mapping
-from dataclasses import Field, fields
+from dataclasses import fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from adapters.im.terminal import TERMINAL_USER, TerminalIM
-from adapters.im.yach import reply_gaps, skew_gaps
+from adapters.im.yach import reply_gaps, skew_gaps, unverified_gaps
 from bridge import __version__, systemd
 from bridge.access import AccessDenied, acl_rules, missing_permissions, refused
 from bridge.app import STATE, Bridge, build_app, drain
@@ -42,6 +42,7 @@ from bridge.config import (
     given_value,
     load_settings,
     masked_settings,
+    secret_values,
     shadowed_files,
     unknown_variables,
 )
@@ -129,9 +130,7 @@ def setup_logging(settings: Settings, stream: TextIO, *, level: str | None = Non
     isatty = getattr(stream, "isatty", None)
     fmt = settings.log_format or ("console" if isatty is not None and isatty() else "json")
     configure_logging(level or settings.log_level, fmt, stream)
-    register_secrets(
-        getattr(settings, spec.name) for spec in fields(Settings) if spec.metadata["secret"]
-    )
+    register_secrets(secret_values(settings))
     structlog.contextvars.bind_contextvars(bot=settings.bot_id)
 
 
@@ -281,7 +280,9 @@ async def _check(env: Mapping[str, str], *, probe: bool) -> int:
 
     Everything printed goes through `mask_text` (configuration problems already did, in
     `load_settings`, which leaves the examples readable): a secret never reaches the
-    terminal, not even inside a URL (`redis://:password@…`) or an error message.
+    terminal, not even inside a URL (`redis://:password@…`) or an error message. What the
+    adapters log while they are built and probed goes to stderr, masked as `run` logs
+    (warnings and up unless BRIDGE_LOG_LEVEL says otherwise), not unmasked into the report.
     """
     for warning in variable_warnings(env):
         print(f"warning: {warning}")
@@ -292,8 +293,8 @@ async def _check(env: Mapping[str, str], *, probe: bool) -> int:
             print(f"error: {problem}")
         print(f"{len(exc.problems)} configuration problem(s); nothing was started.")
         return EXIT_CONFIG
-    register_secrets(getattr(settings, spec.name) for spec in fields(Settings) if _secret(spec))
-    for gap in [*reply_gaps(settings), *skew_gaps(settings)]:
+    setup_logging(settings, sys.stderr, level=_quiet_level(settings, env))
+    for gap in [*reply_gaps(settings), *skew_gaps(settings), *unverified_gaps(settings)]:
         print(f"warning: {mask_text(gap)}")
     shown = masked_settings(settings)
     width = max(len(name) for name, _ in shown)
@@ -322,10 +323,6 @@ def variable_warnings(env: Mapping[str, str]) -> list[str]:
     for name in shadowed_files(env):
         warnings.append(f"{name} is not read: {name.removesuffix('_FILE')} is set too, and wins")
     return warnings
-
-
-def _secret(spec: Field[Any]) -> bool:
-    return bool(spec.metadata.get("secret"))
 
 
 def _plain_client(url: str) -> aioredis.Redis:
@@ -497,6 +494,12 @@ def _demo_environment(env: Mapping[str, str]) -> dict[str, str]:
     return demo
 
 
+def _quiet_level(settings: Settings, env: Mapping[str, str]) -> str:
+    """The log level of a command whose output is for a person (`chat`, `demo`, `check`):
+    `warning` unless BRIDGE_LOG_LEVEL is given, then as validated (stripped, any case)."""
+    return settings.log_level if given_value("log_level", env) else "warning"
+
+
 def _terminal(env: Mapping[str, str], command: str) -> int:
     with tempfile.TemporaryDirectory(prefix="chatbridge-demo-") as tmp:
         if command == "demo":
@@ -504,9 +507,7 @@ def _terminal(env: Mapping[str, str], command: str) -> int:
         settings = _settings_or_exit(env, command)
         if isinstance(settings, int):
             return settings
-        # `warning` unless BRIDGE_LOG_LEVEL is given: then as validated (stripped, any case)
-        level = settings.log_level if given_value("log_level", env) else "warning"
-        setup_logging(settings, sys.stderr, level=level)
+        setup_logging(settings, sys.stderr, level=_quiet_level(settings, env))
         try:
             return _run_on_loop(
                 _converse(settings, sys.stdin, sys.stdout, demo=command == "demo")

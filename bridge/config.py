@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from redis.connection import parse_url
 
@@ -23,6 +24,7 @@ __all__ = [
     "load_settings",
     "masked_settings",
     "recording_format",
+    "secret_values",
     "shadowed_files",
 ]
 
@@ -573,3 +575,18 @@ def masked_settings(settings: Settings) -> list[tuple[str, str]]:
             text = _shown(value, spec.metadata["secret"], empty=empty)
         shown.append((env_name(spec.name), text))
     return shown
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """What logs and `check` must never show: every secret setting, and the query values of
+    those that are URLs. A server quotes a credential alone (Yach: "不合法的access_token:
+    …" for the robot URL's token), where the whole URL registered as one value is not found
+    and no `access_token=` shape is either."""
+    values: list[str] = []
+    for spec in fields(Settings):
+        value = getattr(settings, spec.name)
+        if spec.metadata["secret"] and isinstance(value, str):
+            values.append(value)
+            if "://" in value:
+                values += [item for _, item in parse_qsl(urlsplit(value).query)]
+    return values

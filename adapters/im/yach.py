@@ -9,9 +9,10 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 import orjson
+from yarl import URL
 
 from adapters.yach_api import YachAPI, YachAPIError, signed_robot_url, verify_sign
 from bridge import jsontext
@@ -23,11 +24,13 @@ __all__ = [
     "YachIM",
     "decode_body",
     "extract_images",
+    "on_api_host",
     "parse_payload",
     "render",
     "reply_gaps",
     "skew_gaps",
     "strip_mention",
+    "unverified_gaps",
 ]
 
 MAX_CHARS = 5000
@@ -239,6 +242,23 @@ def _is_time_ms(text: str) -> bool:
     return text.isascii() and text.isdigit() and len(text) <= _MAX_MS_DIGITS
 
 
+def _scheme_and_host(url: str) -> tuple[str, str] | None:
+    """(scheme, host) of an absolute URL, as yarl (and so aiohttp) reads it to connect (not
+    as `urlsplit` does: `https://evil\\@api/` is evil's); None when it is not one."""
+    try:
+        parts = URL(url)
+    except (ValueError, UnicodeError):
+        return None
+    return (parts.scheme, parts.host) if parts.absolute and parts.host else None
+
+
+def on_api_host(url: str, base: str) -> bool:
+    """Whether `url` is on `base`'s host (SPEC §4), with its scheme: `http://` would send the
+    answer in clear. The port is free, as SPEC names only the host."""
+    where = _scheme_and_host(url)
+    return where is not None and where == _scheme_and_host(base)
+
+
 def render(piece: Piece, target: ReplyTarget, msg_format: str) -> dict[str, Any]:
     """The Yach message JSON of one piece."""
     message: dict[str, Any]
@@ -291,6 +311,20 @@ def skew_gaps(settings: Settings) -> list[str]:
     ]
 
 
+def unverified_gaps(settings: Settings) -> list[str]:
+    """BRIDGE_YACH_INSECURE without a secret: every webhook is taken unsigned, so whoever
+    reaches the port chooses the group (and, through the app API, any group of the robot)
+    the bot answers in, and spends the upstream's quota. Meant for tests; said at start and
+    by `check` so that it is not deployed unnoticed."""
+    if settings.yach_secret or not settings.yach_insecure:
+        return []
+    return [
+        "BRIDGE_YACH_INSECURE=1 without BRIDGE_YACH_SECRET: webhooks are not verified, and "
+        f"anyone who can reach {settings.host}:{settings.port} can make the bot answer; "
+        "set BRIDGE_YACH_SECRET outside tests"
+    ]
+
+
 class YachIM:
     name = "yach"
     max_chars = MAX_CHARS
@@ -307,7 +341,6 @@ class YachIM:
         self._robot_secret = settings.yach_sign_secret
         self._msg_format = settings.yach_msg_format
         self._api = api
-        self._api_host = urlsplit(api.api_base).hostname
         self._clock = clock
 
     def verify(self, headers: Mapping[str, str]) -> None:
@@ -374,7 +407,7 @@ class YachIM:
     def _on_api_host(self, target: ReplyTarget) -> bool:
         """A `sessionWebhook` is used only on the platform's own host (never a URL that a
         forged body could point anywhere)."""
-        return bool(target.reply_url) and urlsplit(target.reply_url).hostname == self._api_host
+        return bool(target.reply_url) and on_api_host(target.reply_url, self._api.api_base)
 
     async def _send_app(
         self, path: str, recipient: dict[str, str], message: dict[str, Any], piece: Piece

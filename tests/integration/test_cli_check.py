@@ -8,6 +8,7 @@ that refuses is exit 1; `--probe` asks the upstream (a FakeOpenAI on loopback) o
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from bridge.config import Settings, env_name
+from tests.fakes.chatgpt_web import FakeChatGPT
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.scripted import unanswered_url
 
@@ -235,6 +237,22 @@ async def test_probe_asks_the_upstream_one_word(tmp_path: Path, redis_url: str,
     assert "sk-test-placeholder" not in result.out + result.err
 
 
+async def test_what_the_probe_logs_goes_to_stderr_masked(tmp_path: Path) -> None:
+    """The chatgpt-web probe finds both sockets its answer names dead and logs it: the line
+    goes to stderr through the bridge's masking renderer, not (unmasked, with structlog's
+    default renderer) into check's report on stdout."""
+    async with FakeChatGPT() as fake:
+        fake.answer_mode, fake.wss_target = "ws", "all_dead"
+        env = {**good_env(tmp_path), **fake.env(), "BRIDGE_LOG_FORMAT": "json"}
+        result = await check(env, "--probe")
+    assert result.code == 1, result.out + result.err
+    assert "chatgpt_socket_unreachable" not in result.out
+    lines = [json.loads(line) for line in result.err.splitlines() if line.startswith("{")]
+    assert [line["event"] for line in lines] == ["chatgpt_socket_unreachable"] * 2
+    assert all(line["bot"] == "check-bot" for line in lines)
+    assert env["BRIDGE_CHATGPT_ACCESS_TOKEN"] not in result.out + result.err
+
+
 async def test_probe_with_a_refused_key_is_exit_1_and_says_so(tmp_path: Path,
                                                               upstream: FakeOpenAI) -> None:
     env = good_env(tmp_path, upstream.base_url, BRIDGE_OPENAI_API_KEY="sk-wrong-key-0a1b2c")
@@ -318,6 +336,9 @@ async def test_the_upstream_adapter_is_built_as_run_builds_it(tmp_path: Path) ->
     fixed = await check({**env, "BRIDGE_REPLAY_FORMAT": "openai"})
     assert fixed.code == 0, fixed.out
     assert any(line.startswith("upstream: replay") for line in fixed.lines), fixed.out
+    # without a secret, unsigned webhooks are taken: said, as it must not go unnoticed
+    assert any(line.startswith("warning: BRIDGE_YACH_INSECURE=1 without BRIDGE_YACH_SECRET")
+               for line in fixed.lines), fixed.out
 
 
 async def test_a_check_interrupted_by_ctrl_c_prints_no_traceback(

@@ -16,6 +16,7 @@ import pytest
 import structlog
 import yarl
 
+from bridge.cli import setup_logging
 from bridge.config import Settings, env_name, load_settings
 from bridge.logging import (
     MASK,
@@ -212,6 +213,21 @@ def test_every_secret_setting_is_masked_once_registered(tmp_path: Any) -> None:
     for value in secret_values:
         assert value not in output
         assert value.rsplit("-", 1)[-1] not in output
+
+
+def test_the_token_of_a_secret_url_is_masked_where_it_shows_alone() -> None:
+    """The robot URL is a secret, and so is its `access_token` on its own: a server that
+    refuses it quotes it alone (Yach: "不合法的access_token: …"), which neither the whole
+    URL registered as one value nor the `access_token=` shape finds."""
+    token = _secret("robot-token")
+    env = {"BRIDGE_UPSTREAM": "openai", "BRIDGE_OPENAI_MODEL": "m", "BRIDGE_OPENAI_API_KEY": "k",
+           "BRIDGE_YACH_ROBOT_URL": f"https://yach.example/robot/send?access_token={token}"}
+    stream = io.StringIO()
+    setup_logging(load_settings(env, command="chat"), stream, level="info")
+    structlog.get_logger().warning("send_failed", reason=f"code 400: 不合法的access_token: {token}")
+    output = stream.getvalue()
+    assert "send_failed" in output
+    assert token not in output and token.rsplit("-", 1)[-1] not in output
 
 
 def test_context_fields_on_every_line() -> None:
