@@ -228,6 +228,7 @@ class Settings:
     drain_timeout_s: float = _var(25.0, parse=_parse_nonneg_float, example="25")
     max_body_bytes: int = _var(1048576, parse=_parse_positive_int, example="1048576")
     max_input_chars: int = _var(8000, parse=_parse_positive_int, example="8000")
+    max_answer_chars: int = _var(50000, parse=_parse_nonneg_int, example="50000")
     user_rate: Rate = _var(Rate(20, 60.0), parse=_parse_rate, example="20/60")
     allow_groups: frozenset[str] = _var(frozenset(), parse=_parse_list, example="cid1,cid2")
     allow_users: frozenset[str] = _var(frozenset(), parse=_parse_list, example="u1,012345")

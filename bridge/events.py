@@ -92,6 +92,7 @@ class ErrorKind(enum.StrEnum):
     BROKEN = "broken"  # the stream ended or broke midway
     REJECTED = "rejected"  # the upstream answered with an error of its own
     PROTOCOL = "protocol"  # an answer we cannot read
+    TOO_LONG = "too_long"  # the answer passed BRIDGE_MAX_ANSWER_CHARS: cut there
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "question_label": "第 {id} 题：",
         "thinking": "正在思考，请稍候……",
         "cut_off": "（回答中断，以上内容可能不完整）",
+        "answer_too_long": "（回答过长，已在此截断）",
         "broken_before_answer": "AI 服务的回答在开始前中断了，请稍后再试。",
         "upstream_unavailable": "AI 服务暂时无法访问，请稍后再试。",
         "upstream_auth": "AI 服务认证失败，已通知管理员处理。",
@@ -79,6 +80,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "question_label": "Question {id}:",
         "thinking": "Thinking…",
         "cut_off": "(The answer was cut off; the text above may be incomplete.)",
+        "answer_too_long": "(The answer was too long and was cut off here.)",
         "broken_before_answer": "The AI service's answer broke off before it began; please "
         "try again later.",
         "upstream_unavailable": "The AI service is unreachable right now; please try again later.",

@@ -12,6 +12,7 @@ import collections
 import contextlib
 import enum
 import hashlib
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ _FAILURE_MESSAGES = {
     ErrorKind.BROKEN: "cut_off",
     ErrorKind.REJECTED: "upstream_rejected",
     ErrorKind.PROTOCOL: "upstream_rejected",
+    ErrorKind.TOO_LONG: "answer_too_long",
 }
 # After text has shown, the notice says it is incomplete, and why: an answer the upstream
 # gave up on (its own error, a stream we cannot read), or an overload or outage it reported.
@@ -81,6 +83,7 @@ _TICK_S = 0.25
 _REST_JOURNAL_S = 2.0  # an interrupted turn's last journal writes, at most
 _CUT_SHORT_WAIT_S = 15.0  # for a cancelled turn to cancel its sender (its upstream closing)
 _TOKENS = (TextDelta, ReasoningDelta)
+_TEXTS = (TextDelta, ReasoningDelta, TextReplace)  # what an answer holds, counted to its bound
 _SHOWN = (TextDelta, TextReplace)
 _COMPOSED = (TextDelta, ReasoningDelta, TextReplace, AgentSwitch, Suggestions)  # the rest: _handle
 
@@ -626,11 +629,22 @@ class TurnRunner:
         think = ThinkSplitter()
         surrogates = SurrogateJoiner()  # an emoji split between two deltas is joined first
         queue = outgoing.queue
+        # A model caught in a loop writes until its own limit: dozens of messages into the
+        # group, all held in memory meanwhile. Past the bound the upstream is left (closing
+        # its stream stops it) and the answer ends with a notice.
+        room = self.settings.max_answer_chars or math.inf
         self._ticker.add(composer, outgoing)
         try:
             async with _closing(self.upstream.stream(turn)) as upstream_events:
                 async for received in upstream_events:
                     for event in think.split(surrogates.join(received)):
+                        if isinstance(event, _TEXTS):
+                            room -= len(event.text)
+                            if room < 0:
+                                limit = self.settings.max_answer_chars
+                                return self._failed_upstream(
+                                    ErrorKind.TOO_LONG, f"the answer passed {limit} characters"
+                                )
                         if not first_token and isinstance(event, _TOKENS):
                             first_token = True
                             self.metrics.first_token_seconds.observe(self.clock() - started)

@@ -353,3 +353,18 @@ async def test_no_failure_shows_a_traceback_or_a_secret(
         env(redis_url, bot_id, yach, upstream.base_url), yach, ZH["upstream_unavailable"]
     )
     assert_clean(texts)
+
+
+async def test_an_answer_past_its_bound_is_cut_there_with_a_notice(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: ScriptedOpenAI, redis_client: object
+) -> None:
+    """A model caught in a loop writes until its own limit: past BRIDGE_MAX_ANSWER_CHARS the
+    upstream is left and the answer ends with a notice, not dozens of messages later."""
+    bounded = env(redis_url, bot_id, yach, upstream.base_url, BRIDGE_MAX_ANSWER_CHARS="300")
+    with capture_logs() as logs:
+        texts = await ask_until(bounded, yach, ZH["answer_too_long"])
+    *answer, notice = texts
+    assert notice == ZH["answer_too_long"]
+    shown = "".join(answer)
+    assert ANSWER.startswith(shown) and 100 <= len(shown) <= 300
+    assert [e["kind"] for e in logs if e["event"] == "upstream_failed"] == ["too_long"]
