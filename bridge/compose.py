@@ -13,6 +13,7 @@ last piece and any such boundary exists. Joined, the pieces are the rendered tur
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -114,13 +115,32 @@ def _fence_span(opener: re.Match[str], end: int) -> _Span:
     return _Span(opener.start(), end, line.strip(), is_fence=True, fence_indent=indent)
 
 
-def _inside(position: int, spans: Sequence[_Span]) -> bool:
-    return any(span.start < position < span.end for span in spans)
+class _Cover:
+    """The positions spans cover (strictly inside one), for many lookups at O(log n) each: a
+    look at every span for every line or boundary of a long answer (final mode splits it
+    whole) cost that answer's length squared, seconds on the event loop at 200,000 chars."""
+
+    __slots__ = ("_ends", "_starts")
+
+    def __init__(self, spans: Sequence[_Span]) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        for span in sorted(spans, key=lambda span: span.start):
+            if self._ends and span.start < self._ends[-1]:  # overlaps the last: one cover
+                self._ends[-1] = max(self._ends[-1], span.end)
+            else:
+                self._starts.append(span.start)
+                self._ends.append(span.end)
+
+    def __contains__(self, position: int) -> bool:
+        i = bisect.bisect_left(self._starts, position) - 1  # the last span starting before
+        return i >= 0 and position < self._ends[i]
 
 
 def _math(text: str, code: Sequence[_Span]) -> list[_Span]:
     """`$$ … $$` display math (the OCR pipelines' transcripts and math answers use it)."""
-    marks = [m.start() for m in _MATH.finditer(text) if not _inside(m.start(), code)]
+    covered = _Cover(code)
+    marks = [m.start() for m in _MATH.finditer(text) if m.start() not in covered]
     spans = [_Span(a, b + 2) for a, b in zip(marks[::2], marks[1::2], strict=False)]
     if len(marks) % 2:
         spans.append(_Span(marks[-1], len(text) + 1))
@@ -220,7 +240,8 @@ def _headings_and_quotes(text: str, lines: Sequence[tuple[int, int, str]]) -> li
 def _protected(text: str) -> list[_Span]:
     """Spans a cut must not fall strictly inside."""
     fences = _fences(text)
-    outside = [line for line in _lines(text) if not _inside(line[0], fences)]
+    in_fence = _Cover(fences)
+    outside = [line for line in _lines(text) if line[0] not in in_fence]
     code = [*fences, *(_Span(m.start(), m.end()) for m in _INLINE_CODE.finditer(text))]
     opened = _open_code_span(text)
     if opened is not None:
@@ -258,11 +279,12 @@ def _best_cut(
     if text[:1].isspace():
         floor = max(floor, len(text) - len(text.lstrip()) + 1)  # never a blank head
     start = _scan_start(text, floor)
+    covered = _Cover(spans)
     for pattern in patterns:
         best = 0
         for match in pattern.finditer(text, start, limit):
             position = match.end()
-            if position < floor or position > limit or _inside(position, spans):
+            if position < floor or position > limit or position in covered:
                 continue
             if lookahead and not _known_end(text, position, match):
                 continue
@@ -326,9 +348,14 @@ def _split_once(text: str, max_chars: int) -> tuple[str, str]:
         if cut:
             return text[:cut], text[cut:]
     fence = next((s for s in spans if s.is_fence and s.start < max_chars < s.end), None)
-    if fence is not None:
+    # Only a fence longer than a message is split (SPEC §4); one that fits, inside a block
+    # that left no other cut (an unclosed `$$`, a long list item), is cut before, below.
+    if fence is not None and (
+        fence.end - fence.start > max_chars or not text[: fence.start].strip()
+    ):
         return _split_fence(text, fence, max_chars)
-    # a table, list item or math block longer than a message: cut it at a line at least
+    # a table, list item or math block longer than a message (a fence that fits in one
+    # inside it included): cut it at a line at least, never inside a fence
     fences = [s for s in spans if s.is_fence]
     cut = _best_cut(text, max_chars, _SPLIT_BOUNDARIES, fences) or _word_safe_cut(text, max_chars)
     return text[:cut], text[cut:]
@@ -353,6 +380,11 @@ def _split_fence(text: str, fence: _Span, max_chars: int) -> tuple[str, str]:
     body = text.find("\n", fence.start) + 1 or len(text)  # where the code's first line starts
     cut = text.rfind("\n", body, max(limit, 0)) + 1  # (a negative end counts from the end)
     if cut <= body:
+        if limit < body and text[: fence.start].strip():
+            # The cut would fall inside the opening line (one still arriving, after a table
+            # that left no other cut): closed there and reopened whole, its info string would
+            # show twice and the code would begin with the rest of it. Cut before the fence.
+            return text[: fence.start], text[fence.start :]
         cut = limit
     opener = fence.fence_opener or bare
     if len(opener) + 1 >= cut:
@@ -362,8 +394,8 @@ def _split_fence(text: str, fence: _Span, max_chars: int) -> tuple[str, str]:
         # A marker too long to close and reopen within one message (thousands of backticks;
         # or a limit hardly longer than the marker lines): reopened, the rest came out
         # longer than the text, for ever. Cut before the fence, or, the text's first,
-        # through it as plain text.
-        cut = fence.start or _word_safe_cut(text, max_chars)
+        # through it as plain text. (Only blank space before it: a blank message.)
+        cut = fence.start if text[: fence.start].strip() else _word_safe_cut(text, max_chars)
         return text[:cut], text[cut:]
     return text[:cut].rstrip("\n") + closer, rest
 
@@ -713,4 +745,4 @@ class Composer:
             self._answer_sent = True
             self._answer_at = 0
         self._last_flush = now
-        return [head]
+        return [head] if head.strip() else []

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable, Iterable, Sequence
+import signal
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from bridge import compose as compose_module
@@ -591,7 +593,9 @@ def _reference_cut(text: str, limit: int, patterns: Sequence[re.Pattern[str]],
         best = 0
         for match in pattern.finditer(text, 0, limit):
             position = match.end()
-            if position < floor or position > limit or compose_module._inside(position, spans):
+            if position < floor or position > limit or any(
+                span.start < position < span.end for span in spans
+            ):
                 continue
             if lookahead and not compose_module._known_end(text, position, match):
                 continue
@@ -732,3 +736,104 @@ def test_code_lines_longer_than_a_message_are_split_and_splitting_ends(
     joined = "".join(pieces)
     assert all(joined.count(ch) == code.count(ch) for ch in "xyz")  # no code lost or doubled
     assert joined.endswith("Done.")
+
+
+def test_a_blank_head_of_a_split_is_not_sent() -> None:
+    """A stream split whose head is only blank space (a blank line before a fence whose
+    marker is too long to close and reopen) sent a blank message."""
+    text = "`" * 19 + "\n\n" + "`" * 40
+    pieces = compose(FlushPolicy(min_chars=0, max_chars=20, max_wait_s=1000.0), chars(text))
+    assert all(piece.strip() for piece in pieces)
+    assert "".join(pieces) == text
+
+
+def test_a_fence_arriving_after_a_table_longer_than_a_message_is_not_cut_in_its_opening_line(
+) -> None:
+    """The table left no cut, and the fence's opening line was still arriving at the limit:
+    it was cut there, closed (an empty block, its language `p`) and reopened whole, its code
+    beginning with the rest of that line (`y`)."""
+    table = "| a | b |\n" * 499
+    code = "````py\n" + "print(1)\n" * 3 + "````\n\nDone."
+    assert compose(FlushPolicy(), chars(table + code)) == [table, code]
+
+
+# Any answer, any policy: every turn ends, and its pieces fit and join to the answer
+
+_FRAGMENTS = st.sampled_from(
+    ["```", "````", "~~~", "```py", "`" * 12, "  ", "    ", "\t", "`x`", "`", "| a | b |",
+     "a | b", "|---|---|", "--|--", "|", "- ", "1. ", "  - ", "$$", "# ", "\n", "\n\n", "\r\n",
+     "字", "😀", "word", "x" * 90, ". ", "。", "> ", ", ", " ", "<think>", "</think>"]
+)
+
+
+class _Reopened:
+    """Records what `_split_fence` added around its cuts (a closer at the head's end, an
+    opening line at the rest's start), to take it away again from the pieces."""
+
+    def __init__(self) -> None:
+        self.heads: dict[int, tuple[str, int]] = {}  # id(head) → (the text cut, opener size)
+        self._split_fence = compose_module._split_fence
+
+    def __call__(self, text: str, fence: Any, max_chars: int) -> tuple[str, str]:
+        head, rest = self._split_fence(text, fence, max_chars)
+        if head + rest != text:
+            added = rest.index("\n") + 1
+            self.heads[id(head)] = (text[: len(text) - len(rest) + added], added)
+        return head, rest
+
+    def removed(self, pieces: list[str]) -> list[str]:
+        out, stripped = [], 0  # stripped: the opening line added to this piece
+        for piece in pieces:
+            cut, added = self.heads.get(id(piece), (piece, 0))
+            out.append(cut[stripped:])
+            stripped = added
+        return out
+
+
+@contextlib.contextmanager
+def _within(seconds: float) -> Iterator[None]:
+    """A turn that never ends fails the test instead of hanging the suite."""
+
+    def hang(*_: object) -> None:
+        raise AssertionError(f"no end within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    parts=st.lists(_FRAGMENTS, min_size=1, max_size=80),
+    sizes=st.lists(st.integers(1, 12), min_size=1, max_size=8),
+    waits=st.lists(st.sampled_from([0.0, 0.5, 7.0]), min_size=1, max_size=4),
+    min_chars=st.integers(0, 500),
+    max_chars=st.one_of(st.integers(20, 200), st.just(5000)),
+    mode=st.sampled_from(["stream", "final"]),
+)
+# a blank line before a fence too long to close and reopen: a blank message
+@example(parts=["`" * 12, "````", "```", "\n\n", *["`" * 12] * 3, "````"], sizes=[1],
+         waits=[0.0], min_chars=0, max_chars=20, mode="stream")
+def test_every_turn_ends_and_its_pieces_fit_and_join_to_the_answer(
+    parts: list[str], sizes: list[int], waits: list[float], min_chars: int, max_chars: int,
+    mode: str,
+) -> None:
+    text = "".join(parts)
+    # (a blank run as long as a message may not reach one: no message is blank)
+    assume(text.strip() and not re.search(rf"[ \t\r\n]{{{max_chars // 2},}}", text))
+    composer = Composer(FlushPolicy(mode, min_chars, max_wait_s=6.0, max_chars=max_chars))
+    reopened, pieces, now, i, k = _Reopened(), [], 0.0, 0, 0
+    with pytest.MonkeyPatch.context() as patch, _within(5.0):
+        patch.setattr(compose_module, "_split_fence", reopened)
+        while i < len(text):
+            delta = text[i : i + sizes[k % len(sizes)]]
+            now += waits[k % len(waits)]
+            pieces += composer.feed(TextDelta(delta), now) + composer.tick(now + 0.25)
+            i, k = i + len(delta), k + 1
+        pieces += composer.finish()
+    assert all(piece.strip() and len(piece) <= max_chars for piece in pieces)
+    assert "".join(reopened.removed(pieces)).strip() == text.strip()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from bridge import compose as compose_module
 from bridge.compose import _split_once, split_text
 
 LIMIT = 5000
@@ -213,3 +215,54 @@ def test_every_split_leaves_less_to_split(text: str, limit: int) -> None:
     head, rest = _split_once(text, limit)
     assert 0 < len(head) <= limit
     assert len(rest) < len(text)
+
+
+def test_blank_space_before_an_over_long_fence_is_no_message_of_its_own() -> None:
+    """A fence whose marker is too long to close and reopen was cut before when only blank
+    space preceded it: that blank line came out as a message of its own (sent blank in stream
+    mode, dropped from the joined text in final mode)."""
+    text = "`" * 19 + "\n\n" + "`" * 40
+    pieces = split_text(text, 20)
+    assert all(piece.strip() for piece in pieces)
+    assert "".join(pieces) == text
+
+
+def test_a_fence_that_fits_is_cut_before_when_what_precedes_it_cannot_be_cut() -> None:
+    """An unclosed `$$` before the fence left no cut outside a span: the fence, which fits in
+    one message, was closed and reopened (an empty block, a blank line added to its code)."""
+    math = "$$\n" + "x = y + z\n" * 10
+    text = math + "```\nprint(1)\n```\nDone."
+    assert split_text(text, 110) == [math, "```\nprint(1)\n```\nDone."]
+
+
+def _answer(units: int) -> str:
+    unit = ("Intro. " * 20 + "\n\n| a | b |\n|---|---|\n" + "| 1 | 2 |\n" * 30
+            + "\n- one\n- two\n\n```py\n" + "x = 1\n" * 40 + "```\n\n$$x^2$$\n\n" + "句子。" * 30)
+    return "\n\n".join([unit] * units)
+
+
+def test_finding_the_spans_of_a_long_answer_costs_its_length_not_its_square() -> None:
+    """Final mode splits the whole answer, and each split looks at every line and `$$`
+    against every fence: 2.5 s of the event loop for a 200,000-character answer with code."""
+
+    def cost(text: str) -> float:
+        timings = []
+        for _ in range(3):
+            started = time.perf_counter()
+            compose_module._protected(text)
+            timings.append(time.perf_counter() - started)
+        return min(timings)
+
+    # 8× as long: linear, 8× the cost (12× measured); quadratic, 64× (41× measured)
+    assert cost(_answer(400)) < 24 * cost(_answer(50))
+
+
+def test_an_over_long_fence_is_not_cut_inside_its_opening_line() -> None:
+    """After a table that left no cut, the limit fell inside the fence's opening line: it was
+    closed there (an empty block, its language `p`) and reopened whole, its code beginning
+    with the rest of that line (`y`)."""
+    table = "| a | b |\n" * 499
+    fence = "````py\n" + "print(1)\n" * 700 + "````"
+    pieces = split_text(table + fence, LIMIT)
+    assert pieces[0] == table
+    assert pieces[1].startswith("````py\nprint(1)\n")
