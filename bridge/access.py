@@ -95,9 +95,15 @@ class _Refused:
     channels: list[str] = field(default_factory=list)
 
     def add(self, name: str, said: str) -> None:
-        if "channel" in said:
+        # Redis 6.2/7.0: "… to run the 'xadd' command" / "… access one of the keys used as
+        # arguments" / "… one of the channels …"; 7.2 and Valkey: "User u has no permissions
+        # to run the 'xadd' command" / "No permissions to access a key" / "… a channel"
+        # (the user's name in the first: a user called `keys-ro` is no key refusal).
+        if "to run the" in said:
+            self.commands.append(name)
+        elif "channel" in said:
             self.channels.append(name)
-        elif "keys" in said:
+        elif "key" in said:
             self.keys.append(name)
         else:
             self.commands.append(name)

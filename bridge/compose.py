@@ -331,13 +331,16 @@ def _word_safe_cut(text: str, limit: int) -> int:
 def split_text(text: str, max_chars: int) -> list[str]:
     """Split text into messages of at most `max_chars` code points at the best boundary:
     paragraph, line, sentence, clause, then word, preferring pieces of at least half the
-    limit; an over-long fence is closed and reopened; joined, the pieces are the text."""
+    limit; an over-long fence is closed and reopened; joined, the pieces are the text (but
+    for blank space at its end that no piece had room for: no message is blank)."""
     pieces: list[str] = []
     while len(text) > max_chars:
         head, text = _split_once(text, max_chars)
         pieces.append(head)
-    if text:
+    if text.strip() or (text and not pieces):
         pieces.append(text)
+    elif text and len(pieces[-1]) + len(text) <= max_chars:
+        pieces[-1] += text
     return pieces
 
 

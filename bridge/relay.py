@@ -83,7 +83,7 @@ _TICK_S = 0.25
 _REST_JOURNAL_S = 2.0  # an interrupted turn's last journal writes, at most
 _CUT_SHORT_WAIT_S = 15.0  # for a cancelled turn to cancel its sender (its upstream closing)
 _TOKENS = (TextDelta, ReasoningDelta)
-_TEXTS = (TextDelta, ReasoningDelta, TextReplace)  # what an answer holds, counted to its bound
+_TEXTS = (TextDelta, ReasoningDelta)  # counted to the answer's bound, reasoning when quoted
 _SHOWN = (TextDelta, TextReplace)
 _COMPOSED = (TextDelta, ReasoningDelta, TextReplace, AgentSwitch, Suggestions)  # the rest: _handle
 
@@ -631,20 +631,24 @@ class TurnRunner:
         queue = outgoing.queue
         # A model caught in a loop writes until its own limit: dozens of messages into the
         # group, all held in memory meanwhile. Past the bound the upstream is left (closing
-        # its stream stops it) and the answer ends with a notice.
-        room = self.settings.max_answer_chars or math.inf
+        # its stream stops it) and the answer ends with a notice. What counts is what shows:
+        # the text (a replace is the whole of it so far), and the reasoning when quoted.
+        bound = self.settings.max_answer_chars or math.inf
+        counted = _TEXTS if self.settings.show_reasoning == "quote" else TextDelta
+        length = 0
         self._ticker.add(composer, outgoing)
         try:
             async with _closing(self.upstream.stream(turn)) as upstream_events:
                 async for received in upstream_events:
                     for event in think.split(surrogates.join(received)):
-                        if isinstance(event, _TEXTS):
-                            room -= len(event.text)
-                            if room < 0:
-                                limit = self.settings.max_answer_chars
-                                return self._failed_upstream(
-                                    ErrorKind.TOO_LONG, f"the answer passed {limit} characters"
-                                )
+                        if isinstance(event, counted):
+                            length += len(event.text)
+                        elif isinstance(event, TextReplace):
+                            length = len(event.text)
+                        if length > bound:
+                            return self._failed_upstream(
+                                ErrorKind.TOO_LONG, f"the answer passed {bound} characters"
+                            )
                         if not first_token and isinstance(event, _TOKENS):
                             first_token = True
                             self.metrics.first_token_seconds.observe(self.clock() - started)

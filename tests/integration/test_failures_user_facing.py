@@ -368,3 +368,20 @@ async def test_an_answer_past_its_bound_is_cut_there_with_a_notice(
     shown = "".join(answer)
     assert ANSWER.startswith(shown) and 100 <= len(shown) <= 300
     assert [e["kind"] for e in logs if e["event"] == "upstream_failed"] == ["too_long"]
+
+
+async def test_hidden_reasoning_does_not_count_toward_the_answers_bound(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: ScriptedOpenAI, redis_client: object
+) -> None:
+    """Reasoning that is not shown (BRIDGE_SHOW_REASONING=off) is no part of the answer's
+    length: counted, a model that thought past the bound was cut before its answer, and the
+    group got its thoughts (shown when no answer came) and the notice instead."""
+    answer = "The short answer. Done."
+    thinking = "<think>" + "thinking hard. " * 40 + "</think>\n\n"
+    upstream.script.then(sse_reply(chunks_for(thinking + answer), upstream.rng))
+    bounded = env(redis_url, bot_id, yach, upstream.base_url, BRIDGE_MAX_ANSWER_CHARS="300")
+    async with running_bridge(bounded) as bridge:
+        assert (await bridge.post(group_message("question")))[0] == 200
+        await wait_until(lambda: "".join(yach.texts()) == answer)
+        await asyncio.sleep(0.3)
+    assert yach.texts() == [answer]

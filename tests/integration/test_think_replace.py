@@ -36,7 +36,9 @@ def stream(replacement: str) -> bytes:
     )
 
 
-async def relayed(redis_url: str, bot_id: str, yach: FakeYach, replacement: str) -> list[str]:
+async def relayed(
+    redis_url: str, bot_id: str, yach: FakeYach, replacement: str, **extra: str
+) -> list[str]:
     fake = await DifyFake.start(seed=3)
     fake.stream = stream(replacement)
     env = bridge_env(
@@ -47,6 +49,7 @@ async def relayed(redis_url: str, bot_id: str, yach: FakeYach, replacement: str)
         BRIDGE_DIFY_BASE_URL=fake.base_url,
         BRIDGE_DIFY_API_KEY=fake_dify.API_KEY,
         **STREAM,
+        **extra,
     )
     try:
         async with running_bridge(env) as bridge:
@@ -75,3 +78,13 @@ async def test_a_real_replacement_with_a_think_block_shows_only_its_answer(
 
     assert texts[-1] == "更正：\n内容不合规，已被替换。"
     assert not any("<think>" in text for text in texts)
+
+
+async def test_a_repeat_does_not_count_twice_toward_the_answers_bound(
+    redis_url: str, bot_id: str, yach: FakeYach
+) -> None:
+    """A replace is the whole answer so far: it sets the answer's length, it does not add to
+    it (nor does the hidden reasoning). Added, this answer passed a bound it fits in."""
+    bound = str(len(ANSWER) + 10)
+    texts = await relayed(redis_url, bot_id, yach, THINK + ANSWER, BRIDGE_MAX_ANSWER_CHARS=bound)
+    assert "".join(texts) == ANSWER

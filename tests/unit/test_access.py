@@ -6,9 +6,10 @@ import asyncio
 import re
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 
-from bridge.access import missing_permissions, needed_commands
+from bridge.access import _Refused, missing_permissions, needed_commands
 from bridge.store import Keys
 
 CODE = Path(__file__).resolve().parents[2] / "bridge"
@@ -66,3 +67,22 @@ async def _read_command(reader: asyncio.StreamReader) -> list[str]:
         length = int((await reader.readline())[1:])
         words.append((await reader.readexactly(length + 2))[:-2].decode())
     return words
+
+
+@pytest.mark.parametrize(("said", "kind"), [
+    ("NOPERM this user has no permissions to run the 'xadd' command", "commands"),  # 6.2, 7.0
+    ("NOPERM this user has no permissions to access one of the keys used as arguments", "keys"),
+    ("NOPERM this user has no permissions to access one of the channels used as arguments",
+     "channels"),
+    ("NOPERM User keys-ro has no permissions to run the 'xadd' command", "commands"),  # 7.2
+    ("NOPERM User u has no permissions to run the 'publish' command", "commands"),
+    ("NOPERM No permissions to access a key", "keys"),
+    ("NOPERM No permissions to access a channel", "channels"),
+])  # fmt: skip
+def test_each_redis_version_s_refusal_is_read_as_its_kind(said: str, kind: str) -> None:
+    """Redis 7.2 and Valkey word refusals otherwise than 6.2 and 7.0 ("a key", not "the
+    keys"), and name the user in a command's: read wrong, a key pattern missing was told as
+    twenty commands to grant, which would change nothing."""
+    refused = _Refused()
+    refused.add("XADD", said)
+    assert getattr(refused, kind) == ["XADD"]
