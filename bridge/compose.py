@@ -387,7 +387,7 @@ def _split_fence(text: str, fence: _Span, max_chars: int) -> tuple[str, str]:
             # The cut would fall inside the opening line (one still arriving, after a table
             # that left no other cut): closed there and reopened whole, its info string would
             # show twice and the code would begin with the rest of it. Cut before the fence.
-            return text[: fence.start], text[fence.start :]
+            return _before_fence(text, fence, max_chars)
         cut = limit
     opener = fence.fence_opener or bare
     if len(opener) + 1 >= cut:
@@ -396,11 +396,16 @@ def _split_fence(text: str, fence: _Span, max_chars: int) -> tuple[str, str]:
     if cut < 1 or len(rest) >= len(text):
         # A marker too long to close and reopen within one message (thousands of backticks;
         # or a limit hardly longer than the marker lines): reopened, the rest came out
-        # longer than the text, for ever. Cut before the fence, or, the text's first,
-        # through it as plain text. (Only blank space before it: a blank message.)
-        cut = fence.start if text[: fence.start].strip() else _word_safe_cut(text, max_chars)
-        return text[:cut], text[cut:]
+        # longer than the text, for ever.
+        return _before_fence(text, fence, max_chars)
     return text[:cut].rstrip("\n") + closer, rest
+
+
+def _before_fence(text: str, fence: _Span, max_chars: int) -> tuple[str, str]:
+    """Cut before the fence; with only blank space before it (a blank message), through it
+    as plain text."""
+    cut = fence.start if text[: fence.start].strip() else _word_safe_cut(text, max_chars)
+    return text[:cut], text[cut:]
 
 
 def quote_block(text: str) -> str:

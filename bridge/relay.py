@@ -83,7 +83,6 @@ _TICK_S = 0.25
 _REST_JOURNAL_S = 2.0  # an interrupted turn's last journal writes, at most
 _CUT_SHORT_WAIT_S = 15.0  # for a cancelled turn to cancel its sender (its upstream closing)
 _TOKENS = (TextDelta, ReasoningDelta)
-_TEXTS = (TextDelta, ReasoningDelta)  # counted to the answer's bound, reasoning when quoted
 _SHOWN = (TextDelta, TextReplace)
 _COMPOSED = (TextDelta, ReasoningDelta, TextReplace, AgentSwitch, Suggestions)  # the rest: _handle
 
@@ -634,7 +633,7 @@ class TurnRunner:
         # its stream stops it) and the answer ends with a notice. What counts is what shows:
         # the text (a replace is the whole of it so far), and the reasoning when quoted.
         bound = self.settings.max_answer_chars or math.inf
-        counted = _TEXTS if self.settings.show_reasoning == "quote" else TextDelta
+        counted = _TOKENS if self.settings.show_reasoning == "quote" else TextDelta
         length = 0
         self._ticker.add(composer, outgoing)
         try:
