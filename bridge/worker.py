@@ -20,6 +20,7 @@ import contextlib
 import enum
 import json
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -135,7 +136,8 @@ class Worker:
         # this: a session holds at most BRIDGE_SESSION_QUEUE_MAX waiting, the rest "busy".)
         self._max_held = settings.workers * 2 + settings.session_queue_max
         self._room = asyncio.Event()
-        self._wakers: dict[str, asyncio.Event] = {}
+        self._wakers: dict[str, asyncio.Event] = {}  # per session, while entries wait for it
+        self._waiting: Counter[str] = Counter()  # how many, per session
         self._loops: set[asyncio.Task[None]] = set()
         self._with_history = not runner.upstream.keeps_history
         self.on_done: Callable[[Entry], None] | None = None  # the terminal channel waits on it
@@ -635,6 +637,7 @@ class Worker:
         entry = held.entry
         session = entry.chat_session_id
         waker = self._wakers.setdefault(session, asyncio.Event())
+        self._waiting[session] += 1
         pause = _WAIT_POLL_S
         arriving = True
         # A message is counted against its sender's limit once: on its first delivery's
@@ -693,10 +696,10 @@ class Worker:
                 _raise_if_cancelled()
         finally:
             self._set_queued(held, False)
-            if not any(
-                h.entry.chat_session_id == session and h is not held for h in self.held.values()
-            ):
-                self._wakers.pop(session, None)
+            self._waiting[session] -= 1
+            if not self._waiting[session]:
+                del self._waiting[session]
+                del self._wakers[session]
 
     def _free_slot(self, held: _Held) -> None:
         if held.slot:
