@@ -8,6 +8,7 @@ import time
 
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import RedisError
 
 from bridge.inbox import Entry
 from bridge.intake import Command, parse_command
@@ -78,7 +79,7 @@ class Commands:
         running = await self.sessions.stop(chat_session_id, command_entry_id, ttl_s=STOP_KEY_TTL_S)
         if running is None:
             return None
-        await self.redis.publish(self.keys.control, stop_message(chat_session_id, running))
+        await self._announce(stop_message(chat_session_id, running))
         return running
 
     async def reset(self, chat_session_id: str, command_entry_id: str) -> None:
@@ -102,7 +103,7 @@ class Commands:
                         break
                     await asyncio.sleep(_RESET_POLL_S)
             state = await self.sessions.forget(chat_session_id, command_entry_id)
-        await self.redis.publish(self.keys.control, wake_message(chat_session_id))
+        await self._announce(wake_message(chat_session_id))
         if state is None:  # another delivery of the command forgot the session
             return
         if state.conversation and state.upstream == self.upstream.name:
@@ -110,6 +111,16 @@ class Commands:
                 await self.upstream.reset(state.conversation, chat_session_id)
             except Exception as exc:  # the mapping is forgotten either way
                 log.warning("upstream_reset_failed", error=type(exc).__name__)
+
+    async def _announce(self, message: str) -> None:
+        """Tell every process of the bot at once. Only a hint: what it tells is in Redis
+        already (the stop key, the session let go), where each process finds it at its next
+        look (the keep loop's; a waiting turn's poll). A failure here must not fail the
+        command: retried, a `/stop` that took effect would end as a dead letter."""
+        try:
+            await self.redis.publish(self.keys.control, message)
+        except RedisError as exc:
+            log.warning("control_not_announced", error=type(exc).__name__)
 
     async def status(self, chat_session_id: str) -> str:
         state = await self.sessions.load(chat_session_id)

@@ -20,12 +20,14 @@ import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
 from bridge.access import acl_rules
+from bridge.messages import MESSAGES
 from bridge.store import Keys
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.yach import FakeYach
 from tests.harness import bridge_env, group_message, openai_env, running_bridge
 from tests.integration.test_cli_check import check, good_env
-from tests.procs import wait_for
+from tests.integration.test_delivery_stop import LONG_ANSWER
+from tests.procs import PacedOpenAI, wait_for
 
 PASSWORD = "acl-pw-5d2e-secret"
 MakeUser = Callable[[str], Awaitable[str]]
@@ -195,6 +197,38 @@ async def test_the_least_rules_run_a_turn_and_a_refusal_later_is_logged_once(
     # (one for the connection cut, which is no refusal)
     cut = [e for e in _events(logs, "redis_unavailable") if e["loop"] == "_listen_loop"]
     assert len(cut) <= 1 and all(e["error"] == "ConnectionError" for e in cut), cut
+
+
+async def test_a_stop_whose_announcement_is_refused_is_confirmed_and_still_stops(
+    bot_id: str, yach: FakeYach, redis_client: aioredis.Redis, acl_user: MakeUser
+) -> None:
+    """The stop key was set, then PUBLISH was refused: the `/stop` failed and was retried
+    until it was dead-lettered, though the turn stopped all the same (every process finds
+    the key at its next keep). It is confirmed at once, and the turn stops at that look."""
+    upstream = await PacedOpenAI(answer=lambda _body: LONG_ANSWER, delay_s=0.02).start()
+    url = await acl_user(acl_rules(Keys(bot_id)))
+    user = urlsplit(url).username
+    env = bridge_env(url, bot_id, yach, **openai_env(upstream.base_url), BRIDGE_LANG="en",
+                     BRIDGE_CLAIM_IDLE_S="1.5", BRIDGE_REPLY_MODE="stream",
+                     BRIDGE_FLUSH_MIN_CHARS="40", BRIDGE_FLUSH_MAX_WAIT_S="30")  # fmt: skip
+    try:
+        with capture_logs() as logs:
+            async with running_bridge(env) as bridge:
+                assert (await bridge.post(group_message("talk for a long time")))[0] == 200
+                await wait_for(lambda: len(yach.shown) >= 2, 15, "the answer's start")
+                await redis_client.execute_command("ACL", "SETUSER", user, "-publish")
+                assert (await bridge.post(group_message("/stop")))[0] == 200
+                await wait_for(lambda: MESSAGES["en"]["stopped"] in yach.texts(), 5, "stopped")
+                await asyncio.sleep(1.0)  # the keep loop looks every 0.5 s here
+                shown_after_stop = len(yach.shown)
+                await asyncio.sleep(1.5)
+                assert len(yach.shown) == shown_after_stop
+    finally:
+        await upstream.close()
+    assert len(upstream.started) == 1
+    assert MESSAGES["en"]["dead_letter"] not in yach.texts()
+    assert len(yach.texts()) < 20  # far from the whole answer
+    assert _events(logs, "control_not_announced")
 
 
 async def wait_for_tries(client: aioredis.Redis, user: str, tries: int) -> None:
