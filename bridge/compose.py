@@ -41,6 +41,13 @@ _DELIMITER_CHARS = re.compile(r"[-|: \t]*")  # what a delimiter row still arrivi
 _HEADING = re.compile(r"^ {0,3}#{1,6}(?:[ \t]|$)")
 _QUOTE = re.compile(r"^ {0,3}>")
 
+# What would open a block at the start of a message: a cut inside a line must not leave it
+# there (a "- " or "# " in mid-line shown as a list item or a heading).
+_BLOCK_OPENER = re.compile(
+    r" {0,3}(?:[-*+]|\d{1,9}[.)]|#{1,6})(?:[ \t]|$)| {0,3}(?:[>|]|`{3}|~{3})"
+)
+_BLOCK_OPENER_CHARS = frozenset(" -*+#>|`~0123456789")
+
 _PARAGRAPH = re.compile(r"\n[ \t]*\n+")
 _LINE = re.compile(r"\n")
 _SENTENCE = re.compile(r"[.!?][\"')\]”’]*[ \t]+|[。！？…]+[”’」』）)\]\"']*")
@@ -288,10 +295,21 @@ def _best_cut(
                 continue
             if lookahead and not _known_end(text, position, match):
                 continue
+            if _opens_block_mid_line(text, position):
+                continue
             best = position
         if best:
             return best
     return 0
+
+
+def _opens_block_mid_line(text: str, position: int) -> bool:
+    return (
+        position < len(text)
+        and text[position] in _BLOCK_OPENER_CHARS
+        and text[position - 1] != "\n"
+        and _BLOCK_OPENER.match(text, position) is not None
+    )
 
 
 def _scan_start(text: str, floor: int) -> int:

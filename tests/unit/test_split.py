@@ -271,3 +271,20 @@ def test_an_over_long_fence_is_not_cut_inside_its_opening_line() -> None:
     pieces = split_text(table + fence, LIMIT)
     assert pieces[0] == table
     assert pieces[1].startswith("````py\nprint(1)\n")
+
+
+@pytest.mark.parametrize(
+    "rest", ["- then that", "# not a heading", "> not a quote", "| not a row |", "1) not an item"]
+)
+def test_a_cut_in_mid_line_leaves_no_block_opener_at_the_start_of_a_message(rest: str) -> None:
+    """Cut after "Do this. ", the next message began "- then that", shown as a list item
+    (a heading, a quote, a table): a cut inside a line is made elsewhere."""
+    text = "x" * 60 + " Do this. " + rest + " and some more words after it."
+    pieces = split_text(text, 80)
+    assert "".join(pieces) == text
+    assert not any(piece.startswith(rest[:2]) for piece in pieces[1:]), pieces
+
+
+def test_a_line_may_still_start_a_message_with_its_own_list_item() -> None:
+    text = "x" * 60 + " Intro.\n- the first item of the list, a long one\n- the second"
+    assert split_text(text, 80)[1].startswith("- the first")
