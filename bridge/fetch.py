@@ -163,17 +163,23 @@ def pinned_session(resolver: PinnedResolver, **options: Any) -> aiohttp.ClientSe
 
 class URLGuard:
     """The SSRF rules for URLs of one pair of schemes (`https`/`http`, `wss`/`ws`): the
-    secure one to any host, the plain one only to an allow-listed host; a host not
-    allow-listed must resolve to public addresses only."""
+    secure one to any host, the plain one only to a host of `plain_hosts` (by default the
+    allow-listed ones); a host not allow-listed must resolve to public addresses only."""
 
     def __init__(
         self,
         *,
         allow_hosts: Collection[str] = (),
+        plain_hosts: Collection[str] | None = None,
         resolve: Resolve = system_resolve,
         schemes: tuple[str, str] = ("https", "http"),
     ) -> None:
         self.allow_hosts = frozenset(_normal_host(host) for host in allow_hosts)
+        self.plain_hosts = (
+            self.allow_hosts
+            if plain_hosts is None
+            else frozenset(_normal_host(host) for host in plain_hosts)
+        )
         self.secure, self.plain = schemes
         self._resolve = resolve
 
@@ -204,7 +210,7 @@ class URLGuard:
             raise FetchRefused("no host in the URL")
         allowed = host in self.allow_hosts
         secure, plain = self.secure, self.plain
-        if parts.scheme == plain and not allowed:
+        if parts.scheme == plain and host not in self.plain_hosts:
             raise FetchRefused(
                 f"{plain} to {host} (only {secure}, or {plain} to allow-listed hosts)"
             )

@@ -24,7 +24,8 @@ Decisions the notes leave open:
   not finish; it is best-effort (5 s, failures logged).
 - `reset` is a no-op: the notes show no call that deletes or hides a conversation.
 - The sockets are named by the server, so they pass §8's fetch rules first (`URLGuard`):
-  `wss`, or `ws` to the configured base URL's host or a BRIDGE_FETCH_ALLOW_HOSTS one; a host
+  `wss`, or `ws` to a BRIDGE_FETCH_ALLOW_HOSTS host or to the configured base URL's host
+  when that is `http` itself; a host
   neither of those must resolve to public addresses only, and the socket is opened to the
   addresses checked (a pinned resolver: a second DNS answer cannot point it inside the
   network). A refused URL is skipped as an unreachable one is, and when none is left the
@@ -233,9 +234,15 @@ class ChatGPTWebUpstream:
         self._headers = {**self._auth, "Accept": "text/event-stream"}
         self._model = settings.chatgpt_model
         self._new_id = new_id
-        base_host = URL(self._base).raw_host or ""
+        base = URL(self._base)
+        base_host = base.raw_host or ""
+        # The configured host takes `ws` only where the operator chose plain http for it: a
+        # server named over https does not get the socket's token sent in the clear.
+        plain_base = {base_host} if base.scheme == "http" else set()
         self._sockets = URLGuard(
-            allow_hosts={*settings.fetch_allow_hosts, base_host}, schemes=("wss", "ws")
+            allow_hosts={*settings.fetch_allow_hosts, base_host},
+            plain_hosts={*settings.fetch_allow_hosts, *plain_base},
+            schemes=("wss", "ws"),
         )
 
     def _body(self, turn: Turn, message_id: str, request_id: str) -> dict[str, Any]:

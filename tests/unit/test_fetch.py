@@ -156,6 +156,8 @@ async def test_the_connection_goes_to_the_checked_address(images: FakeImages) ->
         ("wss://metadata.example/socket", "non-public address (169.254.169.254)"),
         ("ws://hub.example/socket", "ws to hub.example (only wss"),
         ("https://hub.example/socket", "scheme https"),
+        ("wss://base.test/socket", None),  # the configured host: any address
+        ("ws://base.test/socket", "ws to base.test (only wss"),  # but not in the clear
     ],
 )
 async def test_socket_urls_follow_the_rules_with_their_own_schemes(
@@ -167,12 +169,14 @@ async def test_socket_urls_follow_the_rules_with_their_own_schemes(
         "hub.example": ["93.184.216.34"],
         "metadata.example": ["169.254.169.254"],
         "inside.test": ["10.0.0.8"],
+        "base.test": ["10.0.0.9"],
     }
 
     async def resolve(host: str, port: int) -> list[str]:
         return addresses[host]
 
-    guard = URLGuard(allow_hosts={"inside.test"}, resolve=resolve, schemes=("wss", "ws"))
+    guard = URLGuard(allow_hosts={"inside.test", "base.test"}, plain_hosts={"inside.test"},
+                     resolve=resolve, schemes=("wss", "ws"))  # fmt: skip
     resolver = PinnedResolver()
     if refused is not None:
         with pytest.raises(FetchRefused, match=re.escape(refused)):
