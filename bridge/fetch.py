@@ -7,6 +7,9 @@ pinned to the checked addresses (a resolver that answers only with them), so a s
 answer cannot slip another address in (DNS rebinding); TLS still verifies the host name.
 Redirects are followed by hand, each hop checked the same way, at most `max_redirects`.
 The body is read with a size cap (counted while streaming) under one overall timeout.
+
+`URLGuard` (the check and the pin) and `pinned_session` serve other URLs a server names
+for the bridge to connect to the same way: ChatGPT web's sockets (`wss`, or `ws`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ __all__ = [
     "FetchTooLarge",
     "Fetched",
     "ImageFetcher",
+    "PinnedResolver",
+    "URLGuard",
     "address_is_public",
+    "pinned_session",
     "sniff_image_type",
 ]
 
@@ -53,9 +59,7 @@ _MAGIC = (
 # Not global, though `is_global` says so on Python releases before the CVE-2024-4032 fix
 # (3.11.10, 3.12.4): 6to4, whose address embeds any IPv4 one (2002:a9fe:a9fe:: is
 # 169.254.169.254 to a host with a 6to4 route); deprecated site-local; documentation.
-_NOT_GLOBAL = tuple(
-    ipaddress.IPv6Network(net) for net in ("2002::/16", "fec0::/10", "3fff::/20")
-)
+_NOT_GLOBAL = tuple(ipaddress.IPv6Network(net) for net in ("2002::/16", "fec0::/10", "3fff::/20"))
 
 
 class FetchError(Exception):
@@ -123,7 +127,7 @@ async def system_resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-class _PinnedResolver(AbstractResolver):
+class PinnedResolver(AbstractResolver):
     """Answers only with the addresses checked for each host; any other name fails."""
 
     def __init__(self) -> None:
@@ -151,43 +155,41 @@ class _PinnedResolver(AbstractResolver):
         """Nothing to release."""
 
 
-class ImageFetcher:
-    """Downloads images under the SSRF rules, the size cap and a timeout."""
+def pinned_session(resolver: PinnedResolver, **options: Any) -> aiohttp.ClientSession:
+    """A session that connects only to the addresses pinned in `resolver` (`URLGuard.pin`)."""
+    connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False, limit=4)
+    return aiohttp.ClientSession(connector=connector, **options)
+
+
+class URLGuard:
+    """The SSRF rules for URLs of one pair of schemes (`https`/`http`, `wss`/`ws`): the
+    secure one to any host, the plain one only to a host of `plain_hosts` (by default the
+    allow-listed ones); a host not allow-listed must resolve to public addresses only."""
 
     def __init__(
         self,
         *,
         allow_hosts: Collection[str] = (),
-        max_bytes: int = 10 * 1024 * 1024,
-        timeout_s: float = 30.0,
-        connect_timeout_s: float = 10.0,
-        max_redirects: int = 5,
+        plain_hosts: Collection[str] | None = None,
         resolve: Resolve = system_resolve,
-        headers: dict[str, str] | None = None,
+        schemes: tuple[str, str] = ("https", "http"),
     ) -> None:
         self.allow_hosts = frozenset(_normal_host(host) for host in allow_hosts)
-        self.max_bytes = max_bytes
-        self.timeout_s = timeout_s
-        self.connect_timeout_s = connect_timeout_s
-        self.max_redirects = max_redirects
+        self.plain_hosts = (
+            self.allow_hosts
+            if plain_hosts is None
+            else frozenset(_normal_host(host) for host in plain_hosts)
+        )
+        self.secure, self.plain = schemes
         self._resolve = resolve
-        self._headers = headers or {}
 
-    async def fetch(self, url: str) -> Fetched:
-        """The image at `url`; FetchRefused, FetchTooLarge or FetchFailed otherwise."""
-        resolver = _PinnedResolver()
-        connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False, limit=4)
-        timeout = aiohttp.ClientTimeout(sock_connect=self.connect_timeout_s)
-        async with aiohttp.ClientSession(
-            connector=connector, timeout=timeout, headers=self._headers
-        ) as session:
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    return await self._follow(session, resolver, url)
-            except TimeoutError as exc:
-                raise FetchFailed(f"timed out after {self.timeout_s:g} s") from exc
-            except aiohttp.ClientError as exc:
-                raise FetchFailed(f"cannot fetch: {type(exc).__name__}") from exc
+    async def pin(self, url: str, resolver: PinnedResolver) -> URL:
+        """`url` parsed and checked, its host's checked addresses pinned in `resolver`;
+        connect to the URL returned, through `pinned_session(resolver)`."""
+        target = _parse(url)  # one parse, for the check and the connection alike
+        host, addresses = await self.check(target)
+        resolver.pins[host] = addresses
+        return target
 
     async def check(self, url: str | URL) -> tuple[str, list[str]]:
         """The URL's host and the addresses it may be reached at; FetchRefused if none."""
@@ -207,11 +209,14 @@ class ImageFetcher:
         if not host:
             raise FetchRefused("no host in the URL")
         allowed = host in self.allow_hosts
-        if parts.scheme == "http" and not allowed:
-            raise FetchRefused(f"http to {host} (only https, or http to allow-listed hosts)")
-        if parts.scheme not in ("http", "https"):
+        secure, plain = self.secure, self.plain
+        if parts.scheme == plain and host not in self.plain_hosts:
+            raise FetchRefused(
+                f"{plain} to {host} (only {secure}, or {plain} to allow-listed hosts)"
+            )
+        if parts.scheme not in (plain, secure):
             raise FetchRefused(f"scheme {parts.scheme or '(none)'} is not fetched")
-        port = port or (443 if parts.scheme == "https" else 80)
+        port = port or (443 if parts.scheme == secure else 80)
         addresses = [host] if _is_ip(host) else await self._addresses(host, port)
         if not allowed:
             inside = [a for a in addresses if not address_is_public(a)]
@@ -230,13 +235,46 @@ class ImageFetcher:
             raise FetchFailed(f"{host} has no address")
         return addresses
 
+
+class ImageFetcher:
+    """Downloads images under the SSRF rules, the size cap and a timeout."""
+
+    def __init__(
+        self,
+        *,
+        allow_hosts: Collection[str] = (),
+        max_bytes: int = 10 * 1024 * 1024,
+        timeout_s: float = 30.0,
+        connect_timeout_s: float = 10.0,
+        max_redirects: int = 5,
+        resolve: Resolve = system_resolve,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.guard = URLGuard(allow_hosts=allow_hosts, resolve=resolve)
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.max_redirects = max_redirects
+        self._headers = headers or {}
+
+    async def fetch(self, url: str) -> Fetched:
+        """The image at `url`; FetchRefused, FetchTooLarge or FetchFailed otherwise."""
+        resolver = PinnedResolver()
+        timeout = aiohttp.ClientTimeout(sock_connect=self.connect_timeout_s)
+        async with pinned_session(resolver, timeout=timeout, headers=self._headers) as session:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    return await self._follow(session, resolver, url)
+            except TimeoutError as exc:
+                raise FetchFailed(f"timed out after {self.timeout_s:g} s") from exc
+            except aiohttp.ClientError as exc:
+                raise FetchFailed(f"cannot fetch: {type(exc).__name__}") from exc
+
     async def _follow(
-        self, session: aiohttp.ClientSession, resolver: _PinnedResolver, url: str
+        self, session: aiohttp.ClientSession, resolver: PinnedResolver, url: str
     ) -> Fetched:
         for _ in range(self.max_redirects + 1):
-            target = _parse(url)  # one parse, for the check and the connection alike
-            host, addresses = await self.check(target)
-            resolver.pins[host] = addresses
+            target = await self.guard.pin(url, resolver)
             async with session.get(target, allow_redirects=False) as response:
                 if response.status in _REDIRECTS:
                     location = response.headers.get("Location")

@@ -23,6 +23,13 @@ Decisions the notes leave open:
   `websocket_request_id`, as the notes show, when the request was accepted but the turn did
   not finish; it is best-effort (5 s, failures logged).
 - `reset` is a no-op: the notes show no call that deletes or hides a conversation.
+- The sockets are named by the server, so they pass §8's fetch rules first (`URLGuard`):
+  `wss`, or `ws` to a BRIDGE_FETCH_ALLOW_HOSTS host or to the configured base URL's host
+  when that is `http` itself; a host
+  neither of those must resolve to public addresses only, and the socket is opened to the
+  addresses checked (a pinned resolver: a second DNS answer cannot point it inside the
+  network). A refused URL is skipped as an unreachable one is, and when none is left the
+  turn fails as unavailable (not as an answer to rephrase: the question is not the cause).
 - A stored conversation the server no longer has (deleted in the web UI, or another
   account's token) answers `404 {"detail": {"message": "Conversation not found", "code":
   "conversation_not_found"}}` (older servers: `{"detail": "Conversation not found"}`), as
@@ -45,6 +52,7 @@ from typing import Any
 
 import aiohttp
 import structlog
+from yarl import URL
 
 from adapters.upstream._common import (
     as_failure,
@@ -64,6 +72,7 @@ from bridge.events import (
     TextReplace,
     UpstreamError,
 )
+from bridge.fetch import FetchFailed, FetchRefused, PinnedResolver, URLGuard, pinned_session
 from bridge.http import (
     UpstreamBroken,
     UpstreamFailure,
@@ -225,6 +234,16 @@ class ChatGPTWebUpstream:
         self._headers = {**self._auth, "Accept": "text/event-stream"}
         self._model = settings.chatgpt_model
         self._new_id = new_id
+        base = URL(self._base)
+        base_host = base.raw_host or ""
+        # The configured host takes `ws` only where the operator chose plain http for it: a
+        # server named over https does not get the socket's token sent in the clear.
+        plain_base = {base_host} if base.scheme == "http" else set()
+        self._sockets = URLGuard(
+            allow_hosts={*settings.fetch_allow_hosts, base_host},
+            plain_hosts={*settings.fetch_allow_hosts, *plain_base},
+            schemes=("wss", "ws"),
+        )
 
     def _body(self, turn: Turn, message_id: str, request_id: str) -> dict[str, Any]:
         conversation = turn.conversation or {}
@@ -300,14 +319,16 @@ class ChatGPTWebUpstream:
     ) -> AsyncGenerator[Event, None]:
         """The answer's events from the socket, read as an SSE stream is (`relay`: the end
         marker, errors, a message that cannot be read)."""
-        ws = await self._connect(hub)
-        try:
-            messages = self._messages(ws, request_id)
-            async with aclosing(relay(messages, parser, upstream=self.name)) as events:
-                async for event in events:
-                    yield event
-        finally:
-            await ws.close()
+        resolver = PinnedResolver()
+        async with pinned_session(resolver, headers=self._http.session.headers) as session:
+            ws = await self._connect(session, resolver, hub)
+            try:
+                messages = self._messages(ws, request_id)
+                async with aclosing(relay(messages, parser, upstream=self.name)) as events:
+                    async for event in events:
+                        yield event
+            finally:
+                await ws.close()
 
     async def _messages(
         self, ws: aiohttp.ClientWebSocketResponse, request_id: str
@@ -318,8 +339,10 @@ class ChatGPTWebUpstream:
         while True:
             message = await self._receive(ws, deadline)
             if message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
-                frame = message.data if isinstance(message.data, str) else (
-                    bytes(message.data).decode("utf-8", errors="replace")
+                frame = (
+                    message.data
+                    if isinstance(message.data, str)
+                    else bytes(message.data).decode("utf-8", errors="replace")
                 )
                 for payload in frame_payloads(frame, decoder, request_id):
                     yield SSEEvent(payload)
@@ -329,17 +352,23 @@ class ChatGPTWebUpstream:
                 return
             raise UpstreamBroken(f"socket closed: {message.type.name} {ws.close_code}")
 
-    async def _connect(self, hub: Mapping[str, Any]) -> aiohttp.ClientWebSocketResponse:
-        urls = [u for u in (hub.get("wss_url"), hub.get("fallback_wss_url")) if u]
+    async def _connect(
+        self, session: aiohttp.ClientSession, resolver: PinnedResolver, hub: Mapping[str, Any]
+    ) -> aiohttp.ClientWebSocketResponse:
+        urls = [str(u) for u in (hub.get("wss_url"), hub.get("fallback_wss_url")) if u]
         failure: UpstreamFailure = UpstreamProtocolError("answer names no wss_url")
         for url in urls:
             try:
                 return await asyncio.wait_for(
-                    self._http.session.ws_connect(
-                        str(url), timeout=aiohttp.ClientWSTimeout(ws_close=SOCKET_CLOSE_TIMEOUT_S)
-                    ),
+                    self._open_socket(session, resolver, url),
                     self._http.connect_timeout_s or None,
                 )
+            except FetchRefused as exc:
+                failure = UpstreamUnavailable(f"the socket is refused: {exc.reason}")
+                log.warning("chatgpt_socket_refused", reason=exc.reason, url=clip(url, 300))
+                continue
+            except FetchFailed as exc:  # its host does not resolve
+                failure = UpstreamUnavailable(f"cannot reach the socket: {exc.reason}")
             except aiohttp.WSServerHandshakeError as exc:
                 failure = error_for_status(exc.status, exc.message, exc.headers or {})
                 if isinstance(failure, UpstreamNotFound):  # the answer's socket, not a setting
@@ -348,6 +377,14 @@ class ChatGPTWebUpstream:
                 failure = UpstreamUnavailable(f"cannot reach the socket: {type(exc).__name__}")
             log.warning("chatgpt_socket_unreachable", error=failure.message)
         raise failure
+
+    async def _open_socket(
+        self, session: aiohttp.ClientSession, resolver: PinnedResolver, url: str
+    ) -> aiohttp.ClientWebSocketResponse:
+        """The socket at `url`, once the fetch rules allow it, at the addresses checked."""
+        target = await self._sockets.pin(url, resolver)
+        timeout = aiohttp.ClientWSTimeout(ws_close=SOCKET_CLOSE_TIMEOUT_S)
+        return await session.ws_connect(target, timeout=timeout)
 
     async def _receive(
         self, ws: aiohttp.ClientWebSocketResponse, deadline: float
@@ -362,7 +399,10 @@ class ChatGPTWebUpstream:
     async def _stop(self, request_id: str) -> None:
         body = {"websocket_request_id": request_id}
         await request_stop(
-            self._http, f"{self._base}/stop_conversation", upstream=self.name, json=body,
+            self._http,
+            f"{self._base}/stop_conversation",
+            upstream=self.name,
+            json=body,
             headers=self._auth,
         )
 

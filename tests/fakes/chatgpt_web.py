@@ -83,8 +83,10 @@ class FakeChatGPT(ScriptedFake):
     silence until the client closes), `hub` (frames in the base64 `http.response.body`
     envelope). `wss_target`: `ok`, or `dead` (the `wss_url` refuses connections, only
     `fallback_wss_url` works), `all_dead` (both refuse), `all_gone` (both answer the
-    handshake 404). `edit_frames`, when set, changes the text frames the socket sends
-    (after any envelope).
+    handshake 404), `inside` (the `wss_url` is the good socket named through `localhost`,
+    a loopback host that is not the configured one; the fallback is the good one),
+    `all_inside` (both are). `edit_frames`, when set, changes the text frames the socket
+    sends (after any envelope).
     """
 
     def __init__(self, seed: int = 0) -> None:
@@ -137,13 +139,22 @@ class FakeChatGPT(ScriptedFake):
             return await self.sse(sse_payloads(payloads))(request)
         request_id = body["websocket_request_id"]
         self.payloads_by_request[request_id] = payloads
-        good = f"{self.server.url.replace('http://', 'ws://')}{WS}?access_token=jwt&rid={request_id}"
+        own = self.server.url.replace("http://", "ws://")
+        good = f"{own}{WS}?access_token=jwt&rid={request_id}"
         dead = f"ws://127.0.0.1:{free_port()}{WS}?access_token=jwt"
-        if self.wss_target == "all_gone":  # both answer the handshake 404: expired
-            dead = f"{self.server.url.replace('http://', 'ws://')}/expired-socket"
+        gone = f"{own}/expired-socket"  # answers the handshake 404: expired
+        inside = good.replace("//127.0.0.1:", "//localhost:")
+        wss_url, fallback_wss_url = {
+            "ok": (good, good),
+            "dead": (dead, good),
+            "all_dead": (dead, dead),
+            "all_gone": (gone, gone),
+            "inside": (inside, good),
+            "all_inside": (inside, inside),
+        }[self.wss_target]
         return web.json_response({
-            "wss_url": good if self.wss_target == "ok" else dead,
-            "fallback_wss_url": dead if self.wss_target.startswith("all_") else good,
+            "wss_url": wss_url,
+            "fallback_wss_url": fallback_wss_url,
             "expires_at": "2024-06-16T08:09:39.172404+00:00",
             "conversation_id": body.get("conversation_id") or CONVERSATION_ID,
             "response_id": "8948f9bac9347964-NRT",

@@ -642,6 +642,7 @@ async def test_a_chatgpt_socket_failing_midway_shows_what_arrived_then_one_notic
 
 @pytest.mark.parametrize(("target", "notice", "kind", "edit"), [
     pytest.param("all_dead", "upstream_unavailable", "unavailable", None, id="unreachable"),
+    pytest.param("all_inside", "upstream_unavailable", "unavailable", None, id="refused"),
     pytest.param("ok", "empty_answer", None,
                  lambda frames: [json.dumps(_chatgpt_message("", final=True)), "[DONE]"],
                  id="empty"),

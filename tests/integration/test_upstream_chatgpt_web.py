@@ -12,6 +12,7 @@ from contextlib import aclosing
 from dataclasses import replace
 
 import pytest
+from structlog.testing import capture_logs
 
 from bridge.events import Done, ErrorKind, Event, TextDelta, UpstreamError
 from bridge.http import (
@@ -121,15 +122,52 @@ async def test_websocket_answer_exact(
     assert len(fake.server.on(WS)) == 1
 
 
-@pytest.mark.parametrize("wss_target", ["all_dead", "all_gone"])
+@pytest.mark.parametrize("wss_target", ["all_dead", "all_gone", "all_inside"])
 async def test_no_socket_reachable_is_unavailable(
     fake: FakeChatGPT, http: UpstreamHTTP, wss_target: str
 ) -> None:
     """Refused, or gone (a 404 to the handshake): the sockets are the answer's, not a
-    setting's, so a 404 there is no misconfiguration to report (`not_found`)."""
+    setting's, so a 404 there is no misconfiguration to report (`not_found`). Sockets the
+    fetch rules refuse are not connected to, and fail the same way."""
     fake.answer_mode, fake.wss_target = "ws", wss_target
     with pytest.raises(UpstreamUnavailable):
         await collect(connect(http, fake.env()), turn())
+
+
+def socket_hosts(fake: FakeChatGPT) -> list[str]:
+    """The host each socket the fake saw was opened to."""
+    return [request.headers["Host"] for request in fake.server.on(WS)]
+
+
+async def test_a_socket_on_another_inside_host_is_refused_and_the_fallback_used(
+    fake: FakeChatGPT, http: UpstreamHTTP
+) -> None:
+    """The `wss_url` names the fake's own socket through `localhost`: it would answer, but
+    it is `ws` to a loopback host that is neither the configured one (127.0.0.1) nor
+    allow-listed, so the bridge does not connect; the fallback, on the configured host, is
+    used. The refusal is logged, with the URL's token masked."""
+    fake.answer_mode, fake.wss_target = "ws", "inside"
+    with capture_logs() as logs:
+        events = await collect(connect(http, fake.env()), turn())
+    assert answer_text(events) == ANSWER
+    assert socket_hosts(fake) == [fake.server.url.removeprefix("http://")]
+    (refused,) = [line for line in logs if line["event"] == "chatgpt_socket_refused"]
+    assert refused["log_level"] == "warning"
+    assert refused["reason"].startswith("ws to localhost")
+    assert refused["url"].startswith("ws://localhost:") and "access_token=***" in refused["url"]
+    assert not [line for line in logs if line["event"] == "chatgpt_socket_unreachable"]
+
+
+async def test_a_socket_on_an_allow_listed_host_is_used(
+    fake: FakeChatGPT, http: UpstreamHTTP
+) -> None:
+    fake.answer_mode, fake.wss_target = "ws", "inside"
+    env = fake.env(BRIDGE_FETCH_ALLOW_HOSTS="localhost")
+    with capture_logs() as logs:
+        events = await collect(connect(http, env), turn())
+    assert answer_text(events) == ANSWER
+    assert socket_hosts(fake) == [fake.server.url.replace("http://127.0.0.1", "localhost")]
+    assert not [line for line in logs if line["event"].startswith("chatgpt_socket")]
 
 
 async def test_socket_dropped_is_broken(fake: FakeChatGPT, http: UpstreamHTTP) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 from collections.abc import AsyncIterator
 
 import pytest
@@ -17,6 +18,8 @@ from bridge.fetch import (
     FetchRefused,
     FetchTooLarge,
     ImageFetcher,
+    PinnedResolver,
+    URLGuard,
     address_is_public,
     sniff_image_type,
 )
@@ -143,6 +146,46 @@ async def test_the_connection_goes_to_the_checked_address(images: FakeImages) ->
     assert fetched.data == png("dog")
     assert calls == ["pinned.test"]
     assert images.server.requests[0].headers["Host"] == f"pinned.test:{port}"
+
+
+@pytest.mark.parametrize(
+    ("url", "refused"),
+    [
+        ("wss://hub.example/socket", None),  # public
+        ("ws://inside.test:8080/socket", None),  # allow-listed: ws, and a private address
+        ("wss://metadata.example/socket", "non-public address (169.254.169.254)"),
+        ("ws://hub.example/socket", "ws to hub.example (only wss"),
+        ("https://hub.example/socket", "scheme https"),
+        ("wss://base.test/socket", None),  # the configured host: any address
+        ("ws://base.test/socket", "ws to base.test (only wss"),  # but not in the clear
+    ],
+)
+async def test_socket_urls_follow_the_rules_with_their_own_schemes(
+    url: str, refused: str | None
+) -> None:
+    """The guard of the sockets an upstream names (`wss`, `ws` only to allowed hosts):
+    what it allows is pinned to the addresses it checked; what it refuses, not at all."""
+    addresses = {
+        "hub.example": ["93.184.216.34"],
+        "metadata.example": ["169.254.169.254"],
+        "inside.test": ["10.0.0.8"],
+        "base.test": ["10.0.0.9"],
+    }
+
+    async def resolve(host: str, port: int) -> list[str]:
+        return addresses[host]
+
+    guard = URLGuard(allow_hosts={"inside.test", "base.test"}, plain_hosts={"inside.test"},
+                     resolve=resolve, schemes=("wss", "ws"))  # fmt: skip
+    resolver = PinnedResolver()
+    if refused is not None:
+        with pytest.raises(FetchRefused, match=re.escape(refused)):
+            await guard.pin(url, resolver)
+        assert resolver.pins == {}
+        return
+    target = await guard.pin(url, resolver)
+    assert str(target) == url
+    assert resolver.pins == {target.host: addresses[target.host or ""]}
 
 
 async def test_a_redirect_is_checked_again(images: FakeImages) -> None:
