@@ -21,7 +21,12 @@ from urllib.parse import quote, unquote
 
 import aiohttp
 
-from bridge.http import UpstreamProtocolError, parse_retry_after, read_text
+from bridge.http import (
+    UpstreamProtocolError,
+    UpstreamRedirectRefused,
+    parse_retry_after,
+    read_text,
+)
 from bridge.logging import clip, register_issued_secret
 
 __all__ = ["YachAPI", "YachAPIError", "robot_sign", "signed_robot_url", "verify_sign"]
@@ -248,6 +253,8 @@ class YachAPI:
                 text = await read_text(resp)  # at most 1 MiB: Yach's answers are a few bytes
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise YachAPIError(f"cannot reach Yach: {type(exc).__name__}") from exc
+        except UpstreamRedirectRefused as exc:
+            raise YachAPIError(f"cannot reach Yach: {exc.message}") from exc
         except UpstreamProtocolError as exc:
             raise YachAPIError(f"HTTP {status}: {exc}") from exc
         try:

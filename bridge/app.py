@@ -31,7 +31,7 @@ from bridge.access import Refusals, require_permissions
 from bridge.commands import Commands
 from bridge.compose import FlushPolicy
 from bridge.config import ConfigError, Settings
-from bridge.http import UpstreamHTTP
+from bridge.http import UpstreamHTTP, upstream_session
 from bridge.images import ImagePipeline
 from bridge.inbox import Accepted, Inbox
 from bridge.intake import Verdict, judge
@@ -161,7 +161,7 @@ async def _stop_started(starting: asyncio.Future[tuple[str, EmbeddedRedis | None
 async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
     bridge = app[STATE]
     settings = bridge.settings
-    session = aiohttp.ClientSession(
+    session = upstream_session(
         connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
         headers={"User-Agent": f"chatbridge/{__version__}"},
         json_serialize=jsontext.dumps,  # every request body: the upstream's, Yach's

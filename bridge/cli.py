@@ -408,15 +408,13 @@ async def _check_upstream(settings: Settings, *, ask: bool) -> int:
 
     from adapters.upstream import create_upstream
     from bridge.events import Done, ErrorKind, TextDelta, UpstreamError
-    from bridge.http import UpstreamFailure, UpstreamHTTP
+    from bridge.http import UpstreamFailure, UpstreamHTTP, upstream_session
     from bridge.interfaces import Turn
 
     name = settings.upstream
     text = ""
     failure: tuple[str, str] | None = None
-    async with aiohttp.ClientSession(
-        headers={"User-Agent": f"chatbridge/{__version__}"}
-    ) as session:
+    async with upstream_session(headers={"User-Agent": f"chatbridge/{__version__}"}) as session:
         http = UpstreamHTTP(
             session,
             connect_timeout_s=settings.upstream_connect_timeout_s,

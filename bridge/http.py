@@ -2,7 +2,8 @@
 
 Retries happen only before the first streamed byte: `open` retries the request until it has
 a good status, and once a response is handed to the caller nothing is retried (a stream
-that breaks midway is reported, never silently restarted — SPEC §6).
+that breaks midway is reported, never silently restarted — SPEC §6). Redirects are followed
+within their origin only (`upstream_session`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import aiohttp
+from aiohttp import hdrs
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -25,6 +27,7 @@ from tenacity import (
     stop_after_attempt,
     wait_random_exponential,
 )
+from yarl import URL
 
 from bridge.events import ErrorKind
 from bridge.logging import clip
@@ -41,6 +44,7 @@ __all__ = [
     "UpstreamNotFound",
     "UpstreamProtocolError",
     "UpstreamRateLimited",
+    "UpstreamRedirectRefused",
     "UpstreamRejected",
     "UpstreamTimeout",
     "UpstreamUnavailable",
@@ -52,6 +56,7 @@ __all__ = [
     "parse_retry_after",
     "read_text",
     "reported_kind",
+    "upstream_session",
 ]
 
 # What an answer that should have been an event stream and is not says: the typed error of
@@ -63,6 +68,7 @@ MAX_RETRY_AFTER_S = 60.0
 MAX_BODY_BYTES = 1 << 20  # a JSON answer longer than this is no answer an API gives
 _ERROR_BODY_CHARS = 300
 _QUOTED_BODY_BYTES = 1 << 16  # read of an error answer: more than is ever quoted of it
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})  # those aiohttp follows
 
 
 class UpstreamFailure(Exception):
@@ -112,6 +118,13 @@ class UpstreamNotFound(UpstreamRejected):
 
 class UpstreamProtocolError(UpstreamFailure):
     kind = ErrorKind.PROTOCOL
+
+
+class UpstreamRedirectRefused(UpstreamFailure):
+    """A redirect to another origin, not followed. Told as `unavailable` (the service is not
+    where the settings say); not retried: the same request is redirected the same way."""
+
+    kind = ErrorKind.UNAVAILABLE
 
 
 RETRYABLE = (UpstreamUnavailable, UpstreamRateLimited)
@@ -210,6 +223,50 @@ def reported_kind(status: int | None, *texts: object) -> ErrorKind:
         if any(marker in words for marker in markers):
             return kind
     return ErrorKind.REJECTED if status is None else _kind_of_status(status)
+
+
+def upstream_session(**options: Any) -> aiohttp.ClientSession:
+    """The client session of upstream and Yach API calls (`options` as aiohttp takes them):
+    its requests follow a redirect only within their origin."""
+    return aiohttp.ClientSession(middlewares=(refuse_cross_origin_redirects,), **options)
+
+
+async def refuse_cross_origin_redirects(
+    request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+) -> aiohttp.ClientResponse:
+    """aiohttp's middleware, run for each hop: a redirect to another origin (scheme, host,
+    port) fails the request with `UpstreamRedirectRefused`; within the origin aiohttp follows
+    it, `max_redirects` times at most.
+
+    aiohttp strips only `Authorization` and cookies from a request that leaves its origin:
+    HiAgent's `x-csrf-token`, an api-key header, a token in the body or one the `Location`
+    repeats in its query went along to whatever host a redirect named."""
+    response = await handler(request)
+    location = response.headers.get(hdrs.LOCATION) or response.headers.get(hdrs.URI)
+    if response.status not in _REDIRECT_STATUSES or location is None:
+        return response
+    target = _resolved(request.url, location)
+    if target is None or _origin(target) != _origin(request.url):
+        response.close()
+        where = "an unreadable address" if target is None else str(target.origin())
+        raise UpstreamRedirectRefused(  # (the origin alone: a query may hold a token)
+            f"HTTP {response.status}: a redirect to another origin ({where}), not followed",
+            status=response.status,
+        )
+    return response
+
+
+def _resolved(base: URL, location: str) -> URL | None:
+    """The absolute URL a `Location` names (resolved as aiohttp resolves it); None if none."""
+    try:
+        target = base.join(URL(location))
+    except ValueError:
+        return None
+    return target if target.absolute and target.host else None
+
+
+def _origin(url: URL) -> tuple[str, str | None, int | None]:
+    return url.scheme, url.host, url.port  # (`port`: the scheme's default when none is given)
 
 
 def _wait_for_retry(base: wait_random_exponential) -> Any:
@@ -613,4 +670,4 @@ async def _read_text_quietly(response: aiohttp.ClientResponse) -> str:
 
 
 def _host(url: str) -> str:
-    return aiohttp.client.URL(url).host or url
+    return URL(url).host or url

@@ -4,7 +4,8 @@
 them (under the SSRF guard of `bridge.fetch`) and hands them over as base64 data URLs; `ocr`
 transcribes each with an OpenAI-compatible vision model (temperature 0, a fixed prompt);
 `autocut+ocr` first splits a paper into question crops with the autocut API, reads the
-crops from the URLs it names (through the same guard) and transcribes each. Transcripts
+crops from the URLs it names (through the same guard; `MAX_CROPS` of a paper at most) and
+transcribes each. Transcripts
 become the question, after the user's own text; with autocut, each is labelled with its
 question id, in order.
 """
@@ -30,7 +31,7 @@ from bridge.logging import clip
 from bridge.messages import Catalogue
 from bridge.relay import PreparedInput
 
-__all__ = ["MAX_IMAGES", "OCR_PROMPT", "OCR_SYSTEM_PROMPT", "Crop", "ImagePipeline"]
+__all__ = ["MAX_CROPS", "MAX_IMAGES", "OCR_PROMPT", "OCR_SYSTEM_PROMPT", "Crop", "ImagePipeline"]
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +46,9 @@ OCR_CONCURRENCY = 4  # crops of one paper transcribed at once
 # Images fetched for one message: each may be BRIDGE_MAX_IMAGE_BYTES and all are held at
 # once, so `image::URL::` markers, bounded only by the webhook body, must be counted.
 MAX_IMAGES = 5
+# Question crops read of one paper: the seed's paper has 14 questions, so twice that and
+# more is no paper but an autocut API gone wrong (each crop costs a fetch and an OCR call).
+MAX_CROPS = 30
 _T = TypeVar("_T")
 
 
@@ -112,10 +116,7 @@ class ImagePipeline:
         if self.mode == "ocr":
             transcripts = await _gather_bounded([partial(self._ocr, i) for i in images])
             return PreparedInput(_question(text, transcripts))
-        sections: list[str] = []
-        for image in images:
-            sections += await self._autocut_and_ocr(image)
-        return PreparedInput(_question(text, sections))
+        return PreparedInput(_question(text, await self._autocut_and_ocr(images)))
 
     # Steps
 
@@ -129,8 +130,19 @@ class ImagePipeline:
             log.warning("image_fetch_failed", **describe(exc))
             raise _Refusal("image_failed") from exc
 
-    async def _autocut_and_ocr(self, paper: Fetched) -> list[str]:
-        crops = await self._autocut(paper)
+    async def _autocut_and_ocr(self, papers: Sequence[Fetched]) -> list[str]:
+        """The labelled transcripts of every paper's crops, `MAX_CROPS` of each at most."""
+        cuts = [await self._autocut(paper) for paper in papers]
+        named = sum(len(crops) for crops in cuts)
+        kept = [crops[:MAX_CROPS] for crops in cuts]
+        if (read := sum(len(crops) for crops in kept)) < named:
+            log.warning("autocut_crops_capped", crops=named, read=read, cap=MAX_CROPS)
+        sections: list[str] = []
+        for paper, crops in zip(papers, kept, strict=True):
+            sections += await self._read_paper(paper, crops)
+        return sections
+
+    async def _read_paper(self, paper: Fetched, crops: Sequence[Crop]) -> list[str]:
         if not crops:  # not a paper of questions: read the whole image
             return [await self._ocr(paper)]
         transcripts = await _gather_bounded([partial(self._read_crop, crop) for crop in crops])

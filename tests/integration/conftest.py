@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 import structlog
 
-from bridge.http import UpstreamHTTP
+from bridge.http import UpstreamHTTP, upstream_session
 from bridge.sessions import Sessions
 from bridge.store import Keys, connect
 from tests.fakes.openai import FakeOpenAI, SilentMidway
@@ -23,7 +23,8 @@ from tests.procs import RedisServer, Spawner
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     # No cookie jar: the session is shared by every adapter, each carries its own cookies.
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client:
+    # Made as the bridge makes it: redirects followed within their origin only.
+    async with upstream_session(cookie_jar=aiohttp.DummyCookieJar()) as client:
         yield client
 
 

@@ -12,9 +12,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from bridge.config import load_settings
-from bridge.images import MAX_IMAGES, OCR_PROMPT, OCR_SYSTEM_PROMPT, ImagePipeline
+from bridge.images import MAX_CROPS, MAX_IMAGES, OCR_PROMPT, OCR_SYSTEM_PROMPT, ImagePipeline
 from bridge.inbox import Entry, EntryKind
 from bridge.interfaces import ImageInput, InboundMessage, Sender
 from bridge.messages import MESSAGES
@@ -211,6 +212,29 @@ async def test_autocut_then_ocr_of_each_question(redis_url: str, bot_id: str, ya
         "第 2 题：\n2. 解方程 $x^2=4$。\n\n"
         "第 3 题：\n3. 化简 $\\frac{2}{4}$。"
     )
+    assert yach.texts() == ["Answered."]
+
+
+async def test_autocut_naming_too_many_crops_is_read_up_to_the_cap(
+    redis_url: str, bot_id: str, yach: FakeYach, upstream: FakeOpenAI, images: FakeImages,
+    ocr: FakeOCR, autocut: FakeAutocut, redis_client: object
+) -> None:
+    autocut.question_ids = list(range(MAX_CROPS + 10, 0, -1))  # the first ones by id are kept
+    url = images.add("paper")
+    with capture_logs() as logs:
+        await run(env(redis_url, bot_id, yach, upstream, "autocut+ocr", **ocr_env(ocr),
+                      **ALLOW, BRIDGE_AUTOCUT_URL=autocut.url,
+                      BRIDGE_AUTOCUT_TOKEN=fake_autocut.TOKEN),
+                  yach, image_message(url))
+    kept = [f"paper-q{n}" for n in range(1, MAX_CROPS + 1)]
+    assert len(ocr.bodies) == MAX_CROPS and sorted(ocr.labels()) == sorted(kept)
+    assert sorted(autocut.crops_fetched()) == sorted(f"{label}.jpg" for label in kept)
+    assert f"第 {MAX_CROPS} 题" in question(upstream)
+    assert f"第 {MAX_CROPS + 1} 题" not in question(upstream)
+    capped = [e for e in logs if e["event"] == "autocut_crops_capped"]
+    assert [(e["crops"], e["read"], e["cap"]) for e in capped] == [
+        (MAX_CROPS + 10, MAX_CROPS, MAX_CROPS)
+    ]
     assert yach.texts() == ["Answered."]
 
 
