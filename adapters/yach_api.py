@@ -259,7 +259,7 @@ class YachAPI:
             raise YachAPIError(f"HTTP {status}: {exc}") from exc
         try:
             payload = json.loads(text) if text else {}
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # (the latter: `[[[…` too deep)
             payload = None
         if not check and status == 200 and isinstance(payload, dict):
             return payload

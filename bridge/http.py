@@ -208,7 +208,7 @@ def failure_of(
 def http_status(value: object) -> int | None:
     """A status an upstream states in a body (`"status": 429`, LiteLLM's `"code": "429"`),
     when it is an HTTP error status; None for anything else (Coze's `4013`, Yach's `40014`)."""
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isdecimal():  # (`isdigit` takes "²": no int)
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599:
         return value
@@ -566,7 +566,7 @@ class UpstreamHTTP:
             text = await read_text(response)
         try:
             return json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:  # (the latter: `[[[…` too deep)
             raise UpstreamProtocolError(f"not JSON: {clip(text, _ERROR_BODY_CHARS)}") from exc
 
     async def sse(self, method: str, url: str, **kwargs: Any) -> AsyncIterator[SSEEvent]:

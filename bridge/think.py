@@ -67,17 +67,12 @@ class ThinkSplitter:
     def replace(self, text: str) -> list[Event]:
         """A replacement of the whole answer so far (Dify `message_replace`) repeats its
         leading `<think>` block, if it had one: that is reasoning there too, not answer text.
-        What was held back is superseded; deltas that follow continue the replacement."""
-        stripped = text.lstrip()
-        if not stripped.startswith(_OPEN):
-            self._state, self._held = "answer", ""
-            return [TextReplace(text)]
-        end = stripped.find(_CLOSE, len(_OPEN))
-        if end < 0:  # still thinking: no answer text so far
-            self._state, self._held = "thinking", ""
-            return [TextReplace("")]
-        self._state, self._held = "answer", ""
-        return [TextReplace(stripped[end + len(_CLOSE) :].lstrip("\n"))]
+        What was held back is superseded; deltas that follow continue the replacement, read
+        as if it had come as the part's first delta (a tag cut at its end is held, the line
+        breaks after `</think>` are skipped), its reasoning dropped as a repeat."""
+        self.reset()
+        answer = [event.text for event in self.feed(text) if isinstance(event, TextDelta)]
+        return [TextReplace("".join(answer))]
 
     def flush(self) -> list[Event]:
         """End of the part: whatever is held back is what it looked like."""

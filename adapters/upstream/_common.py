@@ -38,6 +38,7 @@ __all__ = [
     "is_done",
     "is_error_report",
     "json_object",
+    "json_value",
     "recover_gone_conversation",
     "relay",
     "reported_error",
@@ -52,8 +53,9 @@ STOP_TIMEOUT_S = 5.0  # how long a stop request may hold up the end of a stopped
 _SHOWN_CHARS = 300  # how much of an upstream's payload goes into a log message
 _ENDS = (Done, UpstreamError)
 _SUCCESS_CODES = (0, 200, "0", "200", "", None, "success")
-# What a parser raises on a message whose JSON holds other types than it reads.
-_UNEXPECTED_SHAPE = (AttributeError, LookupError, TypeError, ValueError)
+# What a parser raises on a message whose JSON holds other types than it reads, or values
+# nested so deep (orjson reads 1024 levels) that `str` of one runs out of Python's stack.
+_UNEXPECTED_SHAPE = (AttributeError, LookupError, TypeError, ValueError, RecursionError)
 
 
 class StreamParser(Protocol):
@@ -124,12 +126,19 @@ def is_done(data: str) -> bool:
     return "[DONE]" in data and data.strip() == "[DONE]"  # (no copy of every chunk's data)
 
 
-def json_object(data: str, *, upstream: str) -> dict[str, Any]:
-    """One JSON object from an upstream (older servers escape it as `\\uXXXX`: loads undoes it)."""
+def json_value(data: str, *, upstream: str) -> Any:
+    """One JSON value from an upstream (older servers escape it as `\\uXXXX`: loads undoes it).
+    JSON nested deeper than Python's stack (`[[[…`) is as unreadable as JSON that does not
+    parse: a RecursionError left to escape failed the entry with a traceback."""
     try:
-        value = json.loads(data)
-    except json.JSONDecodeError as exc:
+        return json.loads(data)
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise UpstreamProtocolError(f"{upstream}: not JSON: {clip(data, _SHOWN_CHARS)!r}") from exc
+
+
+def json_object(data: str, *, upstream: str) -> dict[str, Any]:
+    """One JSON object from an upstream, as `json_value` reads it."""
+    value = json_value(data, upstream=upstream)
     if not isinstance(value, dict):
         raise UpstreamProtocolError(f"{upstream}: not a JSON object: {clip(data, _SHOWN_CHARS)!r}")
     return value
@@ -152,7 +161,7 @@ def as_int(value: object) -> int | None:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isdecimal():  # (`isdigit` takes "²": no int)
         return int(value)
     return None
 

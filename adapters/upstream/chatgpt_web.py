@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
@@ -57,6 +56,7 @@ from yarl import URL
 from adapters.upstream._common import (
     as_failure,
     is_done,
+    json_value,
     recover_gone_conversation,
     relay,
     reported_error,
@@ -120,10 +120,7 @@ class ChatGPTParser:
         if is_done(data):
             self.finished = True
             return [Done()]
-        try:
-            payload = json.loads(data)
-        except json.JSONDecodeError as exc:
-            raise UpstreamProtocolError(f"bad message: {clip(data, 200)}") from exc
+        payload = json_value(data, upstream=NAME)
         if not isinstance(payload, dict):
             return []  # e.g. the `"v1"` announcing a delta encoding; nothing to show
         return self.feed_payload(payload)
@@ -201,8 +198,8 @@ def frame_payloads(frame: str, decoder: SSEDecoder, websocket_request_id: str) -
     envelopes of other requests sharing the socket are skipped.
     """
     try:
-        envelope = json.loads(frame)
-    except json.JSONDecodeError:
+        envelope = json_value(frame, upstream=NAME)
+    except UpstreamProtocolError:  # (not JSON: the parser refuses it as a message)
         return [frame]
     if not (isinstance(envelope, dict) and envelope.get("type") == "http.response.body"):
         return [frame]
@@ -424,10 +421,7 @@ def _conversation_gone(failure: UpstreamFailure | UpstreamError) -> bool:
 
 def _hub_answer(text: str) -> dict[str, Any]:
     """The JSON answer naming the socket; an error answer becomes a typed error."""
-    try:
-        payload = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UpstreamProtocolError(f"neither a stream nor JSON: {clip(text, 300)}") from exc
+    payload = json_value(text, upstream=NAME)
     if not isinstance(payload, dict):
         raise UpstreamProtocolError(f"unexpected answer: {clip(text, 300)}")
     if not payload.get("wss_url") and not payload.get("fallback_wss_url"):

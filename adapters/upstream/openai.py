@@ -16,9 +16,10 @@ from adapters.upstream._common import (
     relay,
     reported_error,
     require,
+    usage_from,
 )
 from bridge.config import Settings
-from bridge.events import Done, Event, ReasoningDelta, TextDelta, UpstreamError, Usage
+from bridge.events import Done, Event, ReasoningDelta, TextDelta, UpstreamError
 from bridge.http import UpstreamHTTP
 from bridge.interfaces import KeyValue, Turn
 from bridge.sse import SSEEvent
@@ -54,10 +55,8 @@ def parse_chunk(chunk: Mapping[str, Any]) -> list[Event]:
     usage = chunk.get("usage") or choice.get("usage")
     if usage is not None and isinstance(usage, Mapping):  # (no ABC check of every token's None)
         events.append(
-            Usage(
-                prompt_tokens=usage.get("prompt_tokens"),
-                completion_tokens=usage.get("completion_tokens"),
-                total_tokens=usage.get("total_tokens"),
+            usage_from(
+                usage, prompt="prompt_tokens", completion="completion_tokens", total="total_tokens"
             )
         )
     return events

@@ -41,7 +41,14 @@ from urllib.parse import quote
 
 import aiohttp
 
-from adapters.upstream._common import is_done, json_object, relay, reported_error, require
+from adapters.upstream._common import (
+    is_done,
+    json_object,
+    json_value,
+    relay,
+    reported_error,
+    require,
+)
 from adapters.yach_api import YachAPI, YachAPIError, check_answer
 from bridge.config import Settings
 from bridge.events import (
@@ -159,9 +166,9 @@ def _not_a_stream(status: int, text: str) -> UpstreamFailure:
     """Why the stream read answered something other than a stream: the failure its JSON
     reports (an invalid token, an overload: retried), else a protocol error."""
     try:
-        payload = json.loads(text)
+        payload = json_value(text, upstream=NAME)
         check_answer(status, payload, {})
-    except json.JSONDecodeError:
+    except UpstreamProtocolError:
         pass
     except YachAPIError as exc:
         return _answer_failure(exc, payload)

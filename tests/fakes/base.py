@@ -8,7 +8,7 @@ import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -79,6 +79,16 @@ class FakeServer:
         async with self._arrived:
             await asyncio.wait_for(self._arrived.wait_for(enough), timeout)
         return self.on(path) if path else list(self.requests)
+
+
+_Cut = TypeVar("_Cut", str, bytes)
+
+
+def chunked(whole: _Cut, cuts: Iterable[int]) -> list[_Cut]:
+    """`whole` cut at the given offsets, taken modulo its length (so that a property test
+    can draw any ints), as the reads or deltas it comes in."""
+    offsets: list[int] = sorted({cut % (len(whole) + 1) for cut in cuts})
+    return [whole[a:b] for a, b in zip([0, *offsets], [*offsets, len(whole)], strict=True)]
 
 
 def rechunk(data: bytes, rng: random.Random, max_size: int = 64) -> list[bytes]:

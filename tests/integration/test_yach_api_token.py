@@ -187,6 +187,25 @@ async def test_an_answer_that_does_not_end_is_refused_after_a_mebibyte(
     assert written < 16 * 1048576, written  # the rest was never asked for
 
 
+async def test_an_answer_nested_too_deep_is_no_json_object(
+    session: aiohttp.ClientSession,
+) -> None:
+    # JSON nested deeper than Python's stack raised RecursionError, not a YachAPIError
+    server = FakeServer(web.Application())
+
+    async def gettoken(request: web.Request) -> web.Response:
+        return web.Response(text="[" * 100_000, content_type="application/json")
+
+    server.app.router.add_get("/gettoken", gettoken)
+    await server.start()
+    try:
+        client = YachAPI(session, server.url, APP_KEY, APP_SECRET)
+        with pytest.raises(YachAPIError, match="not a JSON object"):
+            await client.access_token()
+    finally:
+        await server.close()
+
+
 async def test_a_host_that_drops_packets_fails_the_call_at_the_connect_timeout(
     session: aiohttp.ClientSession,
 ) -> None:

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.sse import DEFAULT_MAX_LINE_BYTES, SSEDecoder, SSEEvent, SSELineTooLong
-from tests.fakes.base import FIXTURES
+from tests.fakes.base import FIXTURES, chunked
 
 FIXTURE_FILES = sorted(FIXTURES.glob("*.sse"))
 
@@ -434,18 +434,13 @@ def sse_streams(draw: st.DrawFn) -> bytes:
     return raw
 
 
-def _chunked(stream: bytes, cuts: list[int]) -> list[bytes]:
-    offsets = sorted({cut % (len(stream) + 1) for cut in cuts})
-    return [stream[a:b] for a, b in zip([0, *offsets], [*offsets, len(stream)], strict=True)]
-
-
 @settings(max_examples=250, deadline=None)
 @given(stream=sse_streams(), cuts=st.lists(st.integers(min_value=0), max_size=12))
 def test_property_any_rechunking_gives_the_reference_events(stream: bytes,
                                                             cuts: list[int]) -> None:
     expected = reference_events(stream)
     assert decode([stream]) == expected
-    assert decode(_chunked(stream, cuts)) == expected
+    assert decode(chunked(stream, cuts)) == expected
 
 
 @settings(max_examples=60, deadline=None)
@@ -639,7 +634,7 @@ def run_streams(draw: st.DrawFn) -> bytes:
 def test_property_runs_give_the_reference_events(stream: bytes, cuts: list[int]) -> None:
     expected = reference_events(stream)
     assert decode([stream]) == expected
-    assert decode(_chunked(stream, cuts)) == expected
+    assert decode(chunked(stream, cuts)) == expected
 
 
 def test_one_recording_handing_over_to_another() -> None:
@@ -701,4 +696,4 @@ def test_property_runs_in_many_reads_give_the_reference_events(stream: bytes,
                                                                cuts: list[int]) -> None:
     # many reads: what each read leaves pending (lines of an unfinished block, an unfinished
     # line) is read again with the next, through whichever path that read takes
-    assert decode(_chunked(stream, cuts)) == reference_events(stream)
+    assert decode(chunked(stream, cuts)) == reference_events(stream)
