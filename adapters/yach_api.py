@@ -27,7 +27,7 @@ from bridge.http import (
     parse_retry_after,
     read_text,
 )
-from bridge.logging import clip, register_issued_secret
+from bridge.logging import as_text, clip, clip_value, register_issued_secret
 
 __all__ = ["YachAPI", "YachAPIError", "robot_sign", "signed_robot_url", "verify_sign"]
 
@@ -138,10 +138,11 @@ def check_answer(status: int, payload: Any, headers: Mapping[str, str]) -> Any:
     ok = payload.get("code") in (200, "200") or payload.get("errcode") in (0, "0")
     if status == 200 and ok:
         return payload
-    message = str(payload.get("msg") or payload.get("errmsg") or payload.get("message") or "")
+    message = as_text(payload.get("msg") or payload.get("errmsg") or payload.get("message") or "")
     lowered = message.lower()
+    code = clip_value(payload.get("code", payload.get("errcode")), 100)
     raise YachAPIError(
-        f"HTTP {status}, code {payload.get('code', payload.get('errcode'))}: {clip(message, 200)}",
+        f"HTTP {status}, code {code}: {clip(message, 200)}",
         rate_limited=any(word in lowered for word in _RATE_LIMIT_WORDS),
         # HTTP 401 to a call made with the token can only be the token (whatever it says)
         invalid_token=status == 401
@@ -259,7 +260,8 @@ class YachAPI:
             raise YachAPIError(f"HTTP {status}: {exc}") from exc
         try:
             payload = json.loads(text) if text else {}
-        except (json.JSONDecodeError, RecursionError):  # (the latter: `[[[…` too deep)
+        # (`[[[…` too deep; ValueError, JSONDecodeError's base: an int past 4300 digits)
+        except (ValueError, RecursionError):
             payload = None
         if not check and status == 200 and isinstance(payload, dict):
             return payload

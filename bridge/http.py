@@ -30,7 +30,7 @@ from tenacity import (
 from yarl import URL
 
 from bridge.events import ErrorKind
-from bridge.logging import clip
+from bridge.logging import as_text, clip
 from bridge.sse import SSEDecoder, SSEEvent, SSELineTooLong
 from bridge.tasks import TaskGroup, cancel_requested
 
@@ -208,7 +208,8 @@ def failure_of(
 def http_status(value: object) -> int | None:
     """A status an upstream states in a body (`"status": 429`, LiteLLM's `"code": "429"`),
     when it is an HTTP error status; None for anything else (Coze's `4013`, Yach's `40014`)."""
-    if isinstance(value, str) and value.isdecimal():  # (`isdigit` takes "²": no int)
+    # (`isdigit` takes "²": no int; and `int` refuses over 4300 digits: a status has three)
+    if isinstance(value, str) and value.isdecimal() and len(value) == 3:
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599:
         return value
@@ -218,7 +219,7 @@ def http_status(value: object) -> int | None:
 def reported_kind(status: int | None, *texts: object) -> ErrorKind:
     """What an error an upstream reports itself means, from its words (its code, type and
     message, in `texts`), else from the HTTP status it states, else: a rejection."""
-    words = " ".join(str(text) for text in texts if text).lower()
+    words = " ".join(as_text(text) for text in texts if text).lower()
     for kind, markers in _KIND_WORDS:
         if any(marker in words for marker in markers):
             return kind
@@ -566,7 +567,8 @@ class UpstreamHTTP:
             text = await read_text(response)
         try:
             return json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:  # (the latter: `[[[…` too deep)
+        # (`[[[…` too deep; ValueError, JSONDecodeError's base: an int past 4300 digits)
+        except (ValueError, RecursionError) as exc:
             raise UpstreamProtocolError(f"not JSON: {clip(text, _ERROR_BODY_CHARS)}") from exc
 
     async def sse(self, method: str, url: str, **kwargs: Any) -> AsyncIterator[SSEEvent]:

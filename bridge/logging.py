@@ -38,7 +38,9 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 __all__ = [
     "MASK",
+    "as_text",
     "clip",
+    "clip_value",
     "configure_logging",
     "debug_enabled",
     "discard_output",
@@ -229,6 +231,23 @@ def clip(text: str, limit: int) -> str:
     answered. Cut first, a secret the answer echoes across the cut would leave its head behind,
     which masking (of whole values) no longer recognises."""
     return mask_text(text)[:limit]
+
+
+def clip_value(value: object, limit: int) -> str:
+    """`clip` of any value a server sent as JSON (a code, a message that is no string)."""
+    return clip(as_text(value), limit)
+
+
+def as_text(value: object) -> str:
+    """A JSON value as text: a string itself, anything else as `str` shows it; a list or
+    object nested deeper than `str` can recurse through (orjson reads 1024 levels) by its
+    type alone, not as a RecursionError that fails the entry with a traceback."""
+    if isinstance(value, str):
+        return value
+    try:
+        return str(value)
+    except RecursionError:
+        return f"<{type(value).__name__} nested too deep>"
 
 
 @functools.lru_cache(maxsize=4096)

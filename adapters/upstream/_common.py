@@ -23,7 +23,7 @@ from bridge.http import (
     reported_kind,
 )
 from bridge.interfaces import Turn
-from bridge.logging import clip
+from bridge.logging import clip, clip_value
 from bridge.sse import SSEEvent
 
 __all__ = [
@@ -51,6 +51,7 @@ log = structlog.get_logger(__name__)
 
 STOP_TIMEOUT_S = 5.0  # how long a stop request may hold up the end of a stopped turn
 _SHOWN_CHARS = 300  # how much of an upstream's payload goes into a log message
+_CODE_CHARS = 100  # how much of an error code it reports
 _ENDS = (Done, UpstreamError)
 _SUCCESS_CODES = (0, 200, "0", "200", "", None, "success")
 # What a parser raises on a message whose JSON holds other types than it reads, or values
@@ -128,11 +129,12 @@ def is_done(data: str) -> bool:
 
 def json_value(data: str, *, upstream: str) -> Any:
     """One JSON value from an upstream (older servers escape it as `\\uXXXX`: loads undoes it).
-    JSON nested deeper than Python's stack (`[[[…`) is as unreadable as JSON that does not
-    parse: a RecursionError left to escape failed the entry with a traceback."""
+    JSON nested deeper than Python's stack (`[[[…`), or with an integer of more digits than
+    `int` converts (4300), is as unreadable as JSON that does not parse: the RecursionError
+    or ValueError left to escape failed the entry with a traceback."""
     try:
         return json.loads(data)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # (ValueError: JSONDecodeError included)
         raise UpstreamProtocolError(f"{upstream}: not JSON: {clip(data, _SHOWN_CHARS)!r}") from exc
 
 
@@ -162,7 +164,10 @@ def as_int(value: object) -> int | None:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, str) and value.strip().isdecimal():  # (`isdigit` takes "²": no int)
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:  # more digits than `int` converts (4300)
+            return None
     return None
 
 
@@ -213,10 +218,12 @@ def reported_error(
     status = http_status(data.get("status")) or http_status(data.get("code"))
     if status in plain_statuses:
         status = None
-    label = f"{upstream} error" if code in (None, "") else f"{upstream} error {code}"
+    label = f"{upstream} error"
+    if code not in (None, ""):
+        label += f" {clip_value(code, _CODE_CHARS)}"
     return UpstreamError(
         kind=reported_kind(status, code, data.get("type"), text),
-        message=f"{label}: {clip(str(text), _SHOWN_CHARS)}",
+        message=f"{label}: {clip_value(text, _SHOWN_CHARS)}",
     )
 
 

@@ -74,7 +74,7 @@ class AimasterParser:
 
     def __init__(self) -> None:
         self._agent: str | None = None
-        self._usage_by_agent: dict[str, Mapping[str, Any]] = {}
+        self._usage_by_agent: dict[str, Usage] = {}
         self.finished = False
 
     def feed(self, message: SSEEvent) -> list[Event]:
@@ -93,12 +93,14 @@ class AimasterParser:
         agent_key = chunk.get("agent_id") or chunk.get("agent_name")
         if isinstance(agent_key, str) and agent_key and agent_key != self._agent:
             self._agent = agent_key
-            events.append(AgentSwitch(str(chunk.get("agent_name") or agent_key)))
-        usage = chunk.get("usage")
-        if isinstance(usage, Mapping):
-            self._usage_by_agent[self._agent or ""] = usage
+            name = chunk.get("agent_name")
+            events.append(AgentSwitch(name if isinstance(name, str) and name else agent_key))
         # The choice/delta part is plain OpenAI; its usage is the agent's running total.
-        events.extend(e for e in parse_chunk(chunk) if not isinstance(e, Usage))
+        for event in parse_chunk(chunk):
+            if isinstance(event, Usage):
+                self._usage_by_agent[self._agent or ""] = event
+            else:
+                events.append(event)
         return events
 
     def usage(self) -> Usage | None:
@@ -107,9 +109,9 @@ class AimasterParser:
             return None
         totals: dict[str, int | None] = {}
         for name in _USAGE_FIELDS:
-            counts = [u.get(name) for u in self._usage_by_agent.values()]
-            ints = [c for c in counts if isinstance(c, int)]
-            totals[name] = sum(ints) if ints else None
+            counts = [getattr(u, name) for u in self._usage_by_agent.values()]
+            known = [count for count in counts if count is not None]
+            totals[name] = sum(known) if known else None
         return Usage(**totals)
 
 

@@ -15,7 +15,7 @@ Decisions the notes leave open:
 - Several assistant messages in one turn (e.g. after a tool call) are joined with a blank
   line; a cumulative text that does not extend the previous one becomes a `TextReplace` of
   the whole answer. Messages addressed to a tool (`recipient` other than `all`) and
-  non-string parts are not answer text.
+  non-string parts are not answer text; `parts` that are no list are a protocol error.
 - A socket closed with a normal close code (1000/1001) ends the turn; a dropped connection
   or another close code is a broken stream. Frames in the hub envelope real servers use
   (`{"type": "http.response.body", "body": <base64 SSE>}`) are unwrapped too.
@@ -186,7 +186,11 @@ def _text_of(message: Mapping[str, Any]) -> str:
         return ""
     if content.get("content_type", "text") not in _TEXT_CONTENT_TYPES:
         return ""
-    parts = content.get("parts") or []
+    parts = content.get("parts")
+    if parts is None:
+        return ""
+    if not isinstance(parts, list):  # (iterated, a string's letters or a dict's keys were text)
+        raise UpstreamProtocolError(f"{NAME}: parts of a {type(parts).__name__}, not a list")
     return "".join(part for part in parts if isinstance(part, str))
 
 

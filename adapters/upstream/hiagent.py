@@ -41,7 +41,7 @@ from bridge.http import (
     read_text,
 )
 from bridge.interfaces import KeyValue, Turn
-from bridge.logging import clip, register_issued_secret
+from bridge.logging import clip_value, register_issued_secret
 from bridge.sse import SSEEvent
 
 __all__ = ["HiAgentParser", "HiAgentUpstream", "create", "inner_payloads"]
@@ -156,8 +156,9 @@ def _check_base_resp(data: Mapping[str, Any], path: str) -> None:
     """A failure reported in the body (`BaseResp` with a non-zero `StatusCode`)."""
     base_resp = data.get("BaseResp")
     if isinstance(base_resp, Mapping) and base_resp.get("StatusCode") not in (None, 0):
-        detail = clip(str(base_resp.get("StatusMessage") or "no message"), 300)
-        raise UpstreamRejected(f"hiagent {path}: {base_resp.get('StatusCode')}: {detail}")
+        code = clip_value(base_resp.get("StatusCode"), 100)
+        detail = clip_value(base_resp.get("StatusMessage") or "no message", 300)
+        raise UpstreamRejected(f"hiagent {path}: {code}: {detail}")
 
 
 class HiAgentUpstream:

@@ -119,7 +119,7 @@ class YachAgentParser:
         if error is not None:
             self.finished = True
             status = http_status(frame.get("code"))
-            return [UpstreamError(reported_kind(status, error), error)]
+            return [UpstreamError(reported_kind(status, error), clip(error, 300))]
         events: list[Event] = []
         if text and kind in _REASONING_TYPES:
             events.append(ReasoningDelta(text))

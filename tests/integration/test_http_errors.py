@@ -421,8 +421,11 @@ async def test_json_call_retried_and_parsed(upstream: Upstream, http: UpstreamHT
     assert upstream.hits("/api") == 2
 
 
-# (JSON nested deeper than Python's stack raised RecursionError, which escaped as a traceback)
-@pytest.mark.parametrize("body", ["<html>maintenance</html>", "[" * 100_000])
+# (JSON nested deeper than Python's stack raised RecursionError, an integer of more digits than
+# `int` converts a ValueError, which escaped as a traceback)
+@pytest.mark.parametrize(
+    "body", ["<html>maintenance</html>", "[" * 100_000, '{"code": ' + "1" * 5000 + "}"]
+)
 async def test_json_call_with_a_body_that_is_not_json(upstream: Upstream, http: UpstreamHTTP,
                                                       body: str) -> None:
     url = upstream.on("/api", status(200, body))

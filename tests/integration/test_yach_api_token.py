@@ -187,14 +187,16 @@ async def test_an_answer_that_does_not_end_is_refused_after_a_mebibyte(
     assert written < 16 * 1048576, written  # the rest was never asked for
 
 
-async def test_an_answer_nested_too_deep_is_no_json_object(
-    session: aiohttp.ClientSession,
+# JSON nested deeper than Python's stack raised RecursionError, not a YachAPIError; an integer
+# of more digits than `int` converts, a ValueError
+@pytest.mark.parametrize("body", ["[" * 100_000, '{"code": ' + "1" * 5000 + "}"])
+async def test_an_answer_json_cannot_read_is_no_json_object(
+    session: aiohttp.ClientSession, body: str
 ) -> None:
-    # JSON nested deeper than Python's stack raised RecursionError, not a YachAPIError
     server = FakeServer(web.Application())
 
     async def gettoken(request: web.Request) -> web.Response:
-        return web.Response(text="[" * 100_000, content_type="application/json")
+        return web.Response(text=body, content_type="application/json")
 
     server.app.router.add_get("/gettoken", gettoken)
     await server.start()

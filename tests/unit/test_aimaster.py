@@ -67,6 +67,18 @@ def test_agents_text_reasoning_and_usage_summed_over_agents() -> None:
     assert parser.finished
 
 
+def test_usage_counts_that_are_no_ints_are_no_counts() -> None:
+    # `true` is an int to Python: it was summed as one token
+    parser = AimasterParser()
+    odd = {"prompt_tokens": True, "completion_tokens": 2, "total_tokens": False}
+    parser.feed(chunk("a1", "路由", usage=odd))
+    parser.feed(chunk("a2", "推理", usage=usage(5, 3)))
+
+    assert parser.feed(SSEEvent("[DONE]"))[0] == Usage(
+        prompt_tokens=5, completion_tokens=5, total_tokens=8
+    )
+
+
 def test_same_agent_name_with_another_id_is_a_switch() -> None:
     parser = AimasterParser()
     events = [*parser.feed(chunk("a1", "助手")), *parser.feed(chunk("a2", "助手"))]
@@ -119,3 +131,9 @@ def test_an_agent_is_known_by_its_id_else_its_name_and_shown_by_its_name_else_it
 
     assert events == [AgentSwitch("路由"), AgentSwitch("a2")]
     assert not parser.finished
+
+
+def test_an_agent_name_that_is_no_text_shows_the_agents_id() -> None:
+    # its repr was shown: "{'zh': '路由'}"
+    payload = {"agent_id": "a1", "agent_name": {"zh": "路由"}, "choices": []}
+    assert AimasterParser().feed(SSEEvent(json.dumps(payload))) == [AgentSwitch("a1")]

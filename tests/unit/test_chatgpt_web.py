@@ -190,6 +190,14 @@ def test_text_parts_are_joined_and_other_parts_skipped() -> None:
     assert text_events(events) == [TextDelta("Hello world"), TextDelta("!")]
 
 
+@pytest.mark.parametrize("parts", ["Hello", {"Hello": 1}, 7, True])
+def test_parts_that_are_no_list_are_a_protocol_error(parts: object) -> None:
+    # iterated as they came: a string's letters, or a dict's keys, became the answer
+    payload = raw_message("a1", {"content_type": "text", "parts": parts})
+    with pytest.raises(UpstreamProtocolError, match="not a list"):
+        feed(ChatGPTParser("u", CID), payload)
+
+
 def test_an_empty_conversation_id_keeps_the_known_one() -> None:
     parser = ChatGPTParser("u")
     assert feed(parser, json.dumps({"type": "title_generation"})) == []  # nothing known yet

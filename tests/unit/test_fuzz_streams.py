@@ -527,6 +527,34 @@ def test_an_error_report_with_digits_int_cannot_read(name: str, fields: dict[str
     assert isinstance(events[-1], UpstreamError)
 
 
+_MEGABYTE = "c" * (1 << 20)
+
+
+@wire_names
+def test_an_error_reports_code_and_message_of_a_megabyte_are_clipped(name: str) -> None:
+    # the code went into the error's message, and so into its log line, whole
+    fields = {"code": _MEGABYTE, "message": _MEGABYTE, "msg": _MEGABYTE}
+    events, failure = relayed(WIRES[name], [WIRES[name].error(fields)])
+    assert failure is None
+    assert isinstance(events[-1], UpstreamError)
+    assert len(events[-1].message) < 500
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"code": _MEGABYTE, "msg": _MEGABYTE},
+        {"type": "error", "content": _MEGABYTE},
+        {"finish_reason": "error", "content": _MEGABYTE},
+    ],
+)
+def test_a_yach_agent_error_frame_of_a_megabyte_is_clipped(frame: dict[str, Any]) -> None:
+    events, failure = relayed(WIRES["yach-agent"], [_json_event(frame)])
+    assert failure is None
+    assert isinstance(events[-1], UpstreamError)
+    assert len(events[-1].message) < 500
+
+
 @pytest.mark.parametrize(
     "value",
     [
@@ -544,6 +572,7 @@ def test_an_error_report_with_digits_int_cannot_read(name: str, fields: dict[str
         {},
         float("nan"),
         2**70,
+        "9" * 5000,  # (`int` refuses over 4300 digits: a ValueError escaped)
     ],
 )
 def test_the_readers_of_counts_ids_and_statuses_read_anything(value: object) -> None:
@@ -555,42 +584,52 @@ def test_the_readers_of_counts_ids_and_statuses_read_anything(value: object) -> 
     assert_well_typed([reported_error("x", {"code": value, "status": value, "message": value})])
 
 
-# -- JSON nested deeper than Python's stack ------------------------------------------------
+# -- JSON nested deeper than Python's stack, or with an integer `int` does not convert ------
 
 _DEEP = "[" * 100_000  # json.loads raised RecursionError: no JSONDecodeError, no shape error
+_HUGE_INT = '{"code": ' + "1" * 5000 + "}"  # a ValueError: `int` converts 4300 digits at most
+unreadable_json = pytest.mark.parametrize("body", [_DEEP, _HUGE_INT], ids=["deep", "huge-int"])
 
 
 @wire_names
-def test_json_nested_too_deep_is_a_failure_of_the_stream(name: str) -> None:
+@unreadable_json
+def test_json_that_cannot_be_read_is_a_failure_of_the_stream(name: str, body: str) -> None:
     wire = WIRES[name]
-    for messages in ([wire.message(_DEEP)], [wire.message(_DEEP), *wire.messages()]):
+    for messages in ([wire.message(body)], [wire.message(body), *wire.messages()]):
         events, failure = relayed(wire, messages)
         assert isinstance(failure, UpstreamFailure)
         assert events == []
 
 
-def test_an_error_nested_as_deep_as_orjson_reads_is_a_failure_of_the_stream() -> None:
-    # orjson reads 1024 levels, more than `str` of the message can recurse through
+def test_an_error_nested_as_deep_as_orjson_reads_is_the_upstreams_error() -> None:
+    # orjson reads 1024 levels, more than `str` of the message can recurse through: the
+    # RecursionError made the report a protocol error, unlike a report of any other shape
     deep = "[" * 1020 + "]" * 1020
     events, failure = relayed(WIRES["openai"], [SSEEvent(f'{{"error":{{"message":{deep}}}}}')])
-    assert (events, type(failure)) == ([], UpstreamProtocolError)
+    assert failure is None
+    assert events == [UpstreamError(ErrorKind.REJECTED, "openai error: <list nested too deep>")]
 
 
-def test_a_body_nested_too_deep_in_place_of_the_stream_is_a_protocol_error() -> None:
-    # read before any stream, where `relay` is not: a RecursionError escaped `http.open`
-    assert isinstance(body_failure("dify", 200, _DEEP), UpstreamProtocolError)
+@unreadable_json
+def test_a_body_json_cannot_read_in_place_of_the_stream_is_a_protocol_error(body: str) -> None:
+    # read before any stream, where `relay` is not: the error escaped `http.open`
+    assert isinstance(body_failure("dify", 200, body), UpstreamProtocolError)
 
 
-def test_a_yach_agent_read_answered_with_json_nested_too_deep_is_a_protocol_error() -> None:
-    assert isinstance(yach_agent_not_a_stream(200, _DEEP), UpstreamProtocolError)
+@unreadable_json
+def test_a_yach_agent_read_answered_with_json_it_cannot_read_is_a_protocol_error(
+    body: str,
+) -> None:
+    assert isinstance(yach_agent_not_a_stream(200, body), UpstreamProtocolError)
 
 
-def test_chatgpt_frames_and_answers_nested_too_deep_are_protocol_errors() -> None:
-    assert frame_payloads(_DEEP, SSEDecoder(), "request-1") == [_DEEP]  # read by the parser
+@unreadable_json
+def test_chatgpt_frames_and_answers_json_cannot_read_are_protocol_errors(body: str) -> None:
+    assert frame_payloads(body, SSEDecoder(), "request-1") == [body]  # read by the parser
     with pytest.raises(UpstreamProtocolError):
-        ChatGPTParser("user-1").feed(SSEEvent(_DEEP))
+        ChatGPTParser("user-1").feed(SSEEvent(body))
     with pytest.raises(UpstreamProtocolError):
-        _hub_answer(_DEEP)
+        _hub_answer(body)
 
 
 # -- recorded streams in any reads; ChatGPT's hub frames ---------------------------------

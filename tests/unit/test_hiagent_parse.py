@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from adapters.upstream._common import ConversationIds
-from adapters.upstream.hiagent import HiAgentParser, inner_payloads
+from adapters.upstream.hiagent import HiAgentParser, _check_base_resp, inner_payloads
 from bridge.events import (
     ConversationRef,
     Done,
@@ -21,7 +21,7 @@ from bridge.events import (
     UpstreamError,
     Usage,
 )
-from bridge.http import UpstreamProtocolError
+from bridge.http import UpstreamProtocolError, UpstreamRejected
 from bridge.sse import SSEDecoder, SSEEvent
 from tests.fakes.base import rechunk
 from tests.fakes.hiagent import FIXTURE, recorded_answer
@@ -113,3 +113,24 @@ def test_suggestions_that_are_not_a_list_are_none(questions: object) -> None:
     suggestion = {"event": "suggestion", "suggested_questions": questions, "conversation_id": "c"}
 
     assert HiAgentParser(ConversationIds({"conversation_id": "c"})).feed(outer(suggestion)) == []
+
+
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("field", ["StatusCode", "StatusMessage"])
+@pytest.mark.parametrize("value", ["x" * (1 << 20), _nested(100_000)], ids=["huge", "deep"])
+def test_a_refusal_in_base_resp_is_told_in_a_few_words_whatever_it_holds(
+    field: str, value: object
+) -> None:
+    # the code went into the message whole, and `str` of a list nested deeper than Python's
+    # stack (orjson reads 1024 levels) raised RecursionError where no `relay` turns it into
+    # a protocol error
+    base_resp = {"StatusCode": 1, "StatusMessage": "denied", field: value}
+    with pytest.raises(UpstreamRejected) as refused:
+        _check_base_resp({"BaseResp": base_resp}, "create_conversation")
+    assert len(refused.value.message) < 500

@@ -31,3 +31,10 @@ def test_anything_else_is_a_failure(status: int, payload: Any, rate_limited: boo
     with pytest.raises(YachAPIError) as failure:
         check_answer(status, payload, {})
     assert failure.value.rate_limited is rate_limited
+
+
+def test_a_code_of_a_megabyte_is_told_in_a_few_words() -> None:
+    # the code went into the reason, and so into its log line, whole
+    with pytest.raises(YachAPIError) as failed:
+        check_answer(200, {"code": "c" * (1 << 20), "msg": "m"}, {})
+    assert len(failed.value.reason) < 500
