@@ -79,12 +79,14 @@ from bridge.http import (
     UpstreamHTTP,
     UpstreamNotFound,
     UpstreamProtocolError,
+    UpstreamRedirectRefused,
     UpstreamTimeout,
     UpstreamUnavailable,
     error_for_status,
     feed_sse,
     iter_sse,
     read_text,
+    refuse_cross_origin_redirects,
 )
 from bridge.interfaces import KeyValue, Turn
 from bridge.logging import clip
@@ -321,7 +323,13 @@ class ChatGPTWebUpstream:
         """The answer's events from the socket, read as an SSE stream is (`relay`: the end
         marker, errors, a message that cannot be read)."""
         resolver = PinnedResolver()
-        async with pinned_session(resolver, headers=self._http.session.headers) as session:
+        # A handshake redirected elsewhere is not followed: a redirect to an IP literal is
+        # connected to without the resolver, past the check (and the URL's token with it).
+        async with pinned_session(
+            resolver,
+            headers=self._http.session.headers,
+            middlewares=(refuse_cross_origin_redirects,),
+        ) as session:
             ws = await self._connect(session, resolver, hub)
             try:
                 messages = self._messages(ws, request_id)
@@ -370,6 +378,8 @@ class ChatGPTWebUpstream:
                 continue
             except FetchFailed as exc:  # its host does not resolve
                 failure = UpstreamUnavailable(f"cannot reach the socket: {exc.reason}")
+            except UpstreamRedirectRefused as exc:
+                failure = exc
             except aiohttp.WSServerHandshakeError as exc:
                 failure = error_for_status(exc.status, exc.message, exc.headers or {})
                 if isinstance(failure, UpstreamNotFound):  # the answer's socket, not a setting

@@ -21,6 +21,7 @@ BASE = "/backend-api"
 CONVERSATION = BASE + "/conversation"
 STOP = BASE + "/stop_conversation"
 WS = "/client/hubs/conversations"
+MOVED_WS = "/client/hubs/moved"
 CONVERSATION_ID = "4744527e-da3d-4ae8-ba71-c16904fb36fe"
 ACCESS_TOKEN = "chatgpt-test-access-token"
 QUESTION = "为 TikTok 帐户创建一个用于评估房地产楼盘的内容日历。"
@@ -85,8 +86,9 @@ class FakeChatGPT(ScriptedFake):
     `fallback_wss_url` works), `all_dead` (both refuse), `all_gone` (both answer the
     handshake 404), `inside` (the `wss_url` is the good socket named through `localhost`,
     a loopback host that is not the configured one; the fallback is the good one),
-    `all_inside` (both are). `edit_frames`, when set, changes the text frames the socket
-    sends (after any envelope).
+    `all_inside` (both are), `moved` (the `wss_url`, on the configured host, redirects to
+    `moved_to`; the fallback is the good one). `edit_frames`, when set, changes the text
+    frames the socket sends (after any envelope).
     """
 
     def __init__(self, seed: int = 0) -> None:
@@ -94,6 +96,7 @@ class FakeChatGPT(ScriptedFake):
         self.answer_mode = "sse"
         self.ws_mode = "done"
         self.wss_target = "ok"
+        self.moved_to = ""
         self.pieces = PIECES
         self.edit_frames: Callable[[list[str]], list[str]] | None = None
         self.payloads_by_request: dict[str, list[Any]] = {}
@@ -102,6 +105,7 @@ class FakeChatGPT(ScriptedFake):
         self.app.router.add_post(CONVERSATION, self.script.handle)
         self.app.router.add_post(STOP, self._stop)
         self.app.router.add_get(WS, self._socket)
+        self.app.router.add_get(MOVED_WS, self._moved)
 
     @property
     def base_url(self) -> str:
@@ -151,6 +155,7 @@ class FakeChatGPT(ScriptedFake):
             "all_gone": (gone, gone),
             "inside": (inside, good),
             "all_inside": (inside, inside),
+            "moved": (good.replace(WS, MOVED_WS), good),
         }[self.wss_target]
         return web.json_response({
             "wss_url": wss_url,
@@ -160,6 +165,9 @@ class FakeChatGPT(ScriptedFake):
             "response_id": "8948f9bac9347964-NRT",
             "websocket_request_id": request_id,
         })
+
+    async def _moved(self, request: web.Request) -> web.StreamResponse:
+        raise web.HTTPTemporaryRedirect(f"{self.moved_to}?{request.query_string}")
 
     async def _stop(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "ok"})

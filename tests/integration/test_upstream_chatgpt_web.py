@@ -12,6 +12,7 @@ from contextlib import aclosing
 from dataclasses import replace
 
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from bridge.events import Done, ErrorKind, Event, TextDelta, UpstreamError
@@ -25,6 +26,7 @@ from bridge.http import (
     UpstreamUnavailable,
 )
 from bridge.interfaces import Sender, Turn
+from tests.fakes.base import FakeServer
 from tests.fakes.chatgpt_web import (
     ACCESS_TOKEN,
     ANSWER,
@@ -156,6 +158,28 @@ async def test_a_socket_on_another_inside_host_is_refused_and_the_fallback_used(
     assert refused["reason"].startswith("ws to localhost")
     assert refused["url"].startswith("ws://localhost:") and "access_token=***" in refused["url"]
     assert not [line for line in logs if line["event"] == "chatgpt_socket_unreachable"]
+
+
+async def test_a_socket_redirected_to_another_host_is_not_followed(
+    fake: FakeChatGPT, http: UpstreamHTTP
+) -> None:
+    """The `wss_url` is on the configured host, which answers the handshake with a 307 to
+    an IP literal elsewhere (aiohttp connects to one without asking the pinned resolver):
+    the redirect was followed past the guard. It is refused as another origin, the
+    fallback used."""
+    inside = await FakeServer(web.Application()).start()
+    try:
+        fake.answer_mode, fake.wss_target = "ws", "moved"
+        fake.moved_to = f"{inside.url}/latest/meta-data"
+        with capture_logs() as logs:
+            events = await collect(connect(http, fake.env()), turn())
+    finally:
+        await inside.close()
+    assert inside.requests == []
+    assert answer_text(events) == ANSWER
+    assert socket_hosts(fake) == [fake.server.url.removeprefix("http://")]
+    (unreachable,) = [line for line in logs if line["event"] == "chatgpt_socket_unreachable"]
+    assert "redirect to another origin" in unreachable["error"]
 
 
 async def test_a_socket_on_an_allow_listed_host_is_used(
