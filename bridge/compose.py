@@ -42,10 +42,13 @@ _HEADING = re.compile(r"^ {0,3}#{1,6}(?:[ \t]|$)")
 _QUOTE = re.compile(r"^ {0,3}>")
 
 # What would open a block at the start of a message: a cut inside a line must not leave it
-# there (a "- " or "# " in mid-line shown as a list item or a heading).
+# there (a "- " or "# " in mid-line shown as a list item or a heading). In a stream, nor
+# before what may yet become one: a buffer ending in "1" or "`" (the ". " or "``" to come).
 _BLOCK_OPENER = re.compile(
-    r" {0,3}(?:[-*+]|\d{1,9}[.)]|#{1,6})(?:[ \t]|$)| {0,3}(?:[>|]|`{3}|~{3})"
+    r" {0,3}(?:(?:[-*+]|[0-9]{1,9}[.)]|#{1,6})(?:[ \t\n]|\Z)|[>|]|`{3}|~{3})"
 )
+_OPENER_BEGUN = re.compile(r" {0,3}(?:[0-9]{1,9}|`{1,2}|~{1,2})?\Z")
+_OPENER_BEGUN_CHARS = 12  # the longest: three spaces and nine digits
 _BLOCK_OPENER_CHARS = frozenset(" -*+#>|`~0123456789")
 
 _PARAGRAPH = re.compile(r"\n[ \t]*\n+")
@@ -295,7 +298,7 @@ def _best_cut(
                 continue
             if lookahead and not _known_end(text, position, match):
                 continue
-            if _opens_block_mid_line(text, position):
+            if _opens_block_mid_line(text, position, lookahead):
                 continue
             best = position
         if best:
@@ -303,13 +306,21 @@ def _best_cut(
     return 0
 
 
-def _opens_block_mid_line(text: str, position: int) -> bool:
-    return (
-        position < len(text)
-        and text[position] in _BLOCK_OPENER_CHARS
-        and text[position - 1] != "\n"
-        and _BLOCK_OPENER.match(text, position) is not None
-    )
+def _opens_block_mid_line(text: str, position: int, lookahead: bool) -> bool:
+    if position >= len(text) or text[position - 1] == "\n":
+        return False
+    if text[position] not in _BLOCK_OPENER_CHARS:
+        return False
+    if _BLOCK_OPENER.match(text, position) is not None:
+        return True
+    return lookahead and _OPENER_BEGUN.match(text, position) is not None
+
+
+def _settled(text: str) -> str:
+    """A streamed buffer but for an end that may be the start of a block opener: a cut just
+    before it is not decided yet (`_Scanned` must not rule it out)."""
+    begun = _OPENER_BEGUN.search(text, max(len(text) - _OPENER_BEGUN_CHARS, 0))
+    return text[: begun.start()] if begun is not None else text
 
 
 def _scan_start(text: str, floor: int) -> int:
@@ -736,7 +747,7 @@ class Composer:
         from_floor = floor if scanned is None else scanned.floor_for(pending, floor)
         cut = _best_cut(pending, limit, _STREAM_BOUNDARIES, (), floor=from_floor, lookahead=True)
         if not cut:
-            self._scanned = _Scanned(pending, floor)
+            self._scanned = _Scanned(_settled(pending), floor)
             return 0
         spans = _protected(pending)
         cut = _best_cut(pending, limit, _STREAM_BOUNDARIES, spans, floor=floor, lookahead=True)
