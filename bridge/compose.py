@@ -49,6 +49,7 @@ _BLOCK_OPENER = re.compile(
 )
 _OPENER_BEGUN = re.compile(r" {0,3}(?:[0-9]{1,9}|`{1,2}|~{1,2})?\Z")
 _OPENER_BEGUN_CHARS = 12  # the longest: three spaces and nine digits
+_OPENER_BEGUN_ENDS = frozenset(" `~0123456789")
 _BLOCK_OPENER_CHARS = frozenset(" -*+#>|`~0123456789")
 
 _PARAGRAPH = re.compile(r"\n[ \t]*\n+")
@@ -319,6 +320,8 @@ def _opens_block_mid_line(text: str, position: int, lookahead: bool) -> bool:
 def _settled(text: str) -> str:
     """A streamed buffer but for an end that may be the start of a block opener: a cut just
     before it is not decided yet (`_Scanned` must not rule it out)."""
+    if not text or text[-1] not in _OPENER_BEGUN_ENDS:
+        return text
     begun = _OPENER_BEGUN.search(text, max(len(text) - _OPENER_BEGUN_CHARS, 0))
     return text[: begun.start()] if begun is not None else text
 
