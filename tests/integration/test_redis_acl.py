@@ -219,7 +219,7 @@ async def test_a_stop_whose_announcement_is_refused_is_confirmed_and_still_stops
                 await redis_client.execute_command("ACL", "SETUSER", user, "-publish")
                 assert (await bridge.post(group_message("/stop")))[0] == 200
                 await wait_for(lambda: MESSAGES["en"]["stopped"] in yach.texts(), 5, "stopped")
-                await asyncio.sleep(1.0)  # the keep loop looks every 0.5 s here
+                await wait_until_stopped(redis_client, Keys(bot_id))  # (its next keep)
                 shown_after_stop = len(yach.shown)
                 await asyncio.sleep(1.5)
                 assert len(yach.shown) == shown_after_stop
@@ -229,6 +229,13 @@ async def test_a_stop_whose_announcement_is_refused_is_confirmed_and_still_stops
     assert MESSAGES["en"]["dead_letter"] not in yach.texts()
     assert len(yach.texts()) < 20  # far from the whole answer
     assert _events(logs, "control_not_announced")
+
+
+async def wait_until_stopped(client: aioredis.Redis, keys: Keys) -> None:
+    """Until the stopped turn is acknowledged (which releases its session's lock)."""
+    async with asyncio.timeout(5):
+        while await client.xlen(keys.inbox) or await client.exists(keys.lock("yach:g:g1:u:u1")):
+            await asyncio.sleep(0.05)
 
 
 async def wait_for_tries(client: aioredis.Redis, user: str, tries: int) -> None:

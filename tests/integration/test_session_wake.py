@@ -60,6 +60,10 @@ async def test_a_turn_wakes_the_next_one_of_its_session_and_only_when_one_waits(
         assert (await bridge.post(group_message("third", group="g2")))[0] == 200
         await wait_until(lambda: len(yach.shown) == 3)
         assert await wakes(control) == []
+        worker = bridge.bridge.worker
+        assert worker is not None
+        await wait_until(lambda: not worker.held)
+        assert not worker._wakers and not worker._waiting  # kept only while a turn waits
     assert [("first" in text, "second" in text, "third" in text) for text in yach.texts()] == [
         (True, False, False), (False, True, False), (False, False, True)
     ]
@@ -87,3 +91,4 @@ async def test_a_waiting_turn_given_up_in_the_tick_its_wake_comes_stops_there(
         asyncio.get_running_loop().call_soon(worker._lose, second.entry.entry_id, "test")
         await wait_until(second.task.done, timeout=1.5)
         assert len(upstream.bodies) == 1
+        assert not worker._wakers and not worker._waiting  # the given-up waiter let go
