@@ -20,7 +20,6 @@ import contextlib
 import enum
 import json
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -136,8 +135,9 @@ class Worker:
         # this: a session holds at most BRIDGE_SESSION_QUEUE_MAX waiting, the rest "busy".)
         self._max_held = settings.workers * 2 + settings.session_queue_max
         self._room = asyncio.Event()
-        self._wakers: dict[str, asyncio.Event] = {}  # per session, while entries wait for it
-        self._waiting: Counter[str] = Counter()  # how many, per session
+        # Per session, one event for each entry waiting for it: a waiter that clears its own
+        # before it looks again cannot swallow a wake meant for another still looking.
+        self._wakers: dict[str, set[asyncio.Event]] = {}
         self._loops: set[asyncio.Task[None]] = set()
         self._with_history = not runner.upstream.keeps_history
         self.on_done: Callable[[Entry], None] | None = None  # the terminal channel waits on it
@@ -185,8 +185,9 @@ class Worker:
         # pending, claimable at once, below) only once it has finished.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.inbox.settled(), timeout_s)
-        for waker in self._wakers.values():
-            waker.set()  # waiting entries see `draining` now, not at their next poll
+        for wakers in self._wakers.values():
+            for waker in wakers:
+                waker.set()  # waiting entries see `draining` now, not at their next poll
         held = list(self.held.values())
         tasks = [h.task for h in held if h.task is not None]
         if tasks:
@@ -358,8 +359,7 @@ class Worker:
     def _on_control(self, command: dict[str, str]) -> None:
         session = command.get("session", "")
         if command.get("type") == "wake":
-            waker = self._wakers.get(session)
-            if waker is not None:
+            for waker in self._wakers.get(session, ()):
                 waker.set()
         elif command.get("type") == "stop":
             self._stop_local(session, command.get("entry", ""))
@@ -636,8 +636,9 @@ class Worker:
         on, also while the turn waits for a turn slot."""
         entry = held.entry
         session = entry.chat_session_id
-        waker = self._wakers.setdefault(session, asyncio.Event())
-        self._waiting[session] += 1
+        waker = asyncio.Event()
+        wakers = self._wakers.setdefault(session, set())
+        wakers.add(waker)
         pause = _WAIT_POLL_S
         arriving = True
         # A message is counted against its sender's limit once: on its first delivery's
@@ -696,9 +697,8 @@ class Worker:
                 _raise_if_cancelled()
         finally:
             self._set_queued(held, False)
-            self._waiting[session] -= 1
-            if not self._waiting[session]:
-                del self._waiting[session]
+            wakers.discard(waker)
+            if not wakers:
                 del self._wakers[session]
 
     def _free_slot(self, held: _Held) -> None:

@@ -63,7 +63,7 @@ async def test_a_turn_wakes_the_next_one_of_its_session_and_only_when_one_waits(
         worker = bridge.bridge.worker
         assert worker is not None
         await wait_until(lambda: not worker.held)
-        assert not worker._wakers and not worker._waiting  # kept only while a turn waits
+        assert not worker._wakers  # kept only while a turn waits
     assert [("first" in text, "second" in text, "third" in text) for text in yach.texts()] == [
         (True, False, False), (False, True, False), (False, False, True)
     ]
@@ -87,8 +87,9 @@ async def test_a_waiting_turn_given_up_in_the_tick_its_wake_comes_stops_there(
         second = next(h for h in worker.held.values() if h.queued)
         assert second.task is not None
         # The wake's wait completes first (its task runs in the next tick), then the cancel:
-        worker._wakers[second.entry.chat_session_id].set()
+        (waker,) = worker._wakers[second.entry.chat_session_id]
+        waker.set()
         asyncio.get_running_loop().call_soon(worker._lose, second.entry.entry_id, "test")
         await wait_until(second.task.done, timeout=1.5)
         assert len(upstream.bodies) == 1
-        assert not worker._wakers and not worker._waiting  # the given-up waiter let go
+        assert not worker._wakers  # the given-up waiter let go
