@@ -208,9 +208,9 @@ class URLGuard:
         host = _normal_host(hostname or "")
         if not host:
             raise FetchRefused("no host in the URL")
-        allowed = host in self.allow_hosts
+        allowed = _listed(host, self.allow_hosts)
         secure, plain = self.secure, self.plain
-        if parts.scheme == plain and host not in self.plain_hosts:
+        if parts.scheme == plain and not _listed(host, self.plain_hosts):
             raise FetchRefused(
                 f"{plain} to {host} (only {secure}, or {plain} to allow-listed hosts)"
             )
@@ -331,6 +331,14 @@ def _normal_host(host: str) -> str:
         with contextlib.suppress(ValueError, UnicodeError):
             host = URL.build(scheme="http", host=host).raw_host or host
     return host.lower().rstrip(".")
+
+
+def _listed(host: str, entries: frozenset[str]) -> bool:
+    """`host` is an entry, or a name under one written with a leading dot (`.corp.example`
+    lists `a.corp.example`, not `corp.example` itself), as NO_PROXY lists domains."""
+    return host in entries or any(
+        entry.startswith(".") and host.endswith(entry) for entry in entries
+    )
 
 
 def _is_ip(host: str) -> bool:

@@ -12,6 +12,7 @@ import re
 from collections.abc import AsyncIterator
 
 import pytest
+from yarl import URL
 
 from bridge.fetch import (
     FetchFailed,
@@ -313,3 +314,26 @@ async def test_an_internationalised_host_name_is_fetched(images: FakeImages) -> 
     fetched = await fetcher.fetch(f"http://bücher.test:{port}/img/book")
     assert fetched.data == png("book")
     assert asked == ["xn--bcher-kva.test"]
+
+
+@pytest.mark.parametrize(
+    ("url", "refused"),
+    [
+        ("http://img.corp.example/a.png", None),  # under the listed domain: http, inside
+        ("http://a.b.corp.example/a.png", None),
+        ("http://corp.example/a.png", "http to corp.example"),  # the domain itself is not
+        ("https://evilcorp.example/a.png", "non-public address"),  # nor a look-alike
+    ],
+)
+async def test_an_allow_list_entry_with_a_leading_dot_lists_the_names_under_it(
+    url: str, refused: str | None
+) -> None:
+    async def resolve(host: str, port: int) -> list[str]:
+        return ["10.0.0.8"]
+
+    guard = URLGuard(allow_hosts={".Corp.Example"}, resolve=resolve)
+    if refused is None:
+        assert await guard.check(url) == (URL(url).host, ["10.0.0.8"])
+    else:
+        with pytest.raises(FetchRefused, match=re.escape(refused)):
+            await guard.check(url)
