@@ -47,9 +47,10 @@ _QUOTE = re.compile(r"^ {0,3}>")
 _BLOCK_OPENER = re.compile(
     r" {0,3}(?:(?:[-*+]|[0-9]{1,9}[.)]|#{1,6})(?:[ \t\n]|\Z)|[>|]|`{3}|~{3})"
 )
-_OPENER_BEGUN = re.compile(r" {0,3}(?:[0-9]{1,9}|`{1,2}|~{1,2})?\Z")
-_OPENER_BEGUN_CHARS = 12  # the longest: three spaces and nine digits
-_OPENER_BEGUN_ENDS = frozenset(" `~0123456789")
+# What may yet become one (or not: "-" may be "- " or "-based"); the scan cache leaves it open
+_OPENER_BEGUN = re.compile(r" {0,3}(?:[0-9]{1,9}[.)]?|[-*+]|#{1,6}|`{1,2}|~{1,2})?\Z")
+_OPENER_BEGUN_CHARS = 13  # the longest: three spaces, nine digits and a dot
+_OPENER_BEGUN_ENDS = frozenset(" `~0123456789-*+#.)")
 _BLOCK_OPENER_CHARS = frozenset(" -*+#>|`~0123456789")
 
 _PARAGRAPH = re.compile(r"\n[ \t]*\n+")

@@ -324,6 +324,9 @@ def _normal_host(host: str) -> str:
     `xn--bcher-kva.de`), an IPv6 address compressed, without brackets or a trailing dot;
     as given if yarl refuses it."""
     host = host.strip().strip("[]").rstrip(".")
+    if host.startswith("."):  # a domain's entry (`_listed`): its name normalised the same way
+        name = _normal_host(host.lstrip("."))
+        return f".{name}" if name else ""
     address, zone = host.partition("%")[::2]
     if _is_ip(address):
         host = str(ipaddress.ip_address(address)) + (f"%{zone}" if zone else "")
@@ -336,8 +339,9 @@ def _normal_host(host: str) -> str:
 def _listed(host: str, entries: frozenset[str]) -> bool:
     """`host` is an entry, or a name under one written with a leading dot (`.corp.example`
     lists `a.corp.example`, not `corp.example` itself), as NO_PROXY lists domains."""
-    return host in entries or any(
-        entry.startswith(".") and host.endswith(entry) for entry in entries
+    return host in entries or (
+        not _is_ip(host)  # (an address is listed as itself: `.0.0.1` lists no 127.0.0.1)
+        and any(entry.startswith(".") and host.endswith(entry) for entry in entries)
     )
 
 

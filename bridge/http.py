@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import aiohttp
-import structlog
 from aiohttp import hdrs
 from tenacity import (
     AsyncRetrying,
@@ -59,8 +58,6 @@ __all__ = [
     "reported_kind",
     "upstream_session",
 ]
-
-log = structlog.get_logger(__name__)
 
 # What an answer that should have been an event stream and is not says: the typed error of
 # its status and body (`{"code": …, "msg": …}` in place of a stream). Called before the first
@@ -239,9 +236,9 @@ async def refuse_cross_origin_redirects(
     request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
 ) -> aiohttp.ClientResponse:
     """aiohttp's middleware, run for each hop: a redirect to another origin (scheme, host,
-    port) fails the request with `UpstreamRedirectRefused`; within the origin, or from http
-    to https on the same host, aiohttp follows it, `max_redirects` times at most. (It acts
-    whatever `allow_redirects` says: a request that reads its 3xx itself goes elsewhere.)
+    port) fails the request with `UpstreamRedirectRefused`; within the origin aiohttp follows
+    it, `max_redirects` times at most. (It acts whatever `allow_redirects` says: a request
+    that reads its 3xx itself goes elsewhere.)
 
     aiohttp strips only `Authorization` and cookies from a request that leaves its origin:
     HiAgent's `x-csrf-token`, an api-key header, a token in the body or one the `Location`
@@ -251,13 +248,15 @@ async def refuse_cross_origin_redirects(
     if response.status not in _REDIRECT_STATUSES or location is None:
         return response
     target = _resolved(request.url, location)
-    if target is not None and _is_upgrade(request.url, target):
-        _tell_upgrade(request.url)
-    elif target is None or _origin(target) != _origin(request.url):
+    if target is None or _origin(target) != _origin(request.url):
         response.close()
         where = "an unreadable address" if target is None else str(target.origin())
+        # (Not even from http to https on the same host: aiohttp would drop the
+        # Authorization header there, and turn a 301's POST into a GET without a body.)
+        upgrade = target is not None and _is_upgrade(request.url, target)
+        hint = "; set the https URL" if upgrade else ""
         raise UpstreamRedirectRefused(  # (the origin alone: a query may hold a token)
-            f"HTTP {response.status}: a redirect to another origin ({where}), not followed",
+            f"HTTP {response.status}: a redirect to another origin ({where}), not followed{hint}",
             status=response.status,
         )
     return response
@@ -273,25 +272,8 @@ def _resolved(base: URL, location: str) -> URL | None:
 
 
 def _is_upgrade(source: URL, target: URL) -> bool:
-    """`http://host/…` sent to `https://host/…` (default ports): the same server, which has
-    had the request in the clear already; followed, with a warning to fix the setting."""
-    return (
-        source.scheme == "http"
-        and target.scheme == "https"
-        and source.host == target.host
-        and source.port == 80
-        and target.port == 443
-    )
-
-
-_UPGRADES_TOLD: set[str] = set()  # (origins of the settings: a handful)
-
-
-def _tell_upgrade(source: URL) -> None:
-    origin = str(source.origin())
-    if origin not in _UPGRADES_TOLD:
-        _UPGRADES_TOLD.add(origin)
-        log.warning("redirected_to_https", origin=origin, fix="set the https URL")
+    """`http://host/…` sent to `https://host/…`: the setting wants its scheme changed."""
+    return source.scheme == "http" and target.scheme == "https" and source.host == target.host
 
 
 def _origin(url: URL) -> tuple[str, str | None, int | None]:

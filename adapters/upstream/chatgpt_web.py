@@ -189,7 +189,7 @@ def _text_of(message: Mapping[str, Any]) -> str:
     if content.get("content_type", "text") not in _TEXT_CONTENT_TYPES:
         return ""
     parts = content.get("parts")
-    if parts is None:
+    if not parts:  # none yet (absent, null, or an empty value of any type)
         return ""
     if not isinstance(parts, list):  # (iterated, a string's letters or a dict's keys were text)
         raise UpstreamProtocolError(f"{NAME}: parts of a {type(parts).__name__}, not a list")

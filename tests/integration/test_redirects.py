@@ -12,7 +12,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from adapters.yach_api import YachAPI, YachAPIError
-from bridge.http import UpstreamHTTP
+from bridge.http import UpstreamHTTP, UpstreamRedirectRefused
 from bridge.interfaces import Sender, Turn
 from bridge.messages import MESSAGES
 from tests.fakes.base import FakeServer
@@ -88,6 +88,19 @@ async def test_a_redirect_within_the_origin_is_followed(
     asked = hiagent.server.on(CHAT_QUERY)
     assert [request.query for request in asked] == [{}, {"hop": "1"}]
     assert asked[1].headers["x-csrf-token"] == asked[0].headers["x-csrf-token"]
+
+
+async def test_an_http_url_moved_to_https_is_not_followed_and_the_fix_is_named(
+    http: UpstreamHTTP, hiagent: HiAgentFake
+) -> None:
+    """Followed, aiohttp would drop the Authorization header (another origin) and turn a
+    301's POST into a bodiless GET: the upstream's 401 or 405 would send the operator to the
+    credentials. Refused, the failure says what to set."""
+    https = hiagent.server.url.replace("http://", "https://")
+    hiagent.script.then(status(301, "", {"Location": f"{https}{CHAT_QUERY}"}))
+    turn = Turn(text="你知道OVS吗？", sender=Sender("user-1"), chat_session_id="yach:g:g1:u:u1")
+    with pytest.raises(UpstreamRedirectRefused, match="not followed; set the https URL"):
+        await collect(connect(http, hiagent.env()), turn)
 
 
 async def test_yach_api_calls_are_not_redirected_to_another_origin(

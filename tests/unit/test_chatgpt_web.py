@@ -198,6 +198,12 @@ def test_parts_that_are_no_list_are_a_protocol_error(parts: object) -> None:
         feed(ChatGPTParser("u", CID), payload)
 
 
+@pytest.mark.parametrize("parts", [None, "", {}, 0, []])
+def test_empty_parts_of_any_type_are_no_text_yet(parts: object) -> None:
+    payload = raw_message("a1", {"content_type": "text", "parts": parts})
+    assert text_events(feed(ChatGPTParser("u", CID), payload)) == []
+
+
 def test_an_empty_conversation_id_keeps_the_known_one() -> None:
     parser = ChatGPTParser("u")
     assert feed(parser, json.dumps({"type": "title_generation"})) == []  # nothing known yet

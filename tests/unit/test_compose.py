@@ -893,3 +893,37 @@ def test_every_turn_ends_and_its_pieces_fit_and_join_to_the_answer(
         pieces += composer.finish()
     assert all(piece.strip() and len(piece) <= max_chars for piece in pieces)
     assert "".join(reopened.removed(pieces)).strip() == text.strip()
+
+
+_STREAM_ALPHABET = st.sampled_from(
+    ["a", "word", "字", " ", ".", "!", "?", "\"", ")", "。", "\n", "\n\n", "```\n", "`", "``",
+     "- ", "-", "*", "+", "#", "1", "1.", "12", ".5", "x", "~", "~~", "> ", "| a |", "  ", "$$"]
+)
+
+
+def _pieces_fed(deltas: list[str], times: list[float], policy: FlushPolicy,
+                *, cached: bool) -> list[list[str]]:
+    composer = Composer(policy)
+    out = []
+    for delta, now in zip(deltas, times, strict=True):
+        if not cached:
+            composer._scanned = composer._stuck = None
+        out.append(composer.feed(TextDelta(delta), now))
+    return [*out, composer.finish()]
+
+
+@settings(max_examples=300, deadline=None)
+@example(deltas=["The first step is complete now.", " *", "Note*: the rest waits"],
+         gaps=[0.0, 0.0, 0.0], min_chars=20)  # a cut lost behind a "*" that was no opener
+@given(deltas=st.lists(_STREAM_ALPHABET, min_size=1, max_size=60),
+       gaps=st.lists(st.sampled_from([0.0, 0.0, 1.0, 7.0]), min_size=60, max_size=60),
+       min_chars=st.integers(1, 40))
+def test_the_scan_caches_change_no_piece(deltas: list[str], gaps: list[float],
+                                         min_chars: int) -> None:
+    """The composer's caches (`_Scanned`, `_Stuck`) save looks, never a cut: the same stream
+    gives the same pieces, at the same deltas, with the caches cleared before every delta."""
+    times = [sum(gaps[: i + 1]) for i in range(len(deltas))]
+    policy = FlushPolicy(min_chars=min_chars, max_wait_s=6.0)
+    assert _pieces_fed(deltas, times, policy, cached=True) == _pieces_fed(
+        deltas, times, policy, cached=False
+    )

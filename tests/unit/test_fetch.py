@@ -337,3 +337,13 @@ async def test_an_allow_list_entry_with_a_leading_dot_lists_the_names_under_it(
     else:
         with pytest.raises(FetchRefused, match=re.escape(refused)):
             await guard.check(url)
+
+
+async def test_a_leading_dot_entry_is_spelled_as_hosts_are_and_lists_no_address() -> None:
+    async def resolve(host: str, port: int) -> list[str]:
+        return ["10.0.0.8"]
+
+    guard = URLGuard(allow_hosts={".Bücher.test", ".0.0.1"}, resolve=resolve)
+    assert await guard.check("http://a.bücher.test/x.png") == ("a.xn--bcher-kva.test", ["10.0.0.8"])
+    with pytest.raises(FetchRefused, match=re.escape("http to 127.0.0.1")):
+        await guard.check("http://127.0.0.1/x.png")

@@ -10,9 +10,7 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict
 from tenacity import RetryCallState
-from yarl import URL
 
-from bridge import http as http_module
 from bridge.events import ErrorKind
 from bridge.http import (
     MAX_RETRY_AFTER_S,
@@ -164,22 +162,3 @@ def test_a_key_echoed_across_the_cut_of_an_error_body_is_masked(cut_inside: int)
     body = prefix.rjust(300 - cut_inside, " ") + key + '"}}'
     logged = mask_text(str(error_for_status(401, body, {})))
     assert key[:8] not in logged
-
-
-@pytest.mark.parametrize(
-    ("source", "target", "upgrade"),
-    [
-        ("http://api.example/v1/chat", "https://api.example/v1/chat", True),
-        ("http://api.example:80/v1", "https://api.example:443/v1", True),
-        ("http://api.example/v1", "https://evil.example/v1", False),  # another host
-        ("http://api.example:8080/v1", "https://api.example/v1", False),  # another port
-        ("http://api.example/v1", "https://api.example:8443/v1", False),
-        ("https://api.example/v1", "http://api.example/v1", False),  # a downgrade
-    ],
-)
-def test_only_the_same_server_over_https_is_an_upgrade_to_follow(
-    source: str, target: str, upgrade: bool
-) -> None:
-    """An `http://` base URL its server moves to `https://` worked before redirects were
-    kept within their origin; that one move is followed still, nothing else."""
-    assert http_module._is_upgrade(URL(source), URL(target)) is upgrade
