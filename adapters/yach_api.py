@@ -21,6 +21,7 @@ from urllib.parse import quote, unquote
 
 import aiohttp
 
+from bridge import jsontext
 from bridge.http import (
     UpstreamProtocolError,
     UpstreamRedirectRefused,
@@ -260,8 +261,7 @@ class YachAPI:
             raise YachAPIError(f"HTTP {status}: {exc}") from exc
         try:
             payload = json.loads(text) if text else {}
-        # (`[[[…` too deep; ValueError, JSONDecodeError's base: an int past 4300 digits)
-        except (ValueError, RecursionError):
+        except jsontext.UNREADABLE:
             payload = None
         if not check and status == 200 and isinstance(payload, dict):
             return payload

@@ -29,6 +29,7 @@ from tenacity import (
 )
 from yarl import URL
 
+from bridge import jsontext
 from bridge.events import ErrorKind
 from bridge.logging import as_text, clip
 from bridge.sse import SSEDecoder, SSEEvent, SSELineTooLong
@@ -577,8 +578,7 @@ class UpstreamHTTP:
             text = await read_text(response)
         try:
             return json.loads(text)
-        # (`[[[…` too deep; ValueError, JSONDecodeError's base: an int past 4300 digits)
-        except (ValueError, RecursionError) as exc:
+        except jsontext.UNREADABLE as exc:
             raise UpstreamProtocolError(f"not JSON: {clip(text, _ERROR_BODY_CHARS)}") from exc
 
     async def sse(self, method: str, url: str, **kwargs: Any) -> AsyncIterator[SSEEvent]:

@@ -1,5 +1,5 @@
 """JSON text of what the bridge writes on a turn's path: request bodies, journal pieces, the
-history, the message a Yach send carries.
+history, the message a Yach send carries; and what reading a server's JSON may raise.
 
 orjson makes it several times faster than `json.dumps` (compact, non-ASCII as is, which the
 readers of every one of these take alike). What orjson refuses — a lone surrogate, an integer
@@ -13,7 +13,12 @@ from typing import Any
 
 import orjson
 
-__all__ = ["dumps"]
+__all__ = ["UNREADABLE", "dumps"]
+
+# What `json.loads` raises on text it cannot read: ValueError (JSONDecodeError's base, and an
+# integer of more digits than `int` converts, 4300) and RecursionError (`[[[…` nested deeper
+# than Python's stack). Left to escape, either failed the entry with a traceback.
+UNREADABLE = (ValueError, RecursionError)
 
 
 def dumps(value: Any) -> str:

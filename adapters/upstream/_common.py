@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from bridge import jsontext
 from bridge.config import ConfigError, Settings, env_name
 from bridge.events import ConversationRef, Done, Event, UpstreamError, Usage
 from bridge.http import (
@@ -128,13 +129,11 @@ def is_done(data: str) -> bool:
 
 
 def json_value(data: str, *, upstream: str) -> Any:
-    """One JSON value from an upstream (older servers escape it as `\\uXXXX`: loads undoes it).
-    JSON nested deeper than Python's stack (`[[[…`), or with an integer of more digits than
-    `int` converts (4300), is as unreadable as JSON that does not parse: the RecursionError
-    or ValueError left to escape failed the entry with a traceback."""
+    """One JSON value from an upstream (older servers escape it as `\\uXXXX`: loads undoes it);
+    what `json.loads` cannot read (`jsontext.UNREADABLE`) is a protocol error."""
     try:
         return json.loads(data)
-    except (ValueError, RecursionError) as exc:  # (ValueError: JSONDecodeError included)
+    except jsontext.UNREADABLE as exc:
         raise UpstreamProtocolError(f"{upstream}: not JSON: {clip(data, _SHOWN_CHARS)!r}") from exc
 
 

@@ -25,11 +25,11 @@ Decisions the notes leave open:
 - `reset` is a no-op: the notes show no call that deletes or hides a conversation.
 - The sockets are named by the server, so they pass §8's fetch rules first (`URLGuard`):
   `wss`, or `ws` to a BRIDGE_FETCH_ALLOW_HOSTS host or to the configured base URL's host
-  when that is `http` itself; a host
-  neither of those must resolve to public addresses only, and the socket is opened to the
-  addresses checked (a pinned resolver: a second DNS answer cannot point it inside the
-  network). A refused URL is skipped as an unreachable one is, and when none is left the
-  turn fails as unavailable (not as an answer to rephrase: the question is not the cause).
+  when that is `http` itself; a host neither of those must resolve to public addresses
+  only, and the socket is opened to the addresses checked (a pinned resolver: a second DNS
+  answer cannot point it inside the network). A refused URL is skipped as an unreachable
+  one is, and when none is left the turn fails as unavailable (not as an answer to
+  rephrase: the question is not the cause).
 - A stored conversation the server no longer has (deleted in the web UI, or another
   account's token) answers `404 {"detail": {"message": "Conversation not found", "code":
   "conversation_not_found"}}` (older servers: `{"detail": "Conversation not found"}`), as
